@@ -1,0 +1,105 @@
+"""One streaming pass over an EIF's sections: PCR hashers and CRC-32 fed chunk by chunk.
+
+Shared by the writer (which also writes each chunk) and the reader (which only checks).  A
+ramdisk byte is hashed twice (PCR0 and PCR1 or PCR2) and checksummed once; hashlib and zlib both
+release the GIL on large buffers, so large chunks are split over two threads: this thread hashes
+PCR0 (and runs the caller's ``sink``, e.g. the file write) while a worker hashes the second PCR
+and updates the CRC.  The worker's share of a chunk may still be running when :meth:`update`
+returns, so the caller can fetch the next chunk meanwhile: a chunk must stay unchanged until the
+chunk after the next one is passed in (sources alternate two buffers).
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from formats.measure import Measurements, PcrHashers
+
+SECTION_HEADER = struct.Struct(">HHQ")
+#: Below this a chunk is processed inline: handing it to the worker would cost more than it saves.
+PARALLEL_THRESHOLD = 256 * 1024
+
+
+class SectionStreamDigest:
+    """Accumulates the CRC of "section header ‖ data" records and the PCRs of measured data.
+
+    Use as a context manager (it owns a worker thread).  For each section call
+    :meth:`begin_section` with its kind name and size, then :meth:`update` with its data chunks.
+    :attr:`crc` is the CRC-32 over everything fed so far (section headers included),
+    :attr:`length` the number of those bytes.
+    """
+
+    def __init__(self, *, sink: Callable[[memoryview], object] | None = None) -> None:
+        self.pcrs = PcrHashers()
+        self.length = 0
+        self._crc = 0
+        self._sink = sink
+        self._targets: list = []
+        self._pending = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eif-digest")
+
+    @property
+    def crc(self) -> int:
+        self._drain()
+        return self._crc
+
+    def __enter__(self) -> "SectionStreamDigest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self._drain()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def _drain(self) -> None:
+        """Wait for the worker's share of the previous chunk (re-raising its error)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def begin_section(self, kind: str, type_code: int, size: int, flags: int = 0) -> bytes:
+        """Start a section; returns (and feeds to the CRC and sink) its 12-byte header."""
+        header = SECTION_HEADER.pack(type_code, flags, size)
+        self._drain()
+        self._feed_unmeasured(header)
+        self._targets = self.pcrs.targets(kind)
+        return header
+
+    def update(self, chunk) -> None:
+        """Feed one chunk of the current section's data."""
+        view = memoryview(chunk).cast("B")
+        if not view:
+            return
+        self._drain()
+        if len(view) < PARALLEL_THRESHOLD or len(self._targets) < 2:
+            for hasher in self._targets:
+                hasher.update(view)
+            self._feed_unmeasured(view)
+            return
+        first, second = self._targets
+        self._pending = self._pool.submit(self._worker_part, second, view)
+        first.update(view)
+        if self._sink is not None:
+            self._sink(view)
+        self.length += len(view)
+
+    def _worker_part(self, hasher, view: memoryview) -> None:
+        hasher.update(view)
+        self._crc = zlib.crc32(view, self._crc)
+
+    def _feed_unmeasured(self, data) -> None:
+        self._crc = zlib.crc32(data, self._crc)
+        self.length += len(data)
+        if self._sink is not None:
+            self._sink(memoryview(data))
+
+    def measurements(self, certificate_der: bytes | None = None) -> Measurements:
+        self._drain()
+        return self.pcrs.finish(certificate_der)

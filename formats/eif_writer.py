@@ -1,0 +1,258 @@
+"""Streaming, atomic EIF v4 writer.
+
+Sections are written in nitro-cli's order: kernel, cmdline, metadata, ramdisks in the order given
+(bootstrap first, then customer), and the signature last when a signer is given.  Section data is
+given as :class:`SectionSource` objects of known size, so a multi-gigabyte ramdisk (a file, or a
+cpio archive generated on the fly) passes through once: each chunk is written, hashed into the
+PCRs and checksummed, never held whole in memory.  The header, which holds the signature's size
+and the CRC, is written last; its CRC is joined to the section stream's with ``crc32_combine``.
+
+The output appears atomically: data goes to a temporary file beside the target, which is renamed
+over it only when complete; on any error (or KeyboardInterrupt) the temporary file is removed and
+the target is left untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator, Protocol
+
+from formats.crc32 import crc32_combine
+from formats.eif import (
+    CHUNK_SIZE,
+    CRC_OFFSET,
+    CURRENT_VERSION,
+    DEFAULT_CPUS,
+    DEFAULT_MEM,
+    HEADER_SIZE,
+    MAX_SECTIONS,
+    MAX_SIGNATURE_SIZE,
+    SECTION_HEADER_SIZE,
+    EifHeader,
+    SectionType,
+    flags_for_arch,
+)
+from formats.eif_stream import SectionStreamDigest
+from formats.errors import EifFormatError
+from formats.measure import Measurements
+
+
+class SectionSource(Protocol):
+    """Section data of known size, produced as a stream of chunks.
+
+    ``chunks()`` may reuse buffers, but a chunk must stay unchanged until the chunk after the next
+    one has been requested (alternate two buffers): the digest's worker thread may still be
+    hashing it.  It must yield exactly ``size`` bytes in total.
+    """
+
+    size: int
+
+    def chunks(self) -> Iterator[bytes | bytearray | memoryview]: ...
+
+
+class BytesSource:
+    """Section data held in memory (kernel, cmdline, metadata, small ramdisks)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = bytes(data)
+        self.size = len(self._data)
+
+    def chunks(self) -> Iterator[memoryview]:
+        view = memoryview(self._data)
+        for start in range(0, self.size, CHUNK_SIZE):
+            yield view[start:start + CHUNK_SIZE]
+
+
+class FileSource:
+    """Section data read from a binary file object, from its current position, ``size`` bytes."""
+
+    def __init__(self, fileobj: BinaryIO, size: int, chunk_size: int = CHUNK_SIZE) -> None:
+        self._file = fileobj
+        self.size = size
+        self._chunk_size = chunk_size
+
+    @classmethod
+    def from_path(cls, path: str | os.PathLike) -> "FileSource":
+        """Source over a whole file; the file is opened lazily, when chunks are requested."""
+        return _PathSource(os.fspath(path))
+
+    def chunks(self) -> Iterator[memoryview]:
+        length = min(self._chunk_size, max(self.size, 1))
+        views = [memoryview(bytearray(length)), memoryview(bytearray(length))]
+        remaining = self.size
+        turn = 0
+        while remaining:
+            view = views[turn]
+            got = self._file.readinto(view[:min(remaining, length)])
+            if not got:
+                raise EifFormatError(f"section source ended {remaining} bytes early")
+            yield view[:got]
+            remaining -= got
+            turn ^= 1
+
+
+class _PathSource(FileSource):
+    def __init__(self, path: str) -> None:
+        self._path = path
+        super().__init__(None, os.stat(path).st_size)  # type: ignore[arg-type]
+
+    def chunks(self) -> Iterator[memoryview]:
+        with open(self._path, "rb") as handle:
+            self._file = handle
+            yield from super().chunks()
+
+
+class Signer(Protocol):
+    """Makes the signature section once PCR0 is known (see :mod:`formats.eif_signature`)."""
+
+    certificate_der: bytes
+
+    def signature_section(self, pcr0: bytes) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class WrittenSection:
+    type: SectionType
+    offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What was written: measurements, CRC, total size and the section layout."""
+
+    measurements: Measurements
+    crc32: int
+    size: int
+    sections: list[WrittenSection]
+
+
+def as_source(data: bytes | SectionSource) -> SectionSource:
+    return BytesSource(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+
+
+def normalise_cmdline(cmdline: str | bytes) -> bytes:
+    """The cmdline section's bytes: surrounding whitespace trimmed, no NUL terminator."""
+    raw = cmdline.encode("utf-8") if isinstance(cmdline, str) else bytes(cmdline)
+    raw = raw.strip()
+    if b"\0" in raw:
+        raise EifFormatError("the kernel command line contains a NUL byte")
+    return raw
+
+
+def write_eif(
+    path: str | os.PathLike,
+    *,
+    kernel: bytes | SectionSource,
+    cmdline: str | bytes,
+    ramdisks: list[bytes | SectionSource],
+    metadata: bytes | None,
+    arch: str = "x86_64",
+    signer: Signer | None = None,
+    default_mem: int = DEFAULT_MEM,
+    default_cpus: int = DEFAULT_CPUS,
+    progress=None,
+) -> WriteResult:
+    """Write an EIF v4 to ``path`` atomically and return its measurements.
+
+    ``metadata`` is the metadata section's bytes (see :mod:`formats.eif_metadata`); None omits
+    the section (a v3-style layout, still written as version 4 only if metadata is present).
+    ``progress``, if given, is called with the number of bytes written after each chunk.
+    """
+    if not ramdisks:
+        raise EifFormatError("an enclave image needs at least one ramdisk")
+    planned = [(SectionType.KERNEL, as_source(kernel)), (SectionType.CMDLINE, BytesSource(normalise_cmdline(cmdline)))]
+    if metadata is not None:
+        planned.append((SectionType.METADATA, BytesSource(metadata)))
+    planned += [(SectionType.RAMDISK, as_source(ramdisk)) for ramdisk in ramdisks]
+    if len(planned) + (signer is not None) > MAX_SECTIONS:
+        raise EifFormatError(f"too many sections: an EIF holds at most {MAX_SECTIONS}")
+    version = CURRENT_VERSION if metadata is not None else 3
+    flags = flags_for_arch(arch)
+    return _write_atomically(path, lambda out: _write_body(out, planned, signer, version, flags, default_mem, default_cpus, progress))
+
+
+def _write_body(out, planned, signer, version, flags, default_mem, default_cpus, progress) -> WriteResult:
+    out.write(bytes(HEADER_SIZE))  # placeholder: the header is known only at the end
+    position = HEADER_SIZE
+    written: list[WrittenSection] = []
+
+    def sink(view: memoryview) -> None:
+        out.write(view)
+        if progress is not None:
+            progress(len(view))
+
+    with SectionStreamDigest(sink=sink) as digest:
+        for section_type, source in planned:
+            written.append(WrittenSection(section_type, position, source.size))
+            _stream_section(digest, section_type, source)
+            position += SECTION_HEADER_SIZE + source.size
+        certificate_der = None
+        if signer is not None:
+            pcr0 = digest.measurements().pcr0
+            signature = signer.signature_section(pcr0)
+            if len(signature) > MAX_SIGNATURE_SIZE:
+                raise EifFormatError(f"signature section is {len(signature)} bytes; the limit is {MAX_SIGNATURE_SIZE}")
+            written.append(WrittenSection(SectionType.SIGNATURE, position, len(signature)))
+            _stream_section(digest, SectionType.SIGNATURE, BytesSource(signature))
+            position += SECTION_HEADER_SIZE + len(signature)
+            certificate_der = signer.certificate_der
+        measurements = digest.measurements(certificate_der)
+        stream_crc, stream_length = digest.crc, digest.length
+
+    offsets = [section.offset for section in written] + [0] * (MAX_SECTIONS - len(written))
+    sizes = [section.size for section in written] + [0] * (MAX_SECTIONS - len(written))
+    header = EifHeader(version, flags, default_mem, default_cpus, len(written), tuple(offsets), tuple(sizes), 0)
+    header_crc = zlib.crc32(header.pack()[:CRC_OFFSET])
+    crc = crc32_combine(header_crc, stream_crc, stream_length)
+    out.seek(0)
+    out.write(EifHeader(version, flags, default_mem, default_cpus, len(written), tuple(offsets), tuple(sizes), crc).pack())
+    return WriteResult(measurements, crc, position, written)
+
+
+def _stream_section(digest: SectionStreamDigest, section_type: SectionType, source: SectionSource) -> None:
+    digest.begin_section(section_type.label, section_type, source.size)
+    produced = 0
+    for chunk in source.chunks():
+        produced += len(chunk)
+        if produced > source.size:
+            break
+        digest.update(chunk)
+    if produced != source.size:
+        raise EifFormatError(
+            f"{section_type.label} section source produced {produced} bytes but declared {source.size}"
+        )
+
+
+def _write_atomically(path: str | os.PathLike, body):
+    """Run ``body(fileobj)`` on a temporary file beside ``path`` and rename it into place."""
+    target = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(target)
+    handle = tempfile.NamedTemporaryFile(
+        mode="w+b", dir=directory, prefix="." + os.path.basename(target) + ".", suffix=".tmp", delete=False
+    )
+    try:
+        with handle:
+            result = body(handle)
+        os.chmod(handle.name, 0o644 & ~_current_umask())
+        os.replace(handle.name, target)
+        return result
+    except BaseException:
+        _remove_quietly(handle.name)
+        raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove_quietly(name: str) -> None:
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
