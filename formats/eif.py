@@ -148,6 +148,7 @@ class StreamCheck:
     measurements: Measurements
     computed_crc: int
     header_crc: int
+    section_sha384: list[bytes]
 
     @property
     def crc_ok(self) -> bool:
@@ -348,9 +349,10 @@ class EifReader:
     def check_stream(self, *, certificate_der: bytes | None = None, chunk_size: int = CHUNK_SIZE) -> StreamCheck:
         """Read every section once: recompute PCR0/1/2 (PCR8 from ``certificate_der``) and the CRC.
 
-        Measurements come from the bytes only, never from metadata.
+        Measurements come from the bytes only, never from metadata.  Each section's own SHA-384
+        is recorded too (``section_sha384``, in table order).
         """
-        with SectionStreamDigest() as digest:
+        with SectionStreamDigest(section_digests=True) as digest:
             for section in self.sections:
                 digest.begin_section(section.type.label, section.type, section.size, section.flags)
                 for chunk in self.iter_section(section, chunk_size):
@@ -358,7 +360,7 @@ class EifReader:
             self.fileobj.seek(0)
             header_bytes = _read_exact(self.fileobj, CRC_OFFSET, 0)
             crc = crc32_combine(zlib.crc32(header_bytes), digest.crc, digest.length)
-            return StreamCheck(digest.measurements(certificate_der), crc, self.header.crc32)
+            return StreamCheck(digest.measurements(certificate_der), crc, self.header.crc32, digest.section_digests())
 
 
 class SectionFile(io.RawIOBase):

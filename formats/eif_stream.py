@@ -11,6 +11,7 @@ chunk after the next one is passed in (sources alternate two buffers).
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -30,10 +31,19 @@ class SectionStreamDigest:
     :meth:`begin_section` with its kind name and size, then :meth:`update` with its data chunks.
     :attr:`crc` is the CRC-32 over everything fed so far (section headers included),
     :attr:`length` the number of those bytes.
+
+    With ``section_digests=True`` it also records each section's own SHA-384
+    (:meth:`section_digests`).  That usually costs nothing extra: a PCR hasher that had seen no
+    data when the section began holds exactly that section's hash when it ends (the kernel in
+    PCR1's, the first customer ramdisk in PCR2's); only other sections get a hasher of their own.
     """
 
-    def __init__(self, *, sink: Callable[[memoryview], object] | None = None) -> None:
+    def __init__(self, *, sink: Callable[[memoryview], object] | None = None, section_digests: bool = False) -> None:
         self.pcrs = PcrHashers()
+        self._track_sections = section_digests
+        self._fed: set[int] = set()
+        self._own = None
+        self._digests: list[bytes] = []
         self.length = 0
         self._crc = 0
         self._sink = sink
@@ -70,7 +80,31 @@ class SectionStreamDigest:
         self._drain()
         self._feed_unmeasured(header)
         self._targets = self.pcrs.targets(kind)
+        if self._track_sections:
+            self._close_section()
+            self._own = self._section_hasher()
         return header
+
+    def _section_hasher(self):
+        """A hasher that will hold this section's own SHA-384, reusing a fresh PCR hasher."""
+        fresh = [hasher for hasher in self._targets if id(hasher) not in self._fed]
+        self._fed.update(id(hasher) for hasher in self._targets)
+        if fresh:
+            return fresh[0]
+        own = hashlib.sha384()
+        self._targets = self._targets + [own]
+        return own
+
+    def _close_section(self) -> None:
+        if self._own is not None:
+            self._digests.append(self._own.digest())
+            self._own = None
+
+    def section_digests(self) -> list[bytes]:
+        """SHA-384 of each section's data, in the order sections were begun."""
+        self._drain()
+        self._close_section()
+        return list(self._digests)
 
     def update(self, chunk) -> None:
         """Feed one chunk of the current section's data."""
@@ -83,9 +117,11 @@ class SectionStreamDigest:
                 hasher.update(view)
             self._feed_unmeasured(view)
             return
-        first, second = self._targets
+        first, second, *others = self._targets
         self._pending = self._pool.submit(self._worker_part, second, view)
         first.update(view)
+        for hasher in others:
+            hasher.update(view)
         if self._sink is not None:
             self._sink(view)
         self.length += len(view)

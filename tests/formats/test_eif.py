@@ -195,6 +195,7 @@ def test_reader_round_trip(tmp_path):
         assert reader.contiguous and reader.notes == []
         check = reader.check_stream()
         assert check.crc_ok and check.measurements == result.measurements
+        assert check.section_sha384 == [hashlib.sha384(payload).digest() for _, payload in model_parse(data)]
         assert reader.read_section(reader.ramdisks[0], max_size=1 << 20) == b"bootstrap" * 50
         assert b"".join(bytes(c) for c in reader.iter_section(reader.ramdisks[1], 4096)) == model_parse(data)[4][1]
         window = reader.section_reader(reader.sections[0])
@@ -375,3 +376,12 @@ def test_bytes_source_chunks_cover_data():
     data = os.urandom((1 << 20) * 2 + 5)
     assert b"".join(bytes(c) for c in BytesSource(data).chunks()) == data
     assert b"".join(bytes(c) for c in FileSource(io.BytesIO(data), len(data)).chunks()) == data
+
+
+def test_section_digests_with_several_customer_ramdisks(tmp_path):
+    big = os.urandom(600_000)  # above the parallel threshold
+    data, result = build(tmp_path, ramdisks=[b"boot", big, big[::-1], b"tail"])
+    check = EifReader.from_bytes(data).check_stream()
+    assert check.measurements == result.measurements
+    assert check.measurements.as_hex() == model_pcrs(data)
+    assert check.section_sha384 == [hashlib.sha384(payload).digest() for _, payload in model_parse(data)]
