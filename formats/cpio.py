@@ -1,0 +1,745 @@
+"""cpio "newc" (SVR4 portable ASCII) codec: a deterministic writer and a bounded, safe reader.
+
+Layout of one member (all numbers are 8 ASCII hex digits)::
+
+    magic "070701" | ino mode uid gid nlink mtime filesize devmajor devminor
+                   | rdevmajor rdevminor namesize check
+    name + NUL, padded with NULs so that header + name is a multiple of 4
+    data (filesize bytes), padded with NULs to a multiple of 4
+
+The archive ends with a member named ``TRAILER!!!``.
+
+Writer (:class:`CpioArchive`) contract
+--------------------------------------
+* Members are sorted bytewise by path (so every parent precedes its children), inode numbers are
+  sequential from ``inode_start`` in archive order (one per inode), and every numeric field is
+  written as 8 UPPERCASE hex digits, like the kernel's ``gen_init_cpio`` and GNU cpio.  dev
+  major/minor and ``c_check`` are always 0.  The same entries, in any input order, give the same
+  bytes.
+* Hardlinks (regular files sharing a ``hardlink_key``) share one inode number and carry the true
+  link count; like GNU cpio, the data is written only on the LAST link in archive order and the
+  earlier links have ``c_filesize`` 0.  All links of a group must agree on mode, uid, gid, mtime
+  and size; the data written is the last link's ``data``.
+* Directories get nlink = 2 + number of direct subdirectories, other entries 1 (hardlinks: the
+  group size).
+* The trailer is ``TRAILER!!!`` with nlink 1 and every other field 0 (as GNU cpio writes it).
+  Unlike GNU cpio and ``gen_init_cpio`` the archive is NOT padded to a 512-byte block after the
+  trailer: its size is exactly the sum of its 4-aligned members, which is what :attr:`size` says.
+* Refused with :class:`~formats.errors.CpioFormatError` in the constructor, before anything is
+  written (what the Linux kernel's ``init/initramfs.c`` would silently drop or fail to create):
+
+  - invalid paths: empty, leading ``/``, empty / ``.`` / ``..`` components, NUL bytes;
+  - paths longer than 4095 bytes (``c_namesize``, which counts the NUL, must be <= PATH_MAX 4096,
+    else the kernel skips the member) or with a component longer than NAME_MAX 255 bytes;
+  - symlink targets that are empty, contain NUL or are longer than 4095 bytes (the kernel skips
+    bodies over PATH_MAX and ``symlink(2)`` refuses targets of PATH_MAX bytes or more);
+  - regular files of 4 GiB or more (32-bit ``c_filesize``);
+  - uid, gid, mtime, rdev major/minor or inode numbers outside 0..0xFFFFFFFF;
+  - a mode with unknown file type or bits outside ``S_IFMT | 0o7777``;
+  - duplicate paths; entries whose parent path is not a directory entry of the same archive;
+  - ``hardlink_key`` on a non-regular entry, or a hardlink group with inconsistent metadata;
+  - ``data`` on non-regular entries, ``link_target`` on non-symlinks, ``bytes`` data whose length
+    differs from ``size``, or no data with a non-zero size.
+
+  A ``data`` stream yielding more or fewer bytes than ``size`` at write time also raises
+  :class:`CpioFormatError` (the archive is then incomplete, never silently corrupt).
+
+Reader (:func:`iter_archive`) contract
+--------------------------------------
+* Accepts magic ``070701`` and ``070702`` (the "crc" variant; its checksum is NOT verified).
+  Hex fields may be upper or lower case; anything else is rejected.  Padding bytes are not checked.
+* Every malformed input raises :class:`CpioFormatError` naming the field and byte offset
+  (relative to where the archive starts in the stream); reads are bounded by ``max_name``,
+  ``max_link_target`` and a 1 MiB chunk, so a hostile size never allocates more than the input.
+* A leading ``./`` (archives of ``find .``) is removed and the root entry ``.`` (or ``./``) is
+  skipped; it must be a directory.  Remaining paths must be canonical as for the writer.
+* Iteration stops at ``TRAILER!!!``; the stream is left just after the trailer member.  The
+  kernel instead keeps reading: concatenated archives (optionally separated by NUL padding) are
+  unpacked one after another, so skip any NUL padding and call :func:`iter_archive` again to
+  read the next one.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import stat
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from formats.errors import CpioFormatError
+
+__all__ = [
+    "CpioArchive",
+    "CpioEntry",
+    "CpioMember",
+    "MemberData",
+    "iter_archive",
+    "path_problem",
+]
+
+MAGIC_NEWC = b"070701"
+MAGIC_CRC = b"070702"
+HEADER_SIZE = 110
+TRAILER_NAME = b"TRAILER!!!"
+PATH_MAX = 4096
+NAME_MAX = 255
+MAX_PATH_BYTES = PATH_MAX - 1
+MAX_LINK_TARGET_BYTES = PATH_MAX - 1
+U32_MAX = 0xFFFFFFFF
+CHUNK_SIZE = 1 << 20
+
+_FIELDS = (
+    "c_ino", "c_mode", "c_uid", "c_gid", "c_nlink", "c_mtime", "c_filesize",
+    "c_devmajor", "c_devminor", "c_rdevmajor", "c_rdevminor", "c_namesize", "c_check",
+)
+_HEX8 = re.compile(rb"[0-9A-Fa-f]{8}")
+_FILE_TYPES = frozenset(
+    {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK}
+)
+
+
+def _pad4(n: int) -> int:
+    """Number of NUL bytes that align ``n`` up to a multiple of 4."""
+    return -n % 4
+
+
+def path_problem(path: bytes) -> str | None:
+    """Why ``path`` is not a canonical archive path, or None if it is.
+
+    Canonical: non-empty, relative, ``/``-separated, no NUL, no empty, ``.`` or ``..`` component.
+    Length limits are the caller's business.
+    """
+    if not path:
+        return "empty path"
+    if b"\0" in path:
+        return "NUL byte in path"
+    if path.startswith(b"/"):
+        return "absolute path"
+    for component in path.split(b"/"):
+        if component in (b"", b".", b".."):
+            return f"{component.decode('ascii') or 'empty'!s} component in path"
+    return None
+
+
+def _encode_header(values: tuple[int, ...]) -> bytes:
+    return MAGIC_NEWC + b"".join(b"%08X" % value for value in values)
+
+
+def _member_bytes(header_values: tuple[int, ...], name: bytes) -> bytes:
+    """Header, name, NUL and padding: everything before a member's data."""
+    head = _encode_header(header_values) + name + b"\0"
+    return head + b"\0" * _pad4(len(head))
+
+
+def _member_size(name: bytes, filesize: int) -> int:
+    head = HEADER_SIZE + len(name) + 1
+    return head + _pad4(head) + filesize + _pad4(filesize)
+
+
+# --------------------------------------------------------------------------------------------
+# Writer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpioEntry:
+    """One file to archive; see the module docstring for what :class:`CpioArchive` accepts."""
+
+    path: bytes
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    size: int = 0
+    link_target: bytes | None = None
+    rdev: tuple[int, int] = (0, 0)
+    data: bytes | Callable[[], BinaryIO] | None = None
+    hardlink_key: Hashable | None = None
+
+    @property
+    def file_type(self) -> int:
+        return stat.S_IFMT(self.mode)
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """One member as it will be written."""
+
+    entry: CpioEntry  # metadata (and, for regular files with filesize > 0, the data)
+    ino: int
+    nlink: int
+    filesize: int
+
+    def header_values(self) -> tuple[int, ...]:
+        e = self.entry
+        return (self.ino, e.mode, e.uid, e.gid, self.nlink, e.mtime, self.filesize,
+                0, 0, e.rdev[0], e.rdev[1], len(e.path) + 1, 0)
+
+
+def _refuse(path: bytes, problem: str) -> CpioFormatError:
+    return CpioFormatError(f"cpio entry {path!r}: {problem}")
+
+
+def _check_u32(entry: CpioEntry, what: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= U32_MAX:
+        raise _refuse(entry.path, f"{what} {value!r} does not fit 32 bits unsigned")
+
+
+def _check_path(entry: CpioEntry) -> None:
+    if not isinstance(entry.path, bytes):
+        raise _refuse(entry.path, "path must be bytes")
+    problem = path_problem(entry.path)
+    if problem:
+        raise _refuse(entry.path, problem)
+    if len(entry.path) > MAX_PATH_BYTES:
+        raise _refuse(entry.path[:64] + b"...",
+                      f"path of {len(entry.path)} bytes exceeds {MAX_PATH_BYTES} "
+                      f"(c_namesize incl. NUL must be <= PATH_MAX {PATH_MAX})")
+    longest = max(len(c) for c in entry.path.split(b"/"))
+    if longest > NAME_MAX:
+        raise _refuse(entry.path, f"path component of {longest} bytes exceeds NAME_MAX {NAME_MAX}")
+
+
+def _check_mode(entry: CpioEntry) -> None:
+    _check_u32(entry, "mode", entry.mode)
+    if entry.file_type not in _FILE_TYPES:
+        raise _refuse(entry.path, f"mode {entry.mode:#o} has no known file type")
+    if entry.mode & ~(stat.S_IFMT(entry.mode) | 0o7777):
+        raise _refuse(entry.path, f"mode {entry.mode:#o} has bits outside S_IFMT|0o7777")
+
+
+def _check_regular(entry: CpioEntry) -> None:
+    if isinstance(entry.size, int) and entry.size > U32_MAX:
+        raise _refuse(entry.path, f"size {entry.size} is 4 GiB or more (c_filesize has 32 bits)")
+    _check_u32(entry, "size", entry.size)
+    data = entry.data
+    if data is None:
+        if entry.size:
+            raise _refuse(entry.path, f"size {entry.size} but no data")
+    elif isinstance(data, (bytes, bytearray)):
+        if len(data) != entry.size:
+            raise _refuse(entry.path, f"size {entry.size} but data has {len(data)} bytes")
+    elif not callable(data):
+        raise _refuse(entry.path, f"data must be bytes or a callable, not {type(data).__name__}")
+
+
+def _check_symlink(entry: CpioEntry) -> None:
+    target = entry.link_target
+    if not isinstance(target, bytes) or not target:
+        raise _refuse(entry.path, "symlink needs a non-empty bytes link_target")
+    if b"\0" in target:
+        raise _refuse(entry.path, "NUL byte in link_target")
+    if len(target) > MAX_LINK_TARGET_BYTES:
+        raise _refuse(entry.path, f"link_target of {len(target)} bytes exceeds {MAX_LINK_TARGET_BYTES}")
+
+
+def _check_entry(entry: CpioEntry) -> None:
+    """Refuse everything about one entry that does not depend on the other entries."""
+    if not isinstance(entry, CpioEntry):
+        raise CpioFormatError(f"expected CpioEntry, got {type(entry).__name__}")
+    _check_path(entry)
+    _check_mode(entry)
+    for what in ("uid", "gid", "mtime"):
+        _check_u32(entry, what, getattr(entry, what))
+    if not (isinstance(entry.rdev, tuple) and len(entry.rdev) == 2):
+        raise _refuse(entry.path, f"rdev {entry.rdev!r} is not a (major, minor) pair")
+    for what, value in zip(("rdev major", "rdev minor"), entry.rdev):
+        _check_u32(entry, what, value)
+    is_reg, is_lnk = entry.file_type == stat.S_IFREG, entry.file_type == stat.S_IFLNK
+    if entry.data is not None and not is_reg:
+        raise _refuse(entry.path, "data on a non-regular entry")
+    if entry.hardlink_key is not None and not is_reg:
+        raise _refuse(entry.path, "hardlink_key on a non-regular entry (hardlink groups must be regular files)")
+    if entry.link_target is not None and not is_lnk:
+        raise _refuse(entry.path, "link_target on a non-symlink entry")
+    if is_reg:
+        _check_regular(entry)
+    elif is_lnk:
+        _check_symlink(entry)
+
+
+def _check_tree(ordered: list[CpioEntry]) -> None:
+    """Refuse duplicate paths and entries whose parent is not a directory entry."""
+    dirs: set[bytes] = set()
+    previous: bytes | None = None
+    for entry in ordered:
+        if entry.path == previous:
+            raise _refuse(entry.path, "duplicate path")
+        previous = entry.path
+        parent = entry.path.rpartition(b"/")[0]
+        if parent and parent not in dirs:
+            raise _refuse(entry.path, f"parent directory {parent!r} is not an entry of the archive")
+        if entry.file_type == stat.S_IFDIR:
+            dirs.add(entry.path)
+
+
+def _hardlink_groups(ordered: list[CpioEntry]) -> dict[Hashable, list[CpioEntry]]:
+    """Group entries by ``hardlink_key`` (archive order) and refuse inconsistent groups."""
+    groups: dict[Hashable, list[CpioEntry]] = {}
+    for entry in ordered:
+        if entry.hardlink_key is not None:
+            groups.setdefault(entry.hardlink_key, []).append(entry)
+    for members in groups.values():
+        first = members[0]
+        for other in members[1:]:
+            for field in ("mode", "uid", "gid", "mtime", "size"):
+                if getattr(other, field) != getattr(first, field):
+                    raise _refuse(other.path, f"hardlink of {first.path!r} with a different {field}")
+    return groups
+
+
+def _subdir_counts(ordered: list[CpioEntry]) -> Counter[bytes]:
+    counts: Counter[bytes] = Counter()
+    for entry in ordered:
+        if entry.file_type == stat.S_IFDIR:
+            counts[entry.path.rpartition(b"/")[0]] += 1
+    return counts
+
+
+class CpioArchive:
+    """A deterministic newc archive planned from entries; its exact byte size is known before writing.
+
+    All validation happens here (see the module docstring); ``chunks``/``write_to`` only fail if a
+    ``data`` stream does not yield exactly ``size`` bytes (or raises itself).
+    """
+
+    def __init__(self, entries: Iterable[CpioEntry], *, inode_start: int = 1):
+        ordered = list(entries)
+        for entry in ordered:
+            _check_entry(entry)
+        ordered.sort(key=lambda e: e.path)
+        _check_tree(ordered)
+        self._members = self._plan(ordered, inode_start)
+        self.size: int = sum(_member_size(m.entry.path, m.filesize) for m in self._members) + \
+            _member_size(TRAILER_NAME, 0)
+
+    @staticmethod
+    def _plan(ordered: list[CpioEntry], inode_start: int) -> list[_Planned]:
+        if not isinstance(inode_start, int) or inode_start < 0:
+            raise CpioFormatError(f"inode_start {inode_start!r} must be a non-negative integer")
+        groups = _hardlink_groups(ordered)
+        subdirs = _subdir_counts(ordered)
+        group_ino: dict[Hashable, int] = {}
+        next_ino = inode_start
+        planned = []
+        for entry in ordered:
+            key = entry.hardlink_key
+            if key is None or key not in group_ino:
+                if next_ino > U32_MAX:
+                    raise _refuse(entry.path, f"inode number {next_ino} does not fit 32 bits")
+                ino, next_ino = next_ino, next_ino + 1
+                if key is not None:
+                    group_ino[key] = ino
+            else:
+                ino = group_ino[key]
+            planned.append(_plan_member(entry, ino, groups.get(key) if key is not None else None,
+                                        subdirs[entry.path]))
+        return planned
+
+    def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        """Yield the archive in pieces of ``chunk_size`` bytes (the last may be shorter).
+
+        File data is read from ``data`` streams ``chunk_size`` bytes at a time, so memory stays
+        bounded by about two chunks whatever the file sizes.
+        """
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        buffer = bytearray()
+        for member in self._members:
+            buffer += _member_bytes(member.header_values(), member.entry.path)
+            for piece in _member_data(member, chunk_size):
+                buffer += piece
+                while len(buffer) >= chunk_size:
+                    yield bytes(buffer[:chunk_size])
+                    del buffer[:chunk_size]
+            buffer += b"\0" * _pad4(member.filesize)
+        buffer += _member_bytes((0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, len(TRAILER_NAME) + 1, 0), TRAILER_NAME)
+        while buffer:
+            yield bytes(buffer[:chunk_size])
+            del buffer[:chunk_size]
+
+    def write_to(self, fileobj) -> int:
+        """Write the whole archive to ``fileobj``; return the number of bytes written (== size)."""
+        written = 0
+        for chunk in self.chunks():
+            fileobj.write(chunk)
+            written += len(chunk)
+        return written
+
+
+def _plan_member(entry: CpioEntry, ino: int, group: list[CpioEntry] | None, subdirs: int) -> _Planned:
+    file_type = entry.file_type
+    if file_type == stat.S_IFDIR:
+        return _Planned(entry, ino, 2 + subdirs, 0)
+    if file_type == stat.S_IFLNK:
+        return _Planned(entry, ino, 1, len(entry.link_target))
+    if file_type != stat.S_IFREG:
+        return _Planned(entry, ino, 1, 0)
+    if group is None:
+        return _Planned(entry, ino, 1, entry.size)
+    carries_data = group[-1] is entry
+    return _Planned(entry, ino, len(group), entry.size if carries_data else 0)
+
+
+def _open_data(entry: CpioEntry) -> BinaryIO:
+    if entry.data is None:
+        return io.BytesIO(b"")
+    if isinstance(entry.data, (bytes, bytearray)):
+        return io.BytesIO(entry.data)
+    return entry.data()
+
+
+def _member_data(member: _Planned, chunk_size: int) -> Iterator[bytes]:
+    """The member's data in chunks, checking the source yields exactly ``filesize`` bytes."""
+    entry = member.entry
+    if entry.file_type == stat.S_IFLNK:
+        yield entry.link_target
+        return
+    if member.filesize == 0:
+        return  # directories, devices, empty files, non-final hardlinks: the stream is not opened
+    stream = _open_data(entry)
+    try:
+        remaining = member.filesize
+        while remaining:
+            piece = stream.read(min(chunk_size, remaining))
+            if not piece:
+                raise _refuse(entry.path, f"data stream ended after {member.filesize - remaining} "
+                                          f"bytes, size is {member.filesize}")
+            if len(piece) > remaining:
+                raise _refuse(entry.path, f"data stream yielded more than size {member.filesize} bytes")
+            remaining -= len(piece)
+            yield piece
+        if stream.read(1):
+            raise _refuse(entry.path, f"data stream yielded more than size {member.filesize} bytes")
+    finally:
+        stream.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Reader
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CpioMember:
+    """One member as read from an archive (path normalised, see the module docstring).
+
+    ``size`` is the declared ``c_filesize`` (for a symlink: the stored target length).  In newc,
+    links of a hardlink group share ``(dev, ino)`` and ``nlink`` > 1; usually only the last one
+    carries data and the others have size 0.
+    """
+
+    path: bytes
+    mode: int
+    uid: int
+    gid: int
+    mtime: int
+    size: int
+    nlink: int
+    ino: int
+    dev: tuple[int, int]
+    rdev: tuple[int, int]
+    link_target: bytes | None
+    offset: int
+
+    @property
+    def file_type(self) -> int:
+        return stat.S_IFMT(self.mode)
+
+    @property
+    def permissions(self) -> int:
+        return stat.S_IMODE(self.mode)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.file_type == stat.S_IFDIR
+
+    @property
+    def is_file(self) -> bool:
+        return self.file_type == stat.S_IFREG
+
+    @property
+    def is_symlink(self) -> bool:
+        return self.file_type == stat.S_IFLNK
+
+    @property
+    def is_char_device(self) -> bool:
+        return self.file_type == stat.S_IFCHR
+
+    @property
+    def is_block_device(self) -> bool:
+        return self.file_type == stat.S_IFBLK
+
+    @property
+    def is_device(self) -> bool:
+        return self.is_char_device or self.is_block_device
+
+    @property
+    def is_fifo(self) -> bool:
+        return self.file_type == stat.S_IFIFO
+
+    @property
+    def is_socket(self) -> bool:
+        return self.file_type == stat.S_IFSOCK
+
+
+class _Input:
+    """The archive stream: tracks the offset, enforces the known size, reads in bounded pieces."""
+
+    def __init__(self, fileobj, archive_size: int | None):
+        self._file = fileobj
+        self.pos = 0
+        self._seekable = _is_seekable(fileobj)
+        if archive_size is not None and archive_size < 0:
+            raise ValueError("archive_size must be non-negative")
+        self.limit = archive_size if archive_size is not None else self._remaining_in_file()
+
+    def _remaining_in_file(self) -> int | None:
+        if not self._seekable:
+            return None
+        try:
+            start = self._file.tell()
+            end = self._file.seek(0, io.SEEK_END)
+            self._file.seek(start)
+        except (OSError, ValueError):
+            return None
+        return max(end - start, 0)
+
+    def remaining(self) -> int | None:
+        return None if self.limit is None else self.limit - self.pos
+
+    def require(self, n: int, what: str) -> None:
+        """Refuse (before reading) ``n`` more bytes that the known archive size cannot hold."""
+        remaining = self.remaining()
+        if remaining is not None and n > remaining:
+            raise CpioFormatError(f"truncated archive: {what} at offset {self.pos} needs {n} bytes, "
+                                  f"only {remaining} remain")
+
+    def read_some(self, n: int, what: str) -> bytes:
+        """Read 1..min(n, CHUNK_SIZE) bytes; EOF before them is a truncation error."""
+        n = min(n, CHUNK_SIZE)
+        self.require(n, what)
+        data = self._file.read(n)
+        if not data:
+            raise CpioFormatError(f"truncated archive: {what} at offset {self.pos} ends early")
+        if len(data) > n:
+            raise CpioFormatError(f"input stream returned more bytes than asked at offset {self.pos}")
+        self.pos += len(data)
+        return data
+
+    def read_exact(self, n: int, what: str) -> bytes:
+        self.require(n, what)
+        pieces = []
+        while n:
+            piece = self.read_some(n, what)
+            pieces.append(piece)
+            n -= len(piece)
+        return b"".join(pieces)
+
+    def skip(self, n: int, what: str) -> None:
+        self.require(n, what)
+        if self._seekable and self.limit is not None:
+            self._file.seek(n, io.SEEK_CUR)
+            self.pos += n
+            return
+        while n:
+            n -= len(self.read_some(n, what))
+
+
+def _is_seekable(fileobj) -> bool:
+    try:
+        return bool(fileobj.seekable())
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+class MemberData:
+    """Bounded reader for one member's data; valid only until the archive iterator advances.
+
+    ``read(n=-1)``, ``readinto(buffer)`` and iteration (chunks of up to 1 MiB) never return more
+    than the member's remaining bytes, and raise :class:`CpioFormatError` if the archive ends
+    before them.  Using it after the iterator moved on raises ``ValueError``.
+    """
+
+    def __init__(self, source: _Input, size: int, path: bytes):
+        self._source = source
+        self._remaining = size
+        self._what = f"data of {path!r}"
+        self._valid = True
+
+    @property
+    def remaining(self) -> int:
+        return self._remaining
+
+    def readable(self) -> bool:
+        return True
+
+    def _check_valid(self) -> None:
+        if not self._valid:
+            raise ValueError("member data read after the archive iterator advanced")
+
+    def _read_piece(self, n: int) -> bytes:
+        piece = self._source.read_some(min(n, self._remaining), self._what)
+        self._remaining -= len(piece)
+        return piece
+
+    def read(self, n: int | None = -1) -> bytes:
+        self._check_valid()
+        if n is None or n < 0:
+            return b"".join(iter(self))
+        pieces = []
+        n = min(n, self._remaining)
+        while n:
+            piece = self._read_piece(n)
+            pieces.append(piece)
+            n -= len(piece)
+        return b"".join(pieces)
+
+    def readinto(self, buffer) -> int:
+        """Fill ``buffer`` as far as the member's remaining data allows; return the byte count."""
+        self._check_valid()
+        view = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(view) and self._remaining:
+            piece = self._read_piece(len(view) - filled)
+            view[filled:filled + len(piece)] = piece
+            filled += len(piece)
+        return filled
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._check_valid()
+        while self._remaining:
+            yield self._read_piece(CHUNK_SIZE)
+
+    def _finish(self) -> None:
+        """Skip what the caller left unread, and invalidate."""
+        if self._valid:
+            self._valid = False
+            self._source.skip(self._remaining, self._what)
+            self._remaining = 0
+
+
+def _parse_fields(raw: bytes, offset: int) -> dict[str, int]:
+    magic = raw[:6]
+    if magic not in (MAGIC_NEWC, MAGIC_CRC):
+        hint = " (odc/old-ASCII cpio; use -H newc)" if magic == b"070707" else ""
+        raise CpioFormatError(f"bad magic {magic!r} at offset {offset}{hint}, expected 070701 or 070702")
+    fields = {}
+    for index, name in enumerate(_FIELDS):
+        start = 6 + 8 * index
+        text = raw[start:start + 8]
+        if not _HEX8.fullmatch(text):
+            raise CpioFormatError(f"field {name} at offset {offset + start} is not 8 hex digits: {text!r}")
+        fields[name] = int(text, 16)
+    return fields
+
+
+def _read_name(source: _Input, namesize: int, offset: int, max_name: int) -> bytes:
+    if namesize == 0 or namesize > max_name:
+        raise CpioFormatError(f"field c_namesize at offset {offset + 94} is {namesize}, "
+                              f"must be 1..{max_name}")
+    raw = source.read_exact(namesize + _pad4(HEADER_SIZE + namesize), f"name of member at offset {offset}")
+    name = raw[:namesize]
+    if name[-1] != 0:
+        raise CpioFormatError(f"name at offset {offset + HEADER_SIZE} is not NUL-terminated")
+    name = name[:-1]
+    if b"\0" in name:
+        raise CpioFormatError(f"name at offset {offset + HEADER_SIZE} contains a NUL byte")
+    return name
+
+
+def _normalise_path(name: bytes, offset: int) -> bytes | None:
+    """Canonical path of a member name, or None for the root entry."""
+    if name in (b".", b"./"):
+        return None
+    if name.startswith(b"./"):
+        name = name[2:]
+    problem = path_problem(name)
+    if problem:
+        raise CpioFormatError(f"name {name[:256]!r} of member at offset {offset}: {problem}")
+    return name
+
+
+def _check_body(fields: dict[str, int], path: bytes, offset: int, max_link_target: int) -> None:
+    file_type = stat.S_IFMT(fields["c_mode"])
+    size = fields["c_filesize"]
+    where = f"member {path[:256]!r} at offset {offset}"
+    if file_type not in _FILE_TYPES or fields["c_mode"] > 0o177777:
+        raise CpioFormatError(f"field c_mode {fields['c_mode']:#o} of {where} has no known file type")
+    if file_type == stat.S_IFLNK and not 0 < size <= max_link_target:
+        raise CpioFormatError(f"field c_filesize of symlink {where} is {size}, must be 1..{max_link_target}")
+    if file_type not in (stat.S_IFREG, stat.S_IFLNK) and size:
+        raise CpioFormatError(f"field c_filesize of non-regular {where} is {size}, must be 0")
+
+
+def _read_link_target(source: _Input, size: int, path: bytes, offset: int) -> bytes:
+    raw = source.read_exact(size, f"symlink target of {path!r}")
+    if raw.endswith(b"\0"):
+        raw = raw[:-1]  # gen_init_cpio stores the terminating NUL
+    if not raw or b"\0" in raw:
+        raise CpioFormatError(f"symlink target of member {path!r} at offset {offset} is empty or contains NUL")
+    return raw
+
+
+def iter_archive(
+    fileobj,
+    *,
+    archive_size: int | None = None,
+    max_entries: int = 2_000_000,
+    max_name: int = PATH_MAX,
+    max_link_target: int = PATH_MAX,
+) -> Iterator[tuple[CpioMember, MemberData]]:
+    """Yield ``(member, data)`` for each member of the newc archive read from ``fileobj``.
+
+    ``fileobj`` is read from its current position.  Sizes are checked against ``archive_size``
+    if given, else against the stream's size when it is seekable; otherwise truncation is found
+    when the stream ends early.  ``max_name`` bounds ``c_namesize`` (incl. NUL; the kernel's
+    PATH_MAX by default), ``max_link_target`` the stored symlink target, ``max_entries`` the number
+    of members (the root entry included, the trailer not).  Symlink targets are read eagerly into
+    ``member.link_target`` and their ``data`` is empty.  See the module docstring for the rest.
+    """
+    source = _Input(fileobj, archive_size)
+    count = 0
+    while True:
+        offset = source.pos
+        if source.remaining() == 0:
+            raise CpioFormatError(f"archive ends at offset {offset} without a TRAILER!!! member")
+        fields = _parse_fields(source.read_exact(HEADER_SIZE, "header"), offset)
+        name = _read_name(source, fields["c_namesize"], offset, max_name)
+        if name == TRAILER_NAME:
+            source.skip(fields["c_filesize"] + _pad4(fields["c_filesize"]), "trailer body")
+            return
+        count += 1
+        if count > max_entries:
+            raise CpioFormatError(f"more than max_entries={max_entries} members (offset {offset})")
+        path = _normalise_path(name, offset)
+        _check_body(fields, name if path is None else path, offset, max_link_target)
+        size = fields["c_filesize"]
+        source.require(size, f"data of {name[:256]!r} (c_filesize {size})")
+        if path is None:
+            if stat.S_IFMT(fields["c_mode"]) != stat.S_IFDIR:
+                raise CpioFormatError(f"root entry {name!r} at offset {offset} is not a directory")
+            continue
+        member, data = _make_member(source, fields, path, offset)
+        yield member, data
+        data._finish()
+        source.skip(_pad4(size), f"data padding of {path!r}")
+
+
+def _make_member(source: _Input, fields: dict[str, int], path: bytes, offset: int) -> tuple[CpioMember, MemberData]:
+    """Build the member; for a symlink, read its target now (its data is then empty)."""
+    size = fields["c_filesize"]
+    link_target = None
+    if stat.S_ISLNK(fields["c_mode"]):
+        link_target = _read_link_target(source, size, path, offset)
+    member = CpioMember(
+        path=path, mode=fields["c_mode"], uid=fields["c_uid"], gid=fields["c_gid"],
+        mtime=fields["c_mtime"], size=size, nlink=fields["c_nlink"], ino=fields["c_ino"],
+        dev=(fields["c_devmajor"], fields["c_devminor"]),
+        rdev=(fields["c_rdevmajor"], fields["c_rdevminor"]),
+        link_target=link_target, offset=offset,
+    )
+    return member, MemberData(source, 0 if link_target is not None else size, path)
