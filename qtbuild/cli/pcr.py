@@ -1,0 +1,41 @@
+"""``qtbuild pcr --input FILE | --signing-certificate CERT.pem`` (like ``nitro-cli pcr``)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import click
+
+from formats.eif_signature import pcr8_from_certificate
+from formats.measure import extend
+from qtbuild.cli.app import InputError
+from qtbuild.cli.output import emit_json
+
+MAX_CERTIFICATE_FILE = 1 << 20
+
+
+@click.command("pcr")
+@click.option("--input", "input_path", type=click.Path(dir_okay=False), help="File whose bytes are measured: prints {\"PCR\": …}.")
+@click.option("--signing-certificate", "certificate_path", type=click.Path(dir_okay=False), help="PEM certificate: prints the PCR8 an image signed with it has.")
+def command(input_path: str | None, certificate_path: str | None) -> None:
+    """Print the PCR value of a file (extend(SHA384(bytes))) or PCR8 of a signing certificate."""
+    if (input_path is None) == (certificate_path is None):
+        raise InputError("give exactly one of --input FILE or --signing-certificate CERT.pem")
+    if input_path is not None:
+        emit_json({"PCR": _file_pcr(input_path)})
+        return
+    with open(certificate_path, "rb") as handle:
+        data = handle.read(MAX_CERTIFICATE_FILE + 1)
+    if len(data) > MAX_CERTIFICATE_FILE:
+        raise InputError(f"{certificate_path} is larger than {MAX_CERTIFICATE_FILE} bytes: not a certificate file")
+    emit_json({"PCR8": pcr8_from_certificate(data)})
+
+
+def _file_pcr(path: str) -> str:
+    hasher = hashlib.sha384()
+    buffer = bytearray(1 << 20)
+    view = memoryview(buffer)
+    with open(path, "rb") as handle:
+        while got := handle.readinto(buffer):
+            hasher.update(view[:got])
+    return extend(hasher.digest()).hex()
