@@ -144,7 +144,7 @@ def normalise_cmdline(cmdline: str | bytes) -> bytes:
 
 
 def write_eif(
-    path: str | os.PathLike,
+    path: str | os.PathLike | None,
     *,
     kernel: bytes | SectionSource,
     cmdline: str | bytes,
@@ -159,8 +159,9 @@ def write_eif(
     """Write an EIF v4 to ``path`` atomically and return its measurements.
 
     ``metadata`` is the metadata section's bytes (see :mod:`formats.eif_metadata`); None omits
-    the section (a v3-style layout, still written as version 4 only if metadata is present).
-    ``progress``, if given, is called with the number of bytes written after each chunk.
+    the section (and the file is then marked version 3).  ``progress``, if given, is called with
+    the number of bytes produced after each chunk.  With ``path=None`` nothing is written: the
+    image is only measured (same result, same cost minus the I/O).
     """
     if not ramdisks:
         raise EifFormatError("an enclave image needs at least one ramdisk")
@@ -172,7 +173,20 @@ def write_eif(
         raise EifFormatError(f"too many sections: an EIF holds at most {MAX_SECTIONS}")
     version = CURRENT_VERSION if metadata is not None else 3
     flags = flags_for_arch(arch)
-    return _write_atomically(path, lambda out: _write_body(out, planned, signer, version, flags, default_mem, default_cpus, progress))
+    body = lambda out: _write_body(out, planned, signer, version, flags, default_mem, default_cpus, progress)  # noqa: E731
+    if path is None:
+        return body(_Discard())
+    return _write_atomically(path, body)
+
+
+class _Discard:
+    """A write-only sink that keeps nothing (for measuring without writing)."""
+
+    def write(self, data) -> int:
+        return len(data)
+
+    def seek(self, offset: int) -> int:
+        return offset
 
 
 def _write_body(out, planned, signer, version, flags, default_mem, default_cpus, progress) -> WriteResult:

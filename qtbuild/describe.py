@@ -14,10 +14,11 @@ from datetime import datetime, timezone
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from formats.eif import MAX_SIGNATURE_SIZE, EifReader, StreamCheck
+from formats.eif import MAX_SIGNATURE_SIZE, EifReader, SectionType, StreamCheck
 from formats.eif_metadata import MAX_METADATA_SIZE, parse_metadata
 from formats.eif_signature import SignatureInfo, load_signature, verify_signature
 from formats.errors import FormatError, SignatureError
+from formats.local_abi import MAX_DESCRIPTOR, RUNS_ONLY_LOCALLY, parse_local_kernel
 
 
 @dataclass(frozen=True)
@@ -87,13 +88,25 @@ def describe_eif(reader: EifReader, *, at: datetime | None = None) -> dict:
     if facts.metadata_problem:
         document["MetadataError"] = facts.metadata_problem
     document["Architecture"] = reader.arch
+    document["BootProfile"] = boot_profile(reader)
     document["Sections"] = [
         {"Index": s.index, "Type": s.type.label, "Offset": s.offset, "Size": s.size, "Sha384": digest.hex()}
         for s, digest in zip(reader.sections, facts.check.section_sha384)
     ]
-    if reader.notes:
-        document["Notes"] = list(reader.notes)
+    notes = list(reader.notes)
+    if document["BootProfile"] == "local":
+        notes.insert(0, RUNS_ONLY_LOCALLY)
+    if notes:
+        document["Notes"] = notes
     return document
+
+
+def boot_profile(reader: EifReader) -> str:
+    """``local`` when the kernel section is the local-runtime descriptor, else ``kernel``."""
+    kernel = reader.sections_of(SectionType.KERNEL)[0]
+    if kernel.size > MAX_DESCRIPTOR:
+        return "kernel"
+    return "local" if parse_local_kernel(reader.read_section(kernel, max_size=MAX_DESCRIPTOR)) else "kernel"
 
 
 def qingtian_measurements(reader: EifReader) -> dict:
