@@ -342,6 +342,10 @@ class EifReader:
             position += got
             remaining -= got
 
+    def section_source(self, section: Section) -> "ReaderSectionSource":
+        """The section as a :class:`~formats.eif_writer.SectionSource` (to copy it into a new image)."""
+        return ReaderSectionSource(self, section)
+
     def section_reader(self, section: Section) -> BinaryIO:
         """A read-only, bounded file object over one section's data (for cpio readers etc.)."""
         return SectionFile(self.fileobj, section.data_offset, section.size)
@@ -361,6 +365,21 @@ class EifReader:
             header_bytes = _read_exact(self.fileobj, CRC_OFFSET, 0)
             crc = crc32_combine(zlib.crc32(header_bytes), digest.crc, digest.length)
             return StreamCheck(digest.measurements(certificate_der), crc, self.header.crc32, digest.section_digests())
+
+
+@dataclass(frozen=True)
+class ReaderSectionSource:
+    """A section of an open image, streamed in chunks (see :meth:`EifReader.section_source`)."""
+
+    reader: EifReader
+    section: Section
+
+    @property
+    def size(self) -> int:
+        return self.section.size
+
+    def chunks(self) -> Iterator[memoryview]:
+        return self.reader.iter_section(self.section)
 
 
 class SectionFile(io.RawIOBase):

@@ -14,6 +14,7 @@ the target is left untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import zlib
@@ -169,11 +170,39 @@ def write_eif(
     if metadata is not None:
         planned.append((SectionType.METADATA, BytesSource(metadata)))
     planned += [(SectionType.RAMDISK, as_source(ramdisk)) for ramdisk in ramdisks]
-    if len(planned) + (signer is not None) > MAX_SECTIONS:
+    layout = HeaderFields(CURRENT_VERSION if metadata is not None else 3, flags_for_arch(arch), default_mem, default_cpus)
+    return write_sections(path, planned, layout, signer=signer, progress=progress)
+
+
+@dataclass(frozen=True)
+class HeaderFields:
+    """The header fields a caller chooses (the rest are derived from the sections)."""
+
+    version: int = CURRENT_VERSION
+    flags: int = 0
+    default_mem: int = DEFAULT_MEM
+    default_cpus: int = DEFAULT_CPUS
+
+
+def write_sections(
+    path: str | os.PathLike | None,
+    sections: list[tuple[SectionType, SectionSource]],
+    header: HeaderFields,
+    *,
+    signer: Signer | None = None,
+    progress=None,
+) -> WriteResult:
+    """Write ``sections`` in the given order (plus a signature section last when ``signer`` is
+    given) atomically to ``path``, or only measure them when ``path`` is None.
+
+    The low-level entry point: :func:`write_eif` uses nitro-cli's order; ``qtbuild sign`` keeps
+    an existing image's order.  The caller must not pass a signature section with a signer.
+    """
+    if len(sections) + (signer is not None) > MAX_SECTIONS:
         raise EifFormatError(f"too many sections: an EIF holds at most {MAX_SECTIONS}")
-    version = CURRENT_VERSION if metadata is not None else 3
-    flags = flags_for_arch(arch)
-    body = lambda out: _write_body(out, planned, signer, version, flags, default_mem, default_cpus, progress)  # noqa: E731
+    if signer is not None and any(kind == SectionType.SIGNATURE for kind, _ in sections):
+        raise EifFormatError("the sections already include a signature; drop it before signing again")
+    body = lambda out: _write_body(out, sections, signer, header, progress)  # noqa: E731
     if path is None:
         return body(_Discard())
     return _write_atomically(path, body)
@@ -189,7 +218,7 @@ class _Discard:
         return offset
 
 
-def _write_body(out, planned, signer, version, flags, default_mem, default_cpus, progress) -> WriteResult:
+def _write_body(out, planned, signer, fields: HeaderFields, progress) -> WriteResult:
     out.write(bytes(HEADER_SIZE))  # placeholder: the header is known only at the end
     position = HEADER_SIZE
     written: list[WrittenSection] = []
@@ -219,11 +248,10 @@ def _write_body(out, planned, signer, version, flags, default_mem, default_cpus,
 
     offsets = [section.offset for section in written] + [0] * (MAX_SECTIONS - len(written))
     sizes = [section.size for section in written] + [0] * (MAX_SECTIONS - len(written))
-    header = EifHeader(version, flags, default_mem, default_cpus, len(written), tuple(offsets), tuple(sizes), 0)
-    header_crc = zlib.crc32(header.pack()[:CRC_OFFSET])
-    crc = crc32_combine(header_crc, stream_crc, stream_length)
+    header = EifHeader(fields.version, fields.flags, fields.default_mem, fields.default_cpus, len(written), tuple(offsets), tuple(sizes), 0)
+    crc = crc32_combine(zlib.crc32(header.pack()[:CRC_OFFSET]), stream_crc, stream_length)
     out.seek(0)
-    out.write(EifHeader(version, flags, default_mem, default_cpus, len(written), tuple(offsets), tuple(sizes), crc).pack())
+    out.write(dataclasses.replace(header, crc32=crc).pack())
     return WriteResult(measurements, crc, position, written)
 
 

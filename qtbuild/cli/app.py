@@ -9,7 +9,9 @@ import click
 
 from formats.errors import FormatError, SignatureError
 from qtbuild import __version__
+from qtbuild.errors import ImageError
 from qtbuild.extract import ExtractError
+from qtbuild.metadata import MetadataError
 
 EXIT_CHECK_FAILED = 1
 EXIT_INPUT_ERROR = 2
@@ -30,7 +32,7 @@ class QtbuildGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (FormatError, SignatureError, ExtractError) as exc:
+        except (FormatError, SignatureError, ExtractError, ImageError, MetadataError) as exc:
             raise InputError(str(exc)) from None
         except OSError as exc:
             raise InputError(_describe_os_error(exc)) from None
@@ -56,10 +58,12 @@ def cli() -> None:
 
 
 def _register_commands() -> None:
-    from qtbuild.cli import build_eif, describe, extract, pcr
+    from qtbuild.cli import build_eif, convert, describe, diff, extract, pcr, sign, verify
 
-    for module in (build_eif, describe, extract, pcr):
+    for module in (build_eif, describe, diff, extract, pcr, sign, verify):
         cli.add_command(module.command)
+    cli.add_command(convert.convert_command)
+    cli.add_command(convert.measure_command)
 
 
 _register_commands()

@@ -1,0 +1,31 @@
+"""``qtbuild sign EIF --private-key KEY --signing-certificate CERT [-o OUT]``."""
+
+from __future__ import annotations
+
+import click
+
+from formats.eif import EifReader
+from qtbuild.cli.output import emit_json, say
+from qtbuild.sign import sign_eif
+from qtbuild.signing import load_signer
+
+
+@click.command("sign")
+@click.argument("eif", type=click.Path(exists=True, dir_okay=False))
+@click.option("--private-key", required=True, type=click.Path(exists=True, dir_okay=False), help="EC private key (PEM).")
+@click.option("--signing-certificate", required=True, type=click.Path(exists=True, dir_okay=False), help="Certificate (PEM) of that key.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the signed image here (default: replace EIF atomically).")
+@click.option("--format", "style", type=click.Choice(["qingtian", "nitro"]), default="qingtian", show_default=True)
+@click.option("-q", "--quiet", is_flag=True, help="No summary on stderr.")
+def command(eif, private_key, signing_certificate, output, style, quiet) -> None:
+    """Add or replace an image's signature (PCR0 signed; PCR8 from the certificate).
+
+    Every other section is kept byte for byte; the header (section table, CRC) is rebuilt.
+    """
+    signer = load_signer(private_key, signing_certificate)
+    with EifReader.open(eif) as reader:
+        replaced = reader.is_signed
+        result = sign_eif(reader, output or eif, signer)
+    measurements = result.measurements
+    emit_json(measurements.nitro() if style == "nitro" else measurements.qingtian(with_pcr1_pcr2=True), sort_keys=style == "nitro")
+    say(f"{'replaced the signature of' if replaced else 'signed'} {eif} -> {output or eif}", quiet=quiet)
