@@ -1,0 +1,427 @@
+"""Verified blob streams: the only way image bytes reach the rest of qtbuild.
+
+- :class:`VerifyingReader` wraps a stored blob and checks its size and SHA-256 against the
+  descriptor when the stream reaches its end (and refuses bytes beyond the expected size).
+- :func:`open_uncompressed` sniffs the compression of a layer blob (gzip, possibly multi-member;
+  zstd, possibly multi-frame; or a plain tar), decompresses it as a stream, caps the output
+  against decompression bombs and checks the SHA-256 of the output against the layer's
+  ``diff_id`` at the end.
+- :func:`read_document` reads a small verified blob (manifest, index, config) into memory.
+- :class:`BlobStore` / :class:`StoredLayer`: the small interface a source implements to serve
+  blobs by descriptor, and the :class:`~qtbuild.sources.base.Layer` built on it.
+
+Every stream here is read-only, non-seekable, reads its source in 1 MiB chunks and holds at most
+a few chunks in memory.  ``read(n)`` returns exactly ``n`` bytes unless the stream ends, so the
+streams can be handed to ``tarfile.open(fileobj=..., mode="r|")`` directly.  Every failure is an
+:class:`~qtbuild.errors.ImageError` naming the blob.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import io
+import os
+import zlib
+from typing import BinaryIO, Callable
+
+from qtbuild.errors import ImageError
+from qtbuild.sources.base import MAX_JSON_DOCUMENT, Descriptor, Layer
+
+CHUNK = 1 << 20
+#: Default cap on one layer's uncompressed size.
+DEFAULT_MAX_BYTES = 64 << 30
+#: Default cap on uncompressed:compressed ratio, enforced once the output passes the grace size.
+DEFAULT_MAX_RATIO = 1000
+DEFAULT_RATIO_GRACE = 100 << 20
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def sniff_compression(head: bytes) -> str | None:
+    """``"gzip"``, ``"zstd"`` or None (plain) from the first bytes of a blob."""
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    return None
+
+
+class _Stream(io.RawIOBase):
+    """Base of the readers here: subclasses implement :meth:`_read_some`.
+
+    ``_read_some(n)`` returns 1..n bytes, or ``b""`` exactly once the stream is finished (after
+    any end-of-stream verification passed).  ``read(n)`` loops until ``n`` bytes or the end.
+    """
+
+    def readable(self) -> bool:
+        return True
+
+    @abc.abstractmethod
+    def _read_some(self, n: int) -> bytes:
+        ...
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        parts, got = [], 0
+        while got < size:
+            chunk = self._read_some(min(size - got, CHUNK))
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
+    def readall(self) -> bytes:
+        parts = []
+        while chunk := self._read_some(CHUNK):
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _read_exact_or_less(raw: BinaryIO, n: int) -> bytes:
+    """Up to ``n`` bytes from ``raw``, fewer only at its end (raw streams may return short reads)."""
+    parts, got = [], 0
+    while got < n:
+        chunk = raw.read(n - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+class VerifyingReader(_Stream):
+    """A stored blob checked against its descriptor.
+
+    Contract: yields at most ``size`` bytes; when the underlying stream ends, raises ImageError
+    unless exactly ``size`` bytes came and their SHA-256 is ``digest``; if the underlying stream
+    has more than ``size`` bytes, raises ImageError instead of returning them.  Only after the
+    check passed does ``read`` return ``b""``.  Closing it closes the underlying stream.
+    """
+
+    def __init__(self, raw: BinaryIO, *, size: int, digest: str, what: str):
+        super().__init__()
+        self._raw = raw
+        self.expected_size = size
+        self.expected_digest = digest
+        self.what = what
+        self._hash = hashlib.sha256()
+        self.bytes_read = 0
+        self._verified = False
+
+    def _read_some(self, n: int) -> bytes:
+        if self._verified:
+            return b""
+        remaining = self.expected_size - self.bytes_read
+        if remaining == 0:
+            self._finish()
+            return b""
+        chunk = self._raw.read(min(n, remaining))
+        if not chunk:
+            raise ImageError(
+                f"{self.what}: truncated, got {self.bytes_read} of {self.expected_size} bytes"
+            )
+        self._hash.update(chunk)
+        self.bytes_read += len(chunk)
+        return chunk
+
+    def _finish(self) -> None:
+        if self._raw.read(1):
+            raise ImageError(f"{self.what}: size mismatch, blob is longer than the {self.expected_size} bytes declared")
+        actual = "sha256:" + self._hash.hexdigest()
+        if actual != self.expected_digest:
+            raise ImageError(f"{self.what}: digest mismatch, expected {self.expected_digest}, got {actual}")
+        self._verified = True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _Decompressed(_Stream):
+    """Decompressed output of ``raw`` with bomb caps and a final SHA-256 check (see open_uncompressed)."""
+
+    def __init__(self, raw: BinaryIO, head: bytes, *, diff_id: str | None, what: str,
+                 max_bytes: int, max_ratio: float, ratio_grace: int):
+        super().__init__()
+        self._raw = raw
+        self._head = head
+        self._diff_id = diff_id
+        self._what = what
+        self._max_bytes = max_bytes
+        self._max_ratio = max_ratio
+        self._ratio_grace = ratio_grace
+        self._hash = hashlib.sha256() if diff_id else None
+        self.compressed_bytes = 0
+        self.uncompressed_bytes = 0
+        self._done = False
+        self._decode = self._decoder(sniff_compression(head))
+
+    # -- input side -------------------------------------------------------------------------
+    def _read_input(self, n: int) -> bytes:
+        if self._head:
+            chunk, self._head = self._head, b""
+        else:
+            chunk = self._raw.read(n)
+        self.compressed_bytes += len(chunk)
+        return chunk
+
+    # -- decoders: callables (n) -> up to n output bytes, b"" at the end of the input ---------
+    def _decoder(self, kind: str | None) -> Callable[[int], bytes]:
+        if kind == "gzip":
+            return _GzipDecoder(self._read_input, self._what).read
+        if kind == "zstd":
+            return _zstd_decoder(self._read_input, self._what)
+        return self._read_input
+
+    def _read_some(self, n: int) -> bytes:
+        if self._done:
+            return b""
+        chunk = self._decode(min(n, CHUNK))
+        if not chunk:
+            self._finish()
+            return b""
+        self.uncompressed_bytes += len(chunk)
+        self._check_caps()
+        if self._hash is not None:
+            self._hash.update(chunk)
+        return chunk
+
+    def _check_caps(self) -> None:
+        out = self.uncompressed_bytes
+        if out > self._max_bytes:
+            raise ImageError(f"{self._what}: decompression bomb? uncompressed size exceeds {self._max_bytes} bytes")
+        if out > self._ratio_grace and out > self._max_ratio * max(self.compressed_bytes, 1):
+            raise ImageError(
+                f"{self._what}: decompression bomb? {out} bytes from {self.compressed_bytes} compressed "
+                f"(ratio over {self._max_ratio}:1)"
+            )
+
+    def _finish(self) -> None:
+        if self._raw.read(1):  # decoders stop at the end of the input; anything left is an error
+            raise ImageError(f"{self._what}: unexpected data after the end of the compressed stream")
+        if self._hash is not None:
+            actual = "sha256:" + self._hash.hexdigest()
+            if actual != self._diff_id:
+                raise ImageError(f"{self._what}: diff_id mismatch, config says {self._diff_id}, layer content is {actual}")
+        self._done = True
+
+    def close(self) -> None:
+        if not self.closed:
+            self._raw.close()
+        super().close()
+
+
+class _GzipDecoder:
+    """gzip, all members (zlib's decompressobj stops after the first one), output bounded per call."""
+
+    def __init__(self, read_input: Callable[[int], bytes], what: str):
+        self._read_input = read_input
+        self._what = what
+        self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._pending = b""  # compressed bytes not yet given to self._z
+        self._input_done = False
+
+    def read(self, n: int) -> bytes:
+        while True:
+            if self._z.eof and not self._start_next_member():
+                return b""
+            data = self._z.unconsumed_tail
+            if not data:
+                data, self._pending = self._pending or self._fill(), b""
+                if not data:
+                    raise ImageError(f"{self._what}: truncated gzip stream")
+            try:
+                out = self._z.decompress(data, n)
+            except zlib.error as exc:
+                raise ImageError(f"{self._what}: corrupt gzip data: {exc}") from None
+            if out:
+                return out
+
+    def _fill(self) -> bytes:
+        if self._input_done:
+            return b""
+        data = self._read_input(CHUNK)
+        self._input_done = not data
+        return data
+
+    def _start_next_member(self) -> bool:
+        """After a member ended: begin the next one, or return False at the end of the input."""
+        rest = self._z.unused_data + self._pending
+        while len(rest) < 2 and (more := self._fill()):
+            rest += more
+        if not rest:
+            return False
+        if not rest.startswith(GZIP_MAGIC):
+            raise ImageError(f"{self._what}: unexpected data after the end of the gzip stream")
+        self._z = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._pending = rest
+        return True
+
+
+def _zstd_decoder(read_input: Callable[[int], bytes], what: str) -> Callable[[int], bytes]:
+    """zstd, all frames, through python-zstandard's bounded stream reader."""
+    import zstandard
+
+    class _Source:
+        def read(self, n: int) -> bytes:
+            return read_input(n)
+
+    reader = zstandard.ZstdDecompressor().stream_reader(
+        _Source(), read_size=CHUNK, read_across_frames=True, closefd=False
+    )
+
+    def read(n: int) -> bytes:
+        try:
+            return reader.read(n)
+        except zstandard.ZstdError as exc:
+            raise ImageError(f"{what}: corrupt zstd data: {exc}") from None
+
+    return read
+
+
+def open_uncompressed(raw: BinaryIO, *, diff_id: str | None, what: str,
+                      max_bytes: int = DEFAULT_MAX_BYTES, max_ratio: float = DEFAULT_MAX_RATIO,
+                      ratio_grace: int = DEFAULT_RATIO_GRACE) -> BinaryIO:
+    """The decompressed content of the blob stream ``raw`` (which this stream owns and closes).
+
+    Compression is sniffed from the first bytes: gzip (all members), zstd (all frames) or none.
+    Raises ImageError, naming ``what``, when the output exceeds ``max_bytes``, when it exceeds
+    ``max_ratio`` times the compressed input after the first ``ratio_grace`` bytes, on corrupt
+    or trailing data, and at the end if the SHA-256 of the output is not ``diff_id`` (None skips
+    that check).  Errors of ``raw`` itself (e.g. a :class:`VerifyingReader`) propagate.
+    """
+    head = _read_exact_or_less(raw, 4)
+    skip_hash = (
+        sniff_compression(head) is None
+        and isinstance(raw, VerifyingReader)
+        and raw.expected_digest == diff_id
+    )  # a plain blob whose digest is its diff_id: the VerifyingReader already checks those bytes
+    return _Decompressed(raw, head, diff_id=None if skip_hash else diff_id, what=what,
+                         max_bytes=max_bytes, max_ratio=max_ratio, ratio_grace=ratio_grace)
+
+
+def read_document(raw: BinaryIO, descriptor: Descriptor, what: str) -> bytes:
+    """Read a small blob (manifest, index, config) whole, verified against ``descriptor``.
+
+    The descriptor's size is checked against MAX_JSON_DOCUMENT before anything is read.
+    """
+    if descriptor.size > MAX_JSON_DOCUMENT:
+        raise ImageError(f"{what} is {descriptor.size} bytes; refusing documents over {MAX_JSON_DOCUMENT} bytes")
+    with VerifyingReader(raw, size=descriptor.size, digest=descriptor.digest, what=what) as reader:
+        return reader.read()
+
+
+def verify_bytes(data: bytes, descriptor: Descriptor, what: str) -> bytes:
+    """Return ``data`` if its size and SHA-256 match ``descriptor``, else raise ImageError."""
+    return read_document(io.BytesIO(data), descriptor, what)
+
+
+class FileRange(io.RawIOBase):
+    """Bytes ``[start, start + size)`` of a local file, as a read-only stream with its own handle."""
+
+    def __init__(self, path: str | os.PathLike, start: int, size: int):
+        super().__init__()
+        self._file = open(path, "rb")
+        self._file.seek(start)
+        self._remaining = size
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0 or size > self._remaining:
+            size = self._remaining
+        data = self._file.read(size)
+        self._remaining -= len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
+RangeOpener = Callable[[int, int], BinaryIO]
+
+
+def file_range_opener(path: str | os.PathLike, start: int, size: int) -> RangeOpener:
+    """A ``(offset, length) -> stream`` callable over the blob stored at ``[start, start+size)`` of
+    ``path``; ranges outside the blob raise ImageError."""
+
+    def open_range(offset: int, length: int) -> BinaryIO:
+        if offset < 0 or length < 0 or offset + length > size:
+            raise ImageError(f"range {offset}+{length} lies outside a blob of {size} bytes")
+        return FileRange(path, start + offset, length)
+
+    return open_range
+
+
+class BlobStore(abc.ABC):
+    """Where a source keeps its blobs.  Implementations only locate bytes; callers verify them."""
+
+    @abc.abstractmethod
+    def open_raw(self, descriptor: Descriptor) -> BinaryIO:
+        """The stored bytes of ``descriptor``'s blob, unverified (ImageError if it is missing)."""
+
+    def local_range(self, descriptor: Descriptor) -> tuple[str, int, int] | None:
+        """``(path, start, size)`` if the blob lies contiguously in a local file, else None."""
+        return None
+
+    def has(self, descriptor: Descriptor) -> bool:
+        """Whether the blob is there at all (archives and layouts may omit other platforms')."""
+        return True
+
+    def open_verified(self, descriptor: Descriptor, what: str) -> VerifyingReader:
+        return VerifyingReader(self.open_raw(descriptor), size=descriptor.size,
+                               digest=descriptor.digest, what=what)
+
+    def read_document(self, descriptor: Descriptor, what: str) -> bytes:
+        return read_document(self.open_raw(descriptor), descriptor, what)
+
+
+class StoredLayer(Layer):
+    """A layer whose blob lives in a :class:`BlobStore`."""
+
+    def __init__(self, store: BlobStore, descriptor: Descriptor, diff_id: str):
+        self._store = store
+        self.descriptor = descriptor
+        self.diff_id = diff_id
+
+    def open_blob(self) -> BinaryIO:
+        return self._store.open_verified(self.descriptor, f"layer {self.descriptor.digest}")
+
+    def range_opener(self) -> RangeOpener | None:
+        """Random access for a blob stored uncompressed in a local file (sniffed, not trusted
+        from the media type).  Reads through it are *not* re-verified: use it only for a layer
+        that has been read to the end through :meth:`open_uncompressed` (which verifies it)."""
+        location = self._store.local_range(self.descriptor)
+        if location is None:
+            return None
+        path, start, size = location
+        if size != self.descriptor.size:
+            return None
+        with FileRange(path, start, min(size, 4)) as head:
+            if sniff_compression(head.read()) is not None:
+                return None
+        return file_range_opener(path, start, size)
+
+    def __repr__(self) -> str:
+        return f"StoredLayer({self.descriptor.digest}, diff_id={self.diff_id})"

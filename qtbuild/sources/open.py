@@ -1,0 +1,71 @@
+"""Pick the image source from a source string.
+
+- ``docker://REF`` or ``docker-daemon:REF``: an image in the Docker/podman daemon;
+- a bare ``REF`` (``busybox:1.36``): the same as ``docker://REF``;
+- ``docker-archive:PATH[:REF]``: a ``docker save`` tarball; REF picks one of several images;
+- ``oci:DIR[:TAG]``: an OCI image layout directory; TAG is a ``ref.name`` annotation;
+- ``registry://HOST/REPO:TAG`` or ``registry://HOST/REPO@DIGEST``: a registry (distribution API).
+
+``PATH[:REF]`` is split as skopeo does (at the first ``:``), unless the whole text names an
+existing path.
+"""
+
+from __future__ import annotations
+
+import os
+
+from qtbuild.errors import ImageError
+from qtbuild.sources.base import Image, Platform
+
+_DAEMON_PREFIXES = ("docker://", "docker-daemon:")
+
+
+def split_path_and_name(text: str) -> tuple[str, str | None]:
+    """``a/b.tar:app:1`` → (``a/b.tar``, ``app:1``); a whole existing path is never split."""
+    if os.path.exists(text) or ":" not in text:
+        return text, None
+    path, _, name = text.partition(":")
+    return path, name or None
+
+
+def open_image(source: str, *, platform: Platform | None) -> Image:
+    """Open ``source`` (see the module docstring); the caller closes the returned image."""
+    for prefix in _DAEMON_PREFIXES:
+        if source.startswith(prefix):
+            return _daemon(source[len(prefix):], platform)
+    if source.startswith("docker-archive:"):
+        from qtbuild.sources.archive import ArchiveImage
+
+        path, name = split_path_and_name(_required(source, "docker-archive:"))
+        return ArchiveImage(path, reference_hint=name, platform=platform)
+    if source.startswith("oci:"):
+        from qtbuild.sources.layout import LayoutImage
+
+        directory, tag = split_path_and_name(_required(source, "oci:"))
+        return LayoutImage(directory, tag, platform)
+    if source.startswith("registry://"):
+        from qtbuild.sources.registry import RegistryImage
+
+        _required(source, "registry://")
+        return RegistryImage(source, platform=platform)
+    if "://" in source:
+        raise ImageError(f"unknown image source {source!r}; use docker://, docker-archive:, oci: or registry://")
+    if os.path.isfile(source) or os.path.isfile(os.path.join(source, "oci-layout")):
+        raise ImageError(f"{source!r} is a local path, not an image name; write docker-archive:{source} "
+                         f"or oci:{source} (or docker://{source} for a daemon image of that name)")
+    return _daemon(source, platform)
+
+
+def _required(source: str, prefix: str) -> str:
+    rest = source[len(prefix):]
+    if not rest:
+        raise ImageError(f"{source!r}: nothing after {prefix}")
+    return rest
+
+
+def _daemon(ref: str, platform: Platform | None) -> Image:
+    from qtbuild.sources.daemon import DaemonImage
+
+    if not ref:
+        raise ImageError("empty image reference")
+    return DaemonImage(ref, platform=platform)

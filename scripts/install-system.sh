@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# System packages qtbuild's tests and benchmarks use (Debian/Ubuntu, as root or with sudo):
+#   docker.io        the Docker engine (image source `docker://`)
+#   docker-registry  a real OCI distribution registry, started by tests on 127.0.0.1
+#   skopeo           produces OCI layouts and registry pushes independently of qtbuild
+#   busybox-static   a static userland for test images built FROM scratch
+#   cpio, umoci, zstd  independent references for ramdisks, unpacking and zstd layers
+#   debootstrap      builds a Debian base image locally (Docker Hub is unreachable here)
+set -euo pipefail
+packages=(docker.io docker-registry skopeo busybox-static cpio umoci zstd debootstrap)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
