@@ -144,7 +144,7 @@ def _member_size(name: bytes, filesize: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class CpioEntry:
     """One file to archive; see the module docstring for what :class:`CpioArchive` accepts."""
 

@@ -1,0 +1,549 @@
+"""Bounded streaming reader for untrusted tar layers (ustar, PAX, GNU long names).
+
+Why not :mod:`tarfile`: it reads PAX and GNU long-name headers of any size into memory, trusts
+every header, and differs from Go's ``archive/tar`` (what Docker and containerd use) in several
+corners.  Where two parsers could see different members in the same bytes (CVE-2025-62518), this
+reader either behaves like Go or refuses the layer.
+
+Contract
+--------
+* :class:`TarScanner` iterates the members of the stream in order.  Meta headers (PAX ``x`` and
+  ``g``, GNU ``L``/``K``) are folded into the member they describe.  Each member's data is
+  consumed (skipped, and passed to ``tee`` with everything else read) when the iterator advances;
+  the caller only keeps :attr:`TarMember.data_offset` and :attr:`TarMember.size`.
+* Reads use 1 MiB chunks; memory is bounded by one chunk plus the capped meta headers.
+* End of archive: two zero blocks, a zero block followed by EOF, or EOF at a header boundary.
+  A zero block followed by a non-zero block is an error (as in Go).  Whatever follows the end is
+  ignored; :meth:`TarScanner.drain` reads it to EOF (so the source can verify its digest) without
+  passing it to ``tee``.
+* Numbers: octal (space/NUL trimmed, digits only) or GNU base-256 (``0x80`` / ``0xff`` prefix).
+  The header checksum is verified (unsigned or signed sum, like Go and GNU tar).
+* Names: PAX ``path``/``linkpath`` or GNU ``L``/``K`` replace the header fields; a member may not
+  mix PAX and GNU long headers, nor repeat one kind (tarfile and Go disagree on who wins).  The
+  ustar ``prefix`` is used only with the POSIX magic ``ustar\\0`` + version ``00`` (as in Go); a
+  non-empty prefix in a V7 header is refused as ambiguous.  GNU long names are cut at their
+  terminating NUL; any non-NUL byte after it is refused.
+* PAX: records are parsed strictly (``"<len> <key>=<value>\\n"``, no duplicate keys); ``size``,
+  ``uid``, ``gid`` must be decimal, ``mtime`` may be fractional (floored).  ``SCHILY.xattr.*`` and
+  ``LIBARCHIVE.xattr.*`` names are reported in :attr:`TarMember.xattrs`.  ``GNU.sparse.*`` and
+  typeflag ``S`` are refused (sparse files).  Global ``g`` headers are parsed and ignored, like
+  Go and containerd do; a global header setting ``path``, ``linkpath`` or ``size`` is refused,
+  since POSIX readers (and :mod:`tarfile`) would apply it to later members.
+* Size: the PAX ``size`` is authoritative for how much data follows (the standard, and what Go
+  and tarfile do); a ustar ``size`` field that disagrees with it is refused.  Header-only types
+  (links, devices, directories, fifos) must declare size 0.
+* Refused with :class:`TarFormatError`: bad checksum or number, truncation, unknown typeflags,
+  NUL bytes in names, names or link targets longer than ``max_name`` bytes, regular files larger
+  than ``max_file_size``, meta headers larger than their caps, negative or out-of-range
+  uid/gid/device numbers, and more stream bytes than the :class:`ByteBudget` allows.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from qtbuild.errors import ImageError
+
+__all__ = [
+    "BLOCK_DEVICE", "CHAR_DEVICE", "DIRECTORY", "FIFO", "HARDLINK", "REGULAR", "SYMLINK",
+    "ByteBudget", "TarFormatError", "TarLimits", "TarMember", "TarScanner",
+]
+
+BLOCK_SIZE = 512
+CHUNK_SIZE = 1 << 20
+ZERO_BLOCK = bytes(BLOCK_SIZE)
+U32_MAX = 0xFFFFFFFF
+
+REGULAR = "file"
+HARDLINK = "hardlink"
+SYMLINK = "symlink"
+CHAR_DEVICE = "char device"
+BLOCK_DEVICE = "block device"
+DIRECTORY = "directory"
+FIFO = "fifo"
+
+_TYPEFLAGS = {
+    b"0": REGULAR, b"\0": REGULAR, b"7": REGULAR, b"1": HARDLINK, b"2": SYMLINK,
+    b"3": CHAR_DEVICE, b"4": BLOCK_DEVICE, b"5": DIRECTORY, b"6": FIFO,
+}
+_HEADER_ONLY = frozenset({HARDLINK, SYMLINK, CHAR_DEVICE, BLOCK_DEVICE, DIRECTORY, FIFO})
+_META_TYPES = frozenset({b"x", b"g", b"L", b"K"})
+_STRUCTURAL_PAX_KEYS = (b"path", b"linkpath", b"size")
+_MAGIC_POSIX = b"ustar\x0000"
+_MAGIC_GNU = b"ustar  \x00"
+
+
+class TarFormatError(ImageError):
+    """The layer is not a tar stream this reader accepts; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class TarLimits:
+    """Caps on what one member may declare (all in bytes)."""
+
+    max_long_name: int = 8 << 10  # GNU 'L' / 'K' data
+    max_pax_header: int = 1 << 20  # PAX 'x' / 'g' data
+    max_name: int = 4095  # member names and link targets (kernel PATH_MAX - 1)
+    max_file_size: int = U32_MAX  # regular files (cpio newc has 32-bit sizes)
+
+
+class ByteBudget:
+    """A shared cap on stream bytes read across layers (against tar and decompression bombs)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def check(self, n: int, what: str) -> None:
+        """Refuse before reading ``n`` more bytes that would exceed the budget."""
+        if self.used + n > self.limit:
+            raise TarFormatError(f"{what} of {n} bytes would exceed the limit of {self.limit} bytes "
+                                 f"of uncompressed layer data (possible tar bomb)")
+
+    def charge(self, n: int) -> None:
+        """Account for ``n`` bytes read; raise once the budget is exceeded."""
+        self.used += n
+        if self.used > self.limit:
+            raise TarFormatError(f"more than {self.limit} bytes of uncompressed layer data "
+                                 f"(possible tar bomb)")
+
+
+@dataclass(frozen=True, slots=True)
+class TarMember:
+    """One member as declared by its headers (name not normalised).
+
+    ``kind`` is one of the module's type constants.  ``mode`` holds the 12 permission bits only.
+    ``size`` is the number of data bytes stored after the header (0 for header-only kinds).
+    ``header_offset`` is where the member's first header (meta headers included) starts in the
+    stream, ``data_offset`` where its data starts.  ``xattrs`` lists extended attribute names.
+    """
+
+    name: bytes
+    kind: str
+    mode: int
+    uid: int
+    gid: int
+    mtime: int
+    size: int
+    linkname: bytes
+    devmajor: int
+    devminor: int
+    xattrs: tuple[str, ...]
+    header_offset: int
+    data_offset: int
+
+
+class _Input:
+    """The tar stream: 1 MiB reads, absolute offsets, tee, budget and progress accounting."""
+
+    def __init__(self, stream: BinaryIO, tee, budget: ByteBudget | None, progress):
+        self._stream = stream
+        self.tee: Callable[[bytes], object] | None = tee
+        self._budget = budget
+        self._progress = progress
+        self._buf = b""
+        self._pos = 0
+        self._base = 0  # stream offset of _buf[0]
+
+    @property
+    def offset(self) -> int:
+        return self._base + self._pos
+
+    def _fill(self) -> bool:
+        """Append one chunk from the stream to the unread buffer; False at EOF."""
+        chunk = self._stream.read(CHUNK_SIZE)
+        if not chunk:
+            return False
+        if self._budget is not None:
+            self._budget.charge(len(chunk))
+        if self.tee is not None:
+            self.tee(chunk)
+        if self._progress is not None:
+            self._progress(len(chunk))
+        rest = self._buf[self._pos:]
+        self._base += self._pos
+        self._buf = rest + chunk if rest else chunk
+        self._pos = 0
+        return True
+
+    def read_exact(self, n: int, what: str) -> bytes | None:
+        """The next ``n`` bytes; None at EOF exactly here; truncation error on a partial read."""
+        end = self._pos + n
+        while len(self._buf) < end:
+            if not self._fill():
+                if self._pos == len(self._buf):
+                    return None
+                raise TarFormatError(f"truncated archive: {what} at offset {self.offset} "
+                                     f"needs {n} bytes, the stream ends first")
+            end = self._pos + n
+        data = self._buf[self._pos:end]
+        self._pos = end
+        return data
+
+    def require(self, n: int, what: str) -> bytes:
+        data = self.read_exact(n, what)
+        if data is None:
+            raise TarFormatError(f"truncated archive: {what} at offset {self.offset} is missing")
+        return data
+
+    def skip(self, n: int, what: str) -> None:
+        """Consume ``n`` bytes (they still go to ``tee``)."""
+        while True:
+            take = min(n, len(self._buf) - self._pos)
+            self._pos += take
+            n -= take
+            if not n:
+                return
+            if not self._fill():
+                raise TarFormatError(f"truncated archive: {what} ends early at offset {self.offset}")
+
+    def drain(self) -> None:
+        """Read the stream to EOF without tee-ing it."""
+        self.tee = None
+        self._base += len(self._buf)
+        self._buf, self._pos = b"", 0
+        while self._fill():
+            self._base += len(self._buf)
+            self._buf = b""
+
+
+def _padding(size: int) -> int:
+    return -size % BLOCK_SIZE
+
+
+def _cstr(field: bytes) -> bytes:
+    """A NUL-terminated header string field."""
+    return field.split(b"\0", 1)[0]
+
+
+def _number(field: bytes, what: str, offset: int, *, signed: bool = False) -> int:
+    """An octal or base-256 numeric header field (Go's rules: trim spaces and NULs, digits only)."""
+    if field and field[0] & 0x80:
+        if field[0] == 0x80:
+            return int.from_bytes(field[1:], "big")
+        if field[0] == 0xFF and signed:
+            return int.from_bytes(field, "big", signed=True)
+        raise TarFormatError(f"header at offset {offset}: field {what} has an invalid base-256 value")
+    text = field.strip(b" \0")
+    if text.translate(None, b"01234567"):
+        raise TarFormatError(f"header at offset {offset}: field {what} is not an octal number: {field!r}")
+    return int(text, 8) if text else 0
+
+
+def _verify_checksum(block: bytes, offset: int) -> None:
+    stored = _number(block[148:156], "chksum", offset)
+    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+    if stored == unsigned:
+        return
+    high = sum(1 for b in block[:148] + block[156:] if b > 127)
+    if stored != unsigned - 256 * high:
+        raise TarFormatError(f"header at offset {offset}: checksum mismatch (not a tar header, "
+                             f"or corrupt)")
+
+
+@dataclass
+class _Header:
+    """The fields of one 512-byte header."""
+
+    typeflag: bytes
+    name: bytes
+    linkname: bytes
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime: int
+    devmajor: int
+    devminor: int
+
+
+def _parse_header(block: bytes, offset: int) -> _Header:
+    _verify_checksum(block, offset)
+    magic = block[257:265]
+    name = _cstr(block[0:100])
+    if magic == _MAGIC_POSIX:
+        prefix = _cstr(block[345:500])
+        if prefix:
+            name = prefix + b"/" + name
+    elif magic != _MAGIC_GNU and block[345:500].strip(b"\0"):
+        raise TarFormatError(f"header at offset {offset}: non-empty prefix field in a non-ustar header "
+                             f"(readers disagree on whether it is part of the name)")
+    has_devices = magic in (_MAGIC_POSIX, _MAGIC_GNU)
+    return _Header(
+        typeflag=block[156:157],
+        name=name,
+        linkname=_cstr(block[157:257]),
+        mode=_number(block[100:108], "mode", offset) & 0o7777,
+        uid=_number(block[108:116], "uid", offset),
+        gid=_number(block[116:124], "gid", offset),
+        size=_number(block[124:136], "size", offset),
+        mtime=_number(block[136:148], "mtime", offset, signed=True),
+        devmajor=_number(block[329:337], "devmajor", offset) if has_devices else 0,
+        devminor=_number(block[337:345], "devminor", offset) if has_devices else 0,
+    )
+
+
+def parse_pax_records(data: bytes, offset: int) -> dict[bytes, bytes]:
+    """Parse PAX extended header records strictly (``"<len> <key>=<value>\\n"``, no duplicates)."""
+    records: dict[bytes, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos, pos + 21)
+        digits = data[pos:space] if space > pos else b""
+        if not digits.isdigit():
+            raise TarFormatError(f"PAX header at offset {offset}: malformed record length at byte {pos}")
+        end = pos + int(digits)
+        if end > len(data) or end <= space + 1 or data[end - 1] != 0x0A:
+            raise TarFormatError(f"PAX header at offset {offset}: malformed record at byte {pos}")
+        key, eq, value = data[space + 1:end - 1].partition(b"=")
+        if not eq or not key:
+            raise TarFormatError(f"PAX header at offset {offset}: record at byte {pos} has no key=value")
+        if key in records:
+            raise TarFormatError(f"PAX header at offset {offset}: duplicate key {key.decode('utf-8', 'replace')!r}")
+        records[key] = value
+        pos = end
+    return records
+
+
+def _pax_decimal(records: dict[bytes, bytes], key: bytes, where: str) -> int | None:
+    value = records.get(key)
+    if value is None:
+        return None
+    if not value.isdigit() or len(value) > 30:
+        raise TarFormatError(f"{where}: PAX {key.decode()}={value[:40]!r} is not a "
+                             f"non-negative decimal number")
+    return int(value)
+
+
+def _pax_mtime(records: dict[bytes, bytes], where: str) -> int | None:
+    """PAX ``mtime`` (``[-]digits[.digits]``), floored to whole seconds."""
+    value = records.get(b"mtime")
+    if value is None:
+        return None
+    sign, body = (-1, value[1:]) if value.startswith(b"-") else (1, value)
+    whole, dot, fraction = body.partition(b".")
+    if not whole.isdigit() or (dot and not fraction.isdigit()) or len(whole) > 30:
+        raise TarFormatError(f"{where}: PAX mtime={value[:40]!r} is not a number")
+    seconds = int(whole)
+    if sign < 0:
+        return -seconds - (1 if dot and fraction.strip(b"0") else 0)
+    return seconds
+
+
+def _pax_xattrs(records: dict[bytes, bytes]) -> tuple[str, ...]:
+    """Extended attribute names from ``SCHILY.xattr.<name>`` and ``LIBARCHIVE.xattr.<url-encoded
+    name>`` keys (values, base64 for libarchive, are never needed)."""
+    if not records:
+        return ()
+    names = []
+    for key in records:
+        if key.startswith(b"SCHILY.xattr."):
+            names.append(key[len(b"SCHILY.xattr."):].decode("utf-8", "backslashreplace"))
+        elif key.startswith(b"LIBARCHIVE.xattr."):
+            names.append(urllib.parse.unquote(key[len(b"LIBARCHIVE.xattr."):].decode("utf-8", "backslashreplace")))
+    return tuple(names)
+
+
+@dataclass
+class _Pending:
+    """Meta headers collected for the next member."""
+
+    start: int
+    pax: dict[bytes, bytes] | None = None
+    long_name: bytes | None = None
+    long_link: bytes | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self.pax is None and self.long_name is None and self.long_link is None
+
+
+class TarScanner:
+    """Iterate the members of an untrusted tar stream; see the module docstring for the contract.
+
+    ``tee`` receives every chunk read until the end of the archive (use it to spill the stream),
+    ``budget`` caps the bytes read, ``progress`` is called with the size of every chunk read.
+    """
+
+    def __init__(self, stream: BinaryIO, *, limits: TarLimits = TarLimits(),
+                 tee: Callable[[bytes], object] | None = None, budget: ByteBudget | None = None,
+                 progress: Callable[[int], None] | None = None):
+        self._input = _Input(stream, tee, budget, progress)
+        self._limits = limits
+        self._budget = budget
+
+    @property
+    def offset(self) -> int:
+        """Stream offset of the next byte to parse."""
+        return self._input.offset
+
+    def __iter__(self) -> Iterator[TarMember]:
+        while True:
+            member = self._next_member()
+            if member is None:
+                return
+            yield member
+            self._input.skip(member.size + _padding(member.size), f"data of member at offset {member.header_offset}")
+
+    def drain(self) -> None:
+        """Read whatever follows the end of the archive to EOF (not tee-d)."""
+        self._input.drain()
+
+    # -- headers -----------------------------------------------------------------------------
+
+    def _next_member(self) -> TarMember | None:
+        pending = _Pending(self.offset)
+        while True:
+            offset = self.offset
+            block = self._input.read_exact(BLOCK_SIZE, "header")
+            if block is None or block == ZERO_BLOCK:
+                if not pending.empty:
+                    raise TarFormatError(f"archive ends at offset {offset} right after extended headers")
+                if block is not None:
+                    self._expect_end(offset)
+                return None
+            header = _parse_header(block, offset)
+            if header.typeflag in _META_TYPES:
+                self._read_meta(header, pending, offset)
+                continue
+            return self._member(header, pending)
+
+    def _expect_end(self, offset: int) -> None:
+        following = self._input.read_exact(BLOCK_SIZE, "end-of-archive block")
+        if following is not None and following != ZERO_BLOCK:
+            raise TarFormatError(f"a zero block at offset {offset} is followed by a non-zero block "
+                                 f"(a lone zero block is not an end-of-archive marker)")
+
+    def _read_meta(self, header: _Header, pending: _Pending, offset: int) -> None:
+        flag = header.typeflag
+        is_pax = flag in (b"x", b"g")
+        cap = self._limits.max_pax_header if is_pax else self._limits.max_long_name
+        what = {b"x": "PAX extended header", b"g": "PAX global header",
+                b"L": "GNU long name", b"K": "GNU long link name"}[flag]
+        if header.size > cap:
+            raise TarFormatError(f"{what} at offset {offset} declares {header.size} bytes, "
+                                 f"more than the limit of {cap}")
+        if self._budget is not None:
+            self._budget.check(header.size, what)
+        data = self._input.require(header.size, what)
+        self._input.skip(_padding(header.size), f"padding of {what}")
+        if flag == b"g":
+            if not pending.empty:
+                raise TarFormatError(f"{what} at offset {offset} between a member's extended headers")
+            self._check_global(parse_pax_records(data, offset), offset)
+        elif flag == b"x":
+            if not pending.empty:
+                raise TarFormatError(f"{what} at offset {offset} follows another extended header "
+                                     f"for the same member (readers disagree on which wins)")
+            pending.pax = parse_pax_records(data, offset)
+        else:
+            self._set_long(pending, flag, _long_name(data, what, offset), offset)
+
+    @staticmethod
+    def _set_long(pending: _Pending, flag: bytes, value: bytes, offset: int) -> None:
+        attr = "long_name" if flag == b"L" else "long_link"
+        if pending.pax is not None or getattr(pending, attr) is not None:
+            raise TarFormatError(f"GNU long name header at offset {offset} repeats or mixes with a "
+                                 f"PAX header for the same member (readers disagree on which wins)")
+        setattr(pending, attr, value)
+
+    @staticmethod
+    def _check_global(records: dict[bytes, bytes], offset: int) -> None:
+        for key in records:
+            if key in _STRUCTURAL_PAX_KEYS or key.startswith(b"GNU.sparse."):
+                raise TarFormatError(f"PAX global header at offset {offset} sets {key.decode('utf-8', 'replace')!r}; "
+                                     f"readers disagree on whether it applies to later members")
+
+    # -- members -----------------------------------------------------------------------------
+
+    def _member(self, header: _Header, pending: _Pending) -> TarMember:
+        records = pending.pax or {}
+        name = header.name
+        if pending.long_name is not None:
+            name = pending.long_name
+        elif b"path" in records:
+            name = records[b"path"]
+        where = f"member {_show(name)} at offset {pending.start}"
+        kind = self._kind(header, name, records, where)
+        linkname = header.linkname
+        if pending.long_link is not None:
+            linkname = pending.long_link
+        elif b"linkpath" in records:
+            linkname = records[b"linkpath"]
+        self._check_names(name, linkname, kind, where)
+        size = self._size(header, records, kind, where)
+        uid = _pax_decimal(records, b"uid", where)
+        gid = _pax_decimal(records, b"gid", where)
+        mtime = _pax_mtime(records, where)
+        member = TarMember(
+            name=name, kind=kind, mode=header.mode,
+            uid=header.uid if uid is None else uid, gid=header.gid if gid is None else gid,
+            mtime=header.mtime if mtime is None else mtime, size=size, linkname=linkname,
+            devmajor=header.devmajor, devminor=header.devminor, xattrs=_pax_xattrs(records),
+            header_offset=pending.start, data_offset=self.offset,
+        )
+        if max(member.uid, member.gid, member.devmajor, member.devminor) > U32_MAX:
+            for what in ("uid", "gid", "devmajor", "devminor"):
+                if getattr(member, what) > U32_MAX:
+                    raise TarFormatError(f"{where}: {what} {getattr(member, what)} does not fit 32 bits")
+        return member
+
+    @staticmethod
+    def _kind(header: _Header, name: bytes, records: dict[bytes, bytes], where: str) -> str:
+        flag = header.typeflag
+        if flag == b"S" or (records and any(key.startswith(b"GNU.sparse.") for key in records)):
+            raise TarFormatError(f"{where}: sparse files are not supported (re-create the layer "
+                                 f"without --sparse)")
+        kind = _TYPEFLAGS.get(flag)
+        if kind is None:
+            raise TarFormatError(f"{where}: unsupported tar typeflag {flag!r}")
+        if flag == b"\0" and name.endswith(b"/"):
+            kind = DIRECTORY  # old V7 directories (Go and tarfile agree)
+        return kind
+
+    def _check_names(self, name: bytes, linkname: bytes, kind: str, where: str) -> None:
+        limit = self._limits.max_name
+        if b"\0" in name:
+            raise TarFormatError(f"{where}: NUL byte in the member name")
+        if len(name) > limit:
+            raise TarFormatError(f"{where}: name of {len(name)} bytes exceeds {limit}")
+        if kind in (HARDLINK, SYMLINK):
+            if b"\0" in linkname:
+                raise TarFormatError(f"{where}: NUL byte in the link target")
+            if len(linkname) > limit:
+                raise TarFormatError(f"{where}: link target of {len(linkname)} bytes exceeds {limit}")
+
+    def _size(self, header: _Header, records: dict[bytes, bytes], kind: str, where: str) -> int:
+        size = header.size
+        pax_size = _pax_decimal(records, b"size", where)
+        if pax_size is not None:
+            if pax_size != header.size:
+                raise TarFormatError(f"{where}: PAX size {pax_size} disagrees with the ustar size "
+                                     f"field {header.size} (readers would split the stream "
+                                     f"differently; CVE-2025-62518)")
+            size = pax_size
+        if kind in _HEADER_ONLY and size:
+            raise TarFormatError(f"{where}: a {kind} declares {size} data bytes (must be 0)")
+        if size > self._limits.max_file_size:
+            raise TarFormatError(f"{where}: file of {size} bytes is too large (the limit is "
+                                 f"{self._limits.max_file_size}; cpio newc sizes have 32 bits)")
+        if self._budget is not None:
+            self._budget.check(size, where)
+        return size
+
+
+def _long_name(data: bytes, what: str, offset: int) -> bytes:
+    """A GNU long name: the data up to its terminating NUL, which may only be followed by NULs."""
+    value, _, rest = data.partition(b"\0")
+    if rest.strip(b"\0"):
+        raise TarFormatError(f"{what} at offset {offset} contains a NUL byte inside the name")
+    return value
+
+
+def _show(name: bytes, limit: int = 200) -> str:
+    """A member name for messages: quoted, decoded with escapes, shortened."""
+    text = name[:limit].decode("utf-8", "backslashreplace")
+    return "'" + text + ("…" if len(name) > limit else "") + "'"
