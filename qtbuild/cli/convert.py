@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
 from typing import TYPE_CHECKING
 
 import click
 
-from qtbuild.cli.app import InputError
+from qtbuild.check import check_rebuild
+from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
 from qtbuild.cli.output import emit_json, say
 from qtbuild.signing import load_signer
 
@@ -70,16 +74,22 @@ def _print(result, style: str) -> None:
 @click.command("convert", epilog=SOURCE_HELP)
 @_image_options
 @click.option("-o", "--output", "--eif", "--output-file", "output", type=click.Path(dir_okay=False), help="EIF file to write (atomically).")
+@click.option("--check", "--expect", "expected", type=click.Path(exists=True, dir_okay=False),
+              help="Rebuild and compare with an earlier EIF or measurements JSON: exit 1 with the differences when the PCRs moved.")
 def convert_command(source, docker_uri, output, platform, blobs, cmdline, cmd_semantics, name, image_version,
-                    metadata_path, private_key, signing_certificate, style, quiet) -> None:
+                    metadata_path, private_key, signing_certificate, style, quiet, expected) -> None:
     """Convert a container image into an enclave image file and print its measurements."""
-    if not output:
+    if not output and not expected:
         raise InputError("no output file: add -o app.eif (or use `qtbuild measure` to only compute PCRs)")
-    source, options = _options(source, docker_uri, output, platform, blobs, cmdline, cmd_semantics, name,
-                               image_version, metadata_path, private_key, signing_certificate, quiet)
-    result = _convert(source, options)
-    _print(result, style)
-    _summary(source, result, quiet)
+    with tempfile.TemporaryDirectory(prefix="qtbuild-check-") as scratch:
+        target = output or os.path.join(scratch, "rebuilt.eif")
+        source, options = _options(source, docker_uri, target, platform, blobs, cmdline, cmd_semantics, name,
+                                   image_version, metadata_path, private_key, signing_certificate, quiet)
+        result = _convert(source, options)
+        _print(result, style)
+        _summary(source, result, quiet)
+        if expected and not check_rebuild(target, expected):
+            sys.exit(EXIT_CHECK_FAILED)
 
 
 def _convert(source, options):
