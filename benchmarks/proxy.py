@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Benchmark: qt-proxy (emulated vsock → TCP) against direct TCP, in the same run.
+
+Usage: python benchmarks/proxy.py [--streams 50] [--mib 16] [--round-trips 200] [--repeat 3]
+
+Three processes on 127.0.0.1 only: a TCP server (sink or echo, chosen by the first byte), the
+proxy (``runtime.proxy`` with one route, emulated vsock in a temporary directory), and this
+client.  For each of --repeat rounds, alternating direct and proxied:
+  throughput — --streams concurrent connections each upload --mib MiB and wait for the server's
+               byte count; MB/s = all bytes / wall time (best round reported);
+  latency    — --streams concurrent connections each do --round-trips 64-byte echoes, one at a
+               time; plus one connection alone doing --round-trips * 5 echoes (no queueing).
+Prints MB/s both ways and the ratio (target ≥ 0.50), median and p99 round-trip latency both
+ways and the median added by the proxy (target < 1 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import statistics
+import struct
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from runtime import vsock
+from runtime.proxy import Proxy, ProxyConfig, Route
+
+MIB = 1 << 20
+CHUNK = 256 * 1024
+MESSAGE = 64
+VSOCK_PORT = 8000
+DEADLINE = 300.0  # seconds: no phase may run longer
+
+
+# --- the server and the proxy, each in its own process -------------------------------------------
+
+async def _serve_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    mode = await reader.readexactly(1)
+    if mode == b"S":
+        total = 0
+        while data := await reader.read(CHUNK):
+            total += len(data)
+        writer.write(struct.pack("!Q", total))
+    else:
+        while data := await reader.read(CHUNK):
+            writer.write(data)
+            await writer.drain()
+    await writer.drain()
+    writer.close()
+
+
+def server_main(ready) -> None:
+    async def main():
+        server = await asyncio.start_server(_serve_client, "127.0.0.1", 0, limit=CHUNK)
+        ready.send(server.sockets[0].getsockname()[1])
+        await asyncio.sleep(DEADLINE * 4)
+
+    asyncio.run(main())
+
+
+def proxy_main(ready, root: str, tcp_port: int) -> None:
+    async def main():
+        config = ProxyConfig((Route(VSOCK_PORT, "127.0.0.1", tcp_port),), max_connections=4096)
+        async with Proxy(config, vsock_config=vsock.VsockConfig(vsock.EMULATED, vsock.PARENT_CID, root)):
+            ready.send(True)
+            await asyncio.sleep(DEADLINE * 4)
+
+    asyncio.run(main())
+
+
+def start(target, *args) -> tuple[multiprocessing.Process, object]:
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    process = multiprocessing.Process(target=target, args=(sender, *args), daemon=True)
+    process.start()
+    if not receiver.poll(30):
+        raise SystemExit(f"{target.__name__} did not start")
+    return process, receiver.recv()
+
+
+# --- the client ----------------------------------------------------------------------------------
+
+def opener(kind: str, tcp_port: int, root: str):
+    enclave = vsock.VsockConfig(vsock.EMULATED, 4, root)
+    if kind == "direct":
+        return lambda: asyncio.open_connection("127.0.0.1", tcp_port, limit=CHUNK)
+    return lambda: vsock.open_connection(vsock.PARENT_CID, VSOCK_PORT, config=enclave, timeout=10, limit=CHUNK)
+
+
+async def upload(open_stream, size: int) -> int:
+    reader, writer = await open_stream()
+    block = b"\x5a" * CHUNK
+    writer.write(b"S")
+    for _ in range(size // CHUNK):
+        writer.write(block)
+        await writer.drain()
+    writer.write_eof()
+    (received,) = struct.unpack("!Q", await reader.readexactly(8))
+    writer.close()
+    return received
+
+
+async def echo_latencies(open_stream, round_trips: int) -> list[float]:
+    reader, writer = await open_stream()
+    writer.write(b"E")
+    message = b"m" * MESSAGE
+    samples = []
+    for _ in range(round_trips):
+        begin = time.perf_counter()
+        writer.write(message)
+        await reader.readexactly(MESSAGE)
+        samples.append(time.perf_counter() - begin)
+    writer.close()
+    return samples
+
+
+async def throughput(open_stream, streams: int, size: int) -> float:
+    begin = time.perf_counter()
+    counts = await asyncio.wait_for(asyncio.gather(*(upload(open_stream, size) for _ in range(streams))), DEADLINE)
+    elapsed = time.perf_counter() - begin
+    if counts != [size] * streams:
+        raise SystemExit(f"byte counts differ: {sorted(set(counts))} != {size}")
+    return streams * size / elapsed / 1e6
+
+
+async def latencies(open_stream, streams: int, round_trips: int) -> list[float]:
+    runs = await asyncio.wait_for(asyncio.gather(*(echo_latencies(open_stream, round_trips) for _ in range(streams))), DEADLINE)
+    return [sample for run in runs for sample in run]
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+async def measure(options, tcp_port: int, root: str) -> dict:
+    results = {kind: {"mbps": 0.0, "loaded": [], "alone": []} for kind in ("direct", "proxy")}
+    size = options.mib * MIB
+    for _ in range(options.repeat):
+        for kind, result in results.items():
+            open_stream = opener(kind, tcp_port, root)
+            result["mbps"] = max(result["mbps"], await throughput(open_stream, options.streams, size))
+            result["loaded"] += await latencies(open_stream, options.streams, options.round_trips)
+            result["alone"] += await latencies(open_stream, 1, options.round_trips * 5)
+    return results
+
+
+def report(options, results: dict) -> None:
+    direct, proxy = results["direct"], results["proxy"]
+    print(f"{options.streams} concurrent streams x {options.mib} MiB upload, best of {options.repeat}; "
+          f"{os.cpu_count()} CPUs")
+    print(f"throughput direct TCP: {direct['mbps']:9.1f} MB/s")
+    print(f"throughput via proxy : {proxy['mbps']:9.1f} MB/s")
+    print(f"ratio proxy/direct   : {proxy['mbps'] / direct['mbps']:9.2f}  (target >= 0.50)")
+    for label, key in ((f"{options.streams} streams", "loaded"), ("1 stream", "alone")):
+        d, p = direct[key], proxy[key]
+        added = (statistics.median(p) - statistics.median(d)) * 1e3
+        print(f"latency {label:>10}: direct median {statistics.median(d) * 1e3:.3f} ms p99 {percentile(d, 0.99) * 1e3:.3f} ms; "
+              f"proxy median {statistics.median(p) * 1e3:.3f} ms p99 {percentile(p, 0.99) * 1e3:.3f} ms; "
+              f"added median {added:.3f} ms")
+    print("(target: added median latency < 1 ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=50)
+    parser.add_argument("--mib", type=int, default=16, help="MiB uploaded per stream")
+    parser.add_argument("--round-trips", type=int, default=200, help="echo round trips per stream")
+    parser.add_argument("--repeat", type=int, default=3)
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="qtvs-") as root:
+        server, tcp_port = start(server_main)
+        proxy, _ = start(proxy_main, root, tcp_port)
+        try:
+            report(options, asyncio.run(measure(options, tcp_port, root)))
+        finally:
+            for process in (proxy, server):
+                process.terminate()
+                process.join(10)
+
+
+if __name__ == "__main__":
+    main()
