@@ -6,8 +6,9 @@
 #   busybox-static   a static userland for test images built FROM scratch
 #   cpio, umoci, zstd  independent references for ramdisks, unpacking and zstd layers
 #   debootstrap      builds a Debian base image locally (Docker Hub is unreachable here)
+#   openssl, python3-venv  signing keys in the quickstart; the virtualenv qtbuild installs into
 set -euo pipefail
-packages=(docker.io docker-registry skopeo busybox-static cpio umoci zstd debootstrap)
+packages=(docker.io docker-registry skopeo busybox-static cpio umoci zstd debootstrap openssl python3-venv)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
