@@ -7,8 +7,9 @@
 #   cpio, umoci, zstd  independent references for ramdisks, unpacking and zstd layers
 #   debootstrap      builds a Debian base image locally (Docker Hub is unreachable here)
 #   openssl, python3-venv  signing keys in the quickstart; the virtualenv qtbuild installs into
+#   gcc, libc6-dev, iproute2  static test helpers for the sandbox tests (AF_VSOCK probe), ip(8)
 set -euo pipefail
-packages=(docker.io docker-registry skopeo busybox-static cpio umoci zstd debootstrap openssl python3-venv)
+packages=(docker.io docker-registry skopeo busybox-static cpio umoci zstd debootstrap openssl python3-venv gcc libc6-dev iproute2)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
