@@ -1,0 +1,221 @@
+"""``qtbuild attest verify DOC [--root CERT.pem | --root-fingerprint SHA256] [--platform …]
+[--expect-pcr N=HEX …] [--nonce HEX] [--public-key PEM] [--max-age 5m] [--at TIME]
+[--allow-debug] [--json]``.
+
+DOC is a COSE document as raw CBOR or base64 text (``-`` reads stdin).  Exit 0 valid, 1 invalid
+(the failing check is named), 2 unreadable (file, encoding or COSE structure) or bad options.
+Without a pin the well-known Nitro and QingTian roots and the local PKI's root (when
+initialised in the state directory) are trusted.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import sys
+from datetime import datetime, timezone
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from formats.attestation import MAX_DOCUMENT_SIZE
+from formats.measure import parse_pcr_hex
+from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
+from qtbuild.cli.output import emit_json
+from runtime.attest import (
+    KNOWN_ROOTS,
+    PLATFORMS,
+    AttestationError,
+    VerifiedDocument,
+    normalize_fingerprint,
+    verify_document,
+)
+from runtime.qtsm.pki import LocalPki, PkiError
+
+#: Base64 text of a maximal document, with line breaks.
+MAX_INPUT_FILE = 2 * MAX_DOCUMENT_SIZE
+MAX_KEY_FILE = 64 * 1024
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h|d)?")
+_UNITS = {None: 1, "ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+class InvalidDocument(click.ClickException):
+    """A readable document that fails a check: one line naming the check, exit code 1."""
+
+    exit_code = EXIT_CHECK_FAILED
+
+    def __init__(self, error: AttestationError) -> None:
+        super().__init__(error.message)
+        self.check = error.check
+
+    def show(self, file=None) -> None:
+        click.echo(f"qtbuild: invalid document: check '{self.check}' failed: {self.message}",
+                   err=True)
+
+
+@click.group("attest")
+def command() -> None:
+    """Attestation documents (AWS Nitro NSM, Huawei QingTian QTSM, local)."""
+
+
+@command.command("verify")
+@click.argument("document", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.option("--root", "root_paths", multiple=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="Pin this root certificate (PEM or DER); repeatable.")
+@click.option("--root-fingerprint", "root_fingerprints", multiple=True, metavar="SHA256",
+              help="Pin the root with this SHA-256 fingerprint (hex, colons allowed); repeatable.")
+@click.option("--platform", type=click.Choice(PLATFORMS), default="auto", show_default=True,
+              help="Size limits and signature forms to accept (auto: from the root).")
+@click.option("--expect-pcr", "expect_pcrs", multiple=True, metavar="N=HEX",
+              help="Require PCR N to equal HEX (96 hex digits); repeatable.")
+@click.option("--nonce", metavar="HEX", help="Require this nonce.")
+@click.option("--public-key", "public_key_path", type=click.Path(exists=True, dir_okay=False),
+              help="Require this public key (PEM or DER SubjectPublicKeyInfo).")
+@click.option("--max-age", metavar="DURATION", help="Maximum age, e.g. 300, 90s, 5m, 2h.")
+@click.option("--at", "at_text", metavar="TIME",
+              help="Check time instead of now: ISO 8601 (naive = UTC) or Unix seconds.")
+@click.option("--allow-debug", is_flag=True, help="Accept debug-mode documents (PCR0 zeros).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
+def verify(document, root_paths, root_fingerprints, platform, expect_pcrs, nonce,
+           public_key_path, max_age, at_text, allow_debug, as_json) -> None:
+    """Verify an attestation document: structure, chain to a pinned root, signature, policy."""
+    options = {
+        "roots": [_load_root(path) for path in root_paths] or None,
+        "root_fingerprints": _fingerprints(root_fingerprints, pinned=bool(root_paths)),
+        "platform": platform,
+        "expect_pcrs": dict(_expected_pcr(text) for text in expect_pcrs),
+        "nonce": _hex(nonce, "--nonce") if nonce is not None else None,
+        "public_key": _public_key(public_key_path) if public_key_path else None,
+        "max_age": parse_duration(max_age) if max_age is not None else None,
+        "at": parse_time(at_text) if at_text is not None else None,
+        "allow_debug": allow_debug,
+    }
+    data = read_document_file(document)
+    try:
+        verified = verify_document(data, **options)
+    except AttestationError as error:
+        if as_json:
+            emit_json({"valid": False, "check": error.check, "message": error.message})
+        if error.check == "input":
+            raise InputError(f"unreadable document: {error.message}") from None
+        raise InvalidDocument(error) from None
+    if as_json:
+        emit_json(verified.as_json())
+    else:
+        _print_summary(verified)
+
+
+def _print_summary(verified: VerifiedDocument) -> None:
+    summary = verified.as_json()
+    click.echo(f"valid {verified.platform} attestation document from {verified.module_id}")
+    click.echo(f"  issued     {summary['timestamp']}")
+    click.echo(f"  checked at {summary['checked_at']}")
+    click.echo(f"  signature  ES384, {verified.signature_encoding}-endian r‖s"
+               f"{' (tag 18)' if verified.tagged else ''}")
+    click.echo(f"  root       sha256 {verified.root_fingerprint}")
+    click.echo(f"  debug      {'yes (PCR0 zeros)' if verified.is_debug else 'no'}")
+    for index, value in sorted(verified.pcrs.items()):
+        click.echo(f"  PCR{index:<2}      {value.hex()}")
+
+
+# --------------------------------------------------------------------------- input parsing
+
+
+def read_document_file(path: str) -> bytes:
+    """The document bytes from ``path`` (``-``: stdin): raw CBOR, or base64 text of it."""
+    if path == "-":
+        data = sys.stdin.buffer.read(MAX_INPUT_FILE + 1)
+    else:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_INPUT_FILE + 1)
+    if len(data) > MAX_INPUT_FILE:
+        raise InputError(f"{path}: larger than {MAX_INPUT_FILE} bytes: not an attestation document")
+    if data[:1] in (b"\x84", b"\xd2"):  # array(4) or tag 18: binary CBOR
+        return data
+    try:
+        return base64.b64decode(b"".join(data.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError(f"{path}: neither CBOR nor base64 text") from None
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: a number with an optional unit ms, s, m/min, h or d."""
+    match = _DURATION.fullmatch(text.strip().lower())
+    if not match:
+        raise InputError(f"--max-age: not a duration: {text!r} (e.g. 300, 90s, 5m, 2h)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_time(text: str) -> datetime:
+    """An aware UTC datetime from ISO 8601 (naive = UTC) or Unix seconds."""
+    try:
+        if re.fullmatch(r"\d+(\.\d+)?", text.strip()):
+            return datetime.fromtimestamp(float(text), tz=timezone.utc)
+        moment = datetime.fromisoformat(text.strip())
+    except (ValueError, OverflowError, OSError):
+        raise InputError(f"--at: not an ISO 8601 time or Unix seconds: {text!r}") from None
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+
+
+def _hex(text: str, option: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise InputError(f"{option}: not hexadecimal: {text!r}") from None
+
+
+def _expected_pcr(text: str) -> tuple[int, bytes]:
+    index, separator, value = text.partition("=")
+    if not separator or not index.strip().isdigit() or not 0 <= int(index) < 32:
+        raise InputError(f"--expect-pcr: expected N=HEX with N in 0..31, got {text!r}")
+    return int(index), parse_pcr_hex(value, f"--expect-pcr {index.strip()}")
+
+
+def _fingerprints(values: tuple[str, ...], *, pinned: bool) -> list[str] | None:
+    """The fingerprints to pin; the defaults (well-known roots, local root) when nothing is."""
+    try:
+        pins = [normalize_fingerprint(value) for value in values]
+    except ValueError as exc:
+        raise InputError(f"--root-fingerprint: {exc}") from None
+    if pins or pinned:
+        return pins or None
+    defaults = list(KNOWN_ROOTS.values())
+    try:
+        defaults.append(LocalPki.load().root_fingerprint())
+    except PkiError:
+        pass  # no local PKI here: only the hardware roots
+    return defaults
+
+
+def _read_small(path: str, what: str) -> bytes:
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_KEY_FILE + 1)
+    if len(data) > MAX_KEY_FILE:
+        raise InputError(f"{path}: larger than {MAX_KEY_FILE} bytes: not a {what}")
+    return data
+
+
+def _load_root(path: str) -> x509.Certificate:
+    data = _read_small(path, "certificate")
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError as exc:
+        raise InputError(f"--root {path}: not a PEM or DER certificate ({exc})") from None
+
+
+def _public_key(path: str) -> bytes:
+    """The DER SubjectPublicKeyInfo in a PEM or DER public-key file (what documents carry)."""
+    data = _read_small(path, "public key")
+    try:
+        key = (serialization.load_pem_public_key(data) if b"-----BEGIN" in data
+               else serialization.load_der_public_key(data))
+    except (ValueError, TypeError) as exc:
+        raise InputError(f"--public-key {path}: not a PEM or DER public key ({exc})") from None
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
+

@@ -1,0 +1,94 @@
+"""``qtbuild pki init [--force] | show [--json] | export-root [-o FILE] [--der]``.
+
+The local attestation PKI (:mod:`runtime.qtsm.pki`) under ``--state-dir`` (default
+``$QTBUILD_STATE_DIR``, else /var/lib/qtbuild as root, else ~/.local/share/qtbuild).  ``show``
+prints the root's SHA-256 fingerprint: verifiers and the KMS pin it.
+"""
+
+from __future__ import annotations
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from qtbuild.cli.app import InputError
+from qtbuild.cli.output import emit_json, say
+from runtime.qtsm.pki import LocalPki, PkiError
+
+_STATE_DIR = click.option(
+    "--state-dir", type=click.Path(file_okay=False), default=None,
+    help="State directory (default: $QTBUILD_STATE_DIR, /var/lib/qtbuild as root, "
+         "else ~/.local/share/qtbuild).",
+)
+
+
+@click.group("pki")
+def command() -> None:
+    """The local attestation PKI: root CA, region → host intermediates, per-enclave leaves."""
+
+
+@command.command("init")
+@_STATE_DIR
+@click.option("--force", is_flag=True, help="Replace an existing PKI (pinned fingerprints change).")
+def init(state_dir: str | None, force: bool) -> None:
+    """Create the PKI (idempotent: an existing one is kept unless --force)."""
+    existed = LocalPki.is_initialised(state_dir)
+    pki = _call(LocalPki.init, state_dir, force=force)
+    if existed and not force:
+        say(f"attestation PKI already initialised in {pki.directory} (use --force to replace it)")
+    else:
+        say(f"attestation PKI created in {pki.directory}")
+    click.echo(pki.root_fingerprint())
+
+
+@command.command("show")
+@_STATE_DIR
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def show(state_dir: str | None, as_json: bool) -> None:
+    """Print the root's SHA-256 fingerprint and the chain's subjects and validity."""
+    pki = _call(LocalPki.load, state_dir)
+    chain = [x509.load_der_x509_certificate(der) for der in pki.cabundle()]
+    if as_json:
+        emit_json({
+            "directory": str(pki.directory),
+            "root_fingerprint": pki.root_fingerprint(),
+            "chain": [_describe(cert) for cert in chain],
+        })
+        return
+    click.echo(f"root fingerprint (SHA-256): {pki.root_fingerprint()}")
+    for level, cert in zip(("root", "region", "host"), chain):
+        info = _describe(cert)
+        click.echo(f"{level:<7}{info['subject']}  {info['not_before']} .. {info['not_after']}")
+
+
+@command.command("export-root")
+@_STATE_DIR
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write to this file instead of stdout.")
+@click.option("--der", is_flag=True, help="DER instead of PEM.")
+def export_root(state_dir: str | None, output: str | None, der: bool) -> None:
+    """Write the root certificate (PEM by default) for verifiers to pin."""
+    pki = _call(LocalPki.load, state_dir)
+    encoding = serialization.Encoding.DER if der else serialization.Encoding.PEM
+    data = pki.root_certificate.public_bytes(encoding)
+    if output is None:
+        click.get_binary_stream("stdout").write(data)
+        return
+    with open(output, "wb") as handle:
+        handle.write(data)
+    say(f"root certificate written to {output}")
+
+
+def _call(function, state_dir: str | None, **options) -> LocalPki:
+    try:
+        return function(state_dir, **options)
+    except PkiError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _describe(cert: x509.Certificate) -> dict:
+    return {
+        "subject": cert.subject.rfc4514_string(),
+        "not_before": cert.not_valid_before_utc.isoformat().replace("+00:00", "Z"),
+        "not_after": cert.not_valid_after_utc.isoformat().replace("+00:00", "Z"),
+    }
