@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Benchmark: `qtbuild convert` against the decompression floor and the by-hand pipeline.
+
+Usage: python benchmarks/convert.py [--size-mib 1024] [--files 21000] [--dir DIR] [--keep]
+
+Generates a synthetic image (≈ --size-mib of file data over 3 gzip layers, --files files:
+many small, some medium, a few large; partly compressible) as an OCI layout (gzip layers) and a
+docker-archive (legacy layout, uncompressed layers, as Docker 20 saves), then times, each in a
+child process with its peak RSS:
+
+  convert (oci)      qtbuild convert oci:DIR:bench -o out.eif
+  convert (archive)  qtbuild convert docker-archive:bench.tar -o out.eif
+  floor              gzip -dc layer1 layer2 layer3 | sha384sum
+  by hand            umoci raw unpack + find | sort | GNU cpio -o -H newc --reproducible | sha384sum
+
+Targets (issue 3): convert <= 1.5 x the floor, >= 2 x faster than the by-hand pipeline,
+peak RSS < 200 MB.  Needs gzip, sha384sum, umoci and cpio (scripts/install-system.sh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+MIB = 1 << 20
+
+
+class _HashingWriter(io.RawIOBase):
+    """Counts and SHA-256-hashes what passes through to ``target``."""
+
+    def __init__(self, target) -> None:
+        self.target, self.hasher, self.size = target, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.hasher.update(data)
+        self.size += len(data)
+        return self.target.write(data)
+
+
+def _payload(rng: random.Random, size: int) -> bytes:
+    """Half random, half repetitive text: compresses roughly 2:1 like typical binaries."""
+    half = size // 2
+    return rng.randbytes(half) + (b"lorem ipsum dolor sit amet " * (size // 27 + 1))[: size - half]
+
+
+def _layer_plan(total: int, files: int) -> list[list[tuple[str, int]]]:
+    """Three layers: many small files, medium files, a few large files."""
+    small, medium = int(files * 0.8), files - int(files * 0.8) - 4
+    small_size = max(1, int(total * 0.1) // small)
+    medium_size = max(1, int(total * 0.3) // medium)
+    large_size = int(total * 0.6) // 4
+    return [
+        [(f"usr/share/small/{i // 500:03d}/f{i:06d}", small_size) for i in range(small)],
+        [(f"usr/lib/medium/{i // 200:03d}/m{i:05d}.so", medium_size) for i in range(medium)],
+        [(f"opt/big/blob{i}", large_size) for i in range(4)],
+    ]
+
+
+def write_layer(path: str, plan: list[tuple[str, int]], rng: random.Random) -> tuple[str, str, int]:
+    """Write one gzip layer; return (blob digest, diff_id, blob size)."""
+    with open(path, "wb") as raw:
+        blob = _HashingWriter(raw)
+        with gzip.GzipFile(fileobj=blob, mode="wb", compresslevel=1, mtime=0) as compressed:
+            diff = _HashingWriter(compressed)
+            with tarfile.open(fileobj=diff, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+                directories = sorted({os.path.dirname(name) for name, _ in plan})
+                for directory in _with_parents(directories):
+                    info = tarfile.TarInfo(directory)
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+                for name, size in plan:
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mode = size, 0o644
+                    tar.addfile(info, io.BytesIO(_payload(rng, size)))
+    return "sha256:" + blob.hasher.hexdigest(), "sha256:" + diff.hasher.hexdigest(), blob.size
+
+
+def _with_parents(directories: list[str]) -> list[str]:
+    out = set()
+    for directory in directories:
+        parts = directory.split("/")
+        out.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return sorted(out)
+
+
+def generate(workdir: str, total: int, files: int) -> dict:
+    """Write the OCI layout and docker-archive; return paths."""
+    rng = random.Random(42)
+    layout = os.path.join(workdir, "layout")
+    blobs = os.path.join(layout, "blobs", "sha256")
+    os.makedirs(blobs)
+    layers = []
+    for index, plan in enumerate(_layer_plan(total, files)):
+        temp = os.path.join(workdir, f"layer{index}.tar.gz")
+        digest, diff_id, size = write_layer(temp, plan, rng)
+        os.rename(temp, os.path.join(blobs, digest.split(":")[1]))
+        layers.append((digest, diff_id, size))
+    config = json.dumps({
+        "architecture": "amd64", "os": "linux", "created": "2024-01-01T00:00:00Z",
+        "config": {"Cmd": ["/opt/big/blob0"], "Env": ["PATH=/usr/bin:/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id for _, diff_id, _ in layers]},
+    }, separators=(",", ":")).encode()
+    config_digest = _put_blob(blobs, config)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": s} for d, _, s in layers],
+    }, separators=(",", ":")).encode()
+    manifest_digest = _put_blob(blobs, manifest)
+    with open(os.path.join(layout, "index.json"), "w") as handle:
+        json.dump({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
+                   "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": "bench"}}]}, handle)
+    with open(os.path.join(layout, "oci-layout"), "w") as handle:
+        handle.write('{"imageLayoutVersion":"1.0.0"}')
+    archive = os.path.join(workdir, "bench.tar")
+    _write_legacy_archive(archive, blobs, layers, config, config_digest)
+    return {"layout": layout, "archive": archive, "layers": [os.path.join(blobs, d.split(":")[1]) for d, _, _ in layers]}
+
+
+def _put_blob(blobs: str, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with open(os.path.join(blobs, digest.split(":")[1]), "wb") as handle:
+        handle.write(data)
+    return digest
+
+
+def _write_legacy_archive(path: str, blobs: str, layers, config: bytes, config_digest: str) -> None:
+    """docker save (Docker < 25) layout: <id>/layer.tar uncompressed, <config>.json, manifest.json."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        names = []
+        for digest, diff_id, _ in layers:
+            name = diff_id.split(":")[1] + "/layer.tar"
+            with gzip.open(os.path.join(blobs, digest.split(":")[1]), "rb") as source, tempfile.TemporaryFile() as plain:
+                shutil.copyfileobj(source, plain, 4 * MIB)
+                info = tarfile.TarInfo(name)
+                info.size = plain.tell()
+                plain.seek(0)
+                tar.addfile(info, plain)
+            names.append(name)
+        _add_bytes(tar, config_digest.split(":")[1] + ".json", config)
+        _add_bytes(tar, "manifest.json", json.dumps([{"Config": config_digest.split(":")[1] + ".json", "RepoTags": ["bench:latest"], "Layers": names}]).encode())
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "status = subprocess.run(['bash', '-o', 'pipefail', '-c', sys.argv[1]], stdout=subprocess.DEVNULL).returncode\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "sys.exit(status)\n"
+)
+
+
+def timed(command: str, env: dict | None = None) -> tuple[float, float]:
+    """Run a shell command in a fresh wrapper process; return (seconds, peak RSS in MB of the
+    largest process it ran)."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-c", _WRAPPER, command], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    elapsed = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"benchmark command failed ({result.returncode}): {command}\n{result.stderr}")
+    return elapsed, int(result.stdout.strip()) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size-mib", type=int, default=1024)
+    parser.add_argument("--files", type=int, default=21000)
+    parser.add_argument("--dir", default=None)
+    parser.add_argument("--keep", action="store_true", help="keep the generated image and outputs")
+    options = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix="qtbuild-bench-", dir=options.dir)
+    try:
+        start = time.perf_counter()
+        paths = generate(workdir, options.size_mib * MIB, options.files)
+        print(f"generated {options.size_mib} MiB / {options.files} files in {time.perf_counter() - start:.1f} s under {workdir}")
+        qtbuild = f"{sys.executable} -c 'from qtbuild.cli import main; main()'"
+        out = os.path.join(workdir, "out.eif")
+        env = {"PYTHONPATH": ROOT}
+        results = {}
+        results["convert (oci)"] = timed(f"{qtbuild} convert -q oci:{paths['layout']}:bench -o {out}", env)
+        results["convert (archive)"] = timed(f"{qtbuild} convert -q docker-archive:{paths['archive']} -o {out}", env)
+        results["floor"] = timed(f"gzip -dc {' '.join(paths['layers'])} | sha384sum")
+        rootfs = os.path.join(workdir, "umoci-rootfs")
+        results["by hand"] = timed(
+            f"umoci raw unpack --image {paths['layout']}:bench {rootfs} && cd {rootfs} && "
+            f"find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc --reproducible | sha384sum"
+        )
+        floor, by_hand = results["floor"][0], results["by hand"][0]
+        for name, (seconds, rss) in results.items():
+            print(f"{name:18s} {seconds:7.2f} s   peak RSS {rss:7.1f} MB")
+        for name in ("convert (oci)", "convert (archive)"):
+            seconds = results[name][0]
+            print(f"{name}: {seconds / floor:.2f} x the floor (target <= 1.5), {by_hand / seconds:.2f} x faster than by hand (target >= 2)")
+    finally:
+        if not options.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
