@@ -56,6 +56,7 @@ from typing import BinaryIO
 
 from formats.cpio import CpioEntry
 from qtbuild.errors import ImageError
+from qtbuild.readahead import ReadAhead
 from qtbuild.sources.base import Layer
 from qtbuild.spill import SpillStore
 from qtbuild.tarscan import (
@@ -493,7 +494,7 @@ def _apply_layer(builder: _TreeBuilder, index: int, layer: Layer, spill: SpillSt
     opener = layer.range_opener()
     tar_limits = TarLimits(max_long_name=limits.max_long_name, max_pax_header=limits.max_pax_header)
     builder.begin_layer(index, 0 if opener is not None else spill.size)
-    stream = layer.open_uncompressed()
+    stream = ReadAhead(layer.open_uncompressed())
     try:
         scanner = TarScanner(stream, limits=tar_limits, tee=None if opener is not None else spill.append,
                              budget=budget, progress=progress)

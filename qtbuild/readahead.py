@@ -1,0 +1,81 @@
+"""Read a stream ahead on a worker thread, so producing bytes overlaps with consuming them.
+
+Decompressing and hashing a layer (zlib, hashlib: both release the GIL) runs on the worker while
+the caller parses tar headers and spills data; on two cores that roughly halves the first pass
+over gzip layers.  Memory is bounded by ``depth × chunk_size``.
+"""
+
+from __future__ import annotations
+
+import io
+import queue
+import threading
+from typing import BinaryIO
+
+_END = object()
+
+
+class ReadAhead(io.RawIOBase):
+    """A read-only stream over ``source`` whose chunks are fetched by a background thread.
+
+    Errors raised by ``source.read`` (e.g. a digest mismatch at EOF) are re-raised to the reader
+    at the point in the stream where they happened.  ``close()`` stops the worker and closes
+    ``source``.
+    """
+
+    def __init__(self, source: BinaryIO, *, chunk_size: int = 1 << 20, depth: int = 4) -> None:
+        super().__init__()
+        self._source = source
+        self._chunk_size = chunk_size
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._pending = memoryview(b"")
+        self._finished = False
+        self._worker = threading.Thread(target=self._fill, name="readahead", daemon=True)
+        self._worker.start()
+
+    def _fill(self) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = self._source.read(self._chunk_size)
+                if not chunk:
+                    break
+                self._put(chunk)
+            self._put(_END)
+        except BaseException as exc:  # handed to the reader, raised there
+            self._put(exc)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if not self._pending:
+            if self._finished:
+                return 0
+            item = self._queue.get()
+            if item is _END:
+                self._finished = True
+                return 0
+            if isinstance(item, BaseException):
+                self._finished = True
+                raise item
+            self._pending = memoryview(item)
+        size = min(len(buffer), len(self._pending))
+        buffer[:size] = self._pending[:size]
+        self._pending = self._pending[size:]
+        return size
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stop.set()
+            self._worker.join()
+            self._source.close()
+        super().close()
