@@ -6,3 +6,10 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e '.[test]'
 echo "qtbuild installed in $(pwd)/.venv (run .venv/bin/qtbuild --help)" >&2
+
+# The enclave SDK must run on Debian bookworm's own packages (python3-cryptography 38,
+# python3-cbor2 5.4): a second venv with exactly those versions lets the tests prove it.
+if [ ! -x .venv-bookworm/bin/python ]; then
+  python3 -m venv .venv-bookworm
+  .venv-bookworm/bin/python -m pip install -q "cryptography==38.0.4" "cbor2==5.4.6"
+fi

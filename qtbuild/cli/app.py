@@ -58,9 +58,9 @@ def cli() -> None:
 
 
 def _register_commands() -> None:
-    from qtbuild.cli import attest, build_eif, convert, describe, diff, extract, pcr, pki, proxy, sign, verify
+    from qtbuild.cli import attest, build_eif, convert, describe, diff, extract, pcr, pki, proxy, sdk, sign, verify
 
-    for module in (attest, build_eif, describe, diff, extract, pcr, pki, proxy, sign, verify):
+    for module in (attest, build_eif, describe, diff, extract, pcr, pki, proxy, sdk, sign, verify):
         cli.add_command(module.command)
     cli.add_command(convert.convert_command)
     cli.add_command(convert.measure_command)
