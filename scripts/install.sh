@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,demo]'
 echo "qtbuild installed in $(pwd)/.venv (run .venv/bin/qtbuild --help)" >&2
 
 # The enclave SDK must run on Debian bookworm's own packages (python3-cryptography 38,

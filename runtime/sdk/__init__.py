@@ -7,6 +7,8 @@ Runs on Debian bookworm's own packages (python3 3.11, python3-cryptography 38, p
     Qtsm, QtsmError    the security module (/dev/qtsm, /dev/nsm): attestation, PCRs, random
     connect, listen    vsock stream sockets (native AF_VSOCK or qtbuild's emulation)
     RecipientKey       the RSA-2048 key pair for KMS recipient requests
+    KmsClient          signed KMS calls (decrypt-data, create-datakey, ...) with the recipient flow
+    open_envelope      opens the KMS's CMS EnvelopedData answer with the recipient key
 
 Inside this package, import siblings relatively (``from .qtsm import …``) and vsock as
 ``from ..vsock import …``: the export rewrites exactly those forms (and absolute
@@ -16,12 +18,10 @@ Inside this package, import siblings relatively (``from .qtsm import …``) and 
 from __future__ import annotations
 
 from ..vsock import connect, listen
+from .envelope import open_envelope
+from .kms_client import Credentials, KmsClient, tcp_transport, vsock_transport
 from .qtsm import Qtsm, QtsmError
 from .recipient import RecipientKey
 
-__all__ = ["Qtsm", "QtsmError", "RecipientKey", "connect", "listen"]
-
-# --- KMS (owned by the KMS engineer) --------------------------------------------------------------
-# Add here:  from .kms_client import KmsClient  /  from .envelope import open_envelope
-# and append "KmsClient", "open_envelope" to __all__.
-# --- end KMS --------------------------------------------------------------------------------------
+__all__ = ["Credentials", "KmsClient", "Qtsm", "QtsmError", "RecipientKey", "connect", "listen", "open_envelope",
+           "tcp_transport", "vsock_transport"]

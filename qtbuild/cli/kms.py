@@ -1,0 +1,355 @@
+"""``qtbuild kms``: run the local KMS and administer it over HTTP.
+
+``serve [--state-dir DIR] [--db FILE] [--listen HOST:PORT] [--attestation-root PEM …]
+[--attestation-root-fingerprint SHA256 …] [--trust-hardware-roots] [--max-age 5m]
+[--allow-debug]``
+    Runs the service (runtime/kms) until SIGTERM/SIGINT.  On first start it creates the master
+    key, the database and an admin principal; every start writes the admin credentials and the
+    endpoint to ``<state-dir>/admin.json`` (0600).  Prints one JSON line on stdout:
+    ``{"endpoint", "credentials", "project_id"}``.  Attestation documents are checked against the
+    local PKI's root (when initialised) plus the given roots; ``--trust-hardware-roots`` adds
+    the Nitro and QingTian roots.
+
+``create-key``, ``encrypt``, ``principal create``, ``policy put|get``, ``audit``
+    Admin commands: signed requests with the credentials of ``--credentials`` (default the
+    serve state directory's ``admin.json``) to its endpoint (or ``--endpoint``).
+
+Exit codes: 0 success, 1 the KMS refused (its code and message on stderr), 2 usage/input error.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import click
+from cryptography import x509
+
+from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
+from qtbuild.cli.attest import parse_duration
+from qtbuild.cli.output import emit_json, say
+from runtime.attest import KNOWN_ROOTS, normalize_fingerprint
+from runtime.kms.crypto import MasterKeyError
+from runtime.kms.recipient import DEFAULT_MAX_AGE, RecipientVerifier
+from runtime.kms.server import KmsHttpServer, serve_until_signalled
+from runtime.kms.service import KmsService
+from runtime.kms.state import (
+    StatePaths,
+    open_state,
+    read_credentials,
+    write_credentials,
+)
+from runtime.kms.store import StoreError
+from runtime.qtsm.pki import LocalPki, PkiError, default_state_dir
+from runtime.sdk.kms_client import (
+    Credentials,
+    KmsClient,
+    KmsClientError,
+    KmsProtocolError,
+    tcp_transport,
+)
+
+MAX_INPUT = 4096
+MAX_POLICY_FILE = 64 * 1024
+
+
+class KmsRefused(click.ClickException):
+    """The KMS answered with an error: one line with its code, exit code 1."""
+
+    exit_code = EXIT_CHECK_FAILED
+
+    def show(self, file=None) -> None:
+        click.echo(f"qtbuild: kms: {self.format_message()}", err=True)
+
+
+def _default_state_dir() -> Path:
+    return default_state_dir() / "kms"
+
+
+@click.group("kms")
+def command() -> None:
+    """A local KMS (Huawei KMS REST shapes) with attested-recipient decryption."""
+
+
+# --------------------------------------------------------------------------- serve
+
+
+@command.command("serve")
+@click.option("--state-dir", type=click.Path(file_okay=False),
+              help="KMS state directory (default: <qtbuild state dir>/kms).")
+@click.option("--db", type=click.Path(dir_okay=False), help="SQLite file [<state-dir>/kms.sqlite].")
+@click.option("--listen", default="127.0.0.1:8443", show_default=True, metavar="HOST:PORT",
+              help="Address to listen on (port 0: any free port).")
+@click.option("--attestation-root", "root_paths", multiple=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="Trust this attestation root (PEM); repeatable.")
+@click.option("--attestation-root-fingerprint", "fingerprints", multiple=True, metavar="SHA256",
+              help="Trust the root with this SHA-256 fingerprint; repeatable.")
+@click.option("--trust-hardware-roots", is_flag=True,
+              help="Also trust the AWS Nitro and Huawei QingTian roots.")
+@click.option("--no-local-root", is_flag=True, help="Do not trust the local PKI's root.")
+@click.option("--max-age", default=None, metavar="DURATION",
+              help=f"Oldest attestation document accepted [{DEFAULT_MAX_AGE:g}s].")
+@click.option("--allow-debug", is_flag=True, help="Accept debug-mode enclaves' documents.")
+@click.option("--max-connections", type=click.IntRange(1, 4096), default=256, show_default=True)
+@click.option("--io-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds a connection may stay silent.")
+@click.option("-v", "--verbose", is_flag=True, help="Log every request.")
+def serve(state_dir, db, listen, root_paths, fingerprints, trust_hardware_roots, no_local_root,
+          max_age, allow_debug, max_connections, io_timeout, verbose) -> None:
+    """Run the KMS until SIGTERM/SIGINT."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="qtbuild kms: %(levelname)s: %(message)s")
+    paths = StatePaths.under(state_dir or _default_state_dir(), db)
+    verifier = _verifier(root_paths, fingerprints, trust_hardware_roots, no_local_root,
+                         max_age, allow_debug)
+    try:
+        opened = open_state(paths)
+    except (MasterKeyError, StoreError) as exc:
+        raise InputError(str(exc)) from None
+    server = KmsHttpServer(_address(listen), KmsService(opened.env, verifier),
+                           io_timeout=io_timeout, max_connections=max_connections)
+    write_credentials(paths.credentials, server.endpoint, opened.admin)
+    say(f"qtbuild kms: {'created' if opened.created else 'opened'} state in {paths.directory}")
+    say(f"qtbuild kms: admin credentials in {paths.credentials}")
+    say(f"qtbuild kms: listening on {server.endpoint} (project {opened.project_id}; "
+        f"{len(verifier.roots) + len(verifier.root_fingerprints)} attestation root(s))")
+    click.echo(json.dumps({"endpoint": server.endpoint, "credentials": str(paths.credentials),
+                           "project_id": opened.project_id}), nl=True)
+    sys.stdout.flush()
+    serve_until_signalled(server)
+
+
+def _address(listen: str) -> tuple[str, int]:
+    host, separator, port = listen.rpartition(":")
+    if not separator or not port.isdigit() or int(port) > 65535 or not host:
+        raise InputError(f"--listen: expected HOST:PORT, got {listen!r}")
+    return host.strip("[]"), int(port)
+
+
+def _verifier(root_paths, fingerprints, hardware, no_local, max_age, allow_debug
+              ) -> RecipientVerifier:
+    roots = [certificate for path in root_paths for certificate in _load_roots(path)]
+    try:
+        pins = [normalize_fingerprint(value) for value in fingerprints]
+    except ValueError as exc:
+        raise InputError(f"--attestation-root-fingerprint: {exc}") from None
+    if hardware:
+        pins.extend(KNOWN_ROOTS.values())
+    if not no_local:
+        try:
+            roots.append(LocalPki.load().root_certificate)
+        except PkiError:
+            say("qtbuild kms: no local attestation PKI (qtbuild pki init): not trusting it")
+    age = parse_duration(max_age) if max_age is not None else DEFAULT_MAX_AGE
+    return RecipientVerifier(tuple(roots), tuple(pins), age, allow_debug)
+
+
+def _load_roots(path: str) -> list[x509.Certificate]:
+    data = Path(path).read_bytes()
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise InputError(f"{path}: not a PEM certificate") from None
+
+
+# --------------------------------------------------------------------------- admin commands
+
+
+def _admin_options(function):
+    function = click.option("--endpoint", metavar="URL",
+                            help="KMS endpoint (default: the credentials file's).")(function)
+    return click.option("--credentials", "credentials_path",
+                        type=click.Path(dir_okay=False),
+                        help="Admin credentials file [<qtbuild state dir>/kms/admin.json].",
+                        )(function)
+
+
+def _client(credentials_path: str | None, endpoint: str | None) -> KmsClient:
+    """A client signing with the credentials file's keys, connected to its endpoint."""
+    return _connection(credentials_path, endpoint)[0]
+
+
+def _connection(credentials_path: str | None, endpoint: str | None) -> tuple[KmsClient, str]:
+    path = credentials_path or str(_default_state_dir() / "admin.json")
+    try:
+        stored_endpoint, credentials = read_credentials(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no credentials (start `qtbuild kms serve` first, "
+                         "or pass --credentials)") from None
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    url = urlsplit(endpoint or stored_endpoint)
+    if url.scheme != "http" or not url.hostname or not url.port:
+        raise InputError(f"endpoint {endpoint or stored_endpoint!r}: expected http://HOST:PORT")
+    client = KmsClient(tcp_transport(url.hostname, url.port), credentials, host=url.netloc)
+    return client, url.geturl()
+
+
+def _call(client: KmsClient, api: str, body: dict) -> dict:
+    try:
+        with client:
+            return client.call(api, body)
+    except KmsClientError as exc:
+        raise KmsRefused(f"{exc.status} {exc.code}: {exc.message}") from None
+    except KmsProtocolError as exc:
+        raise KmsRefused(f"unexpected reply: {exc}") from None
+
+
+@command.command("create-key")
+@click.option("--alias", required=True, help="The key alias (letters, digits, : / _ -).")
+@click.option("--description", default=None, help="Free text, ≤ 255 characters.")
+@_admin_options
+def create_key(alias, description, credentials_path, endpoint) -> None:
+    """Create an AES-256 customer master key; prints its key_info."""
+    body = {"key_alias": alias}
+    if description is not None:
+        body["key_description"] = description
+    emit_json(_call(_client(credentials_path, endpoint), "create-key", body)["key_info"])
+
+
+@command.command("encrypt")
+@click.option("--key-id", required=True, help="The customer master key.")
+@click.option("--in", "input_path", required=True, type=click.Path(dir_okay=False,
+              allow_dash=True), help="Plaintext file (1–4096 bytes; - for stdin).")
+@click.option("--aad", default=None, help="additional_authenticated_data (≤ 128 characters).")
+@click.option("--out", "output_path", type=click.Path(dir_okay=False),
+              help="Write the base64 cipher_text here instead of printing JSON.")
+@_admin_options
+def encrypt(key_id, input_path, aad, output_path, credentials_path, endpoint) -> None:
+    """encrypt-data: prints {key_id, cipher_text} (or writes cipher_text to --out)."""
+    plaintext = _read_input(input_path)
+    body = {"key_id": key_id, "plain_text_base64": _b64(plaintext)}
+    if aad is not None:
+        body["additional_authenticated_data"] = aad
+    reply = _call(_client(credentials_path, endpoint), "encrypt-data", body)
+    if output_path:
+        Path(output_path).write_text(reply["cipher_text"] + "\n")
+    else:
+        emit_json(reply)
+
+
+def _read_input(path: str) -> bytes:
+    if path == "-":
+        data = sys.stdin.buffer.read(MAX_INPUT + 1)
+    else:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_INPUT + 1)
+    if not 1 <= len(data) <= MAX_INPUT:
+        raise InputError(f"{path}: encrypt-data takes 1..{MAX_INPUT} bytes")
+    return data
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+@command.group("principal")
+def principal() -> None:
+    """Principals: access key / secret key pairs that sign requests."""
+
+
+@principal.command("create")
+@click.argument("name")
+@click.option("--admin", "is_admin", is_flag=True, help="May call the admin APIs.")
+@click.option("--out", "output_path", type=click.Path(dir_okay=False),
+              help="Also write a credentials file (0600) for this principal.")
+@_admin_options
+def principal_create(name, is_admin, output_path, credentials_path, endpoint) -> None:
+    """Create a principal; prints its access key and secret key (shown only now)."""
+    client, url = _connection(credentials_path, endpoint)
+    reply = _call(client, "admin/create-principal", {"name": name, "admin": is_admin})
+    if output_path:
+        credentials = Credentials(reply["access_key"], reply["secret_key"],
+                                  client.credentials.project_id)
+        write_credentials(Path(output_path), url, credentials)
+        say(f"credentials written to {output_path}")
+    emit_json(reply)
+
+
+@command.group("policy")
+def policy() -> None:
+    """IAM-like policies attached to principals."""
+
+
+def _target(name: str | None, access_key: str | None) -> dict:
+    if (name is None) == (access_key is None):
+        raise InputError("give --name or --access-key")
+    return {"name": name} if name else {"access_key": access_key}
+
+
+@policy.command("put")
+@click.argument("policy_file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.option("--name", help="The principal's name.")
+@click.option("--access-key", help="The principal's access key.")
+@_admin_options
+def policy_put(policy_file, name, access_key, credentials_path, endpoint) -> None:
+    """Attach the policy in POLICY_FILE (JSON) to a principal, replacing any previous one."""
+    document = _read_policy(policy_file)
+    body = {**_target(name, access_key), "policy": document}
+    emit_json(_call(_client(credentials_path, endpoint), "admin/put-policy", body))
+
+
+def _read_policy(path: str) -> dict:
+    if path == "-":
+        data = sys.stdin.buffer.read(MAX_POLICY_FILE + 1)
+    else:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_POLICY_FILE + 1)
+    if len(data) > MAX_POLICY_FILE:
+        raise InputError(f"{path}: larger than {MAX_POLICY_FILE} bytes")
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise InputError(f"{path}: not JSON: {exc}") from None
+
+
+@policy.command("get")
+@click.option("--name", help="The principal's name.")
+@click.option("--access-key", help="The principal's access key.")
+@_admin_options
+def policy_get(name, access_key, credentials_path, endpoint) -> None:
+    """Print a principal's policy (null when it has none)."""
+    reply = _call(_client(credentials_path, endpoint), "admin/get-policy",
+                  _target(name, access_key))
+    emit_json(reply)
+
+
+@command.command("audit")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option("--after", "marker", type=click.IntRange(min=0), default=0,
+              help="Only records with a larger id.")
+@click.option("--principal", help="Only this principal's requests.")
+@click.option("--key-id", help="Only requests on this key.")
+@click.option("--decision", type=click.Choice(["allow", "deny", "error"]))
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+@_admin_options
+def audit(limit, marker, principal, key_id, decision, as_json, credentials_path, endpoint
+          ) -> None:
+    """Show the audit log: time, principal, API, key, decision and reason, PCR0/PCR8."""
+    body = {"limit": limit, "marker": marker}
+    for name, value in (("principal", principal), ("key_id", key_id), ("decision", decision)):
+        if value is not None:
+            body[name] = value
+    reply = _call(_client(credentials_path, endpoint), "admin/list-audit", body)
+    if as_json:
+        emit_json(reply)
+        return
+    for record in reply["records"]:
+        click.echo(_audit_line(record))
+
+
+def _audit_line(record: dict) -> str:
+    moment = datetime.fromtimestamp(record["time_ms"] / 1000, tz=UTC)
+    pcrs = ""
+    if record["pcr0"]:
+        pcrs = f" pcr0={record['pcr0'][:16]}… pcr8={(record['pcr8'] or '-')[:16]}…"
+    return (f"{record['id']:>6} {moment.isoformat(timespec='milliseconds')[:23]}Z "
+            f"{record['principal'] or '-':<12} {record['api'] or '-':<22} "
+            f"{record['key_id'] or '-':<36} {record['decision']:<5} {record['status']} "
+            f"{record['reason'] or ''}{pcrs}")

@@ -1,0 +1,572 @@
+"""The KMS APIs: one handler per Huawei KMS operation, plus the admin operations.
+
+Each handler takes a :class:`Call` (the authenticated principal, the project, the checked body
+fields, the verified recipient if any) and returns the JSON reply, or raises KmsError.  Every
+handler validates its fields first, then calls :meth:`Call.authorize` (policy decision on the
+action names and the key's resource name), then touches keys.  APIS maps each API name to its
+handler and whether it takes a ``recipient``; with one, plaintext leaves only as
+``ciphertext_recipient``.
+
+Policy action names (any listed name grants the API):
+
+    create-key kms:cmk:create            list-keys kms:cmk:list        describe-key kms:cmk:get
+    enable-key kms:cmk:enable            disable-key kms:cmk:disable
+    schedule-/cancel-key-deletion kms:cmk:update
+    encrypt-data kms:cmk:encrypt         decrypt-data kms:cmk:decrypt
+    create-datakey[-without-plaintext]   kms:dek:create, kms:cmk:createDataKey
+    encrypt-datakey kms:dek:encrypt, kms:dek:crypto
+    decrypt-datakey kms:dek:decrypt      gen-random kms:cmk:generate
+
+Admin APIs (``admin/...``) need a principal created as admin; policies do not apply to them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import secrets
+import string
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
+from runtime.kms import crypto
+from runtime.kms.errors import KmsError, invalid
+from runtime.kms.fields import Fields
+from runtime.kms.policy import Decision, PolicyError, evaluate, parse_policy
+from runtime.kms.recipient import Recipient
+from runtime.kms.store import (
+    DISABLED,
+    ENABLED,
+    PENDING_DELETION,
+    Conflict,
+    KeyRecord,
+    PrincipalRecord,
+    Store,
+)
+
+MAX_PLAINTEXT = 4096
+MAX_AAD = 128
+MAX_DATAKEY_BYTES = 1024
+_ALIAS = re.compile(r"[A-Za-z0-9:/_-]{1,255}")
+_NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
+_ACCESS_KEY = re.compile(r"[A-Z0-9]{20}")
+_KEY_STATES = ("1", "2", "3", "4", "5")
+_DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What the handlers work with."""
+
+    store: Store
+    master_key: crypto.MasterKey
+    domain_id: str
+    region: str = "local"
+    clock: Callable[[], float] = time.time
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+
+@dataclass
+class Call:
+    """One authenticated request; also what the audit log records about it."""
+
+    env: Environment
+    principal: PrincipalRecord
+    project_id: str
+    fields: Fields
+    recipient: Recipient | None = None
+    key_id: str | None = None
+    decision: Decision | None = None
+
+    def authorize(self, actions: tuple[str, ...], key_id: str | None = None) -> None:
+        """Evaluate the principal's policy; KMS.0306 (key) / KMS.0307 (API) when denied."""
+        resource = "*" if key_id is None else (
+            f"kms:{self.env.region}:{self.project_id}:KeyId:{key_id}")
+        context = self.recipient.conditions() if self.recipient else {}
+        self.key_id = key_id
+        self.decision = evaluate(_policy(self.principal.policy), actions, resource, context)
+        if not self.decision.allowed:
+            code = "KMS.0307" if key_id is None else "KMS.0306"
+            raise KmsError(code, f"Access denied: {self.decision.reason}.")
+
+    def authorize_admin(self) -> None:
+        allowed = self.principal.admin
+        self.decision = Decision(allowed, "admin principal" if allowed else "not an admin")
+        if not allowed:
+            raise KmsError("KMS.0307", "Access denied: admin APIs need an admin principal.")
+
+    def key(self, key_id: str) -> KeyRecord:
+        record = self.env.store.key(self.project_id, key_id)
+        if record is None or _deleted(record, self.env.now_ms()):
+            raise KmsError("KMS.0207", f"The key {key_id} does not exist.")
+        return record
+
+    def usable_key(self, key_id: str) -> KeyRecord:
+        """The key, which must be enabled (KMS.0209 disabled, KMS.0210 pending deletion)."""
+        record = self.key(key_id)
+        if record.state == DISABLED:
+            raise KmsError("KMS.0209")
+        if record.state != ENABLED:
+            raise KmsError("KMS.0210")
+        return record
+
+    def material(self, key_id: str, version: int) -> bytes:
+        sealed = self.env.store.key_material(key_id, version)
+        if sealed is None:
+            raise KmsError("KMS.2201", "Invalid cipher_text: unknown key version.")
+        return self.env.master_key.open(sealed, material_context(key_id, version))
+
+    def plaintext_reply(self, reply: dict, plaintext: bytes, **fields: str) -> dict:
+        """``reply`` plus ``fields`` — or, for a recipient, plus ``ciphertext_recipient``."""
+        if self.recipient is not None:
+            return {**reply, "ciphertext_recipient": self.recipient.seal(plaintext)}
+        return {**reply, **fields}
+
+
+def material_context(key_id: str, version: int) -> str:
+    return f"key:{key_id}:{version}"
+
+
+@lru_cache(maxsize=256)
+def _policy(text: str | None):
+    return None if text is None else parse_policy(json.loads(text))
+
+
+def _deleted(record: KeyRecord, now_ms: int) -> bool:
+    return record.state == PENDING_DELETION and (record.deletion_ms or 0) <= now_ms
+
+
+# --------------------------------------------------------------------------- field helpers
+
+
+def _key_id(fields: Fields, name: str = "key_id") -> str:
+    value = fields.text(name, max_length=36, code="KMS.0205")
+    if not crypto.is_key_id(value):
+        raise KmsError("KMS.0205", f"Invalid {name}: not a key id.")
+    return value
+
+
+def _aad(fields: Fields) -> bytes:
+    text = fields.text("additional_authenticated_data", required=False, max_length=MAX_AAD)
+    return (text or "").encode()
+
+
+def _algorithm(fields: Fields) -> None:
+    fields.choice("encryption_algorithm", ("SYMMETRIC_DEFAULT",))
+
+
+def _bits(fields: Fields, name: str, code: str, default: int | None = None) -> int:
+    bits = fields.integer(name, required=default is None, low=8, high=8 * MAX_DATAKEY_BYTES,
+                          code=code)
+    bits = default if bits is None else bits
+    if bits % 8:
+        raise KmsError(code, f"Invalid {name}: must be a multiple of 8.")
+    return bits
+
+
+def _datakey_bits(fields: Fields, code: str) -> int:
+    spec = fields.choice("key_spec", ("AES_256", "AES_128"))
+    spec_bits = {"AES_256": 256, "AES_128": 128, None: None}[spec]
+    if not fields.has("datakey_length"):
+        return spec_bits or 256
+    bits = _bits(fields, "datakey_length", code)
+    if spec_bits is not None and bits != spec_bits:
+        raise KmsError(code, f"Invalid datakey_length: {bits} bits contradicts key_spec {spec}.")
+    return bits
+
+
+# --------------------------------------------------------------------------- key management
+
+
+def create_key(call: Call) -> dict:
+    fields = call.fields
+    alias = fields.text("key_alias", pattern=_ALIAS, max_length=255, code="KMS.1101")
+    if alias.lower().endswith("/default"):
+        raise KmsError("KMS.1101", "Invalid key_alias: the suffix /default is reserved.")
+    description = fields.text("key_description", required=False, max_length=255,
+                              code="KMS.1103") or ""
+    spec = fields.choice("key_spec", ("AES_256",), default="AES_256")
+    usage = fields.choice("key_usage", ("ENCRYPT_DECRYPT",), default="ENCRYPT_DECRYPT")
+    fields.choice("origin", ("kms",))
+    fields.text("enterprise_project_id", required=False, max_length=36)
+    fields.done()
+    call.authorize(("kms:cmk:create",))
+    record = KeyRecord(crypto.new_key_id(), call.project_id, alias, description, spec, usage,
+                       ENABLED, call.env.now_ms(), None, 1)
+    call.key_id = record.key_id
+    material = call.env.master_key.seal(os.urandom(crypto.KEY_SIZE),
+                                        material_context(record.key_id, 1))
+    try:
+        call.env.store.create_key(record, material)
+    except Conflict:
+        raise KmsError("KMS.1104") from None
+    return {"key_info": {"key_id": record.key_id, "domain_id": call.env.domain_id}}
+
+
+def describe_key(call: Call) -> dict:
+    key_id = _key_id(call.fields)
+    call.fields.done()
+    call.authorize(("kms:cmk:get",), key_id)
+    return {"key_info": key_info(call.env, call.key(key_id))}
+
+
+def list_keys(call: Call) -> dict:
+    fields = call.fields
+    limit = fields.integer("limit", required=False, low=1, high=1000, code="KMS.1601") or 1000
+    offset = fields.integer("marker", required=False, low=0, high=10**9, code="KMS.1602") or 0
+    state = fields.choice("key_state", _KEY_STATES)
+    fields.text("key_spec", required=False, max_length=32)
+    fields.text("enterprise_project_id", required=False, max_length=36)
+    fields.done()
+    call.authorize(("kms:cmk:list",))
+    call.env.store.purge_deleted(call.env.now_ms())
+    records, total = call.env.store.list_keys(call.project_id, offset=offset, limit=limit,
+                                              state=state)
+    truncated = offset + len(records) < total
+    return {
+        "keys": [record.key_id for record in records],
+        "key_details": [key_info(call.env, record) for record in records],
+        "next_marker": str(offset + len(records)) if truncated else "",
+        "truncated": "true" if truncated else "false",
+        "total": total,
+    }
+
+
+def key_info(env: Environment, record: KeyRecord) -> dict:
+    """Huawei's key_info for describe-key / list-keys."""
+    return {
+        "key_id": record.key_id, "domain_id": env.domain_id, "key_alias": record.alias,
+        "realm": env.region, "key_description": record.description,
+        "creation_date": str(record.created_ms),
+        "scheduled_deletion_date": "" if record.deletion_ms is None else str(record.deletion_ms),
+        "key_state": record.state, "default_key_flag": "0", "key_type": "1",
+        "expiration_time": "", "origin": "kms", "key_rotation_enabled": "false",
+        "key_spec": record.key_spec, "key_usage": record.key_usage,
+    }
+
+
+def _transition(call: Call, action: str, change) -> KeyRecord:
+    key_id = _key_id(call.fields)
+    call.fields.done()
+    call.authorize((action,), key_id)
+    call.key(key_id)
+    record = call.env.store.change_state(call.project_id, key_id, change)
+    if record is None:
+        raise KmsError("KMS.0207")
+    return record
+
+
+def enable_key(call: Call) -> dict:
+    def change(record: KeyRecord):
+        if record.state != DISABLED:
+            raise KmsError("KMS.1201")
+        return ENABLED, None
+
+    record = _transition(call, "kms:cmk:enable", change)
+    return {"key_info": {"key_id": record.key_id, "key_state": record.state}}
+
+
+def disable_key(call: Call) -> dict:
+    def change(record: KeyRecord):
+        if record.state != ENABLED:
+            raise KmsError("KMS.1301")
+        return DISABLED, None
+
+    record = _transition(call, "kms:cmk:disable", change)
+    return {"key_info": {"key_id": record.key_id, "key_state": record.state}}
+
+
+def schedule_key_deletion(call: Call) -> dict:
+    days = call.fields.integer("pending_days", low=7, high=1096, code="KMS.1401")
+    deletion_ms = call.env.now_ms() + days * _DAY_MS
+
+    def change(record: KeyRecord):
+        if record.state == PENDING_DELETION:
+            raise KmsError("KMS.1402")
+        return PENDING_DELETION, deletion_ms
+
+    record = _transition(call, "kms:cmk:update", change)
+    return {"key_id": record.key_id, "key_state": record.state}
+
+
+def cancel_key_deletion(call: Call) -> dict:
+    def change(record: KeyRecord):
+        if record.state != PENDING_DELETION:
+            raise KmsError("KMS.1501")
+        return DISABLED, None
+
+    record = _transition(call, "kms:cmk:update", change)
+    return {"key_id": record.key_id, "key_state": record.state}
+
+
+# --------------------------------------------------------------------------- data
+
+
+def encrypt_data(call: Call) -> dict:
+    fields = call.fields
+    key_id = _key_id(fields)
+    plaintext = _plaintext(fields)
+    aad = _aad(fields)
+    _algorithm(fields)
+    fields.done()
+    call.authorize(("kms:cmk:encrypt",), key_id)
+    record = call.usable_key(key_id)
+    ciphertext = crypto.encrypt(crypto.KIND_DATA, key_id, record.version,
+                                call.material(key_id, record.version), plaintext, aad)
+    return {"key_id": key_id, "cipher_text": base64.b64encode(ciphertext).decode("ascii")}
+
+
+def _plaintext(fields: Fields) -> bytes:
+    """``plain_text`` (UTF-8 text) or ``plain_text_base64`` (binary): 1..4096 bytes."""
+    if fields.has("plain_text_base64"):
+        data = fields.base64("plain_text_base64", max_bytes=MAX_PLAINTEXT)
+        if fields.has("plain_text"):
+            raise invalid("plain_text", "give plain_text or plain_text_base64, not both")
+    else:
+        data = fields.text("plain_text", min_length=1, max_length=MAX_PLAINTEXT).encode()
+    if not 1 <= len(data) <= MAX_PLAINTEXT:
+        raise invalid("plain_text", f"must be 1..{MAX_PLAINTEXT} bytes")
+    return data
+
+
+def decrypt_data(call: Call) -> dict:
+    fields = call.fields
+    limit = crypto.TRAILER_SIZE + crypto.TAG_SIZE + MAX_PLAINTEXT
+    ciphertext = fields.base64("cipher_text", max_bytes=limit, code="KMS.2201")
+    aad = _aad(fields)
+    _algorithm(fields)
+    claimed = _key_id(fields) if fields.has("key_id") else None
+    fields.done()
+    header = crypto.parse(ciphertext, crypto.KIND_DATA)
+    if claimed is not None and claimed != header.key_id:
+        raise KmsError("KMS.2201", "Invalid cipher_text: it belongs to another key.")
+    call.authorize(("kms:cmk:decrypt",), header.key_id)
+    call.usable_key(header.key_id)
+    plaintext = crypto.decrypt(ciphertext, header, call.material(header.key_id, header.version),
+                               aad)
+    return call.plaintext_reply({"key_id": header.key_id}, plaintext,
+                                **_text_fields(plaintext))
+
+
+def _text_fields(plaintext: bytes) -> dict:
+    reply = {"plain_text_base64": base64.b64encode(plaintext).decode("ascii")}
+    try:
+        reply["plain_text"] = plaintext.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    return reply
+
+
+# --------------------------------------------------------------------------- data keys
+
+
+def _new_datakey(call: Call, code: str) -> tuple[str, bytes, str]:
+    fields = call.fields
+    key_id = _key_id(fields)
+    bits = _datakey_bits(fields, code)
+    fields.done()
+    call.authorize(("kms:dek:create", "kms:cmk:createDataKey"), key_id)
+    record = call.usable_key(key_id)
+    datakey = os.urandom(bits // 8)
+    ciphertext = crypto.encrypt(crypto.KIND_DATAKEY, key_id, record.version,
+                                call.material(key_id, record.version), datakey)
+    return key_id, datakey, ciphertext.hex()
+
+
+def create_datakey(call: Call) -> dict:
+    key_id, datakey, cipher_text = _new_datakey(call, "KMS.1901")
+    return call.plaintext_reply({"key_id": key_id, "cipher_text": cipher_text}, datakey,
+                                plain_text=datakey.hex())
+
+
+def create_datakey_without_plaintext(call: Call) -> dict:
+    key_id, _, cipher_text = _new_datakey(call, "KMS.2001")
+    return {"key_id": key_id, "cipher_text": cipher_text}
+
+
+def encrypt_datakey(call: Call) -> dict:
+    fields = call.fields
+    key_id = _key_id(fields)
+    given = fields.hex("plain_text", max_bytes=MAX_DATAKEY_BYTES + 32, code="KMS.2101")
+    length = fields.integer("datakey_plain_length", low=1, high=MAX_DATAKEY_BYTES,
+                            code="KMS.2102")
+    fields.done()
+    datakey = _checked_datakey(given, length)
+    call.authorize(("kms:dek:encrypt", "kms:dek:crypto"), key_id)
+    record = call.usable_key(key_id)
+    ciphertext = crypto.encrypt(crypto.KIND_DATAKEY, key_id, record.version,
+                                call.material(key_id, record.version), datakey)
+    return {"key_id": key_id, "cipher_text": ciphertext.hex(), "datakey_length": str(length)}
+
+
+def _checked_datakey(given: bytes, length: int) -> bytes:
+    """Huawei's ``plain_text``: the key followed by its SHA-256 (the bare key is accepted)."""
+    if len(given) == length:
+        return given
+    if len(given) != length + 32:
+        raise KmsError("KMS.2102", f"Invalid datakey_plain_length: plain_text holds "
+                                   f"{len(given)} bytes, not {length} (+ 32 of SHA-256).")
+    datakey, digest = given[:length], given[length:]
+    if hashlib.sha256(datakey).digest() != digest:
+        raise KmsError("KMS.2103")
+    return datakey
+
+
+def decrypt_datakey(call: Call) -> dict:
+    fields = call.fields
+    key_id = _key_id(fields)
+    limit = crypto.TRAILER_SIZE + crypto.TAG_SIZE + MAX_DATAKEY_BYTES
+    ciphertext = fields.hex("cipher_text", max_bytes=limit, code="KMS.2201")
+    length = fields.integer("datakey_cipher_length", low=1, high=limit, code="KMS.2202")
+    fields.done()
+    header = crypto.parse(ciphertext, crypto.KIND_DATAKEY)
+    if length != crypto.sealed_length(ciphertext):
+        raise KmsError("KMS.2202", f"Invalid datakey_cipher_length: the ciphertext holds "
+                                   f"{crypto.sealed_length(ciphertext)}.")
+    if header.key_id != key_id:
+        raise KmsError("KMS.2201", "Invalid cipher_text: it belongs to another key.")
+    call.authorize(("kms:dek:decrypt",), key_id)
+    call.usable_key(key_id)
+    datakey = crypto.decrypt(ciphertext, header, call.material(key_id, header.version))
+    return call.plaintext_reply({"datakey_length": str(len(datakey))}, datakey,
+                                data_key=datakey.hex(),
+                                datakey_dgst=hashlib.sha256(datakey).hexdigest())
+
+
+def gen_random(call: Call) -> dict:
+    bits = _bits(call.fields, "random_data_length", "KMS.1801")
+    call.fields.done()
+    call.authorize(("kms:cmk:generate",))
+    data = os.urandom(bits // 8)
+    return call.plaintext_reply({}, data, random_data=data.hex())
+
+
+# --------------------------------------------------------------------------- admin
+
+
+def create_principal(call: Call) -> dict:
+    fields = call.fields
+    name = fields.text("name", pattern=_NAME, max_length=64)
+    admin = fields.flag("admin")
+    fields.done()
+    call.authorize_admin()
+    access_key, secret_key = new_principal(call.env, name, admin=admin)
+    return {"name": name, "access_key": access_key, "secret_key": secret_key, "admin": admin}
+
+
+def new_principal(env: Environment, name: str, *, admin: bool = False,
+                  policy: dict | None = None) -> tuple[str, str]:
+    """Create a principal; (access key, secret key).  KMS.0308 when the name is taken."""
+    access_key = "".join(secrets.choice(string.ascii_uppercase + string.digits)
+                         for _ in range(20))
+    secret_key = "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(40))
+    sealed = env.master_key.seal(secret_key.encode(), principal_context(access_key))
+    text = None if policy is None else json.dumps(policy, sort_keys=True)
+    try:
+        env.store.create_principal(
+            PrincipalRecord(access_key, name, sealed, admin, env.now_ms(), text))
+    except Conflict:
+        raise invalid("name", f"a principal named {name} exists") from None
+    return access_key, secret_key
+
+
+def principal_context(access_key: str) -> str:
+    return f"principal:{access_key}"
+
+
+def _target(call: Call) -> PrincipalRecord:
+    """The principal an admin call names, by ``access_key`` or ``name``."""
+    fields = call.fields
+    access_key = fields.text("access_key", required=False, pattern=_ACCESS_KEY, max_length=20)
+    name = fields.text("name", required=False, pattern=_NAME, max_length=64)
+    if (access_key is None) == (name is None):
+        raise invalid("access_key", "give access_key or name")
+    store = call.env.store
+    record = store.principal(access_key) if access_key else store.principal_named(name)
+    if record is None:
+        raise KmsError("KMS.0308", "Invalid access_key: no such principal.")
+    return record
+
+
+def put_policy(call: Call) -> dict:
+    document = call.fields.object("policy", required=True)
+    target = _target(call)
+    call.fields.done()
+    call.authorize_admin()
+    try:
+        parse_policy(document)
+    except PolicyError as error:
+        raise invalid("policy", str(error)) from None
+    call.env.store.set_policy(target.access_key, document)
+    return {"access_key": target.access_key, "name": target.name, "policy": document}
+
+
+def get_policy(call: Call) -> dict:
+    target = _target(call)
+    call.fields.done()
+    call.authorize_admin()
+    policy = None if target.policy is None else json.loads(target.policy)
+    return {"access_key": target.access_key, "name": target.name, "policy": policy}
+
+
+def list_principals(call: Call) -> dict:
+    call.fields.done()
+    call.authorize_admin()
+    return {"principals": [
+        {"access_key": record.access_key, "name": record.name, "admin": record.admin,
+         "created": record.created_ms, "has_policy": record.policy is not None}
+        for record in call.env.store.principals()]}
+
+
+def list_audit(call: Call) -> dict:
+    fields = call.fields
+    after = fields.integer("marker", required=False, low=0, high=2**62, code="KMS.1602") or 0
+    limit = fields.integer("limit", required=False, low=1, high=1000, code="KMS.1601") or 100
+    principal = fields.text("principal", required=False, max_length=64)
+    key_id = fields.text("key_id", required=False, max_length=36)
+    decision = fields.choice("decision", ("allow", "deny", "error"))
+    fields.done()
+    call.authorize_admin()
+    records = call.env.store.audit(after=after, limit=limit, principal=principal,
+                                   key_id=key_id, decision=decision)
+    marker = str(records[-1].id) if len(records) == limit else ""
+    return {"records": [record.as_json() for record in records], "next_marker": marker}
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Api:
+    handler: Callable[[Call], dict]
+    takes_recipient: bool = False
+
+
+APIS: dict[str, Api] = {
+    "create-key": Api(create_key),
+    "list-keys": Api(list_keys),
+    "describe-key": Api(describe_key),
+    "enable-key": Api(enable_key),
+    "disable-key": Api(disable_key),
+    "schedule-key-deletion": Api(schedule_key_deletion),
+    "cancel-key-deletion": Api(cancel_key_deletion),
+    "encrypt-data": Api(encrypt_data),
+    "decrypt-data": Api(decrypt_data, takes_recipient=True),
+    "create-datakey": Api(create_datakey, takes_recipient=True),
+    "create-datakey-without-plaintext": Api(create_datakey_without_plaintext),
+    "encrypt-datakey": Api(encrypt_datakey),
+    "decrypt-datakey": Api(decrypt_datakey, takes_recipient=True),
+    "gen-random": Api(gen_random, takes_recipient=True),
+    "admin/create-principal": Api(create_principal),
+    "admin/list-principals": Api(list_principals),
+    "admin/put-policy": Api(put_policy),
+    "admin/get-policy": Api(get_policy),
+    "admin/list-audit": Api(list_audit),
+}

@@ -1,0 +1,198 @@
+"""The request pipeline, independent of HTTP framing: route → authenticate → decode JSON →
+verify the recipient → run the API (which authorizes) → audit → reply.
+
+``KmsService.serve(Request) -> Response`` never raises: refusals become Huawei-style error
+bodies with their status, anything unexpected a logged ``500 KMS.0101`` without details.  Every
+request is recorded in the audit log, refused ones included: time, request id, peer address,
+principal, API, key, decision ("allow", "deny" for 401/403 and refused attestation documents,
+"error" for other failures) with its reason, status, error code, and the attested PCR0 / PCR8.
+
+Paths: ``POST /v1.0/{project_id}/kms/{api}`` with the APIs of ``runtime.kms.operations``
+(``{api}`` may be ``admin/<name>``).  Request bodies: one JSON object, at most
+``MAX_JSON_DEPTH`` levels deep, without duplicate keys or NaN/Infinity.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from dataclasses import dataclass
+
+from runtime.kms.auth import authenticate
+from runtime.kms.errors import KmsError
+from runtime.kms.fields import Fields
+from runtime.kms.operations import APIS, Call, Environment, principal_context
+from runtime.kms.recipient import RecipientVerifier
+from runtime.kms.store import AuditRecord, PrincipalRecord
+
+log = logging.getLogger("qtbuild.kms")
+
+MAX_JSON_DEPTH = 8
+_PATH = re.compile(r"/v1\.0/([A-Za-z0-9_-]{1,64})/kms/([a-z-]{1,48}(?:/[a-z-]{1,48})?)")
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]     # lower-case names
+    body: bytes
+    remote: str | None = None
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: dict
+    request_id: str
+
+
+class KmsService:
+    """The KMS behind any transport."""
+
+    def __init__(self, env: Environment, verifier: RecipientVerifier) -> None:
+        self.env, self.verifier = env, verifier
+
+    def serve(self, request: Request) -> Response:
+        request_id = uuid.uuid4().hex
+        trace = _Trace(api=None, principal=None, call=None)
+        try:
+            body = self._run(request, trace)
+            status = 200
+        except KmsError as error:
+            status, body = error.status, error.body()
+        except Exception:  # a service answers; details go to the log only
+            log.exception("request %s failed", request_id)
+            error = KmsError("KMS.0101")
+            status, body = error.status, error.body()
+        self._audit(request, request_id, trace, status, body)
+        return Response(status, body, request_id)
+
+    def refuse(self, error: KmsError, request: Request) -> Response:
+        """Record and answer a request the transport refused before parsing it."""
+        request_id = uuid.uuid4().hex
+        self._audit(request, request_id, _Trace(None, None, None), error.status, error.body())
+        return Response(error.status, error.body(), request_id)
+
+    # ------------------------------------------------------------------ the pipeline
+
+    def _run(self, request: Request, trace: _Trace) -> dict:
+        project_id, api_name = route(request.method, request.path)
+        trace.api = api_name
+        api = APIS.get(api_name)
+        if api is None:
+            raise KmsError("KMS.0201", f"Unknown API {api_name}.")
+        principal = self._authenticate(request)
+        trace.principal = principal.name
+        fields = Fields(decode_json(request.body))
+        call = trace.call = Call(self.env, principal, project_id, fields)
+        if api.takes_recipient and fields.has("recipient"):
+            call.recipient = self.verifier.verify(fields.raw("recipient"))
+        reply = api.handler(call)
+        if call.decision is None or not call.decision.allowed:
+            raise AssertionError(f"{api_name} answered without authorizing")
+        return reply
+
+    def _authenticate(self, request: Request) -> PrincipalRecord:
+        found: list[PrincipalRecord] = []
+
+        def secret_of(access_key: str) -> str | None:
+            record = self.env.store.principal(access_key)
+            if record is None:
+                return None
+            found.append(record)
+            secret = self.env.master_key.open(record.secret, principal_context(access_key))
+            return secret.decode()
+
+        authenticate(request.method, request.path, request.query, request.headers,
+                     request.body, secret_of, now=None)
+        return found[0]
+
+    def _audit(self, request: Request, request_id: str, trace: _Trace, status: int,
+               body: dict) -> None:
+        call = trace.call
+        error = body.get("error") if status != 200 else None
+        recipient = call.recipient if call else None
+        record = AuditRecord(
+            time_ms=self.env.now_ms(), request_id=request_id, remote=request.remote,
+            principal=trace.principal, api=trace.api, key_id=call.key_id if call else None,
+            decision=_decision(status, error), reason=_reason(call, error), status=status,
+            error_code=error["error_code"] if error else None,
+            pcr0=recipient.pcr_hex(0) if recipient else None,
+            pcr8=recipient.pcr_hex(8) if recipient else None,
+        )
+        try:
+            self.env.store.add_audit(record)
+        except Exception:  # the reply stands; the log says what the audit lost
+            log.exception("audit record lost: %s", record)
+
+
+@dataclass
+class _Trace:
+    """What the audit needs to know about how far a request got."""
+
+    api: str | None
+    principal: str | None
+    call: Call | None
+
+
+def route(method: str, path: str) -> tuple[str, str]:
+    """(project id, API name) of a request path; KMS.0201 otherwise."""
+    match = _PATH.fullmatch(path)
+    if match is None:
+        raise KmsError("KMS.0201", "Invalid request URL: expected /v1.0/{project_id}/kms/{api}.")
+    if method != "POST":
+        raise KmsError("KMS.0201", f"Invalid request: {method} is not supported, use POST.")
+    return match.group(1), match.group(2)
+
+
+def decode_json(body: bytes) -> object:
+    """The JSON value of ``body``; KMS.0202 when malformed, duplicated or too deep."""
+    try:
+        value = json.loads(body, object_pairs_hook=_object, parse_constant=_constant)
+    except (ValueError, RecursionError):
+        raise KmsError("KMS.0202") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise KmsError("KMS.0202", f"The request nests JSON deeper than {MAX_JSON_DEPTH} levels.")
+    return value
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError("duplicate key")
+    return result
+
+
+def _constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(value: object) -> int:
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            if depth <= MAX_JSON_DEPTH:
+                stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def _decision(status: int, error: dict | None) -> str:
+    if error is None:
+        return "allow"
+    if status in (401, 403) or error["error_code"].startswith("KMS.40"):
+        return "deny"
+    return "error"
+
+
+def _reason(call: Call | None, error: dict | None) -> str | None:
+    if error is not None:
+        return f"{error['error_code']}: {error['error_msg']}"
+    return call.decision.reason if call and call.decision else None

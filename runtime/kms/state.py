@@ -1,0 +1,119 @@
+"""The KMS's state directory and the admin credentials file.
+
+Layout (directory 0700)::
+
+    <state>/master.key           32 bytes, 0600, created on first start (runtime.kms.crypto)
+    <state>/kms.sqlite           the store (WAL: plus -wal and -shm files)
+    <state>/admin.json           0600: {"endpoint", "access_key", "secret_key", "project_id"}
+
+On first start an admin principal ("admin", allowed ``kms:*`` on every key) is created; every
+start (re)writes ``admin.json`` with the address the service listens on, so admin commands
+find both.  The project id and domain id are random 32-hex-digit values chosen once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.kms.crypto import MasterKey
+from runtime.kms.operations import Environment, new_principal, principal_context
+from runtime.kms.store import Store
+from runtime.sdk.kms_client import Credentials
+
+ADMIN_NAME = "admin"
+ADMIN_POLICY = {"Version": "1.1", "Statement": [{"Effect": "Allow", "Action": ["kms:*"]}]}
+MAX_CREDENTIALS_FILE = 4096
+
+
+@dataclass(frozen=True)
+class StatePaths:
+    directory: Path
+    database: Path
+    master_key: Path
+    credentials: Path
+
+    @classmethod
+    def under(cls, directory: str | os.PathLike, database: str | os.PathLike | None = None,
+              ) -> StatePaths:
+        directory = Path(directory)
+        return cls(directory, Path(database) if database else directory / "kms.sqlite",
+                   directory / "master.key", directory / "admin.json")
+
+    def create(self) -> None:
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.directory, 0o700)
+
+
+@dataclass(frozen=True)
+class OpenedState:
+    """A ready KMS environment, its project id and the admin's credentials."""
+
+    env: Environment
+    project_id: str
+    admin: Credentials
+    created: bool           # the master key (so the whole state) was created just now
+
+
+def open_state(paths: StatePaths, *, clock=time.time) -> OpenedState:
+    """Create or load the state: master key, store, ids, admin principal; purge keys whose
+    scheduled deletion has passed.  MasterKeyError / StoreError when unusable."""
+    paths.create()
+    master_key, created = MasterKey.load_or_create(paths.master_key)
+    store = Store(paths.database)
+    project_id = store.meta("project_id", lambda: secrets.token_hex(16))
+    domain_id = store.meta("domain_id", lambda: secrets.token_hex(16))
+    env = Environment(store, master_key, domain_id, clock=clock)
+    store.purge_deleted(env.now_ms())
+    return OpenedState(env, project_id, admin_credentials(env, project_id), created)
+
+
+def admin_credentials(env: Environment, project_id: str) -> Credentials:
+    """The admin's credentials, creating the admin principal on first start."""
+    record = env.store.principal_named(ADMIN_NAME)
+    if record is None:
+        access_key, secret_key = new_principal(env, ADMIN_NAME, admin=True, policy=ADMIN_POLICY)
+        return Credentials(access_key, secret_key, project_id)
+    secret = env.master_key.open(record.secret, principal_context(record.access_key)).decode()
+    return Credentials(record.access_key, secret, project_id)
+
+
+def write_credentials(path: Path, endpoint: str, credentials: Credentials) -> None:
+    """Atomically replace ``path`` (mode 0600) with the endpoint and credentials."""
+    data = json.dumps({"endpoint": endpoint, "access_key": credentials.access_key,
+                       "secret_key": credentials.secret_key,
+                       "project_id": credentials.project_id}, indent=2).encode() + b"\n"
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(descriptor, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def read_credentials(path: str | os.PathLike) -> tuple[str, Credentials]:
+    """(endpoint, credentials) from a credentials file; ValueError when malformed."""
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_CREDENTIALS_FILE + 1)
+    if len(data) > MAX_CREDENTIALS_FILE:
+        raise ValueError(f"{path}: larger than {MAX_CREDENTIALS_FILE} bytes")
+    try:
+        document = json.loads(data)
+        fields = [document[name] for name in ("endpoint", "access_key", "secret_key",
+                                              "project_id")]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path}: not a KMS credentials file") from None
+    if not all(isinstance(value, str) for value in fields):
+        raise ValueError(f"{path}: not a KMS credentials file")
+    return fields[0], Credentials(*fields[1:])
+

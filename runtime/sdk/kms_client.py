@@ -1,0 +1,369 @@
+"""A KMS client for code inside an enclave (and for the parent side and the admin CLI).
+
+Standard library plus ``cryptography`` ≥ 38 only.  It speaks Huawei KMS's REST shapes
+(``POST /v1.0/{project_id}/kms/<api>``, JSON bodies) over HTTP/1.1 with stdlib ``http.client``
+on a socket a *transport* hands it — :func:`tcp_transport` (tests, parent side) or
+:func:`vsock_transport` (inside an enclave: the parent's qt-proxy at CID 3, which forwards to
+the KMS).  Give ``ssl_context`` when the far end speaks TLS (a real KMS behind the proxy).
+
+Request signing (the ``SDK-HMAC-SHA256`` scheme of Huawei's API gateway), shared with the
+server's verifier::
+
+    CanonicalRequest = METHOD \\n CanonicalURI \\n CanonicalQuery \\n CanonicalHeaders \\n
+                       SignedHeaders \\n hex(SHA256(body))
+    CanonicalURI     = each path segment percent-encoded (RFC 3986 unreserved kept), ending in "/"
+    CanonicalQuery   = key=value pairs, percent-encoded, sorted, joined by "&"
+    CanonicalHeaders = "name:value\\n" per signed header (lower-case name, trimmed value), sorted
+    SignedHeaders    = the signed names joined by ";" (always host, x-sdk-date)
+    StringToSign     = "SDK-HMAC-SHA256" \\n X-Sdk-Date \\n hex(SHA256(CanonicalRequest))
+    Authorization: SDK-HMAC-SHA256 Access=<AK>, SignedHeaders=<names>, Signature=hex(HMAC-SHA256(SK, StringToSign))
+    X-Sdk-Date:    YYYYMMDDTHHMMSSZ (UTC; the server accepts 15 minutes either way)
+
+Recipient flow: with an ``attestor`` (``runtime.sdk.Qtsm`` or anything with
+``attestation(user_data=None, nonce=None, public_key=None) -> bytes``), decrypt-data,
+decrypt-datakey, create-datakey and gen-random send ``recipient`` = a fresh attestation document
+carrying the client's RSA public key; KMS answers ``ciphertext_recipient`` (a CMS envelope) and
+the client opens it with the private key, so plaintext never crosses the proxy in the clear.
+Without an attestor the same calls return KMS's plaintext fields.
+
+Errors: a KMS error reply raises :class:`KmsClientError` (HTTP status, ``KMS.xxxx`` code,
+message); a malformed reply or envelope raises :class:`KmsProtocolError`; socket failures stay
+``OSError``.  A client holds one kept-alive connection and is safe to share between threads
+(requests are serialised); use one client per thread for parallelism.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import http.client
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import parse_qsl, quote, unquote
+
+from .envelope import EnvelopeError, open_envelope
+from .recipient import RecipientKey
+
+ALGORITHM = "SDK-HMAC-SHA256"
+DATE_HEADER = "X-Sdk-Date"
+DATE_FORMAT = "%Y%m%dT%H%M%SZ"
+KEY_ENCRYPTION_ALGORITHM = "RSAES_OAEP_SHA_256"
+API_PREFIX = "/v1.0/{project_id}/kms/"
+MAX_RESPONSE_SIZE = 1024 * 1024
+DEFAULT_TIMEOUT = 30.0
+#: Data-key ciphertexts end in a trailer of this many bytes (``runtime/kms/crypto.py``); the
+#: rest is what decrypt-datakey calls ``datakey_cipher_length``.
+DATAKEY_TRAILER = 100
+
+Transport = Callable[[], socket.socket]
+
+
+class KmsClientError(Exception):
+    """KMS refused the request: ``status`` (HTTP), ``code`` ("KMS.xxxx") and ``message``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class KmsProtocolError(Exception):
+    """The reply is not what the protocol promises (bad JSON, missing field, bad envelope)."""
+
+
+# --------------------------------------------------------------------------- signing
+
+
+def canonical_uri(path: str) -> str:
+    """The path with each segment percent-encoded and a trailing "/" (Huawei's signer)."""
+    encoded = "/".join(quote(segment, safe="~") for segment in unquote(path).split("/"))
+    return encoded if encoded.endswith("/") else encoded + "/"
+
+
+def canonical_query(query: str) -> str:
+    """``key=value`` pairs of the query string, percent-encoded and sorted."""
+    pairs = parse_qsl(query, keep_blank_values=True)
+    encoded = sorted((quote(key, safe="~"), quote(value, safe="~")) for key, value in pairs)
+    return "&".join(f"{key}={value}" for key, value in encoded)
+
+
+def canonical_request(method: str, path: str, query: str, headers: Mapping[str, str],
+                      signed_headers: list[str], body: bytes) -> str:
+    """The canonical request over ``signed_headers`` (lower-case names, present in headers).
+
+    ``headers`` maps lower-case names to values; KeyError when a signed header is missing.
+    """
+    lines = "".join(f"{name}:{headers[name].strip()}\n" for name in signed_headers)
+    return "\n".join((
+        method.upper(), canonical_uri(path), canonical_query(query), lines,
+        ";".join(signed_headers), hashlib.sha256(body).hexdigest(),
+    ))
+
+
+def string_to_sign(date: str, canonical: str) -> str:
+    return f"{ALGORITHM}\n{date}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+
+
+def signature(secret_key: str, text: str) -> str:
+    """Lower-case hex HMAC-SHA256 of ``text`` under the secret key."""
+    return hmac.new(secret_key.encode(), text.encode(), hashlib.sha256).hexdigest()
+
+
+def sign_request(method: str, path: str, query: str, headers: Mapping[str, str], body: bytes,
+                 access_key: str, secret_key: str, *, now: datetime | None = None) -> dict:
+    """``headers`` plus ``X-Sdk-Date`` and ``Authorization``; every given header is signed.
+
+    ``headers`` must include ``Host``.
+    """
+    moment = now or datetime.now(UTC)
+    signed = dict(headers)
+    signed[DATE_HEADER] = moment.astimezone(UTC).strftime(DATE_FORMAT)
+    lowered = {name.lower(): value for name, value in signed.items()}
+    if "host" not in lowered:
+        raise ValueError("a signed request needs a Host header")
+    names = sorted(lowered)
+    canonical = canonical_request(method, path, query, lowered, names, body)
+    mac = signature(secret_key, string_to_sign(signed[DATE_HEADER], canonical))
+    signed["Authorization"] = (
+        f"{ALGORITHM} Access={access_key}, SignedHeaders={';'.join(names)}, Signature={mac}"
+    )
+    return signed
+
+
+# --------------------------------------------------------------------------- transports
+
+
+def tcp_transport(host: str, port: int, *, timeout: float = DEFAULT_TIMEOUT) -> Transport:
+    """Connect over TCP (tests, and parent-side callers)."""
+
+    def connect() -> socket.socket:
+        sock = socket.create_connection((host, port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    return connect
+
+
+def vsock_transport(port: int, *, cid: int = 3, timeout: float = DEFAULT_TIMEOUT,
+                    config=None) -> Transport:
+    """Connect to ``(cid, port)`` over vsock — the parent's qt-proxy by default.
+
+    ``config`` is a ``VsockConfig`` (default: from the environment, see ``runtime/vsock.py``).
+    """
+    from ..vsock import connect
+
+    return lambda: connect(cid, port, timeout=timeout, config=config)
+
+
+class _Connection(http.client.HTTPConnection):
+    """An HTTP/1.1 connection whose socket comes from a transport (optionally wrapped in TLS)."""
+
+    def __init__(self, host: str, transport: Transport, timeout: float,
+                 ssl_context: ssl.SSLContext | None) -> None:
+        super().__init__(host, timeout=timeout)
+        self._transport, self._ssl_context = transport, ssl_context
+
+    def connect(self) -> None:
+        sock = self._transport()
+        sock.settimeout(self.timeout)
+        if self._ssl_context is not None:
+            sock = self._ssl_context.wrap_socket(sock, server_hostname=self.host)
+        self.sock = sock
+
+
+# --------------------------------------------------------------------------- the client
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """An access key / secret key pair and the project its requests address."""
+
+    access_key: str
+    secret_key: str
+    project_id: str
+
+    def __repr__(self) -> str:
+        return f"Credentials(access_key={self.access_key!r}, project_id={self.project_id!r})"
+
+
+class KmsClient:
+    """Signed KMS calls over one kept-alive connection (see the module docstring)."""
+
+    def __init__(self, transport: Transport, credentials: Credentials, *, host: str = "kms",
+                 attestor=None, recipient_key: RecipientKey | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, ssl_context: ssl.SSLContext | None = None,
+                 ) -> None:
+        """``host`` is the Host header (the KMS's name); ``recipient_key`` defaults to a
+        fresh RSA-2048 key, generated on the first recipient request."""
+        self.credentials = credentials
+        self.attestor = attestor
+        self._recipient_key = recipient_key
+        self._connection = _Connection(host, transport, timeout, ssl_context)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def __enter__(self) -> KmsClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ data-plane calls
+
+    def encrypt_data(self, key_id: str, plaintext: bytes, aad: bytes | None = None) -> str:
+        """encrypt-data: the base64 ``cipher_text`` (1–4096 bytes of plaintext)."""
+        body = {"key_id": key_id, "plain_text_base64": _b64(plaintext)}
+        if aad is not None:
+            body["additional_authenticated_data"] = _text(aad)
+        return _field(self.call("encrypt-data", body), "cipher_text", str)
+
+    def decrypt_data(self, cipher_text: str, aad: bytes | str | None = None) -> bytes:
+        """decrypt-data: the plaintext (opened from the recipient envelope with an attestor)."""
+        body = {"cipher_text": cipher_text}
+        if aad is not None:
+            body["additional_authenticated_data"] = _text(aad)
+        plaintext, reply = self._recipient_call("decrypt-data", body)
+        if plaintext is None:
+            plaintext = _unbase64(_field(reply, "plain_text_base64", str), "plain_text_base64")
+        return plaintext
+
+    def decrypt_datakey(self, key_id: str, cipher_text: str) -> bytes:
+        """decrypt-datakey: the data key, from a create-datakey ``cipher_text`` (hex)."""
+        body = {"key_id": key_id, "cipher_text": cipher_text,
+                "datakey_cipher_length": str(max(len(cipher_text) // 2 - DATAKEY_TRAILER, 0))}
+        plaintext, reply = self._recipient_call("decrypt-datakey", body)
+        if plaintext is None:
+            plaintext = _unhex(_field(reply, "data_key", str), "data_key")
+        return plaintext
+
+    def create_datakey(self, key_id: str, bits: int = 256) -> tuple[bytes, str]:
+        """create-datakey: (data key, its ``cipher_text`` hex to store beside the data)."""
+        body = {"key_id": key_id, "datakey_length": str(bits)}
+        plaintext, reply = self._recipient_call("create-datakey", body)
+        if plaintext is None:
+            plaintext = _unhex(_field(reply, "plain_text", str), "plain_text")
+        return plaintext, _field(reply, "cipher_text", str)
+
+    def gen_random(self, bits: int = 256) -> bytes:
+        """gen-random: ``bits`` / 8 random bytes (8–8192 bits, a multiple of 8)."""
+        plaintext, reply = self._recipient_call("gen-random", {"random_data_length": str(bits)})
+        if plaintext is None:
+            plaintext = _unhex(_field(reply, "random_data", str), "random_data")
+        return plaintext
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def recipient_key(self) -> RecipientKey:
+        with self._lock:
+            if self._recipient_key is None:
+                self._recipient_key = RecipientKey.generate()
+            return self._recipient_key
+
+    def recipient(self) -> dict:
+        """The ``recipient`` request field: a fresh document over this client's public key."""
+        key = self.recipient_key
+        document = self.attestor.attestation(public_key=key.public_key_der)
+        return {"attestation_document": _b64(document),
+                "key_encryption_algorithm": KEY_ENCRYPTION_ALGORITHM}
+
+    def _recipient_call(self, api: str, body: dict) -> tuple[bytes | None, dict]:
+        """(opened plaintext, reply) with an attestor; (None, reply) without one."""
+        if self.attestor is None:
+            return None, self.call(api, body)
+        reply = self.call(api, {**body, "recipient": self.recipient()})
+        envelope = _unbase64(_field(reply, "ciphertext_recipient", str), "ciphertext_recipient")
+        try:
+            return open_envelope(envelope, self.recipient_key.private_key), reply
+        except EnvelopeError as exc:
+            raise KmsProtocolError(f"ciphertext_recipient: {exc}") from None
+
+    def call(self, api: str, body: dict) -> dict:
+        """POST ``body`` to ``/v1.0/{project_id}/kms/<api>``; the decoded JSON reply."""
+        path = API_PREFIX.format(project_id=self.credentials.project_id) + api
+        payload = json.dumps(body, separators=(",", ":")).encode()
+        with self._lock:
+            status, data = self._exchange(path, payload)
+        return _decode_reply(status, data)
+
+    def _exchange(self, path: str, payload: bytes) -> tuple[int, bytes]:
+        """One request; retried once on a fresh connection if a kept-alive one was closed."""
+        for attempt in (1, 2):
+            reused = self._connection.sock is not None
+            try:
+                return self._send(path, payload)
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self._connection.close()
+                if attempt == 2 or not reused:
+                    raise
+            except BaseException:
+                self._connection.close()
+                raise
+        raise AssertionError("unreachable")
+
+    def _send(self, path: str, payload: bytes) -> tuple[int, bytes]:
+        headers = {"Host": self._connection.host, "Content-Type": "application/json"}
+        headers = sign_request("POST", path, "", headers, payload,
+                               self.credentials.access_key, self.credentials.secret_key)
+        self._connection.request("POST", path, body=payload, headers=headers)
+        response = self._connection.getresponse()
+        data = response.read(MAX_RESPONSE_SIZE + 1)
+        if len(data) > MAX_RESPONSE_SIZE:
+            self._connection.close()
+            raise KmsProtocolError(f"reply larger than {MAX_RESPONSE_SIZE} bytes")
+        if response.will_close:
+            self._connection.close()
+        return response.status, data
+
+
+def _decode_reply(status: int, data: bytes) -> dict:
+    try:
+        reply = json.loads(data)
+    except ValueError:
+        reply = None
+    if 200 <= status < 300:
+        if not isinstance(reply, dict):
+            raise KmsProtocolError(f"HTTP {status} with a body that is not a JSON object")
+        return reply
+    error = reply.get("error") if isinstance(reply, dict) else None
+    if isinstance(error, dict):
+        raise KmsClientError(status, str(error.get("error_code", "")), str(error.get("error_msg", "")))
+    raise KmsClientError(status, "", data[:200].decode("utf-8", "replace"))
+
+
+def _field(reply: dict, name: str, kind: type):
+    value = reply.get(name)
+    if not isinstance(value, kind):
+        raise KmsProtocolError(f"reply lacks {name!r} ({kind.__name__})")
+    return value
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _text(data: bytes | str) -> str:
+    return data if isinstance(data, str) else data.decode("utf-8")
+
+
+def _unbase64(text: str, name: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise KmsProtocolError(f"{name} is not base64") from None
+
+
+def _unhex(text: str, name: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise KmsProtocolError(f"{name} is not hex") from None
+
