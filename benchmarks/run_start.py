@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""Benchmark: time from ``qtbuild run`` to the application's first output, for a ≈50 MB image.
+
+Usage: python benchmarks/run_start.py [--size-mib 50] [--repeat 5] [--dir DIR] [--keep]
+
+Builds (once, not timed) an image of a static busybox plus ≈ --size-mib of file data shaped like
+an application image (2000 small files, 100 medium, 2 large; random bytes, so nothing is
+sparse), converts it with ``qtbuild convert`` (local profile), then --repeat times:
+
+  cli   ``qtbuild run EIF --attach-console --mem M`` in a fresh process; the clock runs from
+        spawning it to the application's first line on its stdout (interpreter start-up,
+        checks, supervisor start, single-pass verify + unpack into tmpfs, PKI, sandbox, exec);
+  api   ``Manager.start(RunOptions(..., attach_console=True))`` in this process; the clock runs
+        from the call to the first console byte (the same minus the CLI's interpreter start-up).
+
+Each enclave is stopped before the next.  Prints median, min and max per mode; target (issue 5):
+cli median < 1 s.  Needs root (tmpfs, cgroups; rootless: add --no-limits) and busybox-static.
+A temporary runtime and state directory are used, so the host's enclaves are not touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests", "qtbuild"))
+
+from imagefactory import default_config, write_oci_layout
+
+from qtbuild.build import ConvertOptions, convert
+from runtime.enclave import Manager, RunOptions
+
+MIB = 1 << 20
+FIRST_LINE = b"app: first output"
+BUSYBOX = ("/bin/busybox", "/usr/bin/busybox")
+
+
+def _image_layer(size: int, rng: random.Random) -> bytes:
+    """busybox + sh/echo/sleep, and ≈ ``size`` bytes of data: 20 % small, 40 % medium, 40 % large."""
+    busybox = next((path for path in BUSYBOX if os.path.exists(path)), None)
+    if busybox is None:
+        sys.exit("run_start: a static busybox is needed (apt-get install busybox-static)")
+    plan = [(f"usr/share/app/s{i // 100:02d}/f{i:04d}", size // 5 // 2000) for i in range(2000)]
+    plan += [(f"usr/lib/app/m{i:03d}.so", size * 2 // 5 // 100) for i in range(100)]
+    plan += [(f"opt/app/large{i}", size // 5) for i in range(2)]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add(busybox, arcname="bin/busybox")
+        for applet in ("sh", "echo", "sleep"):
+            link = tarfile.TarInfo(f"bin/{applet}")
+            link.type, link.linkname = tarfile.SYMTYPE, "busybox"
+            tar.addfile(link)
+        app = f"#!/bin/sh\necho '{FIRST_LINE.decode()}'\nexec sleep 60\n".encode()
+        _add(tar, "app.sh", app, 0o755)
+        for name, file_size in plan:
+            _add(tar, name, rng.randbytes(file_size), 0o644)
+    return buffer.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mode: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), mode
+    tar.addfile(info, io.BytesIO(data))
+
+
+def build(workdir: str, size_mib: int) -> str:
+    layout = os.path.join(workdir, "layout")
+    layer = _image_layer(size_mib * MIB, random.Random(5))
+    write_oci_layout(layout, [layer], default_config(cmd=["/bin/sh", "/app.sh"], env=["PATH=/bin"]), compression=None)
+    output = os.path.join(workdir, "bench.eif")
+    convert(f"oci:{layout}:latest", ConvertOptions(output=output, quiet=True))
+    return output
+
+
+def memory_for(eif: str) -> int:
+    return max(256, -(-os.path.getsize(eif) * 4 // MIB) + 64)
+
+
+def time_cli(eif: str, extra: list[str]) -> float:
+    command = [sys.executable, "-c", "from qtbuild.cli import main; main()", "run", eif, "--attach-console",
+               "--mem", str(memory_for(eif)), *extra]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        for line in process.stdout:
+            if line.startswith(FIRST_LINE):
+                return time.perf_counter() - started
+        sys.exit(f"run_start: no output from the enclave: {process.stderr.read().decode()[-500:]}")
+    finally:
+        process.kill()
+        process.wait()
+        Manager(notify=lambda _: None).stop_all()
+
+
+def time_api(eif: str, no_limits: bool) -> float:
+    manager = Manager(notify=lambda _: None)
+    started = time.perf_counter()
+    enclave = manager.start(RunOptions(eif, memory_mib=memory_for(eif), attach_console=True, no_limits=no_limits))
+    try:
+        first = enclave.console.read(len(FIRST_LINE))
+        elapsed = time.perf_counter() - started
+        assert first == FIRST_LINE, first
+        return elapsed
+    finally:
+        enclave.close()
+        manager.stop_all()
+
+
+def report(name: str, samples: list[float]) -> None:
+    print(f"{name:4}  median {statistics.median(samples):6.3f} s   min {min(samples):6.3f} s   "
+          f"max {max(samples):6.3f} s   ({len(samples)} runs)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size-mib", type=int, default=50)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--dir", help="work directory (default: a temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--no-limits", action="store_true", help="rootless hosts without cgroup delegation")
+    args = parser.parse_args()
+    workdir = args.dir or tempfile.mkdtemp(prefix="qtb-run-", dir="/tmp")
+    os.environ["QTBUILD_RUNTIME_DIR"] = os.path.join(workdir, "rt")
+    os.environ["QTBUILD_STATE_DIR"] = os.path.join(workdir, "state")
+    try:
+        eif = build(workdir, args.size_mib)
+        print(f"image: {os.path.getsize(eif) / MIB:.1f} MiB, --mem {memory_for(eif)} MiB")
+        extra = ["--no-limits"] if args.no_limits else []
+        time_cli(eif, extra)  # warm-up: page cache, PKI creation
+        report("cli", [time_cli(eif, extra) for _ in range(args.repeat)])
+        report("api", [time_api(eif, args.no_limits) for _ in range(args.repeat)])
+    finally:
+        if not args.keep and not args.dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""One enclave's supervisor: ``python -m runtime.enclave.supervisor --dir D --lock-fd L
+--status-fd S [--console-fd C]``.
+
+Started detached (its own session, so it outlives the CLI and ignores the terminal's Ctrl-C)
+by :mod:`runtime.enclave.manager`, which has written the enclave's record (status Starting) in
+``D`` and passes the ``alive.lock`` it holds (fd L): whoever holds that lock *is* the enclave,
+and the kernel releases it when the supervisor dies, however it dies.
+
+The supervisor plays the hypervisor and the enclave's init:
+
+1. as root, enter a private mount namespace (the enclave memory then vanishes with it);
+2. load the image (:mod:`runtime.enclave.loader`: checks, PCRs, unpack into memory);
+3. serve the security module on ``D/qtsm.sock`` (boot PCRs from the image, ``--parent-role``,
+   ``--instance-id``; zeros in debug mode; signer from the local PKI) and, in debug mode, the
+   console (:mod:`runtime.enclave.console`) on ``D/console.sock``;
+4. start the application in its sandbox (:mod:`runtime.enclave.plan`); ``start_sandbox``
+   returns once the application has been exec'd in its namespaces: that is "Running";
+5. boot heartbeat: if a parent listener is bound on CID 3 port 9000 (e.g. a tool waiting with
+   :func:`runtime.vsock.heartbeat_listen`), send it ``0xB7`` from the enclave's CID, as Nitro's
+   init does; without a listener nothing is sent (the status pipe already told the CLI);
+6. register the enclave's CID with its network namespace (vsock peer identity; skipped when
+   the application has already ended), record Running, report ``{"ready": summary}`` on fd S;
+7. wait for the application; then release everything (:mod:`runtime.enclave.resources`),
+   record Stopped (or OOM) with the exit status, report ``{"exit": {...}}`` on fd S if the CLI
+   still listens, and exit.
+
+A failure before step 6 is reported as ``{"error", "code", "check_failed"}`` on fd S after
+undoing what was done.  SIGTERM, SIGINT and SIGHUP stop the enclave (the application is
+killed); the final record is still written.  With ``--console-fd`` (``--attach-console``),
+the application's output, from its first byte, is also copied to fd C until it ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from runtime import vsock
+from runtime.qtsm.device import SecurityModule, boot_pcrs, make_module_id
+from runtime.qtsm.pki import LocalPki
+from runtime.qtsm.server import serve_device
+from runtime.sandbox import SandboxError, SandboxExit, start_sandbox
+from runtime.sandbox.syscalls import mount, unshare
+
+from . import resources
+from .console import ConsoleServer, RingBuffer, pump
+from .errors import EnclaveError
+from .loader import LoadedImage, load_image
+from .plan import sandbox_spec
+from .state import (
+    OOM,
+    RUNNING,
+    STOPPED,
+    EnclaveDir,
+    EnclaveRecord,
+    read_record,
+    write_record,
+)
+
+log = logging.getLogger("qtbuild.enclave")
+
+CLONE_NEWNS = 0x00020000
+MS_REC, MS_PRIVATE = 0x4000, 0x40000
+HEARTBEAT_TIMEOUT = 1.0
+DRAIN_TIMEOUT = 10.0
+
+
+class StatusPipe:
+    """The one-way channel to the CLI that started us; silent once the CLI is gone."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+
+    def send(self, **message) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.write(self.fd, (json.dumps(message) + "\n").encode())
+        except OSError:
+            self.close()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+class Supervisor:
+    """The enclave described by ``directory``'s record (see the module docstring)."""
+
+    def __init__(self, directory: EnclaveDir, record: EnclaveRecord, console_fd: int | None) -> None:
+        self.directory, self.record, self.console_fd = directory, record, console_fd
+        self.vsock_root = directory.runtime.vsock_root
+        self.as_root = os.geteuid() == 0
+        self.stop_requested = threading.Event()
+        self.sandbox = None
+        self.qtsm = None
+        self.console: ConsoleServer | None = None
+        self.threads: list[threading.Thread] = []
+
+    # -- start ------------------------------------------------------------------------------
+
+    def boot(self) -> None:
+        """Steps 1-6; raises EnclaveError (after :meth:`release`) on failure."""
+        try:
+            if self.as_root:
+                _private_mount_namespace()
+            image = self._load()
+            self._serve_security_module(image)
+            output_fd = self._open_console() if self.record.debug else None
+            self._start_sandbox(image, output_fd)
+            self._record_sandbox()
+            self._heartbeat()
+            self._register()
+        except BaseException:
+            self.release()
+            raise
+        self.record.status = RUNNING
+        write_record(self.directory, self.record)
+
+    def _load(self) -> LoadedImage:
+        record = self.record
+        image = load_image(record.eif_path, self.directory.root, memory_bytes=record.memory_mib << 20,
+                           use_tmpfs=self.as_root, preserve_owner=self.as_root)
+        record.measurements = image.measurements.nitro()["Measurements"]
+        write_record(self.directory, record)
+        resources.prepare_vsock(self.vsock_root, record.cid, image.launch.uid, image.launch.gid)
+        return image
+
+    def _serve_security_module(self, image: LoadedImage) -> None:
+        record = self.record
+        pki = LocalPki.load(record.pki_state_dir)
+        pcrs = boot_pcrs(image.measurements, parent_role=record.parent_role, instance_id=record.instance_id)
+        device = SecurityModule(pcrs, debug=record.debug, signer=pki.signer(record.leaf_name),
+                                module_id=make_module_id(record.leaf_name, _parent_id(record.instance_id)))
+        self.qtsm = serve_device(device, self.directory.qtsm_socket)
+        if self.as_root:  # the application's user must be able to connect (the path is ours alone)
+            os.chown(self.directory.qtsm_socket, image.launch.uid, image.launch.gid)
+
+    def _open_console(self) -> int:
+        """Ring buffer, its socket server and (attach mode) the copy to the CLI; returns the
+        write end the application's output goes to."""
+        ring = RingBuffer()
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        self._thread(pump, read_end, ring)
+        self.console = ConsoleServer(ring, self.directory.console_socket)
+        if self.console_fd is not None:
+            self._thread(_copy_to_fd, ring, self.console_fd)
+            self.console_fd = None
+        return write_end
+
+    def _start_sandbox(self, image: LoadedImage, output_fd: int | None) -> None:
+        try:
+            if self.stop_requested.is_set():
+                raise EnclaveError("stopped while starting")
+            spec = sandbox_spec(self.record, image, self.directory, self.vsock_root, output_fd=output_fd)
+            self.sandbox = start_sandbox(spec)
+        except SandboxError as exc:
+            reason = str(exc).replace("no_limits=True", "--no-limits")
+            raise EnclaveError(f"the enclave's sandbox could not start: {reason}", check_failed=True) from None
+        finally:
+            if output_fd is not None:
+                os.close(output_fd)  # the sandbox holds its own copy: EOF comes when it ends
+        if self.stop_requested.is_set():
+            self._kill_async()
+
+    def _heartbeat(self) -> None:
+        config = self._vsock_config(self.record.cid)
+        if not os.path.exists(vsock.socket_path(config.root, vsock.PARENT_CID, vsock.HEARTBEAT_PORT)):
+            return
+        try:
+            vsock.send_heartbeat(timeout=HEARTBEAT_TIMEOUT, config=config)
+        except OSError as exc:
+            log.warning("boot heartbeat to CID 3 port %d not acknowledged: %s", vsock.HEARTBEAT_PORT, exc)
+
+    def _register(self) -> None:
+        """Tie the enclave's CID to its network namespace (vsock peer identity)."""
+        try:
+            vsock.register_enclave(self.record.cid, self.sandbox.pid, config=self._vsock_config(vsock.PARENT_CID))
+        except ProcessLookupError:
+            log.info("the application ended before its vsock identity was registered")
+
+    def _record_sandbox(self) -> None:
+        """What ``stop`` needs to kill the sandbox should this supervisor die."""
+        record, sandbox = self.record, self.sandbox
+        record.sandbox_pid = sandbox.pid
+        record.sandbox_start = resources.process_start_time(sandbox.pid) or 0
+        if sandbox.cgroup is not None:
+            record.cgroup = {"version": sandbox.cgroup.version, "paths": sandbox.cgroup.paths}
+        write_record(self.directory, record)
+
+    # -- run and stop -----------------------------------------------------------------------
+
+    def wait(self) -> SandboxExit:
+        """Step 7's wait: the application's exit (or its kill, on a stop request)."""
+        return self.sandbox.wait()
+
+    def request_stop(self, *_signal_args) -> None:
+        """Signal handler: stop the enclave (now if it runs, before it starts otherwise)."""
+        self.stop_requested.set()
+        if self.sandbox is not None:
+            self._kill_async()
+
+    def _kill_async(self) -> None:
+        threading.Thread(target=self.sandbox.kill, daemon=True).start()
+
+    def release(self) -> None:
+        """Release everything this supervisor holds (idempotent)."""
+        if self.sandbox is not None:
+            self.sandbox.cleanup()
+        for thread in self.threads:  # output pump, then the copy to an attached CLI
+            thread.join(DRAIN_TIMEOUT)
+        for server in (self.console, self.qtsm):
+            if server is not None:
+                server.close()
+        self.console = self.qtsm = None
+        if self.console_fd is not None:
+            os.close(self.console_fd)
+            self.console_fd = None
+        resources.release_host_state(self.directory, self.record, self.vsock_root)
+
+    def finish(self, result: SandboxExit) -> dict:
+        """Record how the enclave ended; returns the exit report."""
+        record = self.record
+        record.exit_signal = result.signal
+        record.exit_code = result.code if result.signal is None else 128 + result.signal
+        killed = result.signal == signal.SIGKILL
+        record.status = OOM if result.oom_killed and killed else STOPPED
+        write_record(self.directory, record)
+        return {"status": record.status, "code": record.exit_code, "signal": record.exit_signal}
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _vsock_config(self, cid: int) -> vsock.VsockConfig:
+        return vsock.VsockConfig(vsock.EMULATED, cid, os.fspath(self.vsock_root))
+
+    def _thread(self, target, *args) -> None:
+        thread = threading.Thread(target=target, args=args, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+
+def _private_mount_namespace() -> None:
+    """A mount namespace of our own, private, so the tmpfs never appears on (or propagates to)
+    the host and goes away with this process and its sandbox.  Must run before any thread."""
+    unshare(CLONE_NEWNS)
+    mount(None, "/", None, MS_REC | MS_PRIVATE)
+
+
+def _parent_id(instance_id: str | None) -> str:
+    """The parent instance id in module ids: ``--instance-id`` when given and short enough,
+    else ``i-`` and 17 hex digits derived from this machine's id."""
+    if instance_id and len(instance_id) <= 64:
+        return instance_id
+    try:
+        with open("/etc/machine-id", "rb") as handle:
+            seed = handle.read(64)
+    except OSError:
+        seed = secrets.token_bytes(16)
+    return "i-" + hashlib.sha256(b"qtbuild-parent:" + seed).hexdigest()[:17]
+
+
+def _copy_to_fd(ring: RingBuffer, fd: int) -> None:
+    """Attach mode: the whole output to ``fd`` (the CLI's pipe) until the end or the CLI leaves."""
+    try:
+        for data in ring.follow(0):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+    except OSError:
+        pass  # the CLI went away (EPIPE): the enclave runs on
+    finally:
+        os.close(fd)
+
+
+def run(directory: EnclaveDir, status: StatusPipe, console_fd: int | None) -> int:
+    """Steps 1-7 for the enclave in ``directory``; returns the process exit code."""
+    record = read_record(directory)
+    record.process_id = os.getpid()
+    write_record(directory, record)
+    supervisor = Supervisor(directory, record, console_fd)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, supervisor.request_stop)
+    try:
+        supervisor.boot()
+    except EnclaveError as exc:
+        status.send(**exc.to_message())
+        return 1
+    except Exception as exc:
+        log.exception("start failed")
+        status.send(error=f"the enclave could not start: {type(exc).__name__}: {exc}", check_failed=True)
+        return 1
+    status.send(ready=record.summary())
+    result = supervisor.wait()
+    supervisor.release()
+    status.send(exit=supervisor.finish(result))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.enclave.supervisor")
+    parser.add_argument("--dir", required=True)
+    parser.add_argument("--lock-fd", type=int, required=True)
+    parser.add_argument("--status-fd", type=int, required=True)
+    parser.add_argument("--console-fd", type=int)
+    args = parser.parse_args(argv)
+    for fd in (args.lock_fd, args.status_fd, args.console_fd):
+        if fd is not None:
+            os.set_inheritable(fd, False)  # never passed on (the lock is held until we exit)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    status = StatusPipe(args.status_fd)
+    try:
+        return run(EnclaveDir(Path(args.dir)), status, args.console_fd)
+    finally:
+        status.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,80 @@
+"""The local runtime's platform rules and their qt error codes."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.enclave.errors import EnclaveError
+from runtime.enclave.rules import (
+    ENV_MAX_ENCLAVES,
+    MAX_CID,
+    check_capacity,
+    check_console,
+    check_resources,
+    choose_cid,
+    max_enclaves,
+)
+
+MIB = 1 << 20
+
+
+def code_of(call, *args) -> int | None:
+    with pytest.raises(EnclaveError) as caught:
+        call(*args)
+    assert str(caught.value).startswith(f"[E{caught.value.code:02d}] ") and "\n" not in str(caught.value)
+    assert not caught.value.check_failed
+    return caught.value.code
+
+
+def test_memory_needs_128_mib_and_four_times_the_image():
+    check_resources(2, 128, 32 * MIB, 2)
+    assert code_of(check_resources, 2, 127, 1, 2) == 10
+    assert code_of(check_resources, 2, 128, 32 * MIB + 1, 2) == 10
+    check_resources(2, 512, 128 * MIB, 2)
+    with pytest.raises(EnclaveError, match="at least 513 MiB"):
+        check_resources(2, 512, 128 * MIB + 1, 2)
+
+
+@pytest.mark.parametrize("cpus", [0, 1, 3, -2])
+def test_cpu_count_must_be_even_and_positive(cpus):
+    assert code_of(check_resources, cpus, 1024, 1, 8) == 2
+
+
+def test_cpu_count_is_bounded_by_the_available_cpus():
+    check_resources(4, 1024, 1, 4)
+    with pytest.raises(EnclaveError, match="only 2 CPU"):
+        check_resources(4, 1024, 1, 2)
+
+
+def test_cid_defaults_to_the_first_free_from_4():
+    assert choose_cid(None, {}) == 4
+    assert choose_cid(None, {4: 0, 5: 1, 7: 2}) == 6
+
+
+@pytest.mark.parametrize("cid", [0, 1, 2, 3, MAX_CID + 1])
+def test_cid_range(cid):
+    assert code_of(choose_cid, cid, {}) == 2
+
+
+def test_cid_in_use_is_error_43():
+    assert choose_cid(MAX_CID, {4: 0}) == MAX_CID
+    with pytest.raises(EnclaveError, match=r"\[E43\] CID 4 is already used by enclave 0"):
+        choose_cid(4, {4: 0})
+
+
+def test_enclave_limit_defaults_to_two_and_is_overridable(monkeypatch):
+    monkeypatch.delenv(ENV_MAX_ENCLAVES, raising=False)
+    assert max_enclaves() == 2
+    check_capacity([0], 2)
+    with pytest.raises(EnclaveError, match="at most 2 enclaves"):
+        check_capacity([0, 1], 2)
+    monkeypatch.setenv(ENV_MAX_ENCLAVES, "5")
+    assert max_enclaves() == 5
+    for bad in ("0", "many", "-1"):
+        monkeypatch.setenv(ENV_MAX_ENCLAVES, bad)
+        assert code_of(max_enclaves) == 2
+
+
+def test_console_only_in_debug_mode():
+    check_console(0, True)
+    assert code_of(check_console, 0, False) == 32
