@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Build a sample image with the local Docker daemon: scripts/build-sample.sh NAME [TAG]
+# (SAMPLE_EDIT=FILE appends one byte to FILE in the build context: a deliberately different image)
 # The build context gets a copy of the static busybox (Debian's busybox-static) so samples can be
 # FROM scratch: Docker Hub is not needed.
 set -euo pipefail
@@ -15,5 +16,17 @@ context=$(mktemp -d)
 trap 'rm -rf "$context"' EXIT
 cp -r "$dir"/. "$context"/
 cp "$busybox" "$context/busybox"
-docker build -q -t "qtbuild-samples/$name:$tag" "$context" >/dev/null
+if [ -n "${SAMPLE_EDIT:-}" ]; then
+  # the demo's "one changed byte" rebuild: append one byte to this file of the build context
+  printf '#' >> "$context/$SAMPLE_EDIT"
+fi
+if grep -q qtbuild_sdk "$dir/Dockerfile"; then
+  # the enclave SDK, exported as a self-contained package (qtbuild sdk export)
+  qtbuild=$(command -v qtbuild || echo .venv/bin/qtbuild)
+  "$qtbuild" sdk export "$context" >/dev/null
+fi
+if grep -q 'ARG BASE=debian:bookworm-slim' "$dir/Dockerfile" && [ -z "${BASE:-}" ]; then
+  bash scripts/base-images.sh >/dev/null   # Docker Hub is unreachable: build the base locally
+fi
+docker build -q ${BASE:+--build-arg "BASE=$BASE"} ${EXTRA_BUILD_ARGS:-} -t "qtbuild-samples/$name:$tag" "$context" >/dev/null
 echo "qtbuild-samples/$name:$tag"

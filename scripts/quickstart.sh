@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command for a new user on a fresh Debian/Ubuntu machine: install qtbuild and what it needs
 # (Docker engine, registry, skopeo, busybox-static; Python package in ./.venv), then run the
-# main job on the bundled sample: build the image, convert it to a signed EIF, print and verify
-# its measurements, and show that a rebuild reproduces them.
+# main job on the bundled samples: build the image, convert it to a signed EIF, print and verify
+# its measurements, show that a rebuild reproduces them, then run the bank-card seed workflow
+# (KMS, object store, attested decryption in a local enclave, and the refusals).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,5 +41,11 @@ $qtbuild verify "$out/hello.eif" --expect "$out/hello.measurements.json" --signi
 
 say "reproducibility: convert again and --check against the first image"
 $qtbuild convert "docker://$image" --name hello --version 1.0 --check "$out/hello.eif" -q >/dev/null
+
+say "creating the debian:bookworm-slim base image locally (debootstrap; only the first time)"
+bash scripts/base-images.sh
+
+say "the seed workflow end to end: qtbuild demo bank-card"
+$qtbuild demo bank-card
 
 say "done: outputs are in $out/"

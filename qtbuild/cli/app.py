@@ -58,12 +58,15 @@ def cli() -> None:
 
 
 def _register_commands() -> None:
-    from qtbuild.cli import attest, build_eif, convert, describe, diff, extract, pcr, pki, proxy, sdk, sign, verify
+    from qtbuild.cli import (attest, build_eif, convert, demo, describe, diff, enclave, extract, kms, pcr, pki, proxy, sdk,
+                             sign, verify)
 
-    for module in (attest, build_eif, describe, diff, extract, pcr, pki, proxy, sdk, sign, verify):
+    for module in (attest, build_eif, demo, describe, diff, extract, kms, pcr, pki, proxy, sdk, sign, verify):
         cli.add_command(module.command)
     cli.add_command(convert.convert_command)
     cli.add_command(convert.measure_command)
+    cli.add_command(enclave.run_command)
+    cli.add_command(enclave.enclave_group)
 
 
 _register_commands()

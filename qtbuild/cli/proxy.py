@@ -10,6 +10,7 @@ import sys
 import click
 
 from runtime import vsock
+from runtime.enclave.state import RuntimeDir
 from runtime.proxy import ProxyConfig, ProxyConfigError, Route, load_config, run
 
 
@@ -68,9 +69,16 @@ def _proxy_config(config_path, route: Route | None, limits: dict) -> ProxyConfig
 
 
 def _vsock_config(transport, vsock_dir) -> vsock.VsockConfig:
+    """From the options and environment; with neither naming a vsock directory, the local
+    runtime's (``<runtime dir>/vsock``, where ``qtbuild run`` puts enclaves) when it exists, so
+    the proxy reaches local enclaves even on a host that also has a real /dev/vsock."""
     environ = dict(os.environ)
     if transport:
         environ[vsock.ENV_TRANSPORT] = transport
     if vsock_dir:
         environ[vsock.ENV_DIR] = vsock_dir
+    if vsock.ENV_DIR not in environ and not transport:
+        local_root = RuntimeDir.default().vsock_root
+        if local_root.is_dir():
+            environ[vsock.ENV_DIR] = str(local_root)
     return vsock.VsockConfig.from_env(environ)

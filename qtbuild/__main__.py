@@ -1,0 +1,5 @@
+"""``python -m qtbuild``: the same as the ``qtbuild`` command."""
+
+from qtbuild.cli import main
+
+main()

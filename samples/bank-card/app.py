@@ -1,0 +1,131 @@
+"""Bank-card enclave application (the seed workflow's step 3).
+
+Inside the enclave there is no network: the only ways out are vsock connections to the parent
+(CID 3), where qt-proxy forwards chosen ports to the KMS and the object store.  The parent hands
+the job over vsock (no secret is baked into the image):
+
+    {"kms": {"vsock_port", "access_key", "secret_key", "project_id", "key_id"},
+     "object_store": {"vsock_port"}, "download_url": presigned GET, "upload_url": presigned PUT}
+
+The app downloads the ciphertext, decrypts it with decrypt-data carrying an attestation document
+over a fresh RSA key (the KMS answers with an envelope only this enclave can open), validates and
+masks each card number, encrypts the result with encrypt-data and uploads it, then reports a
+summary (never the card numbers) back to the parent.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import sys
+import urllib.parse
+
+from qtbuild_sdk import Qtsm, connect, listen
+from qtbuild_sdk.kms_client import Credentials, KmsClient, vsock_transport
+
+JOB_PORT = 5000
+MAX_JOB = 64 * 1024
+MAX_OBJECT = 16 * 1024 * 1024
+
+
+def luhn_valid(number: str) -> bool:
+    """The Luhn checksum every payment card number satisfies."""
+    digits = [int(ch) for ch in number if ch.isdigit()]
+    if len(digits) < 12 or len(digits) != len(number):
+        return False
+    total = 0
+    for position, digit in enumerate(reversed(digits)):
+        if position % 2 == 1:
+            digit *= 2
+            if digit > 9:
+                digit -= 9
+        total += digit
+    return total % 10 == 0
+
+
+def mask(number: str) -> str:
+    """Keep the first 6 and last 4 digits (PCI DSS display rule)."""
+    return number[:6] + "*" * max(len(number) - 10, 0) + number[-4:]
+
+
+def process(records: str) -> list[dict]:
+    """``name,card_number`` lines → [{"name", "card", "valid"}] with masked cards."""
+    out = []
+    for line in records.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, _, number = line.partition(",")
+        number = number.strip().replace(" ", "")
+        out.append({"name": name.strip(), "card": mask(number), "valid": luhn_valid(number)})
+    return out
+
+
+class _VsockHTTPConnection(http.client.HTTPConnection):
+    """HTTP to the object store through the parent's proxy (vsock port → TCP)."""
+
+    def __init__(self, host: str, vsock_port: int) -> None:
+        super().__init__(host, timeout=30)
+        self._vsock_port = vsock_port
+
+    def connect(self) -> None:
+        self.sock = connect(3, self._vsock_port, timeout=30)
+
+
+def http_call(method: str, url: str, vsock_port: int, body: bytes | None = None) -> bytes:
+    parts = urllib.parse.urlsplit(url)
+    connection = _VsockHTTPConnection(parts.netloc, vsock_port)
+    try:
+        target = parts.path + ("?" + parts.query if parts.query else "")
+        connection.request(method, target, body=body, headers={"Content-Length": str(len(body or b""))})
+        response = connection.getresponse()
+        data = response.read(MAX_OBJECT + 1)
+        if response.status >= 300 or len(data) > MAX_OBJECT:
+            raise RuntimeError(f"{method} {parts.path}: HTTP {response.status}")
+        return data
+    finally:
+        connection.close()
+
+
+def run_job(job: dict) -> dict:
+    kms_conf = job["kms"]
+    store_port = int(job["object_store"]["vsock_port"])
+    ciphertext = http_call("GET", job["download_url"], store_port).decode().strip()
+    credentials = Credentials(kms_conf["access_key"], kms_conf["secret_key"], kms_conf["project_id"])
+    with KmsClient(vsock_transport(int(kms_conf["vsock_port"])), credentials, attestor=Qtsm()) as kms:
+        records = kms.decrypt_data(ciphertext).decode("utf-8")
+        results = process(records)
+        sealed = kms.encrypt_data(kms_conf["key_id"], json.dumps(results, sort_keys=True).encode())
+    http_call("PUT", job["upload_url"], store_port, sealed.encode())
+    return {"status": "ok", "records": len(results), "valid": sum(r["valid"] for r in results)}
+
+
+def read_job(connection) -> dict:
+    data = b""
+    while not data.endswith(b"\n") and len(data) <= MAX_JOB:
+        chunk = connection.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return json.loads(data)
+
+
+def main() -> int:
+    listener = listen(JOB_PORT)
+    print(f"bank-card enclave: waiting for a job on vsock port {JOB_PORT}", flush=True)
+    connection, peer = listener.accept()
+    try:
+        job = read_job(connection)
+        try:
+            summary = run_job(job)
+        except Exception as exc:  # reported to the parent; the enclave then exits non-zero
+            summary = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
+        connection.sendall(json.dumps(summary).encode() + b"\n")
+        print(f"bank-card enclave: {summary['status']}", flush=True)
+        return 0 if summary["status"] == "ok" else 1
+    finally:
+        connection.close()
+        listener.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
