@@ -13,34 +13,15 @@ recorded in the customer ramdisk (see :mod:`qtbuild.ramdisk`) so the runtime nee
 
 from __future__ import annotations
 
-import json
 import posixpath
 import stat
-from dataclasses import asdict, dataclass, field
 from typing import Callable
 
+from formats.launch import Launch, LaunchFormatError, with_default_path
 from qtbuild.errors import ImageError
 
 #: /etc/passwd and /etc/group bigger than this are not read.
 MAX_ACCOUNT_FILE = 1 << 20
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-@dataclass(frozen=True)
-class Launch:
-    """The resolved process to start inside the enclave."""
-
-    argv: list[str]
-    env: list[str]
-    cwd: str = "/"
-    uid: int = 0
-    gid: int = 0
-    groups: list[int] = field(default_factory=list)
-    user: str = ""
-
-    def to_json(self) -> bytes:
-        """Deterministic JSON (sorted keys, compact) for the ``launch.json`` ramdisk file."""
-        return (json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
 
 
 def resolve_launch(config: dict, read_file: Callable[[str], bytes | None], *, semantics: str = "oci") -> Launch:
@@ -54,17 +35,15 @@ def resolve_launch(config: dict, read_file: Callable[[str], bytes | None], *, se
     if not isinstance(container, dict):
         raise ImageError("image config: 'config' is not an object")
     argv = _command(container, semantics)
-    env = _string_list(container.get("Env"), "Env")
-    if not any(item.startswith("PATH=") for item in env):
-        env = [f"PATH={DEFAULT_PATH}"] + env
-    for item in argv + env:
-        if "\n" in item or "\0" in item:
-            raise ImageError(f"image command/env element {item!r} contains a newline or NUL, which the enclave's cmd/env files cannot represent")
+    env = with_default_path(_string_list(container.get("Env"), "Env"))
     cwd = container.get("WorkingDir") or "/"
     if not isinstance(cwd, str) or not cwd.startswith("/"):
         raise ImageError(f"image WorkingDir {cwd!r} is not an absolute path")
     uid, gid, groups, user = _resolve_user(container.get("User") or "", read_file)
-    return Launch(argv, env, posixpath.normpath(cwd), uid, gid, groups, user)
+    try:
+        return Launch(argv, env, posixpath.normpath(cwd), uid, gid, groups, user)
+    except LaunchFormatError as exc:
+        raise ImageError(f"image {exc}") from None
 
 
 def _command(container: dict, semantics: str) -> list[str]:

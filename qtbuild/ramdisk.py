@@ -2,10 +2,8 @@
 
 Archive layout (nitro-cli's convention, see ``shared/spec/eif.md`` §5)::
 
-    cmd            argv, one element per line, each followed by "\\n"
-    env            KEY=VALUE lines, each followed by "\\n"
-    launch.json    qtbuild's record of argv, env, cwd, uid, gid, groups and user name
-                   (compact JSON, sorted keys); nitro's init ignores it, ``qtbuild run`` uses it
+    cmd, env, launch.json   the launch record (:mod:`formats.launch`): nitro's init reads cmd
+                            and env, ``qtbuild run`` reads launch.json
     rootfs/        the image filesystem
     rootfs/{dev,proc,run,sys,tmp,var}   mount points, added when the image lacks them
 
@@ -20,7 +18,7 @@ import stat
 from typing import Iterable
 
 from formats.cpio import CpioArchive, CpioEntry
-from qtbuild.launch import Launch
+from formats.launch import Launch
 
 ROOTFS = b"rootfs"
 #: Mount points the init expects, with the modes a Linux root uses for them.
@@ -37,9 +35,7 @@ def _dir(path: bytes, mode: int = 0o755) -> CpioEntry:
 
 def launch_files(launch: Launch) -> list[CpioEntry]:
     """The ``cmd``, ``env`` and ``launch.json`` files at the archive root."""
-    cmd = "".join(item + "\n" for item in launch.argv).encode()
-    env = "".join(item + "\n" for item in launch.env).encode()
-    return [_file(b"cmd", cmd), _file(b"env", env), _file(b"launch.json", launch.to_json())]
+    return [_file(b"cmd", launch.cmd_file()), _file(b"env", launch.env_file()), _file(b"launch.json", launch.to_json())]
 
 
 def customer_entries(image_entries: Iterable[CpioEntry], launch: Launch) -> list[CpioEntry]:

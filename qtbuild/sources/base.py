@@ -22,7 +22,7 @@ import abc
 import json
 import re
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from qtbuild.errors import ImageError
 

@@ -44,7 +44,9 @@ from formats.measure import Measurements
 from runtime.unpack import unpack_archive
 
 from .errors import E_FILE, E_MEMORY, EnclaveError
-from .launch import LaunchSpec, read_launch
+from formats.launch import Launch
+
+from .launch import read_launch
 from .resources import prepare_memory, release_memory
 
 __all__ = ["LoadedImage", "load_image"]
@@ -60,7 +62,7 @@ class LoadedImage:
     """An image in enclave memory: its PCRs, what to run, and where its root filesystem is."""
 
     measurements: Measurements
-    launch: LaunchSpec
+    launch: Launch
     rootfs: str
     ramdisk_bytes: int
 
@@ -179,7 +181,7 @@ def _verify(signature: SignatureInfo, measurements: Measurements, at: datetime |
         raise EnclaveError(f"signature check failed: {exc}", check_failed=True) from None
 
 
-def _launch(dest: Path) -> tuple[LaunchSpec, str]:
+def _launch(dest: Path) -> tuple[Launch, str]:
     root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         launch = read_launch(root_fd)

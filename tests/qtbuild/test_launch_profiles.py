@@ -10,7 +10,8 @@ import pytest
 from formats.cpio import CpioEntry, iter_archive
 from formats.local_abi import parse_local_kernel
 from qtbuild.errors import ImageError
-from qtbuild.launch import DEFAULT_PATH, resolve_launch, tree_file_reader
+from formats.launch import DEFAULT_PATH
+from qtbuild.launch import resolve_launch, tree_file_reader
 from qtbuild.profiles import blobs_profile, kernel_arch, local_profile
 from qtbuild.ramdisk import customer_ramdisk
 

@@ -20,7 +20,7 @@ from formats.eif_writer import write_eif
 from formats.local_abi import make_local_kernel
 from qtbuild.signing import Pcr0Signer
 from runtime.enclave.errors import EnclaveError
-from runtime.enclave.launch import DEFAULT_PATH
+from formats.launch import DEFAULT_PATH
 from runtime.enclave.loader import NOT_LOCAL, load_image
 from tests.helpers.certs import make_certificate, make_key, to_pem
 from tests.helpers.eif_inputs import newc
@@ -83,7 +83,7 @@ def test_load_measures_the_loaded_bytes_and_reads_launch_json(tmp_path):
 def test_cmd_and_env_are_the_fallback(tmp_path):
     image = load(write(tmp_path, ramdisk=customer(launch=None)), tmp_path / "memory")
     assert image.launch.argv == ["/bin/app", "--cmd"]
-    assert image.launch.env == [DEFAULT_PATH, "B=2"] and image.launch.cwd == "/" and image.launch.uid == 0
+    assert image.launch.env == [f"PATH={DEFAULT_PATH}", "B=2"] and image.launch.cwd == "/" and image.launch.uid == 0
 
 
 def test_a_signed_image_gets_pcr8(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from formats.measure import Measurements
-from runtime.enclave.launch import LaunchSpec
+from formats.launch import Launch
 from runtime.enclave.loader import LoadedImage
 from runtime.enclave.plan import enclave_env, sandbox_spec
 from runtime.enclave.state import EnclaveRecord, RuntimeDir
@@ -23,7 +23,7 @@ def test_spec_binds_only_this_enclaves_sockets(tmp_path):
     record = EnclaveRecord(enclave_id=2, cid=9, cpus=2, memory_mib=256, debug=False, eif_path="/x.eif",
                            no_limits=True, sandbox_name="enclave-2-abc")
     pcr = b"\0" * 48
-    image = LoadedImage(Measurements(pcr, pcr, pcr), LaunchSpec(["/app"], ["PATH=/bin"], "/srv", 5, 6, [7]),
+    image = LoadedImage(Measurements(pcr, pcr, pcr), Launch(["/app"], ["PATH=/bin"], "/srv", 5, 6, [7]),
                         str(tmp_path / "rootfs"), 10 << 20)
     spec = sandbox_spec(record, image, directory, runtime.vsock_root, output_fd=None)
     binds = {bind.target: (bind.source, bind.read_only) for bind in spec.binds}
