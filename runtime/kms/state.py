@@ -16,11 +16,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from runtime.files import write_atomically
 from runtime.kms.crypto import MasterKey
 from runtime.kms.operations import Environment, new_principal, principal_context
 from runtime.kms.store import Store
@@ -88,17 +88,7 @@ def write_credentials(path: Path, endpoint: str, credentials: Credentials) -> No
     data = json.dumps({"endpoint": endpoint, "access_key": credentials.access_key,
                        "secret_key": credentials.secret_key,
                        "project_id": credentials.project_id}, indent=2).encode() + b"\n"
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(descriptor, 0o600)
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path, data, 0o600)
 
 
 def read_credentials(path: str | os.PathLike) -> tuple[str, Credentials]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -34,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from runtime.attest import fingerprint
+from runtime.files import write_atomically
 from runtime.qtsm.device import Signer
 
 ROOT_VALIDITY = timedelta(days=30 * 365)
@@ -315,17 +315,7 @@ def _make_private_dir(path: Path) -> None:
 
 def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Atomically replace ``path`` with ``data``, created with ``mode`` (never wider)."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_atomically(path, data, mode)
 
 
 def _save_authority(directory: Path, level: str, authority: _Authority) -> None:
