@@ -60,10 +60,10 @@ def image(tmp_path_factory, docker_client, registry):
     docker_client.images.remove(f"{REPO}:v1", force=True)
 
 
-def convert(source: str, out, env: dict | None = None) -> dict:
+def convert(source: str, out, env: dict | None = None, cwd=None) -> dict:
     result = subprocess.run(
         [sys.executable, "-c", "from qtbuild.cli import main; main()", "convert", source, "-o", str(out), "-q"],
-        capture_output=True, text=True, env={**os.environ, **(env or {})},
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, cwd=cwd,
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -85,7 +85,7 @@ def test_environment_does_not_change_the_bytes(image, tmp_path):
     env = {"TZ": "Asia/Shanghai", "LANG": "zh_CN.UTF-8", "LC_ALL": "C", "TMPDIR": str(odd_tmp), "PYTHONHASHSEED": "12345"}
     old = os.umask(0o077)
     try:
-        convert(image["layout"], tmp_path / "odd.eif", env)
+        convert(image["layout"], tmp_path / "odd.eif", env, cwd=odd_tmp.parent)
     finally:
         os.umask(old)
     assert (tmp_path / "plain.eif").read_bytes() == (tmp_path / "odd.eif").read_bytes()

@@ -191,3 +191,16 @@ def test_diff_metadata_only(files, monkeypatch):
     assert report["Measurements"]["Moved"] == []
     assert [m["Key"] for m in report["Metadata"]] == ["BuildMetadata.BuildTime"]
     assert [s["Moves"] for s in report["Sections"]] == [[]]
+
+
+def test_certificate_file_with_several_certificates_signs_with_the_first(files):
+    build(files)
+    _, second = key_files(files, "second")
+    chain = files / "chain.pem"
+    chain.write_bytes((files / "cert.pem").read_bytes() + second.read_bytes())
+    result = invoke("sign", files / "app.eif", "--private-key", files / "key.pem", "--signing-certificate", chain, "-o", files / "s.eif")
+    assert result.exit_code == 0, result.stderr
+    assert "several certificates; the first one signs" in result.stderr
+    pcr8 = json.loads(invoke("pcr", "--signing-certificate", files / "cert.pem").stdout)["PCR8"]
+    assert json.loads(result.stdout)["PCR8"] == pcr8
+    assert invoke("verify", files / "s.eif", "--signing-certificate", files / "cert.pem").exit_code == 0
