@@ -27,6 +27,8 @@ def _image_options(function):
     decorators = [
         click.argument("source", required=False),
         click.option("--docker-uri", "docker_uri", help="Alias of SOURCE (qt enclave make-img / nitro-cli spelling)."),
+        click.option("--source", "source_kind", type=click.Choice(["daemon", "archive", "oci", "registry"]),
+                     help="Where a SOURCE without a prefix comes from (default: the Docker daemon)."),
         click.option("--platform", help="linux/amd64 or linux/arm64: which image of a multi-platform index."),
         click.option("--blobs", type=click.Path(exists=True, file_okay=False), help="Real blob directory (bzImage|Image, cmdline, init, *.ko) for a hardware-bootable image; default: the local runtime profile."),
         click.option("--cmdline", help="Kernel command line (default: the profile's)."),
@@ -46,21 +48,25 @@ def _image_options(function):
     return function
 
 
-def _options(source, docker_uri, output, platform, blobs, cmdline, cmd_semantics, name, image_version, metadata_path,
-             private_key, signing_certificate, quiet) -> tuple[str, "ConvertOptions"]:
+def _options(params: dict, output: str | None) -> tuple[str, "ConvertOptions"]:
+    """The source string and ConvertOptions from the shared options (see _image_options)."""
+    source, docker_uri = params["source"], params["docker_uri"]
     if source and docker_uri and source != docker_uri:
         raise InputError("give the image either as SOURCE or as --docker-uri, not both")
     source = source or docker_uri
     if not source:
         raise InputError("no image given: qtbuild convert SOURCE -o app.eif (see --help)")
-    if (private_key is None) != (signing_certificate is None):
+    private_key, certificate = params["private_key"], params["signing_certificate"]
+    if (private_key is None) != (certificate is None):
         raise InputError("--private-key and --signing-certificate go together: give both to sign, or neither")
-    signer = load_signer(private_key, signing_certificate) if private_key else None
+    signer = load_signer(private_key, certificate) if private_key else None
     from qtbuild.build import ConvertOptions  # deferred: keeps `qtbuild --help` fast
+    from qtbuild.sources.open import with_source_kind
 
-    return source, ConvertOptions(output=output, platform=platform, blobs=blobs, cmdline=cmdline, name=name,
-                                  version=image_version, metadata_path=metadata_path, cmd_semantics=cmd_semantics,
-                                  signer=signer, quiet=quiet)
+    options = ConvertOptions(output=output, platform=params["platform"], blobs=params["blobs"], cmdline=params["cmdline"],
+                             name=params["name"], version=params["image_version"], metadata_path=params["metadata_path"],
+                             cmd_semantics=params["cmd_semantics"], signer=signer, quiet=params["quiet"])
+    return with_source_kind(source, params["source_kind"]), options
 
 
 def _print(result, style: str) -> None:
@@ -76,18 +82,16 @@ def _print(result, style: str) -> None:
 @click.option("-o", "--output", "--eif", "--output-file", "output", type=click.Path(dir_okay=False), help="EIF file to write (atomically).")
 @click.option("--check", "--expect", "expected", type=click.Path(exists=True, dir_okay=False),
               help="Rebuild and compare with an earlier EIF or measurements JSON: exit 1 with the differences when the PCRs moved.")
-def convert_command(source, docker_uri, output, platform, blobs, cmdline, cmd_semantics, name, image_version,
-                    metadata_path, private_key, signing_certificate, style, quiet, expected) -> None:
+def convert_command(output, expected, **params) -> None:
     """Convert a container image into an enclave image file and print its measurements."""
     if not output and not expected:
         raise InputError("no output file: add -o app.eif (or use `qtbuild measure` to only compute PCRs)")
     with tempfile.TemporaryDirectory(prefix="qtbuild-check-") as scratch:
         target = output or os.path.join(scratch, "rebuilt.eif")
-        source, options = _options(source, docker_uri, target, platform, blobs, cmdline, cmd_semantics, name,
-                                   image_version, metadata_path, private_key, signing_certificate, quiet)
+        source, options = _options(params, target)
         result = _convert(source, options)
-        _print(result, style)
-        _summary(source, result, quiet)
+        _print(result, params["style"])
+        _summary(source, result, params["quiet"])
         if expected and not check_rebuild(target, expected):
             sys.exit(EXIT_CHECK_FAILED)
 
@@ -100,14 +104,12 @@ def _convert(source, options):
 
 @click.command("measure", epilog=SOURCE_HELP)
 @_image_options
-def measure_command(source, docker_uri, platform, blobs, cmdline, cmd_semantics, name, image_version,
-                    metadata_path, private_key, signing_certificate, style, quiet) -> None:
+def measure_command(**params) -> None:
     """Print the measurements `convert` would produce, without writing a file."""
-    source, options = _options(source, docker_uri, None, platform, blobs, cmdline, cmd_semantics, name,
-                               image_version, metadata_path, private_key, signing_certificate, quiet)
+    source, options = _options(params, None)
     result = _convert(source, options)
-    _print(result, style)
-    _summary(source, result, quiet)
+    _print(result, params["style"])
+    _summary(source, result, params["quiet"])
 
 
 def _summary(source: str, result, quiet: bool) -> None:

@@ -56,6 +56,22 @@ def open_image(source: str, *, platform: Platform | None) -> Image:
     return _daemon(source, platform)
 
 
+SOURCE_PREFIXES = {"daemon": "docker://", "archive": "docker-archive:", "oci": "oci:", "registry": "registry://"}
+
+
+def with_source_kind(source: str, kind: str | None) -> str:
+    """``source`` with the prefix of ``kind`` (``--source daemon|archive|oci|registry``) when it
+    has none yet; ImageError when it already names another kind."""
+    if kind is None:
+        return source
+    prefix = SOURCE_PREFIXES[kind]
+    if source.startswith(prefix):
+        return source
+    if any(source.startswith(other) for other in SOURCE_PREFIXES.values()) or source.startswith("docker:"):
+        raise ImageError(f"--source {kind} does not match {source!r}; drop --source or the prefix")
+    return prefix + source
+
+
 def _required(source: str, prefix: str) -> str:
     rest = source[len(prefix):]
     if not rest:

@@ -140,3 +140,14 @@ def test_blobs_without_init_is_refused(tmp_path):
     (tmp_path / "bzImage").write_bytes(bzimage())
     with pytest.raises(ImageError, match="init"):
         blobs_profile(tmp_path, "amd64")
+
+
+def test_source_kind_prefixes_a_bare_source():
+    from qtbuild.sources.open import with_source_kind
+
+    assert with_source_kind("127.0.0.1:5000/app:v1", "registry") == "registry://127.0.0.1:5000/app:v1"
+    assert with_source_kind("app.tar", "archive") == "docker-archive:app.tar"
+    assert with_source_kind("oci:dir", "oci") == "oci:dir"
+    assert with_source_kind("hello:v1", None) == "hello:v1"
+    with pytest.raises(ImageError, match="does not match"):
+        with_source_kind("docker://hello", "oci")
