@@ -121,6 +121,7 @@ class Manager:
     def start(self, options: RunOptions) -> Started:
         eif = os.path.abspath(options.eif)
         rules.check_resources(options.cpus, options.memory_mib, _file_size(eif), rules.available_cpus())
+        rules.check_cid_range(options.cid)
         pki_dir = self._ensure_pki()
         directory, lock_fd = self._reserve(options, eif, pki_dir)
         try:

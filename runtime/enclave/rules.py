@@ -62,6 +62,13 @@ def check_resources(cpus: int, memory_mib: int, eif_size: int, cpus_available: i
                            code=E_INVALID_ARGUMENT)
 
 
+def check_cid_range(requested: int | None) -> None:
+    """The range rule alone (no state needed), so bad input is refused before anything is set up."""
+    if requested is not None and not FIRST_CID <= requested <= MAX_CID:
+        raise EnclaveError(f"--cid {requested}: the enclave CID must be in {FIRST_CID}..{MAX_CID} "
+                           "(0-2 are reserved, 3 is the parent)", code=E_INVALID_ARGUMENT)
+
+
 def choose_cid(requested: int | None, used: dict[int, int]) -> int:
     """``requested`` if valid and free, else (None) the first free CID from 4.  ``used`` maps
     CIDs in use to the enclave ids holding them."""
@@ -70,9 +77,7 @@ def choose_cid(requested: int | None, used: dict[int, int]) -> int:
         while cid in used:
             cid += 1
         return cid
-    if not FIRST_CID <= requested <= MAX_CID:
-        raise EnclaveError(f"--cid {requested}: the enclave CID must be in {FIRST_CID}..{MAX_CID} "
-                           "(0-2 are reserved, 3 is the parent)", code=E_INVALID_ARGUMENT)
+    check_cid_range(requested)
     if requested in used:
         raise EnclaveError(f"CID {requested} is already used by enclave {used[requested]}", code=E_CID_IN_USE)
     return requested

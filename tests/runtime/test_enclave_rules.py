@@ -78,3 +78,16 @@ def test_enclave_limit_defaults_to_two_and_is_overridable(monkeypatch):
 def test_console_only_in_debug_mode():
     check_console(0, True)
     assert code_of(check_console, 0, False) == 32
+
+
+def test_cid_range_is_checked_before_any_state_is_created(tmp_path, monkeypatch):
+    """`run --cid 2` used to create the local PKI before refusing the CID."""
+    from runtime.enclave.manager import Manager, RunOptions
+
+    monkeypatch.setenv("QTBUILD_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("QTBUILD_RUNTIME_DIR", str(tmp_path / "run"))
+    eif = tmp_path / "app.eif"
+    eif.write_bytes(b"x" * 1024)
+    with pytest.raises(EnclaveError, match="must be in 4"):
+        Manager().start(RunOptions(eif=str(eif), cid=3))
+    assert not (tmp_path / "state").exists()
