@@ -72,7 +72,7 @@ def export_root(state_dir: str | None, output: str | None, der: bool) -> None:
     encoding = serialization.Encoding.DER if der else serialization.Encoding.PEM
     data = pki.root_certificate.public_bytes(encoding)
     if output is None:
-        click.get_binary_stream("stdout").write(data)
+        click.echo(data, nl=False)  # click writes bytes to the binary stdout
         return
     with open(output, "wb") as handle:
         handle.write(data)
