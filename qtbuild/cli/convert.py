@@ -91,7 +91,7 @@ def convert_command(output, expected, **params) -> None:
         source, options = _options(params, target)
         result = _convert(source, options)
         _print(result, params["style"])
-        _summary(source, result, params["quiet"])
+        _summary(source, result, params["quiet"], output)
         if expected and not check_rebuild(target, expected):
             sys.exit(EXIT_CHECK_FAILED)
 
@@ -112,9 +112,9 @@ def measure_command(**params) -> None:
     _summary(source, result, params["quiet"])
 
 
-def _summary(source: str, result, quiet: bool) -> None:
+def _summary(source: str, result, quiet: bool, output: str | None = None) -> None:
     for warning in result.warnings:
         say(f"warning: {warning}", quiet=quiet)
-    target = f"wrote {result.result.size} bytes" if result.result else ""
+    done = f"wrote {output} ({result.result.size} bytes)" if output else f"measured {result.result.size} bytes"
     say(f"{source}: {result.arch}, image {result.image_id[:19]}, profile {result.profile}, "
-        f"argv {result.launch.argv!r}; {target}", quiet=quiet)
+        f"argv {result.launch.argv!r}; {done}", quiet=quiet)
