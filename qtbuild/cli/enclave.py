@@ -16,6 +16,7 @@ exit 2 for refused requests (rules, bad image), 1 when a check or the enclave fa
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
@@ -121,7 +122,11 @@ def stop_command(enclave_id: int | None, stop_all: bool) -> None:
 @_errors
 def console_command(enclave_id: int) -> None:
     """Follow a debug-mode enclave's console (one reader at a time) until it stops or Ctrl-C."""
-    Manager().console(enclave_id, click.get_binary_stream("stdout"))
+    Manager().console(enclave_id, sys.stdout.buffer)
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:  # `console | head`: stdout is gone; don't let the exit-time flush complain
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 @_errors

@@ -198,7 +198,7 @@ def read_console(path: str | os.PathLike, output) -> None:
     """Copy the console at ``path`` to the binary file ``output`` until the enclave stops.
 
     ConnectionError when nobody serves ``path``; :class:`ConsoleBusy` when another reader is
-    attached."""
+    attached.  Returns quietly when ``output`` is closed by its reader (``console | head``)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
         try:
             connection.connect(os.fspath(path))
@@ -211,8 +211,11 @@ def read_console(path: str | os.PathLike, output) -> None:
         if greeting != OK:
             raise ConnectionError(f"unexpected console greeting {greeting!r}")
         while data := stream.read(_CHUNK):
-            output.write(data)
-            output.flush()
+            try:
+                output.write(data)
+                output.flush()
+            except BrokenPipeError:  # the reader of our output went away: not the enclave's fault
+                return
 
 
 def _read_line(stream) -> bytes:

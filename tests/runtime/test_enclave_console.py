@@ -122,3 +122,28 @@ def test_close_removes_the_socket(tmp_path):
     server.close()
     assert not (tmp_path / "c.sock").exists()
 
+
+
+class _ClosedPipe(io.RawIOBase):
+    """An output whose reader went away (`qtbuild enclave console | head -1`)."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_reader_closing_our_output_ends_quietly_and_frees_the_console(served):
+    """Bug: BrokenPipeError is a ConnectionError, so `console | head` reported 'not running'."""
+    ring, server = served
+    ring.append(b"hello enclave!\n")
+    read_console(server.path, _ClosedPipe())  # returns, raises nothing
+    time.sleep(0.05)
+    output = io.BytesIO()
+    reader = threading.Thread(target=read_console, args=(server.path, output))
+    reader.start()
+    time.sleep(0.05)
+    ring.close()
+    reader.join(5)
+    assert output.getvalue() == b"hello enclave!\n"
