@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-import sys
 from datetime import datetime, timezone
 
 import click
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from formats.attestation import MAX_DOCUMENT_SIZE
 from formats.measure import parse_pcr_hex
 from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
+from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json
 from runtime.attest import (
     KNOWN_ROOTS,
@@ -126,13 +126,7 @@ def _print_summary(verified: VerifiedDocument) -> None:
 
 def read_document_file(path: str) -> bytes:
     """The document bytes from ``path`` (``-``: stdin): raw CBOR, or base64 text of it."""
-    if path == "-":
-        data = sys.stdin.buffer.read(MAX_INPUT_FILE + 1)
-    else:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_INPUT_FILE + 1)
-    if len(data) > MAX_INPUT_FILE:
-        raise InputError(f"{path}: larger than {MAX_INPUT_FILE} bytes: not an attestation document")
+    data = read_bounded(path, MAX_INPUT_FILE, "not an attestation document")
     if data[:1] in (b"\x84", b"\xd2"):  # array(4) or tag 18: binary CBOR
         return data
     try:

@@ -32,6 +32,7 @@ from cryptography import x509
 
 from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
 from qtbuild.cli.attest import parse_duration
+from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json, say
 from runtime.attest import KNOWN_ROOTS, normalize_fingerprint
 from runtime.kms.crypto import MasterKeyError
@@ -235,13 +236,9 @@ def encrypt(key_id, input_path, aad, output_path, credentials_path, endpoint) ->
 
 
 def _read_input(path: str) -> bytes:
-    if path == "-":
-        data = sys.stdin.buffer.read(MAX_INPUT + 1)
-    else:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_INPUT + 1)
-    if not 1 <= len(data) <= MAX_INPUT:
-        raise InputError(f"{path}: encrypt-data takes 1..{MAX_INPUT} bytes")
+    data = read_bounded(path, MAX_INPUT, f"encrypt-data takes 1..{MAX_INPUT} bytes")
+    if not data:
+        raise InputError(f"{path}: empty: encrypt-data takes 1..{MAX_INPUT} bytes")
     return data
 
 
@@ -296,13 +293,7 @@ def policy_put(policy_file, name, access_key, credentials_path, endpoint) -> Non
 
 
 def _read_policy(path: str) -> dict:
-    if path == "-":
-        data = sys.stdin.buffer.read(MAX_POLICY_FILE + 1)
-    else:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_POLICY_FILE + 1)
-    if len(data) > MAX_POLICY_FILE:
-        raise InputError(f"{path}: larger than {MAX_POLICY_FILE} bytes")
+    data = read_bounded(path, MAX_POLICY_FILE, "not a policy document")
     try:
         return json.loads(data)
     except ValueError as exc:
