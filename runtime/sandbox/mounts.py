@@ -153,24 +153,24 @@ def _fd_path(fd: int) -> str:
 def _opened(root_fd: int, target: str, is_dir: bool) -> Iterator[int]:
     """An O_PATH fd of the existing ``target`` under ``root_fd``, walking without following
     symlinks (a mount on a component is crossed: it is ours)."""
-    parent, name = _walk(root_fd, target, create=False)
-    try:
-        fd = os.open(name, _PATH | (os.O_DIRECTORY if is_dir else 0), dir_fd=parent)
-    finally:
-        os.close(parent)
-    try:
+    with _path_fd(root_fd, target, is_dir, create=False) as fd:
         yield fd
-    finally:
-        os.close(fd)
 
 
 @contextmanager
 def _mountpoint(root_fd: int, target: str, is_dir: bool) -> Iterator[int]:
     """An O_PATH fd of ``target`` under ``root_fd``, creating it (and missing parents) as a
     directory or an empty file; a symlink at ``target`` is replaced, one above it refused."""
-    parent, name = _walk(root_fd, target, create=True)
+    with _path_fd(root_fd, target, is_dir, create=True) as fd:
+        yield fd
+
+
+@contextmanager
+def _path_fd(root_fd: int, target: str, is_dir: bool, *, create: bool) -> Iterator[int]:
+    parent, name = _walk(root_fd, target, create=create)
     try:
-        _prepare(parent, name, target, is_dir)
+        if create:
+            _prepare(parent, name, target, is_dir)
         fd = os.open(name, _PATH | (os.O_DIRECTORY if is_dir else 0), dir_fd=parent)
     finally:
         os.close(parent)
