@@ -8,7 +8,7 @@ Sets up a throw-away local PKI and one security module, then measures, each for 
                 user data, a 294-byte public key): request decoding, PCR snapshot, payload
                 encoding, ES384 signing, response encoding — what an enclave's request costs;
   issue-socket  the same request through the Unix-socket server (one persistent connection);
-  verify        ``runtime.attest.verify_document`` of one such document with every check
+  verify        ``qtbuild.runtime.verifier.attestation.verify_document`` of one such document with every check
                 (chain of 4 signatures, COSE signature, nonce, PCR0, age).
 Every document issued is first checked once by the verifier, so the figures are of working code.
 """
@@ -28,10 +28,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import cbor2
 
-from runtime.attest import verify_document
-from runtime.qtsm.device import SecurityModule
-from runtime.qtsm.pki import LocalPki
-from runtime.qtsm.server import serve_device
+from qtbuild.runtime.qtsm.device import SecurityModule
+from qtbuild.runtime.qtsm.pki import LocalPki
+from qtbuild.runtime.qtsm.server import serve_device
+from qtbuild.runtime.verifier.attestation import verify_document
 
 NONCE = b"\x07" * 64
 PCRS = {index: bytes([index + 1]) * 48 for index in range(16)}

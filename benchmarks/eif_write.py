@@ -6,7 +6,7 @@ Usage: python benchmarks/eif_write.py [--size-mib 1024] [--repeat 3] [--dir DIR]
 It creates one ramdisk file of random bytes, then, each in a fresh child process (so peak RSS
 is the writer's own):
   floor  — plain ``hashlib.sha384`` over the ramdisk file, streamed in 1 MiB chunks;
-  write  — ``formats.eif_writer.write_eif`` with that ramdisk (kernel + cmdline + metadata +
+  write  — ``qtbuild.formats.eif_writer.write_eif`` with that ramdisk (kernel + cmdline + metadata +
            bootstrap + the big customer ramdisk): two SHA-384 passes (PCR0 and PCR2), the CRC
            and the file write.
   measure — the same pass with path=None (nothing written): the CPU side alone;
@@ -62,7 +62,7 @@ def child_copy(ramdisk: str, out: str) -> dict:
 
 
 def child_write(ramdisk: str, out: str | None) -> dict:
-    from formats.eif_writer import FileSource, write_eif
+    from qtbuild.formats.eif_writer import FileSource, write_eif
 
     start = time.perf_counter()
     result = write_eif(

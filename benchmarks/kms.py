@@ -33,10 +33,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from runtime.kms.state import read_credentials
-from runtime.qtsm.device import SecurityModule
-from runtime.qtsm.pki import LocalPki
-from runtime.sdk.kms_client import Credentials, KmsClient, tcp_transport
+from qtbuild.runtime.kms.state import read_credentials
+from qtbuild.runtime.qtsm.device import SecurityModule
+from qtbuild.runtime.qtsm.pki import LocalPki
+from qtbuild.runtime.sdk.kms_client import Credentials, KmsClient, tcp_transport
 
 PCRS = {index: bytes([index + 7]) * 48 for index in range(16)}
 PLAINTEXT = bytes(range(64))

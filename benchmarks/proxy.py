@@ -4,7 +4,7 @@
 Usage: python benchmarks/proxy.py [--streams 50] [--mib 16] [--round-trips 200] [--repeat 3]
 
 Three processes on 127.0.0.1 only: a TCP server (sink or echo, chosen by the first byte), the
-proxy (``runtime.proxy`` with one route, emulated vsock in a temporary directory), and this
+proxy (``qtbuild.runtime.proxy`` with one route, emulated vsock in a temporary directory), and this
 client.  For each of --repeat rounds, alternating direct and proxied:
   throughput — --streams concurrent connections each upload --mib MiB and wait for the server's
                byte count; MB/s = all bytes / wall time (best round reported);
@@ -28,8 +28,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from runtime import vsock
-from runtime.proxy import Proxy, ProxyConfig, Route
+from qtbuild.runtime.proxy import Proxy, ProxyConfig, Route
+from qtbuild.runtime.sdk import vsock
 
 MIB = 1 << 20
 CHUNK = 256 * 1024

@@ -38,8 +38,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "qtbuild"))
 
 from imagefactory import default_config, write_oci_layout
 
-from qtbuild.build import ConvertOptions, convert
-from runtime.enclave import Manager, RunOptions
+from qtbuild.convert.pipeline import ConvertOptions, convert
+from qtbuild.runtime.enclave import Manager, RunOptions
 
 MIB = 1 << 20
 FIRST_LINE = b"app: first output"

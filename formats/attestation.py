@@ -37,8 +37,8 @@ from enum import Enum
 
 import cbor2
 
-from formats.cose import CoseSign1, decode_sign1, loads_strict, sign1
-from formats.errors import FormatError, SignatureError
+from qtbuild.formats.cose import CoseSign1, decode_sign1, loads_strict, sign1
+from qtbuild.formats.errors import FormatError, SignatureError
 
 # --------------------------------------------------------------------------- document model
 
@@ -238,7 +238,7 @@ def _check_range(name: str, size: int, low: int, high: int, unit: str = "bytes")
 
 
 class _PayloadReader:
-    """Strict CBOR decoder for payloads: like :func:`formats.cose.loads_strict`, plus
+    """Strict CBOR decoder for payloads: like :func:`qtbuild.formats.cose.loads_strict`, plus
     indefinite-length arrays and maps (Nitro writes its payload map as ``0xbf … 0xff``).
 
     Builds values as it goes; every loop iteration consumes at least one byte, so declared

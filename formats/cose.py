@@ -10,8 +10,8 @@ big-endian, each left-padded to the curve size (32, 48, 66 bytes).  The signed b
 Sig_structure ``["Signature1", bstr(protected), bstr(external_aad = h''), bstr(payload)]`` hashed
 with SHA-256 / SHA-384 / SHA-512 respectively.
 
-Readers never raise anything but :class:`~formats.errors.CoseError` for malformed input;
-:func:`verify1` raises :class:`~formats.errors.SignatureError` for well-formed messages that do not
+Readers never raise anything but :class:`~qtbuild.formats.errors.CoseError` for malformed input;
+:func:`verify1` raises :class:`~qtbuild.formats.errors.SignatureError` for well-formed messages that do not
 verify.
 """
 
@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
-from formats.errors import CoseError, SignatureError
+from qtbuild.formats.errors import CoseError, SignatureError
 
 #: COSE algorithm identifier for each supported curve (cryptography's ``curve.name``).
 ALG_BY_CURVE = {"secp256r1": -7, "secp384r1": -35, "secp521r1": -36}

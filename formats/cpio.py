@@ -25,7 +25,7 @@ Writer (:class:`CpioArchive`) contract
 * The trailer is ``TRAILER!!!`` with nlink 1 and every other field 0 (as GNU cpio writes it).
   Unlike GNU cpio and ``gen_init_cpio`` the archive is NOT padded to a 512-byte block after the
   trailer: its size is exactly the sum of its 4-aligned members, which is what :attr:`size` says.
-* Refused with :class:`~formats.errors.CpioFormatError` in the constructor, before anything is
+* Refused with :class:`~qtbuild.formats.errors.CpioFormatError` in the constructor, before anything is
   written (what the Linux kernel's ``init/initramfs.c`` would silently drop or fail to create):
 
   - invalid paths: empty, leading ``/``, empty / ``.`` / ``..`` components, NUL bytes;
@@ -69,7 +69,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from formats.errors import CpioFormatError
+from qtbuild.formats.errors import CpioFormatError
 
 __all__ = [
     "CpioArchive",

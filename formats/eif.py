@@ -7,8 +7,8 @@ by sections, each a 12-byte header ``type u16, flags u16, size u64`` and its dat
 covers header bytes [0:544] and then every section header and its data, in file order.
 
 :class:`EifReader` validates the whole table up front (reading only headers) and raises
-:class:`~formats.errors.EifFormatError` naming the field and offset for anything malformed.  The
-writer lives in :mod:`formats.eif_writer`.
+:class:`~qtbuild.formats.errors.EifFormatError` naming the field and offset for anything malformed.  The
+writer lives in :mod:`qtbuild.formats.eif_writer`.
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import io
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
-from formats.crc32 import crc32_combine
-from formats.eif_stream import SECTION_HEADER, SectionStreamDigest
-from formats.errors import EifFormatError
-from formats.measure import Measurements
+from qtbuild.formats.crc32 import crc32_combine
+from qtbuild.formats.eif_stream import SECTION_HEADER, SectionStreamDigest
+from qtbuild.formats.errors import EifFormatError
+from qtbuild.formats.measure import Measurements
 
 MAGIC = b".eif"
 CURRENT_VERSION = 4
@@ -55,7 +56,7 @@ class SectionType(enum.IntEnum):
 
     @property
     def label(self) -> str:
-        """Lower-case name used in reports and by :class:`~formats.measure.PcrHashers`."""
+        """Lower-case name used in reports and by :class:`~qtbuild.formats.measure.PcrHashers`."""
         return self.name.lower()
 
 
@@ -98,7 +99,7 @@ class EifHeader:
         )
 
     @classmethod
-    def unpack(cls, data: bytes) -> "EifHeader":
+    def unpack(cls, data: bytes) -> EifHeader:
         """Parse header bytes; validates magic, version and section count only."""
         if len(data) < HEADER_SIZE:
             raise EifFormatError(
@@ -180,7 +181,7 @@ class EifReader:
         self._check_layout()
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "EifReader":
+    def open(cls, path: str | os.PathLike) -> EifReader:
         """Open and validate the EIF at ``path`` (close with :meth:`close` or ``with``)."""
         handle = open(path, "rb")
         try:
@@ -191,10 +192,10 @@ class EifReader:
             raise
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "EifReader":
+    def from_bytes(cls, data: bytes) -> EifReader:
         return cls(io.BytesIO(data), len(data))
 
-    def __enter__(self) -> "EifReader":
+    def __enter__(self) -> EifReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -322,7 +323,7 @@ class EifReader:
     def iter_section(self, section: Section, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
         """Stream a section's data.
 
-        Yielded views alternate between two buffers (see :class:`~formats.eif_writer.SectionSource`):
+        Yielded views alternate between two buffers (see :class:`~qtbuild.formats.eif_writer.SectionSource`):
         copy a chunk to keep it beyond the next one.
         """
         length = min(chunk_size, max(section.size, 1))
@@ -342,8 +343,8 @@ class EifReader:
             position += got
             remaining -= got
 
-    def section_source(self, section: Section) -> "ReaderSectionSource":
-        """The section as a :class:`~formats.eif_writer.SectionSource` (to copy it into a new image)."""
+    def section_source(self, section: Section) -> ReaderSectionSource:
+        """The section as a :class:`~qtbuild.formats.eif_writer.SectionSource` (to copy it into a new image)."""
         return ReaderSectionSource(self, section)
 
     def section_reader(self, section: Section) -> BinaryIO:

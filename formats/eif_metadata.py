@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from formats.errors import EifFormatError
+from qtbuild.formats.errors import EifFormatError
 
 #: Parsing bound for a metadata section read from an untrusted file.
 MAX_METADATA_SIZE = 1 << 20

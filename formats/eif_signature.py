@@ -20,14 +20,14 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import cbor2
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from formats.cose import (
+from qtbuild.formats.cose import (
     CoseSign1,
     algorithm_for_key,
     decode_sign1,
@@ -35,8 +35,8 @@ from formats.cose import (
     sign1,
     verify1,
 )
-from formats.errors import CoseError, SignatureError
-from formats.measure import extend
+from qtbuild.formats.errors import CoseError, SignatureError
+from qtbuild.formats.measure import extend
 
 #: Largest signature section accepted or written, in bytes.
 MAX_SIGNATURE_SECTION = 32768
@@ -270,7 +270,7 @@ def verify_signature(
 
 def check_certificate_validity(certificate: x509.Certificate, at: datetime | None = None) -> None:
     """Raise SignatureError unless ``certificate`` is valid at ``at`` (default now, UTC)."""
-    when = _as_utc(at or datetime.now(timezone.utc))
+    when = _as_utc(at or datetime.now(UTC))
     not_before, not_after = _validity(certificate)
     if when < not_before:
         raise SignatureError(
@@ -293,5 +293,5 @@ def _validity(certificate: x509.Certificate) -> tuple[datetime, datetime]:
 
 def _as_utc(moment: datetime) -> datetime:
     if moment.tzinfo is None:
-        return moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
-from formats.measure import Measurements, PcrHashers
+from qtbuild.formats.measure import Measurements, PcrHashers
 
 SECTION_HEADER = struct.Struct(">HHQ")
 #: Below this a chunk is processed inline: handing it to the worker would cost more than it saves.
@@ -57,7 +57,7 @@ class SectionStreamDigest:
         self._drain()
         return self._crc
 
-    def __enter__(self) -> "SectionStreamDigest":
+    def __enter__(self) -> SectionStreamDigest:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -18,11 +18,12 @@ import dataclasses
 import os
 import tempfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator, Protocol
+from typing import BinaryIO, Protocol
 
-from formats.crc32 import crc32_combine
-from formats.eif import (
+from qtbuild.formats.crc32 import crc32_combine
+from qtbuild.formats.eif import (
     CHUNK_SIZE,
     CRC_OFFSET,
     CURRENT_VERSION,
@@ -36,9 +37,9 @@ from formats.eif import (
     SectionType,
     flags_for_arch,
 )
-from formats.eif_stream import SectionStreamDigest
-from formats.errors import EifFormatError
-from formats.measure import Measurements
+from qtbuild.formats.eif_stream import SectionStreamDigest
+from qtbuild.formats.errors import EifFormatError
+from qtbuild.formats.measure import Measurements
 
 
 class SectionSource(Protocol):
@@ -76,7 +77,7 @@ class FileSource:
         self._chunk_size = chunk_size
 
     @classmethod
-    def from_path(cls, path: str | os.PathLike) -> "FileSource":
+    def from_path(cls, path: str | os.PathLike) -> FileSource:
         """Source over a whole file; the file is opened lazily, when chunks are requested."""
         return _PathSource(os.fspath(path))
 
@@ -107,7 +108,7 @@ class _PathSource(FileSource):
 
 
 class Signer(Protocol):
-    """Makes the signature section once PCR0 is known (see :mod:`formats.eif_signature`)."""
+    """Makes the signature section once PCR0 is known (see :mod:`qtbuild.formats.eif_signature`)."""
 
     certificate_der: bytes
 
@@ -159,7 +160,7 @@ def write_eif(
 ) -> WriteResult:
     """Write an EIF v4 to ``path`` atomically and return its measurements.
 
-    ``metadata`` is the metadata section's bytes (see :mod:`formats.eif_metadata`); None omits
+    ``metadata`` is the metadata section's bytes (see :mod:`qtbuild.formats.eif_metadata`); None omits
     the section (and the file is then marked version 3).  ``progress``, if given, is called with
     the number of bytes produced after each chunk.  With ``path=None`` nothing is written: the
     image is only measured (same result, same cost minus the I/O).

@@ -19,7 +19,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from formats.errors import FormatError
+from qtbuild.formats.errors import FormatError
 
 PCR_SIZE = 48
 ZERO_PCR = bytes(PCR_SIZE)

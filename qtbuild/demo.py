@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 from pathlib import Path
 
 import click
@@ -126,7 +127,7 @@ def build_sample(name: str, *, tag: str = "latest", context_edit=None) -> str:
 
 def make_signing_key(directory: Path) -> tuple[Path, Path]:
     """A P-384 key and self-signed certificate (the QingTian recipe), valid for a day."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -135,7 +136,7 @@ def make_signing_key(directory: Path) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qtbuild demo signer")])
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
                    .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
                    .not_valid_after(now + timedelta(days=1)).sign(key, hashes.SHA384()))
@@ -346,7 +347,7 @@ def _run_job(env: BankCardEnv, eif: Path, *, debug: bool = False) -> dict:
 
 
 def _send_job(env: BankCardEnv, cid: int, job: dict) -> dict:
-    from runtime import vsock
+    from qtbuild.runtime.sdk import vsock
 
     config = vsock.VsockConfig(vsock.EMULATED, vsock.PARENT_CID, env.space.env["QTBUILD_VSOCK_DIR"])
     deadline = time.monotonic() + 30
@@ -408,9 +409,10 @@ def demo_bank_card(keep: bool = False) -> None:
 
 
 def _admin_decrypt(env: BankCardEnv, path: Path) -> str:
-    from runtime.kms.state import read_credentials
-    from runtime.sdk.kms_client import KmsClient, tcp_transport
     from urllib.parse import urlsplit
+
+    from qtbuild.runtime.kms.state import read_credentials
+    from qtbuild.runtime.sdk.kms_client import KmsClient, tcp_transport
 
     endpoint, credentials = read_credentials(env.admin_credentials)
     url = urlsplit(endpoint)

@@ -1,7 +1,7 @@
 """qt-proxy: on the parent, forward vsock connections from enclaves to TCP endpoints.
 
 Each route listens on a vsock port of this process's CID (3 on a parent) through
-``runtime.vsock`` and forwards every connection to ``host:port`` over TCP.  asyncio, one handler
+``qtbuild.runtime.sdk.vsock`` and forwards every connection to ``host:port`` over TCP.  asyncio, one handler
 task per connection plus one pump task per direction — no worker pool, so no fixed cap on
 concurrency (unlike nitro's vsock-proxy, issue #413).
 
@@ -56,7 +56,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 
-from runtime import vsock
+from qtbuild.runtime.sdk import vsock
 
 log = logging.getLogger("qtbuild.proxy")
 

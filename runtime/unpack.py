@@ -3,7 +3,7 @@
 Contract of :func:`unpack_archive`:
 
 * Nothing is ever created, changed or followed outside ``dest``: paths come canonical from
-  :func:`formats.cpio.iter_archive` (no ``..``, no absolute paths), every parent directory is
+  :func:`qtbuild.formats.cpio.iter_archive` (no ``..``, no absolute paths), every parent directory is
   opened component by component from a descriptor of ``dest`` with
   ``O_NOFOLLOW | O_DIRECTORY`` (so a symlink planted by an earlier member is refused, never
   traversed), and files are created with ``O_CREAT | O_EXCL | O_NOFOLLOW`` relative to it.
@@ -23,7 +23,7 @@ Contract of :func:`unpack_archive`:
   Their mode/owner/mtime (from the last link) are applied at the end.
 * Directory modes, owners and mtimes are applied after everything else, deepest first, so a
   ``0555`` directory can still be filled and its mtime is not disturbed by its contents.
-* A hostile or malformed archive raises :class:`~formats.errors.CpioFormatError` naming the path;
+* A hostile or malformed archive raises :class:`~qtbuild.formats.errors.CpioFormatError` naming the path;
   ``OSError`` is only raised for environment problems (no space, permission denied, ...).
 """
 
@@ -36,8 +36,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from formats.cpio import CpioMember, MemberData, iter_archive
-from formats.errors import CpioFormatError
+from qtbuild.formats.cpio import CpioMember, MemberData, iter_archive
+from qtbuild.formats.errors import CpioFormatError
 
 __all__ = ["UnpackReport", "unpack_archive"]
 

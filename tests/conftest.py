@@ -1,1 +1,1 @@
-import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).parent))
+"""Shared pytest configuration (markers and hypothesis profiles live in pyproject.toml and here)."""

@@ -7,11 +7,11 @@ import sys
 
 import click
 
-from formats.errors import FormatError, SignatureError
 from qtbuild import __version__
+from qtbuild.convert.metadata import MetadataError
 from qtbuild.errors import ImageError
-from qtbuild.extract import ExtractError
-from qtbuild.metadata import MetadataError
+from qtbuild.formats.errors import FormatError, SignatureError
+from qtbuild.inspect.extract import ExtractError
 
 EXIT_CHECK_FAILED = 1
 EXIT_INPUT_ERROR = 2
@@ -58,8 +58,23 @@ def cli() -> None:
 
 
 def _register_commands() -> None:
-    from qtbuild.cli import (attest, build_eif, convert, demo, describe, diff, enclave, extract, kms, pcr, pki, proxy, sdk,
-                             sign, verify)
+    from qtbuild.cli import (
+        attest,
+        build_eif,
+        convert,
+        demo,
+        describe,
+        diff,
+        enclave,
+        extract,
+        kms,
+        pcr,
+        pki,
+        proxy,
+        sdk,
+        sign,
+        verify,
+    )
 
     for module in (attest, build_eif, demo, describe, diff, extract, kms, pcr, pki, proxy, sdk, sign, verify):
         cli.add_command(module.command)

@@ -13,18 +13,19 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from formats.attestation import MAX_DOCUMENT_SIZE
-from formats.measure import parse_pcr_hex
 from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
 from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json
-from runtime.attest import (
+from qtbuild.formats.attestation import MAX_DOCUMENT_SIZE
+from qtbuild.formats.measure import parse_pcr_hex
+from qtbuild.runtime.qtsm.pki import LocalPki, PkiError
+from qtbuild.runtime.verifier.attestation import (
     KNOWN_ROOTS,
     PLATFORMS,
     AttestationError,
@@ -32,7 +33,6 @@ from runtime.attest import (
     normalize_fingerprint,
     verify_document,
 )
-from runtime.qtsm.pki import LocalPki, PkiError
 
 #: Base64 text of a maximal document, with line breaks.
 MAX_INPUT_FILE = 2 * MAX_DOCUMENT_SIZE
@@ -147,11 +147,11 @@ def parse_time(text: str) -> datetime:
     """An aware UTC datetime from ISO 8601 (naive = UTC) or Unix seconds."""
     try:
         if re.fullmatch(r"\d+(\.\d+)?", text.strip()):
-            return datetime.fromtimestamp(float(text), tz=timezone.utc)
+            return datetime.fromtimestamp(float(text), tz=UTC)
         moment = datetime.fromisoformat(text.strip())
     except (ValueError, OverflowError, OSError):
         raise InputError(f"--at: not an ISO 8601 time or Unix seconds: {text!r}") from None
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 def _hex(text: str, option: str) -> bytes:

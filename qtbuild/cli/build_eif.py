@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import click
 
-from formats.eif_writer import FileSource, write_eif
 from qtbuild.cli.app import InputError
 from qtbuild.cli.output import emit_json, say
-from qtbuild.metadata import MetadataError, load_custom_metadata, make_metadata
-from qtbuild.signing import load_signer
+from qtbuild.convert.metadata import MetadataError, load_custom_metadata, make_metadata
+from qtbuild.formats.eif_writer import FileSource, write_eif
+from qtbuild.signing_keys import load_signer
 
 
 @click.command("build-eif")

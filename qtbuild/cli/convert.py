@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING
 
 import click
 
-from qtbuild.check import check_rebuild
 from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
 from qtbuild.cli.output import emit_json, say
-from qtbuild.signing import load_signer
+from qtbuild.inspect.check import check_rebuild
+from qtbuild.signing_keys import load_signer
 
 if TYPE_CHECKING:  # pragma: no cover
-    from qtbuild.build import ConvertOptions
+    from qtbuild.convert.pipeline import ConvertOptions
 
 SOURCE_HELP = """SOURCE is docker://REF (or a bare REF) for the Docker daemon, docker-archive:PATH for a
 `docker save` tarball, oci:DIR[:TAG] for an OCI image layout, registry://HOST/REPO:TAG|@DIGEST
@@ -48,7 +48,7 @@ def _image_options(function):
     return function
 
 
-def _options(params: dict, output: str | None) -> tuple[str, "ConvertOptions"]:
+def _options(params: dict, output: str | None) -> tuple[str, ConvertOptions]:
     """The source string and ConvertOptions from the shared options (see _image_options)."""
     source, docker_uri = params["source"], params["docker_uri"]
     if source and docker_uri and source != docker_uri:
@@ -60,7 +60,7 @@ def _options(params: dict, output: str | None) -> tuple[str, "ConvertOptions"]:
     if (private_key is None) != (certificate is None):
         raise InputError("--private-key and --signing-certificate go together: give both to sign, or neither")
     signer = load_signer(private_key, certificate) if private_key else None
-    from qtbuild.build import ConvertOptions  # deferred: keeps `qtbuild --help` fast
+    from qtbuild.convert.pipeline import ConvertOptions  # deferred: keeps `qtbuild --help` fast
     from qtbuild.sources.open import with_source_kind
 
     options = ConvertOptions(output=output, platform=params["platform"], blobs=params["blobs"], cmdline=params["cmdline"],
@@ -97,7 +97,7 @@ def convert_command(output, expected, **params) -> None:
 
 
 def _convert(source, options):
-    from qtbuild.build import convert
+    from qtbuild.convert.pipeline import convert
 
     return convert(source, options)
 

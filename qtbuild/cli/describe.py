@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from formats.eif import EifReader
 from qtbuild.cli.output import emit_json
-from qtbuild.describe import describe_eif, qingtian_measurements
+from qtbuild.formats.eif import EifReader
+from qtbuild.inspect.describe import describe_eif, qingtian_measurements
 
 
 @click.command("describe")

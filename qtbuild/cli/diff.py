@@ -6,10 +6,10 @@ import sys
 
 import click
 
-from formats.eif import EifReader
 from qtbuild.cli.app import EXIT_CHECK_FAILED
 from qtbuild.cli.output import emit_json
-from qtbuild.diff import diff_eifs, summary_lines
+from qtbuild.formats.eif import EifReader
+from qtbuild.inspect.diff import diff_eifs, summary_lines
 
 
 @click.command("diff")

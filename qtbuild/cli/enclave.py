@@ -1,5 +1,5 @@
 """``qtbuild run EIF`` and ``qtbuild enclave start|query|stop|console``: local enclaves, in the
-shapes ``qt enclave`` prints (see :mod:`runtime.enclave`).
+shapes ``qt enclave`` prints (see :mod:`qtbuild.runtime.enclave`).
 
 ``run`` / ``enclave start --eif`` print ``{"EnclaveID", "EnclaveCID", "NumberOfCPUs", "MemoryMiB",
 "LaunchMode", "ProcessID", "Status"}`` once the application runs; with ``--attach-console``
@@ -23,8 +23,8 @@ import click
 
 from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
 from qtbuild.cli.output import emit_json
-from runtime.enclave import EnclaveError, Manager, RunOptions
-from runtime.enclave.rules import DEFAULT_CPUS, DEFAULT_MEMORY_MIB
+from qtbuild.runtime.enclave import EnclaveError, Manager, RunOptions
+from qtbuild.runtime.enclave.rules import DEFAULT_CPUS, DEFAULT_MEMORY_MIB
 
 __all__ = ["enclave_group", "run_command"]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from formats.eif import EifReader
 from qtbuild.cli.output import emit_json, say
-from qtbuild.extract import extract_eif
+from qtbuild.formats.eif import EifReader
+from qtbuild.inspect.extract import extract_eif
 
 
 @click.command("extract")

@@ -34,26 +34,26 @@ from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
 from qtbuild.cli.attest import parse_duration
 from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json, say
-from runtime.attest import KNOWN_ROOTS, normalize_fingerprint
-from runtime.kms.crypto import MasterKeyError
-from runtime.kms.recipient import DEFAULT_MAX_AGE, RecipientVerifier
-from runtime.kms.server import KmsHttpServer, serve_until_signalled
-from runtime.kms.service import KmsService
-from runtime.kms.state import (
+from qtbuild.runtime.kms.crypto import MasterKeyError
+from qtbuild.runtime.kms.recipient import DEFAULT_MAX_AGE, RecipientVerifier
+from qtbuild.runtime.kms.server import KmsHttpServer, serve_until_signalled
+from qtbuild.runtime.kms.service import KmsService
+from qtbuild.runtime.kms.state import (
     StatePaths,
     open_state,
     read_credentials,
     write_credentials,
 )
-from runtime.kms.store import StoreError
-from runtime.qtsm.pki import LocalPki, PkiError, default_state_dir
-from runtime.sdk.kms_client import (
+from qtbuild.runtime.kms.store import StoreError
+from qtbuild.runtime.qtsm.pki import LocalPki, PkiError, default_state_dir
+from qtbuild.runtime.sdk.kms_client import (
     Credentials,
     KmsClient,
     KmsClientError,
     KmsProtocolError,
     tcp_transport,
 )
+from qtbuild.runtime.verifier.attestation import KNOWN_ROOTS, normalize_fingerprint
 
 MAX_INPUT = 4096
 MAX_POLICY_FILE = 64 * 1024

@@ -6,10 +6,10 @@ import hashlib
 
 import click
 
-from formats.eif_signature import pcr8_from_certificate
-from formats.measure import extend
 from qtbuild.cli.app import InputError
 from qtbuild.cli.output import emit_json
+from qtbuild.formats.eif_signature import pcr8_from_certificate
+from qtbuild.formats.measure import extend
 
 MAX_CERTIFICATE_FILE = 1 << 20
 

@@ -1,6 +1,6 @@
 """``qtbuild pki init [--force] | show [--json] | export-root [-o FILE] [--der]``.
 
-The local attestation PKI (:mod:`runtime.qtsm.pki`) under ``--state-dir`` (default
+The local attestation PKI (:mod:`qtbuild.runtime.qtsm.pki`) under ``--state-dir`` (default
 ``$QTBUILD_STATE_DIR``, else /var/lib/qtbuild as root, else ~/.local/share/qtbuild).  ``show``
 prints the root's SHA-256 fingerprint: verifiers and the KMS pin it.
 """
@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 
 from qtbuild.cli.app import InputError
 from qtbuild.cli.output import emit_json, say
-from runtime.qtsm.pki import LocalPki, PkiError
+from qtbuild.runtime.qtsm.pki import LocalPki, PkiError
 
 _STATE_DIR = click.option(
     "--state-dir", type=click.Path(file_okay=False), default=None,

@@ -9,9 +9,9 @@ import sys
 
 import click
 
-from runtime import vsock
-from runtime.enclave.state import RuntimeDir
-from runtime.proxy import ProxyConfig, ProxyConfigError, Route, load_config, run
+from qtbuild.runtime.enclave.state import RuntimeDir
+from qtbuild.runtime.proxy import ProxyConfig, ProxyConfigError, Route, load_config, run
+from qtbuild.runtime.sdk import vsock
 
 
 @click.command("proxy")

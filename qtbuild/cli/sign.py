@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import click
 
-from formats.eif import EifReader
 from qtbuild.cli.output import emit_json, say
-from qtbuild.sign import sign_eif
-from qtbuild.signing import load_signer
+from qtbuild.formats.eif import EifReader
+from qtbuild.inspect.sign import sign_eif
+from qtbuild.signing_keys import load_signer
 
 
 @click.command("sign")

@@ -6,11 +6,11 @@ import sys
 
 import click
 
-from formats.eif import EifReader
-from formats.measure import parse_pcr_hex
 from qtbuild.cli.app import EXIT_CHECK_FAILED
 from qtbuild.cli.output import emit_json
-from qtbuild.verify import PCR_NAMES, load_certificate, load_expected, verify_eif
+from qtbuild.formats.eif import EifReader
+from qtbuild.formats.measure import parse_pcr_hex
+from qtbuild.inspect.verify import PCR_NAMES, load_certificate, load_expected, verify_eif
 
 
 @click.command("verify")

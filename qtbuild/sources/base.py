@@ -76,7 +76,7 @@ class Platform:
     variant: str | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "Platform":
+    def parse(cls, text: str) -> Platform:
         """Parse ``linux/amd64``, ``linux/arm64/v8``, ``amd64`` ... (ImageError if malformed)."""
         parts = text.strip().split("/")
         if len(parts) == 1:
@@ -153,7 +153,7 @@ class Image(abc.ABC):
     def close(self) -> None:
         """Release temporary files or connections."""
 
-    def __enter__(self) -> "Image":
+    def __enter__(self) -> Image:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -21,8 +21,8 @@ on the machine that builds.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 from qtbuild.errors import ImageError
 from qtbuild.sources.base import (

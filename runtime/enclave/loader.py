@@ -2,21 +2,21 @@
 
 :func:`load_image` does what the hypervisor and the enclave's init do together:
 
-1. open the EIF (structure: header, section table, layout — :class:`formats.eif.EifReader`);
+1. open the EIF (structure: header, section table, layout — :class:`qtbuild.formats.eif.EifReader`);
 2. refuse an image whose kernel section is not qtbuild's local-runtime descriptor (a real
    kernel boots only on hardware) or whose architecture is not this machine's;
-3. create the enclave memory (:func:`~runtime.enclave.resources.prepare_memory`: a tmpfs of
+3. create the enclave memory (:func:`~qtbuild.runtime.enclave.resources.prepare_memory`: a tmpfs of
    ``memory_bytes`` as root, a directory rootless);
 4. read every section **once**, in order: kernel, cmdline, metadata and signature are hashed,
-   ramdisks are hashed *while* :func:`runtime.unpack.unpack_archive` extracts them into the
+   ramdisks are hashed *while* :func:`qtbuild.runtime.unpack.unpack_archive` extracts them into the
    memory (all ramdisks overlay one tree, as the kernel does) — so the PCRs describe exactly
    the bytes that were loaded, whatever happens to the file meanwhile;
 5. compare the CRC, then verify the signature (if any) against PCR0 and refuse a certificate
    that is expired or not yet valid, as ``nitro-cli run-enclave`` does;
-6. read the launch description (:mod:`runtime.enclave.launch`) and check that ``rootfs`` is a
+6. read the launch description (:mod:`qtbuild.runtime.enclave.launch_reader`) and check that ``rootfs`` is a
    real directory.
 
-Contract: returns a :class:`LoadedImage`, or raises :class:`~runtime.enclave.errors.EnclaveError`
+Contract: returns a :class:`LoadedImage`, or raises :class:`~qtbuild.runtime.enclave.errors.EnclaveError`
 (``check_failed`` for CRC and signature failures) after releasing the memory.
 """
 
@@ -34,19 +34,18 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from formats.crc32 import crc32_combine
-from formats.eif import CRC_OFFSET, MAX_SIGNATURE_SIZE, EifReader, Section, SectionType
-from formats.eif_signature import SignatureInfo, load_signature, verify_signature
-from formats.eif_stream import SectionStreamDigest
-from formats.errors import FormatError, SignatureError
-from formats.local_abi import MAX_DESCRIPTOR, parse_local_kernel
-from formats.measure import Measurements
-from runtime.unpack import unpack_archive
+from qtbuild.formats.crc32 import crc32_combine
+from qtbuild.formats.eif import CRC_OFFSET, MAX_SIGNATURE_SIZE, EifReader, Section, SectionType
+from qtbuild.formats.eif_signature import SignatureInfo, load_signature, verify_signature
+from qtbuild.formats.eif_stream import SectionStreamDigest
+from qtbuild.formats.errors import FormatError, SignatureError
+from qtbuild.formats.launch_record import Launch
+from qtbuild.formats.local_abi import MAX_DESCRIPTOR, parse_local_kernel
+from qtbuild.formats.measure import Measurements
+from qtbuild.runtime.unpack import unpack_archive
 
 from .errors import E_FILE, E_MEMORY, EnclaveError
-from formats.launch import Launch
-
-from .launch import read_launch
+from .launch_reader import read_launch
 from .resources import prepare_memory, release_memory
 
 __all__ = ["LoadedImage", "load_image"]

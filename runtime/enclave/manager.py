@@ -15,15 +15,15 @@
 
 Contracts:
 
-* :meth:`Manager.start` checks the rules (:mod:`runtime.enclave.rules`), creates the local PKI
+* :meth:`Manager.start` checks the rules (:mod:`qtbuild.runtime.enclave.rules`), creates the local PKI
   if missing (with a note), reserves an enclave id and CID under the runtime lock, starts the
-  supervisor (:mod:`runtime.enclave.supervisor`) detached, and returns once the application
-  runs — or raises the supervisor's :class:`~runtime.enclave.errors.EnclaveError` after removing
+  supervisor (:mod:`qtbuild.runtime.enclave.supervisor`) detached, and returns once the application
+  runs — or raises the supervisor's :class:`~qtbuild.runtime.enclave.errors.EnclaveError` after removing
   the reservation.
 * :meth:`Manager.stop` asks a live supervisor to stop (SIGTERM; SIGKILL after
-  ``STOP_TIMEOUT``), kills and releases whatever a dead one left (:mod:`runtime.enclave.resources`),
+  ``STOP_TIMEOUT``), kills and releases whatever a dead one left (:mod:`qtbuild.runtime.enclave.resources`),
   and forgets the enclave.  A stopped enclave's record stays (for ``query``) until ``stop``.
-* Every failure is an :class:`~runtime.enclave.errors.EnclaveError`.
+* Every failure is an :class:`~qtbuild.runtime.enclave.errors.EnclaveError`.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from runtime.qtsm.pki import LocalPki, PkiError, default_state_dir
-from runtime.sandbox.host import helper_env
+from qtbuild.runtime.qtsm.pki import LocalPki, PkiError, default_state_dir
+from qtbuild.runtime.sandbox.host import helper_env
 
 from . import resources, rules
 from .console import ConsoleBusy, read_console
@@ -251,9 +251,9 @@ class Manager:
 
 
 def _start_supervisor(directory: EnclaveDir, lock_fd: int, status_fd: int, console_fd: int | None) -> subprocess.Popen:
-    """``python -m runtime.enclave.supervisor`` for ``directory``, detached (own session), its
+    """``python -m qtbuild.runtime.enclave.supervisor`` for ``directory``, detached (own session), its
     diagnostics appended to the enclave's log."""
-    command = [sys.executable, "-s", "-m", "runtime.enclave.supervisor", "--dir", os.fspath(directory.path),
+    command = [sys.executable, "-s", "-m", "qtbuild.runtime.enclave.supervisor", "--dir", os.fspath(directory.path),
                "--lock-fd", str(lock_fd), "--status-fd", str(status_fd)]
     passed = [lock_fd, status_fd]
     if console_fd is not None:

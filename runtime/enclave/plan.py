@@ -1,5 +1,5 @@
 """The sandbox an enclave's application runs in: :func:`sandbox_spec` turns a loaded image and
-the enclave's record into a :class:`runtime.sandbox.SandboxSpec`.
+the enclave's record into a :class:`qtbuild.runtime.sandbox.SandboxSpec`.
 
 Inside the sandbox:
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from runtime import vsock
-from runtime.sandbox import Bind, SandboxSpec
+from qtbuild.runtime.sandbox import Bind, SandboxSpec
+from qtbuild.runtime.sdk import vsock
 
 from .loader import LoadedImage
 from .state import EnclaveDir, EnclaveRecord

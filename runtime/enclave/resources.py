@@ -7,7 +7,7 @@ failure does not leave the rest behind):
 * its memory: ``<dir>/root`` — a tmpfs sized to ``--mem`` as root, mounted inside the
   supervisor's private mount namespace (so the kernel frees it when the supervisor and its
   sandbox are gone, even if nobody cleans up); rootless, a plain directory;
-* its vsock directory ``<vsock root>/<cid>/`` and its registration (``runtime.vsock``);
+* its vsock directory ``<vsock root>/<cid>/`` and its registration (``qtbuild.runtime.sdk.vsock``);
 * the security-module and console sockets, and its PKI leaf.
 
 The sandbox itself (processes and cgroup) is released by :func:`kill_sandbox`, from the
@@ -24,11 +24,11 @@ import shutil
 import signal
 from pathlib import Path
 
-from runtime import vsock
-from runtime.qtsm.pki import LocalPki, PkiError
-from runtime.sandbox import SandboxError
-from runtime.sandbox.cgroups import Cgroup
-from runtime.sandbox.syscalls import mount, umount2
+from qtbuild.runtime.qtsm.pki import LocalPki, PkiError
+from qtbuild.runtime.sandbox import SandboxError
+from qtbuild.runtime.sandbox.cgroups import Cgroup
+from qtbuild.runtime.sandbox.syscalls import mount, umount2
+from qtbuild.runtime.sdk import vsock
 
 from .state import EnclaveDir, EnclaveRecord
 

@@ -12,8 +12,8 @@ console                only for debug-mode enclaves                             
 =====================  ==========================================================  =====
 
 CPUs are not taken away from the parent as on hardware: each enclave gets a CFS quota of its
-count (see :mod:`runtime.sandbox.cgroups`), so two 2-CPU enclaves fit on a 2-CPU parent.
-Every check raises :class:`~runtime.enclave.errors.EnclaveError`; nothing here touches state.
+count (see :mod:`qtbuild.runtime.sandbox.cgroups`), so two 2-CPU enclaves fit on a 2-CPU parent.
+Every check raises :class:`~qtbuild.runtime.enclave.errors.EnclaveError`; nothing here touches state.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Location: ``$QTBUILD_RUNTIME_DIR``, else ``/run/qtbuild`` for root, else
 ``$XDG_RUNTIME_DIR/qtbuild`` (``/tmp/qtbuild-<uid>`` without it).  Layout::
 
     <runtime>/lock                     flock(2) taken while enclaves are allocated or removed
-    <runtime>/vsock/                   the emulated vsock root of this host (see runtime.vsock):
+    <runtime>/vsock/                   the emulated vsock root of this host (see qtbuild.runtime.sdk.vsock):
         3/                             the parent's listeners (CID 3)
         <cid>/                         each enclave's listeners; .enclaves/ its registrations
     <runtime>/enclaves/<id>/           one directory per enclave (0700), removed by ``stop``:

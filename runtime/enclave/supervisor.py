@@ -1,26 +1,26 @@
-"""One enclave's supervisor: ``python -m runtime.enclave.supervisor --dir D --lock-fd L
+"""One enclave's supervisor: ``python -m qtbuild.runtime.enclave.supervisor --dir D --lock-fd L
 --status-fd S [--console-fd C]``.
 
 Started detached (its own session, so it outlives the CLI and ignores the terminal's Ctrl-C)
-by :mod:`runtime.enclave.manager`, which has written the enclave's record (status Starting) in
+by :mod:`qtbuild.runtime.enclave.manager`, which has written the enclave's record (status Starting) in
 ``D`` and passes the ``alive.lock`` it holds (fd L): whoever holds that lock *is* the enclave,
 and the kernel releases it when the supervisor dies, however it dies.
 
 The supervisor plays the hypervisor and the enclave's init:
 
 1. as root, enter a private mount namespace (the enclave memory then vanishes with it);
-2. load the image (:mod:`runtime.enclave.loader`: checks, PCRs, unpack into memory);
+2. load the image (:mod:`qtbuild.runtime.enclave.loader`: checks, PCRs, unpack into memory);
 3. serve the security module on ``D/qtsm.sock`` (boot PCRs from the image, ``--parent-role``,
    ``--instance-id``; zeros in debug mode; signer from the local PKI) and, in debug mode, the
-   console (:mod:`runtime.enclave.console`) on ``D/console.sock``;
-4. start the application in its sandbox (:mod:`runtime.enclave.plan`); ``start_sandbox``
+   console (:mod:`qtbuild.runtime.enclave.console`) on ``D/console.sock``;
+4. start the application in its sandbox (:mod:`qtbuild.runtime.enclave.plan`); ``start_sandbox``
    returns once the application has been exec'd in its namespaces: that is "Running";
 5. boot heartbeat: if a parent listener is bound on CID 3 port 9000 (e.g. a tool waiting with
-   :func:`runtime.vsock.heartbeat_listen`), send it ``0xB7`` from the enclave's CID, as Nitro's
+   :func:`qtbuild.runtime.sdk.vsock.heartbeat_listen`), send it ``0xB7`` from the enclave's CID, as Nitro's
    init does; without a listener nothing is sent (the status pipe already told the CLI);
 6. register the enclave's CID with its network namespace (vsock peer identity; skipped when
    the application has already ended), record Running, report ``{"ready": summary}`` on fd S;
-7. wait for the application; then release everything (:mod:`runtime.enclave.resources`),
+7. wait for the application; then release everything (:mod:`qtbuild.runtime.enclave.resources`),
    record Stopped (or OOM) with the exit status, report ``{"exit": {...}}`` on fd S if the CLI
    still listens, and exit.
 
@@ -43,12 +43,12 @@ import sys
 import threading
 from pathlib import Path
 
-from runtime import vsock
-from runtime.qtsm.device import SecurityModule, boot_pcrs, make_module_id
-from runtime.qtsm.pki import LocalPki
-from runtime.qtsm.server import serve_device
-from runtime.sandbox import SandboxError, SandboxExit, start_sandbox
-from runtime.sandbox.syscalls import mount, unshare
+from qtbuild.runtime.qtsm.device import SecurityModule, boot_pcrs, make_module_id
+from qtbuild.runtime.qtsm.pki import LocalPki
+from qtbuild.runtime.qtsm.server import serve_device
+from qtbuild.runtime.sandbox import SandboxError, SandboxExit, start_sandbox
+from qtbuild.runtime.sandbox.syscalls import mount, unshare
+from qtbuild.runtime.sdk import vsock
 
 from . import resources
 from .console import ConsoleServer, RingBuffer, pump
@@ -306,7 +306,7 @@ def run(directory: EnclaveDir, status: StatusPipe, console_fd: int | None) -> in
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime.enclave.supervisor")
+    parser = argparse.ArgumentParser(prog="python -m qtbuild.runtime.enclave.supervisor")
     parser.add_argument("--dir", required=True)
     parser.add_argument("--lock-fd", type=int, required=True)
     parser.add_argument("--status-fd", type=int, required=True)

@@ -1,7 +1,7 @@
 """Request authentication: the ``SDK-HMAC-SHA256`` access-key signature of every request.
 
 The canonical request and signature are computed by the same functions the client signs
-with (``runtime.sdk.kms_client``); this module parses the ``Authorization`` header, checks the
+with (``qtbuild.runtime.sdk.kms_client``); this module parses the ``Authorization`` header, checks the
 ``X-Sdk-Date`` window (15 minutes either way) and compares signatures in constant time.
 
 Refusals (HTTP 401): ``KMS.0301`` no or malformed authorization (or ``host`` / ``x-sdk-date``
@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from runtime.kms.errors import KmsError
-from runtime.sdk.kms_client import (
+from qtbuild.runtime.kms.errors import KmsError
+from qtbuild.runtime.sdk.kms_client import (
     ALGORITHM,
     DATE_FORMAT,
     canonical_request,

@@ -4,7 +4,7 @@ AWS KMS's ``CiphertextForRecipient`` shape, which Huawei's ``ciphertext_recipien
 one KeyTransRecipientInfo (version 2, rid = subjectKeyIdentifier = SHA-256 of the recipient's
 SubjectPublicKeyInfo DER) whose key is RSAES-OAEP with SHA-256 and MGF1-SHA-256 (empty label),
 wrapping a fresh AES-256 content key; the content is AES-256-CBC with PKCS#7 padding and a
-random IV.  DER-encoded ``ContentInfo``; ``runtime.sdk.envelope`` opens it.
+random IV.  DER-encoded ``ContentInfo``; ``qtbuild.runtime.sdk.envelope`` opens it.
 
 ``asn1crypto`` provides the structures: ``cryptography``'s PKCS7 envelope builder can only do
 PKCS#1 v1.5 key transport and wants a certificate, and the recipient has neither.  Sequences

@@ -34,7 +34,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from runtime.kms.errors import KmsError
+from qtbuild.runtime.kms.errors import KmsError
 
 KEY_SIZE = 32
 NONCE_SIZE = 12

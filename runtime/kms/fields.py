@@ -12,7 +12,7 @@ import base64
 import binascii
 import re
 
-from runtime.kms.errors import KmsError, invalid, missing
+from qtbuild.runtime.kms.errors import KmsError, invalid, missing
 
 #: Huawei's optional 36-byte request ``sequence`` (accepted and ignored everywhere).
 _SEQUENCE = re.compile(r"[A-Za-z0-9-]{1,36}")

@@ -34,12 +34,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from runtime.kms import crypto
-from runtime.kms.errors import KmsError, invalid
-from runtime.kms.fields import Fields
-from runtime.kms.policy import Decision, PolicyError, evaluate, parse_policy
-from runtime.kms.recipient import Recipient
-from runtime.kms.store import (
+from qtbuild.runtime.kms import crypto
+from qtbuild.runtime.kms.errors import KmsError, invalid
+from qtbuild.runtime.kms.fields import Fields
+from qtbuild.runtime.kms.policy import Decision, PolicyError, evaluate, parse_policy
+from qtbuild.runtime.kms.recipient import Recipient
+from qtbuild.runtime.kms.store import (
     DISABLED,
     ENABLED,
     PENDING_DELETION,

@@ -4,7 +4,7 @@ attestation document, expose its PCRs to the policy engine, and seal the plainte
 ``recipient = {"attestation_document": base64 COSE_Sign1,
                "key_encryption_algorithm": "RSAES_OAEP_SHA_256"}``
 
-The document must pass every check of ``runtime.attest.verify_document`` against the
+The document must pass every check of ``qtbuild.runtime.verifier.attestation.verify_document`` against the
 configured roots (never the ones the bundle brings), be at most ``max_age`` seconds old, not
 come from a debug-mode enclave (unless allowed), and carry an RSA public key of 2048–4096 bits
 (DER SubjectPublicKeyInfo).  Each failed check has its own code:
@@ -29,10 +29,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from formats.attestation import MAX_DOCUMENT_SIZE
-from runtime.attest import AttestationError, VerifiedDocument, verify_document
-from runtime.kms import cms
-from runtime.kms.errors import KmsError
+from qtbuild.formats.attestation import MAX_DOCUMENT_SIZE
+from qtbuild.runtime.kms import cms
+from qtbuild.runtime.kms.errors import KmsError
+from qtbuild.runtime.verifier.attestation import AttestationError, VerifiedDocument, verify_document
 
 KEY_ENCRYPTION_ALGORITHM = "RSAES_OAEP_SHA_256"
 MIN_RSA_BITS, MAX_RSA_BITS = 2048, 4096

@@ -19,8 +19,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from runtime.kms.errors import KmsError
-from runtime.kms.service import KmsService, Request, Response
+from qtbuild.runtime.kms.errors import KmsError
+from qtbuild.runtime.kms.service import KmsService, Request, Response
 
 log = logging.getLogger("qtbuild.kms")
 

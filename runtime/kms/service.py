@@ -7,7 +7,7 @@ request is recorded in the audit log, refused ones included: time, request id, p
 principal, API, key, decision ("allow", "deny" for 401/403 and refused attestation documents,
 "error" for other failures) with its reason, status, error code, and the attested PCR0 / PCR8.
 
-Paths: ``POST /v1.0/{project_id}/kms/{api}`` with the APIs of ``runtime.kms.operations``
+Paths: ``POST /v1.0/{project_id}/kms/{api}`` with the APIs of ``qtbuild.runtime.kms.operations``
 (``{api}`` may be ``admin/<name>``).  Request bodies: one JSON object, at most
 ``MAX_JSON_DEPTH`` levels deep, without duplicate keys or NaN/Infinity.
 """
@@ -20,12 +20,12 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from runtime.kms.auth import authenticate
-from runtime.kms.errors import KmsError
-from runtime.kms.fields import Fields
-from runtime.kms.operations import APIS, Call, Environment, principal_context
-from runtime.kms.recipient import RecipientVerifier
-from runtime.kms.store import AuditRecord, PrincipalRecord
+from qtbuild.runtime.kms.auth import authenticate
+from qtbuild.runtime.kms.errors import KmsError
+from qtbuild.runtime.kms.fields import Fields
+from qtbuild.runtime.kms.operations import APIS, Call, Environment, principal_context
+from qtbuild.runtime.kms.recipient import RecipientVerifier
+from qtbuild.runtime.kms.store import AuditRecord, PrincipalRecord
 
 log = logging.getLogger("qtbuild.kms")
 

@@ -2,7 +2,7 @@
 
 Layout (directory 0700)::
 
-    <state>/master.key           32 bytes, 0600, created on first start (runtime.kms.crypto)
+    <state>/master.key           32 bytes, 0600, created on first start (qtbuild.runtime.kms.crypto)
     <state>/kms.sqlite           the store (WAL: plus -wal and -shm files)
     <state>/admin.json           0600: {"endpoint", "access_key", "secret_key", "project_id"}
 
@@ -20,11 +20,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.files import write_atomically
-from runtime.kms.crypto import MasterKey
-from runtime.kms.operations import Environment, new_principal, principal_context
-from runtime.kms.store import Store
-from runtime.sdk.kms_client import Credentials
+from qtbuild.runtime.files import write_atomically
+from qtbuild.runtime.kms.crypto import MasterKey
+from qtbuild.runtime.kms.operations import Environment, new_principal, principal_context
+from qtbuild.runtime.kms.store import Store
+from qtbuild.runtime.sdk.kms_client import Credentials
 
 ADMIN_NAME = "admin"
 ADMIN_POLICY = {"Version": "1.1", "Statement": [{"Effect": "Allow", "Action": ["kms:*"]}]}

@@ -8,7 +8,7 @@ small pool (one per concurrently running request); writers take turns on an in-p
 (and SQLite's lock, ``busy_timeout`` 10 s, against other processes); WAL lets readers proceed
 meanwhile.
 
-Secrets arrive here already sealed (``runtime.kms.crypto.MasterKey``): the store never sees
+Secrets arrive here already sealed (``qtbuild.runtime.kms.crypto.MasterKey``): the store never sees
 plaintext key material.  Key states use Huawei's codes: "2" enabled, "3" disabled,
 "4" pending deletion.
 """

@@ -13,7 +13,7 @@ NSM (nsm-check, QEMU ``virtio-nsm``):
     LockPCRs     any index ≥ 32 (range > 32) → InvalidIndex; already-locked ones are fine
     Attestation  user_data / nonce > 512 or public_key > 1024 bytes → InputTooLarge
     GetRandom    256 random bytes
-    anything malformed: see :func:`formats.attestation.decode_request`
+    anything malformed: see :func:`qtbuild.formats.attestation.decode_request`
 
 Attestation documents carry PCRs 0–15 plus every locked user PCR, are signed by the leaf the
 ``signer`` returns, and keep user_data / nonce / public_key as requested (null when absent).
@@ -31,7 +31,7 @@ from collections.abc import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from formats.attestation import (
+from qtbuild.formats.attestation import (
     MAX_PCRS,
     MAX_REQUEST_SIZE,
     MAX_RESPONSE_SIZE,
@@ -52,7 +52,7 @@ from formats.attestation import (
     encode_response,
     sign_document,
 )
-from formats.measure import HASH_ALGORITHM, PCR_SIZE, ZERO_PCR, Measurements, extend
+from qtbuild.formats.measure import HASH_ALGORITHM, PCR_SIZE, ZERO_PCR, Measurements, extend
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import re
 import secrets
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -32,9 +32,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from runtime.attest import fingerprint
-from runtime.files import write_atomically
-from runtime.qtsm.device import Signer
+from qtbuild.runtime.files import write_atomically
+from qtbuild.runtime.qtsm.device import Signer
+from qtbuild.runtime.verifier.attestation import fingerprint
 
 ROOT_VALIDITY = timedelta(days=30 * 365)
 REGION_VALIDITY = timedelta(days=10 * 365)
@@ -209,7 +209,7 @@ class LocalPki:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(microsecond=0)
+    return datetime.now(UTC).replace(microsecond=0)
 
 
 def _name(common_name: str) -> x509.Name:

@@ -24,16 +24,16 @@ from pathlib import Path
 
 import cbor2
 
-from formats.attestation import (
+from qtbuild.formats.attestation import (
     MAX_REQUEST_SIZE,
     MAX_RESPONSE_SIZE,
     ErrorCode,
     ModuleError,
     encode_error,
 )
-from formats.cose import loads_strict
-from formats.errors import FormatError
-from runtime.qtsm.device import SecurityModule
+from qtbuild.formats.cose import loads_strict
+from qtbuild.formats.errors import FormatError
+from qtbuild.runtime.qtsm.device import SecurityModule
 
 HEADER = struct.Struct(">I")
 _ACCEPT_POLL = 0.2

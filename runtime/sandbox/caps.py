@@ -1,6 +1,6 @@
 """Privileges of the application process: ids, capabilities and ``no_new_privs``.
 
-Contract, in the order :mod:`runtime.sandbox.launch` calls them:
+Contract, in the order :mod:`qtbuild.runtime.sandbox.helper` calls them:
 
 1. :func:`drop_bounding_set` — empties the bounding set (needs CAP_SETPCAP, still held), so
    no later ``execve`` (setuid binary or file capabilities) can bring a capability back.

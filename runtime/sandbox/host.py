@@ -4,7 +4,7 @@ Contract of :func:`start_sandbox`: it returns only once the application has been
 the fully set-up sandbox; any step that fails (including a missing cgroup controller when
 ``no_limits`` is false, or an unknown command) raises :class:`SandboxError` naming the step,
 after undoing everything.  It is safe to call from a multithreaded process: the sandbox is
-built by a freshly exec'd helper (:mod:`runtime.sandbox.launch`), never by a forked copy of
+built by a freshly exec'd helper (:mod:`qtbuild.runtime.sandbox.helper`), never by a forked copy of
 the caller.
 
 Contract of :class:`Sandbox`: ``wait()`` returns the application's :class:`SandboxExit` (or
@@ -23,14 +23,14 @@ import subprocess
 import sys
 import threading
 
-import runtime
+import qtbuild
 
 from .cgroups import Cgroup, Limits, create
 from .spec import SandboxError, SandboxExit, SandboxSpec
 
 __all__ = ["Sandbox", "start_sandbox"]
 
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(runtime.__file__)))
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(qtbuild.__file__)))
 
 
 def start_sandbox(spec: SandboxSpec) -> Sandbox:
@@ -58,8 +58,8 @@ def start_sandbox(spec: SandboxSpec) -> Sandbox:
 
 
 def command(*args: str) -> list[str]:
-    """The helper's command line (the current interpreter running :mod:`runtime.sandbox.launch`)."""
-    return [sys.executable, "-s", "-m", "runtime.sandbox.launch", *args]
+    """The helper's command line (the current interpreter running :mod:`qtbuild.runtime.sandbox.helper`)."""
+    return [sys.executable, "-s", "-m", "qtbuild.runtime.sandbox.helper", *args]
 
 
 def helper_env() -> dict[str, str]:

@@ -37,7 +37,7 @@ class Bind:
 
 @dataclass
 class SandboxSpec:
-    """Everything :func:`runtime.sandbox.start_sandbox` needs.
+    """Everything :func:`qtbuild.runtime.sandbox.start_sandbox` needs.
 
     ``stdin``/``stdout``/``stderr`` are host fds handed to the application as 0/1/2 (``None``
     means ``/dev/null``); they stay owned by the caller.  ``no_limits`` opts out of cgroups

@@ -1,8 +1,8 @@
 """The enclave SDK: what code running *inside* an image needs, and nothing more.
 
 Runs on Debian bookworm's own packages (python3 3.11, python3-cryptography 38, python3-cbor2
-5.4) and imports nothing else of qtbuild: ``qtbuild sdk export DIR`` copies these modules plus
-``runtime/vsock.py`` into ``DIR/qtbuild_sdk/`` (see README.md).
+5.4) and imports nothing else of qtbuild: ``qtbuild sdk export DIR`` copies these modules
+into ``DIR/qtbuild_sdk/`` as they are (see README.md).
 
     Qtsm, QtsmError    the security module (/dev/qtsm, /dev/nsm): attestation, PCRs, random
     connect, listen    vsock stream sockets (native AF_VSOCK or qtbuild's emulation)
@@ -10,18 +10,17 @@ Runs on Debian bookworm's own packages (python3 3.11, python3-cryptography 38, p
     KmsClient          signed KMS calls (decrypt-data, create-datakey, ...) with the recipient flow
     open_envelope      opens the KMS's CMS EnvelopedData answer with the recipient key
 
-Inside this package, import siblings relatively (``from .qtsm import …``) and vsock as
-``from ..vsock import …``: the export rewrites exactly those forms (and absolute
-``runtime.sdk.*`` / ``runtime.vsock``); any other qtbuild import makes the export fail.
+Inside this package, import siblings relatively (``from .qtsm import …``): the export is a
+plain copy, and an absolute qtbuild import makes it fail.
 """
 
 from __future__ import annotations
 
-from ..vsock import connect, listen
 from .envelope import open_envelope
 from .kms_client import Credentials, KmsClient, tcp_transport, vsock_transport
 from .qtsm import Qtsm, QtsmError
 from .recipient import RecipientKey
+from .vsock import connect, listen
 
 __all__ = ["Credentials", "KmsClient", "Qtsm", "QtsmError", "RecipientKey", "connect", "listen", "open_envelope",
            "tcp_transport", "vsock_transport"]

@@ -19,7 +19,7 @@ server's verifier::
     Authorization: SDK-HMAC-SHA256 Access=<AK>, SignedHeaders=<names>, Signature=hex(HMAC-SHA256(SK, StringToSign))
     X-Sdk-Date:    YYYYMMDDTHHMMSSZ (UTC; the server accepts 15 minutes either way)
 
-Recipient flow: with an ``attestor`` (``runtime.sdk.Qtsm`` or anything with
+Recipient flow: with an ``attestor`` (``qtbuild.runtime.sdk.Qtsm`` or anything with
 ``attestation(user_data=None, nonce=None, public_key=None) -> bytes``), decrypt-data,
 decrypt-datakey, create-datakey and gen-random send ``recipient`` = a fresh attestation document
 carrying the client's RSA public key; KMS answers ``ciphertext_recipient`` (a CMS envelope) and
@@ -156,7 +156,7 @@ def vsock_transport(port: int, *, cid: int = 3, timeout: float = DEFAULT_TIMEOUT
 
     ``config`` is a ``VsockConfig`` (default: from the environment, see ``runtime/vsock.py``).
     """
-    from ..vsock import connect
+    from .vsock import connect
 
     return lambda: connect(cid, port, timeout=timeout, config=config)
 

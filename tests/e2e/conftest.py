@@ -7,14 +7,10 @@ Without a daemon (or docker-registry) these tests skip, except under CI (CI=true
 from __future__ import annotations
 
 import os
-import pathlib
-import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "qtbuild"))
-
-from registry_server import registry  # noqa: E402,F401  (re-exported fixture)
+from helpers.registry_server import registry  # noqa: F401  (re-exported fixture)
 
 
 @pytest.fixture(scope="session")

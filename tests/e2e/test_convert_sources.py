@@ -16,8 +16,8 @@ import sys
 
 import pytest
 
-import imagefactory as f
-from registry_server import BuiltImage
+from helpers import imagefactory as f
+from helpers.registry_server import BuiltImage
 
 REPO = "qtbuild-e2e/app"
 

@@ -26,20 +26,21 @@ from pathlib import Path
 
 import cbor2
 import pytest
-from imagefactory import default_config, write_oci_layout
 
-from formats.eif import EifReader
-from formats.measure import ZERO_PCR, extend
-from qtbuild.build import ConvertOptions, convert
-from qtbuild.describe import inspect_image
-from qtbuild.signing import Pcr0Signer
-from runtime import vsock
-from runtime.attest import verify_document
-from runtime.enclave import Manager, RuntimeDir
-from runtime.proxy import AllowEntry, Proxy, ProxyConfig, Route
-from runtime.qtsm.pki import LocalPki
-from tests.helpers.certs import make_certificate, make_key, to_pem
-from tests.runtime.sandbox_helpers import build_busybox_root, build_tool, compile_static
+from qtbuild.convert.pipeline import ConvertOptions, convert
+from qtbuild.formats.eif import EifReader
+from qtbuild.formats.measure import ZERO_PCR, extend
+from qtbuild.inspect.describe import inspect_image
+from qtbuild.runtime.enclave import Manager, RuntimeDir
+from qtbuild.runtime.proxy import AllowEntry, Proxy, ProxyConfig, Route
+from qtbuild.runtime.qtsm.pki import LocalPki
+from qtbuild.runtime.sdk import vsock
+from qtbuild.runtime.verifier.attestation import verify_document
+from qtbuild.signing_keys import Pcr0Signer
+
+from helpers.certs import make_certificate, make_key, to_pem
+from helpers.imagefactory import default_config, write_oci_layout
+from helpers.sandbox_helpers import build_busybox_root, build_tool, compile_static
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="local enclaves mount a tmpfs and create cgroups: run as root")
 
@@ -352,7 +353,7 @@ class EchoServer:
 
 
 class ProxyThread:
-    """``runtime.proxy`` on the parent's emulated vsock, in a thread with its own event loop."""
+    """``qtbuild.runtime.proxy`` on the parent's emulated vsock, in a thread with its own event loop."""
 
     def __init__(self, config: ProxyConfig, vsock_config: vsock.VsockConfig) -> None:
         self.loop = asyncio.new_event_loop()

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import cbor2
 import pytest
-from helpers import mutated
-from helpers.certs import make_key
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from formats.attestation import (
+from qtbuild.formats.attestation import (
     MAX_REQUEST_SIZE,
     NITRO_KEY_ORDER,
     NITRO_LIMITS,
@@ -42,8 +40,11 @@ from formats.attestation import (
     read_document,
     sign_document,
 )
-from formats.cose import verify1
-from formats.errors import SignatureError
+from qtbuild.formats.cose import verify1
+from qtbuild.formats.errors import SignatureError
+
+from helpers import mutated
+from helpers.certs import make_key
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "nitro-attestation-2026-02.cose.b64"
 

@@ -9,12 +9,10 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from helpers import mutated
-from helpers.certs import make_key
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from formats.cose import (
+from qtbuild.formats.cose import (
     ALG_BY_CURVE,
     CoseSign1,
     decode_sign1,
@@ -25,7 +23,10 @@ from formats.cose import (
     sign1,
     verify1,
 )
-from formats.errors import CoseError, SignatureError
+from qtbuild.formats.errors import CoseError, SignatureError
+
+from helpers import mutated
+from helpers.certs import make_key
 
 CURVES = ["P-256", "P-384", "P-521"]
 

@@ -1,4 +1,4 @@
-"""Tests for formats.cpio: deterministic newc writer and bounded reader."""
+"""Tests for qtbuild.formats.cpio: deterministic newc writer and bounded reader."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from formats.cpio import CpioArchive, CpioEntry, iter_archive
-from formats.errors import CpioFormatError
+from qtbuild.formats.cpio import CpioArchive, CpioEntry, iter_archive
+from qtbuild.formats.errors import CpioFormatError
 
 DIR = stat.S_IFDIR
 REG = stat.S_IFREG

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from formats.crc32 import crc32_combine
-from formats.eif import HEADER_SIZE, EifReader, SectionType
-from formats.eif_metadata import BuildInfo, EifMetadata, parse_metadata
-from formats.eif_writer import BytesSource, FileSource, write_eif
-from formats.errors import EifFormatError
-from formats.measure import EMPTY_PCR2, Measurements, PcrHashers, extend
+from qtbuild.formats.crc32 import crc32_combine
+from qtbuild.formats.eif import HEADER_SIZE, EifReader, SectionType
+from qtbuild.formats.eif_metadata import BuildInfo, EifMetadata, parse_metadata
+from qtbuild.formats.eif_writer import BytesSource, FileSource, write_eif
+from qtbuild.formats.errors import EifFormatError
+from qtbuild.formats.measure import EMPTY_PCR2, Measurements, PcrHashers, extend
 
 SPEC_EMPTY_PCR2 = (
     "21b9efbc184807662e966d34f390821309eeac6802309798826296bf3e8bec7c"

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import cbor2
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from helpers import mutated
-from helpers.certs import make_certificate, make_key, make_signer, to_pem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from formats.cose import decode_sign1, sign1
-from formats.eif_signature import (
+from qtbuild.formats.cose import decode_sign1, sign1
+from qtbuild.formats.eif_signature import (
     MAX_SIGNATURE_SECTION,
     SignatureInfo,
     decode_signature_section,
@@ -27,11 +25,14 @@ from formats.eif_signature import (
     sign_pcr0,
     verify_signature,
 )
-from formats.errors import CoseError, SignatureError
+from qtbuild.formats.errors import CoseError, SignatureError
+
+from helpers import mutated
+from helpers.certs import make_certificate, make_key, make_signer, to_pem
 
 PCR0 = bytes(range(48))
 OTHER_PCR0 = bytes(48)
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 def cbor_byte_array(data: bytes) -> str:
@@ -220,7 +221,7 @@ def test_validity_instant_may_be_naive_utc(signer, section):
     info = load_signature(section)
     with pytest.raises(SignatureError, match="has expired"):
         verify_signature(info, PCR0, at=datetime(2999, 1, 1))
-    verify_signature(info, PCR0, at=datetime.now(timezone.utc).replace(tzinfo=None))
+    verify_signature(info, PCR0, at=datetime.now(UTC).replace(tzinfo=None))
 
 
 def test_rsa_key_is_refused():

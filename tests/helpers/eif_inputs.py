@@ -6,8 +6,9 @@ import stat
 
 from cryptography.hazmat.primitives import serialization
 
-from formats.cpio import CpioArchive, CpioEntry
-from helpers.certs import make_signer
+from qtbuild.formats.cpio import CpioArchive, CpioEntry
+
+from .certs import make_signer
 
 
 def newc(entries: list[tuple[bytes, int, bytes]]) -> bytes:

@@ -7,7 +7,7 @@ import base64
 import dataclasses
 import json
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import cbor2
@@ -17,26 +17,27 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from helpers import mutated
 from hypothesis import HealthCheck, given, settings
 
-import runtime.qtsm.pki as pki_module
-from formats.attestation import (
+import qtbuild.runtime.qtsm.pki as pki_module
+from qtbuild.cli import attest as attest_cli
+from qtbuild.cli import pki as pki_cli
+from qtbuild.formats.attestation import (
     AttestationDocument,
     encode_payload,
     sign_document,
 )
-from formats.cose import der_to_raw, sig_structure, sign1
-from formats.measure import ZERO_PCR
-from qtbuild.cli import attest as attest_cli
-from qtbuild.cli import pki as pki_cli
-from runtime.attest import AttestationError, fingerprint, verify_document
-from runtime.qtsm.device import SecurityModule
-from runtime.qtsm.pki import LocalPki
+from qtbuild.formats.cose import der_to_raw, sig_structure, sign1
+from qtbuild.formats.measure import ZERO_PCR
+from qtbuild.runtime.qtsm.device import SecurityModule
+from qtbuild.runtime.qtsm.pki import LocalPki
+from qtbuild.runtime.verifier.attestation import AttestationError, fingerprint, verify_document
+
+from helpers import mutated
 
 FIXTURE = Path(__file__).parent.parent / "fixtures" / "nitro-attestation-2026-02.cose.b64"
 NITRO_ROOT = "641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c68f79bb5b"
-NITRO_TIME = datetime(2026, 2, 6, 8, 24, 18, 452000, tzinfo=timezone.utc)
+NITRO_TIME = datetime(2026, 2, 6, 8, 24, 18, 452000, tzinfo=UTC)
 PCRS = {index: bytes([index + 1]) * 48 for index in range(16)}
 
 
@@ -95,7 +96,7 @@ def test_device_document_round_trips(pki, pins):
     assert not verified.is_debug and not verified.tagged
     assert verified.root_fingerprint == pki.root_fingerprint()
     assert verified.certificate == pki.issue_leaf("enc-1")[1]
-    assert abs(verified.timestamp - datetime.now(timezone.utc)) < timedelta(seconds=10)
+    assert abs(verified.timestamp - datetime.now(UTC)) < timedelta(seconds=10)
 
 
 def test_pinning_by_certificate_and_tag_18(pki):
@@ -140,7 +141,7 @@ def _name(common_name: str) -> x509.Name:
 
 def _cert(subject, key, issuer, issuer_key, *, ca=True, path_length=None, key_cert_sign=True,
           digital_signature=True, hours=24, start=None):
-    start = start or datetime.now(timezone.utc) - timedelta(hours=1)
+    start = start or datetime.now(UTC) - timedelta(hours=1)
     builder = (
         x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
@@ -209,7 +210,7 @@ def test_chain_constraints(pki, options, problem):
 
 
 def test_expired_leaf(pki, pins, monkeypatch):
-    long_ago = datetime.now(timezone.utc).replace(microsecond=0) - timedelta(hours=5)
+    long_ago = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=5)
     monkeypatch.setattr(pki_module, "_now", lambda: long_ago)
     key, leaf = pki.issue_leaf("expired-enclave")
     monkeypatch.undo()
@@ -220,7 +221,7 @@ def test_expired_leaf(pki, pins, monkeypatch):
 
 def test_future_and_past_check_times(pki, pins):
     document = issue(pki)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     assert "expired" in fails("validity", document, **pins, at=now + timedelta(hours=4)).message
     assert "not yet valid" in fails("validity", document, **pins,
                                     at=now - timedelta(days=1)).message
@@ -235,7 +236,7 @@ def test_stale_and_future_timestamps(pki, pins):
     assert verify_document(stale, **pins, max_age=7200).module_id
     ahead = issue(pki, timestamp=now_ms + 3_600_000)
     assert "future" in fails("age", ahead, **pins, max_age=300).message
-    at = datetime.now(timezone.utc) + timedelta(hours=1, minutes=1)
+    at = datetime.now(UTC) + timedelta(hours=1, minutes=1)
     assert verify_document(ahead, **pins, max_age=300, at=at).module_id  # age from --at
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from runtime.enclave.console import (
+from qtbuild.runtime.enclave.console import (
     HANGUP_POLL,
     ConsoleBusy,
     ConsoleServer,

@@ -14,16 +14,17 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from formats.cpio import CpioArchive, CpioEntry
-from formats.eif import EifReader
-from formats.eif_writer import write_eif
-from formats.local_abi import make_local_kernel
-from qtbuild.signing import Pcr0Signer
-from runtime.enclave.errors import EnclaveError
-from formats.launch import DEFAULT_PATH
-from runtime.enclave.loader import NOT_LOCAL, load_image
-from tests.helpers.certs import make_certificate, make_key, to_pem
-from tests.helpers.eif_inputs import newc
+from qtbuild.formats.cpio import CpioArchive, CpioEntry
+from qtbuild.formats.eif import EifReader
+from qtbuild.formats.eif_writer import write_eif
+from qtbuild.formats.launch_record import DEFAULT_PATH
+from qtbuild.formats.local_abi import make_local_kernel
+from qtbuild.runtime.enclave.errors import EnclaveError
+from qtbuild.runtime.enclave.loader import NOT_LOCAL, load_image
+from qtbuild.signing_keys import Pcr0Signer
+
+from helpers.certs import make_certificate, make_key, to_pem
+from helpers.eif_inputs import newc
 
 ARCH = platform.machine()
 LAUNCH = {"argv": ["/bin/app", "--flag"], "env": ["PATH=/bin", "A=1"], "cwd": "/srv", "uid": 1000, "gid": 1000,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from formats.measure import Measurements
-from formats.launch import Launch
-from runtime.enclave.loader import LoadedImage
-from runtime.enclave.plan import enclave_env, sandbox_spec
-from runtime.enclave.state import EnclaveRecord, RuntimeDir
+from qtbuild.formats.launch_record import Launch
+from qtbuild.formats.measure import Measurements
+from qtbuild.runtime.enclave.loader import LoadedImage
+from qtbuild.runtime.enclave.plan import enclave_env, sandbox_spec
+from qtbuild.runtime.enclave.state import EnclaveRecord, RuntimeDir
 
 
 def test_vsock_settings_replace_the_images():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.enclave.errors import EnclaveError
-from runtime.enclave.rules import (
+from qtbuild.runtime.enclave.errors import EnclaveError
+from qtbuild.runtime.enclave.rules import (
     ENV_MAX_ENCLAVES,
     MAX_CID,
     check_capacity,
@@ -82,7 +82,7 @@ def test_console_only_in_debug_mode():
 
 def test_cid_range_is_checked_before_any_state_is_created(tmp_path, monkeypatch):
     """`run --cid 2` used to create the local PKI before refusing the CID."""
-    from runtime.enclave.manager import Manager, RunOptions
+    from qtbuild.runtime.enclave.manager import Manager, RunOptions
 
     monkeypatch.setenv("QTBUILD_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("QTBUILD_RUNTIME_DIR", str(tmp_path / "run"))

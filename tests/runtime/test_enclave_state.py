@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from runtime.enclave.state import (
+from qtbuild.runtime.enclave.state import (
     CRASHED,
     OOM,
     RUNNING,
@@ -103,7 +103,7 @@ def test_which_statuses_hold_a_cid():
 
 def test_the_runtime_lock_is_exclusive(tmp_path):
     runtime = RuntimeDir(tmp_path / "rt")
-    script = ("import sys; from pathlib import Path; from runtime.enclave.state import RuntimeDir\n"
+    script = ("import sys; from pathlib import Path; from qtbuild.runtime.enclave.state import RuntimeDir\n"
               "with RuntimeDir(Path(sys.argv[1])).locked(): print('in', flush=True)")
     with runtime.locked():
         other = subprocess.Popen([sys.executable, "-c", script, str(runtime.path)], stdout=subprocess.PIPE,

@@ -18,10 +18,10 @@ import pytest
 from click.testing import CliRunner
 
 from qtbuild.cli import kms as kms_cli
-from runtime.kms.state import read_credentials
-from runtime.qtsm.device import SecurityModule
-from runtime.qtsm.pki import LocalPki
-from runtime.sdk.kms_client import KmsClient, KmsClientError, tcp_transport
+from qtbuild.runtime.kms.state import read_credentials
+from qtbuild.runtime.qtsm.device import SecurityModule
+from qtbuild.runtime.qtsm.pki import LocalPki
+from qtbuild.runtime.sdk.kms_client import KmsClient, KmsClientError, tcp_transport
 
 PCRS = {index: bytes([0x30 + index]) * 48 for index in range(16)}
 SERVE = "from qtbuild.cli.kms import command; command(prog_name='qtbuild kms')"

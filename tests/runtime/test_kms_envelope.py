@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric import padding as asymmetric_padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from runtime.sdk.envelope import (
+from qtbuild.runtime.sdk.envelope import (
     MAX_ENVELOPE_SIZE,
     EnvelopeError,
     decode_oid,
@@ -101,7 +101,7 @@ def test_round_trip(key, size):
 
 def test_round_trip_with_the_service_builder(key):
     pytest.importorskip("asn1crypto")
-    from runtime.kms.cms import envelope
+    from qtbuild.runtime.kms.cms import envelope
 
     for size in (0, 1, 100, 4096):
         plaintext = os.urandom(size)
@@ -210,7 +210,7 @@ def test_oid_decoding():
 
 @pytest.mark.parametrize("module", ["envelope.py", "kms_client.py"])
 def test_sdk_modules_import_only_what_bookworm_has(module):
-    """Standard library, cryptography, and relative imports of the SDK (runtime.vsock too)."""
+    """Standard library, cryptography, and relative imports of the SDK (qtbuild.runtime.sdk.vsock too)."""
     tree = ast.parse((SDK / module).read_text())
     allowed_top = {"base64", "binascii", "hashlib", "hmac", "http", "json", "socket", "ssl",
                    "threading", "collections", "dataclasses", "datetime", "urllib",

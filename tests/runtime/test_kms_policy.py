@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime.kms.policy import PolicyError, evaluate, parse_policy
+from qtbuild.runtime.kms.policy import PolicyError, evaluate, parse_policy
 
 KEY = "kms:local:proj:KeyId:1e31e152-6e34-46dc-b12b-6431dfcbd3a3"
 PCR0 = "ab" * 48

@@ -23,17 +23,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import runtime.qtsm.pki as pki_module
-from formats.attestation import AttestationDocument, sign_document
-from runtime import vsock
-from runtime.kms.recipient import RecipientVerifier
-from runtime.kms.server import MAX_BODY, KmsHttpServer
-from runtime.kms.service import KmsService
-from runtime.kms.state import StatePaths, open_state
-from runtime.proxy import Proxy, ProxyConfig, Route
-from runtime.qtsm.device import SecurityModule
-from runtime.qtsm.pki import LocalPki
-from runtime.sdk.kms_client import (
+import qtbuild.runtime.qtsm.pki as pki_module
+from qtbuild.formats.attestation import AttestationDocument, sign_document
+from qtbuild.runtime.kms.recipient import RecipientVerifier
+from qtbuild.runtime.kms.server import MAX_BODY, KmsHttpServer
+from qtbuild.runtime.kms.service import KmsService
+from qtbuild.runtime.kms.state import StatePaths, open_state
+from qtbuild.runtime.proxy import Proxy, ProxyConfig, Route
+from qtbuild.runtime.qtsm.device import SecurityModule
+from qtbuild.runtime.qtsm.pki import LocalPki
+from qtbuild.runtime.sdk import vsock
+from qtbuild.runtime.sdk.kms_client import (
     Credentials,
     KmsClient,
     KmsClientError,
@@ -41,7 +41,7 @@ from runtime.sdk.kms_client import (
     tcp_transport,
     vsock_transport,
 )
-from runtime.sdk.recipient import RecipientKey
+from qtbuild.runtime.sdk.recipient import RecipientKey
 
 PCRS = {index: bytes([index + 1]) * 48 for index in range(16)}
 OTHER_PCRS = {index: bytes([0xA0 + index]) * 48 for index in range(16)}

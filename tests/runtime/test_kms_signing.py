@@ -10,9 +10,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from runtime.kms.auth import authenticate, parse_authorization
-from runtime.kms.errors import KmsError
-from runtime.sdk.kms_client import (
+from qtbuild.runtime.kms.auth import authenticate, parse_authorization
+from qtbuild.runtime.kms.errors import KmsError
+from qtbuild.runtime.sdk.kms_client import (
     canonical_query,
     canonical_request,
     canonical_uri,

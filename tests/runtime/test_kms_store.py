@@ -8,16 +8,16 @@ import stat
 
 import pytest
 
-from runtime.kms import crypto
-from runtime.kms.crypto import MasterKey, MasterKeyError
-from runtime.kms.errors import KmsError
-from runtime.kms.state import (
+from qtbuild.runtime.kms import crypto
+from qtbuild.runtime.kms.crypto import MasterKey, MasterKeyError
+from qtbuild.runtime.kms.errors import KmsError
+from qtbuild.runtime.kms.state import (
     StatePaths,
     open_state,
     read_credentials,
     write_credentials,
 )
-from runtime.kms.store import (
+from qtbuild.runtime.kms.store import (
     ENABLED,
     PENDING_DELETION,
     AuditRecord,
@@ -79,7 +79,7 @@ def test_ciphertext_format():
 
 
 def test_sdk_knows_the_trailer_size():
-    from runtime.sdk.kms_client import DATAKEY_TRAILER
+    from qtbuild.runtime.sdk.kms_client import DATAKEY_TRAILER
 
     assert DATAKEY_TRAILER == crypto.TRAILER_SIZE
 

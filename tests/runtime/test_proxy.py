@@ -1,4 +1,4 @@
-"""Tests for runtime.proxy and ``qtbuild proxy``: real emulated vsock sockets, TCP on 127.0.0.1 only."""
+"""Tests for qtbuild.runtime.proxy and ``qtbuild proxy``: real emulated vsock sockets, TCP on 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ import time
 
 import pytest
 
-from runtime import vsock
-from runtime.proxy import (
+from qtbuild.runtime.proxy import (
     AllowEntry,
     Proxy,
     ProxyConfig,
@@ -26,6 +25,7 @@ from runtime.proxy import (
     load_config,
     parse_config,
 )
+from qtbuild.runtime.sdk import vsock
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -16,14 +16,14 @@ from cryptography import x509
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import runtime.qtsm.pki as pki_module
-from formats.attestation import PAYLOAD_KEYS, read_document
-from formats.cose import verify1
-from formats.measure import ZERO_PCR, Measurements
-from runtime.attest import verify_document
-from runtime.qtsm.device import SecurityModule, boot_pcrs, make_module_id
-from runtime.qtsm.pki import LocalPki, PkiError, default_state_dir
-from runtime.qtsm.server import request, serve_device
+import qtbuild.runtime.qtsm.pki as pki_module
+from qtbuild.formats.attestation import PAYLOAD_KEYS, read_document
+from qtbuild.formats.cose import verify1
+from qtbuild.formats.measure import ZERO_PCR, Measurements
+from qtbuild.runtime.qtsm.device import SecurityModule, boot_pcrs, make_module_id
+from qtbuild.runtime.qtsm.pki import LocalPki, PkiError, default_state_dir
+from qtbuild.runtime.qtsm.server import request, serve_device
+from qtbuild.runtime.verifier.attestation import verify_document
 
 IMAGE = Measurements(pcr0=b"\x10" * 48, pcr1=b"\x11" * 48, pcr2=b"\x12" * 48, pcr8=b"\x18" * 48)
 MODULE_ID = "i-0123456789abcdef0-enc0123456789abcdef"

@@ -1,4 +1,4 @@
-"""Tests for runtime.sandbox: real sandboxes (as root), asserted from inside and from the host."""
+"""Tests for qtbuild.runtime.sandbox: real sandboxes (as root), asserted from inside and from the host."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.sandbox import (
+from qtbuild.runtime.sandbox import (
     Bind,
     SandboxError,
     SandboxSpec,
@@ -27,8 +27,9 @@ from runtime.sandbox import (
     seccomp,
     start_sandbox,
 )
-from runtime.sandbox.host import helper_env
-from tests.runtime.sandbox_helpers import (
+from qtbuild.runtime.sandbox.host import helper_env
+
+from helpers.sandbox_helpers import (
     build_busybox_root,
     build_tool,
     install_file,
@@ -407,7 +408,7 @@ def test_seccomp_numbers_match_kernel_headers():
 
 ROOTLESS_SCRIPT = textwrap.dedent("""
     import json, os, sys, tempfile
-    from runtime.sandbox import Bind, SandboxError, SandboxSpec, start_sandbox
+    from qtbuild.runtime.sandbox import Bind, SandboxError, SandboxSpec, start_sandbox
     root, name = sys.argv[1], sys.argv[2]
     out = {"euid": os.geteuid()}
     try:
@@ -435,7 +436,24 @@ ROOTLESS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _unprivileged_python() -> list[str] | None:
+def _nobody_env(base: str) -> dict[str, str]:
+    """helper_env() for a Python without this venv: ``base/pkg`` holds the installed layout
+    (qtbuild/ with runtime/ and formats/ inside) as symlinks into the source tree."""
+    import qtbuild
+    import qtbuild.formats
+    import qtbuild.runtime
+
+    package = Path(base) / "pkg" / "qtbuild"
+    package.mkdir(parents=True, exist_ok=True)
+    for name, module in (("__init__.py", qtbuild), ("runtime", qtbuild.runtime), ("formats", qtbuild.formats)):
+        source = Path(module.__file__)
+        target = source if name == "__init__.py" else source.parent
+        if not (package / name).exists():
+            (package / name).symlink_to(target)
+    return {**helper_env(), "PYTHONPATH": str(package.parent)}
+
+
+def _unprivileged_python(env: dict[str, str]) -> list[str] | None:
     """A ``setpriv`` command prefix running as nobody, and a Python ≥ 3.11 that nobody can run."""
     setpriv = shutil.which("setpriv")
     if setpriv is None:
@@ -446,17 +464,19 @@ def _unprivileged_python() -> list[str] | None:
             continue
         check = subprocess.run([*prefix, python, "-c", "import os, sys; assert sys.version_info >= (3, 11); "
                                 "assert os.access(sys.executable, os.X_OK)"],
-                               capture_output=True, env=helper_env(), cwd="/", check=False)
+                               capture_output=True, env=env, cwd="/", check=False)
         if check.returncode == 0:
             return [*prefix, python]
     return None
 
 
 def test_rootless_as_nobody(tool):
-    command = _unprivileged_python()
-    if command is None:
-        pytest.skip("no setpriv, or no Python >= 3.11 that the 'nobody' user can execute")
     base = tempfile.mkdtemp(prefix="qtbuild-sandbox-rootless-")
+    env = _nobody_env(base)
+    command = _unprivileged_python(env)
+    if command is None:
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.skip("no setpriv, or no Python >= 3.11 that the 'nobody' user can execute")
     try:
         os.chmod(base, 0o755)
         image = build_busybox_root(Path(base) / "root")
@@ -464,15 +484,15 @@ def test_rootless_as_nobody(tool):
         for directory, _, files in os.walk(base):
             for entry in [directory, *(os.path.join(directory, f) for f in files)]:
                 os.chown(entry, 65534, 65534, follow_symlinks=False)
-        probe_run = subprocess.run([*command, "-c", "import json; from runtime.sandbox import probe; "
+        probe_run = subprocess.run([*command, "-c", "import json; from qtbuild.runtime.sandbox import probe; "
                                     "print(json.dumps(probe()))"], capture_output=True, text=True,
-                                   env=helper_env(), cwd="/", timeout=60, check=False)
+                                   env=env, cwd="/", timeout=60, check=False)
         report = json.loads(probe_run.stdout)
         assert not str(report["userns"]).startswith("probe failed"), report
         if report["userns"] is not None:
             pytest.skip(f"unprivileged user namespaces are disabled here: {report['userns']}")
         done = subprocess.run([*command, "-c", ROOTLESS_SCRIPT, str(image), f"qtbt-rootless-{os.getpid()}"],
-                              capture_output=True, text=True, env=helper_env(), cwd="/", timeout=60, check=False)
+                              capture_output=True, text=True, env=env, cwd="/", timeout=60, check=False)
         assert done.returncode == 0, done.stderr
         out = json.loads(done.stdout)
     finally:
@@ -489,7 +509,7 @@ def test_rootless_as_nobody(tool):
 # -- cgroup v2 files (a fake hierarchy: this code path runs for real only on v2 hosts) ------------------
 
 def test_cgroup_v2_layout_with_a_fake_hierarchy(tmp_path):
-    from runtime.sandbox.cgroups import Limits, create
+    from qtbuild.runtime.sandbox.cgroups import Limits, create
 
     fake = tmp_path / "v2"
     (fake / "qtbuild").mkdir(parents=True)

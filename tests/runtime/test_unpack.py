@@ -1,4 +1,4 @@
-"""Tests for runtime.unpack: safe extraction of cpio newc archives, hostile archives included."""
+"""Tests for qtbuild.runtime.unpack: safe extraction of cpio newc archives, hostile archives included."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import subprocess
 
 import pytest
 
-from formats.cpio import CpioArchive, CpioEntry
-from formats.errors import CpioFormatError
-from runtime.unpack import UnpackReport, unpack_archive
+from qtbuild.formats.cpio import CpioArchive, CpioEntry
+from qtbuild.formats.errors import CpioFormatError
+from qtbuild.runtime.unpack import UnpackReport, unpack_archive
 
 DIR, REG, LNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
 CPIO = shutil.which("cpio")

@@ -1,4 +1,4 @@
-"""Tests for runtime.vsock: emulated transport over real Unix sockets, transport choice, heartbeat."""
+"""Tests for qtbuild.runtime.sdk.vsock: emulated transport over real Unix sockets, transport choice, heartbeat."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from runtime import vsock
-from runtime.vsock import EMULATED, NATIVE, VsockConfig, VsockConfigError
+from qtbuild.runtime.sdk import vsock
+from qtbuild.runtime.sdk.vsock import EMULATED, NATIVE, VsockConfig, VsockConfigError
 
 
 @pytest.fixture
@@ -104,9 +104,8 @@ def test_enclave_view_reaches_itself_and_the_parent_only(tmp_path, root):
             assert parent_listener.accept(timeout=5)[1][0] == 4
         with vsock.connect(4, 8001, config=cid(root, 3), timeout=5):
             assert own.accept(timeout=5)[1][0] == 3
-        with vsock.listen(8000, config=cid(root, 5)):
-            with pytest.raises(ConnectionRefusedError):
-                vsock.connect(5, 8000, config=enclave, timeout=5)
+        with vsock.listen(8000, config=cid(root, 5)), pytest.raises(ConnectionRefusedError):
+            vsock.connect(5, 8000, config=enclave, timeout=5)
 
 
 def test_connect_without_listener_is_refused(root):
@@ -346,7 +345,7 @@ def test_native_loopback():
 
 CLIENT = """
 import sys
-from runtime import vsock
+from qtbuild.runtime.sdk import vsock
 config = vsock.VsockConfig("emulated", int(sys.argv[2]), sys.argv[1])
 for _line in sys.stdin:
     with vsock.connect(3, 5000, config=config, timeout=5) as sock:

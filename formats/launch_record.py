@@ -1,0 +1,108 @@
+"""The launch record in the customer ramdisk: what the enclave's first process is.
+
+Written by ``qtbuild convert`` (:mod:`qtbuild.convert.ramdisk`) and read by the local runtime
+(:mod:`qtbuild.runtime.enclave.launch_reader`).  Three files at the ramdisk's root:
+
+    cmd          argv, one element per line, each followed by "\\n" (nitro-cli's init format)
+    env          KEY=VALUE lines, each followed by "\\n" (nitro-cli's init format)
+    launch.json  ``{"argv", "cwd", "env", "gid", "groups", "uid", "user"}``: compact JSON with
+                 sorted keys and a final newline; qtbuild's record of the resolved command,
+                 working directory and identity (nitro's init ignores it)
+
+Elements containing a newline or NUL cannot be represented in ``cmd``/``env`` and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from qtbuild.formats.errors import FormatError
+
+MAX_LAUNCH_FILE = 1 << 20
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class LaunchFormatError(FormatError):
+    """A launch record that cannot be written or read; the message names the field."""
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The resolved process to start inside the enclave."""
+
+    argv: list[str]
+    env: list[str]
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    groups: list[int] = field(default_factory=list)
+    user: str = ""
+
+    def __post_init__(self) -> None:
+        for item in self.argv + self.env:
+            if "\n" in item or "\0" in item:
+                raise LaunchFormatError(f"command/env element {item!r} contains a newline or NUL, which cmd/env files cannot represent")
+
+    def cmd_file(self) -> bytes:
+        return "".join(item + "\n" for item in self.argv).encode()
+
+    def env_file(self) -> bytes:
+        return "".join(item + "\n" for item in self.env).encode()
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+def with_default_path(env: list[str]) -> list[str]:
+    """``env`` with ``PATH`` set to :data:`DEFAULT_PATH` when it has none (docker's default)."""
+    return env if any(item.startswith("PATH=") for item in env) else [f"PATH={DEFAULT_PATH}", *env]
+
+
+def parse_launch_json(data: bytes) -> Launch:
+    """Decode ``launch.json``; LaunchFormatError for anything of the wrong shape."""
+    if len(data) > MAX_LAUNCH_FILE:
+        raise LaunchFormatError(f"launch.json is larger than {MAX_LAUNCH_FILE} bytes")
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise LaunchFormatError(f"launch.json is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise LaunchFormatError("launch.json is not an object")
+    launch = Launch(
+        argv=_typed(document, "argv", list, str), env=_typed(document, "env", list, str),
+        cwd=_typed(document, "cwd", str), uid=_typed(document, "uid", int), gid=_typed(document, "gid", int),
+        groups=_typed(document, "groups", list, int), user=document.get("user", "") if isinstance(document.get("user", ""), str) else "",
+    )
+    if not launch.argv:
+        raise LaunchFormatError("launch.json has an empty argv: nothing to run")
+    return launch
+
+
+def parse_cmd_env(cmd: bytes, env: bytes) -> Launch:
+    """A launch from nitro's ``cmd``/``env`` files alone (cwd ``/``, root, default PATH)."""
+    argv = _lines(cmd, "cmd")
+    if not argv:
+        raise LaunchFormatError("cmd is empty: nothing to run")
+    return Launch(argv, with_default_path(_lines(env, "env")))
+
+
+def _lines(data: bytes, name: str) -> list[str]:
+    if len(data) > MAX_LAUNCH_FILE:
+        raise LaunchFormatError(f"{name} is larger than {MAX_LAUNCH_FILE} bytes")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise LaunchFormatError(f"the {name} file is not UTF-8") from None
+    return [line for line in text.split("\n") if line]
+
+
+def _typed(document: dict, key: str, kind: type, item: type | None = None):
+    value = document.get(key)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    if ok and item is not None:
+        ok = all(isinstance(element, item) and not isinstance(element, bool) for element in value)
+    if not ok:
+        expected = f"a list of {item.__name__}" if item else kind.__name__
+        raise LaunchFormatError(f"launch.json: {key!r} must be {expected}")
+    return value

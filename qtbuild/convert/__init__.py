@@ -1,0 +1,1 @@
+"""The convert pipeline: image → flattened tree → ramdisks → EIF, with measurements."""

@@ -1,0 +1,137 @@
+"""What the enclave runs: argv, environment, working directory and user, resolved at build time.
+
+Two command semantics (``--cmd-semantics``):
+
+- ``oci`` (default): argv = Entrypoint + Cmd, as ``docker run`` does.
+- ``nitro``: argv = Cmd if present, else Entrypoint — what nitro-cli and ``qt enclave make-img``
+  do (they never join the two; users porting images trip over it).
+
+``User`` is resolved through the image's own ``/etc/passwd`` and ``/etc/group`` (``name``,
+``uid``, ``name:group``, ``uid:gid``; a numeric uid need not exist, a name must).  The result is
+recorded in the customer ramdisk (see :mod:`qtbuild.convert.ramdisk`) so the runtime needs no guessing.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import stat
+from collections.abc import Callable
+
+from qtbuild.errors import ImageError
+from qtbuild.formats.launch_record import Launch, LaunchFormatError, with_default_path
+
+#: /etc/passwd and /etc/group bigger than this are not read.
+MAX_ACCOUNT_FILE = 1 << 20
+
+
+def resolve_launch(config: dict, read_file: Callable[[str], bytes | None], *, semantics: str = "oci") -> Launch:
+    """Resolve an image config's command, env, WorkingDir and User.
+
+    ``read_file(path)`` returns the bytes of a file in the image (absolute path) or None.
+    Raises ImageError when there is no command, an element contains a newline, or the user or
+    group cannot be resolved.
+    """
+    container = config.get("config") or config.get("Config") or {}
+    if not isinstance(container, dict):
+        raise ImageError("image config: 'config' is not an object")
+    argv = _command(container, semantics)
+    env = with_default_path(_string_list(container.get("Env"), "Env"))
+    cwd = container.get("WorkingDir") or "/"
+    if not isinstance(cwd, str) or not cwd.startswith("/"):
+        raise ImageError(f"image WorkingDir {cwd!r} is not an absolute path")
+    uid, gid, groups, user = _resolve_user(container.get("User") or "", read_file)
+    try:
+        return Launch(argv, env, posixpath.normpath(cwd), uid, gid, groups, user)
+    except LaunchFormatError as exc:
+        raise ImageError(f"image {exc}") from None
+
+
+def _command(container: dict, semantics: str) -> list[str]:
+    entrypoint = _string_list(container.get("Entrypoint"), "Entrypoint")
+    cmd = _string_list(container.get("Cmd"), "Cmd")
+    if semantics == "oci":
+        argv = entrypoint + cmd
+    elif semantics == "nitro":
+        argv = cmd or entrypoint
+    else:
+        raise ImageError(f"unknown command semantics {semantics!r}: use oci or nitro")
+    if not argv:
+        raise ImageError(
+            "the image has no command (neither ENTRYPOINT nor CMD): add `CMD [\"/path/to/app\"]` to the Dockerfile"
+        )
+    return argv
+
+
+def _string_list(value: object, name: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ImageError(f"image config: {name} is not a list of strings")
+    return list(value)
+
+
+def _resolve_user(spec: str, read_file: Callable[[str], bytes | None]) -> tuple[int, int, list[int], str]:
+    if not isinstance(spec, str):
+        raise ImageError("image config: User is not a string")
+    if spec == "":
+        return 0, 0, [], "root"
+    user_part, _, group_part = spec.partition(":")
+    passwd = _parse_accounts(read_file("/etc/passwd"), 7)
+    groups_db = _parse_accounts(read_file("/etc/group"), 4)
+    entry = next((row for row in passwd if row[0] == user_part or (user_part.isdigit() and row[2] == user_part)), None)
+    if entry is not None:
+        uid, gid, name = int(entry[2]), int(entry[3]), entry[0]
+    elif user_part.isdigit():
+        uid, gid, name = int(user_part), 0, user_part  # docker: unknown numeric uid runs with gid 0
+    else:
+        raise ImageError(f"image User {spec!r}: no user {user_part!r} in the image's /etc/passwd")
+    if group_part:
+        gid = _resolve_group(group_part, groups_db, spec)
+    supplementary = sorted({int(row[2]) for row in groups_db if name in row[3].split(",") and row[2].isdigit()} - {gid})
+    return uid, gid, supplementary, name
+
+
+def _resolve_group(group: str, groups_db: list[list[str]], spec: str) -> int:
+    if group.isdigit():
+        return int(group)
+    row = next((row for row in groups_db if row[0] == group), None)
+    if row is None or not row[2].isdigit():
+        raise ImageError(f"image User {spec!r}: no group {group!r} in the image's /etc/group")
+    return int(row[2])
+
+
+def _parse_accounts(data: bytes | None, fields: int) -> list[list[str]]:
+    if not data:
+        return []
+    rows = []
+    for line in data.decode("utf-8", "replace").splitlines():
+        parts = line.split(":")
+        if len(parts) >= fields - 1 and not line.startswith("#") and parts[2].isdigit():
+            rows.append(parts + [""] * (fields - len(parts)))
+    return rows
+
+
+def tree_file_reader(entries: dict) -> Callable[[str], bytes | None]:
+    """A ``read_file`` over flattened entries (path bytes → CpioEntry), following symlinks a little."""
+
+    def read(path: str) -> bytes | None:
+        key = path.lstrip("/").encode()
+        for _ in range(8):
+            entry = entries.get(key)
+            if entry is None:
+                return None
+            if stat.S_ISLNK(entry.mode):
+                target = entry.link_target.decode("utf-8", "replace")
+                base = posixpath.dirname("/" + key.decode("utf-8", "replace"))
+                key = posixpath.normpath(posixpath.join(base, target)).lstrip("/").encode()
+                continue
+            if not stat.S_ISREG(entry.mode) or entry.size > MAX_ACCOUNT_FILE:
+                return None
+            data = entry.data
+            if callable(data):
+                with data() as handle:
+                    return handle.read(entry.size)
+            return bytes(data or b"")
+        return None
+
+    return read

@@ -1,0 +1,140 @@
+"""The convert pipeline: image source → flattened tree → ramdisks → EIF (streamed, atomic).
+
+One pass over the layers builds the in-memory tree (file data stays in the source blobs or the
+spill store); one pass writes the EIF, streaming the customer ramdisk straight from that data into
+the writer, which hashes and checksums it on the way.  Same image content gives the same bytes
+whatever the source: nothing here depends on the source's reference, the wall clock, the
+environment or temp paths.
+
+Metadata defaults are content-derived for that reason: ImageName ``enclave`` (or ``--name``),
+ImageVersion the image ID (or ``--version``), BuildTime SOURCE_DATE_EPOCH else the image's
+``created`` time, DockerInfo ``{Architecture, Config, Id, Os}`` — no RepoDigests, which differ
+between a registry pull and a saved tarball of the same image.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from tqdm import tqdm
+
+from qtbuild.convert.boot_profiles import load_profile, normalise_arch
+from qtbuild.convert.flatten import flatten
+from qtbuild.convert.launch_config import Launch, resolve_launch, tree_file_reader
+from qtbuild.convert.metadata import load_custom_metadata, make_metadata, source_date_epoch
+from qtbuild.convert.ramdisk import customer_ramdisk
+from qtbuild.errors import ImageError
+from qtbuild.formats.eif_writer import Signer, WriteResult, write_eif
+from qtbuild.sources.base import Image, Platform
+from qtbuild.sources.open import open_image
+
+
+@dataclass
+class ConvertOptions:
+    """Everything ``qtbuild convert`` / ``measure`` take besides the source."""
+
+    output: str | None = None
+    platform: str | None = None
+    blobs: str | None = None
+    cmdline: str | None = None
+    name: str | None = None
+    version: str | None = None
+    metadata_path: str | None = None
+    cmd_semantics: str = "oci"
+    signer: Signer | None = None
+    quiet: bool = False
+    spill_dir: str | None = None
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion produced."""
+
+    result: WriteResult
+    image_id: str
+    arch: str
+    launch: Launch
+    profile: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def convert(source: str, options: ConvertOptions) -> ConvertResult:
+    """Convert ``source`` into an EIF at ``options.output`` (or only measure it when None)."""
+    clamp = source_date_epoch()
+    platform = Platform.parse(options.platform) if options.platform else None
+    custom = load_custom_metadata(options.metadata_path)
+    with open_image(source, platform=platform) as image:
+        config = image.config()
+        arch = _image_arch(config, platform)
+        profile = load_profile(options.blobs, arch)
+        with _progress("layers", options.quiet) as bar:
+            tree = flatten(image.layers(), spill_dir=options.spill_dir, clamp_mtime=int(clamp.timestamp()) if clamp else None, progress=bar.update)
+        with tree:
+            entries = tree.entries()
+            launch = resolve_launch(config, tree_file_reader({e.path: e for e in entries}), semantics=options.cmd_semantics)
+            ramdisk = customer_ramdisk(entries, launch)
+            metadata = make_metadata(
+                name=options.name or "enclave",
+                version=options.version or image.image_id,
+                kernel_version=profile.kernel_version,
+                docker_info=_docker_info(image, config),
+                custom=custom,
+                time_fallback=_created(config),
+            )
+            with _progress("ramdisk", options.quiet, total=ramdisk.size + profile.bootstrap.size) as bar:
+                result = write_eif(
+                    options.output,
+                    kernel=profile.kernel,
+                    cmdline=options.cmdline or profile.cmdline,
+                    ramdisks=[profile.bootstrap, ramdisk],
+                    metadata=metadata,
+                    arch=arch,
+                    signer=options.signer,
+                    progress=bar.update,
+                )
+            return ConvertResult(result, image.image_id, arch, launch, profile.name, list(tree.warnings))
+
+
+def _image_arch(config: dict, platform: Platform | None) -> str:
+    architecture = config.get("architecture")
+    if not isinstance(architecture, str) or not architecture:
+        raise ImageError("image config has no architecture")
+    if config.get("os", "linux") != "linux":
+        raise ImageError(f"image is for os {config.get('os')!r}; enclaves run linux images")
+    arch = normalise_arch(architecture)
+    if platform is not None and normalise_arch(platform.architecture) != arch:
+        raise ImageError(f"--platform {platform} was asked for but the image is {architecture}")
+    return arch
+
+
+def _docker_info(image: Image, config: dict) -> dict:
+    return {
+        "Architecture": config.get("architecture"),
+        "Config": config.get("config") or {},
+        "Id": image.image_id,
+        "Os": config.get("os", "linux"),
+    }
+
+
+def _created(config: dict) -> datetime | None:
+    created = config.get("created")
+    if not isinstance(created, str):
+        return None
+    text = created.strip().replace("Z", "+00:00")
+    if "." in text:  # Go writes nanoseconds; Python takes at most microseconds
+        head, _, tail = text.partition(".")
+        digits = len(tail) - len(tail.lstrip("0123456789"))
+        text = f"{head}.{tail[:digits][:6].ljust(6, '0')}{tail[digits:]}"
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else None
+
+
+def _progress(what: str, quiet: bool, total: int | None = None) -> tqdm:
+    """A byte progress bar on stderr, hidden when quiet or when stderr is not a terminal."""
+    return tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                disable=quiet or not sys.stderr.isatty(), leave=False)

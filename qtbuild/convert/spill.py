@@ -1,0 +1,148 @@
+"""Spill store: an append-only temporary file holding decompressed layer bytes, read back by range.
+
+Layers whose blob cannot be read in place (compressed, or not a local file) are copied here while
+their tar stream is scanned; file data is later read from ``(offset, size)`` ranges of this file.
+
+Contract:
+- Nothing touches the disk until the first :meth:`SpillStore.append`; then a private directory
+  (mode 0700) is created under ``directory`` (default :func:`tempfile.gettempdir`) holding one file.
+- :meth:`append` returns nothing; :attr:`size` is the offset the next byte will have.
+- :meth:`open_range` returns a stream of exactly the bytes ``[offset, offset + size)`` (fewer only
+  if the file is shorter, which the cpio writer reports).  Call :meth:`flush` after appending and
+  before reading.  Streams share one read-only descriptor (``os.pread``, safe across threads) and
+  refuse to read after :meth:`close`.
+- :meth:`close` removes the directory; it is idempotent.  Memory use is bounded by the write
+  buffer whatever the amount spilled.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from functools import partial
+from typing import BinaryIO
+
+_READ_CHUNK = 1 << 20
+
+
+class SpillStore:
+    """Append-only temporary byte store; see the module docstring."""
+
+    def __init__(self, directory: str | None = None):
+        self._parent = directory
+        self._dir: str | None = None
+        self._writer: BinaryIO | None = None
+        self._read_fd: int | None = None
+        self._size = 0
+        self.closed = False
+
+    @property
+    def size(self) -> int:
+        """Bytes appended so far (the offset of the next appended byte)."""
+        return self._size
+
+    @property
+    def path(self) -> str | None:
+        """The private directory, once something was appended."""
+        return self._dir
+
+    def append(self, chunk: bytes) -> None:
+        """Append ``chunk`` at offset :attr:`size`."""
+        if self.closed:
+            raise ValueError("spill store is closed")
+        if self._writer is None:
+            self._open()
+        self._writer.write(chunk)
+        self._size += len(chunk)
+
+    def _open(self) -> None:
+        self._dir = tempfile.mkdtemp(prefix="qtbuild-spill-", dir=self._parent)
+        path = os.path.join(self._dir, "layers.bin")
+        self._writer = open(path, "xb", buffering=1 << 20)
+        self._read_fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+
+    def flush(self) -> None:
+        """Make everything appended readable through :meth:`open_range`."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def open_range(self, offset: int, size: int) -> BinaryIO:
+        """A stream of ``size`` bytes starting at ``offset``."""
+        if offset < 0 or size < 0 or offset + size > self._size:
+            raise ValueError(f"range {offset}+{size} outside the spill store of {self._size} bytes")
+        return _RangeReader(self, offset, size)
+
+    def opener(self, offset: int, size: int) -> Callable[[], BinaryIO]:
+        """A callable opening :meth:`open_range` ``(offset, size)`` (for ``CpioEntry.data``)."""
+        return partial(self.open_range, offset, size)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        if self.closed or self._read_fd is None:
+            raise ValueError("spill store is closed")
+        return os.pread(self._read_fd, size, offset)
+
+    def close(self) -> None:
+        """Close the files and remove the directory (idempotent)."""
+        self.closed = True
+        writer, self._writer = self._writer, None
+        fd, self._read_fd = self._read_fd, None
+        try:
+            if writer is not None:
+                writer.close()
+        except OSError:
+            pass
+        finally:
+            if fd is not None:
+                os.close(fd)
+            if self._dir is not None:
+                shutil.rmtree(self._dir, ignore_errors=True)
+                self._dir = None
+
+    def __enter__(self) -> SpillStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if not getattr(self, "closed", True):
+            self.close()
+
+
+class _RangeReader(io.RawIOBase):
+    """Bounded positional reader over the spill store's shared descriptor."""
+
+    def __init__(self, store: SpillStore, offset: int, size: int):
+        super().__init__()
+        self._store = store
+        self._offset = offset
+        self._remaining = size
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if self.closed:
+            raise ValueError("read from a closed stream")
+        if n is None or n < 0:
+            pieces = []
+            while True:
+                piece = self.read(_READ_CHUNK)
+                if not piece:
+                    return b"".join(pieces)
+                pieces.append(piece)
+        n = min(n, self._remaining)
+        if n == 0:
+            return b""
+        data = self._store.pread(n, self._offset)
+        self._offset += len(data)
+        self._remaining -= len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(memoryview(buffer)))
+        memoryview(buffer).cast("B")[:len(data)] = data
+        return len(data)

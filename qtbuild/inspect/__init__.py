@@ -1,0 +1,1 @@
+"""Inspecting and checking existing images: describe, verify, diff, extract, sign, --check."""

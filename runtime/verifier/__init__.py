@@ -1,0 +1,1 @@
+"""The attestation-document verifier (used by the KMS and ``qtbuild attest verify``)."""
