@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import click
 
-from qtbuild.cli.app import InputError
+from qtbuild.cli.command import QtbuildCommand
+from qtbuild.cli.errors import InputError
 from qtbuild.cli.output import emit_json, say
-from qtbuild.convert.metadata import MetadataError, load_custom_metadata, make_metadata
+from qtbuild.convert.metadata import load_custom_metadata, make_metadata
 from qtbuild.formats.eif_writer import FileSource, write_eif
 from qtbuild.signing_keys import load_signer
 
 
-@click.command("build-eif")
+@click.command("build-eif", cls=QtbuildCommand)
 @click.option("--kernel", required=True, type=click.Path(exists=True, dir_okay=False), help="Kernel image (bzImage or Image).")
 @click.option("--cmdline", required=True, help="Kernel command line.")
 @click.option("--ramdisk", "ramdisks", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
@@ -35,11 +36,8 @@ def command(kernel, cmdline, ramdisks, output, arch, private_key, signing_certif
     """Build an EIF from files and print its measurements (BuildTime from SOURCE_DATE_EPOCH)."""
     if (private_key is None) != (signing_certificate is None):
         raise InputError("--private-key and --signing-certificate go together: give both to sign, or neither")
-    try:
-        metadata = make_metadata(name=name, version=image_version, kernel_version=kernel_version,
-                                 custom=load_custom_metadata(metadata_path))
-    except MetadataError as exc:
-        raise InputError(str(exc)) from None
+    metadata = make_metadata(name=name, version=image_version, kernel_version=kernel_version,
+                             custom=load_custom_metadata(metadata_path))
     signer = load_signer(private_key, signing_certificate) if private_key else None
     with open(kernel, "rb") as handle:
         kernel_bytes = handle.read()

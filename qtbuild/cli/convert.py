@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
+from qtbuild.cli.command import QtbuildCommand
+from qtbuild.cli.errors import EXIT_CHECK_FAILED, InputError
 from qtbuild.cli.output import emit_json, say
 from qtbuild.inspect.check import check_rebuild
 from qtbuild.signing_keys import load_signer
@@ -77,7 +78,7 @@ def _print(result, style: str) -> None:
         emit_json(measurements.qingtian(with_pcr1_pcr2=True))
 
 
-@click.command("convert", epilog=SOURCE_HELP)
+@click.command("convert", cls=QtbuildCommand, epilog=SOURCE_HELP)
 @_image_options
 @click.option("-o", "--output", "--eif", "--output-file", "output", type=click.Path(dir_okay=False), help="EIF file to write (atomically).")
 @click.option("--check", "--expect", "expected", type=click.Path(exists=True, dir_okay=False),
@@ -102,7 +103,7 @@ def _convert(source, options):
     return convert(source, options)
 
 
-@click.command("measure", epilog=SOURCE_HELP)
+@click.command("measure", cls=QtbuildCommand, epilog=SOURCE_HELP)
 @_image_options
 def measure_command(**params) -> None:
     """Print the measurements `convert` would produce, without writing a file."""

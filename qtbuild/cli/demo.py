@@ -6,10 +6,11 @@ import subprocess
 
 import click
 
-from qtbuild.cli.app import EXIT_CHECK_FAILED
+from qtbuild.cli.command import QtbuildCommand
+from qtbuild.cli.errors import EXIT_CHECK_FAILED
 
 
-@click.command("demo")
+@click.command("demo", cls=QtbuildCommand)
 @click.argument("name", type=click.Choice(["hello", "bank-card"]), default="bank-card")
 @click.option("--keep", is_flag=True, help="Keep the demo's working directory (logs, images, keys).")
 def command(name: str, keep: bool) -> None:

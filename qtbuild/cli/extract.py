@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 
+from qtbuild.cli.command import QtbuildCommand
 from qtbuild.cli.output import emit_json, say
 from qtbuild.formats.eif import EifReader
 from qtbuild.inspect.extract import extract_eif
 
 
-@click.command("extract")
+@click.command("extract", cls=QtbuildCommand)
 @click.argument("eif", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "output_dir", required=True, type=click.Path(file_okay=False), help="New (or empty) directory to create.")
 @click.option("--no-unpack", is_flag=True, help="Only write the raw sections; do not unpack ramdisks.")

@@ -6,7 +6,8 @@ import hashlib
 
 import click
 
-from qtbuild.cli.app import InputError
+from qtbuild.cli.command import QtbuildCommand
+from qtbuild.cli.errors import InputError
 from qtbuild.cli.output import emit_json
 from qtbuild.formats.eif_signature import pcr8_from_certificate
 from qtbuild.formats.measure import extend
@@ -14,7 +15,7 @@ from qtbuild.formats.measure import extend
 MAX_CERTIFICATE_FILE = 1 << 20
 
 
-@click.command("pcr")
+@click.command("pcr", cls=QtbuildCommand)
 @click.option("--input", "input_path", type=click.Path(dir_okay=False), help="File whose bytes are measured: prints {\"PCR\": …}.")
 @click.option("--signing-certificate", "certificate_path", type=click.Path(dir_okay=False), help="PEM certificate: prints the PCR8 an image signed with it has.")
 def command(input_path: str | None, certificate_path: str | None) -> None:

@@ -21,7 +21,7 @@ import click
 
 import qtbuild.runtime.sdk as sdk_package
 from qtbuild import __version__
-from qtbuild.cli.app import InputError
+from qtbuild.cli.command import QtbuildGroup
 from qtbuild.cli.output import say
 
 PACKAGE = "qtbuild_sdk"
@@ -34,7 +34,7 @@ class ExportError(Exception):
     """The SDK cannot be exported (an import outside the SDK, or DIR is unsuitable)."""
 
 
-@click.group("sdk")
+@click.group("sdk", cls=QtbuildGroup)
 def command() -> None:
     """The enclave SDK (security module, vsock, KMS recipient helpers) for use inside images."""
 
@@ -43,10 +43,7 @@ def command() -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 def export(directory: str) -> None:
     """Write the SDK into DIRECTORY/qtbuild_sdk/ (self-contained; prints its path)."""
-    try:
-        package = export_sdk(Path(directory))
-    except ExportError as exc:
-        raise InputError(str(exc)) from None
+    package = export_sdk(Path(directory))
     say(f"SDK exported to {package} (import qtbuild_sdk with {package.parent} on sys.path)")
     click.echo(str(package))
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import click
 
+from qtbuild.cli.command import QtbuildCommand
 from qtbuild.cli.output import emit_json, say
 from qtbuild.formats.eif import EifReader
 from qtbuild.inspect.sign import sign_eif
 from qtbuild.signing_keys import load_signer
 
 
-@click.command("sign")
+@click.command("sign", cls=QtbuildCommand)
 @click.argument("eif", type=click.Path(exists=True, dir_okay=False))
 @click.option("--private-key", required=True, type=click.Path(exists=True, dir_okay=False), help="EC private key (PEM).")
 @click.option("--signing-certificate", required=True, type=click.Path(exists=True, dir_okay=False), help="Certificate (PEM) of that key.")

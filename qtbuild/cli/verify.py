@@ -6,14 +6,15 @@ import sys
 
 import click
 
-from qtbuild.cli.app import EXIT_CHECK_FAILED
+from qtbuild.cli.command import QtbuildCommand
+from qtbuild.cli.errors import EXIT_CHECK_FAILED
 from qtbuild.cli.output import emit_json
 from qtbuild.formats.eif import EifReader
 from qtbuild.formats.measure import parse_pcr_hex
 from qtbuild.inspect.verify import PCR_NAMES, load_certificate, load_expected, verify_eif
 
 
-@click.command("verify")
+@click.command("verify", cls=QtbuildCommand)
 @click.argument("eif", type=click.Path(dir_okay=False))
 @click.option("--pcr0", help="Expected PCR0 (96 hex digits).")
 @click.option("--pcr1", help="Expected PCR1.")
