@@ -225,3 +225,17 @@ def test_sigint_while_writing_an_image_leaves_nothing_behind(tmp_path):
     assert process.returncode == EXIT_INTERRUPTED, stderr
     assert stderr == "qtbuild: interrupted\n" and stdout == ""
     assert os.listdir(out) == []
+
+
+# -- sdk export creates DIR, not its parents -----------------------------------------------------
+
+def test_sdk_export_creates_only_the_directory_itself(tmp_path):
+    done = run("sdk", "export", str(tmp_path / "missing" / "deeper" / "sdk"))
+    assert done.returncode == EXIT_INPUT_ERROR and done.stdout == ""
+    assert done.stderr == (f"qtbuild: error: {tmp_path / 'missing' / 'deeper' / 'sdk'}: its parent directory "
+                           f"{tmp_path / 'missing' / 'deeper'} does not exist (only DIR itself is created; "
+                           "create the parent first)\n")
+    assert not (tmp_path / "missing").exists()
+    done = run("sdk", "export", str(tmp_path / "sdk"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "sdk" / "qtbuild_sdk" / "__init__.py").is_file()
