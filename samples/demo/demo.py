@@ -1,6 +1,6 @@
 """`qtbuild demo`: the samples end to end, with every role's step printed.
 
-``hello``      build samples/hello, convert it, run it in debug mode, read its console, stop it.
+``hello``      build hello/, convert it, run it in debug mode, read its console, stop it.
 ``bank-card``  the seed workflow (``shared/seeds``): a data security administrator, a parent
                administrator and the enclave application, plus the refusals — a rebuilt image
                with one changed byte, the same image in debug mode, and an enclave without its
@@ -12,6 +12,11 @@ S3-compatible object store (OBS is S3-compatible; it belongs to the sample envir
 qtbuild), ``qtbuild proxy`` forwards vsock ports, and ``qtbuild run`` starts the enclave.  Each
 demo works in its own directory with its own runtime and state directories, and stops everything
 it started — also on failure or Ctrl-C.
+
+This is sample code, not part of the qtbuild package: ``qtbuild demo`` loads it from the samples
+directory (this file's grandparent: ``SAMPLES/demo/demo.py``), first asking :mod:`.preflight`
+what is missing.  Images are built with ``SAMPLES/build.sh``; qtbuild itself is the installed
+one, run as ``python -m qtbuild``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 
 import click
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = Path(__file__).resolve().parents[1]
 QTBUILD = [sys.executable, "-m", "qtbuild"]
 KMS_VSOCK_PORT = 8000
 STORE_VSOCK_PORT = 8001
@@ -71,7 +76,6 @@ class Workspace:
             "QTBUILD_STATE_DIR": str(self.root / "state"),
             "QTBUILD_VSOCK_DIR": str(runtime / "vsock"),
             "QTBUILD_VSOCK_TRANSPORT": "emulated",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
         }
 
     def qtbuild(self, *args, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -114,14 +118,13 @@ def workspace(keep: bool):
 
 
 def build_sample(name: str, *, tag: str = "latest", context_edit=None) -> str:
-    """docker build of samples/NAME through scripts/build-sample.sh (optionally edited first)."""
-    env = dict(os.environ)
+    """docker build of SAMPLES/NAME through SAMPLES/build.sh (optionally edited first)."""
+    env = {**os.environ, "QTBUILD": " ".join(QTBUILD)}  # the SDK export: this qtbuild, wherever installed
     if context_edit is not None:
         env["SAMPLE_EDIT"] = context_edit
-    result = subprocess.run(["bash", str(PROJECT_ROOT / "scripts" / "build-sample.sh"), name, tag],
-                            capture_output=True, text=True, env=env, cwd=PROJECT_ROOT)
+    result = subprocess.run(["bash", str(SAMPLES / "build.sh"), name, tag], capture_output=True, text=True, env=env)
     if result.returncode != 0:
-        raise DemoError(f"building samples/{name} failed: {result.stderr.strip()}")
+        raise DemoError(f"building {SAMPLES / name} failed: {result.stderr.strip()}")
     return result.stdout.strip().splitlines()[-1]
 
 
@@ -217,9 +220,10 @@ def _start_kms(space: Workspace) -> tuple[str, Path, str]:
 
 def _start_object_store(space: Workspace) -> str:
     port = free_port()
-    space.start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], log="object-store.log")
+    process = space.start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                          log="object-store.log")
     endpoint = f"http://127.0.0.1:{port}"
-    _wait_http(endpoint, 30, "the object store (moto server)")
+    _wait_http(endpoint, 30, "the object store (moto server)", process, space.root / "object-store.log")
     return endpoint
 
 
@@ -239,11 +243,13 @@ def _first_line(process: subprocess.Popen, timeout: float, what: str) -> str:
     raise DemoError(f"{what} did not start within {timeout:.0f} s")
 
 
-def _wait_http(url: str, timeout: float, what: str) -> None:
+def _wait_http(url: str, timeout: float, what: str, process: subprocess.Popen, log: Path) -> None:
     import urllib.request
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process.poll() is not None:  # say so now, not after the timeout
+            raise DemoError(f"{what} exited with status {process.returncode}: {log.read_text()[-300:].strip()}")
         try:
             urllib.request.urlopen(url, timeout=2).close()
             return
@@ -282,7 +288,7 @@ def _administrator(space: Workspace) -> BankCardEnv:
     key_id = json.loads(space.qtbuild("kms", "create-key", "--alias", "bank-cards", "--credentials", admin).stdout)["key_id"]
     role("admin", f"created customer master key {key_id}")
     ciphertext = space.root / "cards.ct"
-    space.qtbuild("kms", "encrypt", "--key-id", key_id, "--in", PROJECT_ROOT / "samples" / "bank-card" / "cards.csv",
+    space.qtbuild("kms", "encrypt", "--key-id", key_id, "--in", SAMPLES / "bank-card" / "cards.csv",
                   "--out", ciphertext, "--credentials", admin)
     s3 = _s3(store)
     for bucket in ("bucket1", "bucket2"):
