@@ -5,7 +5,8 @@ way — also when a command group is invoked on its own, as tests do:
 
 * a :class:`~qtbuild.cli.errors.CliError`: as it is (``qtbuild: error: <message>``);
 * click's usage errors: the same one line plus ``see 'qtbuild X --help'`` (never click's
-  three-line usage block); other click exceptions keep their exit code;
+  three-line usage block); like other click exceptions (a click.File that cannot be opened),
+  exit code 2;
 * a domain error or OSError: converted by :func:`qtbuild.cli.domain_errors.as_cli_error`;
 * Ctrl-C: :class:`~qtbuild.cli.errors.Interrupted` (exit 130, not click's "Aborted!" with 1).
 
@@ -22,10 +23,10 @@ from typing import Any
 import click
 
 from qtbuild.cli.domain_errors import as_cli_error
-from qtbuild.cli.errors import CliError, Interrupted
+from qtbuild.cli.errors import CliError, InputError, Interrupted
 
 
-class UsageFailure(CliError):
+class UsageFailure(InputError):
     """A click usage error in the one-line format, with where to look for help."""
 
     def __init__(self, error: click.UsageError) -> None:
@@ -33,15 +34,6 @@ class UsageFailure(CliError):
         if error.ctx is not None:
             message += f"; see '{error.ctx.command_path} --help'"
         super().__init__(message)
-        self.exit_code = error.exit_code
-
-
-class ClickFailure(CliError):
-    """Any other click exception (e.g. an unreadable click.File), keeping its exit code."""
-
-    def __init__(self, error: click.ClickException) -> None:
-        super().__init__(error.format_message())
-        self.exit_code = error.exit_code
 
 
 @contextlib.contextmanager
@@ -56,7 +48,7 @@ def reported_errors() -> Iterator[None]:
     except click.UsageError as exc:
         raise UsageFailure(exc) from None
     except click.ClickException as exc:
-        raise ClickFailure(exc) from None
+        raise InputError(exc.format_message()) from None
     except (KeyboardInterrupt, click.Abort):
         raise Interrupted() from None
     except Exception as exc:

@@ -41,7 +41,8 @@ def _run_options(function):
         click.option("--cid", "--enclave-cid", "cid", type=int, help="Enclave CID (default: the first free from 4)."),
         click.option("--debug-mode", is_flag=True, help="Keep the console (and attest with zero PCRs)."),
         click.option("--attach-console", is_flag=True,
-                     help="Follow the console on stdout and exit with the application's status (implies --debug-mode)."),
+                     help="Follow the console on stdout and exit with the application's status "
+                          "(implies --debug-mode)."),
         click.option("--parent-role", metavar="NAME", help="Parent role name measured into PCR3."),
         click.option("--instance-id", metavar="ID", help="Parent instance id measured into PCR4."),
         click.option("--no-limits", is_flag=True, help="Run without memory/CPU/pids cgroup limits (rootless hosts)."),
@@ -91,7 +92,7 @@ def stop_command(enclave_id: int | None, stop_all: bool) -> None:
     if (enclave_id is None) == (not stop_all):
         raise InputError("give exactly one of --enclave-id N and --all")
     manager = Manager()
-    emit_json(manager.stop_all() if stop_all else manager.stop(enclave_id))
+    emit_json(manager.stop_all() if enclave_id is None else manager.stop(enclave_id))
 
 
 @enclave_group.command("console")
@@ -131,7 +132,7 @@ def _run(eif: str, *, cpus: int, mem: int, cid: int | None, debug_mode: bool, at
 
 def _follow_console(started) -> dict:
     """Copy the console to stdout until the enclave ends; its exit status."""
-    output = click.get_binary_stream("stdout")
+    output = sys.stdout.buffer
     try:
         while data := started.console.read(_COPY_CHUNK):
             output.write(data)

@@ -16,11 +16,12 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from helpers.eif_inputs import write_inputs
 from qtbuild.cli import app
 from qtbuild.cli.app import COMMANDS, cli
 from qtbuild.cli.domain_errors import DOMAIN_ERRORS, as_cli_error
 from qtbuild.cli.errors import EXIT_CHECK_FAILED, EXIT_INPUT_ERROR, EXIT_INTERRUPTED
+
+from helpers.eif_inputs import write_inputs
 
 CLI_DIR = Path(app.__file__).parent
 ENTRY = "from qtbuild.cli import main; main()"
@@ -143,6 +144,7 @@ def test_domain_errors_become_exit_codes():
     ]
     for exc, code, message in cases:
         error = as_cli_error(exc)
+        assert error is not None, exc
         assert (error.exit_code, error.format_message()) == (code, message)
     assert as_cli_error(ZeroDivisionError()) is None  # a bug keeps its traceback
 
@@ -182,7 +184,8 @@ def test_a_check_failure_is_exit_1_in_the_same_format(tmp_path):
     assert done.returncode == EXIT_CHECK_FAILED and "verification FAILED" in done.stdout
     done = run("pki", "show", "--state-dir", str(tmp_path / "nothing"))
     assert done.returncode == EXIT_INPUT_ERROR
-    assert done.stderr == f"qtbuild: error: no attestation PKI in {tmp_path / 'nothing' / 'pki'}: run `qtbuild pki init`\n"
+    assert done.stderr == (f"qtbuild: error: no attestation PKI in {tmp_path / 'nothing' / 'pki'}: "
+                           "run `qtbuild pki init`\n")
 
 
 # -- Ctrl-C --------------------------------------------------------------------------------------

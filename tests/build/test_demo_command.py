@@ -55,7 +55,8 @@ def test_a_directory_that_is_not_the_samples_is_refused(tmp_path, monkeypatch, h
     else:
         result = invoke("hello", "--samples", str(tmp_path))
     assert result.exit_code == 2
-    assert result.stderr.startswith(f"qtbuild: error: {tmp_path}: not a qtbuild samples directory (no demo/__init__.py)")
+    assert result.stderr.startswith(f"qtbuild: error: {tmp_path}: not a qtbuild samples directory "
+                                    "(no demo/__init__.py)")
 
 
 def test_missing_python_packages_are_named_with_the_extra_that_brings_them(monkeypatch):

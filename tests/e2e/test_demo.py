@@ -31,7 +31,8 @@ def base_image(docker_client):
     assert done.returncode == 0, done.stderr
 
 
-def demo(name: str, *options: str, env: dict | None = None, timeout: float = 1200) -> subprocess.CompletedProcess:
+def demo(name: str, *options: str, env: dict | None = None, timeout: float = 1200
+         ) -> subprocess.CompletedProcess:
     return subprocess.run([*QTBUILD, "demo", name, *options], capture_output=True, text=True, timeout=timeout,
                           env=env)
 
@@ -71,5 +72,6 @@ def test_demo_bank_card_seed_workflow_and_refusals(base_image):
     assert "refused the same image in debug mode" in out and "KMS.4007" in out
     assert "refused an enclave without proxy routes" in out
     assert "demo bank-card: all steps passed" in out
-    leftovers = subprocess.run(["bash", "-c", "ls -d /tmp/qtbuild-demo-* 2>/dev/null | wc -l"], capture_output=True, text=True)
+    leftovers = subprocess.run(["bash", "-c", "ls -d /tmp/qtbuild-demo-* 2>/dev/null | wc -l"], capture_output=True,
+                               text=True)
     assert leftovers.stdout.strip() == "0"  # the demo removed its working directory
