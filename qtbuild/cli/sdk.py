@@ -63,12 +63,30 @@ def sdk_sources() -> list[Path]:
 def export_sdk(directory: Path) -> Path:
     """Write ``directory/qtbuild_sdk`` (replacing a previous export); return its path.
 
-    ``directory`` itself is created when missing; its parent must exist."""
+    ``directory`` itself is created when missing (and removed again if the export fails or is
+    interrupted); its parent must exist."""
+    created = _make_directory(directory)
     try:
-        directory.mkdir(exist_ok=True)
+        return _export_into(directory)
+    except BaseException:
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _make_directory(directory: Path) -> bool:
+    """Create ``directory`` but not its parents; whether it was created here."""
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        return False
     except FileNotFoundError:
         raise ExportError(f"{directory}: its parent directory {directory.parent} does not exist "
                           "(only DIR itself is created; create the parent first)") from None
+    return True
+
+
+def _export_into(directory: Path) -> Path:
     final = directory / PACKAGE
     if final.exists() and not (final / MARKER).is_file():
         raise ExportError(f"{final} exists and is not a qtbuild SDK export; remove it first")

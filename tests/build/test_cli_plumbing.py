@@ -242,3 +242,17 @@ def test_sdk_export_creates_only_the_directory_itself(tmp_path):
     done = run("sdk", "export", str(tmp_path / "sdk"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "sdk" / "qtbuild_sdk" / "__init__.py").is_file()
+
+
+def test_a_failed_sdk_export_removes_the_directory_it_created(tmp_path, monkeypatch):
+    import qtbuild.cli.sdk
+
+    outside = tmp_path / "bad.py"
+    outside.write_text("import qtbuild.convert\n")  # not self-contained: the export refuses it
+    monkeypatch.setattr(qtbuild.cli.sdk, "sdk_sources", lambda: [outside])
+    result = CliRunner().invoke(cli, ["sdk", "export", str(tmp_path / "new")])
+    assert result.exit_code == EXIT_INPUT_ERROR and "outside the SDK" in result.stderr
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    assert CliRunner().invoke(cli, ["sdk", "export", str(tmp_path / "kept")]).exit_code == EXIT_INPUT_ERROR
+    assert os.listdir(tmp_path / "kept") == []  # an existing directory stays, and stays empty
