@@ -20,7 +20,7 @@ out=${QUICKSTART_DIR:-quickstart-output}
 mkdir -p "$out"
 
 say "building the sample image samples/hello (FROM scratch + static busybox)"
-image=$(bash scripts/build-sample.sh hello)
+image=$(bash samples/build.sh hello)
 
 say "creating a P-384 signing key and self-signed certificate (the QingTian recipe)"
 if [ ! -f "$out/signing-key.pem" ]; then
@@ -43,7 +43,7 @@ say "reproducibility: convert again and --check against the first image"
 $qtbuild convert "docker://$image" --name hello --version 1.0 --check "$out/hello.eif" -q >/dev/null
 
 say "creating the debian:bookworm-slim base image locally (debootstrap; only the first time)"
-bash scripts/base-images.sh
+bash samples/base-images.sh
 
 say "the seed workflow end to end: qtbuild demo bank-card"
 $qtbuild demo bank-card

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
 from datetime import UTC, datetime
 
@@ -19,7 +20,8 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
+from qtbuild.cli.command import QtbuildGroup
+from qtbuild.cli.errors import InputError
 from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json
 from qtbuild.formats.attestation import MAX_DOCUMENT_SIZE
@@ -41,21 +43,7 @@ _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h|d)?")
 _UNITS = {None: 1, "ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
 
-class InvalidDocument(click.ClickException):
-    """A readable document that fails a check: one line naming the check, exit code 1."""
-
-    exit_code = EXIT_CHECK_FAILED
-
-    def __init__(self, error: AttestationError) -> None:
-        super().__init__(error.message)
-        self.check = error.check
-
-    def show(self, file=None) -> None:
-        click.echo(f"qtbuild: invalid document: check '{self.check}' failed: {self.message}",
-                   err=True)
-
-
-@click.group("attest")
+@click.group("attest", cls=QtbuildGroup)
 def command() -> None:
     """Attestation documents (AWS Nitro NSM, Huawei QingTian QTSM, local)."""
 
@@ -96,12 +84,10 @@ def verify(document, root_paths, root_fingerprints, platform, expect_pcrs, nonce
     data = read_document_file(document)
     try:
         verified = verify_document(data, **options)
-    except AttestationError as error:
+    except AttestationError as error:  # reported (exit 1, or 2 for "input") by qtbuild.cli.domain_errors
         if as_json:
             emit_json({"valid": False, "check": error.check, "message": error.message})
-        if error.check == "input":
-            raise InputError(f"unreadable document: {error.message}") from None
-        raise InvalidDocument(error) from None
+        raise
     if as_json:
         emit_json(verified.as_json())
     else:
@@ -177,10 +163,8 @@ def _fingerprints(values: tuple[str, ...], *, pinned: bool) -> list[str] | None:
     if pins or pinned:
         return pins or None
     defaults = list(KNOWN_ROOTS.values())
-    try:
+    with contextlib.suppress(PkiError):  # no local PKI here: only the hardware roots
         defaults.append(LocalPki.load().root_fingerprint())
-    except PkiError:
-        pass  # no local PKI here: only the hardware roots
     return defaults
 
 

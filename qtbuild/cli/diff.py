@@ -6,13 +6,14 @@ import sys
 
 import click
 
-from qtbuild.cli.app import EXIT_CHECK_FAILED
+from qtbuild.cli.command import QtbuildCommand
+from qtbuild.cli.errors import EXIT_CHECK_FAILED
 from qtbuild.cli.output import emit_json
 from qtbuild.formats.eif import EifReader
 from qtbuild.inspect.diff import diff_eifs, summary_lines
 
 
-@click.command("diff")
+@click.command("diff", cls=QtbuildCommand)
 @click.argument("a", type=click.Path(dir_okay=False))
 @click.argument("b", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from qtbuild.cli.app import InputError
+from qtbuild.cli.errors import InputError
 
 
 def read_bounded(path: str, limit: int, what: str) -> bytes:

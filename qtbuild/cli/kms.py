@@ -30,11 +30,11 @@ from urllib.parse import urlsplit
 import click
 from cryptography import x509
 
-from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
 from qtbuild.cli.attest import parse_duration
+from qtbuild.cli.command import QtbuildGroup
+from qtbuild.cli.errors import InputError
 from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json, say
-from qtbuild.runtime.kms.crypto import MasterKeyError
 from qtbuild.runtime.kms.recipient import DEFAULT_MAX_AGE, RecipientVerifier
 from qtbuild.runtime.kms.server import KmsHttpServer, serve_until_signalled
 from qtbuild.runtime.kms.service import KmsService
@@ -44,35 +44,19 @@ from qtbuild.runtime.kms.state import (
     read_credentials,
     write_credentials,
 )
-from qtbuild.runtime.kms.store import StoreError
 from qtbuild.runtime.qtsm.pki import LocalPki, PkiError, default_state_dir
-from qtbuild.runtime.sdk.kms_client import (
-    Credentials,
-    KmsClient,
-    KmsClientError,
-    KmsProtocolError,
-    tcp_transport,
-)
+from qtbuild.runtime.sdk.kms_client import Credentials, KmsClient, tcp_transport
 from qtbuild.runtime.verifier.attestation import KNOWN_ROOTS, normalize_fingerprint
 
 MAX_INPUT = 4096
 MAX_POLICY_FILE = 64 * 1024
 
 
-class KmsRefused(click.ClickException):
-    """The KMS answered with an error: one line with its code, exit code 1."""
-
-    exit_code = EXIT_CHECK_FAILED
-
-    def show(self, file=None) -> None:
-        click.echo(f"qtbuild: kms: {self.format_message()}", err=True)
-
-
 def _default_state_dir() -> Path:
     return default_state_dir() / "kms"
 
 
-@click.group("kms")
+@click.group("kms", cls=QtbuildGroup)
 def command() -> None:
     """A local KMS (Huawei KMS REST shapes) with attested-recipient decryption."""
 
@@ -109,10 +93,7 @@ def serve(state_dir, db, listen, root_paths, fingerprints, trust_hardware_roots,
     paths = StatePaths.under(state_dir or _default_state_dir(), db)
     verifier = _verifier(root_paths, fingerprints, trust_hardware_roots, no_local_root,
                          max_age, allow_debug)
-    try:
-        opened = open_state(paths)
-    except (MasterKeyError, StoreError) as exc:
-        raise InputError(str(exc)) from None
+    opened = open_state(paths)
     server = KmsHttpServer(_address(listen), KmsService(opened.env, verifier),
                            io_timeout=io_timeout, max_connections=max_connections)
     write_credentials(paths.credentials, server.endpoint, opened.admin)
@@ -193,13 +174,9 @@ def _connection(credentials_path: str | None, endpoint: str | None) -> tuple[Kms
 
 
 def _call(client: KmsClient, api: str, body: dict) -> dict:
-    try:
-        with client:
-            return client.call(api, body)
-    except KmsClientError as exc:
-        raise KmsRefused(f"{exc.status} {exc.code}: {exc.message}") from None
-    except KmsProtocolError as exc:
-        raise KmsRefused(f"unexpected reply: {exc}") from None
+    """The KMS's reply; a refusal (KmsClientError) is exit 1 with its code (qtbuild.cli.domain_errors)."""
+    with client:
+        return client.call(api, body)
 
 
 @command.command("create-key")

@@ -6,7 +6,8 @@ import hashlib
 
 import click
 
-from qtbuild.cli.app import InputError
+from qtbuild.cli.command import QtbuildCommand
+from qtbuild.cli.errors import InputError
 from qtbuild.cli.output import emit_json
 from qtbuild.formats.eif_signature import pcr8_from_certificate
 from qtbuild.formats.measure import extend
@@ -14,9 +15,11 @@ from qtbuild.formats.measure import extend
 MAX_CERTIFICATE_FILE = 1 << 20
 
 
-@click.command("pcr")
-@click.option("--input", "input_path", type=click.Path(dir_okay=False), help="File whose bytes are measured: prints {\"PCR\": …}.")
-@click.option("--signing-certificate", "certificate_path", type=click.Path(dir_okay=False), help="PEM certificate: prints the PCR8 an image signed with it has.")
+@click.command("pcr", cls=QtbuildCommand)
+@click.option("--input", "input_path", type=click.Path(dir_okay=False),
+              help="File whose bytes are measured: prints {\"PCR\": …}.")
+@click.option("--signing-certificate", "certificate_path", type=click.Path(dir_okay=False),
+              help="PEM certificate: prints the PCR8 an image signed with it has.")
 def command(input_path: str | None, certificate_path: str | None) -> None:
     """Print the PCR value of a file (extend(SHA384(bytes))) or PCR8 of a signing certificate."""
     if (input_path is None) == (certificate_path is None):
@@ -24,6 +27,7 @@ def command(input_path: str | None, certificate_path: str | None) -> None:
     if input_path is not None:
         emit_json({"PCR": _file_pcr(input_path)})
         return
+    assert certificate_path is not None  # exactly one of the two was given (checked above)
     with open(certificate_path, "rb") as handle:
         data = handle.read(MAX_CERTIFICATE_FILE + 1)
     if len(data) > MAX_CERTIFICATE_FILE:

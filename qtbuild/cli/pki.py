@@ -11,9 +11,9 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from qtbuild.cli.app import InputError
+from qtbuild.cli.command import QtbuildGroup
 from qtbuild.cli.output import emit_json, say
-from qtbuild.runtime.qtsm.pki import LocalPki, PkiError
+from qtbuild.runtime.qtsm.pki import LocalPki
 
 _STATE_DIR = click.option(
     "--state-dir", type=click.Path(file_okay=False), default=None,
@@ -22,7 +22,7 @@ _STATE_DIR = click.option(
 )
 
 
-@click.group("pki")
+@click.group("pki", cls=QtbuildGroup)
 def command() -> None:
     """The local attestation PKI: root CA, region → host intermediates, per-enclave leaves."""
 
@@ -33,7 +33,7 @@ def command() -> None:
 def init(state_dir: str | None, force: bool) -> None:
     """Create the PKI (idempotent: an existing one is kept unless --force)."""
     existed = LocalPki.is_initialised(state_dir)
-    pki = _call(LocalPki.init, state_dir, force=force)
+    pki = LocalPki.init(state_dir, force=force)
     if existed and not force:
         say(f"attestation PKI already initialised in {pki.directory} (use --force to replace it)")
     else:
@@ -46,7 +46,7 @@ def init(state_dir: str | None, force: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def show(state_dir: str | None, as_json: bool) -> None:
     """Print the root's SHA-256 fingerprint and the chain's subjects and validity."""
-    pki = _call(LocalPki.load, state_dir)
+    pki = LocalPki.load(state_dir)
     chain = [x509.load_der_x509_certificate(der) for der in pki.cabundle()]
     if as_json:
         emit_json({
@@ -56,7 +56,7 @@ def show(state_dir: str | None, as_json: bool) -> None:
         })
         return
     click.echo(f"root fingerprint (SHA-256): {pki.root_fingerprint()}")
-    for level, cert in zip(("root", "region", "host"), chain):
+    for level, cert in zip(("root", "region", "host"), chain, strict=False):
         info = _describe(cert)
         click.echo(f"{level:<7}{info['subject']}  {info['not_before']} .. {info['not_after']}")
 
@@ -68,7 +68,7 @@ def show(state_dir: str | None, as_json: bool) -> None:
 @click.option("--der", is_flag=True, help="DER instead of PEM.")
 def export_root(state_dir: str | None, output: str | None, der: bool) -> None:
     """Write the root certificate (PEM by default) for verifiers to pin."""
-    pki = _call(LocalPki.load, state_dir)
+    pki = LocalPki.load(state_dir)
     encoding = serialization.Encoding.DER if der else serialization.Encoding.PEM
     data = pki.root_certificate.public_bytes(encoding)
     if output is None:
@@ -77,13 +77,6 @@ def export_root(state_dir: str | None, output: str | None, der: bool) -> None:
     with open(output, "wb") as handle:
         handle.write(data)
     say(f"root certificate written to {output}")
-
-
-def _call(function, state_dir: str | None, **options) -> LocalPki:
-    try:
-        return function(state_dir, **options)
-    except PkiError as exc:
-        raise InputError(str(exc)) from None
 
 
 def _describe(cert: x509.Certificate) -> dict:

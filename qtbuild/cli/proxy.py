@@ -9,22 +9,31 @@ import sys
 
 import click
 
+from qtbuild.cli.command import QtbuildCommand
 from qtbuild.runtime.enclave.state import RuntimeDir
-from qtbuild.runtime.proxy import ProxyConfig, ProxyConfigError, Route, load_config, run
+from qtbuild.runtime.proxy import ProxyConfig, Route, load_config, run
 from qtbuild.runtime.sdk import vsock
 
 
-@click.command("proxy")
-@click.option("-l", "--vsock-port", type=click.IntRange(0, vsock.VMADDR_PORT_ANY - 1), help="vsock port to listen on (qt_proxy -l).")
+@click.command("proxy", cls=QtbuildCommand)
+@click.option("-l", "--vsock-port", type=click.IntRange(0, vsock.VMADDR_PORT_ANY - 1),
+              help="vsock port to listen on (qt_proxy -l).")
 @click.option("-a", "--remote-addr", "host", help="Remote host to forward to (qt_proxy -a).")
 @click.option("-p", "--remote-port", type=click.IntRange(1, 65535), help="Remote TCP port (qt_proxy -p).")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="TOML file: [[routes]], [allowlist], limits.")
-@click.option("--max-connections", type=click.IntRange(min=1), help="Open connections allowed, all routes together [1024].")
-@click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), help="Close a connection idle this many seconds [300].")
-@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds to reach the upstream [10].")
-@click.option("--drain-timeout", type=click.FloatRange(min=0), help="On SIGTERM/SIGINT, seconds open streams may finish [10].")
-@click.option("--transport", type=click.Choice(vsock.TRANSPORTS), help=f"vsock transport (default: ${vsock.ENV_TRANSPORT} or auto).")
-@click.option("--vsock-dir", type=click.Path(file_okay=False), help=f"Emulated vsock socket root (default: ${vsock.ENV_DIR}).")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+              help="TOML file: [[routes]], [allowlist], limits.")
+@click.option("--max-connections", type=click.IntRange(min=1),
+              help="Open connections allowed, all routes together [1024].")
+@click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Close a connection idle this many seconds [300].")
+@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to reach the upstream [10].")
+@click.option("--drain-timeout", type=click.FloatRange(min=0),
+              help="On SIGTERM/SIGINT, seconds open streams may finish [10].")
+@click.option("--transport", type=click.Choice(vsock.TRANSPORTS),
+              help=f"vsock transport (default: ${vsock.ENV_TRANSPORT} or auto).")
+@click.option("--vsock-dir", type=click.Path(file_okay=False),
+              help=f"Emulated vsock socket root (default: ${vsock.ENV_DIR}).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every connection.")
 def command(vsock_port, host, remote_port, config_path, max_connections, idle_timeout, connect_timeout,
             drain_timeout, transport, vsock_dir, verbose) -> None:
@@ -38,16 +47,8 @@ def command(vsock_port, host, remote_port, config_path, max_connections, idle_ti
                         format="qtbuild proxy: %(levelname)s: %(message)s")
     limits = {"max_connections": max_connections, "idle_timeout": idle_timeout,
               "connect_timeout": connect_timeout, "drain_timeout": drain_timeout}
-    try:
-        config = _proxy_config(config_path, _cli_route(vsock_port, host, remote_port), limits)
-    except ProxyConfigError as exc:
-        raise click.UsageError(str(exc)) from None
-    try:
-        run(config, vsock_config=_vsock_config(transport, vsock_dir))
-    except vsock.VsockConfigError as exc:
-        raise click.UsageError(str(exc)) from None
-    except OSError as exc:
-        raise click.ClickException(f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}") from None
+    config = _proxy_config(config_path, _cli_route(vsock_port, host, remote_port), limits)
+    run(config, vsock_config=_vsock_config(transport, vsock_dir))
 
 
 def _cli_route(vsock_port, host, remote_port) -> Route | None:

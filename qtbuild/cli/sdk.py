@@ -6,7 +6,8 @@ rewritten so it is self-contained: ``qtbuild.runtime.sdk.X`` → ``.X``, ``qtbui
 an export never silently depends on the rest of qtbuild.  It needs only the standard library,
 ``cbor2`` and ``cryptography`` at run time (Debian bookworm: python3-cbor2, python3-cryptography).
 
-``DIR`` is created if missing.  An existing ``DIR/qtbuild_sdk`` is replaced only if it is a
+``DIR`` is created if missing, but not its parents: a mistyped path is an :class:`ExportError`,
+not a new directory tree.  An existing ``DIR/qtbuild_sdk`` is replaced only if it is a
 previous export (it holds the :data:`MARKER` file); anything else there is an ExportError.
 """
 
@@ -21,7 +22,7 @@ import click
 
 import qtbuild.runtime.sdk as sdk_package
 from qtbuild import __version__
-from qtbuild.cli.app import InputError
+from qtbuild.cli.command import QtbuildGroup
 from qtbuild.cli.output import say
 
 PACKAGE = "qtbuild_sdk"
@@ -34,7 +35,7 @@ class ExportError(Exception):
     """The SDK cannot be exported (an import outside the SDK, or DIR is unsuitable)."""
 
 
-@click.group("sdk")
+@click.group("sdk", cls=QtbuildGroup)
 def command() -> None:
     """The enclave SDK (security module, vsock, KMS recipient helpers) for use inside images."""
 
@@ -42,11 +43,11 @@ def command() -> None:
 @command.command("export")
 @click.argument("directory", type=click.Path(file_okay=False))
 def export(directory: str) -> None:
-    """Write the SDK into DIRECTORY/qtbuild_sdk/ (self-contained; prints its path)."""
-    try:
-        package = export_sdk(Path(directory))
-    except ExportError as exc:
-        raise InputError(str(exc)) from None
+    """Write the SDK into DIRECTORY/qtbuild_sdk/ (self-contained; prints its path).
+
+    DIRECTORY is created when missing; its parent must exist.
+    """
+    package = export_sdk(Path(directory))
     say(f"SDK exported to {package} (import qtbuild_sdk with {package.parent} on sys.path)")
     click.echo(str(package))
 
@@ -60,8 +61,32 @@ def sdk_sources() -> list[Path]:
 
 
 def export_sdk(directory: Path) -> Path:
-    """Write ``directory/qtbuild_sdk`` (replacing a previous export); return its path."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Write ``directory/qtbuild_sdk`` (replacing a previous export); return its path.
+
+    ``directory`` itself is created when missing (and removed again if the export fails or is
+    interrupted); its parent must exist."""
+    created = _make_directory(directory)
+    try:
+        return _export_into(directory)
+    except BaseException:
+        if created:
+            shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _make_directory(directory: Path) -> bool:
+    """Create ``directory`` but not its parents; whether it was created here."""
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        raise ExportError(f"{directory}: its parent directory {directory.parent} does not exist "
+                          "(only DIR itself is created; create the parent first)") from None
+    return True
+
+
+def _export_into(directory: Path) -> Path:
     final = directory / PACKAGE
     if final.exists() and not (final / MARKER).is_file():
         raise ExportError(f"{final} exists and is not a qtbuild SDK export; remove it first")

@@ -2,8 +2,8 @@
 
 bank-card is the seed workflow with every role (KMS, object store, signed image, PCR policy,
 qt-proxy, attested decryption in a normal-mode enclave) and its refusals.  Needs root, the
-Docker daemon and the local debian:bookworm-slim base (scripts/base-images.sh, which the sample
-build runs when the base is missing).
+Docker daemon and the local debian:bookworm-slim base (samples/base-images.sh: the module
+fixture creates it when missing, as CI needs; the demo itself only names the fix).
 """
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 QTBUILD = [sys.executable, "-m", "qtbuild"]
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
 
 @pytest.fixture(autouse=True)
@@ -23,8 +25,33 @@ def needs_root(docker_client):
         pytest.skip("the local enclave runtime's e2e demos run as root (CI runs as root)")
 
 
-def demo(name: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*QTBUILD, "demo", name], capture_output=True, text=True, timeout=1200)
+@pytest.fixture(scope="module")
+def base_image(docker_client):
+    done = subprocess.run(["bash", str(SAMPLES / "base-images.sh")], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr
+
+
+def demo(name: str, *options: str, env: dict | None = None, timeout: float = 1200
+         ) -> subprocess.CompletedProcess:
+    return subprocess.run([*QTBUILD, "demo", name, *options], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_a_missing_base_image_is_named_at_once_with_its_fix():
+    result = demo("bank-card", env={**os.environ, "BASE": "qtbuild-test/no-such-base:1"}, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("qtbuild: error: demo bank-card cannot start; it needs the base image "
+                             "qtbuild-test/no-such-base:1 in the Docker daemon: create it with "
+                             f"`bash {SAMPLES / 'base-images.sh'}` (debootstrap, a few minutes) or "
+                             "`docker pull qtbuild-test/no-such-base:1`\n")
+
+
+def test_an_unreachable_docker_daemon_is_named_at_once():
+    result = demo("hello", env={**os.environ, "DOCKER_HOST": "unix:///nonexistent/docker.sock"}, timeout=60)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("qtbuild: error: demo hello cannot start; it needs a running Docker daemon "
+                                    "(none answers at unix:///nonexistent/docker.sock")
+    assert result.stderr.endswith("start dockerd (systemctl start docker) or set DOCKER_HOST to its socket\n")
 
 
 def test_demo_hello():
@@ -34,7 +61,7 @@ def test_demo_hello():
     assert "demo hello: all steps passed" in result.stdout
 
 
-def test_demo_bank_card_seed_workflow_and_refusals():
+def test_demo_bank_card_seed_workflow_and_refusals(base_image):
     result = demo("bank-card")
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
@@ -45,5 +72,6 @@ def test_demo_bank_card_seed_workflow_and_refusals():
     assert "refused the same image in debug mode" in out and "KMS.4007" in out
     assert "refused an enclave without proxy routes" in out
     assert "demo bank-card: all steps passed" in out
-    leftovers = subprocess.run(["bash", "-c", "ls -d /tmp/qtbuild-demo-* 2>/dev/null | wc -l"], capture_output=True, text=True)
+    leftovers = subprocess.run(["bash", "-c", "ls -d /tmp/qtbuild-demo-* 2>/dev/null | wc -l"], capture_output=True,
+                               text=True)
     assert leftovers.stdout.strip() == "0"  # the demo removed its working directory

@@ -512,6 +512,31 @@ def test_console_follows_one_reader_and_stop_releases_everything(make_eif, runti
     assert_released(runtime_dir, record)
 
 
+def test_ctrl_c_on_an_attached_console_detaches_and_says_how_to_stop_the_enclave(make_eif, runtime_dir):
+    eif = make_eif("attached-ticker", "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.05; done")
+    process = subprocess.Popen([sys.executable, "-c", "from qtbuild.cli import main; main()", "run", eif,
+                                "--attach-console", "--mem", "128"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        head = ""
+        while "tick 1\n" not in head:  # the summary, then the console
+            line = process.stdout.readline()
+            assert line, process.communicate(timeout=10)
+            head += line
+        process.send_signal(signal.SIGINT)
+        _rest, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    summary, _end = json.JSONDecoder().raw_decode(head)
+    enclave_id = summary["EnclaveID"]
+    assert process.returncode == 130
+    assert stderr == (f"qtbuild: interrupted\nqtbuild: detached from the console; enclave {enclave_id} keeps running "
+                      f"(stop it with: qtbuild enclave stop --enclave-id {enclave_id})\n")
+    assert query(enclave_id)["Status"] == "Running"  # the enclave did not go down with the console
+    stopped = qtbuild("enclave", "stop", "--enclave-id", str(enclave_id))
+    assert json.loads(stopped.stdout) == {"EnclaveID": enclave_id, "Terminated": True}
+
+
 def test_a_crashed_supervisor_is_reported_and_stop_cleans_up(make_eif, runtime_dir):
     summary = start(make_eif("crash", SLEEPER))
     record = private_record(runtime_dir, summary["EnclaveID"])
