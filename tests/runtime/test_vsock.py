@@ -347,6 +347,7 @@ CLIENT = """
 import sys
 from qtbuild.runtime.sdk import vsock
 config = vsock.VsockConfig("emulated", int(sys.argv[2]), sys.argv[1])
+print("ready", flush=True)
 for _line in sys.stdin:
     with vsock.connect(3, 5000, config=config, timeout=5) as sock:
         sock.recv(1)
@@ -364,6 +365,8 @@ def _client_in_new_netns(root: str, claimed_cid: int) -> subprocess.Popen:
     while os.readlink(f"/proc/{client.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
         assert time.monotonic() < deadline, "client never entered its network namespace"
         time.sleep(0.01)
+    # The listener waits only 1 s per connection: start counting once the client has imported.
+    assert client.stdout.readline().strip() == "ready"
     return client
 
 
