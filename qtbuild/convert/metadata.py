@@ -4,6 +4,7 @@ from the wall clock (``SOURCE_DATE_EPOCH``, else a time the caller derives from 
 from __future__ import annotations
 
 import json
+import math
 import os
 from datetime import UTC, datetime
 
@@ -47,9 +48,28 @@ def load_custom_metadata(path: str | os.PathLike | None) -> object:
     if len(raw) > MAX_CUSTOM_METADATA:
         raise MetadataError(f"{path}: custom metadata is larger than {MAX_CUSTOM_METADATA} bytes; shorten it")
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float,
+                          parse_int=_serde_int)
     except (UnicodeDecodeError, ValueError) as exc:
         raise MetadataError(f"{path}: custom metadata is not valid JSON ({exc})") from None
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"number {text} is out of range")  # serde_json refuses it too
+    return number
+
+
+def _serde_int(text: str) -> int:
+    number = int(text)
+    if not -(1 << 63) <= number < (1 << 64):  # serde_json holds it as an f64: it must fit one
+        _finite_float(text)
+    return number
 
 
 def make_metadata(
@@ -62,6 +82,7 @@ def make_metadata(
     custom: object = None,
     time_fallback: datetime | None = None,
 ) -> bytes:
-    """The metadata section's bytes for an image qtbuild builds."""
+    """The metadata section's bytes for an image qtbuild builds (``docker_info`` None is written
+    ``null``, as eif_build does for images not built from a container)."""
     build = BuildInfo(build_time(time_fallback), BUILD_TOOL, __version__, operating_system, kernel_version)
-    return EifMetadata(name, version, build, docker_info if docker_info is not None else {}, custom).to_bytes()
+    return EifMetadata(name, version, build, docker_info, custom).to_bytes()
