@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from qtbuild.cli.app import EXIT_CHECK_FAILED
-from qtbuild.cli.output import emit_json
+from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
+from qtbuild.cli.output import emit_json, say
 from qtbuild.formats.eif import EifReader
 from qtbuild.formats.measure import parse_pcr_hex
 from qtbuild.inspect.verify import PCR_NAMES, load_certificate, load_expected, verify_eif
@@ -23,12 +23,17 @@ from qtbuild.inspect.verify import PCR_NAMES, load_certificate, load_expected, v
               help="Measurements JSON printed earlier by convert/measure/describe, nitro-cli or qt.")
 @click.option("--signing-certificate", type=click.Path(exists=True, dir_okay=False), help="The image must be signed by this certificate.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
-def command(eif, pcr0, pcr1, pcr2, pcr8, expect_path, signing_certificate, as_json) -> None:
+@click.option("--repair", is_flag=True,
+              help="First rewrite the header from the sections present (fixes the stale signature size nitro-cli's "
+                   "sign-eif leaves, drops bytes after the last section); PCRs cannot change.")
+def command(eif, pcr0, pcr1, pcr2, pcr8, expect_path, signing_certificate, as_json, repair) -> None:
     """Check structure, CRC and signature, and compare PCRs with expected values.
 
     Exit 0 when every check holds, 1 with a per-check report when one fails, 2 on bad input.
     Options override values from --expect.
     """
+    if repair:
+        _repair(eif)
     expected = load_expected(expect_path) if expect_path else {}
     for name, value in zip(PCR_NAMES, (pcr0, pcr1, pcr2, pcr8)):
         if value is not None:
@@ -36,6 +41,8 @@ def command(eif, pcr0, pcr1, pcr2, pcr8, expect_path, signing_certificate, as_js
     certificate = load_certificate(signing_certificate) if signing_certificate else None
     with EifReader.open(eif) as reader:
         report = verify_eif(reader, expected=expected, certificate=certificate)
+    for warning in report.warnings:
+        say(f"warning: {warning}")
     if as_json:
         emit_json(report.as_json())
     else:
@@ -45,3 +52,18 @@ def command(eif, pcr0, pcr1, pcr2, pcr8, expect_path, signing_certificate, as_js
         click.echo("verified" if report.valid else "verification FAILED")
     if not report.valid:
         sys.exit(EXIT_CHECK_FAILED)
+
+
+def _repair(eif: str) -> None:
+    from qtbuild.inspect.repair import repair_eif, repairs_needed
+
+    with EifReader.open(eif) as reader:
+        needed, unsafe = repairs_needed(reader)
+        if unsafe:
+            raise InputError(f"{eif}: not repaired: {'; '.join(unsafe)} — rebuild the image")
+        if needed:
+            repair_eif(reader, eif)
+    for item in needed:
+        say(f"repaired {eif}: {item}")
+    if not needed:
+        say(f"{eif}: nothing to repair")
