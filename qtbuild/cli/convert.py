@@ -11,7 +11,7 @@ import click
 
 from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
 from qtbuild.cli.output import emit_json, say
-from qtbuild.inspect.check import check_rebuild
+from qtbuild.inspect.check import check_rebuild, is_same_file, validate_reference
 from qtbuild.signing_keys import load_signer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -86,6 +86,11 @@ def convert_command(output, expected, **params) -> None:
     """Convert a container image into an enclave image file and print its measurements."""
     if not output and not expected:
         raise InputError("no output file: add -o app.eif (or use `qtbuild measure` to only compute PCRs)")
+    if expected:
+        if output and is_same_file(output, expected):
+            raise InputError(f"-o {output} is the --check reference {expected}: writing it would destroy the "
+                             "reference; write the rebuild elsewhere (or omit -o)")
+        validate_reference(expected)
     with tempfile.TemporaryDirectory(prefix="qtbuild-check-") as scratch:
         target = output or os.path.join(scratch, "rebuilt.eif")
         source, options = _options(params, target)

@@ -20,11 +20,33 @@ from qtbuild.inspect.verify import load_expected
 MEASURED = ("PCR0", "PCR1", "PCR2")
 
 
+def validate_reference(expected: str | os.PathLike) -> None:
+    """Read and validate the expectation before anything is built (FormatError when unusable)."""
+    if _is_eif(expected):
+        with EifReader.open(expected) as reader:
+            reader.check_stream()
+    else:
+        load_expected(expected)
+
+
+def is_same_file(output: str | os.PathLike, expected: str | os.PathLike) -> bool:
+    """True when writing ``output`` would replace ``expected`` (same path, a symlink or a hard link to it)."""
+    if os.path.realpath(output) == os.path.realpath(expected):
+        return True
+    try:
+        return os.path.samefile(output, expected)
+    except OSError:  # output does not exist yet
+        return False
+
+
+def _is_eif(path: str | os.PathLike) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(len(MAGIC)) == MAGIC
+
+
 def check_rebuild(rebuilt: str | os.PathLike, expected: str | os.PathLike) -> bool:
     """True when the rebuilt image reproduces ``expected``; the differences go to stderr."""
-    with open(expected, "rb") as handle:
-        is_eif = handle.read(len(MAGIC)) == MAGIC
-    if is_eif:
+    if _is_eif(expected):
         with EifReader.open(expected) as old, EifReader.open(rebuilt) as new:
             report = diff_eifs(old, new)
         moved = [name for name in report["Measurements"]["Moved"] if name in MEASURED or _signed_both(report)]
