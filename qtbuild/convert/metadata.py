@@ -14,6 +14,8 @@ from qtbuild.formats.eif_metadata import BuildInfo, EifMetadata
 BUILD_TOOL = "qtbuild"
 #: nitro-cli and ``qt enclave make-img`` cap the custom metadata file at this size.
 MAX_CUSTOM_METADATA = 4096
+#: cpio newc stores mtimes as 8 hex digits: SOURCE_DATE_EPOCH must fit.
+MAX_SOURCE_DATE_EPOCH = (1 << 32) - 1
 #: Used when neither SOURCE_DATE_EPOCH nor the input provides a time.
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -23,14 +25,21 @@ class MetadataError(ValueError):
 
 
 def source_date_epoch() -> datetime | None:
-    """``SOURCE_DATE_EPOCH`` as an aware UTC datetime, None when unset."""
+    """``SOURCE_DATE_EPOCH`` as an aware UTC datetime, None when unset.
+
+    The value must fit the 32-bit unsigned mtime field of the cpio archives it clamps
+    (0..2**32-1); anything else is a MetadataError naming the range."""
     raw = os.environ.get("SOURCE_DATE_EPOCH")
     if raw is None or raw.strip() == "":
         return None
     try:
-        return datetime.fromtimestamp(int(raw.strip()), tz=UTC)
-    except (ValueError, OverflowError, OSError):
+        seconds = int(raw.strip())
+    except ValueError:
         raise MetadataError(f"SOURCE_DATE_EPOCH={raw!r} is not a whole number of seconds since 1970") from None
+    if not 0 <= seconds <= MAX_SOURCE_DATE_EPOCH:
+        raise MetadataError(f"SOURCE_DATE_EPOCH={raw.strip()} is out of range: use 0..{MAX_SOURCE_DATE_EPOCH} "
+                            "(seconds since 1970, the range of a cpio mtime)")
+    return datetime.fromtimestamp(seconds, tz=UTC)
 
 
 def build_time(fallback: datetime | None = None) -> str:
