@@ -63,7 +63,7 @@ class ConvertResult:
 def convert(source: str, options: ConvertOptions) -> ConvertResult:
     """Convert ``source`` into an EIF at ``options.output`` (or only measure it when None)."""
     clamp = source_date_epoch()
-    platform = Platform.parse(options.platform) if options.platform else None
+    platform = enclave_platform(options.platform) if options.platform else None
     custom = load_custom_metadata(options.metadata_path)
     with open_image(source, platform=platform) as image:
         config = image.config()
@@ -95,6 +95,14 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
                     progress=bar.update,
                 )
             return ConvertResult(result, image.image_id, arch, launch, profile.name, list(tree.warnings))
+
+
+def enclave_platform(text: str) -> Platform:
+    """``--platform`` as an enclave platform (linux/amd64 or linux/arm64, aliases allowed); else ImageError."""
+    platform = Platform.parse(text)
+    if platform.os != "linux" or platform.architecture not in ("amd64", "arm64") or platform.variant is not None:
+        raise ImageError(f"--platform {text!r} is not an enclave platform: use linux/amd64 or linux/arm64")
+    return platform
 
 
 def _image_arch(config: dict, platform: Platform | None) -> str:

@@ -13,11 +13,24 @@ existing path.
 from __future__ import annotations
 
 import os
+import re
 
 from qtbuild.errors import ImageError
 from qtbuild.sources.base import Image, Platform
 
 _DAEMON_PREFIXES = ("docker://", "docker-daemon:")
+KNOWN_PREFIXES = "docker://, docker-archive:, oci:, registry://"
+#: containers-image transports (skopeo, podman) qtbuild does not read.
+_UNSUPPORTED_TRANSPORTS = ("containers-storage:", "dir:", "ostree:", "sif:", "tarball:", "oci-archive:")
+#: A Docker image reference (distribution/reference's grammar) or an image ID.
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+_REFERENCE = re.compile(
+    rf"(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*(?::[\w][\w.-]{{0,127}})?(?:@{_DIGEST})?"
+    r"|(?:sha256:)?[0-9a-f]{12,64}"
+)
 
 
 def split_path_and_name(text: str) -> tuple[str, str | None]:
@@ -49,7 +62,11 @@ def open_image(source: str, *, platform: Platform | None) -> Image:
         _required(source, "registry://")
         return RegistryImage(source, platform=platform)
     if "://" in source:
-        raise ImageError(f"unknown image source {source!r}; use docker://, docker-archive:, oci: or registry://")
+        raise ImageError(f"unknown image source {source!r}; use {KNOWN_PREFIXES}")
+    for transport in _UNSUPPORTED_TRANSPORTS:
+        if source.startswith(transport):
+            raise ImageError(f"{source!r}: the {transport} source is not supported; use {KNOWN_PREFIXES} "
+                             "(skopeo copy can convert it to oci:DIR)")
     if os.path.isfile(source) or os.path.isfile(os.path.join(source, "oci-layout")):
         raise ImageError(f"{source!r} is a local path, not an image name; write docker-archive:{source} "
                          f"or oci:{source} (or docker://{source} for a daemon image of that name)")
@@ -84,4 +101,8 @@ def _daemon(ref: str, platform: Platform | None) -> Image:
 
     if not ref:
         raise ImageError("empty image reference")
+    if not _REFERENCE.fullmatch(ref):
+        prefix = ref.partition(":")[0]
+        raise ImageError(f"{ref!r} is not an image reference (and {prefix}: is not a source prefix); "
+                         f"use {KNOWN_PREFIXES}, or an image name such as app:1.0")
     return DaemonImage(ref, platform=platform)
