@@ -15,7 +15,7 @@ import json
 import os
 import tempfile
 
-from qtbuild.errors import ImageError
+from qtbuild.errors import ImageError, naming_path
 from qtbuild.sources.archive import ArchiveImage
 from qtbuild.sources.base import Platform
 from qtbuild.sources.open import KNOWN_PREFIXES
@@ -83,9 +83,10 @@ def _save_to_temp(client, image_id: str, ref: str, platform: Platform | None) ->
     import docker
     import requests
 
-    fd, path = tempfile.mkstemp(prefix="qtbuild-daemon-", suffix=".tar")
+    with naming_path(tempfile.gettempdir()):
+        fd, path = tempfile.mkstemp(prefix="qtbuild-daemon-", suffix=".tar")
     try:
-        with os.fdopen(fd, "wb") as out:
+        with naming_path(path), os.fdopen(fd, "wb") as out:
             for chunk in _save_chunks(client, image_id, platform):
                 out.write(chunk)
     except (docker.errors.DockerException, requests.RequestException) as exc:
