@@ -13,8 +13,9 @@ import os
 import click
 
 from qtbuild.formats.eif import MAGIC, EifReader
+from qtbuild.formats.launch_record import LAUNCH_LAYOUT_VERSION
 from qtbuild.formats.measure import ZERO_PCR
-from qtbuild.inspect.diff import diff_eifs, summary_lines
+from qtbuild.inspect.diff import diff_eifs, launch_layout_line, summary_lines
 from qtbuild.inspect.verify import load_expected
 
 MEASURED = ("PCR0", "PCR1", "PCR2")
@@ -51,12 +52,19 @@ def check_rebuild(rebuilt: str | os.PathLike, expected: str | os.PathLike) -> bo
             report = diff_eifs(old, new)
         moved = [name for name in report["Measurements"]["Moved"] if name in MEASURED or _signed_both(report)]
         lines = summary_lines(report) if moved else []
+        if moved and "LaunchLayout" in report:
+            layouts = report["LaunchLayout"]
+            click.echo(f"note: {launch_layout_line(layouts['A'], layouts['B'])}", err=True)
     else:
         wanted = load_expected(expected)
         with EifReader.open(rebuilt) as new:
             actual = new.check_stream().measurements.as_hex()
         moved = [name for name, value in wanted.items() if (name in MEASURED or value != ZERO_PCR) and actual.get(name, ZERO_PCR.hex()) != value.hex()]
         lines = [f"{name} differs: expected {wanted[name].hex()}, rebuilt {actual.get(name, ZERO_PCR.hex())}" for name in moved]
+        if {"PCR0", "PCR2"} & set(moved):
+            lines.append(f"the rebuild uses launch layout version {LAUNCH_LAYOUT_VERSION}; a reference built with an "
+                         "earlier layout moves PCR0/PCR2 for the same image (CHANGELOG.md); compare with the "
+                         "reference EIF to tell")
     if moved:
         click.echo(f"check FAILED: the rebuild does not reproduce {expected} ({', '.join(moved)} moved)", err=True)
         for line in lines:
