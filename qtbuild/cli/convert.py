@@ -18,8 +18,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from qtbuild.convert.pipeline import ConvertOptions
 
 SOURCE_HELP = """SOURCE is docker://REF (or a bare REF) for the Docker daemon, docker-archive:PATH for a
-`docker save` tarball, oci:DIR[:TAG] for an OCI image layout, registry://HOST/REPO:TAG|@DIGEST
-for a daemonless registry pull."""
+`docker save` tarball, oci:DIR[:TAG] for an OCI image layout, oci-archive:PATH[:TAG] for a tar of one
+(skopeo, podman save --format oci-archive), registry://HOST/REPO:TAG|@DIGEST for a daemonless
+registry pull."""
 
 
 def _image_options(function):
@@ -27,7 +28,8 @@ def _image_options(function):
     decorators = [
         click.argument("source", required=False),
         click.option("--docker-uri", "docker_uri", help="Alias of SOURCE (qt enclave make-img / nitro-cli spelling)."),
-        click.option("--source", "source_kind", type=click.Choice(["daemon", "archive", "oci", "registry"]),
+        click.option("--source", "source_kind",
+                     type=click.Choice(["daemon", "archive", "oci", "oci-archive", "registry"]),
                      help="Where a SOURCE without a prefix comes from (default: the Docker daemon)."),
         click.option("--platform", help="linux/amd64 or linux/arm64: which image of a multi-platform index."),
         click.option("--blobs", type=click.Path(exists=True, file_okay=False), help="Real blob directory (bzImage|Image, cmdline, init, *.ko) for a hardware-bootable image; default: the local runtime profile."),

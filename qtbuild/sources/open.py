@@ -4,6 +4,8 @@
 - a bare ``REF`` (``busybox:1.36``): the same as ``docker://REF``;
 - ``docker-archive:PATH[:REF]``: a ``docker save`` tarball; REF picks one of several images;
 - ``oci:DIR[:TAG]``: an OCI image layout directory; TAG is a ``ref.name`` annotation;
+- ``oci-archive:PATH[:TAG]``: a tar of an OCI image layout (skopeo, ``podman save --format
+  oci-archive``); TAG as for ``oci:``;
 - ``registry://HOST/REPO:TAG`` or ``registry://HOST/REPO@DIGEST``: a registry (distribution API).
 
 ``PATH[:REF]`` is split as skopeo does (at the first ``:``), unless the whole text names an
@@ -19,9 +21,9 @@ from qtbuild.errors import ImageError
 from qtbuild.sources.base import Image, Platform
 
 _DAEMON_PREFIXES = ("docker://", "docker-daemon:")
-KNOWN_PREFIXES = "docker://, docker-archive:, oci:, registry://"
+KNOWN_PREFIXES = "docker://, docker-archive:, oci:, oci-archive:, registry://"
 #: containers-image transports (skopeo, podman) qtbuild does not read.
-_UNSUPPORTED_TRANSPORTS = ("containers-storage:", "dir:", "ostree:", "sif:", "tarball:", "oci-archive:")
+_UNSUPPORTED_TRANSPORTS = ("containers-storage:", "dir:", "ostree:", "sif:", "tarball:")
 #: A Docker image reference (distribution/reference's grammar) or an image ID.
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
@@ -51,6 +53,11 @@ def open_image(source: str, *, platform: Platform | None) -> Image:
 
         path, name = split_path_and_name(_required(source, "docker-archive:"))
         return ArchiveImage(path, reference_hint=name, platform=platform)
+    if source.startswith("oci-archive:"):
+        from qtbuild.sources.oci_archive import OciArchiveImage
+
+        path, tag = split_path_and_name(_required(source, "oci-archive:"))
+        return OciArchiveImage(path, tag, platform)
     if source.startswith("oci:"):
         from qtbuild.sources.layout import LayoutImage
 
@@ -73,11 +80,12 @@ def open_image(source: str, *, platform: Platform | None) -> Image:
     return _daemon(source, platform)
 
 
-SOURCE_PREFIXES = {"daemon": "docker://", "archive": "docker-archive:", "oci": "oci:", "registry": "registry://"}
+SOURCE_PREFIXES = {"daemon": "docker://", "archive": "docker-archive:", "oci": "oci:", "oci-archive": "oci-archive:",
+                   "registry": "registry://"}
 
 
 def with_source_kind(source: str, kind: str | None) -> str:
-    """``source`` with the prefix of ``kind`` (``--source daemon|archive|oci|registry``) when it
+    """``source`` with the prefix of ``kind`` (``--source daemon|archive|oci|oci-archive|registry``) when it
     has none yet; ImageError when it already names another kind."""
     if kind is None:
         return source
