@@ -28,6 +28,9 @@ def _image_options(function):
     decorators = [
         click.argument("source", required=False),
         click.option("--docker-uri", "docker_uri", help="Alias of SOURCE (qt enclave make-img / nitro-cli spelling)."),
+        click.option("--docker-dir", "docker_dir", type=click.Path(exists=True, file_okay=False),
+                     help="Build this Dockerfile directory through the Docker daemon first, tagged as --docker-uri "
+                          "(nitro-cli build-enclave --docker-dir)."),
         click.option("--source", "source_kind",
                      type=click.Choice(["daemon", "archive", "oci", "oci-archive", "registry"]),
                      help="Where a SOURCE without a prefix comes from (default: the Docker daemon)."),
@@ -36,8 +39,9 @@ def _image_options(function):
         click.option("--cmdline", help="Kernel command line (default: the profile's)."),
         click.option("--cmd-semantics", type=click.Choice(["oci", "nitro"]), default="oci", show_default=True,
                      help="oci: argv = ENTRYPOINT + CMD; nitro: CMD if present else ENTRYPOINT (nitro-cli's behaviour)."),
-        click.option("--name", help="ImageName in the metadata (default: enclave)."),
-        click.option("--version", "image_version", help="ImageVersion in the metadata (default: the image ID)."),
+        click.option("--name", "--image-name", "name", help="ImageName in the metadata (default: enclave)."),
+        click.option("--version", "--image-version", "image_version",
+                     help="ImageVersion in the metadata (default: the image ID)."),
         click.option("--metadata", "metadata_path", type=click.Path(exists=True, dir_okay=False), help="Custom metadata JSON file (<= 4096 bytes)."),
         click.option("--private-key", type=click.Path(exists=True, dir_okay=False), help="EC private key (PEM) to sign PCR0 with."),
         click.option("--signing-certificate", type=click.Path(exists=True, dir_okay=False), help="Signing certificate (PEM); PCR8 is its hash."),
@@ -58,6 +62,8 @@ def _options(params: dict, output: str | None) -> tuple[str, ConvertOptions]:
     source = source or docker_uri
     if not source:
         raise InputError("no image given: qtbuild convert SOURCE -o app.eif (see --help)")
+    if params["docker_dir"]:
+        source = _build_docker_dir(params["docker_dir"], source, params["quiet"])
     private_key, certificate = params["private_key"], params["signing_certificate"]
     if (private_key is None) != (certificate is None):
         raise InputError("--private-key and --signing-certificate go together: give both to sign, or neither")
@@ -69,6 +75,19 @@ def _options(params: dict, output: str | None) -> tuple[str, ConvertOptions]:
                              name=params["name"], version=params["image_version"], metadata_path=params["metadata_path"],
                              cmd_semantics=params["cmd_semantics"], signer=signer, quiet=params["quiet"])
     return with_source_kind(source, params["source_kind"]), options
+
+
+def _build_docker_dir(directory: str, source: str, quiet: bool) -> str:
+    """Build ``directory`` as the image ``source`` names (a daemon reference) and return the source."""
+    from qtbuild.sources.docker_build import build_image
+    from qtbuild.sources.open import daemon_reference
+
+    tag = daemon_reference(source)
+    if tag is None:
+        raise InputError(f"--docker-dir builds through the Docker daemon: give --docker-uri a tag such as app:1.0, "
+                         f"not {source!r}")
+    build_image(directory, tag, log=lambda line: say(line, quiet=quiet))
+    return f"docker://{tag}"
 
 
 def _print(result, style: str) -> None:

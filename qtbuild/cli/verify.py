@@ -7,6 +7,7 @@ import sys
 import click
 
 from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
+from qtbuild.cli.eif_path import chosen_eif, eif_argument
 from qtbuild.cli.output import emit_json, say
 from qtbuild.formats.eif import EifReader
 from qtbuild.formats.measure import parse_pcr_hex
@@ -14,7 +15,7 @@ from qtbuild.inspect.verify import PCR_NAMES, load_certificate, load_expected, v
 
 
 @click.command("verify")
-@click.argument("eif", type=click.Path(dir_okay=False))
+@eif_argument
 @click.option("--pcr0", help="Expected PCR0 (96 hex digits).")
 @click.option("--pcr1", help="Expected PCR1.")
 @click.option("--pcr2", help="Expected PCR2.")
@@ -26,12 +27,13 @@ from qtbuild.inspect.verify import PCR_NAMES, load_certificate, load_expected, v
 @click.option("--repair", is_flag=True,
               help="First rewrite the header from the sections present (fixes the stale signature size nitro-cli's "
                    "sign-eif leaves, drops bytes after the last section); PCRs cannot change.")
-def command(eif, pcr0, pcr1, pcr2, pcr8, expect_path, signing_certificate, as_json, repair) -> None:
+def command(eif, eif_path, pcr0, pcr1, pcr2, pcr8, expect_path, signing_certificate, as_json, repair) -> None:
     """Check structure, CRC and signature, and compare PCRs with expected values.
 
     Exit 0 when every check holds, 1 with a per-check report when one fails, 2 on bad input.
     Options override values from --expect.
     """
+    eif = chosen_eif(eif, eif_path)
     if repair:
         _repair(eif)
     expected = load_expected(expect_path) if expect_path else {}

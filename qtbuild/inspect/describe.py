@@ -104,6 +104,16 @@ def describe_eif(reader: EifReader, *, at: datetime | None = None) -> dict:
     return document
 
 
+#: The keys ``nitro-cli describe-eif`` prints (its ``EifDescribeInfo``), in its order.
+NITRO_DESCRIBE_KEYS = ("EifVersion", "Measurements", "IsSigned", "SigningCertificate", "CheckCRC", "SignatureCheck",
+                       "ImageName", "ImageVersion", "Metadata")
+
+
+def nitro_describe(document: dict) -> dict:
+    """Exactly nitro-cli describe-eif's document: ``describe_eif``'s without qtbuild's additions."""
+    return {key: document[key] for key in NITRO_DESCRIBE_KEYS if key in document}
+
+
 def boot_profile(reader: EifReader) -> str:
     """``local`` when the kernel section is the local-runtime descriptor, else ``kernel``."""
     kernel = reader.sections_of(SectionType.KERNEL)[0]

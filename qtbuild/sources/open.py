@@ -43,6 +43,16 @@ def split_path_and_name(text: str) -> tuple[str, str | None]:
     return path, name or None
 
 
+def daemon_reference(source: str) -> str | None:
+    """The image reference when ``source`` names a daemon image (``docker://REF``, a bare REF), else None."""
+    for prefix in _DAEMON_PREFIXES:
+        if source.startswith(prefix):
+            return source[len(prefix):] or None
+    if "://" in source or any(source.startswith(p) for p in (*SOURCE_PREFIXES.values(), *_UNSUPPORTED_TRANSPORTS)):
+        return None
+    return source if _REFERENCE.fullmatch(source) else None
+
+
 def open_image(source: str, *, platform: Platform | None) -> Image:
     """Open ``source`` (see the module docstring); the caller closes the returned image."""
     for prefix in _DAEMON_PREFIXES:
