@@ -58,12 +58,13 @@ class FileInfo:
 def diff_eifs(a: EifReader, b: EifReader) -> dict:
     """The difference report between two open images (``Identical`` true when bytes agree)."""
     facts_a, facts_b = inspect_image(a), inspect_image(b)
-    report = {
+    layouts: dict[str, int] = {}
+    report: dict = {
         "Measurements": _measurement_diff(facts_a, facts_b),
         "Header": _header_diff(a, b),
         "Sections": _section_diff(a, b, facts_a, facts_b),
         "Metadata": _metadata_diff(facts_a.metadata, facts_b.metadata),
-        "Ramdisks": _ramdisk_diffs(a, b, layouts := {}),
+        "Ramdisks": _ramdisk_diffs(a, b, layouts),
     }
     if layouts.get("A") != layouts.get("B"):
         report["LaunchLayout"] = {"A": layouts.get("A"), "B": layouts.get("B")}
@@ -164,6 +165,7 @@ def _index_ramdisk(reader: EifReader, index: int, layouts: dict[str, int] | None
     link_data: dict[int, tuple[int, str]] = {}
     for member, data in iter_archive(reader.section_reader(section), archive_size=section.size):
         path = member.path.decode("utf-8", "surrogateescape")
+        digest: str | None
         if layouts is not None and path == "launch.json" and member.is_file and member.size <= MAX_LAUNCH_FILE:
             content = b"".join(bytes(chunk) for chunk in data)
             version = _layout_version(content)

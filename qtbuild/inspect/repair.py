@@ -27,7 +27,7 @@ def repairs_needed(reader: EifReader) -> tuple[list[str], list[str]]:
     """(what a rewrite fixes, what it must not touch).  A ``num_sections`` that disagrees with the
     section table is not repaired: which sections belong to the image is exactly what is in doubt."""
     fixable = [note for note in reader.notes if "is stale" in note]
-    unsafe = []
+    unsafe: list[str] = []
     for defect in reader.defects:
         (unsafe if defect.startswith("num_sections") else fixable).append(defect)
     return fixable, unsafe
