@@ -176,7 +176,7 @@ def _index_ramdisk(reader: EifReader, index: int, layouts: dict[str, int] | None
             digest = _hash_member(data) if member.is_file else None
         if member.is_file and member.nlink > 1:
             link_paths.setdefault(member.ino, []).append(path)
-            if member.size:
+            if member.size and digest is not None:
                 link_data[member.ino] = (member.size, digest)
         files[path] = FileInfo(
             type=_type_name(member), mode=f"{member.mode & 0o7777:04o}", uid=member.uid, gid=member.gid, mtime=member.mtime,
