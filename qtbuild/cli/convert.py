@@ -103,10 +103,17 @@ def _print(result, style: str) -> None:
 @click.option("-o", "--output", "--eif", "--output-file", "output", type=click.Path(dir_okay=False), help="EIF file to write (atomically).")
 @click.option("--check", "--expect", "expected", type=click.Path(exists=True, dir_okay=False),
               help="Rebuild and compare with an earlier EIF or measurements JSON: exit 1 with the differences when the PCRs moved.")
-def convert_command(output, expected, **params) -> None:
+@click.option("--provenance", "provenance_path", type=click.Path(dir_okay=False),
+              help="Write an in-toto Statement with SLSA Provenance v1 for the EIF here (a DSSE envelope signed with "
+                   "--private-key when one is given); check it later with `qtbuild verify EIF --provenance FILE`.")
+def convert_command(output, expected, provenance_path, **params) -> None:
     """Convert a container image into an enclave image file and print its measurements."""
     if not output and not expected:
         raise InputError("no output file: add -o app.eif (or use `qtbuild measure` to only compute PCRs)")
+    if provenance_path and not output:
+        raise InputError("--provenance describes the written EIF: add -o app.eif")
+    if provenance_path and any(is_same_file(provenance_path, other) for other in (output, expected) if other):
+        raise InputError(f"--provenance {provenance_path} would overwrite the EIF or the --check reference")
     if expected:
         if output and is_same_file(output, expected):
             raise InputError(f"-o {output} is the --check reference {expected}: writing it would destroy the "
@@ -118,8 +125,29 @@ def convert_command(output, expected, **params) -> None:
         result = _convert(source, options)
         _print(result, params["style"])
         _summary(source, result, params["quiet"], output)
+        if provenance_path:
+            _write_provenance(provenance_path, target, source, options, result)
+            say(f"wrote provenance {provenance_path}" + (" (DSSE, signed)" if options.signer else ""),
+                quiet=params["quiet"])
         if expected and not check_rebuild(target, expected):
             sys.exit(EXIT_CHECK_FAILED)
+
+
+def _write_provenance(path: str, eif: str, source: str, options: ConvertOptions, result) -> None:
+    from qtbuild.convert.metadata import source_date_epoch
+    from qtbuild.convert.provenance import file_digests, provenance_statement, write_provenance
+
+    epoch = source_date_epoch()
+    parameters = {
+        "platform": options.platform, "cmdSemantics": options.cmd_semantics, "name": options.name,
+        "version": options.version, "cmdline": options.cmdline, "bootProfile": result.profile,
+        "customMetadata": file_digests(options.metadata_path) if options.metadata_path else None,
+    }
+    statement = provenance_statement(
+        eif_path=eif, pcrs=result.result.measurements.as_hex(), source=source, parameters=parameters,
+        dependencies=result.dependencies, source_date_epoch=int(epoch.timestamp()) if epoch else None,
+    )
+    write_provenance(path, statement, getattr(options.signer, "private_key", None))
 
 
 def _convert(source, options):

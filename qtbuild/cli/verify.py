@@ -11,6 +11,7 @@ from qtbuild.cli.eif_path import chosen_eif, eif_argument
 from qtbuild.cli.output import emit_json, say
 from qtbuild.formats.eif import EifReader
 from qtbuild.formats.measure import parse_pcr_hex
+from qtbuild.inspect.provenance import check_provenance, load_provenance
 from qtbuild.inspect.verify import PCR_NAMES, load_certificate, load_expected, verify_eif
 
 
@@ -24,10 +25,14 @@ from qtbuild.inspect.verify import PCR_NAMES, load_certificate, load_expected, v
               help="Measurements JSON printed earlier by convert/measure/describe, nitro-cli or qt.")
 @click.option("--signing-certificate", type=click.Path(exists=True, dir_okay=False), help="The image must be signed by this certificate.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
+@click.option("--provenance", "provenance_path", type=click.Path(exists=True, dir_okay=False),
+              help="A provenance statement (or DSSE envelope) from `convert --provenance`: it must describe this file "
+                   "(digests, PCRs) and, when signed, verify with --signing-certificate or the image's certificate.")
 @click.option("--repair", is_flag=True,
               help="First rewrite the header from the sections present (fixes the stale signature size nitro-cli's "
                    "sign-eif leaves, drops bytes after the last section); PCRs cannot change.")
-def command(eif, eif_path, pcr0, pcr1, pcr2, pcr8, expect_path, signing_certificate, as_json, repair) -> None:
+def command(eif, eif_path, pcr0, pcr1, pcr2, pcr8, expect_path, signing_certificate, as_json, provenance_path,
+            repair) -> None:
     """Check structure, CRC and signature, and compare PCRs with expected values.
 
     Exit 0 when every check holds, 1 with a per-check report when one fails, 2 on bad input.
@@ -41,8 +46,12 @@ def command(eif, eif_path, pcr0, pcr1, pcr2, pcr8, expect_path, signing_certific
         if value is not None:
             expected[name] = parse_pcr_hex(value, f"--{name.lower()}")
     certificate = load_certificate(signing_certificate) if signing_certificate else None
+    provenance = load_provenance(provenance_path) if provenance_path else None
     with EifReader.open(eif) as reader:
         report = verify_eif(reader, expected=expected, certificate=certificate)
+    if provenance is not None:
+        report.checks += check_provenance(eif, provenance, report.measurements, certificate=certificate,
+                                          image_certificate=report.signing_certificate)
     for warning in report.warnings:
         say(f"warning: {warning}")
     if as_json:

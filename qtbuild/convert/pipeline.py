@@ -24,6 +24,7 @@ from qtbuild.convert.boot_profiles import load_profile, normalise_arch
 from qtbuild.convert.flatten import flatten
 from qtbuild.convert.launch_config import Launch, resolve_launch, tree_file_reader
 from qtbuild.convert.metadata import load_custom_metadata, make_metadata, source_date_epoch
+from qtbuild.convert.provenance import image_dependencies
 from qtbuild.convert.ramdisk import customer_ramdisk
 from qtbuild.errors import ImageError
 from qtbuild.formats.eif_writer import Signer, WriteResult, write_eif
@@ -58,6 +59,8 @@ class ConvertResult:
     launch: Launch
     profile: str
     warnings: list[str] = field(default_factory=list)
+    #: The image's manifest, config and layer digests (provenance resolvedDependencies).
+    dependencies: list[dict] = field(default_factory=list)
 
 
 def convert(source: str, options: ConvertOptions) -> ConvertResult:
@@ -94,7 +97,8 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
                     signer=options.signer,
                     progress=bar.update,
                 )
-            return ConvertResult(result, image.image_id, arch, launch, profile.name, list(tree.warnings))
+            return ConvertResult(result, image.image_id, arch, launch, profile.name, list(tree.warnings),
+                                 image_dependencies(image))
 
 
 def enclave_platform(text: str) -> Platform:

@@ -44,6 +44,8 @@ class VerifyReport:
     measurements: dict[str, str] = field(default_factory=dict)
     #: Readable but worth fixing (e.g. a stale signature size entry; ``verify --repair`` fixes it).
     warnings: list[str] = field(default_factory=list)
+    #: The certificate the image is signed with (None when unsigned or unreadable).
+    signing_certificate: x509.Certificate | None = None
 
     @property
     def valid(self) -> bool:
@@ -96,7 +98,8 @@ def verify_eif(
     expected = expected or {}
     facts = inspect_image(reader, at=at)
     actual = facts.check.measurements
-    report = VerifyReport(measurements=actual.as_hex())
+    report = VerifyReport(measurements=actual.as_hex(),
+                          signing_certificate=facts.signature.certificate if facts.signature else None)
     structure = f"EIF v{reader.header.version}, {len(reader.sections)} sections"
     structure += "" if reader.contiguous else " (non-contiguous)"
     if reader.defects:

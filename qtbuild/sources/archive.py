@@ -220,6 +220,7 @@ class ArchiveImage(StoreImage):
             store, manifest_bytes, digests = _open_oci(index, reference_hint, platform, reference)
         elif "manifest.json" in index.members:
             store, manifest_bytes, digests = _open_legacy(index, reference_hint, reference)
+            self.manifest_synthesised = True
         else:
             raise ImageError(f"{reference}: neither index.json nor manifest.json found; not a docker save archive")
         super().__init__(store, manifest_bytes, reference=reference, platform=platform, repo_digests=digests)
