@@ -8,10 +8,11 @@ import click
 
 from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
 from qtbuild.cli.eif_path import chosen_eif, eif_argument
+from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json, say
 from qtbuild.formats.eif import EifReader
 from qtbuild.formats.measure import parse_pcr_hex
-from qtbuild.inspect.provenance import check_provenance, load_provenance
+from qtbuild.inspect.provenance import MAX_PROVENANCE_FILE, check_provenance, parse_provenance
 from qtbuild.inspect.verify import PCR_NAMES, load_certificate, load_expected, verify_eif
 
 
@@ -46,7 +47,10 @@ def command(eif, eif_path, pcr0, pcr1, pcr2, pcr8, expect_path, signing_certific
         if value is not None:
             expected[name] = parse_pcr_hex(value, f"--{name.lower()}")
     certificate = load_certificate(signing_certificate) if signing_certificate else None
-    provenance = load_provenance(provenance_path) if provenance_path else None
+    provenance = None
+    if provenance_path:
+        raw = read_bounded(provenance_path, MAX_PROVENANCE_FILE, "not a provenance statement")
+        provenance = parse_provenance(raw, provenance_path)
     with EifReader.open(eif) as reader:
         report = verify_eif(reader, expected=expected, certificate=certificate)
     if provenance is not None:

@@ -27,18 +27,15 @@ from qtbuild.inspect.verify import Check
 MAX_PROVENANCE_FILE = 4 << 20
 
 
-def load_provenance(path: str | os.PathLike) -> dict:
-    """The decoded JSON of a provenance file (FormatError when too large or not JSON)."""
-    with open(path, "rb") as handle:
-        raw = handle.read(MAX_PROVENANCE_FILE + 1)
-    if len(raw) > MAX_PROVENANCE_FILE:
-        raise FormatError(f"{path}: larger than {MAX_PROVENANCE_FILE} bytes; not a provenance statement")
+def parse_provenance(raw: bytes, what: str) -> dict:
+    """The decoded JSON of a provenance file read by the caller (at most MAX_PROVENANCE_FILE
+    bytes); FormatError naming ``what`` when it is not a JSON object."""
     try:
         document = json.loads(raw)
     except (ValueError, RecursionError) as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+        raise FormatError(f"{what}: not valid JSON ({exc})") from None
     if not isinstance(document, dict):
-        raise FormatError(f"{path}: not a JSON object (an in-toto statement or a DSSE envelope)")
+        raise FormatError(f"{what}: not a JSON object (an in-toto statement or a DSSE envelope)")
     return document
 
 
