@@ -257,13 +257,15 @@ def algorithm_for_key(private_key: object) -> int:
 def sign1(payload: bytes, private_key: ec.EllipticCurvePrivateKey) -> bytes:
     """Sign ``payload``; return an untagged COSE_Sign1 ``[{1: alg}, {}, payload, r ‖ s]``.
 
-    Raises SignatureError for a key that is not EC on P-256/P-384/P-521.  ECDSA is randomized,
-    so two calls give different bytes that both verify.
+    Raises SignatureError for a key that is not EC on P-256/P-384/P-521.  ECDSA is deterministic
+    (RFC 6979: the nonce derives from the key and the message), so the same key and payload give
+    the same bytes: a signed EIF is reproducible byte for byte.  Verifiers cannot tell the
+    difference from randomized ECDSA.
     """
     alg_id = algorithm_for_key(private_key)
     alg = _ALGORITHMS[alg_id]
     protected = cbor2.dumps({HEADER_ALG: alg_id})
-    der = private_key.sign(sig_structure(protected, payload), ec.ECDSA(alg.hash()))
+    der = private_key.sign(sig_structure(protected, payload), ec.ECDSA(alg.hash(), deterministic_signing=True))
     return cbor2.dumps([protected, {}, bytes(payload), der_to_raw(der, alg.size)])
 
 

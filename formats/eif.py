@@ -9,6 +9,18 @@ covers header bytes [0:544] and then every section header and its data, in file 
 :class:`EifReader` validates the whole table up front (reading only headers) and raises
 :class:`~qtbuild.formats.errors.EifFormatError` naming the field and offset for anything malformed.  The
 writer lives in :mod:`qtbuild.formats.eif_writer`.
+
+Leniency follows the reference implementation where real files need it, strictness stays where
+it protects:
+
+- a stale ``section_sizes`` entry for the signature section is read (with a note, and
+  ``stale_signature_size`` set): the crate's signer (``nitro-cli sign-eif``) updates the section
+  header when it replaces a signature but not the table entry, and the crate's reader walks
+  section headers, so nitro-cli reads such files.  Rewriting the header (``qtbuild sign``,
+  ``verify --repair``) fixes them.
+- bytes after the last section and a ``num_sections`` that disagrees with the filled slots of the
+  section table are *defects* (``defects``): the image is readable and measured from the sections
+  the header lists, and ``verify`` fails naming the defect.
 """
 
 from __future__ import annotations
@@ -164,7 +176,8 @@ class EifReader:
     construction the header and section table are known to be consistent: every section lies
     inside the file, sections do not overlap, types are valid, section headers agree with the
     table, there is exactly one kernel and one cmdline, at most one metadata and one signature
-    section.  ``notes`` lists tolerated oddities (e.g. a non-contiguous layout).
+    section.  ``notes`` lists tolerated oddities (e.g. a gap between sections), ``defects`` what
+    makes the file invalid without hiding its content (see the module docstring).
     """
 
     fileobj: BinaryIO
@@ -172,6 +185,9 @@ class EifReader:
     header: EifHeader = field(init=False)
     sections: list[Section] = field(init=False)
     notes: list[str] = field(init=False, default_factory=list)
+    defects: list[str] = field(init=False, default_factory=list)
+    #: The stale table entry when section_sizes disagrees with the signature section's header.
+    stale_signature_size: int | None = field(init=False, default=None)
     _owns_file: bool = False
 
     def __post_init__(self) -> None:
@@ -207,9 +223,27 @@ class EifReader:
 
     # -- structure -------------------------------------------------------------------------
 
+    def _listed_sections(self) -> int:
+        """How many sections to read: num_sections, or the filled slots when fewer are filled."""
+        count = self.header.num_sections
+        offsets, sizes = self.header.section_offsets, self.header.section_sizes
+        filled = max((i + 1 for i in range(MAX_SECTIONS) if offsets[i] or sizes[i]), default=0)
+        if filled < count:
+            self.defects.append(
+                f"num_sections at offset 26 is {count} but the section table lists {filled} sections "
+                f"(slots {filled}..{count - 1} are empty)"
+            )
+            return max(filled, MIN_SECTIONS)
+        if filled > count:
+            self.defects.append(
+                f"num_sections at offset 26 is {count} but the section table lists {filled} sections "
+                f"(slots {count}..{filled - 1} are filled; nitro-cli's reader would read every section in the file)"
+            )
+        return count
+
     def _read_section_table(self) -> list[Section]:
         sections = []
-        for index in range(self.header.num_sections):
+        for index in range(self._listed_sections()):
             offset = self.header.section_offsets[index]
             size = self.header.section_sizes[index]
             where = f"section {index} (section_offsets[{index}] = {offset})"
@@ -223,6 +257,13 @@ class EifReader:
                 section_type = SectionType(type_code)
             except ValueError:
                 raise EifFormatError(f"{where}: section type {type_code} at offset {offset} is invalid (valid: 1..5)") from None
+            if header_size != size and section_type == SectionType.SIGNATURE and header_size <= MAX_SIGNATURE_SIZE:
+                self.stale_signature_size = size
+                self.notes.append(
+                    f"section_sizes[{index}] = {size} is stale: the signature section header says {header_size} bytes "
+                    "(nitro-cli sign-eif leaves it so; `qtbuild sign` or `qtbuild verify --repair` rewrites the header)"
+                )
+                size = header_size
             if header_size != size:
                 raise EifFormatError(
                     f"{where}: section header at offset {offset} says {header_size} bytes "
@@ -251,10 +292,10 @@ class EifReader:
                 self.notes.append(f"non-contiguous file: {section.offset - previous_end} unused bytes before section {section.index} at offset {previous_end}")
             previous_end = section.end
         if previous_end != self.file_size:
-            self.notes.append(f"non-contiguous file: {self.file_size - previous_end} trailing bytes after the last section")
-        for index in range(self.header.num_sections, MAX_SECTIONS):
-            if self.header.section_offsets[index] or self.header.section_sizes[index]:
-                self.notes.append(f"unused section slot {index} is not zero")
+            self.defects.append(
+                f"trailing data: {self.file_size - previous_end} bytes after the last section "
+                f"(offsets {previous_end}..{self.file_size - 1}) that no section covers"
+            )
         self._check_counts()
 
     def _check_counts(self) -> None:
@@ -287,7 +328,7 @@ class EifReader:
 
     @property
     def contiguous(self) -> bool:
-        return not any(note.startswith("non-contiguous") for note in self.notes)
+        return not self.defects and not any(note.startswith("non-contiguous") for note in self.notes)
 
     def sections_of(self, kind: SectionType) -> list[Section]:
         return [section for section in self.sections if section.type == kind]

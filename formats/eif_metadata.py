@@ -4,8 +4,8 @@ nitro-cli serialises ``EifIdentityInfo`` with serde_json: compact, outer keys in
 order (ImageName, ImageVersion, BuildMetadata, DockerInfo, CustomMetadata), BuildMetadata keys in
 declaration order, and ``serde_json::Value`` objects (DockerInfo, CustomMetadata) with keys sorted
 at every depth (serde_json's map is a BTreeMap), non-ASCII written as UTF-8, control characters
-escaped as lower-case ``\\u00xx``.  Python's ``json`` with ``ensure_ascii=False`` escapes the same
-way.  The section is never measured.
+escaped as lower-case ``\\u00xx``, numbers in serde_json's own layout (``1.5e-7``, ``1e20``; see
+:mod:`qtbuild.formats.serde_json_text`).  The section is never measured.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from qtbuild.formats import serde_json_text
 from qtbuild.formats.errors import EifFormatError
 
 #: Parsing bound for a metadata section read from an untrusted file.
@@ -59,8 +60,8 @@ class EifMetadata:
             '"ImageName":' + json.dumps(self.image_name, **_COMPACT),
             '"ImageVersion":' + json.dumps(self.image_version, **_COMPACT),
             '"BuildMetadata":' + json.dumps(self.build.as_json(), **_COMPACT),
-            '"DockerInfo":' + json.dumps(self.docker_info, sort_keys=True, **_COMPACT),
-            '"CustomMetadata":' + json.dumps(self.custom, sort_keys=True, **_COMPACT),
+            '"DockerInfo":' + serde_json_text.dumps(self.docker_info),
+            '"CustomMetadata":' + serde_json_text.dumps(self.custom),
         ]
         return ("{" + ",".join(parts) + "}").encode("utf-8")
 

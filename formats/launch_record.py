@@ -5,9 +5,18 @@ Written by ``qtbuild convert`` (:mod:`qtbuild.convert.ramdisk`) and read by the 
 
     cmd          argv, one element per line, each followed by "\\n" (nitro-cli's init format)
     env          KEY=VALUE lines, each followed by "\\n" (nitro-cli's init format)
-    launch.json  ``{"argv", "cwd", "env", "gid", "groups", "uid", "user"}``: compact JSON with
-                 sorted keys and a final newline; qtbuild's record of the resolved command,
-                 working directory and identity (nitro's init ignores it)
+    launch.json  ``{"argv", "cwd", "env", "gid", "groups", "uid", "user", "version"}``: compact
+                 JSON with sorted keys and a final newline; qtbuild's record of the resolved
+                 command, working directory and identity (nitro's init ignores it)
+
+``version`` is the launch layout version: how an image config is turned into these files.  A
+change to that rule changes the customer ramdisk's bytes, hence PCR0 and PCR2, for an unchanged
+image; the version lets ``convert --check`` and ``diff`` say so (CHANGELOG.md lists each one):
+
+    1  (no ``version`` field) qtbuild up to 0.1: no HOME; ``USER name:group`` kept the
+       user's supplementary groups
+    2  HOME from the image's passwd (``/`` for a user without an entry) unless Env sets it;
+       supplementary groups only for ``USER name`` / ``USER uid`` (runc's rule)
 
 Elements containing a newline or NUL cannot be represented in ``cmd``/``env`` and are refused.
 """
@@ -21,6 +30,10 @@ from qtbuild.formats.errors import FormatError
 
 MAX_LAUNCH_FILE = 1 << 20
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: The launch layout version qtbuild writes (see the module docstring).
+LAUNCH_LAYOUT_VERSION = 2
+#: What a launch.json without a ``version`` field was written by.
+FIRST_LAYOUT_VERSION = 1
 
 
 class LaunchFormatError(FormatError):
@@ -38,11 +51,14 @@ class Launch:
     gid: int = 0
     groups: list[int] = field(default_factory=list)
     user: str = ""
+    version: int = LAUNCH_LAYOUT_VERSION
 
     def __post_init__(self) -> None:
         for item in self.argv + self.env:
             if "\n" in item or "\0" in item:
-                raise LaunchFormatError(f"command/env element {item!r} contains a newline or NUL, which cmd/env files cannot represent")
+                raise LaunchFormatError(
+                    f"command/env element {item!r} contains a newline or NUL, which cmd/env files cannot represent"
+                )
 
     def cmd_file(self) -> bytes:
         return "".join(item + "\n" for item in self.argv).encode()
@@ -72,11 +88,25 @@ def parse_launch_json(data: bytes) -> Launch:
     launch = Launch(
         argv=_typed(document, "argv", list, str), env=_typed(document, "env", list, str),
         cwd=_typed(document, "cwd", str), uid=_typed(document, "uid", int), gid=_typed(document, "gid", int),
-        groups=_typed(document, "groups", list, int), user=document.get("user", "") if isinstance(document.get("user", ""), str) else "",
+        groups=_typed(document, "groups", list, int),
+        user=document.get("user", "") if isinstance(document.get("user", ""), str) else "",
+        version=_layout_version(document),
     )
     if not launch.argv:
         raise LaunchFormatError("launch.json has an empty argv: nothing to run")
     return launch
+
+
+def _layout_version(document: dict) -> int:
+    if "version" not in document:
+        return FIRST_LAYOUT_VERSION
+    version = _typed(document, "version", int)
+    if not FIRST_LAYOUT_VERSION <= version <= LAUNCH_LAYOUT_VERSION:
+        raise LaunchFormatError(
+            f"launch.json has layout version {version}; this qtbuild reads versions {FIRST_LAYOUT_VERSION}.."
+            f"{LAUNCH_LAYOUT_VERSION} (upgrade qtbuild)"
+        )
+    return version
 
 
 def parse_cmd_env(cmd: bytes, env: bytes) -> Launch:

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from qtbuild.formats.eif_signature import check_certificate_validity, first_certificate, sign_pcr0
 from qtbuild.formats.errors import SignatureError
+from qtbuild.pkcs11_keys import Pkcs11PrivateKey, is_pkcs11_uri
 
 #: Key and certificate files larger than this are not what they claim to be.
 MAX_PEM_FILE = 256 * 1024
@@ -39,13 +40,17 @@ class Pcr0Signer:
 def load_signer(key_path: str | os.PathLike, certificate_path: str | os.PathLike, *, at: datetime | None = None) -> Pcr0Signer:
     """Read a PEM private key and certificate file and return a checked signer.
 
+    ``key_path`` may also be a ``pkcs11:`` URI: the key stays in the token
+    (:mod:`qtbuild.pkcs11_keys`).
     Raises SignatureError with a message naming the file and the fix for: an unreadable or
     encrypted key, a non-EC key, a key that does not match the certificate, a certificate that is
     expired or not yet valid at ``at`` (default now).  A certificate file holding several
     certificates is accepted; the first signs, and a note says so on stderr.
     """
-    key_pem = _read_pem(key_path, "private key")
     certificate_pem = _read_pem(certificate_path, "signing certificate")
+    if is_pkcs11_uri(key_path):
+        return _checked(Pkcs11PrivateKey(str(key_path)), certificate_pem, certificate_path, at)
+    key_pem = _read_pem(key_path, "private key")
     try:
         private_key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:
@@ -57,6 +62,10 @@ def load_signer(key_path: str | os.PathLike, certificate_path: str | os.PathLike
             f"{key_path}: the signing key must be an EC key (P-256, P-384 or P-521), not {type(private_key).__name__.lstrip('_')}; "
             "create one with: openssl ecparam -name secp384r1 -genkey -noout -out key.pem"
         )
+    return _checked(private_key, certificate_pem, certificate_path, at)
+
+
+def _checked(private_key: ec.EllipticCurvePrivateKey, certificate_pem: bytes, certificate_path, at) -> Pcr0Signer:
     if certificate_pem.count(b"-----BEGIN CERTIFICATE-----") > 1:
         print(f"qtbuild: note: {certificate_path} holds several certificates; the first one signs (PCR8 is its hash)", file=sys.stderr)
     signer = Pcr0Signer(private_key, certificate_pem)

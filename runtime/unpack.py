@@ -14,9 +14,10 @@ Contract of :func:`unpack_archive`:
 * Parents must exist (as members or already in ``dest``); missing ones are an error, as the
   kernel would drop such members.
 * Device nodes, FIFOs and sockets are not created: their paths go to ``skipped_devices``.
-  setuid/setgid bits are stripped from files and directories: their paths go to
-  ``stripped_setid``.  Ownership is applied only with ``preserve_owner`` (never following
-  symlinks).  mtimes are applied to everything (symlinks included, not followed).
+  setuid/setgid bits are stripped from files and directories (setgid kept with
+  ``keep_setgid``): the paths stripped of a bit go to ``stripped_setid``.  Ownership is applied
+  only with ``preserve_owner`` (never following symlinks).  mtimes are applied to everything
+  (symlinks included, not followed).
 * Hardlinks: regular members sharing ``(dev, ino)`` with ``nlink`` > 1 become links of the file
   created for the first of them; data is written whenever a link carries some (newc writers,
   GNU cpio and ours put it on the last link; others on the first or on all) — like the kernel.
@@ -81,6 +82,7 @@ def unpack_archive(
     *,
     archive_size: int | None = None,
     preserve_owner: bool = False,
+    keep_setgid: bool = False,
 ) -> UnpackReport:
     """Extract the newc archive read from ``fileobj`` into ``dest`` (created if missing).
 
@@ -92,7 +94,7 @@ def unpack_archive(
         pass
     root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        extractor = _Extractor(root_fd, preserve_owner)
+        extractor = _Extractor(root_fd, preserve_owner, stat.S_ISUID if keep_setgid else _SETID)
         for member, data in iter_archive(fileobj, archive_size=archive_size):
             extractor.extract(member, data)
         extractor.finish()
@@ -124,9 +126,10 @@ def _archive_errors(path: bytes) -> Iterator[None]:
 class _Extractor:
     """Creates members one by one under ``root_fd`` and applies deferred metadata at the end."""
 
-    def __init__(self, root_fd: int, preserve_owner: bool):
+    def __init__(self, root_fd: int, preserve_owner: bool, strip: int = _SETID):
         self._root = root_fd
         self._preserve_owner = preserve_owner
+        self._strip = strip
         self._inodes: dict[tuple[int, int, int], _Inode] = {}
         self._inode_of_path: dict[bytes, _Inode] = {}
         self._dirs: dict[bytes, CpioMember] = {}
@@ -174,7 +177,7 @@ class _Extractor:
     def extract(self, member: CpioMember, data: MemberData) -> None:
         """Create one member; archive-caused OS errors become CpioFormatError."""
         if member.is_dir or member.is_file:
-            if member.mode & _SETID:
+            if member.mode & self._strip:
                 self.report.stripped_setid.append(member.path)
         with _archive_errors(member.path):
             if member.is_dir:
@@ -252,10 +255,10 @@ class _Extractor:
     # -- metadata ----------------------------------------------------------------------------
 
     def _apply_metadata(self, fd: int, member: CpioMember) -> None:
-        """Owner (optional), mode without setuid/setgid, then mtime, on an open file or directory."""
+        """Owner (optional), mode without the stripped bits, then mtime, on an open file or directory."""
         if self._preserve_owner:
             os.fchown(fd, member.uid, member.gid)
-        os.fchmod(fd, member.permissions & ~_SETID)
+        os.fchmod(fd, member.permissions & ~self._strip)
         os.utime(fd, (member.mtime, member.mtime))
 
     def finish(self) -> None:

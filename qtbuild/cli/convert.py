@@ -12,15 +12,16 @@ import click
 from qtbuild.cli.command import QtbuildCommand
 from qtbuild.cli.errors import EXIT_CHECK_FAILED, InputError
 from qtbuild.cli.output import emit_json, say
-from qtbuild.inspect.check import check_rebuild
+from qtbuild.inspect.check import check_rebuild, is_same_file, validate_reference
 from qtbuild.signing_keys import load_signer
 
 if TYPE_CHECKING:  # pragma: no cover
     from qtbuild.convert.pipeline import ConvertOptions
 
 SOURCE_HELP = """SOURCE is docker://REF (or a bare REF) for the Docker daemon, docker-archive:PATH for a
-`docker save` tarball, oci:DIR[:TAG] for an OCI image layout, registry://HOST/REPO:TAG|@DIGEST
-for a daemonless registry pull."""
+`docker save` tarball, oci:DIR[:TAG] for an OCI image layout, oci-archive:PATH[:TAG] for a tar of one
+(skopeo, podman save --format oci-archive), registry://HOST/REPO:TAG|@DIGEST for a daemonless
+registry pull."""
 
 
 def _image_options(function):
@@ -28,7 +29,11 @@ def _image_options(function):
     decorators = [
         click.argument("source", required=False),
         click.option("--docker-uri", "docker_uri", help="Alias of SOURCE (qt enclave make-img / nitro-cli spelling)."),
-        click.option("--source", "source_kind", type=click.Choice(["daemon", "archive", "oci", "registry"]),
+        click.option("--docker-dir", "docker_dir", type=click.Path(exists=True, file_okay=False),
+                     help="Build this Dockerfile directory through the Docker daemon first, tagged as --docker-uri "
+                          "(nitro-cli build-enclave --docker-dir)."),
+        click.option("--source", "source_kind",
+                     type=click.Choice(["daemon", "archive", "oci", "oci-archive", "registry"]),
                      help="Where a SOURCE without a prefix comes from (default: the Docker daemon)."),
         click.option("--platform", help="linux/amd64 or linux/arm64: which image of a multi-platform index."),
         click.option("--blobs", type=click.Path(exists=True, file_okay=False),
@@ -36,18 +41,15 @@ def _image_options(function):
                           "default: the local runtime profile."),
         click.option("--cmdline", help="Kernel command line (default: the profile's)."),
         click.option("--cmd-semantics", type=click.Choice(["oci", "nitro"]), default="oci", show_default=True,
-                     help="oci: argv = ENTRYPOINT + CMD; "
-                          "nitro: CMD if present else ENTRYPOINT (nitro-cli's behaviour)."),
-        click.option("--name", help="ImageName in the metadata (default: enclave)."),
-        click.option("--version", "image_version", help="ImageVersion in the metadata (default: the image ID)."),
-        click.option("--metadata", "metadata_path", type=click.Path(exists=True, dir_okay=False),
-                     help="Custom metadata JSON file (<= 4096 bytes)."),
-        click.option("--private-key", type=click.Path(exists=True, dir_okay=False),
-                     help="EC private key (PEM) to sign PCR0 with."),
-        click.option("--signing-certificate", type=click.Path(exists=True, dir_okay=False),
-                     help="Signing certificate (PEM); PCR8 is its hash."),
-        click.option("--format", "style", type=click.Choice(["qingtian", "nitro"]), default="qingtian",
-                     show_default=True,
+                     help="oci: argv = ENTRYPOINT + CMD; nitro: CMD if present else ENTRYPOINT (nitro-cli's behaviour)."),
+        click.option("--name", "--image-name", "name", help="ImageName in the metadata (default: enclave)."),
+        click.option("--version", "--image-version", "image_version",
+                     help="ImageVersion in the metadata (default: the image ID)."),
+        click.option("--metadata", "metadata_path", type=click.Path(exists=True, dir_okay=False), help="Custom metadata JSON file (<= 4096 bytes)."),
+        click.option("--private-key", metavar="PEM|pkcs11:URI",
+                     help="EC private key to sign PCR0 (and the provenance) with: a PEM file or a pkcs11: URI."),
+        click.option("--signing-certificate", type=click.Path(exists=True, dir_okay=False), help="Signing certificate (PEM); PCR8 is its hash."),
+        click.option("--format", "style", type=click.Choice(["qingtian", "nitro"]), default="qingtian", show_default=True,
                      help="qingtian: {digest, PCR0, PCR1, PCR2, PCR8}; nitro: nitro-cli's {\"Measurements\": …}."),
         click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr."),
     ]
@@ -64,6 +66,8 @@ def _options(params: dict, output: str | None) -> tuple[str, ConvertOptions]:
     source = source or docker_uri
     if not source:
         raise InputError("no image given: qtbuild convert SOURCE -o app.eif (see --help)")
+    if params["docker_dir"]:
+        source = _build_docker_dir(params["docker_dir"], source, params["quiet"])
     private_key, certificate = params["private_key"], params["signing_certificate"]
     if (private_key is None) != (certificate is None):
         raise InputError("--private-key and --signing-certificate go together: give both to sign, or neither")
@@ -76,6 +80,19 @@ def _options(params: dict, output: str | None) -> tuple[str, ConvertOptions]:
                              metadata_path=params["metadata_path"], cmd_semantics=params["cmd_semantics"],
                              signer=signer, quiet=params["quiet"])
     return with_source_kind(source, params["source_kind"]), options
+
+
+def _build_docker_dir(directory: str, source: str, quiet: bool) -> str:
+    """Build ``directory`` as the image ``source`` names (a daemon reference) and return the source."""
+    from qtbuild.sources.docker_build import build_image
+    from qtbuild.sources.open import daemon_reference
+
+    tag = daemon_reference(source)
+    if tag is None:
+        raise InputError(f"--docker-dir builds through the Docker daemon: give --docker-uri a tag such as app:1.0, "
+                         f"not {source!r}")
+    build_image(directory, tag, log=lambda line: say(line, quiet=quiet))
+    return f"docker://{tag}"
 
 
 def _print(result, style: str) -> None:
@@ -91,20 +108,52 @@ def _print(result, style: str) -> None:
 @click.option("-o", "--output", "--eif", "--output-file", "output", type=click.Path(dir_okay=False),
               help="EIF file to write (atomically).")
 @click.option("--check", "--expect", "expected", type=click.Path(exists=True, dir_okay=False),
-              help="Rebuild and compare with an earlier EIF or measurements JSON: "
-                   "exit 1 with the differences when the PCRs moved.")
-def convert_command(output, expected, **params) -> None:
+              help="Rebuild and compare with an earlier EIF or measurements JSON: exit 1 with the differences when the PCRs moved.")
+@click.option("--provenance", "provenance_path", type=click.Path(dir_okay=False),
+              help="Write an in-toto Statement with SLSA Provenance v1 for the EIF here (a DSSE envelope signed with "
+                   "--private-key when one is given); check it later with `qtbuild verify EIF --provenance FILE`.")
+def convert_command(output, expected, provenance_path, **params) -> None:
     """Convert a container image into an enclave image file and print its measurements."""
     if not output and not expected:
         raise InputError("no output file: add -o app.eif (or use `qtbuild measure` to only compute PCRs)")
+    if provenance_path and not output:
+        raise InputError("--provenance describes the written EIF: add -o app.eif")
+    if provenance_path and any(is_same_file(provenance_path, other) for other in (output, expected) if other):
+        raise InputError(f"--provenance {provenance_path} would overwrite the EIF or the --check reference")
+    if expected:
+        if output and is_same_file(output, expected):
+            raise InputError(f"-o {output} is the --check reference {expected}: writing it would destroy the "
+                             "reference; write the rebuild elsewhere (or omit -o)")
+        validate_reference(expected)
     with tempfile.TemporaryDirectory(prefix="qtbuild-check-") as scratch:
         target = output or os.path.join(scratch, "rebuilt.eif")
         source, options = _options(params, target)
         result = _convert(source, options)
         _print(result, params["style"])
         _summary(source, result, params["quiet"], output)
+        if provenance_path:
+            _write_provenance(provenance_path, target, source, options, result)
+            say(f"wrote provenance {provenance_path}" + (" (DSSE, signed)" if options.signer else ""),
+                quiet=params["quiet"])
         if expected and not check_rebuild(target, expected):
             sys.exit(EXIT_CHECK_FAILED)
+
+
+def _write_provenance(path: str, eif: str, source: str, options: ConvertOptions, result) -> None:
+    from qtbuild.convert.metadata import source_date_epoch
+    from qtbuild.convert.provenance import file_digests, provenance_statement, write_provenance
+
+    epoch = source_date_epoch()
+    parameters = {
+        "platform": options.platform, "cmdSemantics": options.cmd_semantics, "name": options.name,
+        "version": options.version, "cmdline": options.cmdline, "bootProfile": result.profile,
+        "customMetadata": file_digests(options.metadata_path) if options.metadata_path else None,
+    }
+    statement = provenance_statement(
+        eif_path=eif, pcrs=result.result.measurements.as_hex(), source=source, parameters=parameters,
+        dependencies=result.dependencies, source_date_epoch=int(epoch.timestamp()) if epoch else None,
+    )
+    write_provenance(path, statement, getattr(options.signer, "private_key", None))
 
 
 def _convert(source, options):

@@ -5,16 +5,18 @@ from __future__ import annotations
 import click
 
 from qtbuild.cli.command import QtbuildCommand
+from qtbuild.cli.eif_path import chosen_eif, eif_argument
 from qtbuild.cli.output import emit_json
 
 
 @click.command("describe", cls=QtbuildCommand)
-@click.argument("eif", type=click.Path(dir_okay=False))
+@eif_argument
 @click.option(
-    "--format", "style", type=click.Choice(["nitro", "qingtian"]), default="nitro", show_default=True,
-    help="nitro: nitro-cli describe-eif's document plus Sections; qingtian: {digest, PCR0, PCR8}.",
+    "--format", "style", type=click.Choice(["full", "nitro", "qingtian"]), default="full", show_default=True,
+    help="full: nitro-cli describe-eif's document plus Architecture, BootProfile, Sections, Defects, Notes; "
+         "nitro: exactly nitro-cli describe-eif's document; qingtian: {digest, PCR0, PCR8} as qt prints it.",
 )
-def command(eif: str, style: str) -> None:
+def command(eif: str | None, eif_path: str | None, style: str) -> None:
     """Describe an enclave image: PCRs recomputed from its bytes, CRC, signature, metadata.
 
     Prints JSON on stdout.  Exit 0 when the image could be read (the checks are reported in the
@@ -22,8 +24,13 @@ def command(eif: str, style: str) -> None:
     """
     # deferred: the reader and its x509 checks cost more than `qtbuild describe --help` may
     from qtbuild.formats.eif import EifReader
-    from qtbuild.inspect.describe import describe_eif, qingtian_measurements
+    from qtbuild.inspect.describe import describe_eif, nitro_describe, qingtian_measurements
 
-    with EifReader.open(eif) as reader:
-        document = qingtian_measurements(reader) if style == "qingtian" else describe_eif(reader)
+    with EifReader.open(chosen_eif(eif, eif_path)) as reader:
+        if style == "qingtian":
+            document = qingtian_measurements(reader)
+        else:
+            document = describe_eif(reader)
+            if style == "nitro":
+                document = nitro_describe(document)
     emit_json(document)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from qtbuild.cli.command import QtbuildCommand
+from qtbuild.cli.eif_path import chosen_eif, eif_argument
 from qtbuild.cli.output import emit_json, say
 from qtbuild.formats.eif import EifReader
 from qtbuild.inspect.sign import sign_eif
@@ -12,20 +13,19 @@ from qtbuild.signing_keys import load_signer
 
 
 @click.command("sign", cls=QtbuildCommand)
-@click.argument("eif", type=click.Path(exists=True, dir_okay=False))
-@click.option("--private-key", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="EC private key (PEM).")
-@click.option("--signing-certificate", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Certificate (PEM) of that key.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False),
+@eif_argument
+@click.option("--private-key", required=True, metavar="PEM|pkcs11:URI", help="EC private key: a PEM file or a pkcs11: URI.")
+@click.option("--signing-certificate", required=True, type=click.Path(exists=True, dir_okay=False), help="Certificate (PEM) of that key.")
+@click.option("-o", "--output", "--output-file", "output", type=click.Path(dir_okay=False),
               help="Write the signed image here (default: replace EIF atomically).")
 @click.option("--format", "style", type=click.Choice(["qingtian", "nitro"]), default="qingtian", show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No summary on stderr.")
-def command(eif, private_key, signing_certificate, output, style, quiet) -> None:
+def command(eif, eif_path, private_key, signing_certificate, output, style, quiet) -> None:
     """Add or replace an image's signature (PCR0 signed; PCR8 from the certificate).
 
     Every other section is kept byte for byte; the header (section table, CRC) is rebuilt.
     """
+    eif = chosen_eif(eif, eif_path)
     signer = load_signer(private_key, signing_certificate)
     with EifReader.open(eif) as reader:
         replaced = reader.is_signed

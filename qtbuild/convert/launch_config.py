@@ -7,8 +7,12 @@ Two command semantics (``--cmd-semantics``):
   do (they never join the two; users porting images trip over it).
 
 ``User`` is resolved through the image's own ``/etc/passwd`` and ``/etc/group`` (``name``,
-``uid``, ``name:group``, ``uid:gid``; a numeric uid need not exist, a name must).  The result is
-recorded in the customer ramdisk (see :mod:`qtbuild.convert.ramdisk`) so the runtime needs no guessing.
+``uid``, ``name:group``, ``uid:gid``; a numeric uid need not exist, a name must), as runc does for
+``docker run``: supplementary groups from ``/etc/group`` only when no group is given, and ``HOME``
+(unless Env sets it) the user's passwd home directory, ``/`` for a user without an entry.  The
+result is recorded in the customer ramdisk (see :mod:`qtbuild.convert.ramdisk`) so the runtime
+needs no guessing; changing these rules moves PCRs, hence the launch layout version
+(:data:`~qtbuild.formats.launch_record.LAUNCH_LAYOUT_VERSION`).
 """
 
 from __future__ import annotations
@@ -39,7 +43,9 @@ def resolve_launch(config: dict, read_file: Callable[[str], bytes | None], *, se
     cwd = container.get("WorkingDir") or "/"
     if not isinstance(cwd, str) or not cwd.startswith("/"):
         raise ImageError(f"image WorkingDir {cwd!r} is not an absolute path")
-    uid, gid, groups, user = _resolve_user(container.get("User") or "", read_file)
+    uid, gid, groups, user, home = _resolve_user(container.get("User") or "", read_file)
+    if not any(item.startswith("HOME=") for item in env):
+        env = [*env, f"HOME={home}"]
     try:
         return Launch(argv, env, posixpath.normpath(cwd), uid, gid, groups, user)
     except LaunchFormatError as exc:
@@ -70,25 +76,26 @@ def _string_list(value: object, name: str) -> list[str]:
     return list(value)
 
 
-def _resolve_user(spec: str, read_file: Callable[[str], bytes | None]) -> tuple[int, int, list[int], str]:
+def _resolve_user(spec: str, read_file: Callable[[str], bytes | None]) -> tuple[int, int, list[int], str, str]:
+    """(uid, gid, supplementary groups, user name, home) for an image's ``User`` (runc's rules)."""
     if not isinstance(spec, str):
         raise ImageError("image config: User is not a string")
-    if spec == "":
-        return 0, 0, [], "root"
-    user_part, _, group_part = spec.partition(":")
+    user_part, _, group_part = (spec or "root").partition(":")
     passwd = _parse_accounts(read_file("/etc/passwd"), 7)
     groups_db = _parse_accounts(read_file("/etc/group"), 4)
     entry = next((row for row in passwd if row[0] == user_part or (user_part.isdigit() and row[2] == user_part)), None)
     if entry is not None:
-        uid, gid, name = int(entry[2]), int(entry[3]), entry[0]
-    elif user_part.isdigit():
-        uid, gid, name = int(user_part), 0, user_part  # docker: unknown numeric uid runs with gid 0
+        uid, gid, name, home = int(entry[2]), int(entry[3]), entry[0], entry[5] or "/"
+    elif user_part.isdigit() or not spec:
+        # docker: an unknown numeric uid (or root in an image without passwd) runs with gid 0, HOME /
+        uid, gid, name, home = int(user_part) if user_part.isdigit() else 0, 0, user_part, "/"
     else:
         raise ImageError(f"image User {spec!r}: no user {user_part!r} in the image's /etc/passwd")
     if group_part:
-        gid = _resolve_group(group_part, groups_db, spec)
+        # runc: supplementary groups only make sense in the implicit form (no group given)
+        return uid, _resolve_group(group_part, groups_db, spec), [], name, home
     supplementary = sorted({int(row[2]) for row in groups_db if name in row[3].split(",") and row[2].isdigit()} - {gid})
-    return uid, gid, supplementary, name
+    return uid, gid, supplementary, name, home
 
 
 def _resolve_group(group: str, groups_db: list[list[str]], spec: str) -> int:

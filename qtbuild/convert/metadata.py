@@ -4,6 +4,7 @@ from the wall clock (``SOURCE_DATE_EPOCH``, else a time the caller derives from 
 from __future__ import annotations
 
 import json
+import math
 import os
 from datetime import UTC, datetime
 
@@ -13,6 +14,8 @@ from qtbuild.formats.eif_metadata import BuildInfo, EifMetadata
 BUILD_TOOL = "qtbuild"
 #: nitro-cli and ``qt enclave make-img`` cap the custom metadata file at this size.
 MAX_CUSTOM_METADATA = 4096
+#: cpio newc stores mtimes as 8 hex digits: SOURCE_DATE_EPOCH must fit.
+MAX_SOURCE_DATE_EPOCH = (1 << 32) - 1
 #: Used when neither SOURCE_DATE_EPOCH nor the input provides a time.
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -22,14 +25,21 @@ class MetadataError(ValueError):
 
 
 def source_date_epoch() -> datetime | None:
-    """``SOURCE_DATE_EPOCH`` as an aware UTC datetime, None when unset."""
+    """``SOURCE_DATE_EPOCH`` as an aware UTC datetime, None when unset.
+
+    The value must fit the 32-bit unsigned mtime field of the cpio archives it clamps
+    (0..2**32-1); anything else is a MetadataError naming the range."""
     raw = os.environ.get("SOURCE_DATE_EPOCH")
     if raw is None or raw.strip() == "":
         return None
     try:
-        return datetime.fromtimestamp(int(raw.strip()), tz=UTC)
-    except (ValueError, OverflowError, OSError):
+        seconds = int(raw.strip())
+    except ValueError:
         raise MetadataError(f"SOURCE_DATE_EPOCH={raw!r} is not a whole number of seconds since 1970") from None
+    if not 0 <= seconds <= MAX_SOURCE_DATE_EPOCH:
+        raise MetadataError(f"SOURCE_DATE_EPOCH={raw.strip()} is out of range: use 0..{MAX_SOURCE_DATE_EPOCH} "
+                            "(seconds since 1970, the range of a cpio mtime)")
+    return datetime.fromtimestamp(seconds, tz=UTC)
 
 
 def build_time(fallback: datetime | None = None) -> str:
@@ -47,9 +57,28 @@ def load_custom_metadata(path: str | os.PathLike | None) -> object:
     if len(raw) > MAX_CUSTOM_METADATA:
         raise MetadataError(f"{path}: custom metadata is larger than {MAX_CUSTOM_METADATA} bytes; shorten it")
     try:
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float,
+                          parse_int=_serde_int)
     except (UnicodeDecodeError, ValueError) as exc:
         raise MetadataError(f"{path}: custom metadata is not valid JSON ({exc})") from None
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"number {text} is out of range")  # serde_json refuses it too
+    return number
+
+
+def _serde_int(text: str) -> int:
+    number = int(text)
+    if not -(1 << 63) <= number < (1 << 64):  # serde_json holds it as an f64: it must fit one
+        _finite_float(text)
+    return number
 
 
 def make_metadata(
@@ -62,6 +91,7 @@ def make_metadata(
     custom: object = None,
     time_fallback: datetime | None = None,
 ) -> bytes:
-    """The metadata section's bytes for an image qtbuild builds."""
+    """The metadata section's bytes for an image qtbuild builds (``docker_info`` None is written
+    ``null``, as eif_build does for images not built from a container)."""
     build = BuildInfo(build_time(time_fallback), BUILD_TOOL, __version__, operating_system, kernel_version)
-    return EifMetadata(name, version, build, docker_info if docker_info is not None else {}, custom).to_bytes()
+    return EifMetadata(name, version, build, docker_info, custom).to_bytes()

@@ -24,6 +24,7 @@ from qtbuild.convert.boot_profiles import load_profile, normalise_arch
 from qtbuild.convert.flatten import flatten
 from qtbuild.convert.launch_config import Launch, resolve_launch, tree_file_reader
 from qtbuild.convert.metadata import load_custom_metadata, make_metadata, source_date_epoch
+from qtbuild.convert.provenance import image_dependencies
 from qtbuild.convert.ramdisk import customer_ramdisk
 from qtbuild.errors import ImageError
 from qtbuild.formats.eif_writer import Signer, WriteResult, write_eif
@@ -58,12 +59,14 @@ class ConvertResult:
     launch: Launch
     profile: str
     warnings: list[str] = field(default_factory=list)
+    #: The image's manifest, config and layer digests (provenance resolvedDependencies).
+    dependencies: list[dict] = field(default_factory=list)
 
 
 def convert(source: str, options: ConvertOptions) -> ConvertResult:
     """Convert ``source`` into an EIF at ``options.output`` (or only measure it when None)."""
     clamp = source_date_epoch()
-    platform = Platform.parse(options.platform) if options.platform else None
+    platform = enclave_platform(options.platform) if options.platform else None
     custom = load_custom_metadata(options.metadata_path)
     with open_image(source, platform=platform) as image:
         config = image.config()
@@ -94,7 +97,16 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
                     signer=options.signer,
                     progress=bar.update,
                 )
-            return ConvertResult(result, image.image_id, arch, launch, profile.name, list(tree.warnings))
+            return ConvertResult(result, image.image_id, arch, launch, profile.name, list(tree.warnings),
+                                 image_dependencies(image))
+
+
+def enclave_platform(text: str) -> Platform:
+    """``--platform`` as an enclave platform (linux/amd64 or linux/arm64, aliases allowed); else ImageError."""
+    platform = Platform.parse(text)
+    if platform.os != "linux" or platform.architecture not in ("amd64", "arm64") or platform.variant is not None:
+        raise ImageError(f"--platform {text!r} is not an enclave platform: use linux/amd64 or linux/arm64")
+    return platform
 
 
 def _image_arch(config: dict, platform: Platform | None) -> str:

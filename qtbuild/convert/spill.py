@@ -25,6 +25,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import BinaryIO
 
+from qtbuild.errors import naming_path
+
 _READ_CHUNK = 1 << 20
 
 
@@ -55,19 +57,26 @@ class SpillStore:
             raise ValueError("spill store is closed")
         if self._writer is None:
             self._open()
-        self._writer.write(chunk)
+        with naming_path(self._file):
+            self._writer.write(chunk)
         self._size += len(chunk)
 
+    @property
+    def _file(self) -> str:
+        return os.path.join(self._dir or self._parent or tempfile.gettempdir(), "layers.bin")
+
     def _open(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="qtbuild-spill-", dir=self._parent)
-        path = os.path.join(self._dir, "layers.bin")
+        with naming_path(self._parent or tempfile.gettempdir()):
+            self._dir = tempfile.mkdtemp(prefix="qtbuild-spill-", dir=self._parent)
+        path = self._file
         self._writer = open(path, "xb", buffering=1 << 20)
         self._read_fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
     def flush(self) -> None:
         """Make everything appended readable through :meth:`open_range`."""
         if self._writer is not None:
-            self._writer.flush()
+            with naming_path(self._file):
+                self._writer.flush()
 
     def open_range(self, offset: int, size: int) -> BinaryIO:
         """A stream of ``size`` bytes starting at ``offset``."""

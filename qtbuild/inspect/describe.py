@@ -3,7 +3,8 @@
 Every measurement is recomputed from the section bytes in one streaming pass; nothing is taken
 from the metadata section.  Keys nitro-cli prints come first and keep its names; qtbuild adds
 ``Architecture``, ``Sections`` (type, offset, size, SHA-384 of each) and, when there is
-something to say, ``Notes`` and ``SignatureError``/``MetadataError``.
+something to say, ``Defects`` (what makes ``verify`` fail: trailing data, a wrong
+``num_sections``), ``Notes`` and ``SignatureError``/``MetadataError``.
 """
 
 from __future__ import annotations
@@ -93,12 +94,24 @@ def describe_eif(reader: EifReader, *, at: datetime | None = None) -> dict:
         {"Index": s.index, "Type": s.type.label, "Offset": s.offset, "Size": s.size, "Sha384": digest.hex()}
         for s, digest in zip(reader.sections, facts.check.section_sha384)
     ]
+    if reader.defects:
+        document["Defects"] = list(reader.defects)
     notes = list(reader.notes)
     if document["BootProfile"] == "local":
         notes.insert(0, RUNS_ONLY_LOCALLY)
     if notes:
         document["Notes"] = notes
     return document
+
+
+#: The keys ``nitro-cli describe-eif`` prints (its ``EifDescribeInfo``), in its order.
+NITRO_DESCRIBE_KEYS = ("EifVersion", "Measurements", "IsSigned", "SigningCertificate", "CheckCRC", "SignatureCheck",
+                       "ImageName", "ImageVersion", "Metadata")
+
+
+def nitro_describe(document: dict) -> dict:
+    """Exactly nitro-cli describe-eif's document: ``describe_eif``'s without qtbuild's additions."""
+    return {key: document[key] for key in NITRO_DESCRIBE_KEYS if key in document}
 
 
 def boot_profile(reader: EifReader) -> str:

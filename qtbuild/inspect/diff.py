@@ -7,6 +7,10 @@ link target, device numbers) — sorted by path.
 
 Ramdisks are streamed once each; only per-file metadata and content hashes are kept, so
 multi-gigabyte images are compared in bounded memory (a few hundred bytes per file).
+
+When the two images' launch records (``launch.json``) have different layout versions, the report
+says so (``LaunchLayout``): qtbuild changed how it turns an image config into the launch record
+(CHANGELOG.md), which moves PCR0/PCR2 even for the same container image.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import asdict, dataclass
 
 from qtbuild.formats.cpio import iter_archive
 from qtbuild.formats.eif import EifReader, Section, SectionType
+from qtbuild.formats.errors import FormatError
+from qtbuild.formats.launch_record import MAX_LAUNCH_FILE, parse_launch_json
 from qtbuild.inspect.describe import ImageFacts, inspect_image
 
 CPIO_MAGICS = (b"070701", b"070702")
@@ -52,13 +58,16 @@ class FileInfo:
 def diff_eifs(a: EifReader, b: EifReader) -> dict:
     """The difference report between two open images (``Identical`` true when bytes agree)."""
     facts_a, facts_b = inspect_image(a), inspect_image(b)
-    report = {
+    layouts: dict[str, int] = {}
+    report: dict = {
         "Measurements": _measurement_diff(facts_a, facts_b),
         "Header": _header_diff(a, b),
         "Sections": _section_diff(a, b, facts_a, facts_b),
         "Metadata": _metadata_diff(facts_a.metadata, facts_b.metadata),
-        "Ramdisks": _ramdisk_diffs(a, b),
+        "Ramdisks": _ramdisk_diffs(a, b, layouts),
     }
+    if layouts.get("A") != layouts.get("B"):
+        report["LaunchLayout"] = {"A": layouts.get("A"), "B": layouts.get("B")}
     report["Identical"] = not (report["Measurements"]["Moved"] or report["Header"] or report["Sections"] or report["Metadata"]
                                or any(r["Added"] or r["Removed"] or r["Changed"] for r in report["Ramdisks"]))
     return {"Identical": report.pop("Identical"), **report}
@@ -124,17 +133,28 @@ def _metadata_diff(a: dict | None, b: dict | None) -> list[dict]:
     return [{"Key": key, "A": left.get(key), "B": right.get(key)} for key in sorted(set(left) | set(right)) if left.get(key) != right.get(key)]
 
 
-def _ramdisk_diffs(a: EifReader, b: EifReader) -> list[dict]:
+def _ramdisk_diffs(a: EifReader, b: EifReader, layouts: dict[str, int]) -> list[dict]:
+    """File-level differences of each ramdisk pair; ``layouts`` receives each side's launch layout
+    version (key "A"/"B", absent when the image has no launch.json)."""
     out = []
     for index in range(max(len(a.ramdisks), len(b.ramdisks))):
-        files_a = _index_ramdisk(a, index)
-        files_b = _index_ramdisk(b, index)
+        files_a = _index_ramdisk(a, index, layouts, "A")
+        files_b = _index_ramdisk(b, index, layouts, "B")
         out.append(_compare_files(index, files_a, files_b))
     return out
 
 
-def _index_ramdisk(reader: EifReader, index: int) -> dict[str, FileInfo] | None:
-    """path → FileInfo for one ramdisk; {} when absent, None when it is not an uncompressed cpio."""
+def _layout_version(data: bytes) -> int | None:
+    try:
+        return parse_launch_json(data).version
+    except FormatError:
+        return None
+
+
+def _index_ramdisk(reader: EifReader, index: int, layouts: dict[str, int] | None = None,
+                   side: str = "") -> dict[str, FileInfo] | None:
+    """path → FileInfo for one ramdisk; {} when absent, None when it is not an uncompressed cpio.
+    A ``launch.json`` at the archive root also records its layout version in ``layouts[side]``."""
     if index >= len(reader.ramdisks):
         return {}
     section = reader.ramdisks[index]
@@ -145,10 +165,18 @@ def _index_ramdisk(reader: EifReader, index: int) -> dict[str, FileInfo] | None:
     link_data: dict[int, tuple[int, str]] = {}
     for member, data in iter_archive(reader.section_reader(section), archive_size=section.size):
         path = member.path.decode("utf-8", "surrogateescape")
-        digest = _hash_member(data) if member.is_file else None
+        digest: str | None
+        if layouts is not None and path == "launch.json" and member.is_file and member.size <= MAX_LAUNCH_FILE:
+            content = b"".join(bytes(chunk) for chunk in data)
+            version = _layout_version(content)
+            if version is not None:
+                layouts[side] = version
+            digest = hashlib.sha256(content).hexdigest()
+        else:
+            digest = _hash_member(data) if member.is_file else None
         if member.is_file and member.nlink > 1:
             link_paths.setdefault(member.ino, []).append(path)
-            if member.size:
+            if member.size and digest is not None:
                 link_data[member.ino] = (member.size, digest)
         files[path] = FileInfo(
             type=_type_name(member), mode=f"{member.mode & 0o7777:04o}", uid=member.uid, gid=member.gid, mtime=member.mtime,
@@ -200,6 +228,8 @@ def summary_lines(report: dict) -> list[str]:
     measurements = report["Measurements"]
     for name in measurements["Moved"]:
         lines.append(f"{name} differs: {measurements['A'].get(name, '-')} -> {measurements['B'].get(name, '-')}")
+    if "LaunchLayout" in report:
+        lines.append(launch_layout_line(report["LaunchLayout"]["A"], report["LaunchLayout"]["B"]))
     for item in report["Header"]:
         lines.append(f"header {item['Field']}: {item['A']} -> {item['B']}")
     for item in report["Sections"]:
@@ -219,3 +249,10 @@ def summary_lines(report: dict) -> list[str]:
             lines.append(f"{prefix}: ~ {change['Path']}: {fields}")
     return lines
 
+
+
+def launch_layout_line(a: int | None, b: int | None) -> str:
+    """Why PCR0/PCR2 move when the launch layout versions differ (see CHANGELOG.md)."""
+    name = lambda version: f"version {version}" if version is not None else "no launch.json"  # noqa: E731
+    return (f"launch layout {name(a)} -> {name(b)}: qtbuild changed how the launch record is derived from the "
+            "image config (CHANGELOG.md), which moves PCR0 and PCR2 even for the same image")

@@ -9,7 +9,8 @@ Layout of the output directory::
     signing-certificate.pem the certificate stored in the signature (signed images only)
     ramdiskN.cpio           each ramdisk section, raw
     ramdiskN/               each ramdisk unpacked with the safe cpio reader: no path escapes,
-                            no device nodes created, setuid/setgid bits stripped
+                            no device nodes created, setuid bits stripped, setgid bits kept;
+                            owners kept when run as root (else ``owners_kept`` is false)
     report.json             what was extracted, skipped or stripped
 
 The directory appears atomically: everything is written to a temporary sibling, renamed into
@@ -103,8 +104,11 @@ def _unpack_ramdisk(reader: EifReader, section: Section, dest: str, name: str) -
     if head not in CPIO_MAGICS:
         return {"name": name, "unpacked": False, "reason": "not an uncompressed cpio newc archive; kept raw only"}
     os.mkdir(dest)
-    result = unpack_archive(reader.section_reader(section), dest, archive_size=section.size)
+    as_root = os.geteuid() == 0
+    result = unpack_archive(reader.section_reader(section), dest, archive_size=section.size,
+                            preserve_owner=as_root, keep_setgid=True)
     summary = {key: value for key, value in asdict(result).items()}
+    summary["owners_kept"] = as_root
     for key in ("skipped_devices", "stripped_setid"):
         summary[key] = [path.decode("utf-8", "surrogateescape") for path in summary.get(key, [])]
     return {"name": name, "unpacked": True, **summary}

@@ -42,13 +42,21 @@ class Check:
 class VerifyReport:
     checks: list[Check] = field(default_factory=list)
     measurements: dict[str, str] = field(default_factory=dict)
+    #: Readable but worth fixing (e.g. a stale signature size entry; ``verify --repair`` fixes it).
+    warnings: list[str] = field(default_factory=list)
+    #: The certificate the image is signed with (None when unsigned or unreadable).
+    signing_certificate: x509.Certificate | None = None
 
     @property
     def valid(self) -> bool:
         return all(check.ok is not False for check in self.checks)
 
     def as_json(self) -> dict:
-        return {"Valid": self.valid, "Measurements": self.measurements, "Checks": [c.as_json() for c in self.checks]}
+        checks = [check.as_json() for check in self.checks]
+        document = {"Valid": self.valid, "Measurements": self.measurements, "Checks": checks}
+        if self.warnings:
+            document["Warnings"] = list(self.warnings)
+        return document
 
 
 def load_expected(path: str | os.PathLike) -> dict[str, bytes]:
@@ -90,8 +98,16 @@ def verify_eif(
     expected = expected or {}
     facts = inspect_image(reader, at=at)
     actual = facts.check.measurements
-    report = VerifyReport(measurements=actual.as_hex())
-    report.checks.append(Check("structure", True, f"EIF v{reader.header.version}, {len(reader.sections)} sections" + ("" if reader.contiguous else " (non-contiguous)")))
+    report = VerifyReport(measurements=actual.as_hex(),
+                          signing_certificate=facts.signature.certificate if facts.signature else None)
+    structure = f"EIF v{reader.header.version}, {len(reader.sections)} sections"
+    structure += "" if reader.contiguous else " (non-contiguous)"
+    if reader.defects:
+        report.checks.append(Check("structure", False, f"{structure}: {'; '.join(reader.defects)}"))
+    else:
+        report.checks.append(Check("structure", True, structure))
+    if reader.stale_signature_size is not None:
+        report.warnings.append(next(note for note in reader.notes if "is stale" in note))
     crc = facts.check
     report.checks.append(Check("crc", crc.crc_ok, f"header 0x{crc.header_crc:08x}, computed 0x{crc.computed_crc:08x}"))
     report.checks.append(_signature_check(reader, facts, certificate, expected))

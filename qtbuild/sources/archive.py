@@ -98,9 +98,9 @@ def clean_member_path(name: object, what: str) -> str:
 class TarIndex:
     """Member name → location of the data of a tar file, without extracting anything."""
 
-    def __init__(self, path: str | os.PathLike, *, max_members: int = MAX_MEMBERS):
+    def __init__(self, path: str | os.PathLike, *, max_members: int = MAX_MEMBERS, kind: str = "docker-archive"):
         self.path = os.fspath(path)
-        self._what = f"docker-archive {self.path}"
+        self._what = f"{kind} {self.path}"
         self.members: dict[str, _Member] = {}
         try:
             with open(self.path, "rb") as f:
@@ -114,7 +114,7 @@ class TarIndex:
         compression = sniff_compression(f.read(4))
         if compression:
             raise ImageError(f"{self._what} is {compression}-compressed; random access needs the plain tar: "
-                             "decompress it first (docker save writes it uncompressed)")
+                             "decompress it first (docker save, skopeo and podman write it uncompressed)")
         f.seek(0)
         tar = tarfile.open(fileobj=_BoundedFile(f, self._what), mode="r:")
         while (info := tar.next()) is not None:
@@ -220,6 +220,7 @@ class ArchiveImage(StoreImage):
             store, manifest_bytes, digests = _open_oci(index, reference_hint, platform, reference)
         elif "manifest.json" in index.members:
             store, manifest_bytes, digests = _open_legacy(index, reference_hint, reference)
+            self.manifest_synthesised = True
         else:
             raise ImageError(f"{reference}: neither index.json nor manifest.json found; not a docker save archive")
         super().__init__(store, manifest_bytes, reference=reference, platform=platform, repo_digests=digests)

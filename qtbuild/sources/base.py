@@ -122,6 +122,9 @@ class Image(abc.ABC):
 
     #: Human-readable source reference, e.g. ``docker-archive:app.tar`` or ``registry://h/r:t``.
     reference: str
+    #: True when the source stores no manifest and ``manifest_bytes`` is synthesised (legacy
+    #: ``docker save``): its digest then names no registry object.
+    manifest_synthesised: bool = False
 
     @abc.abstractmethod
     def manifest_bytes(self) -> bytes:

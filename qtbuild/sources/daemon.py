@@ -15,9 +15,10 @@ import json
 import os
 import tempfile
 
-from qtbuild.errors import ImageError
+from qtbuild.errors import ImageError, naming_path
 from qtbuild.sources.archive import ArchiveImage
 from qtbuild.sources.base import Platform
+from qtbuild.sources.open import KNOWN_PREFIXES
 
 CHUNK = 1 << 20
 PLATFORM_SAVE_API = (1, 48)
@@ -49,9 +50,21 @@ def _inspect(client, ref: str):
     try:
         return client.images.get(ref)
     except docker.errors.ImageNotFound:
-        raise ImageError(f"image {ref!r} not found in the Docker daemon; docker pull/build it first") from None
+        hint = ""
+        if ":" in ref and "/" not in ref.partition(":")[0]:
+            hint = f" (if {ref.partition(':')[0]}: was meant as a source prefix: the prefixes are {KNOWN_PREFIXES})"
+        raise ImageError(f"image {ref!r} not found in the Docker daemon; docker pull/build it first{hint}") from None
     except docker.errors.DockerException as exc:
-        raise ImageError(f"Docker daemon error inspecting {ref!r}: {exc}") from None
+        raise ImageError(f"Docker daemon error inspecting {ref!r}: {_daemon_reason(exc)}") from None
+
+
+def _daemon_reason(exc) -> str:
+    """The daemon's own explanation, without the request URL the Docker SDK puts in str(exc)."""
+    explanation = getattr(exc, "explanation", None)
+    if explanation:
+        return str(explanation)
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    return f"HTTP status {status}" if status else type(exc).__name__
 
 
 def _save_chunks(client, image_id: str, platform: Platform | None):
@@ -70,14 +83,15 @@ def _save_to_temp(client, image_id: str, ref: str, platform: Platform | None) ->
     import docker
     import requests
 
-    fd, path = tempfile.mkstemp(prefix="qtbuild-daemon-", suffix=".tar")
+    with naming_path(tempfile.gettempdir()):
+        fd, path = tempfile.mkstemp(prefix="qtbuild-daemon-", suffix=".tar")
     try:
-        with os.fdopen(fd, "wb") as out:
+        with naming_path(path), os.fdopen(fd, "wb") as out:
             for chunk in _save_chunks(client, image_id, platform):
                 out.write(chunk)
     except (docker.errors.DockerException, requests.RequestException) as exc:
         os.unlink(path)
-        raise ImageError(f"Docker daemon failed to save {ref!r}: {exc}") from None
+        raise ImageError(f"Docker daemon failed to save {ref!r}: {_daemon_reason(exc)}") from None
     except BaseException:
         os.unlink(path)
         raise

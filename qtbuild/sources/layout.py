@@ -74,7 +74,11 @@ def _read_small_file(path: str, what: str) -> bytes:
 
 
 def _check_layout_marker(directory: str, reference: str) -> None:
-    raw = _read_small_file(os.path.join(directory, "oci-layout"), f"{reference}: oci-layout")
+    check_layout_marker(_read_small_file(os.path.join(directory, "oci-layout"), f"{reference}: oci-layout"), reference)
+
+
+def check_layout_marker(raw: bytes, reference: str) -> None:
+    """ImageError unless ``raw`` (an ``oci-layout`` file) declares imageLayoutVersion 1.x."""
     try:
         version = json.loads(raw).get("imageLayoutVersion")
     except (ValueError, AttributeError, RecursionError):

@@ -7,13 +7,13 @@ import stat
 
 import pytest
 
-from qtbuild.formats.cpio import CpioEntry, iter_archive
-from qtbuild.formats.local_abi import parse_local_kernel
-from qtbuild.errors import ImageError
-from qtbuild.formats.launch_record import DEFAULT_PATH
-from qtbuild.convert.launch_config import resolve_launch, tree_file_reader
 from qtbuild.convert.boot_profiles import blobs_profile, kernel_arch, local_profile
+from qtbuild.convert.launch_config import resolve_launch, tree_file_reader
 from qtbuild.convert.ramdisk import customer_ramdisk
+from qtbuild.errors import ImageError
+from qtbuild.formats.cpio import CpioEntry, iter_archive
+from qtbuild.formats.launch_record import DEFAULT_PATH, LAUNCH_LAYOUT_VERSION
+from qtbuild.formats.local_abi import parse_local_kernel
 
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n"
 GROUP = b"root:x:0:\napp:x:1000:\nstaff:x:50:app,other\n"
@@ -37,7 +37,7 @@ def config(**container) -> dict:
 def test_oci_semantics_joins_entrypoint_and_cmd():
     launch = resolve_launch(config(Entrypoint=["/app"], Cmd=["--flag"], Env=["A=1"]), ACCOUNTS)
     assert launch.argv == ["/app", "--flag"]
-    assert launch.env == [f"PATH={DEFAULT_PATH}", "A=1"]
+    assert launch.env == [f"PATH={DEFAULT_PATH}", "A=1", "HOME=/root"]
 
 
 def test_nitro_semantics_cmd_else_entrypoint():
@@ -58,12 +58,30 @@ def test_newline_in_argv_is_refused():
 @pytest.mark.parametrize(
     "user, expected",
     [("", (0, 0, [], "root")), ("app", (1000, 1000, [50], "app")), ("1000", (1000, 1000, [50], "app")),
-     ("app:staff", (1000, 50, [], "app")), ("4242", (4242, 0, [], "4242")), ("4242:7", (4242, 7, [], "4242"))],
+     ("app:staff", (1000, 50, [], "app")), ("4242", (4242, 0, [], "4242")), ("4242:7", (4242, 7, [], "4242")),
+     # runc gives no supplementary groups when the group is named (docker run --user app:root → groups=0)
+     ("app:root", (1000, 0, [], "app")), ("1000:1000", (1000, 1000, [], "app"))],
 )
 def test_user_resolution(user, expected):
     launch = resolve_launch(config(Cmd=["/app"], User=user, WorkingDir="/srv/"), ACCOUNTS)
     assert (launch.uid, launch.gid, launch.groups, launch.user) == expected
     assert launch.cwd == "/srv"
+
+
+@pytest.mark.parametrize(
+    "user, env, home",
+    [("", [], "/root"), ("app", [], "/home/app"), ("1000:50", [], "/home/app"), ("4242", [], "/"),
+     ("app", ["HOME=/data"], None)],
+)
+def test_home_from_passwd_like_docker_run(user, env, home):
+    launch = resolve_launch(config(Cmd=["/app"], User=user, Env=env), ACCOUNTS)
+    homes = [item for item in launch.env if item.startswith("HOME=")]
+    assert homes == ([f"HOME={home}"] if home else env)
+
+
+def test_home_without_passwd_is_root_directory():
+    launch = resolve_launch(config(Cmd=["/app"]), files())
+    assert launch.env[-1] == "HOME=/" and (launch.uid, launch.gid, launch.user) == (0, 0, "root")
 
 
 @pytest.mark.parametrize("user", ["nobody", "app:nogroup"])
@@ -85,8 +103,9 @@ def test_customer_ramdisk_layout():
     for member, payload in iter_archive(io.BytesIO(data)):
         members[member.path] = (member.mode, payload.read())
     assert members[b"cmd"][1] == b"/bin/app\nx\n"
-    assert members[b"env"][1] == b"PATH=/bin\nA=b\n"
+    assert members[b"env"][1] == b"PATH=/bin\nA=b\nHOME=/root\n"
     assert json.loads(members[b"launch.json"][1])["argv"] == ["/bin/app", "x"]
+    assert json.loads(members[b"launch.json"][1])["version"] == LAUNCH_LAYOUT_VERSION == 2
     assert members[b"rootfs/bin/app"][1] == b"hi"
     assert stat.S_IMODE(members[b"rootfs/tmp"][0]) == 0o700  # the image's own mount point is kept
     assert stat.S_IMODE(members[b"rootfs/proc"][0]) == 0o555

@@ -72,7 +72,8 @@ def test_signed_files_differ_only_in_signature(files):
     a, b = (files / "a.eif").read_bytes(), (files / "b.eif").read_bytes()
     with EifReader.open(files / "a.eif") as reader:
         signature_offset = reader.signature_section.offset
-    assert a[548:signature_offset] == b[548:signature_offset]  # ECDSA is randomised: only the signature (and CRC, sizes) differ
+    assert a[548:signature_offset] == b[548:signature_offset]
+    assert a == b  # deterministic ECDSA (RFC 6979): signing twice gives the same file
 
 
 def test_sign_refuses_rsa_and_mismatch_and_expired(files):

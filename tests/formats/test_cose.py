@@ -342,3 +342,23 @@ def test_random_bytes_only_raise_cose_error(data):
 @given(mutated(SEEDS))
 def test_mutated_messages_only_raise_cose_error(data):
     _decode_or_cose_error(data)
+
+
+# RFC 6979 appendix A.2.5: P-256, SHA-256, message "sample".
+RFC6979_P256_KEY = 0xC9AFA9D845BA75166B5C215767B1D6934E50C3DB36E89B127B8A622B120F6721
+RFC6979_P256_SHA256_SAMPLE = (0xEFD48B2AACB6A8FD1140DD9CD45E81D69D2C877B56AAF991C34D0EA84EAF3716,
+                              0xF7CB1C942D657C41D436C7A1B6E29F65F3E900DBB9AFF4064DC4AB2F843ACDA8)
+
+
+def test_sign1_is_rfc6979_deterministic_ecdsa():
+    from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+    key = ec.derive_private_key(RFC6979_P256_KEY, ec.SECP256R1())
+    vector = key.sign(b"sample", ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+    assert decode_dss_signature(vector) == RFC6979_P256_SHA256_SAMPLE  # the mode sign1 uses is RFC 6979's
+    message = sign1(b"payload", key)
+    assert message == sign1(b"payload", key)
+    protected, _, payload, signature = cbor2.loads(message)
+    expected = key.sign(sig_structure(protected, payload), ec.ECDSA(hashes.SHA256(), deterministic_signing=True))
+    r, s = decode_dss_signature(expected)
+    assert signature == r.to_bytes(32, "big") + s.to_bytes(32, "big")

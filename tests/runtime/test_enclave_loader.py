@@ -76,6 +76,7 @@ def test_load_measures_the_loaded_bytes_and_reads_launch_json(tmp_path):
         assert image.ramdisk_bytes == sum(section.size for section in reader.ramdisks)
     assert image.launch.argv == ["/bin/app", "--flag"] and image.launch.cwd == "/srv"
     assert (image.launch.uid, image.launch.gid, image.launch.groups) == (1000, 1000, [10])
+    assert image.launch.version == 1  # a launch.json without a version field: the first layout
     assert image.rootfs == str(dest / "rootfs")
     assert (dest / "init").exists() and (dest / "dev").is_dir()  # every ramdisk overlays one tree
     assert not os.stat(dest / "rootfs" / "bin" / "app").st_mode & stat.S_ISUID
@@ -142,6 +143,8 @@ def test_rootfs_must_be_a_real_directory(tmp_path):
     ({**LAUNCH, "uid": "0"}, "'uid' must be int"),
     ({**LAUNCH, "env": [1]}, "'env' must be a list of str"),
     ({**LAUNCH, "groups": [True]}, "'groups' must be a list of int"),
+    ({**LAUNCH, "version": 99}, "layout version 99; this qtbuild reads versions 1..2"),
+    ({**LAUNCH, "version": "2"}, "'version' must be int"),
 ])
 def test_a_malformed_launch_json_is_refused(tmp_path, launch, message):
     with pytest.raises(EnclaveError, match=message):

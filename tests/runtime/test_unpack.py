@@ -230,6 +230,18 @@ def test_setuid_and_setgid_are_stripped(area):
     assert stat.S_IMODE(os.stat(dest / "gdir").st_mode) == 0o775
 
 
+def test_keep_setgid_strips_only_setuid(area):
+    dest, _ = area
+    blob = written([CpioEntry(b"su", REG | 0o6755, size=1, data=b"x"),
+                    CpioEntry(b"sg", REG | 0o2711, size=0, data=b""),
+                    CpioEntry(b"gdir", DIR | 0o2775)])
+    report = unpack(blob, dest, keep_setgid=True)
+    assert report.stripped_setid == [b"su"]
+    assert stat.S_IMODE(os.stat(dest / "su").st_mode) == 0o2755
+    assert stat.S_IMODE(os.stat(dest / "sg").st_mode) == 0o2711
+    assert stat.S_IMODE(os.stat(dest / "gdir").st_mode) == 0o2775
+
+
 def test_malformed_archive_raises_format_error(area):
     dest, _ = area
     blob = written([CpioEntry(b"f", REG | 0o644, size=100, data=b"y" * 100)])
