@@ -16,6 +16,7 @@ mounts live only in its own mount namespace and vanish with it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ import qtbuild
 
 from .cgroups import Cgroup, Limits, create
 from .spec import SandboxError, SandboxExit, SandboxSpec
+from .subids import enclave_ids
 
 __all__ = ["Sandbox", "start_sandbox"]
 
@@ -35,6 +37,8 @@ _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(qtbuild.__file
 
 def start_sandbox(spec: SandboxSpec) -> Sandbox:
     """Build the sandbox described by ``spec`` and start its application in it."""
+    if os.geteuid() == 0 and spec.ids is None:
+        spec = dataclasses.replace(spec, ids=enclave_ids())
     spec.validate()
     if os.geteuid() != 0 and spec.groups:
         raise SandboxError("groups: supplementary groups need root (an unprivileged user namespace maps one "

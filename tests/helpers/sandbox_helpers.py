@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from qtbuild.runtime.sandbox import SandboxExit, SandboxSpec, start_sandbox
+from qtbuild.runtime.sandbox.subids import IdRange, enclave_ids
 
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 TOOL_NAME = "sbtool"
@@ -146,6 +147,19 @@ def build_busybox_root(path: str | os.PathLike, *, applets: list[str] | None = N
 def _all_applets(busybox: str) -> tuple[str, ...]:
     listed = subprocess.run([busybox, "--list"], capture_output=True, text=True, check=True).stdout
     return tuple(name for name in listed.split() if name != "busybox")
+
+
+def shift_owners(root: str | os.PathLike, ids: IdRange | None = None) -> IdRange:
+    """Shift every owner under ``root`` into ``ids`` (default: the enclave range), as a root
+    filesystem for a sandbox started by root must be (uid N inside is host uid ``ids.uid + N``);
+    returns the range."""
+    ids = ids or enclave_ids()
+    for directory, dirs, files in os.walk(root):
+        for path in [directory, *(os.path.join(directory, name) for name in dirs + files)]:
+            st = os.lstat(path)
+            if not ids.uid <= st.st_uid < ids.uid + ids.count:
+                os.lchown(path, ids.host_uid(st.st_uid), ids.host_gid(st.st_gid))
+    return ids
 
 
 def compile_static(source: str, output: str | os.PathLike) -> Path:
