@@ -15,7 +15,8 @@ import struct
 
 from .syscalls import unshare
 
-__all__ = ["CLONE_NEWUSER", "SANDBOX_NAMESPACES", "become_root", "enter", "enter_mapped", "loopback_up", "map_ids", "set_hostname"]
+__all__ = ["CLONE_NEWUSER", "SANDBOX_NAMESPACES", "become_root", "enter", "enter_mapped", "loopback_up", "map_ids",
+           "set_hostname"]
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000

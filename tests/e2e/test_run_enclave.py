@@ -496,7 +496,11 @@ def test_console_follows_one_reader_and_stop_releases_everything(make_eif, runti
     summary = start(make_eif("ticker", "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.05; done"), "--debug-mode")
     enclave_id = str(summary["EnclaveID"])
     record = private_record(runtime_dir, summary["EnclaveID"])
-    assert str(runtime_dir.path) not in Path("/proc/self/mountinfo").read_text()  # memory: a private mount
+    host_mounts = [line.split(" - ")[0].split()[4:6] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                   if str(runtime_dir.path) in line]
+    # the memory is a private mount; the vsock directory is the one host-visible place, a nosuid,nodev,noexec tmpfs
+    assert [point for point, _ in host_mounts] == [str(runtime_dir.vsock_root / str(summary["EnclaveCID"]))]
+    assert {"nosuid", "nodev", "noexec"} <= set(host_mounts[0][1].split(","))
     reader = subprocess.Popen([sys.executable, "-c", "from qtbuild.cli import main; main()", "enclave", "console",
                                "--enclave-id", enclave_id], stdout=subprocess.PIPE, text=True)
     try:
