@@ -34,7 +34,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from . import caps, mounts, namespaces, seccomp
+from . import caps, mounts, namespaces, proctitle, seccomp
 from .spec import SandboxError
 from .syscalls import close_range, prctl, unshare
 
@@ -117,6 +117,7 @@ def helper(plan: dict, status: Channel) -> None:
 def init(plan: dict, status: Channel, rootless: bool) -> int:
     """Steps 4-6, then start the application and reap; returns PID 1's exit code."""
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the helper dying takes the whole namespace down
+    proctitle.set_title("init")  # /proc/1/cmdline is readable inside: no host paths in it
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # PID 1 ignores signals it has no handler for
     sources = mounts.open_sources(plan["root"], plan["binds"])               # 4
     if not rootless:  # from now on files are created as the range's first id, not as an unmapped host root

@@ -152,6 +152,7 @@ def runtime_dir():
         patch.delenv("QTBUILD_MAX_ENCLAVES", raising=False)
         yield RuntimeDir(base / "rt")
         Manager().stop_all()
+    RuntimeDir(base / "rt").unmount()
     shutil.rmtree(base, ignore_errors=True)
 
 
@@ -245,8 +246,9 @@ def assert_released(runtime: RuntimeDir, record: dict) -> None:
     assert not (runtime.vsock_root / ".enclaves" / str(record["cid"])).exists()
     assert not runtime.enclave(record["enclave_id"]).path.exists()
     assert not (Path(record["pki_state_dir"]) / "pki" / "leaves" / f"{record['leaf_name']}.pem").exists()
-    mounts = Path("/proc/self/mountinfo").read_text()
-    assert record["sandbox_name"] not in mounts and str(runtime.path) not in mounts
+    mount_points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    # only the parent's vsock directory (shared by all enclaves) stays mounted
+    assert [point for point in mount_points if point.startswith(str(runtime.path))] == [str(runtime.parent_vsock)]
 
 
 def _alive(pid: int, start_time: int) -> bool:
@@ -498,9 +500,11 @@ def test_console_follows_one_reader_and_stop_releases_everything(make_eif, runti
     record = private_record(runtime_dir, summary["EnclaveID"])
     host_mounts = [line.split(" - ")[0].split()[4:6] for line in Path("/proc/self/mountinfo").read_text().splitlines()
                    if str(runtime_dir.path) in line]
-    # the memory is a private mount; the vsock directory is the one host-visible place, a nosuid,nodev,noexec tmpfs
-    assert [point for point, _ in host_mounts] == [str(runtime_dir.vsock_root / str(summary["EnclaveCID"]))]
-    assert {"nosuid", "nodev", "noexec"} <= set(host_mounts[0][1].split(","))
+    # the memory is a private mount; the enclave's vsock directory is the one host-visible place it can write,
+    # a nosuid,nodev,noexec tmpfs (as is the parent's, shared by all enclaves)
+    assert sorted(point for point, _ in host_mounts) == [
+        str(runtime_dir.parent_vsock), str(runtime_dir.vsock_root / str(summary["EnclaveCID"]))]
+    assert all({"nosuid", "nodev", "noexec"} <= set(options.split(",")) for _, options in host_mounts)
     reader = subprocess.Popen([sys.executable, "-c", "from qtbuild.cli import main; main()", "enclave", "console",
                                "--enclave-id", enclave_id], stdout=subprocess.PIPE, text=True)
     try:

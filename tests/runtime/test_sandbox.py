@@ -558,3 +558,28 @@ def test_cgroup_v2_layout_with_a_fake_hierarchy(tmp_path):
     assert cgroup.oom_kills() == 1
     with pytest.raises(SandboxError, match="already exists"):
         create("enc", Limits(None, None, 10), str(fake))
+
+
+def test_no_host_path_in_mountinfo_or_the_command_line_of_pid_1(root, tmp_path):
+    """Regression (issue 12): inside, /proc/self/mountinfo and /proc/1/cmdline must not name
+    host paths (the helper's interpreter and module; with a root and bind sources on
+    filesystems of their own, as enclaves have, no host directory either)."""
+    memory = tmp_path / "memory"
+    memory.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", str(memory)], check=True)
+    try:
+        shutil.copytree(root, memory / "rootfs", symlinks=True)
+        shift_owners(memory / "rootfs")
+        run = sh(memory / "rootfs", "cat /proc/self/mountinfo; echo; tr '\\0' '|' < /proc/1/cmdline; echo; "
+                 "cat /proc/1/comm")
+    finally:
+        subprocess.run(["umount", "-l", str(memory)], check=True)
+    *mounts, cmdline, comm = [line for line in run.stdout.splitlines() if line]
+    host_paths = [str(tmp_path), sys.prefix, os.path.dirname(os.__file__), "/tmp/", "/work", "/usr/"]
+    for line in mounts:
+        for path in host_paths:
+            assert path not in line, line
+    roots = {line.split()[3] for line in mounts}
+    assert roots <= {"/", "/rootfs", "/null", "/zero", "/full", "/random", "/urandom", "/tty", "/sys",
+                     "/sysrq-trigger", "/irq", "/bus"}, roots
+    assert cmdline.rstrip("|") == "init" and comm == "init"
