@@ -162,8 +162,9 @@ def shift_owners(root: str | os.PathLike, ids: IdRange | None = None) -> IdRange
     return ids
 
 
-def compile_static(source: str, output: str | os.PathLike) -> Path:
-    """Compile C ``source`` into a static executable at ``output``, or skip the test."""
+def compile_static(source: str, output: str | os.PathLike, *flags: str) -> Path:
+    """Compile C ``source`` into a static executable at ``output`` (extra gcc ``flags``), or
+    skip the test."""
     gcc = shutil.which("gcc")
     if gcc is None:
         pytest.skip("gcc with a static libc is needed: apt-get install gcc libc6-dev")
@@ -171,7 +172,7 @@ def compile_static(source: str, output: str | os.PathLike) -> Path:
     with tempfile.TemporaryDirectory() as workdir:
         source_path = Path(workdir) / "tool.c"
         source_path.write_text(source)
-        done = subprocess.run([gcc, "-static", "-O1", "-w", "-o", str(output), str(source_path)],
+        done = subprocess.run([gcc, "-static", "-O1", "-w", *flags, "-o", str(output), str(source_path)],
                               capture_output=True, text=True, check=False)
     if done.returncode != 0:
         pytest.skip(f"static C compilation failed (apt-get install libc6-dev?): {done.stderr.strip()[:300]}")
