@@ -9,16 +9,12 @@ image has no Python.  Each test builds its own tiny ``/app.sh`` layer on a share
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tarfile
-import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -39,6 +35,7 @@ from qtbuild.runtime.verifier.attestation import verify_document
 from qtbuild.signing_keys import Pcr0Signer
 
 from helpers.certs import make_certificate, make_key, to_pem
+from helpers.enclave_runtime import directory_layer, temporary_runtime
 from helpers.imagefactory import default_config, write_oci_layout
 from helpers.sandbox_helpers import build_busybox_root, build_tool, compile_static
 
@@ -145,15 +142,8 @@ SLEEPER = "exec sleep 120"
 @pytest.fixture(scope="module")
 def runtime_dir():
     """A short-path runtime and state directory for the module (socket paths must fit sun_path)."""
-    base = Path(tempfile.mkdtemp(prefix="qte", dir="/tmp"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QTBUILD_RUNTIME_DIR", str(base / "rt"))
-        patch.setenv("QTBUILD_STATE_DIR", str(base / "state"))
-        patch.delenv("QTBUILD_MAX_ENCLAVES", raising=False)
-        yield RuntimeDir(base / "rt")
-        Manager().stop_all()
-    RuntimeDir(base / "rt").unmount()
-    shutil.rmtree(base, ignore_errors=True)
+    with temporary_runtime("qte") as runtime:
+        yield runtime
 
 
 @pytest.fixture(autouse=True)
@@ -167,7 +157,7 @@ def base_layer(tmp_path_factory) -> bytes:
     root = build_busybox_root(tmp_path_factory.mktemp("image") / "root")
     build_tool(root / "bin")
     compile_static(QTTOOL_SOURCE, root / "bin" / "qttool")
-    return _layer(root)
+    return directory_layer(root)
 
 
 @pytest.fixture(scope="module")
@@ -180,20 +170,12 @@ def make_eif(base_layer, tmp_path_factory):
         (app / "app.sh").write_text(script + "\n")
         layout = workdir / f"{name}-layout"
         config = default_config(cmd=["/bin/sh", "/app.sh"], env=["PATH=/bin", "FOO=bar"])
-        write_oci_layout(layout, [base_layer, _layer(app)], config, compression=None)
+        write_oci_layout(layout, [base_layer, directory_layer(app)], config, compression=None)
         output = workdir / f"{name}.eif"
         convert(f"oci:{layout}:latest", ConvertOptions(output=str(output), quiet=True, signer=signer))
         return str(output)
 
     return make
-
-
-def _layer(directory: Path) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for path in sorted(directory.rglob("*")):
-            tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
-    return buffer.getvalue()
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -11,16 +11,12 @@ nodes must be unchanged after the suite.  Runs as root (as CI does).
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +28,7 @@ from qtbuild.runtime.enclave.resources import VSOCK_SIZE
 from qtbuild.runtime.sandbox.subids import enclave_ids
 from qtbuild.runtime.sdk import vsock
 
+from helpers.enclave_runtime import directory_layer, temporary_runtime
 from helpers.imagefactory import default_config, write_oci_layout
 from helpers.sandbox_helpers import build_busybox_root, build_tool, compile_static
 
@@ -255,15 +252,8 @@ if os.uname().machine == "x86_64":
 
 @pytest.fixture(scope="module")
 def runtime_dir():
-    base = Path(tempfile.mkdtemp(prefix="qtx", dir="/tmp"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QTBUILD_RUNTIME_DIR", str(base / "rt"))
-        patch.setenv("QTBUILD_STATE_DIR", str(base / "state"))
-        patch.delenv("QTBUILD_MAX_ENCLAVES", raising=False)
-        yield RuntimeDir(base / "rt")
-        Manager().stop_all()
-    RuntimeDir(base / "rt").unmount()
-    shutil.rmtree(base, ignore_errors=True)
+    with temporary_runtime("qtx") as runtime:
+        yield runtime
 
 
 @pytest.fixture(autouse=True)
@@ -300,14 +290,6 @@ def make_eif(base_root, tmp_path_factory):
         return str(output)
 
     return make
-
-
-def directory_layer(directory: Path) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for path in sorted(directory.rglob("*")):
-            tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
-    return buffer.getvalue()
 
 
 # -- helpers -------------------------------------------------------------------------------------
