@@ -267,9 +267,10 @@ def execute(argv: list[str], env: list[str]) -> None:
 
 # -- probe --------------------------------------------------------------------------------------
 
-def probe_namespaces() -> dict:
+def probe_namespaces(ids: list[int] | None = None) -> dict:
     """Try, in this throwaway process, what :func:`helper` needs: a user namespace (in a child)
-    and the sandbox's namespaces (with a user namespace when not root)."""
+    and the sandbox's namespaces — as root with ``ids`` (uid, gid, count) mapped as
+    :func:`helper` maps them."""
     result: dict = {}
     pid = os.fork()
     if pid == 0:
@@ -282,7 +283,10 @@ def probe_namespaces() -> dict:
     code = os.waitstatus_to_exitcode(wait_status)
     result["userns"] = None if code == 0 else os.strerror(code)
     try:
-        namespaces.enter(with_user=os.geteuid() != 0)
+        if ids is not None:
+            namespaces.enter_mapped(*ids)
+        else:
+            namespaces.enter(with_user=os.geteuid() != 0)
         result["namespaces"] = None
     except OSError as exc:
         result["namespaces"] = exc.strerror or str(exc)
@@ -290,11 +294,12 @@ def probe_namespaces() -> dict:
 
 
 def main(argv: list[str]) -> None:
-    if argv == ["--probe"]:
-        print(json.dumps(probe_namespaces()))
+    if argv[:1] == ["--probe"] and len(argv) in (1, 4):
+        print(json.dumps(probe_namespaces([int(value) for value in argv[1:]] or None)))
         return
     if len(argv) != 4 or argv[0] != "--plan-fd" or argv[2] != "--status-fd":
-        raise SystemExit("usage: python -m qtbuild.runtime.sandbox.helper --plan-fd N --status-fd M | --probe")
+        raise SystemExit("usage: python -m qtbuild.runtime.sandbox.helper --plan-fd N --status-fd M "
+                         "| --probe [UID GID COUNT]")
     plan_fd, status = int(argv[1]), Channel(int(argv[3]))
     try:
         with os.fdopen(plan_fd, "rb") as handle:

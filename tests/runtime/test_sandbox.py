@@ -417,6 +417,8 @@ def test_probe_reports_this_host():
     report = probe()
     assert report["namespaces"] is None and report["seccomp"]["filter"] and report["seccomp"]["supported_arch"]
     assert report["cgroup"]["version"] in (1, 2) and report["ok"]
+    ids = enclave_ids()
+    assert report["ids"] == {"uid": ids.uid, "gid": ids.gid, "count": ids.count}  # and mapped in "namespaces"
 
 
 def test_seccomp_numbers_match_kernel_headers():
