@@ -85,9 +85,9 @@ class SandboxSpec:
             if not isinstance(value, int) or not 0 <= value <= _MAX_ID:
                 raise SandboxError(f"{label}: {value!r} is not a valid id")
         if self.ids is not None:
-            for label, value in (("uid", self.uid), ("gid", self.gid), *(("groups", g) for g in self.groups)):
-                if not self.ids.contains(value):
-                    raise SandboxError(f"{label}: {value} is outside the {self.ids.count} ids mapped into the "
+            for field_name, number in (("uid", self.uid), ("gid", self.gid), *(("groups", g) for g in self.groups)):
+                if not self.ids.contains(number):
+                    raise SandboxError(f"{field_name}: {number} is outside the {self.ids.count} ids mapped into the "
                                        "sandbox (give the subordinate range more ids)")
         if not self.hostname or len(self.hostname) > 64 or "\0" in self.hostname:
             raise SandboxError(f"hostname: {self.hostname!r} must be 1-64 characters")

@@ -215,6 +215,13 @@ def socket_path(root: str, cid: int, port: int) -> str:
     return path
 
 
+def _root(cfg: VsockConfig) -> str:
+    """The emulated socket root (``VsockConfig`` requires one for the emulated transport)."""
+    if cfg.root is None:
+        raise VsockConfigError(f"the emulated vsock transport needs a socket directory (set {ENV_DIR})")
+    return cfg.root
+
+
 def _new_socket(cfg: VsockConfig) -> socket.socket:
     family = socket.AF_VSOCK if cfg.transport == NATIVE else socket.AF_UNIX
     return socket.socket(family, socket.SOCK_STREAM)
@@ -287,7 +294,7 @@ def connect(cid: int, port: int, *, timeout: float | None = None, config: VsockC
             if cfg.transport == NATIVE:
                 sock.connect((cid, port))
             else:
-                with _socket_file(socket_path(cfg.root, cid, port)) as target:
+                with _socket_file(socket_path(_root(cfg), cid, port)) as target:
                     sock.connect(target)
         sock.sendall(_hello(cfg))
     except BaseException:
@@ -313,7 +320,7 @@ async def open_connection(cid: int, port: int, *, timeout: float | None = None,
                 if cfg.transport == NATIVE:
                     await loop.sock_connect(sock, (cid, port))
                 else:
-                    with _socket_file(socket_path(cfg.root, cid, port)) as target:
+                    with _socket_file(socket_path(_root(cfg), cid, port)) as target:
                         await loop.sock_connect(sock, target)
             await loop.sock_sendall(sock, _hello(cfg))
     except BaseException:
