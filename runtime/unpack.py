@@ -16,8 +16,10 @@ Contract of :func:`unpack_archive`:
 * Device nodes, FIFOs and sockets are not created: their paths go to ``skipped_devices``.
   setuid/setgid bits are stripped from files and directories (setgid kept with
   ``keep_setgid``): the paths stripped of a bit go to ``stripped_setid``.  Ownership is applied
-  only with ``preserve_owner`` (never following symlinks).  mtimes are applied to everything
-  (symlinks included, not followed).
+  only with ``preserve_owner`` (never following symlinks); with ``ids`` too, archive ids are
+  shifted into that subordinate range (uid N is host uid ``ids.uid + N``) and an id outside it
+  is refused, naming the path.  mtimes are applied to everything (symlinks included, not
+  followed).
 * Hardlinks: regular members sharing ``(dev, ino)`` with ``nlink`` > 1 become links of the file
   created for the first of them; data is written whenever a link carries some (newc writers,
   GNU cpio and ours put it on the last link; others on the first or on all) — like the kernel.
@@ -39,6 +41,7 @@ from dataclasses import dataclass, field
 
 from qtbuild.formats.cpio import CpioMember, MemberData, iter_archive
 from qtbuild.formats.errors import CpioFormatError
+from qtbuild.runtime.sandbox.subids import IdRange
 
 __all__ = ["UnpackReport", "unpack_archive"]
 
@@ -83,6 +86,7 @@ def unpack_archive(
     archive_size: int | None = None,
     preserve_owner: bool = False,
     keep_setgid: bool = False,
+    ids: IdRange | None = None,
 ) -> UnpackReport:
     """Extract the newc archive read from ``fileobj`` into ``dest`` (created if missing).
 
@@ -94,7 +98,7 @@ def unpack_archive(
         pass
     root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        extractor = _Extractor(root_fd, preserve_owner, stat.S_ISUID if keep_setgid else _SETID)
+        extractor = _Extractor(root_fd, preserve_owner, ids, stat.S_ISUID if keep_setgid else _SETID)
         for member, data in iter_archive(fileobj, archive_size=archive_size):
             extractor.extract(member, data)
         extractor.finish()
@@ -126,9 +130,10 @@ def _archive_errors(path: bytes) -> Iterator[None]:
 class _Extractor:
     """Creates members one by one under ``root_fd`` and applies deferred metadata at the end."""
 
-    def __init__(self, root_fd: int, preserve_owner: bool, strip: int = _SETID):
+    def __init__(self, root_fd: int, preserve_owner: bool, ids: IdRange | None, strip: int = _SETID):
         self._root = root_fd
         self._preserve_owner = preserve_owner
+        self._ids = ids
         self._strip = strip
         self._inodes: dict[tuple[int, int, int], _Inode] = {}
         self._inode_of_path: dict[bytes, _Inode] = {}
@@ -201,7 +206,7 @@ class _Extractor:
             self._clear(parent_fd, name, member.path, keep_dir=False)
             os.symlink(member.link_target, name, dir_fd=parent_fd)
             if self._preserve_owner:
-                os.chown(name, member.uid, member.gid, dir_fd=parent_fd, follow_symlinks=False)
+                os.chown(name, *self._owner(member), dir_fd=parent_fd, follow_symlinks=False)
             os.utime(name, (member.mtime, member.mtime), dir_fd=parent_fd, follow_symlinks=False)
         self.report.symlinks += 1
 
@@ -254,10 +259,20 @@ class _Extractor:
 
     # -- metadata ----------------------------------------------------------------------------
 
+    def _owner(self, member: CpioMember) -> tuple[int, int]:
+        """The host owner of ``member`` (shifted into the subordinate range, if any)."""
+        if self._ids is None:
+            return member.uid, member.gid
+        if not (self._ids.contains(member.uid) and self._ids.contains(member.gid)):
+            raise CpioFormatError(f"cannot extract {member.path!r}: owner {member.uid}:{member.gid} is outside the "
+                                  f"{self._ids.count} ids mapped into the enclave (give the subordinate range more "
+                                  "ids, or rebuild the image with smaller ids)")
+        return self._ids.host_uid(member.uid), self._ids.host_gid(member.gid)
+
     def _apply_metadata(self, fd: int, member: CpioMember) -> None:
         """Owner (optional), mode without the stripped bits, then mtime, on an open file or directory."""
         if self._preserve_owner:
-            os.fchown(fd, member.uid, member.gid)
+            os.fchown(fd, *self._owner(member))
         os.fchmod(fd, member.permissions & ~self._strip)
         os.utime(fd, (member.mtime, member.mtime))
 

@@ -6,6 +6,7 @@ Modules, one concept each:
 * :mod:`.manager`     start / query / stop / console: the API the CLI calls;
 * :mod:`.supervisor`  the detached process that *is* one enclave (one per enclave);
 * :mod:`.loader`      EIF → enclave memory: checks, PCRs of the loaded bytes, safe unpack;
+* :mod:`.charged`     the load run from inside the enclave's memory cgroup (charged to ``--mem``);
 * :mod:`.launch`      what the enclave runs (``launch.json`` / ``cmd`` / ``env``);
 * :mod:`.plan`        the sandbox spec: root, binds (``/dev/qtsm``, ``/run/vsock``), env, limits;
 * :mod:`.console`     bounded ring buffer and the one-reader console socket;

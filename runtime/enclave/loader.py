@@ -42,6 +42,7 @@ from qtbuild.formats.errors import FormatError, SignatureError
 from qtbuild.formats.launch_record import Launch
 from qtbuild.formats.local_abi import MAX_DESCRIPTOR, parse_local_kernel
 from qtbuild.formats.measure import Measurements
+from qtbuild.runtime.sandbox.subids import IdRange
 from qtbuild.runtime.unpack import unpack_archive
 
 from .errors import E_FILE, E_MEMORY, EnclaveError
@@ -67,15 +68,16 @@ class LoadedImage:
 
 
 def load_image(eif_path: str, dest: Path, *, memory_bytes: int, use_tmpfs: bool, preserve_owner: bool,
-               at: datetime | None = None) -> LoadedImage:
+               at: datetime | None = None, ids: IdRange | None = None) -> LoadedImage:
     """Load ``eif_path`` into ``dest`` (see the module docstring); ``at`` is when the signing
-    certificate must be valid (default now)."""
+    certificate must be valid (default now); ``ids``: with ``preserve_owner``, the subordinate
+    range the files' owners are shifted into (the enclave's ids as the host sees them)."""
     with _open(eif_path) as reader:
         _check_kernel(reader)
         signature = _load_signature(reader)
         prepare_memory(dest, memory_bytes, use_tmpfs=use_tmpfs)
         try:
-            measurements = _unpack_measured(reader, dest, signature, preserve_owner)
+            measurements = _unpack_measured(reader, dest, signature, preserve_owner, ids)
             if signature is not None:
                 _verify(signature, measurements, at)
             launch, rootfs = _launch(dest)
@@ -117,7 +119,7 @@ def _load_signature(reader: EifReader) -> SignatureInfo | None:
 
 
 def _unpack_measured(reader: EifReader, dest: Path, signature: SignatureInfo | None,
-                     preserve_owner: bool) -> Measurements:
+                     preserve_owner: bool, ids: IdRange | None) -> Measurements:
     """One pass over all sections (step 4); returns the PCRs, raises on a CRC mismatch."""
     certificate_der = None
     if signature is not None:
@@ -126,7 +128,7 @@ def _unpack_measured(reader: EifReader, dest: Path, signature: SignatureInfo | N
         for section in reader.sections:
             digest.begin_section(section.type.label, section.type, section.size, section.flags)
             if section.type == SectionType.RAMDISK:
-                _unpack_section(reader, section, dest, digest.update, preserve_owner)
+                _unpack_section(reader, section, dest, digest.update, preserve_owner, ids)
             else:
                 for chunk in reader.iter_section(section):
                     digest.update(chunk)
@@ -138,10 +140,11 @@ def _unpack_measured(reader: EifReader, dest: Path, signature: SignatureInfo | N
         return digest.measurements(certificate_der)
 
 
-def _unpack_section(reader: EifReader, section: Section, dest: Path, feed, preserve_owner: bool) -> None:
+def _unpack_section(reader: EifReader, section: Section, dest: Path, feed, preserve_owner: bool,
+                    ids: IdRange | None) -> None:
     stream = io.BufferedReader(_Measured(reader.section_reader(section), feed), _READ_CHUNK)
     try:
-        unpack_archive(stream, dest, archive_size=section.size, preserve_owner=preserve_owner)
+        unpack_archive(stream, dest, archive_size=section.size, preserve_owner=preserve_owner, ids=ids)
     except FormatError as exc:
         if not reader.check_stream().crc_ok:
             raise EnclaveError("CRC mismatch: the file is corrupt", check_failed=True) from None

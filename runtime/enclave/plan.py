@@ -11,9 +11,9 @@ Inside the sandbox:
   ``<cid>/`` (its own listeners, writable); the environment carries
   ``QTBUILD_VSOCK_DIR=/run/vsock``, ``QTBUILD_VSOCK_CID=<cid>``,
   ``QTBUILD_VSOCK_TRANSPORT=emulated`` (replacing any the image sets);
-* memory: the cgroup limit is ``--mem`` minus the ramdisks' size, since the unpacked image
-  occupies enclave memory as an initramfs does on hardware; CPUs: a quota of ``--cpus``;
-  pids: the sandbox default.
+* memory: the cgroup limit is ``--mem``; the unpacked image is charged to the same cgroup
+  (it occupies enclave memory as an initramfs does on hardware), as is anything the enclave
+  writes to its vsock directory; CPUs: a quota of ``--cpus``; pids: the sandbox default.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ import os
 from pathlib import Path
 
 from qtbuild.runtime.sandbox import Bind, SandboxSpec
+from qtbuild.runtime.sandbox.cgroups import Limits
 from qtbuild.runtime.sdk import vsock
 
 from .loader import LoadedImage
 from .state import EnclaveDir, EnclaveRecord
 
-__all__ = ["QTSM_TARGETS", "VSOCK_MOUNT", "enclave_env", "sandbox_spec"]
+__all__ = ["QTSM_TARGETS", "VSOCK_MOUNT", "cgroup_limits", "enclave_env", "sandbox_spec"]
 
 VSOCK_MOUNT = "/run/vsock"
 QTSM_TARGETS = ("/dev/qtsm", "/dev/nsm")
@@ -41,6 +42,11 @@ def enclave_env(image_env: list[str], cid: int) -> list[str]:
             f"{vsock.ENV_TRANSPORT}={vsock.EMULATED}"]
 
 
+def cgroup_limits(record: EnclaveRecord) -> Limits:
+    """The enclave's limits: ``--mem`` (image included), ``--cpus``, the sandbox's pids cap."""
+    return Limits(memory_bytes=record.memory_mib << 20, cpus=record.cpus, pids_max=SandboxSpec.pids_max)
+
+
 def sandbox_spec(record: EnclaveRecord, image: LoadedImage, directory: EnclaveDir, vsock_root: Path, *,
                  output_fd: int | None) -> SandboxSpec:
     """The spec for ``record``'s application; ``output_fd`` receives its stdout and stderr
@@ -52,6 +58,6 @@ def sandbox_spec(record: EnclaveRecord, image: LoadedImage, directory: EnclaveDi
     return SandboxSpec(
         root=image.rootfs, argv=launch.argv, env=enclave_env(launch.env, record.cid), cwd=launch.cwd,
         uid=launch.uid, gid=launch.gid, groups=launch.groups,
-        memory_bytes=(record.memory_mib << 20) - image.ramdisk_bytes, cpus=record.cpus,
+        memory_bytes=record.memory_mib << 20, cpus=record.cpus,
         binds=binds, stdout=output_fd, stderr=output_fd, no_limits=record.no_limits, name=record.sandbox_name,
     )

@@ -7,7 +7,9 @@ failure does not leave the rest behind):
 * its memory: ``<dir>/root`` — a tmpfs sized to ``--mem`` as root, mounted inside the
   supervisor's private mount namespace (so the kernel frees it when the supervisor and its
   sandbox are gone, even if nobody cleans up); rootless, a plain directory;
-* its vsock directory ``<vsock root>/<cid>/`` and its registration (``qtbuild.runtime.sdk.vsock``);
+* its vsock directory ``<vsock root>/<cid>/`` (as root a small tmpfs of its own, mounted on the
+  host: the only host-visible place the enclave can write) and its registration
+  (``qtbuild.runtime.sdk.vsock``);
 * the security-module and console sockets, and its PKI leaf.
 
 The sandbox itself (processes and cgroup) is released by :func:`kill_sandbox`, from the
@@ -27,18 +29,21 @@ from pathlib import Path
 from qtbuild.runtime.qtsm.pki import LocalPki, PkiError
 from qtbuild.runtime.sandbox import SandboxError
 from qtbuild.runtime.sandbox.cgroups import Cgroup
-from qtbuild.runtime.sandbox.syscalls import mount, umount2
+from qtbuild.runtime.sandbox.syscalls import mount, setns, umount2
 from qtbuild.runtime.sdk import vsock
 
 from .state import EnclaveDir, EnclaveRecord
 
-__all__ = ["kill_sandbox", "prepare_memory", "prepare_vsock", "process_start_time", "release_host_state",
-           "release_memory"]
+__all__ = ["hand_over_vsock", "in_mount_namespace", "kill_sandbox", "prepare_memory", "prepare_vsock",
+           "process_start_time", "release_host_state", "release_memory"]
 
 log = logging.getLogger(__name__)
 
-MS_NOSUID, MS_NODEV = 0x2, 0x4
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
 MNT_DETACH = 2
+CLONE_NEWNS = 0x00020000
+#: The enclave's vsock directory holds only sockets (inodes without data): a small tmpfs.
+VSOCK_SIZE, VSOCK_INODES = 1 << 20, 4096
 _EXIT_WAIT = 5.0
 
 
@@ -56,22 +61,42 @@ def release_memory(dest: Path) -> None:
     shutil.rmtree(dest, ignore_errors=True)
 
 
-def prepare_vsock(root: Path, cid: int, uid: int, gid: int) -> Path:
-    """A fresh ``<root>/<cid>/`` for the enclave's listeners, owned by its application's user
-    (as root) so the application can bind there."""
+def prepare_vsock(root: Path, cid: int) -> Path:
+    """A fresh ``<root>/<cid>/`` for the enclave's listeners.  As root, it is a tmpfs of its own,
+    mounted in the caller's mount namespace (which must be the host's, so parent processes see
+    it): ``nosuid,nodev,noexec`` — a setuid file dropped there cannot raise anyone's
+    privileges — and :data:`VSOCK_SIZE` bytes, :data:`VSOCK_INODES` inodes, charged to the
+    memory cgroup of the writer (the enclave), so it neither fills the host disk nor escapes
+    ``--mem``.  Hand it to the application with :func:`hand_over_vsock`.  Rootless: a plain
+    directory (the application is the caller's own uid)."""
     directory = root / str(cid)
-    shutil.rmtree(directory, ignore_errors=True)  # a stale one from a crash nobody stopped
+    _unmount_and_remove(directory)  # a stale one from a crash nobody stopped
     directory.mkdir(mode=0o755)
     if os.geteuid() == 0:
-        os.chown(directory, uid, gid)
+        mount("tmpfs", os.fspath(directory), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+              f"size={VSOCK_SIZE},nr_inodes={VSOCK_INODES},mode=0755")
     return directory
 
 
-def release_host_state(directory: EnclaveDir, record: EnclaveRecord, vsock_root: Path) -> None:
-    """Release everything but the sandbox (see the module docstring)."""
+def hand_over_vsock(directory: Path, uid: int, gid: int) -> None:
+    """Make ``directory`` (from :func:`prepare_vsock`) the application's, as the host sees its
+    ids, so it can bind its listeners there (as root only)."""
+    if os.geteuid() == 0:
+        os.chown(directory, uid, gid)
+
+
+def release_host_state(directory: EnclaveDir, record: EnclaveRecord, vsock_root: Path,
+                       host_namespace: int | None = None) -> None:
+    """Release everything but the sandbox (see the module docstring).  ``host_namespace``: an
+    fd of the host's mount namespace when the caller has left it (the vsock tmpfs is unmounted
+    there); None when the caller is in it."""
     config = vsock.VsockConfig(vsock.EMULATED, vsock.PARENT_CID, os.fspath(vsock_root))
     _attempt("unregistering the vsock CID", vsock.unregister_enclave, record.cid, config=config)
-    _attempt("removing the vsock directory", _remove_tree, vsock_root / str(record.cid))
+    vsock_dir = vsock_root / str(record.cid)
+    if host_namespace is None:
+        _attempt("removing the vsock directory", _unmount_and_remove, vsock_dir)
+    else:
+        _attempt("removing the vsock directory", in_mount_namespace, host_namespace, _unmount_and_remove, vsock_dir)
     _attempt("releasing the enclave memory", release_memory, directory.root)
     for path in (directory.qtsm_socket, directory.console_socket):
         _attempt(f"removing {path.name}", path.unlink, missing_ok=True)
@@ -118,8 +143,32 @@ def _kill_verified(pid: int, start_time: int) -> None:
         os.close(pidfd)
 
 
-def _remove_tree(path: Path) -> None:
+def _unmount_and_remove(path: Path) -> None:
+    while os.path.ismount(path):
+        umount2(os.fspath(path), MNT_DETACH)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def in_mount_namespace(namespace_fd: int, action, *args) -> None:
+    """Run ``action(*args)`` in the mount namespace ``namespace_fd`` (e.g. the host's, from the
+    supervisor's private one): in a forked child, since a multithreaded process cannot switch
+    mount namespaces.  Raises OSError when the child fails."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's coverage is not collected
+        code = 0
+        try:
+            setns(namespace_fd, CLONE_NEWNS)
+            action(*args)
+        except OSError as exc:
+            code = exc.errno or 1
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        reason = os.strerror(code) if code > 0 else f"status {code}"
+        raise OSError(max(code, 0), f"in the host mount namespace: {reason}")
 
 
 def _forget_leaf(state_dir: str, leaf_name: str) -> None:

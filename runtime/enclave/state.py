@@ -5,15 +5,17 @@ Location: ``$QTBUILD_RUNTIME_DIR``, else ``/run/qtbuild`` for root, else
 
     <runtime>/lock                     flock(2) taken while enclaves are allocated or removed
     <runtime>/vsock/                   the emulated vsock root of this host (see qtbuild.runtime.sdk.vsock):
-        3/                             the parent's listeners (CID 3)
-        <cid>/                         each enclave's listeners; .enclaves/ its registrations
+        3/                             the parent's listeners (CID 3); as root a small tmpfs
+        <cid>/                         each enclave's listeners (as root a small tmpfs each); .enclaves/
+                                       their registrations
     <runtime>/enclaves/<id>/           one directory per enclave (0700), removed by ``stop``:
         record.json                    the :class:`EnclaveRecord` (replaced atomically)
         alive.lock                     flock(2)ed by the supervisor for its whole life
         supervisor.log                 the supervisor's diagnostics
-        qtsm.sock                      the security module (bound at /dev/qtsm and /dev/nsm inside)
         console.sock                   the debug console (debug mode only)
-        root/                          the enclave's memory: the unpacked ramdisks (a tmpfs as root)
+        root/                          the enclave's memory: the unpacked ramdisks (a tmpfs as root, in
+                                       the supervisor's own mount namespace), and
+            qtsm.sock                  the security module (bound at /dev/qtsm and /dev/nsm inside)
 
 Contract: records are written whole (temporary file + rename), so readers never take a lock;
 allocation of enclave ids and CIDs happens under :meth:`RuntimeDir.locked`.  An enclave whose
@@ -33,12 +35,16 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from qtbuild.runtime.sandbox.syscalls import mount, umount2
+
 __all__ = [
     "CRASHED", "ENV_RUNTIME_DIR", "OOM", "RUNNING", "STARTING", "STOPPED", "EnclaveDir", "EnclaveRecord",
     "RuntimeDir", "holds_cid", "observed_status", "read_record", "write_record",
 ]
 
 ENV_RUNTIME_DIR = "QTBUILD_RUNTIME_DIR"
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
+MNT_DETACH = 2
 STARTING, RUNNING, STOPPED, OOM, CRASHED = "Starting", "Running", "Stopped", "OOM", "Crashed"
 #: Statuses in which a supervisor is supposed to be alive.
 LIVE_STATUSES = (STARTING, RUNNING)
@@ -85,7 +91,9 @@ class EnclaveDir:
 
     @property
     def qtsm_socket(self) -> Path:
-        return self.path / "qtsm.sock"
+        """In the enclave memory: private to the supervisor as root, and no host path shows in the
+        enclave's mountinfo."""
+        return self.root / "qtsm.sock"
 
     @property
     def console_socket(self) -> Path:
@@ -142,11 +150,41 @@ class RuntimeDir:
     def enclave(self, enclave_id: int) -> EnclaveDir:
         return EnclaveDir(self.enclaves / str(enclave_id))
 
+    @property
+    def parent_vsock(self) -> Path:
+        """The parent's (CID 3) listeners, bound read-only into every enclave."""
+        return self.vsock_root / "3"
+
     def ensure(self) -> None:
-        """Create the directory tree (the runtime and vsock directories 0755, enclaves 0700)."""
+        """Create the directory tree (the runtime and vsock directories 0755, enclaves 0700)
+        and, as root, mount the parent's vsock directory (see :meth:`_mount_parent_vsock`)."""
         for path, mode in ((self.path, 0o755), (self.enclaves, 0o700), (self.vsock_root, 0o755),
-                           (self.vsock_root / "3", 0o755)):
+                           (self.parent_vsock, 0o755)):
             path.mkdir(mode=mode, parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            self._mount_parent_vsock()
+
+    def _mount_parent_vsock(self) -> None:
+        """Make ``vsock/3`` a small tmpfs of its own (``nosuid,nodev,noexec``), once: it is
+        bound into every enclave, and a bind of a host directory would show the host path in
+        the enclave's ``/proc/self/mountinfo``.  Left as it is when listeners were already
+        bound there on the underlying disk (mounting over them would hide them).  It stays
+        mounted, like ``/run``; :meth:`unmount` undoes it."""
+        fd = os.open(self.path / "vsock.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.path.ismount(self.parent_vsock) or os.listdir(self.parent_vsock):
+                return
+            mount("tmpfs", os.fspath(self.parent_vsock), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                  "size=1m,nr_inodes=4096,mode=0755")
+        finally:
+            os.close(fd)
+
+    def unmount(self) -> None:
+        """Unmount what :meth:`ensure` mounted (for tests, demos and uninstalling: the caller
+        makes sure no enclave or parent listener still needs it)."""
+        while os.path.ismount(self.parent_vsock):
+            umount2(os.fspath(self.parent_vsock), MNT_DETACH)
 
     def enclave_dirs(self) -> list[EnclaveDir]:
         """Every enclave directory, by id."""

@@ -8,8 +8,11 @@ and the kernel releases it when the supervisor dies, however it dies.
 
 The supervisor plays the hypervisor and the enclave's init:
 
-1. as root, enter a private mount namespace (the enclave memory then vanishes with it);
-2. load the image (:mod:`qtbuild.runtime.enclave.loader`: checks, PCRs, unpack into memory);
+1. as root, mount the enclave's vsock directory (a small tmpfs, :mod:`.resources`) on the host,
+   then enter a private mount namespace (the enclave memory then vanishes with it); create the
+   enclave's cgroup;
+2. load the image (:mod:`qtbuild.runtime.enclave.loader`: checks, PCRs, unpack into memory) from
+   inside that cgroup (:mod:`.charged`), files owned by the enclave's subordinate ids;
 3. serve the security module on ``D/qtsm.sock`` (boot PCRs from the image, ``--parent-role``,
    ``--instance-id``; zeros in debug mode; signer from the local PKI) and, in debug mode, the
    console (:mod:`qtbuild.runtime.enclave.console`) on ``D/console.sock``;
@@ -33,6 +36,7 @@ the application's output, from its first byte, is also copied to fd C until it e
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import logging
@@ -46,15 +50,19 @@ from pathlib import Path
 from qtbuild.runtime.qtsm.device import SecurityModule, boot_pcrs, make_module_id
 from qtbuild.runtime.qtsm.pki import LocalPki
 from qtbuild.runtime.qtsm.server import serve_device
-from qtbuild.runtime.sandbox import SandboxError, SandboxExit, start_sandbox
+from qtbuild.runtime.sandbox import SandboxError, SandboxExit, cgroups, start_sandbox
+from qtbuild.runtime.sandbox.cgroups import Cgroup
+from qtbuild.runtime.sandbox.spec import DEFAULT_CGROUP_ROOT
+from qtbuild.runtime.sandbox.subids import IdRange, enclave_ids
 from qtbuild.runtime.sandbox.syscalls import mount, unshare
 from qtbuild.runtime.sdk import vsock
 
 from . import resources
+from .charged import load_charged
 from .console import ConsoleServer, RingBuffer, pump
 from .errors import EnclaveError
 from .loader import LoadedImage, load_image
-from .plan import sandbox_spec
+from .plan import cgroup_limits, sandbox_spec
 from .state import (
     OOM,
     RUNNING,
@@ -102,6 +110,10 @@ class Supervisor:
         self.as_root = os.geteuid() == 0
         self.stop_requested = threading.Event()
         self.sandbox = None
+        self.cgroup: Cgroup | None = None
+        self.ids: IdRange | None = None
+        self.host_namespace: int | None = None
+        self.vsock_dir = self.vsock_root / str(record.cid)
         self.qtsm = None
         self.console: ConsoleServer | None = None
         self.threads: list[threading.Thread] = []
@@ -112,7 +124,13 @@ class Supervisor:
         """Steps 1-6; raises EnclaveError (after :meth:`release`) on failure."""
         try:
             if self.as_root:
+                self.ids = _enclave_ids()
+                self.host_namespace = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+                self.vsock_dir = resources.prepare_vsock(self.vsock_root, self.record.cid)  # on the host
                 _private_mount_namespace()
+            else:
+                self.vsock_dir = resources.prepare_vsock(self.vsock_root, self.record.cid)
+            self._create_cgroup()
             image = self._load()
             self._serve_security_module(image)
             output_fd = self._open_console() if self.record.debug else None
@@ -126,14 +144,36 @@ class Supervisor:
         self.record.status = RUNNING
         write_record(self.directory, self.record)
 
-    def _load(self) -> LoadedImage:
+    def _create_cgroup(self) -> None:
+        """The enclave's cgroup, before anything is charged to it (recorded for ``stop``)."""
         record = self.record
-        image = load_image(record.eif_path, self.directory.root, memory_bytes=record.memory_mib << 20,
-                           use_tmpfs=self.as_root, preserve_owner=self.as_root)
+        if record.no_limits:
+            return
+        try:
+            self.cgroup = cgroups.create(record.sandbox_name, cgroup_limits(record), DEFAULT_CGROUP_ROOT)
+        except SandboxError as exc:
+            reason = str(exc).replace("no_limits=True", "--no-limits")
+            raise EnclaveError(f"the enclave's sandbox could not start: {reason}", check_failed=True) from None
+        record.cgroup = {"version": self.cgroup.version, "paths": self.cgroup.paths}
+        write_record(self.directory, record)
+
+    def _load(self) -> LoadedImage:
+        """Load the image from inside the enclave's cgroup (:mod:`.charged`), then hand the
+        vsock directory to the application's user."""
+        record = self.record
+        image = load_charged(self.cgroup, functools.partial(
+            load_image, record.eif_path, self.directory.root, memory_bytes=record.memory_mib << 20,
+            use_tmpfs=self.as_root, preserve_owner=self.as_root, ids=self.ids))
         record.measurements = image.measurements.nitro()["Measurements"]
         write_record(self.directory, record)
-        resources.prepare_vsock(self.vsock_root, record.cid, image.launch.uid, image.launch.gid)
+        resources.hand_over_vsock(self.vsock_dir, *self._host_ids(image.launch.uid, image.launch.gid))
         return image
+
+    def _host_ids(self, uid: int, gid: int) -> tuple[int, int]:
+        """The host's view of the application's ``uid``/``gid`` (shifted into the range as root)."""
+        if self.ids is None:
+            return uid, gid
+        return self.ids.host_uid(uid), self.ids.host_gid(gid)
 
     def _serve_security_module(self, image: LoadedImage) -> None:
         record = self.record
@@ -143,7 +183,7 @@ class Supervisor:
                                 module_id=make_module_id(record.leaf_name, _parent_id(record.instance_id)))
         self.qtsm = serve_device(device, self.directory.qtsm_socket)
         if self.as_root:  # the application's user must be able to connect (the path is ours alone)
-            os.chown(self.directory.qtsm_socket, image.launch.uid, image.launch.gid)
+            os.chown(self.directory.qtsm_socket, *self._host_ids(image.launch.uid, image.launch.gid))
 
     def _open_console(self) -> int:
         """Ring buffer, its socket server and (attach mode) the copy to the CLI; returns the
@@ -162,7 +202,9 @@ class Supervisor:
             if self.stop_requested.is_set():
                 raise EnclaveError("stopped while starting")
             spec = sandbox_spec(self.record, image, self.directory, self.vsock_root, output_fd=output_fd)
-            self.sandbox = start_sandbox(spec)
+            spec.ids = self.ids
+            cgroup, self.cgroup = self.cgroup, None  # the sandbox owns it from here on
+            self.sandbox = start_sandbox(spec, cgroup)
         except SandboxError as exc:
             reason = str(exc).replace("no_limits=True", "--no-limits")
             raise EnclaveError(f"the enclave's sandbox could not start: {reason}", check_failed=True) from None
@@ -193,8 +235,6 @@ class Supervisor:
         record, sandbox = self.record, self.sandbox
         record.sandbox_pid = sandbox.pid
         record.sandbox_start = resources.process_start_time(sandbox.pid) or 0
-        if sandbox.cgroup is not None:
-            record.cgroup = {"version": sandbox.cgroup.version, "paths": sandbox.cgroup.paths}
         write_record(self.directory, record)
 
     # -- run and stop -----------------------------------------------------------------------
@@ -216,6 +256,9 @@ class Supervisor:
         """Release everything this supervisor holds (idempotent)."""
         if self.sandbox is not None:
             self.sandbox.cleanup()
+        if self.cgroup is not None:  # created, but no sandbox took it
+            self.cgroup.remove()
+            self.cgroup = None
         for thread in self.threads:  # output pump, then the copy to an attached CLI
             thread.join(DRAIN_TIMEOUT)
         for server in (self.console, self.qtsm):
@@ -225,7 +268,7 @@ class Supervisor:
         if self.console_fd is not None:
             os.close(self.console_fd)
             self.console_fd = None
-        resources.release_host_state(self.directory, self.record, self.vsock_root)
+        resources.release_host_state(self.directory, self.record, self.vsock_root, self.host_namespace)
 
     def finish(self, result: SandboxExit) -> dict:
         """Record how the enclave ended; returns the exit report."""
@@ -253,6 +296,13 @@ def _private_mount_namespace() -> None:
     the host and goes away with this process and its sandbox.  Must run before any thread."""
     unshare(CLONE_NEWNS)
     mount(None, "/", None, MS_REC | MS_PRIVATE)
+
+
+def _enclave_ids() -> IdRange:
+    try:
+        return enclave_ids()
+    except SandboxError as exc:
+        raise EnclaveError(f"the enclave's user namespace: {exc}", check_failed=True) from None
 
 
 def _parent_id(instance_id: str | None) -> str:

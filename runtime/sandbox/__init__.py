@@ -1,9 +1,10 @@
 """Run an enclave image's application in a sandboxed Linux process.
 
-Namespaces (user when unprivileged, mount, PID, network, IPC, UTS, cgroup), a pivoted root with
-fresh ``/proc``, ``/dev`` and ``/tmp``, cgroup limits (v2 or v1), no capabilities,
-``no_new_privs`` and a seccomp deny list (``socket(AF_VSOCK)`` included), in the step order of
-``shared/spec/sandbox.md``.  Public API::
+Namespaces (user, mount, PID, network, IPC, UTS, cgroup — as root the user namespace maps a
+subordinate id range, :mod:`.subids`, so root inside is an unprivileged host uid), a pivoted
+root with fresh ``/proc``, ``/dev`` and ``/tmp``, cgroup limits (v2 or v1), no capabilities,
+``no_new_privs`` and a seccomp deny list (``socket(AF_VSOCK)`` included), in bubblewrap's step
+order.  Public API::
 
     spec = SandboxSpec(root="/path/to/rootfs", argv=["/app"], env=["PATH=/bin"], memory_bytes=256 << 20)
     sandbox = start_sandbox(spec)      # raises SandboxError naming any protection it cannot apply
@@ -12,7 +13,8 @@ fresh ``/proc``, ``/dev`` and ``/tmp``, cgroup limits (v2 or v1), no capabilitie
 
 Modules: :mod:`.spec` (the dataclasses), :mod:`.host` (start/wait/kill), :mod:`.launch` (the
 helper process: the straight-line setup), :mod:`.namespaces`, :mod:`.mounts`,
-:mod:`.cgroups`, :mod:`.caps`, :mod:`.seccomp`, :mod:`.probe`.
+:mod:`.cgroups`, :mod:`.caps`, :mod:`.seccomp`, :mod:`.probe`, :mod:`.subids` (the id range),
+:mod:`.proctitle` (PID 1's name).
 """
 
 from .host import Sandbox, start_sandbox

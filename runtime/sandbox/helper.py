@@ -8,9 +8,12 @@ step that failed, and finally ``{"exit": {"code": C, "signal": S}}`` when the ap
 
 Three processes, one straight line (step numbers as in the sandbox spec):
 
-* helper (outside)  1 join the cgroup · 2 unshare namespaces, map ids when unprivileged ·
-  3 fork PID 1, report its pid, wait for it and exit as it did.
-* init (PID 1)      4 private mounts, root bound onto itself, /proc, /dev, /tmp, binds ·
+* helper (outside)  1 join the cgroup · 2 unshare namespaces with a user namespace: rootless,
+  the caller's uid/gid mapped to the application's; as root, the subordinate range of the
+  plan's ``ids`` (root inside is an unprivileged host uid) · 3 fork PID 1, report its pid,
+  wait for it and exit as it did.
+* init (PID 1)      4 private mounts, root bound onto itself, sources opened (then, as root,
+  become the namespace's root), /proc, /dev, /tmp, binds ·
   5 pivot_root · 6 hostname, ``lo`` up · fork the application, then reap every process until
   the application exits, kill the rest of the namespace and report the application's status.
 * application       7 close inherited fds, rlimits · 8 bounding set, ids, capabilities,
@@ -31,7 +34,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from . import caps, mounts, namespaces, seccomp
+from . import caps, mounts, namespaces, proctitle, seccomp
 from .spec import SandboxError
 from .syscalls import close_range, prctl, unshare
 
@@ -81,11 +84,16 @@ def helper(plan: dict, status: Channel) -> None:
             handle.write(str(os.getpid()))
     rootless = os.geteuid() != 0
     host_uid, host_gid = os.geteuid(), os.getegid()
-    with step("creating namespaces (user, mount, pid, net, ipc, uts, cgroup)"):  # 2
-        namespaces.enter(with_user=rootless)
-    if rootless:
+    if rootless:                                                             # 2
+        with step("creating namespaces (user, mount, pid, net, ipc, uts, cgroup)"):
+            namespaces.enter(with_user=True)
         with step("writing the user namespace's uid/gid maps"):
             namespaces.map_ids(plan["uid"], host_uid, plan["gid"], host_gid)
+    else:
+        ids = plan["ids"]
+        with step(f"creating namespaces (user mapped to host ids {ids['uid']}+{ids['count']}, mount, pid, net, "
+                  "ipc, uts, cgroup)"):
+            namespaces.enter_mapped(ids["uid"], ids["gid"], ids["count"])
     pid = os.fork()                                                          # 3
     if pid == 0:
         try:
@@ -109,8 +117,13 @@ def helper(plan: dict, status: Channel) -> None:
 def init(plan: dict, status: Channel, rootless: bool) -> int:
     """Steps 4-6, then start the application and reap; returns PID 1's exit code."""
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the helper dying takes the whole namespace down
+    proctitle.set_title("init")  # /proc/1/cmdline is readable inside: no host paths in it
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # PID 1 ignores signals it has no handler for
-    root_fd = mounts.build_root(plan["root"], plan["binds"])                  # 4
+    sources = mounts.open_sources(plan["root"], plan["binds"])               # 4
+    if not rootless:  # from now on files are created as the range's first id, not as an unmapped host root
+        with step("switching to root of the user namespace"):
+            namespaces.become_root()
+    root_fd = mounts.build_root(sources)
     mounts.enter_root(root_fd)                                               # 5
     with step("setting the hostname"):                                       # 6
         namespaces.set_hostname(plan["hostname"])
@@ -254,9 +267,10 @@ def execute(argv: list[str], env: list[str]) -> None:
 
 # -- probe --------------------------------------------------------------------------------------
 
-def probe_namespaces() -> dict:
+def probe_namespaces(ids: list[int] | None = None) -> dict:
     """Try, in this throwaway process, what :func:`helper` needs: a user namespace (in a child)
-    and the sandbox's namespaces (with a user namespace when not root)."""
+    and the sandbox's namespaces — as root with ``ids`` (uid, gid, count) mapped as
+    :func:`helper` maps them."""
     result: dict = {}
     pid = os.fork()
     if pid == 0:
@@ -269,7 +283,10 @@ def probe_namespaces() -> dict:
     code = os.waitstatus_to_exitcode(wait_status)
     result["userns"] = None if code == 0 else os.strerror(code)
     try:
-        namespaces.enter(with_user=os.geteuid() != 0)
+        if ids is not None:
+            namespaces.enter_mapped(*ids)
+        else:
+            namespaces.enter(with_user=os.geteuid() != 0)
         result["namespaces"] = None
     except OSError as exc:
         result["namespaces"] = exc.strerror or str(exc)
@@ -277,11 +294,12 @@ def probe_namespaces() -> dict:
 
 
 def main(argv: list[str]) -> None:
-    if argv == ["--probe"]:
-        print(json.dumps(probe_namespaces()))
+    if argv[:1] == ["--probe"] and len(argv) in (1, 4):
+        print(json.dumps(probe_namespaces([int(value) for value in argv[1:]] or None)))
         return
     if len(argv) != 4 or argv[0] != "--plan-fd" or argv[2] != "--status-fd":
-        raise SystemExit("usage: python -m qtbuild.runtime.sandbox.helper --plan-fd N --status-fd M | --probe")
+        raise SystemExit("usage: python -m qtbuild.runtime.sandbox.helper --plan-fd N --status-fd M "
+                         "| --probe [UID GID COUNT]")
     plan_fd, status = int(argv[1]), Channel(int(argv[3]))
     try:
         with os.fdopen(plan_fd, "rb") as handle:

@@ -16,6 +16,7 @@ mounts live only in its own mount namespace and vanish with it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -27,20 +28,32 @@ import qtbuild
 
 from .cgroups import Cgroup, Limits, create
 from .spec import SandboxError, SandboxExit, SandboxSpec
+from .subids import enclave_ids
 
 __all__ = ["Sandbox", "start_sandbox"]
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(qtbuild.__file__)))
 
 
-def start_sandbox(spec: SandboxSpec) -> Sandbox:
-    """Build the sandbox described by ``spec`` and start its application in it."""
-    spec.validate()
-    if os.geteuid() != 0 and spec.groups:
-        raise SandboxError("groups: supplementary groups need root (an unprivileged user namespace maps one "
-                           "uid and one gid and denies setgroups)")
-    cgroup = None
-    if not spec.no_limits:
+def start_sandbox(spec: SandboxSpec, cgroup: Cgroup | None = None) -> Sandbox:
+    """Build the sandbox described by ``spec`` and start its application in it.
+
+    ``cgroup``: an existing cgroup to run in, its limits already applied (e.g. one the caller
+    has charged the sandbox's root filesystem to); the spec's limits are then not applied
+    again, and the cgroup belongs to the sandbox from here on (removed by its cleanup, also
+    when starting fails)."""
+    try:
+        if os.geteuid() == 0 and spec.ids is None:
+            spec = dataclasses.replace(spec, ids=enclave_ids())
+        spec.validate()
+        if os.geteuid() != 0 and spec.groups:
+            raise SandboxError("groups: supplementary groups need root (an unprivileged user namespace maps one "
+                               "uid and one gid and denies setgroups)")
+    except BaseException:
+        if cgroup is not None:
+            cgroup.remove()
+        raise
+    if cgroup is None and not spec.no_limits:
         cgroup = create(spec.name, Limits(spec.memory_bytes, spec.cpus, spec.pids_max), spec.cgroup_root)
     try:
         helper, status = _spawn_helper(spec, cgroup)

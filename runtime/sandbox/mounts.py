@@ -1,7 +1,7 @@
 """The sandbox's filesystem view: the enclave root bound onto itself, fresh ``/proc``,
 ``/dev``, ``/dev/shm`` and ``/tmp``, the caller's binds, then ``pivot_root`` into it.
 
-Contract of :func:`build_root` and :func:`enter_root`:
+Contract of :func:`open_sources`, :func:`build_root` and :func:`enter_root`:
 
 * Must run in a private mount namespace, in the new PID namespace (for ``/proc``).
 * Mount points inside the image are opened component by component from the root with
@@ -22,11 +22,12 @@ import os
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from .spec import SandboxError
 from .syscalls import mount, pivot_root, umount2
 
-__all__ = ["build_root", "enter_root"]
+__all__ = ["Sources", "build_root", "enter_root", "open_sources"]
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_MOVE, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x2000, 0x4000, 0x40000
@@ -43,24 +44,52 @@ DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc
 PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus")
 
 
-def build_root(root: str, binds: list[dict]) -> int:
-    """Steps 4a-4e: make every mount private, bind ``root`` onto itself and mount the fresh
-    filesystems and ``binds`` (dicts with source/target/read_only) inside it.  Returns an fd
-    of the new root for :func:`enter_root`."""
+@dataclass
+class Sources:
+    """What the root is built from, opened (``O_PATH``) while the process still has the host
+    view: the root (bound onto itself), the host device nodes and the bind sources.  Mounting
+    from ``/proc/self/fd/N`` afterwards needs no access to the host paths, which may sit in
+    directories the sandbox's own root (an unprivileged host uid) cannot enter."""
+
+    root_fd: int
+    devices: dict[str, int]
+    binds: list[tuple[int, dict]]
+
+
+def open_sources(root: str, binds: list[dict]) -> Sources:
+    """Step 4a: make every mount private, bind ``root`` onto itself and open it and every
+    source (``binds``: dicts with source/target/read_only)."""
     with _step("making / rprivate"):
         mount(None, "/", None, MS_REC | MS_PRIVATE)
     with _step(f"binding the root {root} onto itself"):
         mount(root, root, None, MS_BIND | MS_REC)
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    devices = {}
+    for name in DEVICES:
+        with _step(f"opening /dev/{name}"):
+            devices[name] = os.open(f"/dev/{name}", os.O_PATH | os.O_CLOEXEC)
+    opened = []
+    for bind in binds:
+        with _step(f"opening the bind source {bind['source']}"):
+            opened.append((os.open(bind["source"], os.O_PATH | os.O_CLOEXEC), bind))
+    return Sources(root_fd, devices, opened)
+
+
+def build_root(sources: Sources) -> int:
+    """Steps 4b-4e: mount the fresh filesystems and the binds inside the root.  Returns an fd
+    of the new root for :func:`enter_root` (the source fds are closed)."""
+    root_fd = sources.root_fd
     with _step("mounting a fresh /proc"):
         _mount_proc(root_fd)
     with _step("mounting /dev"):
-        _mount_dev(root_fd)
+        _mount_dev(root_fd, sources.devices)
     with _step("mounting /tmp"):
         _mount_on(root_fd, "/tmp", True, "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
-    for bind in binds:
+    for fd, bind in sources.binds:
         with _step(f"binding {bind['source']} to {bind['target']}"):
-            _bind(root_fd, bind["source"], bind["target"], bind["read_only"])
+            _bind(root_fd, fd, bind["target"], bind["read_only"])
+    for fd in [*sources.devices.values(), *(fd for fd, _ in sources.binds)]:
+        os.close(fd)
     return root_fd
 
 
@@ -110,21 +139,20 @@ def _mount_proc(root_fd: int) -> None:
                 os.close(fd)
 
 
-def _mount_dev(root_fd: int) -> None:
+def _mount_dev(root_fd: int, devices: dict[str, int]) -> None:
     _mount_on(root_fd, "/dev", True, "tmpfs", "tmpfs", MS_NOSUID | MS_NOEXEC, "mode=755")
-    for name in DEVICES:
-        _bind(root_fd, f"/dev/{name}", f"/dev/{name}", read_only=False)
+    for name, fd in devices.items():
+        _bind(root_fd, fd, f"/dev/{name}", read_only=False)
     with _opened(root_fd, "/dev", True) as dev:
         for name, target in DEV_LINKS.items():
             os.symlink(target, name, dir_fd=dev)
     _mount_on(root_fd, "/dev/shm", True, "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777")
 
 
-def _bind(root_fd: int, source: str, target: str, read_only: bool) -> None:
-    is_dir = stat.S_ISDIR(os.stat(source).st_mode)
+def _bind(root_fd: int, source_fd: int, target: str, read_only: bool) -> None:
+    is_dir = stat.S_ISDIR(os.fstat(source_fd).st_mode)
     with _mountpoint(root_fd, target, is_dir) as fd:
-        path = _fd_path(fd)
-        mount(source, path, None, MS_BIND)
+        mount(_fd_path(source_fd), _fd_path(fd), None, MS_BIND)
     if read_only:
         with _opened(root_fd, target, is_dir) as fd:
             _remount_read_only(_fd_path(fd))

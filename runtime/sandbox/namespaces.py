@@ -15,7 +15,8 @@ import struct
 
 from .syscalls import unshare
 
-__all__ = ["CLONE_NEWUSER", "SANDBOX_NAMESPACES", "enter", "loopback_up", "map_ids", "set_hostname"]
+__all__ = ["CLONE_NEWUSER", "SANDBOX_NAMESPACES", "become_root", "enter", "enter_mapped", "loopback_up", "map_ids",
+           "set_hostname"]
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -36,6 +37,49 @@ def enter(with_user: bool) -> None:
     """Unshare mount, cgroup, UTS, IPC, PID and network namespaces (and a user namespace
     first when ``with_user``: the unprivileged case, where it grants the others)."""
     unshare(SANDBOX_NAMESPACES | (CLONE_NEWUSER if with_user else 0))
+
+
+def enter_mapped(uid: int, gid: int, count: int) -> None:
+    """As root: unshare a user namespace with the sandbox's namespaces, inside ids
+    ``0 .. count-1`` being host uids ``uid ..`` and gids ``gid ..``.
+
+    A range can only be mapped by a process with CAP_SETUID/CAP_SETGID in the *parent* user
+    namespace, which the caller loses by unsharing; so, as bubblewrap's privileged mode and
+    newuidmap(1) do, the maps are written from outside: by a child forked first, which waits
+    until the caller has unshared, writes ``/proc/<caller>/{uid,gid}_map`` and exits (its
+    status says whether it could).  ``setgroups`` stays allowed: the map was written with
+    privilege."""
+    ready_read, ready_write = os.pipe()
+    caller = os.getpid()
+    mapper = os.fork()
+    if mapper == 0:
+        os.close(ready_write)
+        code = 0
+        try:
+            if os.read(ready_read, 1) == b"1":
+                _write_proc(f"/proc/{caller}/uid_map", f"0 {uid} {count}\n")
+                _write_proc(f"/proc/{caller}/gid_map", f"0 {gid} {count}\n")
+        except OSError as exc:
+            code = exc.errno or 1
+        os._exit(code)
+    os.close(ready_read)
+    try:
+        unshare(SANDBOX_NAMESPACES | CLONE_NEWUSER)
+        os.write(ready_write, b"1")
+    finally:
+        os.close(ready_write)
+        _, status = os.waitpid(mapper, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code:
+        raise OSError(code, f"writing the uid/gid maps from outside: {os.strerror(code) if code > 0 else code}")
+
+
+def become_root() -> None:
+    """Take uid and gid 0 of the current user namespace (capabilities in it are kept): a
+    process whose host ids are not mapped in it cannot create files on filesystems mounted
+    inside it."""
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
 
 
 def map_ids(inside_uid: int, outside_uid: int, inside_gid: int, outside_gid: int) -> None:

@@ -4,7 +4,9 @@ Contract of :func:`probe`: never raises for a missing feature; returns a JSON-ab
 
     {"rootless": bool, "euid": int,
      "userns": None | "why not",            # can this user create a user namespace
-     "namespaces": None | "why not",        # can the sandbox's namespaces be created
+     "ids": None | {"uid", "gid", "count"} | "why not",   # as root: the subordinate range used
+     "namespaces": None | "why not",        # can the sandbox's namespaces be created (as root:
+                                            # with that range mapped)
      "cgroup": {"root", "version": 1|2|None, "controllers": [...], "writable": bool,
                 "limits": None | "why limits cannot be applied"},
      "seccomp": {"filter": bool, "arch": str, "supported_arch": bool},
@@ -16,6 +18,7 @@ sandbox uses), so the answer reflects this exact user and kernel.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -24,32 +27,41 @@ import subprocess
 from . import seccomp
 from .cgroups import PARENT, _own_cgroup, detect
 from .host import command, helper_env
-from .spec import DEFAULT_CGROUP_ROOT
+from .spec import DEFAULT_CGROUP_ROOT, SandboxError
+from .subids import enclave_ids
 
 __all__ = ["probe"]
 
 
 def probe(cgroup_root: str = DEFAULT_CGROUP_ROOT) -> dict:
     rootless = os.geteuid() != 0
-    spaces = _probe_namespaces()
+    ids: dict | str | None = None
+    if not rootless:
+        try:
+            ids = dataclasses.asdict(enclave_ids())
+        except SandboxError as exc:
+            ids = str(exc)
+    spaces = _probe_namespaces(ids if isinstance(ids, dict) else None)
     cgroup = _probe_cgroup(cgroup_root)
     filter_ok = _seccomp_filter_available()
     report = {
         "rootless": rootless,
         "euid": os.geteuid(),
         "userns": spaces.get("userns", "probe failed"),
+        "ids": ids,
         "namespaces": spaces.get("namespaces", "probe failed"),
         "cgroup": cgroup,
         "seccomp": {"filter": filter_ok, "arch": platform.machine(), "supported_arch": seccomp.supported()},
     }
-    report["ok"] = (report["namespaces"] is None and cgroup["limits"] is None and filter_ok
+    report["ok"] = (report["namespaces"] is None and not isinstance(ids, str) and cgroup["limits"] is None and filter_ok
                     and seccomp.supported())
     return report
 
 
-def _probe_namespaces() -> dict:
+def _probe_namespaces(ids: dict | None) -> dict:
+    arguments = [str(ids[key]) for key in ("uid", "gid", "count")] if ids else []
     try:
-        done = subprocess.run(command("--probe"), env=helper_env(), cwd="/", capture_output=True,
+        done = subprocess.run(command("--probe", *arguments), env=helper_env(), cwd="/", capture_output=True,
                               timeout=30, check=False)
         return json.loads(done.stdout)
     except (OSError, ValueError, subprocess.SubprocessError) as exc:

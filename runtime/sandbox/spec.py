@@ -12,6 +12,10 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .subids import IdRange
 
 __all__ = ["DEFAULT_CGROUP_ROOT", "Bind", "SandboxError", "SandboxExit", "SandboxSpec"]
 
@@ -43,7 +47,9 @@ class SandboxSpec:
     means ``/dev/null``); they stay owned by the caller.  ``no_limits`` opts out of cgroups
     entirely (no memory/cpu/pids limits, no OOM accounting); without it a missing cgroup
     controller is a :class:`SandboxError`.  ``cgroup_root`` is where cgroup hierarchies are
-    looked for (injectable for tests).
+    looked for (injectable for tests).  ``ids`` is the host id range the sandbox's ids
+    ``0 .. count-1`` map to when it is started as root (default: :func:`.subids.enclave_ids`);
+    rootless, the caller's own uid and gid are mapped to ``uid``/``gid`` and ``ids`` is unused.
     """
 
     root: str
@@ -64,6 +70,7 @@ class SandboxSpec:
     no_limits: bool = False
     name: str = "enclave"
     cgroup_root: str = DEFAULT_CGROUP_ROOT
+    ids: IdRange | None = None
 
     def validate(self) -> None:
         """Raise :class:`SandboxError` naming the first malformed field."""
@@ -77,6 +84,11 @@ class SandboxSpec:
         for label, value in (("uid", self.uid), ("gid", self.gid), *(("groups", g) for g in self.groups)):
             if not isinstance(value, int) or not 0 <= value <= _MAX_ID:
                 raise SandboxError(f"{label}: {value!r} is not a valid id")
+        if self.ids is not None:
+            for field_name, number in (("uid", self.uid), ("gid", self.gid), *(("groups", g) for g in self.groups)):
+                if not self.ids.contains(number):
+                    raise SandboxError(f"{field_name}: {number} is outside the {self.ids.count} ids mapped into the "
+                                       "sandbox (give the subordinate range more ids)")
         if not self.hostname or len(self.hostname) > 64 or "\0" in self.hostname:
             raise SandboxError(f"hostname: {self.hostname!r} must be 1-64 characters")
         for label, value in (("memory_bytes", self.memory_bytes), ("cpus", self.cpus), ("pids_max", self.pids_max)):

@@ -11,12 +11,14 @@ import ctypes
 import os
 import platform
 
-__all__ = ["check", "close_range", "libc", "mount", "pivot_root", "prctl", "syscall_number", "umount2", "unshare"]
+__all__ = ["check", "close_range", "libc", "mount", "pivot_root", "prctl", "setns", "syscall_number", "umount2",
+           "unshare"]
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 libc.unshare.argtypes = [ctypes.c_int]
+libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 libc.syscall.restype = ctypes.c_long
 
@@ -69,3 +71,7 @@ def close_range(first: int, last: int = 2**32 - 1) -> None:
 
 def unshare(flags: int) -> None:
     check(libc.unshare(flags), f"unshare({flags:#x})")
+
+
+def setns(fd: int, nstype: int) -> None:
+    check(libc.setns(fd, nstype), f"setns({nstype:#x})")

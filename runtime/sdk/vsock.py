@@ -31,8 +31,11 @@ Configuration (environment, so code inside and outside the sandbox is identical)
 
 Emulated layout (after Firecracker's path-based convention)
     ``<root>/<cid>/<port>.sock`` is the listener of CID ``cid`` on port ``port``.  ``listen(p)``
-    binds ``<root>/<own cid>/<p>.sock`` (creating the CID directory); ``connect(c, p)`` connects
-    to ``<root>/<c>/<p>.sock``.  Inside an enclave the manager bind-mounts the parent's
+    binds ``<root>/<own cid>/<p>.sock`` (creating the CID directory; the socket file is made
+    mode 0666: vsock ports have no file permissions); ``connect(c, p)`` connects to
+    ``<root>/<c>/<p>.sock`` without following links: the file must be a socket owned by its
+    directory's owner or by the caller (a link planted there is refused, never followed).
+    Inside an enclave the manager bind-mounts the parent's
     ``<root>/<enclave cid>/`` and ``<root>/3/`` at the same relative places under the enclave's
     own ``QTBUILD_VSOCK_DIR``: the enclave reaches only itself and its parent, never another
     enclave.  Host → enclave connections use the enclave's directory directly, so no
@@ -212,13 +215,16 @@ def socket_path(root: str, cid: int, port: int) -> str:
     return path
 
 
+def _root(cfg: VsockConfig) -> str:
+    """The emulated socket root (``VsockConfig`` requires one for the emulated transport)."""
+    if cfg.root is None:
+        raise VsockConfigError(f"the emulated vsock transport needs a socket directory (set {ENV_DIR})")
+    return cfg.root
+
+
 def _new_socket(cfg: VsockConfig) -> socket.socket:
     family = socket.AF_VSOCK if cfg.transport == NATIVE else socket.AF_UNIX
     return socket.socket(family, socket.SOCK_STREAM)
-
-
-def _target(cfg: VsockConfig, cid: int, port: int):
-    return (cid, port) if cfg.transport == NATIVE else socket_path(cfg.root, cid, port)
 
 
 def _hello(cfg: VsockConfig) -> bytes:
@@ -243,6 +249,39 @@ def _refused_if_missing(cid: int, port: int):
 
 # --- connecting ----------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _socket_file(path: str):
+    """``/proc/self/fd/N`` for the socket file at ``path``, valid inside the ``with``.
+
+    AF_UNIX ``connect`` follows symlinks, and the directory of an enclave's listeners is
+    written by the enclave: a link ``<port>.sock -> /any/host.sock`` planted there must not
+    make the parent connect to a host socket.  So the name is opened with
+    ``O_PATH | O_NOFOLLOW`` relative to its directory (which the connecting side chose: the
+    enclave cannot replace it), checked to be a socket owned by the directory's owner or by
+    us, and the connection goes to that very inode.
+    ``FileNotFoundError`` when missing, ``ConnectionRefusedError`` when refused."""
+    directory, name = os.path.split(path)
+    dir_fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            found, owner = os.fstat(fd), os.fstat(dir_fd).st_uid
+        except BaseException:
+            os.close(fd)
+            raise
+    finally:
+        os.close(dir_fd)
+    try:
+        if not stat.S_ISSOCK(found.st_mode):
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "not a socket (links are not followed)", path)
+        if found.st_uid not in (owner, os.geteuid()):
+            raise ConnectionRefusedError(errno.ECONNREFUSED, f"socket owned by uid {found.st_uid}, not by its "
+                                         f"directory's owner ({owner})", path)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
 def connect(cid: int, port: int, *, timeout: float | None = None, config: VsockConfig | None = None) -> socket.socket:
     """A stream socket connected to (cid, port); ``timeout`` applies to connecting and stays set."""
     cfg = _config(config)
@@ -252,7 +291,11 @@ def connect(cid: int, port: int, *, timeout: float | None = None, config: VsockC
     try:
         sock.settimeout(timeout)
         with _refused_if_missing(cid, port):
-            sock.connect(_target(cfg, cid, port))
+            if cfg.transport == NATIVE:
+                sock.connect((cid, port))
+            else:
+                with _socket_file(socket_path(_root(cfg), cid, port)) as target:
+                    sock.connect(target)
         sock.sendall(_hello(cfg))
     except BaseException:
         sock.close()
@@ -274,7 +317,11 @@ async def open_connection(cid: int, port: int, *, timeout: float | None = None,
         sock.setblocking(False)
         async with asyncio.timeout(timeout):
             with _refused_if_missing(cid, port):
-                await loop.sock_connect(sock, _target(cfg, cid, port))
+                if cfg.transport == NATIVE:
+                    await loop.sock_connect(sock, (cid, port))
+                else:
+                    with _socket_file(socket_path(_root(cfg), cid, port)) as target:
+                        await loop.sock_connect(sock, target)
             await loop.sock_sendall(sock, _hello(cfg))
     except BaseException:
         sock.close()
@@ -321,6 +368,7 @@ def _listen_emulated(cfg: VsockConfig, port: int, backlog: int, header_timeout: 
     sock = _new_socket(cfg)
     try:
         _bind_reclaiming(sock, path)
+        _open_to_all(path)
         sock.listen(backlog)
     except BaseException:
         sock.close()
@@ -343,6 +391,20 @@ def _bind_reclaiming(sock: socket.socket, path: str) -> None:
     sock.bind(path)
 
 
+def _open_to_all(path: str) -> None:
+    """Mode 0666 on the socket file just bound: a vsock port has no file permissions (any peer
+    that reaches the directory may connect), and an enclave's processes are other host uids
+    than the parent's.  chmod goes through an ``O_PATH | O_NOFOLLOW`` fd of the socket, never
+    through a name that could have been swapped for a link."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise OSError(errno.EEXIST, "the listener's socket file was replaced", path)
+        os.chmod(f"/proc/self/fd/{fd}", 0o666)
+    finally:
+        os.close(fd)
+
+
 def _is_stale(path: str) -> bool:
     try:
         mode = os.lstat(path).st_mode
@@ -353,7 +415,8 @@ def _is_stale(path: str) -> bool:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
         probe.settimeout(1.0)
         try:
-            probe.connect(path)
+            with _socket_file(path) as target:
+                probe.connect(target)
         except (ConnectionRefusedError, FileNotFoundError):
             return True
     return False

@@ -105,6 +105,10 @@ class Workspace:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
         if not self.keep:
+            from qtbuild.runtime.enclave.state import RuntimeDir
+
+            with contextlib.suppress(OSError):
+                RuntimeDir(self.root / "run").unmount()
             shutil.rmtree(self.root, ignore_errors=True)
 
 

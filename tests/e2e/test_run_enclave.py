@@ -9,16 +9,12 @@ image has no Python.  Each test builds its own tiny ``/app.sh`` layer on a share
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tarfile
-import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -39,6 +35,7 @@ from qtbuild.runtime.verifier.attestation import verify_document
 from qtbuild.signing_keys import Pcr0Signer
 
 from helpers.certs import make_certificate, make_key, to_pem
+from helpers.enclave_runtime import directory_layer, temporary_runtime
 from helpers.imagefactory import default_config, write_oci_layout
 from helpers.sandbox_helpers import build_busybox_root, build_tool, compile_static
 
@@ -145,14 +142,8 @@ SLEEPER = "exec sleep 120"
 @pytest.fixture(scope="module")
 def runtime_dir():
     """A short-path runtime and state directory for the module (socket paths must fit sun_path)."""
-    base = Path(tempfile.mkdtemp(prefix="qte", dir="/tmp"))
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QTBUILD_RUNTIME_DIR", str(base / "rt"))
-        patch.setenv("QTBUILD_STATE_DIR", str(base / "state"))
-        patch.delenv("QTBUILD_MAX_ENCLAVES", raising=False)
-        yield RuntimeDir(base / "rt")
-        Manager().stop_all()
-    shutil.rmtree(base, ignore_errors=True)
+    with temporary_runtime("qte") as runtime:
+        yield runtime
 
 
 @pytest.fixture(autouse=True)
@@ -166,7 +157,7 @@ def base_layer(tmp_path_factory) -> bytes:
     root = build_busybox_root(tmp_path_factory.mktemp("image") / "root")
     build_tool(root / "bin")
     compile_static(QTTOOL_SOURCE, root / "bin" / "qttool")
-    return _layer(root)
+    return directory_layer(root)
 
 
 @pytest.fixture(scope="module")
@@ -179,20 +170,12 @@ def make_eif(base_layer, tmp_path_factory):
         (app / "app.sh").write_text(script + "\n")
         layout = workdir / f"{name}-layout"
         config = default_config(cmd=["/bin/sh", "/app.sh"], env=["PATH=/bin", "FOO=bar"])
-        write_oci_layout(layout, [base_layer, _layer(app)], config, compression=None)
+        write_oci_layout(layout, [base_layer, directory_layer(app)], config, compression=None)
         output = workdir / f"{name}.eif"
         convert(f"oci:{layout}:latest", ConvertOptions(output=str(output), quiet=True, signer=signer))
         return str(output)
 
     return make
-
-
-def _layer(directory: Path) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for path in sorted(directory.rglob("*")):
-            tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
-    return buffer.getvalue()
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -245,8 +228,9 @@ def assert_released(runtime: RuntimeDir, record: dict) -> None:
     assert not (runtime.vsock_root / ".enclaves" / str(record["cid"])).exists()
     assert not runtime.enclave(record["enclave_id"]).path.exists()
     assert not (Path(record["pki_state_dir"]) / "pki" / "leaves" / f"{record['leaf_name']}.pem").exists()
-    mounts = Path("/proc/self/mountinfo").read_text()
-    assert record["sandbox_name"] not in mounts and str(runtime.path) not in mounts
+    mount_points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    # only the parent's vsock directory (shared by all enclaves) stays mounted
+    assert [point for point in mount_points if point.startswith(str(runtime.path))] == [str(runtime.parent_vsock)]
 
 
 def _alive(pid: int, start_time: int) -> bool:
@@ -496,7 +480,13 @@ def test_console_follows_one_reader_and_stop_releases_everything(make_eif, runti
     summary = start(make_eif("ticker", "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.05; done"), "--debug-mode")
     enclave_id = str(summary["EnclaveID"])
     record = private_record(runtime_dir, summary["EnclaveID"])
-    assert str(runtime_dir.path) not in Path("/proc/self/mountinfo").read_text()  # memory: a private mount
+    host_mounts = [line.split(" - ")[0].split()[4:6] for line in Path("/proc/self/mountinfo").read_text().splitlines()
+                   if str(runtime_dir.path) in line]
+    # the memory is a private mount; the enclave's vsock directory is the one host-visible place it can write,
+    # a nosuid,nodev,noexec tmpfs (as is the parent's, shared by all enclaves)
+    assert sorted(point for point, _ in host_mounts) == [
+        str(runtime_dir.parent_vsock), str(runtime_dir.vsock_root / str(summary["EnclaveCID"]))]
+    assert all({"nosuid", "nodev", "noexec"} <= set(options.split(",")) for _, options in host_mounts)
     reader = subprocess.Popen([sys.executable, "-c", "from qtbuild.cli import main; main()", "enclave", "console",
                                "--enclave-id", enclave_id], stdout=subprocess.PIPE, text=True)
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from qtbuild.runtime.sandbox import SandboxExit, SandboxSpec, start_sandbox
+from qtbuild.runtime.sandbox.subids import IdRange, enclave_ids
 
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 TOOL_NAME = "sbtool"
@@ -148,8 +149,22 @@ def _all_applets(busybox: str) -> tuple[str, ...]:
     return tuple(name for name in listed.split() if name != "busybox")
 
 
-def compile_static(source: str, output: str | os.PathLike) -> Path:
-    """Compile C ``source`` into a static executable at ``output``, or skip the test."""
+def shift_owners(root: str | os.PathLike, ids: IdRange | None = None) -> IdRange:
+    """Shift every owner under ``root`` into ``ids`` (default: the enclave range), as a root
+    filesystem for a sandbox started by root must be (uid N inside is host uid ``ids.uid + N``);
+    returns the range."""
+    ids = ids or enclave_ids()
+    for directory, dirs, files in os.walk(root):
+        for path in [directory, *(os.path.join(directory, name) for name in dirs + files)]:
+            st = os.lstat(path)
+            if not ids.uid <= st.st_uid < ids.uid + ids.count:
+                os.lchown(path, ids.host_uid(st.st_uid), ids.host_gid(st.st_gid))
+    return ids
+
+
+def compile_static(source: str, output: str | os.PathLike, *flags: str) -> Path:
+    """Compile C ``source`` into a static executable at ``output`` (extra gcc ``flags``), or
+    skip the test."""
     gcc = shutil.which("gcc")
     if gcc is None:
         pytest.skip("gcc with a static libc is needed: apt-get install gcc libc6-dev")
@@ -157,7 +172,7 @@ def compile_static(source: str, output: str | os.PathLike) -> Path:
     with tempfile.TemporaryDirectory() as workdir:
         source_path = Path(workdir) / "tool.c"
         source_path.write_text(source)
-        done = subprocess.run([gcc, "-static", "-O1", "-w", "-o", str(output), str(source_path)],
+        done = subprocess.run([gcc, "-static", "-O1", "-w", *flags, "-o", str(output), str(source_path)],
                               capture_output=True, text=True, check=False)
     if done.returncode != 0:
         pytest.skip(f"static C compilation failed (apt-get install libc6-dev?): {done.stderr.strip()[:300]}")

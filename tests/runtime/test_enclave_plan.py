@@ -33,7 +33,7 @@ def test_spec_binds_only_this_enclaves_sockets(tmp_path):
         "/run/vsock/3": (str(runtime.vsock_root / "3"), True),
         "/run/vsock/9": (str(runtime.vsock_root / "9"), False),
     }
-    assert spec.memory_bytes == (256 - 10) << 20  # the unpacked image lives in enclave memory
+    assert spec.memory_bytes == 256 << 20  # the unpacked image is charged to the same cgroup
     assert (spec.cpus, spec.no_limits, spec.name) == (2, True, "enclave-2-abc")
     assert (spec.argv, spec.cwd, spec.uid, spec.gid, spec.groups) == (["/app"], "/srv", 5, 6, [7])
     assert Path(spec.root) == tmp_path / "rootfs" and spec.stdout is None and spec.stderr is None

@@ -7,6 +7,7 @@ import select
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -44,6 +45,12 @@ def test_layout_and_record_round_trip(tmp_path):
     runtime = RuntimeDir(tmp_path / "rt")
     runtime.ensure()
     assert (runtime.vsock_root / "3").is_dir()
+    if os.geteuid() == 0:  # bound into enclaves: a tmpfs of its own, so no host path shows in their mountinfo
+        assert os.path.ismount(runtime.parent_vsock)
+        runtime.ensure()
+        assert Path("/proc/self/mountinfo").read_text().count(f" {runtime.parent_vsock} ") == 1
+        runtime.unmount()
+        assert not os.path.ismount(runtime.parent_vsock)
     assert oct(runtime.enclaves.stat().st_mode & 0o777) == "0o700"
     directory = runtime.enclave(3)
     directory.path.mkdir()
@@ -112,3 +119,4 @@ def test_the_runtime_lock_is_exclusive(tmp_path):
         assert not waiting  # blocked while we hold the lock
     assert other.stdout.readline() == "in\n"
     other.wait(10)
+    runtime.unmount()

@@ -28,12 +28,14 @@ from qtbuild.runtime.sandbox import (
     start_sandbox,
 )
 from qtbuild.runtime.sandbox.host import helper_env
+from qtbuild.runtime.sandbox.subids import enclave_ids
 
 from helpers.sandbox_helpers import (
     build_busybox_root,
     build_tool,
     install_file,
     run_in_sandbox,
+    shift_owners,
 )
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux sandboxes only")
@@ -54,6 +56,7 @@ def tool(tmp_path_factory) -> Path:
 def root(tmp_path, tool) -> Path:
     image = build_busybox_root(tmp_path / "root")
     install_file(image, tool, "/bin/sbtool")
+    shift_owners(image)
     return image
 
 
@@ -239,6 +242,32 @@ def test_escape_syscalls_are_denied(root):
                        ("unshare", "clone_newuser", "setns", "ptrace", "bpf", "keyctl", "io_uring_setup")}
 
 
+def test_root_inside_is_an_unprivileged_host_uid(root, tmp_path):
+    """Regression (issue 12, host device nodes): root in the sandbox is the subordinate range's
+    first id, so host inodes it reaches are not its own."""
+    ids = enclave_ids()
+    devices = [f"/dev/{name}" for name in ("null", "zero", "full", "random", "urandom", "tty")]
+    before = {path: os.stat(path) for path in devices}
+    host_owned = tmp_path / "host-owned"
+    host_owned.mkdir()
+    run = sh(root, "cat /proc/self/uid_map /proc/self/gid_map | tr -s ' '; id -u; "
+                   + "; ".join(f"chmod 000 {path} 2>/dev/null || echo {path} chmod refused" for path in devices)
+                   + "; chown 1000 /dev/null 2>/dev/null || echo chown refused; "
+                   "touch -d '2001-01-01' /dev/zero 2>/dev/null || echo utimes refused; "
+                   "echo x > /host/f 2>/dev/null || echo host dir refused; echo data > /dev/null && echo null works",
+             binds=[Bind(str(host_owned), "/host", read_only=False)])
+    assert run.stdout.splitlines() == [
+        f" 0 {ids.uid} {ids.count}", f" 0 {ids.gid} {ids.count}", "0",
+        *(f"{path} chmod refused" for path in devices),
+        "chown refused", "utimes refused", "host dir refused", "null works"]
+    assert ids.uid >= 1000 and ids.count >= 65535
+    after = {path: os.stat(path) for path in devices}
+    for path in devices:
+        fields = ("st_mode", "st_uid", "st_gid", "st_rdev", "st_ctime_ns")
+        assert [getattr(after[path], f) for f in fields] == [getattr(before[path], f) for f in fields], path
+    assert os.listdir(host_owned) == []
+
+
 def test_mount_fails(root):
     run = sh(root, "mount -t tmpfs none /tmp; echo status=$?; umount /proc; echo status=$?")
     assert run.stdout.splitlines() == ["status=1", "status=1"]
@@ -272,6 +301,7 @@ def test_unix_socket_bind_reaches_host_server(root, tmp_path):
     path = str(tmp_path / "echo.sock")
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
+    os.chmod(path, 0o666)  # root inside is an unprivileged host uid: like any host user it needs write access
     server.listen(1)
 
     def echo_once():
@@ -296,6 +326,7 @@ def test_binds_read_only_and_writable(root, tmp_path):
     (shared / "in").write_text("from host\n")
     out_dir = tmp_path / "out"
     out_dir.mkdir()
+    shift_owners(out_dir)  # writable for root inside: owned by the range's first id
     run = sh(root, "cat /data/in; echo x > /data/new 2>/dev/null || echo data-ro; echo result > /out/r",
              binds=[Bind(str(shared), "/data"), Bind(str(out_dir), "/out", read_only=False)])
     assert run.stdout.splitlines() == ["from host", "data-ro"]
@@ -386,6 +417,8 @@ def test_probe_reports_this_host():
     report = probe()
     assert report["namespaces"] is None and report["seccomp"]["filter"] and report["seccomp"]["supported_arch"]
     assert report["cgroup"]["version"] in (1, 2) and report["ok"]
+    ids = enclave_ids()
+    assert report["ids"] == {"uid": ids.uid, "gid": ids.gid, "count": ids.count}  # and mapped in "namespaces"
 
 
 def test_seccomp_numbers_match_kernel_headers():
@@ -527,3 +560,28 @@ def test_cgroup_v2_layout_with_a_fake_hierarchy(tmp_path):
     assert cgroup.oom_kills() == 1
     with pytest.raises(SandboxError, match="already exists"):
         create("enc", Limits(None, None, 10), str(fake))
+
+
+def test_no_host_path_in_mountinfo_or_the_command_line_of_pid_1(root, tmp_path):
+    """Regression (issue 12): inside, /proc/self/mountinfo and /proc/1/cmdline must not name
+    host paths (the helper's interpreter and module; with a root and bind sources on
+    filesystems of their own, as enclaves have, no host directory either)."""
+    memory = tmp_path / "memory"
+    memory.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", str(memory)], check=True)
+    try:
+        shutil.copytree(root, memory / "rootfs", symlinks=True)
+        shift_owners(memory / "rootfs")
+        run = sh(memory / "rootfs", "cat /proc/self/mountinfo; echo; tr '\\0' '|' < /proc/1/cmdline; echo; "
+                 "cat /proc/1/comm")
+    finally:
+        subprocess.run(["umount", "-l", str(memory)], check=True)
+    *mounts, cmdline, comm = [line for line in run.stdout.splitlines() if line]
+    host_paths = [str(tmp_path), sys.prefix, os.path.dirname(os.__file__), "/tmp/", "/work", "/usr/"]
+    for line in mounts:
+        for path in host_paths:
+            assert path not in line, line
+    roots = {line.split()[3] for line in mounts}
+    assert roots <= {"/", "/rootfs", "/null", "/zero", "/full", "/random", "/urandom", "/tty", "/sys",
+                     "/sysrq-trigger", "/irq", "/bus"}, roots
+    assert cmdline.rstrip("|") == "init" and comm == "init"

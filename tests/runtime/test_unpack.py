@@ -12,6 +12,7 @@ import pytest
 
 from qtbuild.formats.cpio import CpioArchive, CpioEntry
 from qtbuild.formats.errors import CpioFormatError
+from qtbuild.runtime.sandbox.subids import IdRange
 from qtbuild.runtime.unpack import UnpackReport, unpack_archive
 
 DIR, REG, LNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
@@ -140,6 +141,20 @@ def test_preserve_owner(area):
     assert (os.lstat(dest / "l").st_uid, os.lstat(dest / "l").st_gid) == (1235, 4322)
     unpack(blob, dest / "plain")
     assert os.lstat(dest / "plain" / "f").st_uid == os.geteuid()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to other users needs root")
+def test_owners_shifted_into_a_subordinate_range(area):
+    dest, _ = area
+    ids = IdRange(uid=300000, gid=400000, count=65536)
+    blob = written([CpioEntry(b"d", DIR | 0o755, uid=0, gid=0), CpioEntry(b"d/f", REG | 0o644, uid=1000, gid=65534),
+                    CpioEntry(b"d/l", LNK | 0o777, uid=65535, gid=1, link_target=b"f")])
+    unpack(blob, dest, preserve_owner=True, ids=ids)
+    owners = {name: (os.lstat(dest / name).st_uid, os.lstat(dest / name).st_gid) for name in ("d", "d/f", "d/l")}
+    assert owners == {"d": (300000, 400000), "d/f": (301000, 465534), "d/l": (365535, 400001)}
+    outside = written([CpioEntry(b"g", REG | 0o644, uid=65536, gid=0)])
+    with pytest.raises(CpioFormatError, match=r"owner 65536:0 is outside the 65536 ids mapped into the enclave"):
+        unpack(outside, dest / "other", preserve_owner=True, ids=ids)
 
 
 # -- hostile archives ---------------------------------------------------------------------------

@@ -414,3 +414,37 @@ def test_registered_enclave_identity_is_checked(root):
         for client in (honest, liar, other):
             client.stdin.close()
             client.wait(10)
+
+
+def test_a_link_planted_in_a_cid_directory_is_not_followed(tmp_path, root):
+    """Regression (issue 12): AF_UNIX connect follows symlinks; an enclave that plants
+    ``<its dir>/<port>.sock -> <a host socket>`` must not get the parent connected there."""
+    host = tmp_path / "host.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(host))
+    server.listen(1)
+    server.setblocking(False)
+    os.makedirs(os.path.join(root, "4"))
+    os.symlink(host, os.path.join(root, "4", "7777.sock"))
+    os.mkdir(os.path.join(root, "4", "7778.sock"))
+    try:
+        with pytest.raises(ConnectionRefusedError, match="not a socket"):
+            vsock.connect(4, 7777, config=cid(root, 3), timeout=1)
+        with pytest.raises(ConnectionRefusedError, match="not a socket"):
+            asyncio.run(vsock.open_connection(4, 7777, config=cid(root, 3), timeout=1))
+        with pytest.raises(ConnectionRefusedError, match="not a socket"):
+            vsock.connect(4, 7778, config=cid(root, 3), timeout=1)
+        with pytest.raises(BlockingIOError):
+            server.accept()  # nothing reached the host socket
+    finally:
+        server.close()
+
+
+def test_a_socket_of_another_owner_is_refused_and_listeners_are_mode_0666(root):
+    with vsock.listen(7000, config=cid(root, 4)) as listener:
+        assert os.stat(listener.path).st_mode & 0o777 == 0o666
+        if os.geteuid() != 0:
+            pytest.skip("chown needs root")
+        os.chown(listener.path, 12345, 12345)
+        with pytest.raises(ConnectionRefusedError, match="owned by uid 12345"):
+            vsock.connect(4, 7000, config=cid(root, 3), timeout=1)
