@@ -8,7 +8,6 @@ build runs when the base is missing).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -16,11 +15,12 @@ import pytest
 
 QTBUILD = [sys.executable, "-m", "qtbuild"]
 
+pytestmark = pytest.mark.root  # the demos run local enclaves
+
 
 @pytest.fixture(autouse=True)
-def needs_root(docker_client):
-    if os.geteuid() != 0:
-        pytest.skip("the local enclave runtime's e2e demos run as root (CI runs as root)")
+def needs_docker(docker_client):
+    """The demos build their images with the Docker daemon."""
 
 
 def demo(name: str) -> subprocess.CompletedProcess:
@@ -45,5 +45,6 @@ def test_demo_bank_card_seed_workflow_and_refusals():
     assert "refused the same image in debug mode" in out and "KMS.4007" in out
     assert "refused an enclave without proxy routes" in out
     assert "demo bank-card: all steps passed" in out
-    leftovers = subprocess.run(["bash", "-c", "ls -d /tmp/qtbuild-demo-* 2>/dev/null | wc -l"], capture_output=True, text=True)
+    leftovers = subprocess.run(["bash", "-c", "ls -d /tmp/qtbuild-demo-* 2>/dev/null | wc -l"],
+                               capture_output=True, text=True)
     assert leftovers.stdout.strip() == "0"  # the demo removed its working directory

@@ -13,7 +13,7 @@ from datetime import timedelta
 import cbor2
 import pytest
 from cryptography import x509
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import qtbuild.runtime.qtsm.pki as pki_module
@@ -286,7 +286,6 @@ def test_make_module_id():
         make_module_id("e", "p" * 120)
 
 
-@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300))
 def test_handle_never_raises(data):
     device = SecurityModule({}, debug=False, signer=lambda: None, module_id=MODULE_ID)
