@@ -33,7 +33,7 @@ variant a device returns for a bad request.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import cbor2
 
@@ -351,7 +351,7 @@ MAX_REQUEST_SIZE = 4096
 MAX_RESPONSE_SIZE = 0x3000
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """The ``{"Error": …}`` variants of the NSM/QTSM response schema."""
 
     INVALID_ARGUMENT = "InvalidArgument"

@@ -246,7 +246,7 @@ def _check_entry(entry: CpioEntry) -> None:
         _check_u32(entry, what, getattr(entry, what))
     if not (isinstance(entry.rdev, tuple) and len(entry.rdev) == 2):
         raise _refuse(entry.path, f"rdev {entry.rdev!r} is not a (major, minor) pair")
-    for what, value in zip(("rdev major", "rdev minor"), entry.rdev):
+    for what, value in zip(("rdev major", "rdev minor"), entry.rdev, strict=True):
         _check_u32(entry, what, value)
     is_reg, is_lnk = entry.file_type == stat.S_IFREG, entry.file_type == stat.S_IFLNK
     if entry.data is not None and not is_reg:

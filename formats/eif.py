@@ -183,7 +183,7 @@ class EifReader:
     @classmethod
     def open(cls, path: str | os.PathLike) -> EifReader:
         """Open and validate the EIF at ``path`` (close with :meth:`close` or ``with``)."""
-        handle = open(path, "rb")
+        handle = open(path, "rb")  # noqa: SIM115 -- the reader owns it and closes it in close()
         try:
             size = os.fstat(handle.fileno()).st_size
             return cls(handle, size, _owns_file=True)
@@ -216,13 +216,18 @@ class EifReader:
             if offset < HEADER_SIZE:
                 raise EifFormatError(f"{where} points into the {HEADER_SIZE}-byte header")
             if offset + SECTION_HEADER_SIZE > self.file_size:
-                raise EifFormatError(f"{where}: its header lies beyond the end of the {self.file_size}-byte file (truncated?)")
+                raise EifFormatError(
+                    f"{where}: its header lies beyond the end of the {self.file_size}-byte file (truncated?)"
+                )
             self.fileobj.seek(offset)
-            type_code, flags, header_size = SECTION_HEADER.unpack(_read_exact(self.fileobj, SECTION_HEADER_SIZE, offset))
+            header_bytes = _read_exact(self.fileobj, SECTION_HEADER_SIZE, offset)
+            type_code, flags, header_size = SECTION_HEADER.unpack(header_bytes)
             try:
                 section_type = SectionType(type_code)
             except ValueError:
-                raise EifFormatError(f"{where}: section type {type_code} at offset {offset} is invalid (valid: 1..5)") from None
+                raise EifFormatError(
+                    f"{where}: section type {type_code} at offset {offset} is invalid (valid: 1..5)"
+                ) from None
             if header_size != size:
                 raise EifFormatError(
                     f"{where}: section header at offset {offset} says {header_size} bytes "
@@ -248,10 +253,15 @@ class EifReader:
                     f"(which ends at {previous_end}) or is out of file order"
                 )
             if section.offset != previous_end:
-                self.notes.append(f"non-contiguous file: {section.offset - previous_end} unused bytes before section {section.index} at offset {previous_end}")
+                self.notes.append(
+                    f"non-contiguous file: {section.offset - previous_end} unused bytes "
+                    f"before section {section.index} at offset {previous_end}"
+                )
             previous_end = section.end
         if previous_end != self.file_size:
-            self.notes.append(f"non-contiguous file: {self.file_size - previous_end} trailing bytes after the last section")
+            self.notes.append(
+                f"non-contiguous file: {self.file_size - previous_end} trailing bytes after the last section"
+            )
         for index in range(self.header.num_sections, MAX_SECTIONS):
             if self.header.section_offsets[index] or self.header.section_sizes[index]:
                 self.notes.append(f"unused section slot {index} is not zero")
@@ -338,7 +348,9 @@ class EifReader:
             self.fileobj.seek(position)
             got = self.fileobj.readinto(view[:want])
             if not got:
-                raise EifFormatError(f"unexpected end of file at offset {position} inside {section.type.label} section {section.index}")
+                raise EifFormatError(
+                    f"unexpected end of file at offset {position} inside {section.type.label} section {section.index}"
+                )
             yield view[:got]
             position += got
             remaining -= got

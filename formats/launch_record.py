@@ -42,7 +42,9 @@ class Launch:
     def __post_init__(self) -> None:
         for item in self.argv + self.env:
             if "\n" in item or "\0" in item:
-                raise LaunchFormatError(f"command/env element {item!r} contains a newline or NUL, which cmd/env files cannot represent")
+                raise LaunchFormatError(
+                    f"command/env element {item!r} contains a newline or NUL, which cmd/env files cannot represent"
+                )
 
     def cmd_file(self) -> bytes:
         return "".join(item + "\n" for item in self.argv).encode()
@@ -72,7 +74,8 @@ def parse_launch_json(data: bytes) -> Launch:
     launch = Launch(
         argv=_typed(document, "argv", list, str), env=_typed(document, "env", list, str),
         cwd=_typed(document, "cwd", str), uid=_typed(document, "uid", int), gid=_typed(document, "gid", int),
-        groups=_typed(document, "groups", list, int), user=document.get("user", "") if isinstance(document.get("user", ""), str) else "",
+        groups=_typed(document, "groups", list, int),
+        user=document.get("user", "") if isinstance(document.get("user", ""), str) else "",
     )
     if not launch.argv:
         raise LaunchFormatError("launch.json has an empty argv: nothing to run")

@@ -75,14 +75,16 @@ class Workspace:
         }
 
     def qtbuild(self, *args, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-        result = subprocess.run([*QTBUILD, *map(str, args)], capture_output=True, text=True, env=self.env, timeout=timeout)
+        result = subprocess.run([*QTBUILD, *map(str, args)], capture_output=True, text=True, env=self.env,
+                                timeout=timeout)
         if check and result.returncode != 0:
             raise DemoError(f"qtbuild {' '.join(map(str, args[:3]))} failed: {result.stderr.strip()}")
         return result
 
     def start(self, args: list, *, log: str) -> subprocess.Popen:
-        handle = open(self.root / log, "wb")
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=handle, env=self.env, start_new_session=True)
+        with open(self.root / log, "wb") as handle:  # the child keeps its own copy of the descriptor
+            process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=handle, env=self.env,
+                                       start_new_session=True)
         self.processes.append(process)
         return process
 
@@ -141,7 +143,8 @@ def make_signing_key(directory: Path) -> tuple[Path, Path]:
                    .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
                    .not_valid_after(now + timedelta(days=1)).sign(key, hashes.SHA384()))
     key_path, cert_path = directory / "signing-key.pem", directory / "signing-cert.pem"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key_path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     key_path.chmod(0o600)
     cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
     return key_path, cert_path
@@ -158,7 +161,8 @@ def demo_hello(keep: bool = False) -> None:
         measurements = json.loads(space.qtbuild("convert", f"docker://{image}", "-o", eif, "-q").stdout)
         role("admin", f"converted to {eif.name}: PCR0 {measurements['PCR0'][:16]}…")
         started = json.loads(space.qtbuild("run", eif, "--debug-mode", "--mem", "256", "--cpus", "2").stdout)
-        role("parent", f"started enclave {started['EnclaveID']} (CID {started['EnclaveCID']}, {started['LaunchMode']} mode)")
+        role("parent", f"started enclave {started['EnclaveID']} "
+                       f"(CID {started['EnclaveCID']}, {started['LaunchMode']} mode)")
         console = subprocess.Popen([*QTBUILD, "enclave", "console", "--enclave-id", str(started["EnclaveID"])],
                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=space.env)
         lines = _read_lines(console, count=2, timeout=10)
@@ -209,7 +213,9 @@ class BankCardEnv:
 
 def _start_kms(space: Workspace) -> tuple[str, Path, str]:
     port = free_port()
-    process = space.start([*QTBUILD, "kms", "serve", "--state-dir", space.root / "kms", "--listen", f"127.0.0.1:{port}"], log="kms.log")
+    process = space.start(
+        [*QTBUILD, "kms", "serve", "--state-dir", space.root / "kms", "--listen", f"127.0.0.1:{port}"], log="kms.log"
+    )
     line = _first_line(process, 30, "the KMS")
     info = json.loads(line)
     return info["endpoint"], Path(info["credentials"]), info["project_id"]
@@ -279,7 +285,8 @@ def _administrator(space: Workspace) -> BankCardEnv:
     role("admin", f"local KMS running at {kms_endpoint} (project {project})")
     store = _start_object_store(space)
     role("admin", f"object store (S3-compatible, moto) at {store}")
-    key_id = json.loads(space.qtbuild("kms", "create-key", "--alias", "bank-cards", "--credentials", admin).stdout)["key_id"]
+    created = space.qtbuild("kms", "create-key", "--alias", "bank-cards", "--credentials", admin)
+    key_id = json.loads(created.stdout)["key_id"]
     role("admin", f"created customer master key {key_id}")
     ciphertext = space.root / "cards.ct"
     space.qtbuild("kms", "encrypt", "--key-id", key_id, "--in", PROJECT_ROOT / "samples" / "bank-card" / "cards.csv",
@@ -289,7 +296,8 @@ def _administrator(space: Workspace) -> BankCardEnv:
         s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "cn-north-4"})
     s3.put_object(Bucket="bucket1", Key="cards.ct", Body=ciphertext.read_bytes())
     role("admin", "encrypted the bank card records with encrypt-data and uploaded the ciphertext to bucket1")
-    principal = json.loads(space.qtbuild("kms", "principal", "create", "bank-card-enclave", "--credentials", admin).stdout)
+    principal = json.loads(
+        space.qtbuild("kms", "principal", "create", "bank-card-enclave", "--credentials", admin).stdout)
     role("admin", f"created principal bank-card-enclave ({principal['access_key']})")
     return BankCardEnv(space, kms_endpoint, admin, project, store, key_id, principal, make_signing_key(space.root))
 
@@ -306,7 +314,8 @@ def _build_eif(env: BankCardEnv, name: str, *, edit: str | None = None) -> dict:
 def _put_policy(env: BankCardEnv, pcr0: str, pcr8: str) -> None:
     path = env.space.root / "policy.json"
     path.write_text(json.dumps(_policy(env.key_id, pcr0, pcr8), indent=2))
-    env.space.qtbuild("kms", "policy", "put", path, "--name", "bank-card-enclave", "--credentials", env.admin_credentials)
+    env.space.qtbuild("kms", "policy", "put", path, "--name", "bank-card-enclave",
+                      "--credentials", env.admin_credentials)
     role("admin", f"policy: decrypt only if kms:RecipientAttestation/PCR0 = {pcr0[:16]}… and PCR8 = {pcr8[:16]}…")
 
 
@@ -315,8 +324,10 @@ def _start_proxy(env: BankCardEnv) -> subprocess.Popen:
     store = env.store_endpoint.split("//", 1)[1]
     config = env.space.root / "proxy.toml"
     config.write_text(
-        f'[[routes]]\nvsock_port = {KMS_VSOCK_PORT}\nhost = "{kms.rsplit(":", 1)[0]}"\nport = {kms.rsplit(":", 1)[1]}\n\n'
-        f'[[routes]]\nvsock_port = {STORE_VSOCK_PORT}\nhost = "{store.rsplit(":", 1)[0]}"\nport = {store.rsplit(":", 1)[1]}\n'
+        f'[[routes]]\nvsock_port = {KMS_VSOCK_PORT}\n'
+        f'host = "{kms.rsplit(":", 1)[0]}"\nport = {kms.rsplit(":", 1)[1]}\n\n'
+        f'[[routes]]\nvsock_port = {STORE_VSOCK_PORT}\n'
+        f'host = "{store.rsplit(":", 1)[0]}"\nport = {store.rsplit(":", 1)[1]}\n'
     )
     process = env.space.start([*QTBUILD, "proxy", "--config", config], log="proxy.log")
     time.sleep(1.0)
@@ -330,17 +341,22 @@ def _run_job(env: BankCardEnv, eif: Path, *, debug: bool = False) -> dict:
     """Start the enclave, hand it the job over vsock, return its summary; the enclave is stopped."""
     args = ["run", eif, "--mem", "1024", "--cpus", "2"] + (["--debug-mode"] if debug else [])
     started = json.loads(env.space.qtbuild(*args).stdout)
-    role("parent", f"started enclave {started['EnclaveID']} (CID {started['EnclaveCID']}, {started['LaunchMode']} mode)")
+    role("parent", f"started enclave {started['EnclaveID']} "
+                   f"(CID {started['EnclaveCID']}, {started['LaunchMode']} mode)")
     try:
         s3 = _s3(env.store_endpoint)
         job = {
             "kms": {"vsock_port": KMS_VSOCK_PORT, "access_key": env.enclave_credentials["access_key"],
-                    "secret_key": env.enclave_credentials["secret_key"], "project_id": env.project_id, "key_id": env.key_id},
+                    "secret_key": env.enclave_credentials["secret_key"], "project_id": env.project_id,
+                    "key_id": env.key_id},
             "object_store": {"vsock_port": STORE_VSOCK_PORT},
-            "download_url": s3.generate_presigned_url("get_object", Params={"Bucket": "bucket1", "Key": "cards.ct"}, ExpiresIn=300),
-            "upload_url": s3.generate_presigned_url("put_object", Params={"Bucket": "bucket2", "Key": "result.ct"}, ExpiresIn=300),
+            "download_url": s3.generate_presigned_url("get_object", Params={"Bucket": "bucket1", "Key": "cards.ct"},
+                                                      ExpiresIn=300),
+            "upload_url": s3.generate_presigned_url("put_object", Params={"Bucket": "bucket2", "Key": "result.ct"},
+                                                    ExpiresIn=300),
         }
-        role("parent", "sent the job over vsock: presigned URLs and temporary KMS credentials (nothing baked into the image)")
+        role("parent", "sent the job over vsock: presigned URLs and temporary KMS credentials "
+                       "(nothing baked into the image)")
         return _send_job(env, started["EnclaveCID"], job)
     finally:
         env.space.qtbuild("enclave", "stop", "--enclave-id", started["EnclaveID"], check=False)
@@ -399,13 +415,16 @@ def demo_bank_card(keep: bool = False) -> None:
         tampered = _build_eif(env, "tampered", edit="app.py")
         role("admin", f"rebuilt the image with one changed byte: PCR0 {tampered['PCR0'][:16]}… (PCR8 unchanged)")
         _expect_denied(_run_job(env, tampered["eif"]), "KMS", "the changed image")
-        _expect_denied(_run_job(env, release["eif"], debug=True), "KMS", "the same image in debug mode (PCRs attested as zeros)")
+        _expect_denied(_run_job(env, release["eif"], debug=True), "KMS",
+                       "the same image in debug mode (PCRs attested as zeros)")
         os.killpg(proxy.pid, signal.SIGTERM)
         proxy.wait(10)
         role("parent", "stopped qt-proxy")
-        _expect_denied(_run_job(env, release["eif"]), "", "an enclave without proxy routes (no network, nothing to reach)")
+        _expect_denied(_run_job(env, release["eif"]), "",
+                       "an enclave without proxy routes (no network, nothing to reach)")
         click.echo("== audit (qtbuild kms audit)")
-        click.echo(space.qtbuild("kms", "audit", "--limit", "12", "--credentials", env.admin_credentials).stdout.rstrip())
+        audit = space.qtbuild("kms", "audit", "--limit", "12", "--credentials", env.admin_credentials)
+        click.echo(audit.stdout.rstrip())
 
 
 def _admin_decrypt(env: BankCardEnv, path: Path) -> str:

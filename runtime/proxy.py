@@ -178,7 +178,9 @@ def _check_keys(table: dict, expected: set, where: str, *, required: set | None 
     unknown = sorted(set(table) - expected)
     missing = sorted((expected if required is None else required) - set(table))
     if unknown:
-        raise ProxyConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (expected: {', '.join(sorted(expected))})")
+        raise ProxyConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)} (expected: {', '.join(sorted(expected))})"
+        )
     if missing:
         raise ProxyConfigError(f"{where}: missing key(s) {', '.join(missing)}")
 

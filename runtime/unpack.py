@@ -33,7 +33,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from qtbuild.formats.cpio import CpioMember, MemberData, iter_archive
@@ -86,10 +86,8 @@ def unpack_archive(
 
     See the module docstring for the safety contract.  Returns what was extracted or skipped.
     """
-    try:
+    with suppress(FileExistsError):
         os.mkdir(dest, 0o755)
-    except FileExistsError:
-        pass
     root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         extractor = _Extractor(root_fd, preserve_owner)
@@ -173,9 +171,8 @@ class _Extractor:
 
     def extract(self, member: CpioMember, data: MemberData) -> None:
         """Create one member; archive-caused OS errors become CpioFormatError."""
-        if member.is_dir or member.is_file:
-            if member.mode & _SETID:
-                self.report.stripped_setid.append(member.path)
+        if (member.is_dir or member.is_file) and member.mode & _SETID:
+            self.report.stripped_setid.append(member.path)
         with _archive_errors(member.path):
             if member.is_dir:
                 self._make_dir(member)

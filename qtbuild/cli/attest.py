@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import re
 from datetime import UTC, datetime
 
@@ -177,10 +178,8 @@ def _fingerprints(values: tuple[str, ...], *, pinned: bool) -> list[str] | None:
     if pins or pinned:
         return pins or None
     defaults = list(KNOWN_ROOTS.values())
-    try:
+    with contextlib.suppress(PkiError):  # no local PKI here: only the hardware roots
         defaults.append(LocalPki.load().root_fingerprint())
-    except PkiError:
-        pass  # no local PKI here: only the hardware roots
     return defaults
 
 

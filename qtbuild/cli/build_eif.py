@@ -16,19 +16,25 @@ from qtbuild.signing_keys import load_signer
 
 
 @click.command("build-eif")
-@click.option("--kernel", required=True, type=click.Path(exists=True, dir_okay=False), help="Kernel image (bzImage or Image).")
+@click.option("--kernel", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Kernel image (bzImage or Image).")
 @click.option("--cmdline", required=True, help="Kernel command line.")
 @click.option("--ramdisk", "ramdisks", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Ramdisk file (cpio newc); repeat: the first is the bootstrap ramdisk (PCR1), the rest the application (PCR2).")
+              help="Ramdisk file (cpio newc); repeat: the first is the bootstrap ramdisk (PCR1), "
+                   "the rest the application (PCR2).")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="EIF file to write (atomically).")
 @click.option("--arch", type=click.Choice(["x86_64", "aarch64"]), default="x86_64", show_default=True)
-@click.option("--private-key", type=click.Path(exists=True, dir_okay=False), help="EC private key (PEM) to sign PCR0 with.")
-@click.option("--signing-certificate", type=click.Path(exists=True, dir_okay=False), help="Certificate (PEM) of the signing key; its hash is PCR8.")
+@click.option("--private-key", type=click.Path(exists=True, dir_okay=False),
+              help="EC private key (PEM) to sign PCR0 with.")
+@click.option("--signing-certificate", type=click.Path(exists=True, dir_okay=False),
+              help="Certificate (PEM) of the signing key; its hash is PCR8.")
 @click.option("--name", default="enclave", show_default=True, help="ImageName in the metadata.")
 @click.option("--version", "image_version", default="0.0.0", show_default=True, help="ImageVersion in the metadata.")
 @click.option("--kernel-version", default="unknown", show_default=True, help="KernelVersion in the metadata.")
-@click.option("--metadata", "metadata_path", type=click.Path(exists=True, dir_okay=False), help="Custom metadata JSON file (<= 4096 bytes).")
-@click.option("--format", "style", type=click.Choice(["qingtian", "nitro"]), default="qingtian", show_default=True, help="Shape of the measurements printed on stdout.")
+@click.option("--metadata", "metadata_path", type=click.Path(exists=True, dir_okay=False),
+              help="Custom metadata JSON file (<= 4096 bytes).")
+@click.option("--format", "style", type=click.Choice(["qingtian", "nitro"]), default="qingtian", show_default=True,
+              help="Shape of the measurements printed on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary on stderr.")
 def command(kernel, cmdline, ramdisks, output, arch, private_key, signing_certificate, name, image_version,
             kernel_version, metadata_path, style, quiet) -> None:
@@ -48,5 +54,7 @@ def command(kernel, cmdline, ramdisks, output, arch, private_key, signing_certif
         metadata=metadata, arch=arch, signer=signer,
     )
     measurements = result.measurements
-    emit_json(measurements.nitro() if style == "nitro" else measurements.qingtian(with_pcr1_pcr2=True), sort_keys=style == "nitro")
-    say(f"wrote {output}: {result.size} bytes, {len(result.sections)} sections{', signed' if signer else ''}", quiet=quiet)
+    emit_json(measurements.nitro() if style == "nitro" else measurements.qingtian(with_pcr1_pcr2=True),
+              sort_keys=style == "nitro")
+    signed = ", signed" if signer else ""
+    say(f"wrote {output}: {result.size} bytes, {len(result.sections)} sections{signed}", quiet=quiet)

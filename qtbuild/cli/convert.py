@@ -30,16 +30,23 @@ def _image_options(function):
         click.option("--source", "source_kind", type=click.Choice(["daemon", "archive", "oci", "registry"]),
                      help="Where a SOURCE without a prefix comes from (default: the Docker daemon)."),
         click.option("--platform", help="linux/amd64 or linux/arm64: which image of a multi-platform index."),
-        click.option("--blobs", type=click.Path(exists=True, file_okay=False), help="Real blob directory (bzImage|Image, cmdline, init, *.ko) for a hardware-bootable image; default: the local runtime profile."),
+        click.option("--blobs", type=click.Path(exists=True, file_okay=False),
+                     help="Real blob directory (bzImage|Image, cmdline, init, *.ko) for a hardware-bootable image; "
+                          "default: the local runtime profile."),
         click.option("--cmdline", help="Kernel command line (default: the profile's)."),
         click.option("--cmd-semantics", type=click.Choice(["oci", "nitro"]), default="oci", show_default=True,
-                     help="oci: argv = ENTRYPOINT + CMD; nitro: CMD if present else ENTRYPOINT (nitro-cli's behaviour)."),
+                     help="oci: argv = ENTRYPOINT + CMD; "
+                          "nitro: CMD if present else ENTRYPOINT (nitro-cli's behaviour)."),
         click.option("--name", help="ImageName in the metadata (default: enclave)."),
         click.option("--version", "image_version", help="ImageVersion in the metadata (default: the image ID)."),
-        click.option("--metadata", "metadata_path", type=click.Path(exists=True, dir_okay=False), help="Custom metadata JSON file (<= 4096 bytes)."),
-        click.option("--private-key", type=click.Path(exists=True, dir_okay=False), help="EC private key (PEM) to sign PCR0 with."),
-        click.option("--signing-certificate", type=click.Path(exists=True, dir_okay=False), help="Signing certificate (PEM); PCR8 is its hash."),
-        click.option("--format", "style", type=click.Choice(["qingtian", "nitro"]), default="qingtian", show_default=True,
+        click.option("--metadata", "metadata_path", type=click.Path(exists=True, dir_okay=False),
+                     help="Custom metadata JSON file (<= 4096 bytes)."),
+        click.option("--private-key", type=click.Path(exists=True, dir_okay=False),
+                     help="EC private key (PEM) to sign PCR0 with."),
+        click.option("--signing-certificate", type=click.Path(exists=True, dir_okay=False),
+                     help="Signing certificate (PEM); PCR8 is its hash."),
+        click.option("--format", "style", type=click.Choice(["qingtian", "nitro"]), default="qingtian",
+                     show_default=True,
                      help="qingtian: {digest, PCR0, PCR1, PCR2, PCR8}; nitro: nitro-cli's {\"Measurements\": …}."),
         click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr."),
     ]
@@ -63,9 +70,10 @@ def _options(params: dict, output: str | None) -> tuple[str, ConvertOptions]:
     from qtbuild.convert.pipeline import ConvertOptions  # deferred: keeps `qtbuild --help` fast
     from qtbuild.sources.open import with_source_kind
 
-    options = ConvertOptions(output=output, platform=params["platform"], blobs=params["blobs"], cmdline=params["cmdline"],
-                             name=params["name"], version=params["image_version"], metadata_path=params["metadata_path"],
-                             cmd_semantics=params["cmd_semantics"], signer=signer, quiet=params["quiet"])
+    options = ConvertOptions(output=output, platform=params["platform"], blobs=params["blobs"],
+                             cmdline=params["cmdline"], name=params["name"], version=params["image_version"],
+                             metadata_path=params["metadata_path"], cmd_semantics=params["cmd_semantics"],
+                             signer=signer, quiet=params["quiet"])
     return with_source_kind(source, params["source_kind"]), options
 
 
@@ -79,9 +87,11 @@ def _print(result, style: str) -> None:
 
 @click.command("convert", epilog=SOURCE_HELP)
 @_image_options
-@click.option("-o", "--output", "--eif", "--output-file", "output", type=click.Path(dir_okay=False), help="EIF file to write (atomically).")
+@click.option("-o", "--output", "--eif", "--output-file", "output", type=click.Path(dir_okay=False),
+              help="EIF file to write (atomically).")
 @click.option("--check", "--expect", "expected", type=click.Path(exists=True, dir_okay=False),
-              help="Rebuild and compare with an earlier EIF or measurements JSON: exit 1 with the differences when the PCRs moved.")
+              help="Rebuild and compare with an earlier EIF or measurements JSON: "
+                   "exit 1 with the differences when the PCRs moved.")
 def convert_command(output, expected, **params) -> None:
     """Convert a container image into an enclave image file and print its measurements."""
     if not output and not expected:

@@ -62,7 +62,8 @@ def _run_options(function):
         click.option("--cid", "--enclave-cid", "cid", type=int, help="Enclave CID (default: the first free from 4)."),
         click.option("--debug-mode", is_flag=True, help="Keep the console (and attest with zero PCRs)."),
         click.option("--attach-console", is_flag=True,
-                     help="Follow the console on stdout and exit with the application's status (implies --debug-mode)."),
+                     help="Follow the console on stdout and exit with the application's status "
+                          "(implies --debug-mode)."),
         click.option("--parent-role", metavar="NAME", help="Parent role name measured into PCR3."),
         click.option("--instance-id", metavar="ID", help="Parent instance id measured into PCR4."),
         click.option("--no-limits", is_flag=True, help="Run without memory/CPU/pids cgroup limits (rootless hosts)."),

@@ -15,8 +15,10 @@ MAX_CERTIFICATE_FILE = 1 << 20
 
 
 @click.command("pcr")
-@click.option("--input", "input_path", type=click.Path(dir_okay=False), help="File whose bytes are measured: prints {\"PCR\": …}.")
-@click.option("--signing-certificate", "certificate_path", type=click.Path(dir_okay=False), help="PEM certificate: prints the PCR8 an image signed with it has.")
+@click.option("--input", "input_path", type=click.Path(dir_okay=False),
+              help="File whose bytes are measured: prints {\"PCR\": …}.")
+@click.option("--signing-certificate", "certificate_path", type=click.Path(dir_okay=False),
+              help="PEM certificate: prints the PCR8 an image signed with it has.")
 def command(input_path: str | None, certificate_path: str | None) -> None:
     """Print the PCR value of a file (extend(SHA384(bytes))) or PCR8 of a signing certificate."""
     if (input_path is None) == (certificate_path is None):

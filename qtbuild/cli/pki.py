@@ -56,7 +56,7 @@ def show(state_dir: str | None, as_json: bool) -> None:
         })
         return
     click.echo(f"root fingerprint (SHA-256): {pki.root_fingerprint()}")
-    for level, cert in zip(("root", "region", "host"), chain):
+    for level, cert in zip(("root", "region", "host"), chain, strict=False):
         info = _describe(cert)
         click.echo(f"{level:<7}{info['subject']}  {info['not_before']} .. {info['not_after']}")
 

@@ -15,16 +15,24 @@ from qtbuild.runtime.sdk import vsock
 
 
 @click.command("proxy")
-@click.option("-l", "--vsock-port", type=click.IntRange(0, vsock.VMADDR_PORT_ANY - 1), help="vsock port to listen on (qt_proxy -l).")
+@click.option("-l", "--vsock-port", type=click.IntRange(0, vsock.VMADDR_PORT_ANY - 1),
+              help="vsock port to listen on (qt_proxy -l).")
 @click.option("-a", "--remote-addr", "host", help="Remote host to forward to (qt_proxy -a).")
 @click.option("-p", "--remote-port", type=click.IntRange(1, 65535), help="Remote TCP port (qt_proxy -p).")
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="TOML file: [[routes]], [allowlist], limits.")
-@click.option("--max-connections", type=click.IntRange(min=1), help="Open connections allowed, all routes together [1024].")
-@click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), help="Close a connection idle this many seconds [300].")
-@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), help="Seconds to reach the upstream [10].")
-@click.option("--drain-timeout", type=click.FloatRange(min=0), help="On SIGTERM/SIGINT, seconds open streams may finish [10].")
-@click.option("--transport", type=click.Choice(vsock.TRANSPORTS), help=f"vsock transport (default: ${vsock.ENV_TRANSPORT} or auto).")
-@click.option("--vsock-dir", type=click.Path(file_okay=False), help=f"Emulated vsock socket root (default: ${vsock.ENV_DIR}).")
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
+              help="TOML file: [[routes]], [allowlist], limits.")
+@click.option("--max-connections", type=click.IntRange(min=1),
+              help="Open connections allowed, all routes together [1024].")
+@click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Close a connection idle this many seconds [300].")
+@click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to reach the upstream [10].")
+@click.option("--drain-timeout", type=click.FloatRange(min=0),
+              help="On SIGTERM/SIGINT, seconds open streams may finish [10].")
+@click.option("--transport", type=click.Choice(vsock.TRANSPORTS),
+              help=f"vsock transport (default: ${vsock.ENV_TRANSPORT} or auto).")
+@click.option("--vsock-dir", type=click.Path(file_okay=False),
+              help=f"Emulated vsock socket root (default: ${vsock.ENV_DIR}).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every connection.")
 def command(vsock_port, host, remote_port, config_path, max_connections, idle_timeout, connect_timeout,
             drain_timeout, transport, vsock_dir, verbose) -> None:

@@ -12,9 +12,12 @@ from qtbuild.signing_keys import load_signer
 
 @click.command("sign")
 @click.argument("eif", type=click.Path(exists=True, dir_okay=False))
-@click.option("--private-key", required=True, type=click.Path(exists=True, dir_okay=False), help="EC private key (PEM).")
-@click.option("--signing-certificate", required=True, type=click.Path(exists=True, dir_okay=False), help="Certificate (PEM) of that key.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the signed image here (default: replace EIF atomically).")
+@click.option("--private-key", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="EC private key (PEM).")
+@click.option("--signing-certificate", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Certificate (PEM) of that key.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the signed image here (default: replace EIF atomically).")
 @click.option("--format", "style", type=click.Choice(["qingtian", "nitro"]), default="qingtian", show_default=True)
 @click.option("-q", "--quiet", is_flag=True, help="No summary on stderr.")
 def command(eif, private_key, signing_certificate, output, style, quiet) -> None:
@@ -27,5 +30,6 @@ def command(eif, private_key, signing_certificate, output, style, quiet) -> None
         replaced = reader.is_signed
         result = sign_eif(reader, output or eif, signer)
     measurements = result.measurements
-    emit_json(measurements.nitro() if style == "nitro" else measurements.qingtian(with_pcr1_pcr2=True), sort_keys=style == "nitro")
+    emit_json(measurements.nitro() if style == "nitro" else measurements.qingtian(with_pcr1_pcr2=True),
+              sort_keys=style == "nitro")
     say(f"{'replaced the signature of' if replaced else 'signed'} {eif} -> {output or eif}", quiet=quiet)

@@ -21,7 +21,8 @@ from qtbuild.inspect.verify import PCR_NAMES, load_certificate, load_expected, v
 @click.option("--pcr8", help="Expected PCR8 (96 zeros: expect an unsigned image).")
 @click.option("--expect", "expect_path", type=click.Path(exists=True, dir_okay=False),
               help="Measurements JSON printed earlier by convert/measure/describe, nitro-cli or qt.")
-@click.option("--signing-certificate", type=click.Path(exists=True, dir_okay=False), help="The image must be signed by this certificate.")
+@click.option("--signing-certificate", type=click.Path(exists=True, dir_okay=False),
+              help="The image must be signed by this certificate.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report on stdout.")
 def command(eif, pcr0, pcr1, pcr2, pcr8, expect_path, signing_certificate, as_json) -> None:
     """Check structure, CRC and signature, and compare PCRs with expected values.
@@ -30,7 +31,7 @@ def command(eif, pcr0, pcr1, pcr2, pcr8, expect_path, signing_certificate, as_js
     Options override values from --expect.
     """
     expected = load_expected(expect_path) if expect_path else {}
-    for name, value in zip(PCR_NAMES, (pcr0, pcr1, pcr2, pcr8)):
+    for name, value in zip(PCR_NAMES, (pcr0, pcr1, pcr2, pcr8), strict=True):
         if value is not None:
             expected[name] = parse_pcr_hex(value, f"--{name.lower()}")
     certificate = load_certificate(signing_certificate) if signing_certificate else None

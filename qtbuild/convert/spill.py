@@ -61,7 +61,7 @@ class SpillStore:
     def _open(self) -> None:
         self._dir = tempfile.mkdtemp(prefix="qtbuild-spill-", dir=self._parent)
         path = os.path.join(self._dir, "layers.bin")
-        self._writer = open(path, "xb", buffering=1 << 20)
+        self._writer = open(path, "xb", buffering=1 << 20)  # noqa: SIM115 -- the store owns it; close() closes it
         self._read_fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
     def flush(self) -> None:

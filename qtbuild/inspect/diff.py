@@ -59,7 +59,8 @@ def diff_eifs(a: EifReader, b: EifReader) -> dict:
         "Metadata": _metadata_diff(facts_a.metadata, facts_b.metadata),
         "Ramdisks": _ramdisk_diffs(a, b),
     }
-    report["Identical"] = not (report["Measurements"]["Moved"] or report["Header"] or report["Sections"] or report["Metadata"]
+    report["Identical"] = not (report["Measurements"]["Moved"] or report["Header"] or report["Sections"]
+                               or report["Metadata"]
                                or any(r["Added"] or r["Removed"] or r["Changed"] for r in report["Ramdisks"]))
     return {"Identical": report.pop("Identical"), **report}
 
@@ -85,7 +86,7 @@ def _header_diff(a: EifReader, b: EifReader) -> list[dict]:
 def _paired_sections(reader: EifReader, digests: list[bytes]) -> dict[tuple[str, int], tuple[Section, bytes]]:
     counts: dict[SectionType, int] = {}
     paired = {}
-    for section, digest in zip(reader.sections, digests):
+    for section, digest in zip(reader.sections, digests, strict=True):
         index = counts.get(section.type, 0)
         counts[section.type] = index + 1
         paired[(section.type.label, index)] = (section, digest)
@@ -121,7 +122,8 @@ def _flatten_json(value, prefix: str = "") -> dict[str, object]:
 
 def _metadata_diff(a: dict | None, b: dict | None) -> list[dict]:
     left, right = _flatten_json(a or {}), _flatten_json(b or {})
-    return [{"Key": key, "A": left.get(key), "B": right.get(key)} for key in sorted(set(left) | set(right)) if left.get(key) != right.get(key)]
+    return [{"Key": key, "A": left.get(key), "B": right.get(key)}
+            for key in sorted(set(left) | set(right)) if left.get(key) != right.get(key)]
 
 
 def _ramdisk_diffs(a: EifReader, b: EifReader) -> list[dict]:
@@ -151,8 +153,10 @@ def _index_ramdisk(reader: EifReader, index: int) -> dict[str, FileInfo] | None:
             if member.size:
                 link_data[member.ino] = (member.size, digest)
         files[path] = FileInfo(
-            type=_type_name(member), mode=f"{member.mode & 0o7777:04o}", uid=member.uid, gid=member.gid, mtime=member.mtime,
-            size=member.size, sha256=digest, link_target=member.link_target.decode("utf-8", "surrogateescape") if member.link_target is not None else None,
+            type=_type_name(member), mode=f"{member.mode & 0o7777:04o}", uid=member.uid, gid=member.gid,
+            mtime=member.mtime, size=member.size, sha256=digest,
+            link_target=(member.link_target.decode("utf-8", "surrogateescape")
+                         if member.link_target is not None else None),
             rdev=f"{member.rdev[0]}:{member.rdev[1]}" if member.is_device else None,
         )
     for ino, (size, digest) in link_data.items():  # newc stores hardlink data on the last link only

@@ -65,7 +65,8 @@ def load_expected(path: str | os.PathLike) -> dict[str, bytes]:
         document = document["Measurements"]
     if not isinstance(document, dict):
         raise FormatError(f"{path}: not a measurements document (expected a JSON object with PCR0…)")
-    expected = {name: parse_pcr_hex(document[name], f"{path}: {name}") for name in PCR_NAMES if isinstance(document.get(name), str)}
+    expected = {name: parse_pcr_hex(document[name], f"{path}: {name}")
+                for name in PCR_NAMES if isinstance(document.get(name), str)}
     if not expected:
         raise FormatError(f"{path}: no PCR0/PCR1/PCR2/PCR8 values found")
     return expected
@@ -91,7 +92,9 @@ def verify_eif(
     facts = inspect_image(reader, at=at)
     actual = facts.check.measurements
     report = VerifyReport(measurements=actual.as_hex())
-    report.checks.append(Check("structure", True, f"EIF v{reader.header.version}, {len(reader.sections)} sections" + ("" if reader.contiguous else " (non-contiguous)")))
+    layout = "" if reader.contiguous else " (non-contiguous)"
+    structure = f"EIF v{reader.header.version}, {len(reader.sections)} sections{layout}"
+    report.checks.append(Check("structure", True, structure))
     crc = facts.check
     report.checks.append(Check("crc", crc.crc_ok, f"header 0x{crc.header_crc:08x}, computed 0x{crc.computed_crc:08x}"))
     report.checks.append(_signature_check(reader, facts, certificate, expected))
@@ -118,7 +121,9 @@ def _certificate_check(facts, certificate: x509.Certificate) -> Check:
     given = certificate.public_bytes(serialization.Encoding.DER)
     stored = facts.signature.certificate.public_bytes(serialization.Encoding.DER)
     if given != stored:
-        return Check("certificate", False, f"the image was signed by {facts.signature.certificate.subject.rfc4514_string()}, not by the given certificate {certificate.subject.rfc4514_string()}")
+        signer = facts.signature.certificate.subject.rfc4514_string()
+        return Check("certificate", False, f"the image was signed by {signer}, "
+                                           f"not by the given certificate {certificate.subject.rfc4514_string()}")
     return Check("certificate", True, "signed by the given certificate")
 
 

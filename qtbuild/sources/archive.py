@@ -116,12 +116,12 @@ class TarIndex:
             raise ImageError(f"{self._what} is {compression}-compressed; random access needs the plain tar: "
                              "decompress it first (docker save writes it uncompressed)")
         f.seek(0)
-        tar = tarfile.open(fileobj=_BoundedFile(f, self._what), mode="r:")
-        while (info := tar.next()) is not None:
-            if len(self.members) >= max_members:
-                raise ImageError(f"{self._what}: more than {max_members} members")
-            tar.members.clear()  # the index below is all we keep
-            self._add(info)
+        with tarfile.open(fileobj=_BoundedFile(f, self._what), mode="r:") as tar:
+            while (info := tar.next()) is not None:
+                if len(self.members) >= max_members:
+                    raise ImageError(f"{self._what}: more than {max_members} members")
+                tar.members.clear()  # the index below is all we keep
+                self._add(info)
 
     def _add(self, info: tarfile.TarInfo) -> None:
         if (info.isdir() or not info.name or info.name.startswith("/") or "\0" in info.name

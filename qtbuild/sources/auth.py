@@ -160,7 +160,9 @@ def lookup_credentials(host: str, path: Path | None = None) -> CredentialLookup:
         return CredentialLookup(path, credentials)
     helper = _helper_for(config, host)
     if helper:
-        return CredentialLookup(path, None, f"{path} stores credentials for {host} in credential helper docker-credential-{helper}")
+        return CredentialLookup(
+            path, None, f"{path} stores credentials for {host} in credential helper docker-credential-{helper}"
+        )
     if entry and entry.get("identitytoken"):
         return CredentialLookup(path, None, f"{path} holds an identity token for {host}")
     return CredentialLookup(path)

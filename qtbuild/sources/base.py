@@ -150,7 +150,7 @@ class Image(abc.ABC):
     def config(self) -> dict:
         return parse_json_document(self.config_bytes(), "image config")
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 -- a no-op default: sources without temporary files keep it
         """Release temporary files or connections."""
 
     def __enter__(self) -> Image:

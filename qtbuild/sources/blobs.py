@@ -216,7 +216,9 @@ class _Decompressed(_Stream):
         if self._hash is not None:
             actual = "sha256:" + self._hash.hexdigest()
             if actual != self._diff_id:
-                raise ImageError(f"{self._what}: diff_id mismatch, config says {self._diff_id}, layer content is {actual}")
+                raise ImageError(
+                    f"{self._what}: diff_id mismatch, config says {self._diff_id}, layer content is {actual}"
+                )
         self._done = True
 
     def close(self) -> None:
@@ -335,7 +337,7 @@ class FileRange(io.RawIOBase):
 
     def __init__(self, path: str | os.PathLike, start: int, size: int):
         super().__init__()
-        self._file = open(path, "rb")
+        self._file = open(path, "rb")  # noqa: SIM115 -- the stream owns it; close() closes it
         self._file.seek(start)
         self._remaining = size
 

@@ -4,13 +4,14 @@ The daemon is reached the way the docker CLI does it (``docker.from_env()``: ``D
 ``DOCKER_TLS_VERIFY``, ``DOCKER_CERT_PATH``).  The image is inspected, then saved by its ID
 (``GET /images/{id}/get``, what ``docker save`` does; never ``docker run``/``export``) in 1 MiB
 chunks into a temporary file (in ``TMPDIR``), which is read as a docker-archive
-(:class:`ArchiveImage`) and removed on :meth:`close`.  Saving by ID rather than by name means a tag moved meanwhile cannot
-swap the image.  With Engine API ≥ 1.48 a requested platform is passed to the save; with older
+(:class:`ArchiveImage`) and removed on :meth:`close`.  Saving by ID rather than by name means a tag
+moved meanwhile cannot swap the image.  With Engine API ≥ 1.48 a requested platform is passed to the save; with older
 daemons the saved image's config is checked against it instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -108,7 +109,5 @@ class DaemonImage(ArchiveImage):
     def close(self) -> None:
         path, self._temp_path = getattr(self, "_temp_path", None), None
         if path:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass

@@ -152,7 +152,8 @@ def is_loopback(host: str) -> bool:
 
 
 def _plain_http_refusal(target: str) -> str:
-    return f"refusing plain HTTP to {target}: only loopback registries (127.0.0.0/8, ::1, localhost) may be reached without TLS"
+    return (f"refusing plain HTTP to {target}: "
+            "only loopback registries (127.0.0.0/8, ::1, localhost) may be reached without TLS")
 
 
 def _origin(url: str) -> tuple[str, str]:
@@ -275,7 +276,9 @@ def _connection_error(reason: object, url: str, what: str) -> ImageError:
     """A clear ImageError for a failure to talk to ``url`` at all."""
     netloc = urllib.parse.urlsplit(url).netloc
     if isinstance(reason, ssl.SSLCertVerificationError):
-        return ImageError(f"{what}: TLS certificate verification failed for {netloc}: {reason.verify_message or reason}")
+        return ImageError(
+            f"{what}: TLS certificate verification failed for {netloc}: {reason.verify_message or reason}"
+        )
     if isinstance(reason, ssl.SSLError):
         return ImageError(f"{what}: TLS error talking to {netloc}: {reason}")
     if isinstance(reason, ConnectionRefusedError):
@@ -392,7 +395,9 @@ class RegistryClient(BlobStore):
         declared = response.headers.get("Content-Length")
         if declared and declared.strip().isdigit() and int(declared) != descriptor.size:
             response.close()
-            raise ImageError(f"{what}: size mismatch, registry sends {int(declared)} bytes, manifest says {descriptor.size}")
+            raise ImageError(
+                f"{what}: size mismatch, registry sends {int(declared)} bytes, manifest says {descriptor.size}"
+            )
         return _HttpBody(response, what)
 
 

@@ -351,7 +351,7 @@ def pair_layers(manifest: Manifest, config: dict, what: str) -> list[tuple[Descr
         raise ImageError(f"{what}: manifest lists {len(manifest.layers)} layers but config "
                          f"rootfs.diff_ids has {len(diff_ids)}")
     return [(d, check_digest(diff_id, f"{what} diff_id {i}"))
-            for i, (d, diff_id) in enumerate(zip(manifest.layers, diff_ids))]
+            for i, (d, diff_id) in enumerate(zip(manifest.layers, diff_ids, strict=True))]
 
 
 def canonical_json(document: object) -> bytes:

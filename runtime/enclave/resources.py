@@ -123,10 +123,8 @@ def _remove_tree(path: Path) -> None:
 
 
 def _forget_leaf(state_dir: str, leaf_name: str) -> None:
-    try:
+    with contextlib.suppress(PkiError):  # the PKI is gone: nothing to forget
         LocalPki.load(state_dir).forget_leaf(leaf_name)
-    except PkiError:
-        pass  # the PKI is gone: nothing to forget
 
 
 def _attempt(what: str, action, *args, **kwargs) -> None:

@@ -23,6 +23,7 @@ Admin APIs (``admin/...``) need a principal created as admin; policies do not ap
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -357,10 +358,8 @@ def decrypt_data(call: Call) -> dict:
 
 def _text_fields(plaintext: bytes) -> dict:
     reply = {"plain_text_base64": base64.b64encode(plaintext).decode("ascii")}
-    try:
+    with contextlib.suppress(UnicodeDecodeError):
         reply["plain_text"] = plaintext.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
     return reply
 
 

@@ -22,6 +22,7 @@ gone by then.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -169,10 +170,8 @@ def reap(app_pid: int) -> int:
             return app_status
         if pid == app_pid:
             app_status = wait_status
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(-1, signal.SIGKILL)  # from PID 1: every other process in the namespace
-            except ProcessLookupError:
-                pass
 
 
 # -- the application ----------------------------------------------------------------------------
@@ -214,10 +213,8 @@ def close_all_fds(keep: int) -> None:
             raise
         for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
             if fd > 2 and fd != keep:
-                try:
+                with contextlib.suppress(OSError):  # the directory listing's own fd
                     os.close(fd)
-                except OSError:
-                    pass  # the directory listing's own fd
 
 
 def _set_rlimits() -> None:

@@ -153,10 +153,8 @@ class VsockConfig:
             dir_set=root is not None,
         )
         cid_text = env.get(ENV_CID)
-        if cid_text:
-            cid = _parse_cid(cid_text)
-        else:
-            cid = (local_cid() or PARENT_CID) if transport == NATIVE else PARENT_CID
+        native = transport == NATIVE
+        cid = _parse_cid(cid_text) if cid_text else (local_cid() or PARENT_CID) if native else PARENT_CID
         return cls(transport, cid, root)
 
 
@@ -397,7 +395,9 @@ class Listener:
     def _identify(self, conn: socket.socket, address, deadline: float | None) -> Address | None:
         if self.config.transport == NATIVE:
             return tuple(address)
-        wait = self.header_timeout if deadline is None else min(self.header_timeout, max(deadline - time.monotonic(), 0.001))
+        wait = self.header_timeout
+        if deadline is not None:
+            wait = min(wait, max(deadline - time.monotonic(), 0.001))
         conn.settimeout(wait)
         try:
             data = _recv_exactly(conn, _HEADER.size)
@@ -518,9 +518,8 @@ def _registrations(root: str) -> dict[int, str]:
         return {}
     found = {}
     for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            with open(os.path.join(directory, name), encoding="ascii") as handle:
-                found[int(name)] = handle.read().strip()
+        with contextlib.suppress(FileNotFoundError), open(os.path.join(directory, name), encoding="ascii") as handle:
+            found[int(name)] = handle.read().strip()
     return found
 
 

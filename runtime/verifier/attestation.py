@@ -233,7 +233,7 @@ def _verify_chain(
     """Check [leaf, INTERM_N, …, INTERM_1, root]; return the parsed leaf and root."""
     ders = [doc.certificate, *reversed(doc.cabundle[1:]), doc.cabundle[0]]
     names = ["leaf", *(f"cabundle[{i}]" for i in range(len(doc.cabundle) - 1, 0, -1)), "root"]
-    chain = [_load_certificate(der, name) for der, name in zip(ders, names)]
+    chain = [_load_certificate(der, name) for der, name in zip(ders, names, strict=True)]
     for position in range(len(chain) - 1):
         _check_link(ders[position], ders[position + 1])
     for below, authority in enumerate(chain[1:]):

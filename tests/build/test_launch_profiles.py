@@ -7,13 +7,13 @@ import stat
 
 import pytest
 
-from qtbuild.formats.cpio import CpioEntry, iter_archive
-from qtbuild.formats.local_abi import parse_local_kernel
-from qtbuild.errors import ImageError
-from qtbuild.formats.launch_record import DEFAULT_PATH
-from qtbuild.convert.launch_config import resolve_launch, tree_file_reader
 from qtbuild.convert.boot_profiles import blobs_profile, kernel_arch, local_profile
+from qtbuild.convert.launch_config import resolve_launch, tree_file_reader
 from qtbuild.convert.ramdisk import customer_ramdisk
+from qtbuild.errors import ImageError
+from qtbuild.formats.cpio import CpioEntry, iter_archive
+from qtbuild.formats.launch_record import DEFAULT_PATH
+from qtbuild.formats.local_abi import parse_local_kernel
 
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n"
 GROUP = b"root:x:0:\napp:x:1000:\nstaff:x:50:app,other\n"

@@ -47,7 +47,8 @@ def parent(root: str) -> vsock.VsockConfig:
 
 
 async def enclave_connect(root: str, port: int, enclave_cid: int = 4):
-    return await vsock.open_connection(vsock.PARENT_CID, port, config=vsock.VsockConfig(vsock.EMULATED, enclave_cid, root), timeout=5)
+    config = vsock.VsockConfig(vsock.EMULATED, enclave_cid, root)
+    return await vsock.open_connection(vsock.PARENT_CID, port, config=config, timeout=5)
 
 
 @contextlib.asynccontextmanager
@@ -90,7 +91,10 @@ async def is_closed_by_peer(reader, timeout: float = 5) -> bool:
 
 def test_bytes_flow_both_ways_with_half_close(root):
     async def scenario():
-        async with echo_server(greeting=b"hello ") as port, Proxy(config((8000, "127.0.0.1", port)), vsock_config=parent(root)):
+        async with (
+            echo_server(greeting=b"hello ") as port,
+            Proxy(config((8000, "127.0.0.1", port)), vsock_config=parent(root)),
+        ):
             reader, writer = await enclave_connect(root, 8000)
             writer.write(b"x" * 300_000)
             writer.write_eof()
@@ -300,7 +304,8 @@ def test_config_accepts_qproxy_outbound_connections_and_a_plain_allowlist_array(
 
 @pytest.mark.parametrize("text, message", [
     ("max_connections = 3", "no routes"),
-    ("[[routes]]\nvsock_port = 8000\nhost = '127.0.0.1'\nport = 'https'", "routes[0].port: expected an integer in 1..65535"),
+    ("[[routes]]\nvsock_port = 8000\nhost = '127.0.0.1'\nport = 'https'",
+     "routes[0].port: expected an integer in 1..65535"),
     ("[[routes]]\nvsock_port = 8000\nhost = '127.0.0.1'", "routes[0]: missing key(s) port"),
     ("[[routes]]\nvsock_port = 8000\nhost = '127.0.0.1'\nport = 1\nwhat = 2", "routes[0]: unknown key(s) what"),
     ("[[routes]]\nvsock_port = -1\nhost = 'h'\nport = 1", "routes[0].vsock_port"),
