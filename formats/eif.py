@@ -20,7 +20,6 @@ import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 from qtbuild.formats.crc32 import crc32_combine
 from qtbuild.formats.eif_stream import SECTION_HEADER, SectionStreamDigest
@@ -167,7 +166,7 @@ class EifReader:
     section.  ``notes`` lists tolerated oddities (e.g. a non-contiguous layout).
     """
 
-    fileobj: BinaryIO
+    fileobj: io.BufferedIOBase  # read, readinto and seek: a file opened "rb" or a BytesIO
     file_size: int
     header: EifHeader = field(init=False)
     sections: list[Section] = field(init=False)
@@ -359,7 +358,7 @@ class EifReader:
         """The section as a :class:`~qtbuild.formats.eif_writer.SectionSource` (to copy it into a new image)."""
         return ReaderSectionSource(self, section)
 
-    def section_reader(self, section: Section) -> BinaryIO:
+    def section_reader(self, section: Section) -> SectionFile:
         """A read-only, bounded file object over one section's data (for cpio readers etc.)."""
         return SectionFile(self.fileobj, section.data_offset, section.size)
 
@@ -398,7 +397,7 @@ class ReaderSectionSource:
 class SectionFile(io.RawIOBase):
     """Read-only window ``[start, start + size)`` of a seekable file, with its own position."""
 
-    def __init__(self, fileobj: BinaryIO, start: int, size: int) -> None:
+    def __init__(self, fileobj: io.BufferedIOBase, start: int, size: int) -> None:
         super().__init__()
         self._file = fileobj
         self._start = start
@@ -431,7 +430,7 @@ class SectionFile(io.RawIOBase):
         return got
 
 
-def _read_exact(fileobj: BinaryIO, size: int, offset: int) -> bytes:
+def _read_exact(fileobj: io.BufferedIOBase, size: int, offset: int) -> bytes:
     data = fileobj.read(size)
     if len(data) != size:
         raise EifFormatError(f"unexpected end of file: wanted {size} bytes at offset {offset}, got {len(data)}")

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from qtbuild.formats.crc32 import crc32_combine
 from qtbuild.formats.eif import (
@@ -51,7 +52,8 @@ class SectionSource(Protocol):
     hashing it.  It must yield exactly ``size`` bytes in total.
     """
 
-    size: int
+    @property
+    def size(self) -> int: ...
 
     def chunks(self) -> Iterator[bytes | bytearray | memoryview]: ...
 
@@ -72,7 +74,7 @@ class BytesSource:
 class FileSource:
     """Section data read from a binary file object, from its current position, ``size`` bytes."""
 
-    def __init__(self, fileobj: BinaryIO, size: int, chunk_size: int = CHUNK_SIZE) -> None:
+    def __init__(self, fileobj: io.BufferedIOBase, size: int, chunk_size: int = CHUNK_SIZE) -> None:
         self._file = fileobj
         self.size = size
         self._chunk_size = chunk_size

@@ -193,6 +193,7 @@ class _Extractor:
     def _make_symlink(self, member: CpioMember) -> None:
         with self._parent(member.path) as (parent_fd, name):
             self._clear(parent_fd, name, member.path, keep_dir=False)
+            assert member.link_target is not None  # iter_archive reads every symlink's target
             os.symlink(member.link_target, name, dir_fd=parent_fd)
             if self._preserve_owner:
                 os.chown(name, member.uid, member.gid, dir_fd=parent_fd, follow_symlinks=False)

@@ -115,7 +115,7 @@ def stop_command(enclave_id: int | None, stop_all: bool) -> None:
     if (enclave_id is None) == (not stop_all):
         raise InputError("give exactly one of --enclave-id N and --all")
     manager = Manager()
-    emit_json(manager.stop_all() if stop_all else manager.stop(enclave_id))
+    emit_json(manager.stop(enclave_id) if enclave_id is not None else manager.stop_all())
 
 
 @enclave_group.command("console")
@@ -142,7 +142,8 @@ def _run(eif: str, *, cpus: int, mem: int, cid: int | None, debug_mode: bool, at
         started.close()
         return
     sys.stdout.flush()
-    output = click.get_binary_stream("stdout")
+    output = sys.stdout.buffer  # click.get_binary_stream is deprecated (click 9 drops it)
+    assert started.console is not None  # attach mode
     try:
         while data := started.console.read(_COPY_CHUNK):
             output.write(data)

@@ -26,6 +26,7 @@ def command(input_path: str | None, certificate_path: str | None) -> None:
     if input_path is not None:
         emit_json({"PCR": _file_pcr(input_path)})
         return
+    assert certificate_path is not None  # exactly one of the two was given
     with open(certificate_path, "rb") as handle:
         data = handle.read(MAX_CERTIFICATE_FILE + 1)
     if len(data) > MAX_CERTIFICATE_FILE:

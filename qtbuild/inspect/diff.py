@@ -52,7 +52,7 @@ class FileInfo:
 def diff_eifs(a: EifReader, b: EifReader) -> dict:
     """The difference report between two open images (``Identical`` true when bytes agree)."""
     facts_a, facts_b = inspect_image(a), inspect_image(b)
-    report = {
+    report: dict = {
         "Measurements": _measurement_diff(facts_a, facts_b),
         "Header": _header_diff(a, b),
         "Sections": _section_diff(a, b, facts_a, facts_b),
@@ -144,7 +144,7 @@ def _index_ramdisk(reader: EifReader, index: int) -> dict[str, FileInfo] | None:
         return None
     files: dict[str, FileInfo] = {}
     link_paths: dict[int, list[str]] = {}
-    link_data: dict[int, tuple[int, str]] = {}
+    link_data: dict[int, tuple[int, str | None]] = {}
     for member, data in iter_archive(reader.section_reader(section), archive_size=section.size):
         path = member.path.decode("utf-8", "surrogateescape")
         digest = _hash_member(data) if member.is_file else None
@@ -180,7 +180,7 @@ def _type_name(member) -> str:
 
 
 def _compare_files(index: int, a: dict[str, FileInfo] | None, b: dict[str, FileInfo] | None) -> dict:
-    result = {"Ramdisk": index, "Added": [], "Removed": [], "Changed": []}
+    result: dict = {"Ramdisk": index, "Added": [], "Removed": [], "Changed": []}
     if a is None or b is None:
         result["Note"] = "not an uncompressed cpio archive: compared at section level only"
         return result

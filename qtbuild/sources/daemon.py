@@ -93,11 +93,12 @@ class DaemonImage(ArchiveImage):
         try:
             image = _inspect(client, ref)
             self._inspect = image.attrs
-            self._temp_path = _save_to_temp(client, image.id, ref, platform)
+            saved = _save_to_temp(client, image.id, ref, platform)
+            self._temp_path: str | None = saved
         finally:
             client.close()
         try:
-            super().__init__(self._temp_path, platform=platform, reference=f"docker://{ref}")
+            super().__init__(saved, platform=platform, reference=f"docker://{ref}")
         except BaseException:
             self.close()
             raise
@@ -107,7 +108,8 @@ class DaemonImage(ArchiveImage):
         return list(self._inspect.get("RepoDigests") or [])
 
     def close(self) -> None:
-        path, self._temp_path = getattr(self, "_temp_path", None), None
+        path = getattr(self, "_temp_path", None)
+        self._temp_path = None
         if path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -36,7 +36,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from qtbuild.errors import ImageError
 from qtbuild.sources.auth import MAX_TOKEN_RESPONSE, Authenticator
@@ -373,7 +373,7 @@ class RegistryClient(BlobStore):
         _check_document_size(descriptor, what)
         path = f"/v2/{self.ref.repository}/manifests/{descriptor.digest}"
         response = self.get(path, what=what, accept=MANIFEST_ACCEPT)
-        return read_document(_HttpBody(response, what), descriptor, what)
+        return read_document(cast(BinaryIO, _HttpBody(response, what)), descriptor, what)  # read/close only
 
     def read_document(self, descriptor: Descriptor, what: str) -> bytes:
         """A small blob (config), verified; an oversized one is refused before it is requested."""
@@ -398,7 +398,7 @@ class RegistryClient(BlobStore):
             raise ImageError(
                 f"{what}: size mismatch, registry sends {int(declared)} bytes, manifest says {descriptor.size}"
             )
-        return _HttpBody(response, what)
+        return cast(BinaryIO, _HttpBody(response, what))  # its readers use read/close only
 
 
 class RegistryImage(StoreImage):

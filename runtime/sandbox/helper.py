@@ -126,7 +126,10 @@ def init(plan: dict, status: Channel, rootless: bool) -> int:
     code = os.WEXITSTATUS(app_status) if os.WIFEXITED(app_status) else None
     sig = os.WTERMSIG(app_status) if os.WIFSIGNALED(app_status) else None
     status.send(exit={"code": code, "signal": sig})
-    return code if code is not None else 128 + sig
+    if code is not None:
+        return code
+    assert sig is not None  # waitpid without WUNTRACED: the application exited or was killed
+    return 128 + sig
 
 
 def _spawn_application(plan: dict, rootless: bool) -> tuple[int, str | None]:

@@ -79,9 +79,11 @@ class SandboxSpec:
                 raise SandboxError(f"{label}: {value!r} is not a valid id")
         if not self.hostname or len(self.hostname) > 64 or "\0" in self.hostname:
             raise SandboxError(f"hostname: {self.hostname!r} must be 1-64 characters")
-        for label, value in (("memory_bytes", self.memory_bytes), ("cpus", self.cpus), ("pids_max", self.pids_max)):
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise SandboxError(f"{label}: {value!r} must be a positive integer or None")
+        limits: tuple[tuple[str, int | None], ...] = (
+            ("memory_bytes", self.memory_bytes), ("cpus", self.cpus), ("pids_max", self.pids_max))
+        for label, limit in limits:
+            if limit is not None and (not isinstance(limit, int) or limit <= 0):
+                raise SandboxError(f"{label}: {limit!r} must be a positive integer or None")
         if not _NAME.fullmatch(self.name):
             raise SandboxError(f"name: {self.name!r} must be 1-64 of [A-Za-z0-9_.-], not starting with '.' or '-'")
         for bind in self.binds:

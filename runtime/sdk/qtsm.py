@@ -165,7 +165,7 @@ def _recv_exact(connection: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def open_transport(path: str | None = None, *, timeout: float = 10.0):
+def open_transport(path: str | os.PathLike | None = None, *, timeout: float = 10.0):
     """The transport for ``path``, or for the first device of DEFAULT_PATHS (see module doc)."""
     if path is not None:
         return _transport_for(os.fspath(path), timeout, explicit=True)

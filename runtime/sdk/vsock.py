@@ -80,6 +80,7 @@ import stat
 import struct
 import time
 from dataclasses import dataclass
+from typing import overload
 
 ENV_DIR = "QTBUILD_VSOCK_DIR"
 ENV_CID = "QTBUILD_VSOCK_CID"
@@ -140,6 +141,12 @@ class VsockConfig:
             raise VsockConfigError(f"the emulated vsock transport needs a socket directory (set {ENV_DIR})")
         if self.transport == NATIVE and not hasattr(socket, "AF_VSOCK"):
             raise VsockConfigError("the native vsock transport needs socket.AF_VSOCK (Linux)")
+
+    @property
+    def emulated_root(self) -> str:
+        """``root`` of an emulated configuration (``__post_init__`` refuses one without)."""
+        assert self.root is not None, "a native configuration has no socket directory"
+        return self.root
 
     @classmethod
     def from_env(cls, environ=None) -> VsockConfig:
@@ -216,7 +223,7 @@ def _new_socket(cfg: VsockConfig) -> socket.socket:
 
 
 def _target(cfg: VsockConfig, cid: int, port: int):
-    return (cid, port) if cfg.transport == NATIVE else socket_path(cfg.root, cid, port)
+    return (cid, port) if cfg.transport == NATIVE else socket_path(cfg.emulated_root, cid, port)
 
 
 def _hello(cfg: VsockConfig) -> bytes:
@@ -314,7 +321,7 @@ def _listen_native(cfg: VsockConfig, port: int, backlog: int, header_timeout: fl
 
 
 def _listen_emulated(cfg: VsockConfig, port: int, backlog: int, header_timeout: float) -> Listener:
-    path = socket_path(cfg.root, cfg.cid, port)
+    path = socket_path(cfg.emulated_root, cfg.cid, port)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     sock = _new_socket(cfg)
     try:
@@ -409,7 +416,7 @@ class Listener:
         """``claimed`` if it passes the peer-identity check (see the module docstring), else None."""
         if claimed is None or self.config.transport == NATIVE:
             return claimed
-        return claimed if _identity_ok(self.config.root, claimed[0], conn) else None
+        return claimed if _identity_ok(self.config.emulated_root, claimed[0], conn) else None
 
     def close(self) -> None:
         if self._closed:
@@ -432,6 +439,10 @@ class Listener:
         return f"<vsock.Listener cid={self.cid} port={self.port} transport={self.config.transport}>"
 
 
+@overload
+def _remaining(deadline: float) -> float: ...
+@overload
+def _remaining(deadline: None) -> None: ...
 def _remaining(deadline: float | None) -> float | None:
     if deadline is None:
         return None
@@ -494,7 +505,7 @@ def register_enclave(cid: int, pid: int, *, config: VsockConfig | None = None) -
     namespace = _net_namespace(pid)
     if namespace is None:
         raise OSError(errno.ESRCH, f"cannot read the network namespace of pid {pid}")
-    directory = os.path.join(cfg.root, _REGISTRY)
+    directory = os.path.join(cfg.emulated_root, _REGISTRY)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     temporary = os.path.join(directory, f".{cid}.{os.getpid()}")
     with open(temporary, "w", encoding="ascii") as handle:

@@ -27,6 +27,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -54,7 +55,9 @@ KNOWN_ROOTS = {
 PLATFORMS = ("auto", "qingtian", "nitro", "local")
 LIMITS = {"nitro": NITRO_LIMITS, "qingtian": QINGTIAN_LIMITS, "local": QINGTIAN_LIMITS}
 #: Signature encodings tried, in order, per platform.
-ENCODINGS = {"nitro": ("big",), "qingtian": ("big", "little"), "local": ("big",)}
+ENCODINGS: dict[str, tuple[Literal["big", "little"], ...]] = {
+    "nitro": ("big",), "qingtian": ("big", "little"), "local": ("big",)
+}
 #: How far in the future a timestamp may be (clock skew) when an age limit applies.
 CLOCK_SKEW = timedelta(minutes=5)
 CHECKS = (
