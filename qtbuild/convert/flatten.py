@@ -4,8 +4,8 @@
 its members to a virtual tree, and returns a :class:`FlatTree` whose :meth:`~FlatTree.entries`
 are :class:`~qtbuild.formats.cpio.CpioEntry` objects ready for :class:`~qtbuild.formats.cpio.CpioArchive`.
 
-Semantics (docs: /work/shared/spec/images.md, "Applying layers" and "Hostile input")
-----------------------------------------------------------------------------------------
+Semantics (docs/images.md, "Applying layers" and "Hostile input")
+-----------------------------------------------------------------
 * Member names: leading ``/`` (absolute) and ``..`` components are refused; ``.`` and empty
   components (``./a``, ``a//b``, ``a/``) are dropped; ``.``/``./`` (the root) are ignored if they
   are directories.  Components are at most 255 bytes, resolved paths at most 4095 bytes.

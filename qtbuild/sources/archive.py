@@ -1,6 +1,6 @@
 """``docker-archive:PATH[:REF]``: a ``docker save`` tarball, read in place.
 
-Three layouts occur (see the images spec):
+Three layouts occur (see docs/images.md, "Sources"):
 
 (a) legacy: ``manifest.json`` → ``<id>.json`` config and ``<dir>/layer.tar`` layers.  There is no
     real manifest, so a deterministic OCI manifest is synthesised: config digest/size from the

@@ -3,7 +3,7 @@
 Namespaces (user when unprivileged, mount, PID, network, IPC, UTS, cgroup), a pivoted root with
 fresh ``/proc``, ``/dev`` and ``/tmp``, cgroup limits (v2 or v1), no capabilities,
 ``no_new_privs`` and a seccomp deny list (``socket(AF_VSOCK)`` included), in the step order of
-``shared/spec/sandbox.md``.  Public API::
+docs/sandbox.md.  Public API::
 
     spec = SandboxSpec(root="/path/to/rootfs", argv=["/app"], env=["PATH=/bin"], memory_bytes=256 << 20)
     sandbox = start_sandbox(spec)      # raises SandboxError naming any protection it cannot apply

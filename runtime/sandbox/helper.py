@@ -6,7 +6,7 @@ reports on fd M, one JSON object per line: ``{"pid": P}`` (host pid of the sandb
 then ``{"started": true}`` once the application is exec'd or ``{"error": "..."}`` naming the
 step that failed, and finally ``{"exit": {"code": C, "signal": S}}`` when the application ends.
 
-Three processes, one straight line (step numbers as in the sandbox spec):
+Three processes, one straight line (step numbers as in docs/sandbox.md):
 
 * helper (outside)  1 join the cgroup · 2 unshare namespaces, map ids when unprivileged ·
   3 fork PID 1, report its pid, wait for it and exit as it did.

@@ -16,7 +16,7 @@ Device (``Qtsm(path=None)`` auto-detects, first match wins)
     public — is not probed.)
 
 Contracts
-    Requests are the NSM/QTSM CBOR schema (``/work/shared/spec/attestation.md`` §1).  A request
+    Requests are the NSM/QTSM CBOR schema (docs/attestation.md, "Device API").  A request
     whose encoding exceeds 4096 bytes is refused before sending: ``QtsmError("InputTooLarge")``.
     Responses over 0x3000 bytes, undecodable ones, or ones of the wrong shape →
     ``QtsmError("InvalidResponse")``; a device's ``{"Error": v}`` → ``QtsmError(v)``.  A failing

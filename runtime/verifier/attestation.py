@@ -47,7 +47,7 @@ from qtbuild.formats.attestation import (
 from qtbuild.formats.cose import CoseSign1, verify1
 from qtbuild.formats.errors import CoseError, SignatureError
 
-#: SHA-256 fingerprints of the public hardware roots (spec §2).
+#: SHA-256 fingerprints of the public hardware roots (docs/attestation.md, "Chains").
 KNOWN_ROOTS = {
     "nitro": "641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c68f79bb5b",
     "qingtian": "f23443b4eb52a70719df49bdda0e57bb25f1c04530885dbecdbde241c8c4f581",
@@ -372,7 +372,8 @@ def _check_policy(
     at: datetime,
     allow_debug: bool,
 ) -> bool:
-    """Apply the caller's policy in the spec's order; return whether the document is debug."""
+    """Apply the caller's policy (docs/attestation.md, "Verification", step 5); return whether the
+    document is debug."""
     for index, expected in sorted(expect_pcrs.items()):
         actual = doc.pcrs.get(index)
         if actual != expected:

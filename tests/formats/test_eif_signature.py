@@ -1,4 +1,4 @@
-"""EIF signature section: spec vectors, sign/verify of PCR0, failure modes, strict decoding."""
+"""EIF signature section: the vectors of docs/pcrs.md, sign/verify of PCR0, failure modes, strict decoding."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def section(signer):
     return sign_pcr0(PCR0, key, pem)
 
 
-# --------------------------------------------------------------------------- spec vectors
+# --------------------------------------------------------------------------- vectors (docs/pcrs.md)
 
 
 def test_pcr_info_payload_matches_spec_vector():
