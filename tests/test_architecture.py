@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers.layers import check_tree, old_name_imports
+from helpers.layers import check_tree, old_name_imports, sys_path_edits
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,10 +27,24 @@ def test_the_tree_keeps_its_layers_and_has_no_import_cycles():
     assert not problems, "\n".join(problems)
 
 
+OUTSIDE = [path for folder in ("tests", "benchmarks", "samples", "scripts") for path in (ROOT / folder).rglob("*.py")]
+PACKAGES = [path for folder in ("formats", "runtime", "qtbuild") for path in (ROOT / folder).rglob("*.py")]
+
+
 def test_nothing_imports_the_old_top_level_names():
-    files = [path for folder in ("tests", "benchmarks", "samples", "scripts") for path in (ROOT / folder).rglob("*.py")]
-    problems = old_name_imports(files, ROOT)
+    problems = old_name_imports(OUTSIDE, ROOT)
     assert not problems, "\n".join(problems)
+
+
+def test_nothing_edits_sys_path():
+    problems = sys_path_edits(OUTSIDE + PACKAGES, ROOT)
+    assert not problems, "\n".join(problems)
+
+
+def test_sys_path_edits_are_found(tmp_path):
+    script = tmp_path / "bench.py"
+    script.write_text("import sys\nsys.path.insert(0, '..')\nsys.path += ['x']\nprint(sys.path)\n")
+    assert [line.split(":")[1] for line in sys_path_edits([script], tmp_path)] == ["2", "3"]
 
 
 # --------------------------------------------------------------------------- the checker itself

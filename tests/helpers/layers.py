@@ -212,3 +212,20 @@ def old_name_imports(files: Iterable[Path], root: Path) -> list[str]:
                 problems.append(f"{path.relative_to(root)}:{line}: imports the old top-level name {target!r} "
                                 f"(use qtbuild.{target})")
     return problems
+
+
+def sys_path_edits(files: Iterable[Path], root: Path) -> list[str]:
+    """Statements that change ``sys.path`` (a call on it, an assignment to it or a ``+=``)."""
+    problems = []
+    for path in files:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in sorted(ast.walk(tree), key=lambda node: getattr(node, "lineno", 0)):
+            targets: list[ast.expr] = []
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                targets = [node.func.value]
+            elif isinstance(node, ast.Assign | ast.AugAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(ast.unparse(target) == "sys.path" for target in targets):
+                problems.append(f"{path.relative_to(root)}:{node.lineno}: edits sys.path "
+                                "(the package is imported from its installed location)")
+    return problems
