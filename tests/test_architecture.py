@@ -4,6 +4,7 @@ what it is for: a synthetic tree with one bad import or one cycle fails, naming 
 from __future__ import annotations
 
 import textwrap
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,11 @@ def test_a_package_importing_its_own_submodules_is_no_cycle(tmp_path):
         "import cycle: qtbuild.runtime.enclave -> qtbuild.runtime.enclave.manager -> "
         "qtbuild.runtime.enclave.state -> qtbuild.runtime.enclave"
     ]
+
+
+def test_every_test_directory_is_collected(request):
+    """pytest skips directories matching ``norecursedirs`` (by default even one called build)."""
+    patterns = request.config.getini("norecursedirs")
+    skipped = [path.relative_to(ROOT) for path in (ROOT / "tests").rglob("*") if path.is_dir()
+               and path.name != "__pycache__" and any(fnmatch(path.name, pattern) for pattern in patterns)]
+    assert not skipped, f"norecursedirs hides {skipped}"
