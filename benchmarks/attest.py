@@ -20,11 +20,8 @@ import json
 import os
 import socket
 import struct
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import cbor2
 

@@ -35,7 +35,6 @@ import tarfile
 import tempfile
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 MIB = 1 << 20
 
 
@@ -120,18 +119,22 @@ def generate(workdir: str, total: int, files: int) -> dict:
     config_digest = _put_blob(blobs, config)
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": len(config)},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": s} for d, _, s in layers],
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
+                   "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": s}
+                   for d, _, s in layers],
     }, separators=(",", ":")).encode()
     manifest_digest = _put_blob(blobs, manifest)
     with open(os.path.join(layout, "index.json"), "w") as handle:
-        json.dump({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
-                   "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": "bench"}}]}, handle)
+        json.dump({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
+            "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": "bench"}}]}, handle)
     with open(os.path.join(layout, "oci-layout"), "w") as handle:
         handle.write('{"imageLayoutVersion":"1.0.0"}')
     archive = os.path.join(workdir, "bench.tar")
     _write_legacy_archive(archive, blobs, layers, config, config_digest)
-    return {"layout": layout, "archive": archive, "layers": [os.path.join(blobs, d.split(":")[1]) for d, _, _ in layers]}
+    return {"layout": layout, "archive": archive,
+            "layers": [os.path.join(blobs, d.split(":")[1]) for d, _, _ in layers]}
 
 
 def _put_blob(blobs: str, data: bytes) -> str:
@@ -147,7 +150,8 @@ def _write_legacy_archive(path: str, blobs: str, layers, config: bytes, config_d
         names = []
         for digest, diff_id, _ in layers:
             name = diff_id.split(":")[1] + "/layer.tar"
-            with gzip.open(os.path.join(blobs, digest.split(":")[1]), "rb") as source, tempfile.TemporaryFile() as plain:
+            with (gzip.open(os.path.join(blobs, digest.split(":")[1]), "rb") as source,
+                  tempfile.TemporaryFile() as plain):
                 shutil.copyfileobj(source, plain, 4 * MIB)
                 info = tarfile.TarInfo(name)
                 info.size = plain.tell()
@@ -155,7 +159,8 @@ def _write_legacy_archive(path: str, blobs: str, layers, config: bytes, config_d
                 tar.addfile(info, plain)
             names.append(name)
         _add_bytes(tar, config_digest.split(":")[1] + ".json", config)
-        _add_bytes(tar, "manifest.json", json.dumps([{"Config": config_digest.split(":")[1] + ".json", "RepoTags": ["bench:latest"], "Layers": names}]).encode())
+        entry = {"Config": config_digest.split(":")[1] + ".json", "RepoTags": ["bench:latest"], "Layers": names}
+        _add_bytes(tar, "manifest.json", json.dumps([entry]).encode())
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -176,7 +181,8 @@ def timed(command: str, env: dict | None = None) -> tuple[float, float]:
     """Run a shell command in a fresh wrapper process; return (seconds, peak RSS in MB of the
     largest process it ran)."""
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", _WRAPPER, command], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    result = subprocess.run([sys.executable, "-c", _WRAPPER, command], capture_output=True, text=True,
+                            env={**os.environ, **(env or {})})
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"benchmark command failed ({result.returncode}): {command}\n{result.stderr}")
@@ -195,9 +201,9 @@ def main() -> None:
     try:
         start = time.perf_counter()
         paths = generate(workdir, options.size_mib * MIB, options.files)
-        print(f"generated {options.size_mib} MiB / {options.files} files in {time.perf_counter() - start:.1f} s under {workdir}")
+        print(f"generated {options.size_mib} MiB / {options.files} files in {time.perf_counter() - start:.1f} s "
+              f"under {workdir}")
         qtbuild = f"{sys.executable} -c 'from qtbuild.cli import main; main()'"
-        env = {"PYTHONPATH": ROOT}
         rootfs = os.path.join(workdir, "umoci-rootfs")
         commands = {
             "convert (oci)": f"{qtbuild} convert -q oci:{paths['layout']}:bench -o {workdir}/oci.eif",
@@ -215,14 +221,15 @@ def main() -> None:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(os.path.join(workdir, output))
                 os.sync()  # no earlier run's dirty pages in flight
-                seconds, rss = timed(command, env if name.startswith("convert") else None)
+                seconds, rss = timed(command)
                 results[name] = (min(results[name][0], seconds), max(results[name][1], rss))
         floor, by_hand = results["floor"][0], results["by hand"][0]
         for name, (seconds, rss) in results.items():
             print(f"{name:18s} {seconds:7.2f} s   peak RSS {rss:7.1f} MB")
         for name in ("convert (oci)", "convert (archive)"):
             seconds = results[name][0]
-            print(f"{name}: {seconds / floor:.2f} x the floor (target <= 1.5), {by_hand / seconds:.2f} x faster than by hand (target >= 2)")
+            print(f"{name}: {seconds / floor:.2f} x the floor (target <= 1.5), "
+                  f"{by_hand / seconds:.2f} x faster than by hand (target >= 2)")
     finally:
         if not options.keep:
             shutil.rmtree(workdir, ignore_errors=True)

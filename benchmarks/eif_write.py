@@ -24,11 +24,8 @@ import hashlib
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 MIB = 1 << 20
 
@@ -154,8 +151,10 @@ def main() -> None:
         print(f"ramdisk: {options.size_mib} MiB, best of {options.repeat}")
         print(f"floor  (sha384 of the ramdisk file):        {floor_rate:8.1f} MB/s")
         print(f"I/O floor (plain copy to the output path):  {copy_rate:8.1f} MB/s")
-        print(f"write_eif, measure only (2x sha384 + crc):  {measure_rate:8.1f} MB/s  ratio {measure_rate / floor_rate:.2f} of the sha384 floor (target >= 0.80)")
-        print(f"write_eif to the file (+ write):            {write_rate:8.1f} MB/s  ratio {write_rate / min(floor_rate, copy_rate):.2f} of min(sha384, I/O) floor")
+        print(f"write_eif, measure only (2x sha384 + crc):  {measure_rate:8.1f} MB/s  "
+              f"ratio {measure_rate / floor_rate:.2f} of the sha384 floor (target >= 0.80)")
+        print(f"write_eif to the file (+ write):            {write_rate:8.1f} MB/s  "
+              f"ratio {write_rate / min(floor_rate, copy_rate):.2f} of min(sha384, I/O) floor")
         print(f"writer peak RSS: {peak_rss:.1f} MB  (target < 100 MB)")
         print(f"this process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f} MB")
 

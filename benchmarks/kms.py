@@ -31,8 +31,6 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
 from qtbuild.runtime.kms.state import read_credentials
 from qtbuild.runtime.qtsm.device import SecurityModule
 from qtbuild.runtime.qtsm.pki import LocalPki

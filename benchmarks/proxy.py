@@ -22,11 +22,8 @@ import multiprocessing
 import os
 import statistics
 import struct
-import sys
 import tempfile
 import time
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from qtbuild.runtime.proxy import Proxy, ProxyConfig, Route
 from qtbuild.runtime.sdk import vsock
@@ -129,7 +126,8 @@ async def throughput(open_stream, streams: int, size: int) -> float:
 
 
 async def latencies(open_stream, streams: int, round_trips: int) -> list[float]:
-    runs = await asyncio.wait_for(asyncio.gather(*(echo_latencies(open_stream, round_trips) for _ in range(streams))), DEADLINE)
+    echoes = (echo_latencies(open_stream, round_trips) for _ in range(streams))
+    runs = await asyncio.wait_for(asyncio.gather(*echoes), DEADLINE)
     return [sample for run in runs for sample in run]
 
 
@@ -160,7 +158,8 @@ def report(options, results: dict) -> None:
     for label, key in ((f"{options.streams} streams", "loaded"), ("1 stream", "alone")):
         d, p = direct[key], proxy[key]
         added = (statistics.median(p) - statistics.median(d)) * 1e3
-        print(f"latency {label:>10}: direct median {statistics.median(d) * 1e3:.3f} ms p99 {percentile(d, 0.99) * 1e3:.3f} ms; "
+        print(f"latency {label:>10}: direct median {statistics.median(d) * 1e3:.3f} ms "
+              f"p99 {percentile(d, 0.99) * 1e3:.3f} ms; "
               f"proxy median {statistics.median(p) * 1e3:.3f} ms p99 {percentile(p, 0.99) * 1e3:.3f} ms; "
               f"added median {added:.3f} ms")
     print("(target: added median latency < 1 ms)")

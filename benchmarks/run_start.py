@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark: time from ``qtbuild run`` to the application's first output, for a ≈50 MB image.
 
-Usage: python benchmarks/run_start.py [--size-mib 50] [--repeat 5] [--dir DIR] [--keep]
+Usage: PYTHONPATH=tests .venv/bin/python -P benchmarks/run_start.py [--size-mib 50] [--repeat 5] [--dir DIR] [--keep]
+(the image is built with the tests' helpers, so tests/ goes on the path: see README, Benchmarks)
 
 Builds (once, not timed) an image of a static busybox plus ≈ --size-mib of file data shaped like
 an application image (2000 small files, 100 medium, 2 large; random bytes, so nothing is
@@ -32,14 +33,10 @@ import tarfile
 import tempfile
 import time
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests", "qtbuild"))
-
-from imagefactory import default_config, write_oci_layout
-
 from qtbuild.convert.pipeline import ConvertOptions, convert
 from qtbuild.runtime.enclave import Manager, RunOptions
+
+from helpers.imagefactory import default_config, write_oci_layout
 
 MIB = 1 << 20
 FIRST_LINE = b"app: first output"
@@ -88,10 +85,10 @@ def memory_for(eif: str) -> int:
 
 
 def time_cli(eif: str, extra: list[str]) -> float:
-    command = [sys.executable, "-c", "from qtbuild.cli import main; main()", "run", eif, "--attach-console",
+    command = [sys.executable, "-P", "-c", "from qtbuild.cli import main; main()", "run", eif, "--attach-console",
                "--mem", str(memory_for(eif)), *extra]
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         for line in process.stdout:
             if line.startswith(FIRST_LINE):

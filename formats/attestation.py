@@ -32,10 +32,12 @@ variant a device returns for a bad request.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import cbor2
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from qtbuild.formats.cose import CoseSign1, decode_sign1, loads_strict, sign1
 from qtbuild.formats.errors import FormatError, SignatureError
@@ -128,7 +130,7 @@ def encode_payload(doc: AttestationDocument) -> bytes:
     )
 
 
-def sign_document(doc: AttestationDocument, private_key: object) -> bytes:
+def sign_document(doc: AttestationDocument, private_key: ec.EllipticCurvePrivateKey) -> bytes:
     """The untagged COSE_Sign1 ES384 document for ``doc``, signed with a P-384 ``private_key``.
 
     Signatures are standard big-endian r ‖ s.  SignatureError for any other kind of key.
@@ -263,16 +265,17 @@ class _PayloadReader:
     def read(self, depth: int) -> object:
         start = self.pos
         major, arg = self.head()
+        if major in (4, 5):
+            if depth >= MAX_PAYLOAD_DEPTH:
+                raise self.fail(f"nesting deeper than {MAX_PAYLOAD_DEPTH}", start)
+            return self.array(arg, depth + 1) if major == 4 else self.map(arg, depth + 1, start)
+        assert arg is not None  # head(): only an array or a map may be indefinite
         if major == 0:
             return arg
         if major == 1:
             return -1 - arg
         if major in (2, 3):
             return self.string(major, arg, start)
-        if major in (4, 5):
-            if depth >= MAX_PAYLOAD_DEPTH:
-                raise self.fail(f"nesting deeper than {MAX_PAYLOAD_DEPTH}", start)
-            return self.array(arg, depth + 1) if major == 4 else self.map(arg, depth + 1, start)
         if major == 6:
             raise self.fail(f"unexpected tag {arg}", start)
         simple = {20: False, 21: True, 22: None}
@@ -351,7 +354,7 @@ MAX_REQUEST_SIZE = 4096
 MAX_RESPONSE_SIZE = 0x3000
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """The ``{"Error": …}`` variants of the NSM/QTSM response schema."""
 
     INVALID_ARGUMENT = "InvalidArgument"
@@ -413,7 +416,7 @@ class GetRandom:
 
 
 Request = DescribePCR | ExtendPCR | LockPCR | LockPCRs | DescribeNSM | Attestation | GetRandom
-_UNIT_REQUESTS = {"DescribeNSM": DescribeNSM, "GetRandom": GetRandom}
+_UNIT_REQUESTS: dict[str, Callable[[], Request]] = {"DescribeNSM": DescribeNSM, "GetRandom": GetRandom}
 _U16 = 0xFFFF
 
 
@@ -477,7 +480,7 @@ def _extend_pcr(body: dict) -> ExtendPCR:
     return ExtendPCR(_index(body), data)
 
 
-_REQUEST_PARSERS = {
+_REQUEST_PARSERS: dict[str, Callable[[dict], Request]] = {
     "DescribePCR": lambda body: DescribePCR(_index(body)),
     "ExtendPCR": _extend_pcr,
     "LockPCR": lambda body: LockPCR(_index(body)),

@@ -101,7 +101,7 @@ def loads_strict(
         raise CoseError(f"{what}: invalid CBOR ({type(exc).__name__}: {exc})") from exc
     if body + stream.tell() != len(data):
         raise CoseError(f"{what}: trailing bytes at offset {body + stream.tell()}")
-    return cbor2.CBORTag(top_tag, value) if body else value
+    return cbor2.CBORTag(top_tag, value) if body and top_tag is not None else value
 
 
 class _Frame:
@@ -278,7 +278,7 @@ def decode_sign1(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE) -> CoseSign1:
     """
     value = loads_strict(data, what="COSE_Sign1", max_size=max_size, top_tag=COSE_SIGN1_TAG)
     tagged = isinstance(value, cbor2.CBORTag)
-    if tagged:
+    if isinstance(value, cbor2.CBORTag):
         value = value.value
     if not isinstance(value, list) or len(value) != 4:
         raise CoseError("COSE_Sign1: expected an array of 4 elements")

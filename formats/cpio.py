@@ -246,7 +246,7 @@ def _check_entry(entry: CpioEntry) -> None:
         _check_u32(entry, what, getattr(entry, what))
     if not (isinstance(entry.rdev, tuple) and len(entry.rdev) == 2):
         raise _refuse(entry.path, f"rdev {entry.rdev!r} is not a (major, minor) pair")
-    for what, value in zip(("rdev major", "rdev minor"), entry.rdev):
+    for what, value in zip(("rdev major", "rdev minor"), entry.rdev, strict=True):
         _check_u32(entry, what, value)
     is_reg, is_lnk = entry.file_type == stat.S_IFREG, entry.file_type == stat.S_IFLNK
     if entry.data is not None and not is_reg:
@@ -375,6 +375,7 @@ def _plan_member(entry: CpioEntry, ino: int, group: list[CpioEntry] | None, subd
     if file_type == stat.S_IFDIR:
         return _Planned(entry, ino, 2 + subdirs, 0)
     if file_type == stat.S_IFLNK:
+        assert entry.link_target is not None  # _check_entry: a symlink has one
         return _Planned(entry, ino, 1, len(entry.link_target))
     if file_type != stat.S_IFREG:
         return _Planned(entry, ino, 1, 0)
@@ -396,6 +397,7 @@ def _member_data(member: _Planned, chunk_size: int) -> Iterator[bytes]:
     """The member's data in chunks, checking the source yields exactly ``filesize`` bytes."""
     entry = member.entry
     if entry.file_type == stat.S_IFLNK:
+        assert entry.link_target is not None  # _check_entry: a symlink has one
         yield entry.link_target
         return
     if member.filesize == 0:

@@ -32,7 +32,6 @@ import struct
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 from qtbuild.formats.crc32 import crc32_combine
 from qtbuild.formats.eif_stream import SECTION_HEADER, SectionStreamDigest
@@ -180,7 +179,7 @@ class EifReader:
     makes the file invalid without hiding its content (see the module docstring).
     """
 
-    fileobj: BinaryIO
+    fileobj: io.BufferedIOBase  # read, readinto and seek: a file opened "rb" or a BytesIO
     file_size: int
     header: EifHeader = field(init=False)
     sections: list[Section] = field(init=False)
@@ -199,7 +198,7 @@ class EifReader:
     @classmethod
     def open(cls, path: str | os.PathLike) -> EifReader:
         """Open and validate the EIF at ``path`` (close with :meth:`close` or ``with``)."""
-        handle = open(path, "rb")
+        handle = open(path, "rb")  # noqa: SIM115 -- the reader owns it and closes it in close()
         try:
             size = os.fstat(handle.fileno()).st_size
             return cls(handle, size, _owns_file=True)
@@ -250,13 +249,18 @@ class EifReader:
             if offset < HEADER_SIZE:
                 raise EifFormatError(f"{where} points into the {HEADER_SIZE}-byte header")
             if offset + SECTION_HEADER_SIZE > self.file_size:
-                raise EifFormatError(f"{where}: its header lies beyond the end of the {self.file_size}-byte file (truncated?)")
+                raise EifFormatError(
+                    f"{where}: its header lies beyond the end of the {self.file_size}-byte file (truncated?)"
+                )
             self.fileobj.seek(offset)
-            type_code, flags, header_size = SECTION_HEADER.unpack(_read_exact(self.fileobj, SECTION_HEADER_SIZE, offset))
+            header_bytes = _read_exact(self.fileobj, SECTION_HEADER_SIZE, offset)
+            type_code, flags, header_size = SECTION_HEADER.unpack(header_bytes)
             try:
                 section_type = SectionType(type_code)
             except ValueError:
-                raise EifFormatError(f"{where}: section type {type_code} at offset {offset} is invalid (valid: 1..5)") from None
+                raise EifFormatError(
+                    f"{where}: section type {type_code} at offset {offset} is invalid (valid: 1..5)"
+                ) from None
             if header_size != size and section_type == SectionType.SIGNATURE and header_size <= MAX_SIGNATURE_SIZE:
                 self.stale_signature_size = size
                 self.notes.append(
@@ -289,7 +293,10 @@ class EifReader:
                     f"(which ends at {previous_end}) or is out of file order"
                 )
             if section.offset != previous_end:
-                self.notes.append(f"non-contiguous file: {section.offset - previous_end} unused bytes before section {section.index} at offset {previous_end}")
+                self.notes.append(
+                    f"non-contiguous file: {section.offset - previous_end} unused bytes "
+                    f"before section {section.index} at offset {previous_end}"
+                )
             previous_end = section.end
         if previous_end != self.file_size:
             self.defects.append(
@@ -379,7 +386,9 @@ class EifReader:
             self.fileobj.seek(position)
             got = self.fileobj.readinto(view[:want])
             if not got:
-                raise EifFormatError(f"unexpected end of file at offset {position} inside {section.type.label} section {section.index}")
+                raise EifFormatError(
+                    f"unexpected end of file at offset {position} inside {section.type.label} section {section.index}"
+                )
             yield view[:got]
             position += got
             remaining -= got
@@ -388,7 +397,7 @@ class EifReader:
         """The section as a :class:`~qtbuild.formats.eif_writer.SectionSource` (to copy it into a new image)."""
         return ReaderSectionSource(self, section)
 
-    def section_reader(self, section: Section) -> BinaryIO:
+    def section_reader(self, section: Section) -> SectionFile:
         """A read-only, bounded file object over one section's data (for cpio readers etc.)."""
         return SectionFile(self.fileobj, section.data_offset, section.size)
 
@@ -427,7 +436,7 @@ class ReaderSectionSource:
 class SectionFile(io.RawIOBase):
     """Read-only window ``[start, start + size)`` of a seekable file, with its own position."""
 
-    def __init__(self, fileobj: BinaryIO, start: int, size: int) -> None:
+    def __init__(self, fileobj: io.BufferedIOBase, start: int, size: int) -> None:
         super().__init__()
         self._file = fileobj
         self._start = start
@@ -460,7 +469,7 @@ class SectionFile(io.RawIOBase):
         return got
 
 
-def _read_exact(fileobj: BinaryIO, size: int, offset: int) -> bytes:
+def _read_exact(fileobj: io.BufferedIOBase, size: int, offset: int) -> bytes:
     data = fileobj.read(size)
     if len(data) != size:
         raise EifFormatError(f"unexpected end of file: wanted {size} bytes at offset {offset}, got {len(data)}")

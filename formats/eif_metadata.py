@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from qtbuild.formats import serde_json_text
 from qtbuild.formats.errors import EifFormatError
@@ -21,7 +22,7 @@ MAX_METADATA_SIZE = 1 << 20
 #: Nesting bound while validating a decoded metadata document.
 MAX_METADATA_DEPTH = 64
 
-_COMPACT = {"separators": (",", ":"), "ensure_ascii": False, "allow_nan": False}
+_COMPACT: dict[str, Any] = {"separators": (",", ":"), "ensure_ascii": False, "allow_nan": False}
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import cbor2
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from qtbuild.formats.cose import (
     CoseSign1,
@@ -94,7 +95,7 @@ def encode_signature_section(entries: list[tuple[bytes, bytes]]) -> bytes:
     return section
 
 
-def sign_pcr0(pcr0: bytes, private_key: object, certificate_pem: bytes) -> bytes:
+def sign_pcr0(pcr0: bytes, private_key: ec.EllipticCurvePrivateKey, certificate_pem: bytes) -> bytes:
     """Sign PCR0 with ``private_key``; return the signature section bytes.
 
     ``certificate_pem`` is stored exactly as given (like nitro-cli, which stores the file), so a

@@ -16,7 +16,7 @@ import hashlib
 import struct
 import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from qtbuild.formats.measure import Measurements, PcrHashers
 
@@ -49,7 +49,7 @@ class SectionStreamDigest:
         self._crc = 0
         self._sink = sink
         self._targets: list = []
-        self._pending = None
+        self._pending: Future[None] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eif-digest")
 
     @property

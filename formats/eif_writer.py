@@ -14,13 +14,15 @@ the target is left untouched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import tempfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 from qtbuild.formats.crc32 import crc32_combine
 from qtbuild.formats.eif import (
@@ -50,7 +52,8 @@ class SectionSource(Protocol):
     hashing it.  It must yield exactly ``size`` bytes in total.
     """
 
-    size: int
+    @property
+    def size(self) -> int: ...
 
     def chunks(self) -> Iterator[bytes | bytearray | memoryview]: ...
 
@@ -71,7 +74,7 @@ class BytesSource:
 class FileSource:
     """Section data read from a binary file object, from its current position, ``size`` bytes."""
 
-    def __init__(self, fileobj: BinaryIO, size: int, chunk_size: int = CHUNK_SIZE) -> None:
+    def __init__(self, fileobj: io.BufferedIOBase, size: int, chunk_size: int = CHUNK_SIZE) -> None:
         self._file = fileobj
         self.size = size
         self._chunk_size = chunk_size
@@ -171,7 +174,8 @@ def write_eif(
     if metadata is not None:
         planned.append((SectionType.METADATA, BytesSource(metadata)))
     planned += [(SectionType.RAMDISK, as_source(ramdisk)) for ramdisk in ramdisks]
-    layout = HeaderFields(CURRENT_VERSION if metadata is not None else 3, flags_for_arch(arch), default_mem, default_cpus)
+    version = CURRENT_VERSION if metadata is not None else 3
+    layout = HeaderFields(version, flags_for_arch(arch), default_mem, default_cpus)
     return write_sections(path, planned, layout, signer=signer, progress=progress)
 
 
@@ -203,7 +207,10 @@ def write_sections(
         raise EifFormatError(f"too many sections: an EIF holds at most {MAX_SECTIONS}")
     if signer is not None and any(kind == SectionType.SIGNATURE for kind, _ in sections):
         raise EifFormatError("the sections already include a signature; drop it before signing again")
-    body = lambda out: _write_body(out, sections, signer, header, progress)  # noqa: E731
+
+    def body(out):
+        return _write_body(out, sections, signer, header, progress)
+
     if path is None:
         return body(_Discard())
     return _write_atomically(path, body)
@@ -249,7 +256,10 @@ def _write_body(out, planned, signer, fields: HeaderFields, progress) -> WriteRe
 
     offsets = [section.offset for section in written] + [0] * (MAX_SECTIONS - len(written))
     sizes = [section.size for section in written] + [0] * (MAX_SECTIONS - len(written))
-    header = EifHeader(fields.version, fields.flags, fields.default_mem, fields.default_cpus, len(written), tuple(offsets), tuple(sizes), 0)
+    header = EifHeader(
+        fields.version, fields.flags, fields.default_mem, fields.default_cpus,
+        len(written), tuple(offsets), tuple(sizes), 0,
+    )
     crc = crc32_combine(zlib.crc32(header.pack()[:CRC_OFFSET]), stream_crc, stream_length)
     out.seek(0)
     out.write(dataclasses.replace(header, crc32=crc).pack())
@@ -274,7 +284,7 @@ def _write_atomically(path: str | os.PathLike, body):
     """Run ``body(fileobj)`` on a temporary file beside ``path`` and rename it into place."""
     target = os.path.abspath(os.fspath(path))
     directory = os.path.dirname(target)
-    handle = tempfile.NamedTemporaryFile(
+    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 -- closed by `with handle:`; its name outlives it
         mode="w+b", dir=directory, prefix="." + os.path.basename(target) + ".", suffix=".tmp", delete=False
     )
     try:
@@ -295,7 +305,5 @@ def _current_umask() -> int:
 
 
 def _remove_quietly(name: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(name)
-    except FileNotFoundError:
-        pass

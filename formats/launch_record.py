@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from qtbuild.formats.errors import FormatError
 
@@ -128,7 +129,7 @@ def _lines(data: bytes, name: str) -> list[str]:
 
 
 def _typed(document: dict, key: str, kind: type, item: type | None = None):
-    value = document.get(key)
+    value: Any = document.get(key)
     ok = isinstance(value, kind) and not isinstance(value, bool)
     if ok and item is not None:
         ok = all(isinstance(element, item) and not isinstance(element, bool) for element in value)

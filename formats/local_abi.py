@@ -15,7 +15,9 @@ import json
 LOCAL_MAGIC = b"QTBUILD-LOCAL-RUNTIME\n"
 LOCAL_ABI = "qtbuild-local/1"
 MAX_DESCRIPTOR = 4096
-RUNS_ONLY_LOCALLY = "kernel section is a qtbuild local-runtime descriptor, not a Linux kernel: this image runs only under `qtbuild run`"
+RUNS_ONLY_LOCALLY = (
+    "kernel section is a qtbuild local-runtime descriptor, not a Linux kernel: this image runs only under `qtbuild run`"
+)
 
 
 def make_local_kernel(arch: str) -> bytes:

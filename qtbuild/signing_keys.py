@@ -37,7 +37,9 @@ class Pcr0Signer:
         return sign_pcr0(pcr0, self.private_key, self.certificate_pem)
 
 
-def load_signer(key_path: str | os.PathLike, certificate_path: str | os.PathLike, *, at: datetime | None = None) -> Pcr0Signer:
+def load_signer(
+    key_path: str | os.PathLike, certificate_path: str | os.PathLike, *, at: datetime | None = None
+) -> Pcr0Signer:
     """Read a PEM private key and certificate file and return a checked signer.
 
     ``key_path`` may also be a ``pkcs11:`` URI: the key stays in the token
@@ -54,12 +56,15 @@ def load_signer(key_path: str | os.PathLike, certificate_path: str | os.PathLike
     try:
         private_key = serialization.load_pem_private_key(key_pem, password=None)
     except TypeError:
-        raise SignatureError(f"{key_path}: the private key is encrypted; decrypt it first (openssl ec -in KEY -out PLAIN)") from None
+        raise SignatureError(
+            f"{key_path}: the private key is encrypted; decrypt it first (openssl ec -in KEY -out PLAIN)"
+        ) from None
     except (ValueError, Exception) as exc:  # cryptography raises ValueError or UnsupportedAlgorithm
         raise SignatureError(f"{key_path}: not a PEM private key ({exc})") from None
     if not isinstance(private_key, ec.EllipticCurvePrivateKey):
         raise SignatureError(
-            f"{key_path}: the signing key must be an EC key (P-256, P-384 or P-521), not {type(private_key).__name__.lstrip('_')}; "
+            f"{key_path}: the signing key must be an EC key (P-256, P-384 or P-521), "
+            f"not {type(private_key).__name__.lstrip('_')}; "
             "create one with: openssl ecparam -name secp384r1 -genkey -noout -out key.pem"
         )
     return _checked(private_key, certificate_pem, certificate_path, at)
@@ -67,7 +72,8 @@ def load_signer(key_path: str | os.PathLike, certificate_path: str | os.PathLike
 
 def _checked(private_key: ec.EllipticCurvePrivateKey, certificate_pem: bytes, certificate_path, at) -> Pcr0Signer:
     if certificate_pem.count(b"-----BEGIN CERTIFICATE-----") > 1:
-        print(f"qtbuild: note: {certificate_path} holds several certificates; the first one signs (PCR8 is its hash)", file=sys.stderr)
+        print(f"qtbuild: note: {certificate_path} holds several certificates; the first one signs (PCR8 is its hash)",
+              file=sys.stderr)
     signer = Pcr0Signer(private_key, certificate_pem)
     check_certificate_validity(signer.certificate, at)
     return signer

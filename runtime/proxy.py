@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import signal
@@ -178,7 +179,9 @@ def _check_keys(table: dict, expected: set, where: str, *, required: set | None 
     unknown = sorted(set(table) - expected)
     missing = sorted((expected if required is None else required) - set(table))
     if unknown:
-        raise ProxyConfigError(f"{where}: unknown key(s) {', '.join(unknown)} (expected: {', '.join(sorted(expected))})")
+        raise ProxyConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)} (expected: {', '.join(sorted(expected))})"
+        )
     if missing:
         raise ProxyConfigError(f"{where}: missing key(s) {', '.join(missing)}")
 
@@ -216,7 +219,7 @@ def _limit(value, where: str, kind: type):
 async def resolve(host: str, port: int) -> list[str]:
     """The addresses ``host`` resolves to now (duplicates removed, resolver order kept)."""
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return list(dict.fromkeys(info[4][0] for info in infos))
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
 
 async def permitted_addresses(route: Route, allowlist: tuple[AllowEntry, ...] | None) -> list[str]:
@@ -233,7 +236,8 @@ async def permitted_addresses(route: Route, allowlist: tuple[AllowEntry, ...] | 
 
 
 async def _connect_first(addresses: list[str], port: int):
-    error: OSError | None = None
+    """The first of ``addresses`` that accepts; the last OSError when none does (or none is given)."""
+    error = OSError(errno.EDESTADDRREQ, "no address to connect to")
     for address in addresses:
         try:
             return await asyncio.open_connection(address, port, limit=CHUNK)
@@ -366,6 +370,7 @@ class Proxy:
             writer.close()
             return
         task = asyncio.current_task()
+        assert task is not None  # a handler runs as a task of the server
         self._handlers.add(task)
         try:
             await self._forward(route, reader, writer, label)

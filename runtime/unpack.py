@@ -36,7 +36,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
 from qtbuild.formats.cpio import CpioMember, MemberData, iter_archive
@@ -92,10 +92,8 @@ def unpack_archive(
 
     See the module docstring for the safety contract.  Returns what was extracted or skipped.
     """
-    try:
+    with suppress(FileExistsError):
         os.mkdir(dest, 0o755)
-    except FileExistsError:
-        pass
     root_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         extractor = _Extractor(root_fd, preserve_owner, ids, stat.S_ISUID if keep_setgid else _SETID)
@@ -181,9 +179,8 @@ class _Extractor:
 
     def extract(self, member: CpioMember, data: MemberData) -> None:
         """Create one member; archive-caused OS errors become CpioFormatError."""
-        if member.is_dir or member.is_file:
-            if member.mode & self._strip:
-                self.report.stripped_setid.append(member.path)
+        if (member.is_dir or member.is_file) and member.mode & self._strip:
+            self.report.stripped_setid.append(member.path)
         with _archive_errors(member.path):
             if member.is_dir:
                 self._make_dir(member)
@@ -204,6 +201,7 @@ class _Extractor:
     def _make_symlink(self, member: CpioMember) -> None:
         with self._parent(member.path) as (parent_fd, name):
             self._clear(parent_fd, name, member.path, keep_dir=False)
+            assert member.link_target is not None  # iter_archive reads every symlink's target
             os.symlink(member.link_target, name, dir_fd=parent_fd)
             if self._preserve_owner:
                 os.chown(name, *self._owner(member), dir_fd=parent_fd, follow_symlinks=False)

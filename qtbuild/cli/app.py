@@ -50,7 +50,7 @@ COMMANDS: dict[str, CommandEntry] = {
     "extract": CommandEntry("qtbuild.cli.extract", "command",
                             "Write an image's sections to DIR: kernel, cmdline, metadata.json, signature, and each "
                             "ramdisk as raw .cpio and safely unpacked (no path escapes, no device nodes, no setuid "
-                            "bits)."),
+                            "bits; owners kept when run as root, setgid bits kept)."),
     "kms": CommandEntry("qtbuild.cli.kms", "command",
                         "A local KMS (Huawei KMS REST shapes) with attested-recipient decryption."),
     "measure": CommandEntry("qtbuild.cli.convert", "measure_command",

@@ -21,12 +21,15 @@ from qtbuild.signing_keys import load_signer
               help="Kernel image (bzImage or Image).")
 @click.option("--cmdline", required=True, help="Kernel command line.")
 @click.option("--ramdisk", "ramdisks", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
-              help="Ramdisk file (cpio newc); repeat: the first is the bootstrap ramdisk (PCR1), the rest the application (PCR2).")
+              help="Ramdisk file (cpio newc); repeat: the first is the bootstrap ramdisk (PCR1), "
+                   "the rest the application (PCR2).")
 @click.option("-o", "--output", "--output-file", "output", required=True, type=click.Path(dir_okay=False),
               help="EIF file to write (atomically).")
 @click.option("--arch", type=click.Choice(["x86_64", "aarch64"]), default="x86_64", show_default=True)
-@click.option("--private-key", metavar="PEM|pkcs11:URI", help="EC private key to sign PCR0 with: a PEM file or a pkcs11: URI.")
-@click.option("--signing-certificate", type=click.Path(exists=True, dir_okay=False), help="Certificate (PEM) of the signing key; its hash is PCR8.")
+@click.option("--private-key", metavar="PEM|pkcs11:URI",
+              help="EC private key to sign PCR0 with: a PEM file or a pkcs11: URI.")
+@click.option("--signing-certificate", type=click.Path(exists=True, dir_okay=False),
+              help="Certificate (PEM) of the signing key; its hash is PCR8.")
 @click.option("--name", "--image-name", "name", default="enclave", show_default=True, help="ImageName in the metadata.")
 @click.option("--version", "--image-version", "image_version", default="0.0.0", show_default=True,
               help="ImageVersion in the metadata.")

@@ -41,15 +41,19 @@ def _image_options(function):
                           "default: the local runtime profile."),
         click.option("--cmdline", help="Kernel command line (default: the profile's)."),
         click.option("--cmd-semantics", type=click.Choice(["oci", "nitro"]), default="oci", show_default=True,
-                     help="oci: argv = ENTRYPOINT + CMD; nitro: CMD if present else ENTRYPOINT (nitro-cli's behaviour)."),
+                     help="oci: argv = ENTRYPOINT + CMD; "
+                          "nitro: CMD if present else ENTRYPOINT (nitro-cli's behaviour)."),
         click.option("--name", "--image-name", "name", help="ImageName in the metadata (default: enclave)."),
         click.option("--version", "--image-version", "image_version",
                      help="ImageVersion in the metadata (default: the image ID)."),
-        click.option("--metadata", "metadata_path", type=click.Path(exists=True, dir_okay=False), help="Custom metadata JSON file (<= 4096 bytes)."),
+        click.option("--metadata", "metadata_path", type=click.Path(exists=True, dir_okay=False),
+                     help="Custom metadata JSON file (<= 4096 bytes)."),
         click.option("--private-key", metavar="PEM|pkcs11:URI",
                      help="EC private key to sign PCR0 (and the provenance) with: a PEM file or a pkcs11: URI."),
-        click.option("--signing-certificate", type=click.Path(exists=True, dir_okay=False), help="Signing certificate (PEM); PCR8 is its hash."),
-        click.option("--format", "style", type=click.Choice(["qingtian", "nitro"]), default="qingtian", show_default=True,
+        click.option("--signing-certificate", type=click.Path(exists=True, dir_okay=False),
+                     help="Signing certificate (PEM); PCR8 is its hash."),
+        click.option("--format", "style", type=click.Choice(["qingtian", "nitro"]), default="qingtian",
+                     show_default=True,
                      help="qingtian: {digest, PCR0, PCR1, PCR2, PCR8}; nitro: nitro-cli's {\"Measurements\": …}."),
         click.option("-q", "--quiet", is_flag=True, help="No progress or summary on stderr."),
     ]
@@ -108,7 +112,8 @@ def _print(result, style: str) -> None:
 @click.option("-o", "--output", "--eif", "--output-file", "output", type=click.Path(dir_okay=False),
               help="EIF file to write (atomically).")
 @click.option("--check", "--expect", "expected", type=click.Path(exists=True, dir_okay=False),
-              help="Rebuild and compare with an earlier EIF or measurements JSON: exit 1 with the differences when the PCRs moved.")
+              help="Rebuild and compare with an earlier EIF or measurements JSON: "
+                   "exit 1 with the differences when the PCRs moved.")
 @click.option("--provenance", "provenance_path", type=click.Path(dir_okay=False),
               help="Write an in-toto Statement with SLSA Provenance v1 for the EIF here (a DSSE envelope signed with "
                    "--private-key when one is given); check it later with `qtbuild verify EIF --provenance FILE`.")

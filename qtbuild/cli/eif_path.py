@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import click
 
-from qtbuild.cli.errors import InputError
-
 
 def eif_argument(function):
     """``EIF`` as an optional argument plus ``--eif-path`` (nitro-cli describe-eif/sign-eif)."""
@@ -15,10 +13,10 @@ def eif_argument(function):
 
 
 def chosen_eif(eif: str | None, eif_path: str | None) -> str:
-    """The one image path given as EIF or --eif-path (InputError for none or two different ones)."""
+    """The one image path given as EIF or --eif-path (a usage error for none or two different ones)."""
     if eif and eif_path and eif != eif_path:
-        raise InputError("give the image either as EIF or as --eif-path, not both")
+        raise click.UsageError("give the image either as EIF or as --eif-path, not both")
     path = eif or eif_path
     if not path:
-        raise InputError("no image given: add the EIF path (or --eif-path EIF)")
+        raise click.UsageError("no image given: add the EIF path (or --eif-path EIF)")
     return path

@@ -133,6 +133,7 @@ def _run(eif: str, *, cpus: int, mem: int, cid: int | None, debug_mode: bool, at
 def _follow_console(started) -> dict:
     """Copy the console to stdout until the enclave ends; its exit status."""
     output = sys.stdout.buffer
+    assert started.console is not None  # attach mode
     try:
         while data := started.console.read(_COPY_CHUNK):
             output.write(data)

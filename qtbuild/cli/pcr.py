@@ -19,8 +19,10 @@ MAX_CERTIFICATE_FILE = 1 << 20
 @click.option("--format", "style", type=click.Choice(["nitro", "qingtian"]), default="nitro", show_default=True,
               help='nitro: {"PCR": …} / {"PCR8": …} as nitro-cli pcr prints it; qingtian: with "digest": "SHA384" '
                    "as qt's measurement documents have.")
-@click.option("--input", "input_path", type=click.Path(dir_okay=False), help="File whose bytes are measured: prints {\"PCR\": …}.")
-@click.option("--signing-certificate", "certificate_path", type=click.Path(dir_okay=False), help="PEM certificate: prints the PCR8 an image signed with it has.")
+@click.option("--input", "input_path", type=click.Path(dir_okay=False),
+              help="File whose bytes are measured: prints {\"PCR\": …}.")
+@click.option("--signing-certificate", "certificate_path", type=click.Path(dir_okay=False),
+              help="PEM certificate: prints the PCR8 an image signed with it has.")
 def command(style: str, input_path: str | None, certificate_path: str | None) -> None:
     """Print the PCR value of a file (extend(SHA384(bytes))) or PCR8 of a signing certificate."""
     if (input_path is None) == (certificate_path is None):

@@ -14,8 +14,10 @@ from qtbuild.signing_keys import load_signer
 
 @click.command("sign", cls=QtbuildCommand)
 @eif_argument
-@click.option("--private-key", required=True, metavar="PEM|pkcs11:URI", help="EC private key: a PEM file or a pkcs11: URI.")
-@click.option("--signing-certificate", required=True, type=click.Path(exists=True, dir_okay=False), help="Certificate (PEM) of that key.")
+@click.option("--private-key", required=True, metavar="PEM|pkcs11:URI",
+              help="EC private key: a PEM file or a pkcs11: URI.")
+@click.option("--signing-certificate", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Certificate (PEM) of that key.")
 @click.option("-o", "--output", "--output-file", "output", type=click.Path(dir_okay=False),
               help="Write the signed image here (default: replace EIF atomically).")
 @click.option("--format", "style", type=click.Choice(["qingtian", "nitro"]), default="qingtian", show_default=True)

@@ -26,10 +26,12 @@ from qtbuild.formats.eif_writer import FileSource, SectionSource
 from qtbuild.formats.local_abi import LOCAL_ABI, make_local_kernel
 
 NITRO_CMDLINES = {
-    "x86_64": "reboot=k panic=30 pci=off nomodules console=ttyS0 i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd random.trust_cpu=on",
+    "x86_64": "reboot=k panic=30 pci=off nomodules console=ttyS0 "
+              "i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd random.trust_cpu=on",
     "aarch64": "reboot=k panic=30 pci=off nomodules console=ttyS0 random.trust_cpu=on root=/dev/ram0",
 }
-LOCAL_INIT = b"#!/bin/false\n# qtbuild local profile: the qtbuild runtime performs init's job; see `qtbuild describe`.\n"
+LOCAL_INIT = (b"#!/bin/false\n"
+              b"# qtbuild local profile: the qtbuild runtime performs init's job; see `qtbuild describe`.\n")
 KERNEL_NAMES = {"x86_64": "bzImage", "aarch64": "Image"}
 MAX_BLOB_TEXT = 64 * 1024
 
@@ -61,7 +63,8 @@ def local_profile(arch: str) -> BootProfile:
         CpioEntry(b"dev", stat.S_IFDIR | 0o755),
         CpioEntry(b"init", stat.S_IFREG | 0o755, size=len(LOCAL_INIT), data=LOCAL_INIT),
     ])
-    return BootProfile("local", arch, make_local_kernel(arch), f"{NITRO_CMDLINES[arch]} qtbuild.abi={LOCAL_ABI}", bootstrap, LOCAL_ABI)
+    cmdline = f"{NITRO_CMDLINES[arch]} qtbuild.abi={LOCAL_ABI}"
+    return BootProfile("local", arch, make_local_kernel(arch), cmdline, bootstrap, LOCAL_ABI)
 
 
 def kernel_arch(header: bytes) -> str | None:
@@ -84,7 +87,8 @@ def blobs_profile(directory: str | os.PathLike, arch: str) -> BootProfile:
     with open(kernel_path, "rb") as handle:
         detected = kernel_arch(handle.read(0x206))
     if detected is not None and detected != arch:
-        raise ImageError(f"--blobs {directory}: the kernel {os.path.basename(kernel_path)} is {detected} but the image is {arch}; use blobs for {arch}")
+        raise ImageError(f"--blobs {directory}: the kernel {os.path.basename(kernel_path)} is {detected} "
+                         f"but the image is {arch}; use blobs for {arch}")
     cmdline = _read_text(directory, "cmdline") or NITRO_CMDLINES[arch]
     init_path = os.path.join(directory, "init")
     if not os.path.isfile(init_path):
@@ -103,7 +107,8 @@ def _find_kernel(directory: str, arch: str) -> str:
         return path
     other = KERNEL_NAMES["aarch64" if arch == "x86_64" else "x86_64"]
     if os.path.isfile(os.path.join(directory, other)):
-        raise ImageError(f"--blobs {directory}: has {other} (the other architecture) but the image is {arch}; it needs {KERNEL_NAMES[arch]}")
+        raise ImageError(f"--blobs {directory}: has {other} (the other architecture) but the image is {arch}; "
+                         f"it needs {KERNEL_NAMES[arch]}")
     raise ImageError(f"--blobs {directory}: no kernel {KERNEL_NAMES[arch]} for {arch}")
 
 

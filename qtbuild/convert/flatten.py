@@ -4,8 +4,8 @@
 its members to a virtual tree, and returns a :class:`FlatTree` whose :meth:`~FlatTree.entries`
 are :class:`~qtbuild.formats.cpio.CpioEntry` objects ready for :class:`~qtbuild.formats.cpio.CpioArchive`.
 
-Semantics (docs: /work/shared/spec/images.md, "Applying layers" and "Hostile input")
-----------------------------------------------------------------------------------------
+Semantics (docs/images.md, "Applying layers" and "Hostile input")
+-----------------------------------------------------------------
 * Member names: leading ``/`` (absolute) and ``..`` components are refused; ``.`` and empty
   components (``./a``, ``a//b``, ``a/``) are dropped; ``.``/``./`` (the root) are ignored if they
   are directories.  Components are at most 255 bytes, resolved paths at most 4095 bytes.
@@ -52,7 +52,7 @@ import stat
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Literal, cast, overload
 
 from qtbuild.convert.readahead import ReadAhead
 from qtbuild.convert.spill import SpillStore
@@ -190,6 +190,12 @@ class _TreeBuilder:
 
     # -- path resolution -------------------------------------------------------------------
 
+    @overload
+    def _walk(self, components: list[bytes], create: Literal[True]) -> tuple[_Dir, list[bytes]]: ...
+
+    @overload
+    def _walk(self, components: list[bytes], create: bool) -> tuple[_Dir, list[bytes]] | None: ...
+
     def _walk(self, components: list[bytes], create: bool) -> tuple[_Dir, list[bytes]] | None:
         """Resolve directory ``components`` from the root with chroot semantics.
 
@@ -197,7 +203,8 @@ class _TreeBuilder:
         when ``create``; otherwise (and for non-directories) the result is None.  A non-directory,
         non-symlink component with ``create`` is an error, as are more than 40 symlinks.
         """
-        dirs, names = [self._root], []
+        dirs: list[_Dir] = [self._root]
+        names: list[bytes] = []
         pending = components[::-1]
         self._charge_steps(len(pending))
         hops = 0
@@ -215,7 +222,7 @@ class _TreeBuilder:
                 if not create:
                     return None
                 child = self._implicit_dir(dirs[-1], component, names)
-            elif type(child) is _Node:
+            elif isinstance(child, _Node):
                 if not stat.S_ISLNK(child.mode):
                     if not create:
                         return None
@@ -225,9 +232,11 @@ class _TreeBuilder:
                 if hops > MAX_SYMLINK_HOPS:
                     raise _Refusal(f"too many levels of symbolic links (more than {MAX_SYMLINK_HOPS}) "
                                    f"resolving the parent path (ELOOP)")
-                if child.target.startswith(b"/"):
+                target = child.target
+                assert target is not None  # _place gives every symlink node its target
+                if target.startswith(b"/"):
                     del dirs[1:], names[:]
-                expansion = child.target.split(b"/")
+                expansion = target.split(b"/")
                 self._charge_steps(len(expansion))
                 pending.extend(reversed(expansion))
                 continue
@@ -310,7 +319,7 @@ class _TreeBuilder:
         node = found[0].children.get(components[-1]) if found else None
         if node is None:
             raise _Refusal(f"hardlink target {shown!r} does not exist (at this point of the layers)")
-        if type(node) is _Dir:
+        if isinstance(node, _Dir):
             raise _Refusal(f"hardlink target {shown!r} is a directory")
         return node
 
@@ -507,7 +516,8 @@ def _apply_layer(builder: _TreeBuilder, index: int, layer: Layer, spill: SpillSt
     builder.begin_layer(index, 0 if opener is not None else spill.size)
     stream = ReadAhead(layer.open_uncompressed())
     try:
-        scanner = TarScanner(stream, limits=tar_limits, tee=None if opener is not None else spill.append,
+        scanner = TarScanner(cast(BinaryIO, stream), limits=tar_limits,  # ReadAhead: a RawIOBase
+                             tee=None if opener is not None else spill.append,
                              budget=budget, progress=progress)
         for member in scanner:
             try:
@@ -526,7 +536,7 @@ def _apply_layer(builder: _TreeBuilder, index: int, layer: Layer, spill: SpillSt
 
 def flatten(layers: Sequence[Layer], *, spill_dir: str | None = None,
             limits: FlattenLimits = FlattenLimits(), clamp_mtime: int | None = None,
-            progress: Callable[[int], None] | None = None) -> FlatTree:
+            progress: Callable[[int], object] | None = None) -> FlatTree:
     """Apply ``layers`` bottom to top and return the resulting tree (see the module docstring).
 
     ``spill_dir``: where the spill store's private directory goes (default: the system temp dir).

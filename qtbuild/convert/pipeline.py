@@ -73,10 +73,12 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
         arch = _image_arch(config, platform)
         profile = load_profile(options.blobs, arch)
         with _progress("layers", options.quiet) as bar:
-            tree = flatten(image.layers(), spill_dir=options.spill_dir, clamp_mtime=int(clamp.timestamp()) if clamp else None, progress=bar.update)
+            clamp_mtime = int(clamp.timestamp()) if clamp else None
+            tree = flatten(image.layers(), spill_dir=options.spill_dir, clamp_mtime=clamp_mtime, progress=bar.update)
         with tree:
             entries = tree.entries()
-            launch = resolve_launch(config, tree_file_reader({e.path: e for e in entries}), semantics=options.cmd_semantics)
+            launch = resolve_launch(config, tree_file_reader({e.path: e for e in entries}),
+                                    semantics=options.cmd_semantics)
             ramdisk = customer_ramdisk(entries, launch)
             metadata = make_metadata(
                 name=options.name or "enclave",

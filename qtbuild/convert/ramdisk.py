@@ -1,6 +1,6 @@
 """The customer ramdisk: the flattened image under ``rootfs/`` plus what the init reads.
 
-Archive layout (nitro-cli's convention, see ``shared/spec/eif.md`` §5)::
+Archive layout (nitro-cli's convention, see docs/format.md, "Ramdisk conventions")::
 
     cmd, env, launch.json   the launch record (:mod:`qtbuild.formats.launch_record`): nitro's init reads cmd
                             and env, ``qtbuild run`` reads launch.json

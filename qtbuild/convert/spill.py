@@ -23,7 +23,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from functools import partial
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from qtbuild.errors import naming_path
 
@@ -55,22 +55,22 @@ class SpillStore:
         """Append ``chunk`` at offset :attr:`size`."""
         if self.closed:
             raise ValueError("spill store is closed")
-        if self._writer is None:
-            self._open()
+        writer = self._writer if self._writer is not None else self._open()
         with naming_path(self._file):
-            self._writer.write(chunk)
+            writer.write(chunk)
         self._size += len(chunk)
 
     @property
     def _file(self) -> str:
         return os.path.join(self._dir or self._parent or tempfile.gettempdir(), "layers.bin")
 
-    def _open(self) -> None:
+    def _open(self) -> BinaryIO:
         with naming_path(self._parent or tempfile.gettempdir()):
             self._dir = tempfile.mkdtemp(prefix="qtbuild-spill-", dir=self._parent)
         path = self._file
-        self._writer = open(path, "xb", buffering=1 << 20)
+        self._writer = open(path, "xb", buffering=1 << 20)  # noqa: SIM115 -- the store owns it; close() closes it
         self._read_fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return self._writer
 
     def flush(self) -> None:
         """Make everything appended readable through :meth:`open_range`."""
@@ -82,7 +82,7 @@ class SpillStore:
         """A stream of ``size`` bytes starting at ``offset``."""
         if offset < 0 or size < 0 or offset + size > self._size:
             raise ValueError(f"range {offset}+{size} outside the spill store of {self._size} bytes")
-        return _RangeReader(self, offset, size)
+        return cast(BinaryIO, _RangeReader(self, offset, size))  # a RawIOBase: it reads as BinaryIO
 
     def opener(self, offset: int, size: int) -> Callable[[], BinaryIO]:
         """A callable opening :meth:`open_range` ``(offset, size)`` (for ``CpioEntry.data``)."""
@@ -137,7 +137,7 @@ class _RangeReader(io.RawIOBase):
         if self.closed:
             raise ValueError("read from a closed stream")
         if n is None or n < 0:
-            pieces = []
+            pieces: list[bytes] = []
             while True:
                 piece = self.read(_READ_CHUNK)
                 if not piece:

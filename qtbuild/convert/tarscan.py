@@ -370,7 +370,7 @@ class TarScanner:
 
     def __init__(self, stream: BinaryIO, *, limits: TarLimits = TarLimits(),
                  tee: Callable[[bytes], object] | None = None, budget: ByteBudget | None = None,
-                 progress: Callable[[int], None] | None = None):
+                 progress: Callable[[int], object] | None = None):
         self._input = _Input(stream, tee, budget, progress)
         self._limits = limits
         self._budget = budget

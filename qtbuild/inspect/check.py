@@ -59,8 +59,10 @@ def check_rebuild(rebuilt: str | os.PathLike, expected: str | os.PathLike) -> bo
         wanted = load_expected(expected)
         with EifReader.open(rebuilt) as new:
             actual = new.check_stream().measurements.as_hex()
-        moved = [name for name, value in wanted.items() if (name in MEASURED or value != ZERO_PCR) and actual.get(name, ZERO_PCR.hex()) != value.hex()]
-        lines = [f"{name} differs: expected {wanted[name].hex()}, rebuilt {actual.get(name, ZERO_PCR.hex())}" for name in moved]
+        moved = [name for name, value in wanted.items()
+                 if (name in MEASURED or value != ZERO_PCR) and actual.get(name, ZERO_PCR.hex()) != value.hex()]
+        lines = [f"{name} differs: expected {wanted[name].hex()}, rebuilt {actual.get(name, ZERO_PCR.hex())}"
+                 for name in moved]
         if {"PCR0", "PCR2"} & set(moved):
             lines.append(f"the rebuild uses launch layout version {LAUNCH_LAYOUT_VERSION}; a reference built with an "
                          "earlier layout moves PCR0/PCR2 for the same image (CHANGELOG.md); compare with the "

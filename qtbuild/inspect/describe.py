@@ -92,7 +92,7 @@ def describe_eif(reader: EifReader, *, at: datetime | None = None) -> dict:
     document["BootProfile"] = boot_profile(reader)
     document["Sections"] = [
         {"Index": s.index, "Type": s.type.label, "Offset": s.offset, "Size": s.size, "Sha384": digest.hex()}
-        for s, digest in zip(reader.sections, facts.check.section_sha384)
+        for s, digest in zip(reader.sections, facts.check.section_sha384, strict=True)
     ]
     if reader.defects:
         document["Defects"] = list(reader.defects)
@@ -135,7 +135,8 @@ def _metadata_fields(metadata: dict) -> dict:
         if key in metadata:
             fields[key] = metadata[key]
     build = metadata.get("BuildMetadata") or {}
-    described = {key: build[key] for key in ("BuildTime", "BuildTool", "BuildToolVersion", "OperatingSystem", "KernelVersion") if key in build}
+    keys = ("BuildTime", "BuildTool", "BuildToolVersion", "OperatingSystem", "KernelVersion")
+    described = {key: build[key] for key in keys if key in build}
     described["DockerInfo"] = metadata.get("DockerInfo")
     custom = metadata.get("CustomMetadata")
     if isinstance(custom, dict):
@@ -152,7 +153,8 @@ def certificate_info(certificate: x509.Certificate) -> dict:
     for attribute in certificate.issuer:
         name = getattr(attribute.oid, "_name", None) or attribute.oid.dotted_string
         issuer[name] = attribute.value if isinstance(attribute.value, str) else attribute.value.hex()
-    algorithm = getattr(certificate.signature_algorithm_oid, "_name", None) or certificate.signature_algorithm_oid.dotted_string
+    oid = certificate.signature_algorithm_oid
+    algorithm = getattr(oid, "_name", None) or oid.dotted_string
     return {
         "IssuerName": dict(sorted(issuer.items())),
         "Algorithm": algorithm,

@@ -68,7 +68,8 @@ def diff_eifs(a: EifReader, b: EifReader) -> dict:
     }
     if layouts.get("A") != layouts.get("B"):
         report["LaunchLayout"] = {"A": layouts.get("A"), "B": layouts.get("B")}
-    report["Identical"] = not (report["Measurements"]["Moved"] or report["Header"] or report["Sections"] or report["Metadata"]
+    report["Identical"] = not (report["Measurements"]["Moved"] or report["Header"] or report["Sections"]
+                               or report["Metadata"]
                                or any(r["Added"] or r["Removed"] or r["Changed"] for r in report["Ramdisks"]))
     return {"Identical": report.pop("Identical"), **report}
 
@@ -94,7 +95,7 @@ def _header_diff(a: EifReader, b: EifReader) -> list[dict]:
 def _paired_sections(reader: EifReader, digests: list[bytes]) -> dict[tuple[str, int], tuple[Section, bytes]]:
     counts: dict[SectionType, int] = {}
     paired = {}
-    for section, digest in zip(reader.sections, digests):
+    for section, digest in zip(reader.sections, digests, strict=True):
         index = counts.get(section.type, 0)
         counts[section.type] = index + 1
         paired[(section.type.label, index)] = (section, digest)
@@ -130,7 +131,8 @@ def _flatten_json(value, prefix: str = "") -> dict[str, object]:
 
 def _metadata_diff(a: dict | None, b: dict | None) -> list[dict]:
     left, right = _flatten_json(a or {}), _flatten_json(b or {})
-    return [{"Key": key, "A": left.get(key), "B": right.get(key)} for key in sorted(set(left) | set(right)) if left.get(key) != right.get(key)]
+    return [{"Key": key, "A": left.get(key), "B": right.get(key)}
+            for key in sorted(set(left) | set(right)) if left.get(key) != right.get(key)]
 
 
 def _ramdisk_diffs(a: EifReader, b: EifReader, layouts: dict[str, int]) -> list[dict]:
@@ -162,7 +164,7 @@ def _index_ramdisk(reader: EifReader, index: int, layouts: dict[str, int] | None
         return None
     files: dict[str, FileInfo] = {}
     link_paths: dict[int, list[str]] = {}
-    link_data: dict[int, tuple[int, str]] = {}
+    link_data: dict[int, tuple[int, str | None]] = {}
     for member, data in iter_archive(reader.section_reader(section), archive_size=section.size):
         path = member.path.decode("utf-8", "surrogateescape")
         digest: str | None
@@ -179,8 +181,10 @@ def _index_ramdisk(reader: EifReader, index: int, layouts: dict[str, int] | None
             if member.size and digest is not None:
                 link_data[member.ino] = (member.size, digest)
         files[path] = FileInfo(
-            type=_type_name(member), mode=f"{member.mode & 0o7777:04o}", uid=member.uid, gid=member.gid, mtime=member.mtime,
-            size=member.size, sha256=digest, link_target=member.link_target.decode("utf-8", "surrogateescape") if member.link_target is not None else None,
+            type=_type_name(member), mode=f"{member.mode & 0o7777:04o}", uid=member.uid, gid=member.gid,
+            mtime=member.mtime, size=member.size, sha256=digest,
+            link_target=(member.link_target.decode("utf-8", "surrogateescape")
+                         if member.link_target is not None else None),
             rdev=f"{member.rdev[0]}:{member.rdev[1]}" if member.is_device else None,
         )
     for ino, (size, digest) in link_data.items():  # newc stores hardlink data on the last link only
@@ -204,7 +208,7 @@ def _type_name(member) -> str:
 
 
 def _compare_files(index: int, a: dict[str, FileInfo] | None, b: dict[str, FileInfo] | None) -> dict:
-    result = {"Ramdisk": index, "Added": [], "Removed": [], "Changed": []}
+    result: dict = {"Ramdisk": index, "Added": [], "Removed": [], "Changed": []}
     if a is None or b is None:
         result["Note"] = "not an uncompressed cpio archive: compared at section level only"
         return result

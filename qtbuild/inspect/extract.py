@@ -68,7 +68,8 @@ def _check_target(target: str) -> None:
 
 def _extract_into(reader: EifReader, staging: str, unpack: bool) -> dict:
     report: dict = {"files": [], "ramdisks": []}
-    names = {SectionType.KERNEL: "kernel", SectionType.CMDLINE: "cmdline", SectionType.METADATA: "metadata.json", SectionType.SIGNATURE: "signature.cbor"}
+    names = {SectionType.KERNEL: "kernel", SectionType.CMDLINE: "cmdline", SectionType.METADATA: "metadata.json",
+             SectionType.SIGNATURE: "signature.cbor"}
     for ramdisk_index, section in enumerate(reader.ramdisks):
         name = f"ramdisk{ramdisk_index}"
         _copy_section(reader, section, os.path.join(staging, name + ".cpio"))

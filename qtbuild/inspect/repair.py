@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import os
 
-from qtbuild.formats.eif import EifReader
-from qtbuild.formats.eif_writer import HeaderFields, WriteResult, write_sections
+from qtbuild.formats.eif import EifReader, SectionType
+from qtbuild.formats.eif_writer import HeaderFields, SectionSource, WriteResult, write_sections
 
 
 def repair_eif(reader: EifReader, output: str | os.PathLike) -> WriteResult:
     """Write ``reader``'s sections with a fresh header to ``output`` (atomically; it may be the
     input path)."""
     header = reader.header
-    sections = [(s.type, reader.section_source(s)) for s in reader.sections]
+    sections: list[tuple[SectionType, SectionSource]] = [(s.type, reader.section_source(s)) for s in reader.sections]
     fields = HeaderFields(header.version, header.flags, header.default_mem, header.default_cpus)
     return write_sections(output, sections, fields)
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 import os
 
 from qtbuild.formats.eif import EifReader, SectionType
-from qtbuild.formats.eif_writer import HeaderFields, Signer, WriteResult, write_sections
+from qtbuild.formats.eif_writer import HeaderFields, SectionSource, Signer, WriteResult, write_sections
 
 
 def sign_eif(reader: EifReader, output: str | os.PathLike, signer: Signer, *, progress=None) -> WriteResult:
     """Write a signed copy of ``reader``'s image to ``output`` (which may be the input path:
     the new file replaces it atomically once complete)."""
     header = reader.header
-    sections = [(s.type, reader.section_source(s)) for s in reader.sections if s.type != SectionType.SIGNATURE]
+    sections: list[tuple[SectionType, SectionSource]] = [
+        (s.type, reader.section_source(s)) for s in reader.sections if s.type != SectionType.SIGNATURE
+    ]
     fields = HeaderFields(header.version, header.flags, header.default_mem, header.default_cpus)
     return write_sections(output, sections, fields, signer=signer, progress=progress)

@@ -73,7 +73,8 @@ def load_expected(path: str | os.PathLike) -> dict[str, bytes]:
         document = document["Measurements"]
     if not isinstance(document, dict):
         raise FormatError(f"{path}: not a measurements document (expected a JSON object with PCR0…)")
-    expected = {name: parse_pcr_hex(document[name], f"{path}: {name}") for name in PCR_NAMES if isinstance(document.get(name), str)}
+    expected = {name: parse_pcr_hex(document[name], f"{path}: {name}")
+                for name in PCR_NAMES if isinstance(document.get(name), str)}
     if not expected:
         raise FormatError(f"{path}: no PCR0/PCR1/PCR2/PCR8 values found")
     return expected
@@ -134,7 +135,9 @@ def _certificate_check(facts, certificate: x509.Certificate) -> Check:
     given = certificate.public_bytes(serialization.Encoding.DER)
     stored = facts.signature.certificate.public_bytes(serialization.Encoding.DER)
     if given != stored:
-        return Check("certificate", False, f"the image was signed by {facts.signature.certificate.subject.rfc4514_string()}, not by the given certificate {certificate.subject.rfc4514_string()}")
+        signer = facts.signature.certificate.subject.rfc4514_string()
+        return Check("certificate", False, f"the image was signed by {signer}, "
+                                           f"not by the given certificate {certificate.subject.rfc4514_string()}")
     return Check("certificate", True, "signed by the given certificate")
 
 

@@ -1,6 +1,6 @@
 """``docker-archive:PATH[:REF]``: a ``docker save`` tarball, read in place.
 
-Three layouts occur (see the images spec):
+Three layouts occur (see docs/images.md, "Sources"):
 
 (a) legacy: ``manifest.json`` → ``<id>.json`` config and ``<dir>/layer.tar`` layers.  There is no
     real manifest, so a deterministic OCI manifest is synthesised: config digest/size from the
@@ -26,7 +26,7 @@ import os
 import posixpath
 import tarfile
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from qtbuild.errors import ImageError
 from qtbuild.sources.base import MAX_JSON_DOCUMENT, Descriptor, Platform, check_digest
@@ -116,12 +116,12 @@ class TarIndex:
             raise ImageError(f"{self._what} is {compression}-compressed; random access needs the plain tar: "
                              "decompress it first (docker save, skopeo and podman write it uncompressed)")
         f.seek(0)
-        tar = tarfile.open(fileobj=_BoundedFile(f, self._what), mode="r:")
-        while (info := tar.next()) is not None:
-            if len(self.members) >= max_members:
-                raise ImageError(f"{self._what}: more than {max_members} members")
-            tar.members.clear()  # the index below is all we keep
-            self._add(info)
+        with tarfile.open(fileobj=cast(BinaryIO, _BoundedFile(f, self._what)), mode="r:") as tar:
+            while (info := tar.next()) is not None:
+                if len(self.members) >= max_members:
+                    raise ImageError(f"{self._what}: more than {max_members} members")
+                tar.members.clear()  # type: ignore[attr-defined]  # not in typeshed; the index below is all we keep
+                self._add(info)
 
     def _add(self, info: tarfile.TarInfo) -> None:
         if (info.isdir() or not info.name or info.name.startswith("/") or "\0" in info.name
@@ -159,7 +159,7 @@ class TarIndex:
             return f.read()
 
     def open(self, member: _Member) -> BinaryIO:
-        return FileRange(self.path, member.offset, member.size)
+        return cast(BinaryIO, FileRange(self.path, member.offset, member.size))  # a RawIOBase: it reads as BinaryIO
 
 
 def _inside_archive(target: str, what: str) -> str:

@@ -133,9 +133,9 @@ def _decode_entry(entry: dict, path: Path, host: str) -> Credentials | None:
         if not sep:
             raise ImageError(f"{path}: the \"auth\" entry for {host} is not base64 of user:password")
         return Credentials(username, password)
-    username, password = entry.get("username"), entry.get("password")
-    if isinstance(username, str) and isinstance(password, str) and username:
-        return Credentials(username, password)
+    user, secret = entry.get("username"), entry.get("password")
+    if isinstance(user, str) and isinstance(secret, str) and user:
+        return Credentials(user, secret)
     return None
 
 
@@ -160,7 +160,9 @@ def lookup_credentials(host: str, path: Path | None = None) -> CredentialLookup:
         return CredentialLookup(path, credentials)
     helper = _helper_for(config, host)
     if helper:
-        return CredentialLookup(path, None, f"{path} stores credentials for {host} in credential helper docker-credential-{helper}")
+        return CredentialLookup(
+            path, None, f"{path} stores credentials for {host} in credential helper docker-credential-{helper}"
+        )
     if entry and entry.get("identitytoken"):
         return CredentialLookup(path, None, f"{path} holds an identity token for {host}")
     return CredentialLookup(path)

@@ -30,6 +30,8 @@ DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 #: Manifests, indexes and configs larger than this are refused (go-containerregistry uses 4 MiB
 #: for manifests; configs with long histories stay well under 8 MiB).
 MAX_JSON_DOCUMENT = 8 * 1024 * 1024
+#: The source prefixes qtbuild.sources.open understands, for error messages.
+KNOWN_PREFIXES = "docker://, docker-archive:, oci:, oci-archive:, registry://"
 
 
 def check_digest(value: object, what: str) -> str:
@@ -153,7 +155,7 @@ class Image(abc.ABC):
     def config(self) -> dict:
         return parse_json_document(self.config_bytes(), "image config")
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 -- a no-op default: sources without temporary files keep it
         """Release temporary files or connections."""
 
     def __enter__(self) -> Image:

@@ -4,21 +4,21 @@ The daemon is reached the way the docker CLI does it (``docker.from_env()``: ``D
 ``DOCKER_TLS_VERIFY``, ``DOCKER_CERT_PATH``).  The image is inspected, then saved by its ID
 (``GET /images/{id}/get``, what ``docker save`` does; never ``docker run``/``export``) in 1 MiB
 chunks into a temporary file (in ``TMPDIR``), which is read as a docker-archive
-(:class:`ArchiveImage`) and removed on :meth:`close`.  Saving by ID rather than by name means a tag moved meanwhile cannot
-swap the image.  With Engine API ≥ 1.48 a requested platform is passed to the save; with older
+(:class:`ArchiveImage`) and removed on :meth:`close`.  Saving by ID rather than by name means a tag
+moved meanwhile cannot swap the image.  With Engine API ≥ 1.48 a requested platform is passed to the save; with older
 daemons the saved image's config is checked against it instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 
 from qtbuild.errors import ImageError, naming_path
 from qtbuild.sources.archive import ArchiveImage
-from qtbuild.sources.base import Platform
-from qtbuild.sources.open import KNOWN_PREFIXES
+from qtbuild.sources.base import KNOWN_PREFIXES, Platform
 
 CHUNK = 1 << 20
 PLATFORM_SAVE_API = (1, 48)
@@ -106,11 +106,12 @@ class DaemonImage(ArchiveImage):
         try:
             image = _inspect(client, ref)
             self._inspect = image.attrs
-            self._temp_path = _save_to_temp(client, image.id, ref, platform)
+            saved = _save_to_temp(client, image.id, ref, platform)
+            self._temp_path: str | None = saved
         finally:
             client.close()
         try:
-            super().__init__(self._temp_path, platform=platform, reference=f"docker://{ref}")
+            super().__init__(saved, platform=platform, reference=f"docker://{ref}")
         except BaseException:
             self.close()
             raise
@@ -120,9 +121,8 @@ class DaemonImage(ArchiveImage):
         return list(self._inspect.get("RepoDigests") or [])
 
     def close(self) -> None:
-        path, self._temp_path = getattr(self, "_temp_path", None), None
+        path = getattr(self, "_temp_path", None)
+        self._temp_path = None
         if path:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass

@@ -18,10 +18,9 @@ import os
 import re
 
 from qtbuild.errors import ImageError
-from qtbuild.sources.base import Image, Platform
+from qtbuild.sources.base import KNOWN_PREFIXES, Image, Platform
 
 _DAEMON_PREFIXES = ("docker://", "docker-daemon:")
-KNOWN_PREFIXES = "docker://, docker-archive:, oci:, oci-archive:, registry://"
 #: containers-image transports (skopeo, podman) qtbuild does not read.
 _UNSUPPORTED_TRANSPORTS = ("containers-storage:", "dir:", "ostree:", "sif:", "tarball:")
 #: A Docker image reference (distribution/reference's grammar) or an image ID.

@@ -36,7 +36,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from qtbuild.errors import ImageError
 from qtbuild.sources.auth import MAX_TOKEN_RESPONSE, Authenticator
@@ -152,7 +152,8 @@ def is_loopback(host: str) -> bool:
 
 
 def _plain_http_refusal(target: str) -> str:
-    return f"refusing plain HTTP to {target}: only loopback registries (127.0.0.0/8, ::1, localhost) may be reached without TLS"
+    return (f"refusing plain HTTP to {target}: "
+            "only loopback registries (127.0.0.0/8, ::1, localhost) may be reached without TLS")
 
 
 def _origin(url: str) -> tuple[str, str]:
@@ -275,7 +276,9 @@ def _connection_error(reason: object, url: str, what: str) -> ImageError:
     """A clear ImageError for a failure to talk to ``url`` at all."""
     netloc = urllib.parse.urlsplit(url).netloc
     if isinstance(reason, ssl.SSLCertVerificationError):
-        return ImageError(f"{what}: TLS certificate verification failed for {netloc}: {reason.verify_message or reason}")
+        return ImageError(
+            f"{what}: TLS certificate verification failed for {netloc}: {reason.verify_message or reason}"
+        )
     if isinstance(reason, ssl.SSLError):
         return ImageError(f"{what}: TLS error talking to {netloc}: {reason}")
     if isinstance(reason, ConnectionRefusedError):
@@ -370,7 +373,7 @@ class RegistryClient(BlobStore):
         _check_document_size(descriptor, what)
         path = f"/v2/{self.ref.repository}/manifests/{descriptor.digest}"
         response = self.get(path, what=what, accept=MANIFEST_ACCEPT)
-        return read_document(_HttpBody(response, what), descriptor, what)
+        return read_document(cast(BinaryIO, _HttpBody(response, what)), descriptor, what)  # read/close only
 
     def read_document(self, descriptor: Descriptor, what: str) -> bytes:
         """A small blob (config), verified; an oversized one is refused before it is requested."""
@@ -392,8 +395,10 @@ class RegistryClient(BlobStore):
         declared = response.headers.get("Content-Length")
         if declared and declared.strip().isdigit() and int(declared) != descriptor.size:
             response.close()
-            raise ImageError(f"{what}: size mismatch, registry sends {int(declared)} bytes, manifest says {descriptor.size}")
-        return _HttpBody(response, what)
+            raise ImageError(
+                f"{what}: size mismatch, registry sends {int(declared)} bytes, manifest says {descriptor.size}"
+            )
+        return cast(BinaryIO, _HttpBody(response, what))  # its readers use read/close only
 
 
 class RegistryImage(StoreImage):

@@ -187,7 +187,7 @@ def make_platform(os_name: object, architecture: object, variant: object, what: 
     fields = [os_name, architecture] + ([variant] if variant else [])
     if not all(isinstance(f, str) and f and "/" not in f for f in fields):
         raise ImageError(f"{what}: malformed platform {fields!r}")
-    return Platform.parse("/".join(fields))
+    return Platform.parse("/".join(map(str, fields)))
 
 
 def descriptor_platform(d: Descriptor, what: str) -> Platform | None:
@@ -220,7 +220,7 @@ def is_attestation(d: Descriptor) -> bool:
     """buildx attestation manifests (and anything else whose platform is unknown/unknown)."""
     if d.annotations.get(ANNOTATION_REFERENCE_TYPE) == "attestation-manifest":
         return True
-    return bool(d.platform) and d.platform.get("os") == "unknown"
+    return d.platform is not None and d.platform.get("os") == "unknown"
 
 
 # -- choosing an image ------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def choose_named_entries(entries: Sequence[Descriptor], wanted: str | None, *,
     names = _unique(label(e) or "<untagged>" for e in entries)
     available = ", ".join(names) or "none"
     if wanted is not None:
-        chosen = [e for e in entries if label(e) is not None and matches(label(e), wanted)]
+        chosen = [e for e in entries if (name := label(e)) is not None and matches(name, wanted)]
         if not chosen:
             raise ImageError(f"{what} has no image named {wanted!r}; available: {available}")
         return chosen
@@ -351,7 +351,7 @@ def pair_layers(manifest: Manifest, config: dict, what: str) -> list[tuple[Descr
         raise ImageError(f"{what}: manifest lists {len(manifest.layers)} layers but config "
                          f"rootfs.diff_ids has {len(diff_ids)}")
     return [(d, check_digest(diff_id, f"{what} diff_id {i}"))
-            for i, (d, diff_id) in enumerate(zip(manifest.layers, diff_ids))]
+            for i, (d, diff_id) in enumerate(zip(manifest.layers, diff_ids, strict=True))]
 
 
 def canonical_json(document: object) -> bytes:

@@ -16,6 +16,7 @@ the client: it copies the stream to a binary file and raises :class:`ConsoleBusy
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import select
 import socket
@@ -131,10 +132,8 @@ class ConsoleServer:
         if self._closing:
             return
         self._closing = True
-        try:
+        with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self._listener.close()
         self._acceptor.join(timeout=5)
         self.path.unlink(missing_ok=True)
@@ -183,10 +182,8 @@ def _hung_up(connection: socket.socket) -> bool:
 
 
 def _send_and_close(connection: socket.socket, data: bytes) -> None:
-    try:
+    with contextlib.suppress(OSError):
         connection.sendall(data)
-    except OSError:
-        pass
     connection.close()
 
 

@@ -175,7 +175,7 @@ class Manager:
         finally:
             _close(status_write, console_write)
         status = os.fdopen(status_read, "rb")
-        console = os.fdopen(console_read, "rb", buffering=0) if attach else None
+        console = os.fdopen(console_read, "rb", buffering=0) if console_read is not None else None  # attach
         message = _first_message(status, START_TIMEOUT)
         if message is not None and "ready" in message:
             return Started(message["ready"], console, status)

@@ -172,10 +172,8 @@ def in_mount_namespace(namespace_fd: int, action, *args) -> None:
 
 
 def _forget_leaf(state_dir: str, leaf_name: str) -> None:
-    try:
+    with contextlib.suppress(PkiError):  # the PKI is gone: nothing to forget
         LocalPki.load(state_dir).forget_leaf(leaf_name)
-    except PkiError:
-        pass  # the PKI is gone: nothing to forget
 
 
 def _attempt(what: str, action, *args, **kwargs) -> None:

@@ -49,8 +49,8 @@ from pathlib import Path
 
 from qtbuild.runtime.qtsm.device import SecurityModule, boot_pcrs, make_module_id
 from qtbuild.runtime.qtsm.pki import LocalPki
-from qtbuild.runtime.qtsm.server import serve_device
-from qtbuild.runtime.sandbox import SandboxError, SandboxExit, cgroups, start_sandbox
+from qtbuild.runtime.qtsm.server import Server, serve_device
+from qtbuild.runtime.sandbox import Sandbox, SandboxError, SandboxExit, cgroups, start_sandbox
 from qtbuild.runtime.sandbox.cgroups import Cgroup
 from qtbuild.runtime.sandbox.spec import DEFAULT_CGROUP_ROOT
 from qtbuild.runtime.sandbox.subids import IdRange, enclave_ids
@@ -109,12 +109,12 @@ class Supervisor:
         self.vsock_root = directory.runtime.vsock_root
         self.as_root = os.geteuid() == 0
         self.stop_requested = threading.Event()
-        self.sandbox = None
+        self.sandbox: Sandbox | None = None
         self.cgroup: Cgroup | None = None
         self.ids: IdRange | None = None
         self.host_namespace: int | None = None
         self.vsock_dir = self.vsock_root / str(record.cid)
-        self.qtsm = None
+        self.qtsm: Server | None = None
         self.console: ConsoleServer | None = None
         self.threads: list[threading.Thread] = []
 
@@ -216,7 +216,7 @@ class Supervisor:
 
     def _heartbeat(self) -> None:
         config = self._vsock_config(self.record.cid)
-        if not os.path.exists(vsock.socket_path(config.root, vsock.PARENT_CID, vsock.HEARTBEAT_PORT)):
+        if not os.path.exists(vsock.socket_path(config.emulated_root, vsock.PARENT_CID, vsock.HEARTBEAT_PORT)):
             return
         try:
             vsock.send_heartbeat(timeout=HEARTBEAT_TIMEOUT, config=config)
@@ -226,13 +226,13 @@ class Supervisor:
     def _register(self) -> None:
         """Tie the enclave's CID to its network namespace (vsock peer identity)."""
         try:
-            vsock.register_enclave(self.record.cid, self.sandbox.pid, config=self._vsock_config(vsock.PARENT_CID))
+            vsock.register_enclave(self.record.cid, self._started().pid, config=self._vsock_config(vsock.PARENT_CID))
         except ProcessLookupError:
             log.info("the application ended before its vsock identity was registered")
 
     def _record_sandbox(self) -> None:
         """What ``stop`` needs to kill the sandbox should this supervisor die."""
-        record, sandbox = self.record, self.sandbox
+        record, sandbox = self.record, self._started()
         record.sandbox_pid = sandbox.pid
         record.sandbox_start = resources.process_start_time(sandbox.pid) or 0
         write_record(self.directory, record)
@@ -241,7 +241,9 @@ class Supervisor:
 
     def wait(self) -> SandboxExit:
         """Step 7's wait: the application's exit (or its kill, on a stop request)."""
-        return self.sandbox.wait()
+        result = self._started().wait()
+        assert result is not None  # without a timeout, wait returns once the sandbox has ended
+        return result
 
     def request_stop(self, *_signal_args) -> None:
         """Signal handler: stop the enclave (now if it runs, before it starts otherwise)."""
@@ -250,7 +252,12 @@ class Supervisor:
             self._kill_async()
 
     def _kill_async(self) -> None:
-        threading.Thread(target=self.sandbox.kill, daemon=True).start()
+        threading.Thread(target=self._started().kill, daemon=True).start()
+
+    def _started(self) -> Sandbox:
+        """The sandbox; only steps after :meth:`_start_sandbox` succeeded ask for it."""
+        assert self.sandbox is not None, "the sandbox has not started"
+        return self.sandbox
 
     def release(self) -> None:
         """Release everything this supervisor holds (idempotent)."""
@@ -334,6 +341,9 @@ def _copy_to_fd(ring: RingBuffer, fd: int) -> None:
 def run(directory: EnclaveDir, status: StatusPipe, console_fd: int | None) -> int:
     """Steps 1-7 for the enclave in ``directory``; returns the process exit code."""
     record = read_record(directory)
+    if record is None:
+        status.send(error=f"no enclave record in {directory.path} (removed while starting?)", check_failed=True)
+        return 1
     record.process_id = os.getpid()
     write_record(directory, record)
     supervisor = Supervisor(directory, record, console_fd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from typing import Literal, overload
 
 from qtbuild.runtime.kms.errors import KmsError, invalid, missing
 
@@ -25,7 +26,7 @@ class Fields:
     def __init__(self, body: object) -> None:
         if not isinstance(body, dict):
             raise KmsError("KMS.0202", "The request body must be a JSON object.")
-        self._body, self._used = body, set()
+        self._body, self._used = body, set[str]()
         sequence = self.text("sequence", required=False, max_length=36, code="KMS.0206")
         if sequence is not None and not _SEQUENCE.fullmatch(sequence):
             raise KmsError("KMS.0206")
@@ -43,6 +44,14 @@ class Fields:
     def raw(self, name: str) -> object:
         """The value as sent (None when absent), for callers that check it themselves."""
         return self._take(name, False)
+
+    @overload
+    def text(self, name: str, *, required: Literal[True] = True, max_length: int = 256,
+             min_length: int = 0, pattern: re.Pattern | None = None, code: str | None = None) -> str: ...
+
+    @overload
+    def text(self, name: str, *, required: bool, max_length: int = 256,
+             min_length: int = 0, pattern: re.Pattern | None = None, code: str | None = None) -> str | None: ...
 
     def text(self, name: str, *, required: bool = True, max_length: int = 256,
              min_length: int = 0, pattern: re.Pattern | None = None,
@@ -62,6 +71,14 @@ class Fields:
             raise KmsError(code, f"Invalid {name}: {problem}.") if code else invalid(name, problem)
         return value
 
+    @overload
+    def integer(self, name: str, *, required: Literal[True] = True, low: int, high: int,
+                code: str | None = None) -> int: ...
+
+    @overload
+    def integer(self, name: str, *, required: bool, low: int, high: int,
+                code: str | None = None) -> int | None: ...
+
     def integer(self, name: str, *, required: bool = True, low: int, high: int,
                 code: str | None = None) -> int | None:
         """An integer in ``low..high``, given as a JSON number or a decimal string."""
@@ -74,6 +91,13 @@ class Fields:
             why = f"must be an integer in {low}..{high}"
             raise KmsError(code, f"Invalid {name}: {why}.") if code else invalid(name, why)
         return value
+
+    @overload
+    def choice(self, name: str, choices: tuple[str, ...], *, required: bool = False, default: str) -> str: ...
+
+    @overload
+    def choice(self, name: str, choices: tuple[str, ...], *, required: bool = False,
+               default: None = None) -> str | None: ...
 
     def choice(self, name: str, choices: tuple[str, ...], *, required: bool = False,
                default: str | None = None) -> str | None:
@@ -98,6 +122,14 @@ class Fields:
             return bytes.fromhex(text)
         except ValueError:
             raise KmsError(code, f"Invalid {name}: not hexadecimal.") from None
+
+    @overload
+    def base64(self, name: str, *, max_bytes: int, required: Literal[True] = True,
+               code: str | None = None) -> bytes: ...
+
+    @overload
+    def base64(self, name: str, *, max_bytes: int, required: bool,
+               code: str | None = None) -> bytes | None: ...
 
     def base64(self, name: str, *, max_bytes: int, required: bool = True,
                code: str | None = None) -> bytes | None:

@@ -23,6 +23,7 @@ Admin APIs (``admin/...``) need a principal created as admin; policies do not ap
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -163,9 +164,10 @@ def _algorithm(fields: Fields) -> None:
 
 
 def _bits(fields: Fields, name: str, code: str, default: int | None = None) -> int:
-    bits = fields.integer(name, required=default is None, low=8, high=8 * MAX_DATAKEY_BYTES,
-                          code=code)
-    bits = default if bits is None else bits
+    given = fields.integer(name, required=default is None, low=8, high=8 * MAX_DATAKEY_BYTES,
+                           code=code)
+    bits = default if given is None else given
+    assert bits is not None  # the field is required when there is no default
     if bits % 8:
         raise KmsError(code, f"Invalid {name}: must be a multiple of 8.")
     return bits
@@ -357,10 +359,8 @@ def decrypt_data(call: Call) -> dict:
 
 def _text_fields(plaintext: bytes) -> dict:
     reply = {"plain_text_base64": base64.b64encode(plaintext).decode("ascii")}
-    try:
+    with contextlib.suppress(UnicodeDecodeError):
         reply["plain_text"] = plaintext.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
     return reply
 
 
@@ -489,7 +489,11 @@ def _target(call: Call) -> PrincipalRecord:
     if (access_key is None) == (name is None):
         raise invalid("access_key", "give access_key or name")
     store = call.env.store
-    record = store.principal(access_key) if access_key else store.principal_named(name)
+    if access_key:
+        record = store.principal(access_key)
+    else:
+        assert name is not None  # exactly one of the two was given
+        record = store.principal_named(name)
     if record is None:
         raise KmsError("KMS.0308", "Invalid access_key: no such principal.")
     return record

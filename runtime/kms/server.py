@@ -46,7 +46,7 @@ class KmsHttpServer(ThreadingHTTPServer):
 
     @property
     def endpoint(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = str(self.server_address[0]), self.server_address[1]
         return f"http://{host}:{port}"
 
     def process_request(self, request, client_address) -> None:
@@ -85,9 +85,10 @@ class _Handler(BaseHTTPRequestHandler):
     #: Buffered writes: head and body leave in one segment (no Nagle / delayed-ACK stalls);
     #: http.server flushes after every request.
     wbufsize = 64 * 1024
+    server: KmsHttpServer
 
     def setup(self) -> None:
-        self.timeout = self.server.io_timeout
+        self.request.settimeout(self.server.io_timeout)  # what StreamRequestHandler does with .timeout
         if self.request.family in (socket.AF_INET, socket.AF_INET6):
             self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().setup()

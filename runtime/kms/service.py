@@ -66,8 +66,8 @@ class KmsService:
             status, body = error.status, error.body()
         except Exception:  # a service answers; details go to the log only
             log.exception("request %s failed", request_id)
-            error = KmsError("KMS.0101")
-            status, body = error.status, error.body()
+            failure = KmsError("KMS.0101")
+            status, body = failure.status, failure.body()
         self._audit(request, request_id, trace, status, body)
         return Response(status, body, request_id)
 

@@ -20,7 +20,7 @@ import json
 import queue
 import sqlite3
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 ENABLED, DISABLED, PENDING_DELETION = "2", "3", "4"
@@ -253,10 +253,11 @@ class Store:
                              (key_id, project_id)).fetchone()
             if row is None:
                 return None
-            state, deletion_ms = change(KeyRecord(*row))
+            current = KeyRecord(*row)
+            state, deletion_ms = change(current)
             db.execute("UPDATE keys SET state = ?, deletion_ms = ? WHERE key_id = ?",
                        (state, deletion_ms, key_id))
-            return KeyRecord(*row[:6], state, row[7], deletion_ms, row[9])
+            return replace(current, state=state, deletion_ms=deletion_ms)
 
     def purge_deleted(self, now_ms: int) -> int:
         """Delete keys whose scheduled deletion time has passed; how many."""
@@ -309,7 +310,8 @@ class Store:
     def audit(self, *, after: int = 0, limit: int = 100, principal: str | None = None,
               key_id: str | None = None, decision: str | None = None) -> list[AuditRecord]:
         """Records with id > ``after`` in id order, optionally filtered."""
-        where, args = ["id > ?"], [after]
+        where: list[str] = ["id > ?"]
+        args: list[object] = [after]
         for column, value in (("principal", principal), ("key_id", key_id),
                               ("decision", decision)):
             if value is not None:

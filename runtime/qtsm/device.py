@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from qtbuild.formats.attestation import (
     MAX_PCRS,
@@ -61,7 +62,7 @@ BOOT_PCRS = 16
 RANDOM_SIZE = 256
 VERSION = (1, 0, 0)
 
-Signer = Callable[[], tuple[object, "x509.Certificate | bytes", list[bytes]]]
+Signer = Callable[[], tuple["ec.EllipticCurvePrivateKey", "x509.Certificate | bytes", list[bytes]]]
 
 
 def boot_pcrs(

@@ -185,10 +185,7 @@ class LocalPki:
         path = self.directory / "leaves" / f"{enclave_id}.pem"
         try:
             data = path.read_bytes()
-            leaf = _Authority(
-                serialization.load_pem_private_key(data, password=None),
-                x509.load_pem_x509_certificate(data),
-            )
+            leaf = _Authority(_load_ec_key(data), x509.load_pem_x509_certificate(data))
         except (OSError, ValueError, TypeError):
             return None  # missing or damaged: a new one is issued
         host = self._authorities["host"].cert
@@ -325,7 +322,7 @@ def _save_authority(directory: Path, level: str, authority: _Authority) -> None:
 
 def _load_authority(directory: Path, level: str) -> _Authority:
     try:
-        key = serialization.load_pem_private_key((directory / f"{level}.key").read_bytes(), None)
+        key = _load_ec_key((directory / f"{level}.key").read_bytes())
         cert = x509.load_pem_x509_certificate((directory / f"{level}.crt").read_bytes())
     except (OSError, ValueError, TypeError) as exc:
         raise PkiError(f"cannot load the {level} CA from {directory}: {exc}") from None
@@ -335,9 +332,17 @@ def _load_authority(directory: Path, level: str) -> _Authority:
     return authority
 
 
+def _load_ec_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
+    """The EC private key in ``pem``; ValueError for any other PEM, TypeError when encrypted."""
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"not an EC private key ({type(key).__name__.lstrip('_')})")
+    return key
+
+
 def _matches(authority: _Authority) -> bool:
-    """Whether the private key is an EC key belonging to the certificate."""
-    key = authority.key
-    return isinstance(key, ec.EllipticCurvePrivateKey) and (
-        key.public_key().public_numbers() == authority.cert.public_key().public_numbers()
+    """Whether the certificate holds the public key of the authority's (EC) private key."""
+    certified = authority.cert.public_key()
+    return isinstance(certified, ec.EllipticCurvePublicKey) and (
+        authority.key.public_key().public_numbers() == certified.public_numbers()
     )

@@ -15,6 +15,7 @@ response per request, in order; a connection may carry any number of requests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
@@ -226,7 +227,5 @@ def _recv_exact(connection: socket.socket, size: int) -> bytes | None:
 
 
 def _shutdown(connection: socket.socket) -> None:
-    try:
+    with contextlib.suppress(OSError):
         connection.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass

@@ -3,8 +3,8 @@
 Namespaces (user, mount, PID, network, IPC, UTS, cgroup — as root the user namespace maps a
 subordinate id range, :mod:`.subids`, so root inside is an unprivileged host uid), a pivoted
 root with fresh ``/proc``, ``/dev`` and ``/tmp``, cgroup limits (v2 or v1), no capabilities,
-``no_new_privs`` and a seccomp deny list (``socket(AF_VSOCK)`` included), in bubblewrap's step
-order.  Public API::
+``no_new_privs`` and a seccomp deny list (``socket(AF_VSOCK)`` included), in the step
+order of docs/sandbox.md (bubblewrap's).  Public API::
 
     spec = SandboxSpec(root="/path/to/rootfs", argv=["/app"], env=["PATH=/bin"], memory_bytes=256 << 20)
     sandbox = start_sandbox(spec)      # raises SandboxError naming any protection it cannot apply

@@ -23,6 +23,7 @@ to every path of :meth:`Cgroup.procs_files` before it execs anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -99,10 +100,8 @@ class Cgroup:
             _write(kill_file, "1")
             return
         for pid in self.pids():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def remove(self, timeout: float = 5.0) -> None:
         """Kill what is left, then remove the directories (retrying while the kernel finishes
@@ -117,10 +116,8 @@ class Cgroup:
                         raise SandboxError(f"cgroup {path} could not be removed: {exc.strerror}") from exc
                     self.kill()
                     time.sleep(0.01)
-            try:
+            with contextlib.suppress(OSError):
                 os.rmdir(os.path.dirname(path))  # the shared parent, once no sandbox uses it
-            except OSError:
-                pass
 
 
 def detect(root: str) -> dict:

@@ -6,7 +6,7 @@ reports on fd M, one JSON object per line: ``{"pid": P}`` (host pid of the sandb
 then ``{"started": true}`` once the application is exec'd or ``{"error": "..."}`` naming the
 step that failed, and finally ``{"exit": {"code": C, "signal": S}}`` when the application ends.
 
-Three processes, one straight line (step numbers as in the sandbox spec):
+Three processes, one straight line (step numbers as in docs/sandbox.md):
 
 * helper (outside)  1 join the cgroup · 2 unshare namespaces with a user namespace: rootless,
   the caller's uid/gid mapped to the application's; as root, the subordinate range of the
@@ -25,6 +25,7 @@ gone by then.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -138,7 +139,10 @@ def init(plan: dict, status: Channel, rootless: bool) -> int:
     code = os.WEXITSTATUS(app_status) if os.WIFEXITED(app_status) else None
     sig = os.WTERMSIG(app_status) if os.WIFSIGNALED(app_status) else None
     status.send(exit={"code": code, "signal": sig})
-    return code if code is not None else 128 + sig
+    if code is not None:
+        return code
+    assert sig is not None  # waitpid without WUNTRACED: the application exited or was killed
+    return 128 + sig
 
 
 def _spawn_application(plan: dict, rootless: bool) -> tuple[int, str | None]:
@@ -182,10 +186,8 @@ def reap(app_pid: int) -> int:
             return app_status
         if pid == app_pid:
             app_status = wait_status
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(-1, signal.SIGKILL)  # from PID 1: every other process in the namespace
-            except ProcessLookupError:
-                pass
 
 
 # -- the application ----------------------------------------------------------------------------
@@ -227,10 +229,8 @@ def close_all_fds(keep: int) -> None:
             raise
         for fd in [int(name) for name in os.listdir("/proc/self/fd")]:
             if fd > 2 and fd != keep:
-                try:
+                with contextlib.suppress(OSError):  # the directory listing's own fd
                     os.close(fd)
-                except OSError:
-                    pass  # the directory listing's own fd
 
 
 def _set_rlimits() -> None:

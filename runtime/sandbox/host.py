@@ -16,6 +16,7 @@ mounts live only in its own mount namespace and vanish with it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -200,10 +201,8 @@ class Sandbox:
         if self.cgroup is not None:
             self.cgroup.kill()
         if self._pidfd is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         elif self._helper.poll() is None:
             self._helper.kill()  # PID 1 is not known yet: its parent death signal takes it down
 

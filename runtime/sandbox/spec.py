@@ -14,6 +14,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+from .errors import SandboxError
+
 if TYPE_CHECKING:
     from .subids import IdRange
 
@@ -22,11 +24,6 @@ __all__ = ["DEFAULT_CGROUP_ROOT", "Bind", "SandboxError", "SandboxExit", "Sandbo
 DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _MAX_ID = 2**32 - 2
-
-
-class SandboxError(Exception):
-    """A protection could not be applied, or the spec is unusable.  The message names the
-    protection (or field) and, where there is one, the fix."""
 
 
 @dataclass
@@ -91,9 +88,11 @@ class SandboxSpec:
                                        "sandbox (give the subordinate range more ids)")
         if not self.hostname or len(self.hostname) > 64 or "\0" in self.hostname:
             raise SandboxError(f"hostname: {self.hostname!r} must be 1-64 characters")
-        for label, value in (("memory_bytes", self.memory_bytes), ("cpus", self.cpus), ("pids_max", self.pids_max)):
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise SandboxError(f"{label}: {value!r} must be a positive integer or None")
+        limits: tuple[tuple[str, int | None], ...] = (
+            ("memory_bytes", self.memory_bytes), ("cpus", self.cpus), ("pids_max", self.pids_max))
+        for label, limit in limits:
+            if limit is not None and (not isinstance(limit, int) or limit <= 0):
+                raise SandboxError(f"{label}: {limit!r} must be a positive integer or None")
         if not _NAME.fullmatch(self.name):
             raise SandboxError(f"name: {self.name!r} must be 1-64 of [A-Za-z0-9_.-], not starting with '.' or '-'")
         for bind in self.binds:

@@ -27,7 +27,7 @@ import fcntl
 import os
 from dataclasses import dataclass
 
-from .spec import SandboxError
+from .errors import SandboxError
 
 __all__ = ["DEFAULT_COUNT", "DEFAULT_USER", "ENV_USER", "FIRST_ID", "IdRange", "enclave_ids", "subordinate_range"]
 

@@ -16,7 +16,7 @@ Device (``Qtsm(path=None)`` auto-detects, first match wins)
     public — is not probed.)
 
 Contracts
-    Requests are the NSM/QTSM CBOR schema (``/work/shared/spec/attestation.md`` §1).  A request
+    Requests are the NSM/QTSM CBOR schema (docs/attestation.md, "Device API").  A request
     whose encoding exceeds 4096 bytes is refused before sending: ``QtsmError("InputTooLarge")``.
     Responses over 0x3000 bytes, undecodable ones, or ones of the wrong shape →
     ``QtsmError("InvalidResponse")``; a device's ``{"Error": v}`` → ``QtsmError(v)``.  A failing
@@ -165,7 +165,7 @@ def _recv_exact(connection: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def open_transport(path: str | None = None, *, timeout: float = 10.0):
+def open_transport(path: str | os.PathLike | None = None, *, timeout: float = 10.0):
     """The transport for ``path``, or for the first device of DEFAULT_PATHS (see module doc)."""
     if path is not None:
         return _transport_for(os.fspath(path), timeout, explicit=True)

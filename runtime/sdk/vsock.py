@@ -83,6 +83,7 @@ import stat
 import struct
 import time
 from dataclasses import dataclass
+from typing import overload
 
 ENV_DIR = "QTBUILD_VSOCK_DIR"
 ENV_CID = "QTBUILD_VSOCK_CID"
@@ -144,6 +145,12 @@ class VsockConfig:
         if self.transport == NATIVE and not hasattr(socket, "AF_VSOCK"):
             raise VsockConfigError("the native vsock transport needs socket.AF_VSOCK (Linux)")
 
+    @property
+    def emulated_root(self) -> str:
+        """``root`` of an emulated configuration (``__post_init__`` refuses one without)."""
+        assert self.root is not None, "a native configuration has no socket directory"
+        return self.root
+
     @classmethod
     def from_env(cls, environ=None) -> VsockConfig:
         """The configuration described by ``QTBUILD_VSOCK_*`` in ``environ`` (default ``os.environ``)."""
@@ -156,10 +163,8 @@ class VsockConfig:
             dir_set=root is not None,
         )
         cid_text = env.get(ENV_CID)
-        if cid_text:
-            cid = _parse_cid(cid_text)
-        else:
-            cid = (local_cid() or PARENT_CID) if transport == NATIVE else PARENT_CID
+        native = transport == NATIVE
+        cid = _parse_cid(cid_text) if cid_text else (local_cid() or PARENT_CID) if native else PARENT_CID
         return cls(transport, cid, root)
 
 
@@ -363,7 +368,7 @@ def _listen_native(cfg: VsockConfig, port: int, backlog: int, header_timeout: fl
 
 
 def _listen_emulated(cfg: VsockConfig, port: int, backlog: int, header_timeout: float) -> Listener:
-    path = socket_path(cfg.root, cfg.cid, port)
+    path = socket_path(cfg.emulated_root, cfg.cid, port)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     sock = _new_socket(cfg)
     try:
@@ -460,7 +465,9 @@ class Listener:
     def _identify(self, conn: socket.socket, address, deadline: float | None) -> Address | None:
         if self.config.transport == NATIVE:
             return tuple(address)
-        wait = self.header_timeout if deadline is None else min(self.header_timeout, max(deadline - time.monotonic(), 0.001))
+        wait = self.header_timeout
+        if deadline is not None:
+            wait = min(wait, max(deadline - time.monotonic(), 0.001))
         conn.settimeout(wait)
         try:
             data = _recv_exactly(conn, _HEADER.size)
@@ -472,7 +479,7 @@ class Listener:
         """``claimed`` if it passes the peer-identity check (see the module docstring), else None."""
         if claimed is None or self.config.transport == NATIVE:
             return claimed
-        return claimed if _identity_ok(self.config.root, claimed[0], conn) else None
+        return claimed if _identity_ok(self.config.emulated_root, claimed[0], conn) else None
 
     def close(self) -> None:
         if self._closed:
@@ -495,6 +502,10 @@ class Listener:
         return f"<vsock.Listener cid={self.cid} port={self.port} transport={self.config.transport}>"
 
 
+@overload
+def _remaining(deadline: float) -> float: ...
+@overload
+def _remaining(deadline: None) -> None: ...
 def _remaining(deadline: float | None) -> float | None:
     if deadline is None:
         return None
@@ -557,7 +568,7 @@ def register_enclave(cid: int, pid: int, *, config: VsockConfig | None = None) -
     namespace = _net_namespace(pid)
     if namespace is None:
         raise OSError(errno.ESRCH, f"cannot read the network namespace of pid {pid}")
-    directory = os.path.join(cfg.root, _REGISTRY)
+    directory = os.path.join(cfg.emulated_root, _REGISTRY)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     temporary = os.path.join(directory, f".{cid}.{os.getpid()}")
     with open(temporary, "w", encoding="ascii") as handle:
@@ -581,9 +592,8 @@ def _registrations(root: str) -> dict[int, str]:
         return {}
     found = {}
     for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            with open(os.path.join(directory, name), encoding="ascii") as handle:
-                found[int(name)] = handle.read().strip()
+        with contextlib.suppress(FileNotFoundError), open(os.path.join(directory, name), encoding="ascii") as handle:
+            found[int(name)] = handle.read().strip()
     return found
 
 

@@ -27,6 +27,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Literal
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -46,7 +47,7 @@ from qtbuild.formats.attestation import (
 from qtbuild.formats.cose import CoseSign1, verify1
 from qtbuild.formats.errors import CoseError, SignatureError
 
-#: SHA-256 fingerprints of the public hardware roots (spec §2).
+#: SHA-256 fingerprints of the public hardware roots (docs/attestation.md, "Chains").
 KNOWN_ROOTS = {
     "nitro": "641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c68f79bb5b",
     "qingtian": "f23443b4eb52a70719df49bdda0e57bb25f1c04530885dbecdbde241c8c4f581",
@@ -54,7 +55,9 @@ KNOWN_ROOTS = {
 PLATFORMS = ("auto", "qingtian", "nitro", "local")
 LIMITS = {"nitro": NITRO_LIMITS, "qingtian": QINGTIAN_LIMITS, "local": QINGTIAN_LIMITS}
 #: Signature encodings tried, in order, per platform.
-ENCODINGS = {"nitro": ("big",), "qingtian": ("big", "little"), "local": ("big",)}
+ENCODINGS: dict[str, tuple[Literal["big", "little"], ...]] = {
+    "nitro": ("big",), "qingtian": ("big", "little"), "local": ("big",)
+}
 #: How far in the future a timestamp may be (clock skew) when an age limit applies.
 CLOCK_SKEW = timedelta(minutes=5)
 CHECKS = (
@@ -233,7 +236,7 @@ def _verify_chain(
     """Check [leaf, INTERM_N, …, INTERM_1, root]; return the parsed leaf and root."""
     ders = [doc.certificate, *reversed(doc.cabundle[1:]), doc.cabundle[0]]
     names = ["leaf", *(f"cabundle[{i}]" for i in range(len(doc.cabundle) - 1, 0, -1)), "root"]
-    chain = [_load_certificate(der, name) for der, name in zip(ders, names)]
+    chain = [_load_certificate(der, name) for der, name in zip(ders, names, strict=True)]
     for position in range(len(chain) - 1):
         _check_link(ders[position], ders[position + 1])
     for below, authority in enumerate(chain[1:]):
@@ -369,7 +372,8 @@ def _check_policy(
     at: datetime,
     allow_debug: bool,
 ) -> bool:
-    """Apply the caller's policy in the spec's order; return whether the document is debug."""
+    """Apply the caller's policy (docs/attestation.md, "Verification", step 5); return whether the
+    document is debug."""
     for index, expected in sorted(expect_pcrs.items()):
         actual = doc.pcrs.get(index)
         if actual != expected:

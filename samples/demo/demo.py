@@ -184,11 +184,13 @@ def demo_hello(keep: bool = False) -> None:
 def _read_lines(process: subprocess.Popen, *, count: int, timeout: float) -> list[str]:
     deadline = time.monotonic() + timeout
     lines: list[str] = []
-    os.set_blocking(process.stdout.fileno(), False)
+    stdout = process.stdout
+    assert stdout is not None  # started with stdout=PIPE
+    os.set_blocking(stdout.fileno(), False)
     buffer = ""
     try:
         while len(lines) < count and time.monotonic() < deadline:
-            chunk = process.stdout.read()
+            chunk = stdout.read()
             if chunk:
                 buffer += chunk.decode("utf-8", "replace")
                 *complete, buffer = buffer.split("\n")
@@ -239,12 +241,14 @@ def _start_object_store(space: Workspace) -> str:
 
 def _first_line(process: subprocess.Popen, timeout: float, what: str) -> str:
     deadline = time.monotonic() + timeout
-    os.set_blocking(process.stdout.fileno(), False)
+    stdout = process.stdout
+    assert stdout is not None  # started with stdout=PIPE
+    os.set_blocking(stdout.fileno(), False)
     data = b""
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise DemoError(f"{what} exited with status {process.returncode}")
-        chunk = process.stdout.read()
+        chunk = stdout.read()
         if chunk:
             data += chunk
             if b"\n" in data:
@@ -445,6 +449,8 @@ def _admin_decrypt(env: BankCardEnv, path: Path) -> str:
 
     endpoint, credentials = read_credentials(env.admin_credentials)
     url = urlsplit(endpoint)
+    if url.hostname is None or url.port is None:
+        raise DemoError(f"{env.admin_credentials}: the KMS endpoint {endpoint!r} has no host:port")
     with KmsClient(tcp_transport(url.hostname, url.port), credentials, host=url.netloc) as client:
         return client.decrypt_data(path.read_text().strip()).decode()
 

@@ -10,7 +10,6 @@ import tarfile
 import pytest
 import zstandard
 
-from helpers.imagefactory import compress, file, make_layer, sha256_digest
 from qtbuild.errors import ImageError
 from qtbuild.sources.base import MAX_JSON_DOCUMENT, Descriptor
 from qtbuild.sources.blobs import (
@@ -21,6 +20,8 @@ from qtbuild.sources.blobs import (
     read_document,
     verify_bytes,
 )
+
+from helpers.imagefactory import compress, file, make_layer, sha256_digest
 
 # Compressible but not trivial: 3 MiB spans several 1 MiB chunks on both sides of a decoder.
 DATA = (os.urandom(1 << 20) + bytes(1 << 20)) + b"tail" * (1 << 18)

@@ -9,21 +9,23 @@ import stat
 import struct
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
-from helpers.certs import make_certificate, make_key, to_pem
-from helpers.eif_inputs import newc, write_inputs
 from qtbuild.cli import main
 from qtbuild.cli.app import cli
+
+from helpers.certs import make_certificate, make_key, to_pem
+from helpers.eif_inputs import newc, write_inputs
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
     """Run the installed CLI as a user would (a real process, real exit code)."""
-    return subprocess.run([sys.executable, "-c", "from qtbuild.cli import main; main()", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-c", "from qtbuild.cli import main; main()", *args],
+                          capture_output=True, text=True)
 
 
 def invoke(*args: str):
@@ -43,9 +45,13 @@ def build(files, *extra: str, out: str = "app.eif"):
 
 
 def expected_pcrs(files) -> dict:
-    kernel, boot, app = (files / "kernel").read_bytes(), (files / "boot.cpio").read_bytes(), (files / "app.cpio").read_bytes()
-    ext = lambda data: hashlib.sha384(bytes(48) + hashlib.sha384(data).digest()).hexdigest()  # noqa: E731
-    return {"PCR0": ext(kernel + b"console=ttyS0" + boot + app), "PCR1": ext(kernel + b"console=ttyS0" + boot), "PCR2": ext(app)}
+    kernel, boot, app = ((files / name).read_bytes() for name in ("kernel", "boot.cpio", "app.cpio"))
+
+    def ext(data: bytes) -> str:
+        return hashlib.sha384(bytes(48) + hashlib.sha384(data).digest()).hexdigest()
+
+    return {"PCR0": ext(kernel + b"console=ttyS0" + boot + app), "PCR1": ext(kernel + b"console=ttyS0" + boot),
+            "PCR2": ext(app)}
 
 
 def signing_args(files) -> list[str]:
@@ -81,7 +87,8 @@ def make_der(path) -> bytes:
 
 def test_build_eif_refuses_mismatched_key_and_leaves_nothing(files):
     other = make_key("P-384")
-    (files / "other.pem").write_bytes(other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (files / "other.pem").write_bytes(other.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     result = build(files, "--private-key", str(files / "other.pem"), "--signing-certificate", str(files / "cert.pem"))
     assert result.exit_code == 2
     assert "does not match" in result.stderr
@@ -90,9 +97,10 @@ def test_build_eif_refuses_mismatched_key_and_leaves_nothing(files):
 
 def test_build_eif_refuses_expired_certificate(files):
     key = make_key("P-256")
-    past = datetime.now(timezone.utc) - timedelta(days=10)
+    past = datetime.now(UTC) - timedelta(days=10)
     (files / "old.pem").write_bytes(to_pem(make_certificate(key, not_before=past - timedelta(days=5), not_after=past)))
-    (files / "oldkey.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (files / "oldkey.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     result = build(files, "--private-key", str(files / "oldkey.pem"), "--signing-certificate", str(files / "old.pem"))
     assert result.exit_code == 2 and "expired" in result.stderr
 
@@ -236,7 +244,8 @@ def test_pcr_of_file_and_certificate(files):
 
 def test_pcr_needs_exactly_one_input(files):
     assert invoke("pcr").exit_code == 2
-    assert invoke("pcr", "--input", str(files / "kernel"), "--signing-certificate", str(files / "cert.pem")).exit_code == 2
+    both = invoke("pcr", "--input", str(files / "kernel"), "--signing-certificate", str(files / "cert.pem"))
+    assert both.exit_code == 2
 
 
 def test_pcr_certificate_garbage_is_input_error(files):

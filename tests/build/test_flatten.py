@@ -15,12 +15,12 @@ import tarfile
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
-from qtbuild.formats.cpio import CpioArchive, iter_archive
-from qtbuild.errors import ImageError
 from qtbuild.convert.flatten import FlatTree, flatten
+from qtbuild.errors import ImageError
+from qtbuild.formats.cpio import CpioArchive, iter_archive
 from qtbuild.sources.base import Descriptor, Layer
 
 # --------------------------------------------------------------------------------------------
@@ -556,7 +556,6 @@ def _fix_hardlink(model: Model, op):
         return ("hardlink", op[1], files[len(op[1]) % len(files)]) if files else None
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.lists(_OPS, max_size=10), min_size=1, max_size=4), st.booleans())
 def test_flatten_matches_reference_model(layer_ops, in_place):
     model = Model()

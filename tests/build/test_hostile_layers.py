@@ -12,14 +12,15 @@ import os
 import tarfile
 
 import pytest
-from helpers import mutated
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from test_flatten import BytesLayer, M, build_tar, flat, layers_of
 
-from qtbuild.formats.cpio import CpioArchive
-from qtbuild.errors import ImageError
 from qtbuild.convert.flatten import FlattenLimits, flatten
 from qtbuild.convert.tarscan import TarLimits, TarScanner
+from qtbuild.errors import ImageError
+from qtbuild.formats.cpio import CpioArchive
+
+from helpers import mutated
 
 POSIX = b"ustar\x0000"
 GNU = b"ustar  \x00"
@@ -375,7 +376,6 @@ def test_refusal_in_later_layer_removes_the_spill_store(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["spill"]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated([
     build_tar([M("d/"), M("d/f", data=b"x" * 700), M("l", kind="symlink", target="d"),
                M("h", kind="hardlink", target="d/f"), M("l/.wh.f")]),

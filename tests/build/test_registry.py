@@ -1,9 +1,8 @@
 """RegistryImage against a real registry (Debian's docker-registry) over real HTTP.
 
-Fronts (tests/qtbuild/registry_server.py) stand between client and registry where a test needs
-auth, redirects or hostile answers.
+Fronts (tests/helpers/registry_server.py) stand between client and registry where a test needs
+auth, redirects or hostile answers.  The ``registry`` fixture comes from tests/build/conftest.py.
 """
-# ruff: noqa: F401, F811  (the ``registry`` fixture is imported, then requested as a parameter)
 
 from __future__ import annotations
 
@@ -14,21 +13,21 @@ import tarfile
 import uuid
 
 import pytest
-from helpers.registry_server import (
-    Front,
-    Reply,
-    build_image,
-    registry,  # session fixture
-    server_tls_context,
-    sha256,
-    tls_files,
-)
 
 from qtbuild.errors import ImageError
 from qtbuild.sources.auth import Credentials, lookup_credentials, parse_challenges
 from qtbuild.sources.base import Platform
 from qtbuild.sources.registry import RegistryImage, parse_reference
 from qtbuild.sources.select import DOCKER_MANIFEST_LIST, OCI_INDEX
+
+from helpers.registry_server import (
+    Front,
+    Reply,
+    build_image,
+    server_tls_context,
+    sha256,
+    tls_files,
+)
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -197,7 +196,8 @@ def test_index_entry_digest_mismatch(registry, no_docker_config):
     repo = unique_repo()
     image = build_image({"a": b"1"})
     digest = registry.push_image(repo, None, image)
-    entry = {"mediaType": image.manifest_type, "digest": digest, "size": len(image.manifest) + 1, "platform": {"os": "linux", "architecture": "amd64"}}
+    entry = {"mediaType": image.manifest_type, "digest": digest, "size": len(image.manifest) + 1,
+             "platform": {"os": "linux", "architecture": "amd64"}}
     index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [entry]}).encode()
     registry.push_manifest(repo, "bad", index, OCI_INDEX)
     with pytest.raises(ImageError, match="truncated|size"):
@@ -272,7 +272,10 @@ def test_https_redirect_to_plain_http_refused(registry, tmp_path, monkeypatch, n
             return Reply(307, {"Location": f"http://{registry.host}{seen.path}"})
         return front.forward(seen)
 
-    with Front(redirect, upstream=registry.host, tls=server_tls_context(certificate, key)) as front, pytest.raises(ImageError, match="refusing to downgrade from HTTPS"):
+    with (
+        Front(redirect, upstream=registry.host, tls=server_tls_context(certificate, key)) as front,
+        pytest.raises(ImageError, match="refusing to downgrade from HTTPS"),
+    ):
         RegistryImage(f"{front.host}/{repo}:v1", plain_http=False)
 
 
@@ -344,14 +347,17 @@ def test_blob_length_mismatch(registry, no_docker_config):
 @pytest.mark.parametrize("declare_length", [True, False])
 def test_oversized_manifest_refused(declare_length, no_docker_config):
     huge = b'{"schemaVersion": 2, "x": "' + b"a" * (8 * 1024 * 1024) + b'"}'
-    app = lambda front, seen: Reply(200, {"Content-Type": "application/json"}, huge, length=declare_length)
+    def app(front, seen):
+        return Reply(200, {"Content-Type": "application/json"}, huge, length=declare_length)
     with Front(app) as front, pytest.raises(ImageError, match="refusing documents over"):
         RegistryImage(f"{front.host}/big:v1")
 
 
 def test_schema1_refused(no_docker_config):
     schema1 = json.dumps({"schemaVersion": 1, "name": "app", "tag": "v1", "fsLayers": []}).encode()
-    app = lambda front, seen: Reply(200, {"Content-Type": "application/vnd.docker.distribution.manifest.v1+prettyjws"}, schema1)
+    def app(front, seen):
+        return Reply(200, {"Content-Type": "application/vnd.docker.distribution.manifest.v1+prettyjws"},
+                     schema1)
     with Front(app) as front, pytest.raises(ImageError, match="(?i)schema 1"):
         RegistryImage(f"{front.host}/app:v1")
 
@@ -435,7 +441,8 @@ def auth_setup(registry):
 
 def test_bearer_token_flow(registry, auth_setup, no_docker_config):
     setup = auth_setup()
-    write_docker_config(no_docker_config, {"auths": {setup.front.host: {"auth": base64.b64encode(b"alice:s3cret").decode()}}})
+    auth = base64.b64encode(b"alice:s3cret").decode()
+    write_docker_config(no_docker_config, {"auths": {setup.front.host: {"auth": auth}}})
     repo = unique_repo()
     image = build_image({"secret": b"data"})
     registry.push_image(repo, "v1", image)
@@ -446,7 +453,8 @@ def test_bearer_token_flow(registry, auth_setup, no_docker_config):
     assert layer.open_blob().read() == image.layers[0]
 
     # one token, for exactly the pull scope, obtained with the Basic credentials
-    assert [(q["scope"], q["service"]) for q, _ in setup.token_requests] == [([f"repository:{repo}:pull"], ["test-registry"])]
+    requested = [(q["scope"], q["service"]) for q, _ in setup.token_requests]
+    assert requested == [([f"repository:{repo}:pull"], ["test-registry"])]
     assert setup.token_requests[0][1] == setup.basic()
     # blobs went to the storage host, without the registry's Authorization header
     blob_requests = setup.storage.paths("/blobs/")
@@ -470,7 +478,8 @@ def test_expired_token_is_renewed(registry, auth_setup, no_docker_config):
 
 def test_username_password_entry_and_basic_challenge(registry, auth_setup, no_docker_config):
     setup = auth_setup(challenge="basic")
-    write_docker_config(no_docker_config, {"auths": {f"http://{setup.front.host}/v1/": {"username": "alice", "password": "s3cret"}}})
+    entry = {"username": "alice", "password": "s3cret"}
+    write_docker_config(no_docker_config, {"auths": {f"http://{setup.front.host}/v1/": entry}})
     repo = unique_repo()
     registry.push_image(repo, "v1", build_image({"b": b"basic"}))
     pulled = RegistryImage(f"{setup.front.host}/{repo}:v1")
@@ -500,7 +509,8 @@ def test_credential_helper_reported(registry, auth_setup, no_docker_config, capl
 
 
 def test_token_realm_must_not_be_plain_http_elsewhere(no_docker_config):
-    app = lambda front, seen: Reply(401, {"WWW-Authenticate": 'Bearer realm="http://auth.example.com/token"'})
+    def app(front, seen):
+        return Reply(401, {"WWW-Authenticate": 'Bearer realm="http://auth.example.com/token"'})
     with Front(app) as front, pytest.raises(ImageError, match="refusing plain HTTP to 'auth.example.com'"):
         RegistryImage(f"{front.host}/app:v1")
 
@@ -514,7 +524,10 @@ def test_redirect_to_plain_http_elsewhere_refused(registry, no_docker_config):
             return Reply(302, {"Location": "http://storage.example.com" + seen.path})
         return front.forward(seen)
 
-    with Front(redirect, upstream=registry.host) as front, pytest.raises(ImageError, match="refusing plain HTTP to 'storage.example.com'"):
+    with (
+        Front(redirect, upstream=registry.host) as front,
+        pytest.raises(ImageError, match="refusing plain HTTP to 'storage.example.com'"),
+    ):
         RegistryImage(f"{front.host}/{repo}:v1").config_bytes()
 
 
@@ -529,7 +542,8 @@ def test_parse_challenges():
     assert bearer.params == {"realm": "https://auth.docker.io/token", "service": "registry.docker.io",
                              "scope": "repository:library/alpine:pull,push"}
     basic, token = parse_challenges(['Basic realm="a \\"q\\"", Bearer realm=x'])
-    assert (basic.scheme, basic.params, token.scheme, token.params) == ("basic", {"realm": 'a "q"'}, "bearer", {"realm": "x"})
+    assert (basic.scheme, basic.params) == ("basic", {"realm": 'a "q"'})
+    assert (token.scheme, token.params) == ("bearer", {"realm": "x"})
 
 
 def test_lookup_credentials(tmp_path):

@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import stat
 import struct
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 
+from qtbuild.cli.app import cli
 from qtbuild.formats.cpio import CpioEntry
 from qtbuild.formats.eif import EifReader
+
 from helpers.certs import make_signer
 from helpers.eif_inputs import customer_ramdisk, write_inputs
-from qtbuild.cli.app import cli
 
 
 def invoke(*args) -> object:
@@ -28,8 +29,8 @@ def files(tmp_path):
 
 
 def build(files, out="app.eif", *extra):
-    result = invoke("build-eif", "--kernel", files / "kernel", "--cmdline", "console=ttyS0", "--ramdisk", files / "boot.cpio",
-                    "--ramdisk", files / "app.cpio", "-o", files / out, "-q", *extra)
+    result = invoke("build-eif", "--kernel", files / "kernel", "--cmdline", "console=ttyS0",
+                    "--ramdisk", files / "boot.cpio", "--ramdisk", files / "app.cpio", "-o", files / out, "-q", *extra)
     assert result.exit_code == 0, result.stderr
     (files / (out + ".json")).write_text(result.stdout)
     return json.loads(result.stdout)
@@ -37,7 +38,8 @@ def build(files, out="app.eif", *extra):
 
 def key_files(files, name, curve="P-384", **validity):
     key, pem = make_signer(curve, **validity)
-    (files / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (files / f"{name}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     (files / f"{name}.pem").write_bytes(pem)
     return files / f"{name}.key", files / f"{name}.pem"
 
@@ -47,12 +49,14 @@ def key_files(files, name, curve="P-384", **validity):
 
 def test_sign_adds_then_replaces_signature_keeping_pcr0(files):
     unsigned = build(files)
-    result = invoke("sign", files / "app.eif", "--private-key", files / "key.pem", "--signing-certificate", files / "cert.pem", "-o", files / "s1.eif")
+    result = invoke("sign", files / "app.eif", "--private-key", files / "key.pem",
+                    "--signing-certificate", files / "cert.pem", "-o", files / "s1.eif")
     assert result.exit_code == 0, result.stderr
     first = json.loads(result.stdout)
     assert first["PCR0"] == unsigned["PCR0"] and first["PCR8"] != "0" * 96
     other_key, other_cert = key_files(files, "other", "P-256")
-    result = invoke("sign", files / "s1.eif", "--private-key", other_key, "--signing-certificate", other_cert)  # in place
+    # in place:
+    result = invoke("sign", files / "s1.eif", "--private-key", other_key, "--signing-certificate", other_cert)
     assert result.exit_code == 0, result.stderr
     second = json.loads(result.stdout)
     assert second["PCR0"] == unsigned["PCR0"] and second["PCR8"] not in (first["PCR8"], "0" * 96)
@@ -68,7 +72,9 @@ def test_sign_adds_then_replaces_signature_keeping_pcr0(files):
 def test_signed_files_differ_only_in_signature(files):
     build(files)
     for name in ("a", "b"):
-        assert invoke("sign", files / "app.eif", "--private-key", files / "key.pem", "--signing-certificate", files / "cert.pem", "-o", files / f"{name}.eif").exit_code == 0
+        signed = invoke("sign", files / "app.eif", "--private-key", files / "key.pem",
+                        "--signing-certificate", files / "cert.pem", "-o", files / f"{name}.eif")
+        assert signed.exit_code == 0
     a, b = (files / "a.eif").read_bytes(), (files / "b.eif").read_bytes()
     with EifReader.open(files / "a.eif") as reader:
         signature_offset = reader.signature_section.offset
@@ -81,13 +87,15 @@ def test_sign_refuses_rsa_and_mismatch_and_expired(files):
     from cryptography.hazmat.primitives.asymmetric import rsa
 
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    (files / "rsa.key").write_bytes(rsa_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    result = invoke("sign", files / "app.eif", "--private-key", files / "rsa.key", "--signing-certificate", files / "cert.pem")
+    (files / "rsa.key").write_bytes(rsa_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    result = invoke("sign", files / "app.eif", "--private-key", files / "rsa.key",
+                    "--signing-certificate", files / "cert.pem")
     assert result.exit_code == 2 and "EC key" in result.stderr
     other_key, _ = key_files(files, "other")
     result = invoke("sign", files / "app.eif", "--private-key", other_key, "--signing-certificate", files / "cert.pem")
     assert result.exit_code == 2 and "does not match" in result.stderr
-    future = datetime.now(timezone.utc) + timedelta(days=3)
+    future = datetime.now(UTC) + timedelta(days=3)
     key, cert = key_files(files, "future", not_before=future, not_after=future + timedelta(days=3))
     result = invoke("sign", files / "app.eif", "--private-key", key, "--signing-certificate", cert)
     assert result.exit_code == 2 and "not yet valid" in result.stderr
@@ -169,13 +177,15 @@ def test_diff_identical_images(files):
 
 def test_diff_names_the_changed_file_and_pcrs(files):
     build(files, "a.eif")
-    (files / "app.cpio").write_bytes(customer_ramdisk(app=b"HELLO", extra=(CpioEntry(b"rootfs/new", stat.S_IFREG | 0o600, size=1, data=b"n"),)))
+    added = CpioEntry(b"rootfs/new", stat.S_IFREG | 0o600, size=1, data=b"n")
+    (files / "app.cpio").write_bytes(customer_ramdisk(app=b"HELLO", extra=(added,)))
     build(files, "b.eif")
     result = invoke("diff", files / "a.eif", files / "b.eif", "--json")
     assert result.exit_code == 1
     report = json.loads(result.stdout)
     assert report["Measurements"]["Moved"] == ["PCR0", "PCR2"]
-    assert [s["Section"] for s in report["Sections"]] == ["ramdisk 1"] and report["Sections"][0]["Moves"] == ["PCR0", "PCR2"]
+    assert [s["Section"] for s in report["Sections"]] == ["ramdisk 1"]
+    assert report["Sections"][0]["Moves"] == ["PCR0", "PCR2"]
     ramdisk = report["Ramdisks"][1]
     assert ramdisk["Added"] == ["rootfs/new"] and ramdisk["Removed"] == []
     [change] = ramdisk["Changed"]
@@ -199,7 +209,8 @@ def test_certificate_file_with_several_certificates_signs_with_the_first(files):
     _, second = key_files(files, "second")
     chain = files / "chain.pem"
     chain.write_bytes((files / "cert.pem").read_bytes() + second.read_bytes())
-    result = invoke("sign", files / "app.eif", "--private-key", files / "key.pem", "--signing-certificate", chain, "-o", files / "s.eif")
+    result = invoke("sign", files / "app.eif", "--private-key", files / "key.pem", "--signing-certificate", chain,
+                    "-o", files / "s.eif")
     assert result.exit_code == 0, result.stderr
     assert "several certificates; the first one signs" in result.stderr
     pcr8 = json.loads(invoke("pcr", "--signing-certificate", files / "cert.pem").stdout)["PCR8"]

@@ -14,6 +14,13 @@ import uuid
 
 import pytest
 
+from qtbuild.errors import ImageError
+from qtbuild.sources.archive import ArchiveImage, TarIndex
+from qtbuild.sources.base import Platform
+from qtbuild.sources.layout import LayoutImage
+from qtbuild.sources.open import open_image
+from qtbuild.sources.select import normalize_reference
+
 from helpers.imagefactory import (
     ImageSpec,
     TarMember,
@@ -29,14 +36,9 @@ from helpers.imagefactory import (
     write_docker_archive_images,
     write_oci_layout,
 )
-from qtbuild.errors import ImageError
-from qtbuild.sources.archive import ArchiveImage, TarIndex
-from qtbuild.sources.base import Platform
-from qtbuild.sources.layout import LayoutImage
-from qtbuild.sources.open import open_image
-from qtbuild.sources.select import normalize_reference
 
-LAYER_A = make_layer([directory("etc"), file("etc/hostname", b"enclave\n"), file("bin/app", os.urandom(40_000), mode=0o755)])
+LAYER_A = make_layer([directory("etc"), file("etc/hostname", b"enclave\n"),
+                      file("bin/app", os.urandom(40_000), mode=0o755)])
 LAYER_B = make_layer([file("data/big", bytes(300_000)), symlink("data/link", "big")])
 LAYERS = [LAYER_A, LAYER_B, LAYER_A]  # a repeated layer, as `COPY` of identical content makes
 CONFIG = default_config(cmd=["/bin/app"], env=["PATH=/bin", "A=1"], workdir="/data", user="1000:1000")
@@ -50,7 +52,7 @@ def contents(image) -> tuple[bytes, list[str], list[bytes]]:
     for layer in image.layers():
         with layer.open_uncompressed() as stream:
             layers.append(stream.read())
-    return image.config_bytes(), [l.diff_id for l in image.layers()], layers
+    return image.config_bytes(), [layer.diff_id for layer in image.layers()], layers
 
 
 def read_all(image) -> None:
@@ -69,7 +71,7 @@ def test_archive_layouts_yield_config_and_layers(tmp_path, layout):
     with ArchiveImage(path) as image:
         config_bytes, diff_ids, layers = contents(image)
         assert config_bytes == written.config_bytes
-        assert diff_ids == written.diff_ids == [sha256_digest(l) for l in LAYERS]
+        assert diff_ids == written.diff_ids == [sha256_digest(layer) for layer in LAYERS]
         assert layers == LAYERS
         assert image.image_id == written.config_digest
         assert image.config()["config"]["WorkingDir"] == "/data"
@@ -85,8 +87,8 @@ def test_legacy_archive_synthesises_a_deterministic_manifest(tmp_path):
         assert first.manifest_bytes() == second.manifest_bytes()
     assert manifest["config"] == {"mediaType": "application/vnd.oci.image.config.v1+json",
                                   "digest": written.config_digest, "size": len(written.config_bytes)}
-    assert [l["digest"] for l in manifest["layers"]] == written.diff_ids
-    assert {l["mediaType"] for l in manifest["layers"]} == {"application/vnd.oci.image.layer.v1.tar"}
+    assert [layer["digest"] for layer in manifest["layers"]] == written.diff_ids
+    assert {layer["mediaType"] for layer in manifest["layers"]} == {"application/vnd.oci.image.layer.v1.tar"}
 
 
 def test_legacy_archive_duplicate_layer_is_a_symlink_member(tmp_path):
@@ -105,7 +107,8 @@ def test_legacy_archive_with_compressed_layer_members(tmp_path):
     path = tmp_path / "a.tar"
     config_bytes = json.dumps(dict(CONFIG, rootfs={"type": "layers", "diff_ids": [sha256_digest(LAYER_A)]})).encode()
     make = [file("l1/layer.tar", compress(LAYER_A, "gzip")), file("c.json", config_bytes),
-            file("manifest.json", json.dumps([{"Config": "c.json", "RepoTags": None, "Layers": ["l1/layer.tar"]}]).encode())]
+            file("manifest.json",
+                 json.dumps([{"Config": "c.json", "RepoTags": None, "Layers": ["l1/layer.tar"]}]).encode())]
     path.write_bytes(make_tar(make))
     with ArchiveImage(path) as image:
         assert contents(image)[2] == [LAYER_A]
@@ -131,7 +134,8 @@ def test_containerd_archive_platforms(tmp_path):
     with ArchiveImage(path, platform=AMD64) as image:  # skips the attestation manifest
         assert image.config_bytes() == written.config_bytes
     # The nested index also names linux/s390x, whose blobs the archive does not hold:
-    with pytest.raises(ImageError, match=r"no image for linux/s390x; available: linux/amd64 \(not included: linux/s390x\)"):
+    wanted = r"no image for linux/s390x; available: linux/amd64 \(not included: linux/s390x\)"
+    with pytest.raises(ImageError, match=wanted):
         ArchiveImage(path, platform=Platform.parse("linux/s390x"))
     with pytest.raises(ImageError, match="no image for linux/arm64; available: linux/amd64"):
         ArchiveImage(path, platform=ARM64)
@@ -191,7 +195,7 @@ def test_layout_compressions(tmp_path, compression, parts):
         config_bytes, diff_ids, layers = contents(image)
         assert (config_bytes, diff_ids, layers) == (written.config_bytes, written.diff_ids, LAYERS)
         assert image.manifest_bytes() == written.manifest_bytes
-        assert [l.descriptor.digest for l in image.layers()] == written.layer_digests
+        assert [layer.descriptor.digest for layer in image.layers()] == written.layer_digests
         assert (image.layers()[0].range_opener() is None) == (compression is not None)
 
 
@@ -479,9 +483,8 @@ def test_truncated_archive(tmp_path):
     # cut inside the last (largest) layer blob: indexing may still work, reading must fail
     cut = data.index(LAYER_B[:4096]) + 1000
     path.write_bytes(data[:cut])
-    with pytest.raises(ImageError):
-        with ArchiveImage(path) as image:
-            read_all(image)
+    with pytest.raises(ImageError), ArchiveImage(path) as image:
+        read_all(image)
 
 
 def test_legacy_foreign_layer_sources_refused(tmp_path):
@@ -549,7 +552,7 @@ def test_skopeo_conversion_agrees(tmp_path, layout):
         their_config, their_diff_ids, their_layers = contents(theirs)
     # skopeo gzips the layers itself (an independent gzip writer) and re-serialises the config
     # while converting Docker → OCI (new key order, so a new image ID): compare the content.
-    assert {l.descriptor.media_type for l in theirs.layers()} == {"application/vnd.oci.image.layer.v1.tar+gzip"}
+    assert {layer.descriptor.media_type for layer in theirs.layers()} == {"application/vnd.oci.image.layer.v1.tar+gzip"}
     assert (our_diff_ids, our_layers) == (their_diff_ids, their_layers)
     assert json.loads(our_config) == json.loads(their_config)
 

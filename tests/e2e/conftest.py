@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from helpers.registry_server import registry  # noqa: F401  (re-exported fixture)
+from helpers.registry_server import registry  # noqa: F401 -- re-exported fixture
 
 
 @pytest.fixture(scope="session")

@@ -47,10 +47,13 @@ def image(tmp_path_factory, docker_client, registry):
     gzipped = [f.compress(t, "gzip") for t in tars]
     manifest = {
         "schemaVersion": 2, "mediaType": f.OCI_MANIFEST,
-        "config": {"mediaType": f.OCI_CONFIG, "digest": f.sha256_digest(written.config_bytes), "size": len(written.config_bytes)},
-        "layers": [{"mediaType": f.LAYER_MEDIA_TYPES["gzip"], "digest": f.sha256_digest(g), "size": len(g)} for g in gzipped],
+        "config": {"mediaType": f.OCI_CONFIG, "digest": f.sha256_digest(written.config_bytes),
+                   "size": len(written.config_bytes)},
+        "layers": [{"mediaType": f.LAYER_MEDIA_TYPES["gzip"], "digest": f.sha256_digest(g), "size": len(g)}
+                   for g in gzipped],
     }
-    registry.push_image(REPO, "v1", BuiltImage(json.dumps(manifest).encode(), f.OCI_MANIFEST, written.config_bytes, gzipped))
+    built = BuiltImage(json.dumps(manifest).encode(), f.OCI_MANIFEST, written.config_bytes, gzipped)
+    registry.push_image(REPO, "v1", built)
     yield {
         "daemon": f"docker://{REPO}:v1",
         "archive": f"docker-archive:{archive}",
@@ -82,7 +85,8 @@ def test_environment_does_not_change_the_bytes(image, tmp_path):
     convert(image["layout"], tmp_path / "plain.eif")
     odd_tmp = tmp_path / "elsewhere"
     odd_tmp.mkdir()
-    env = {"TZ": "Asia/Shanghai", "LANG": "zh_CN.UTF-8", "LC_ALL": "C", "TMPDIR": str(odd_tmp), "PYTHONHASHSEED": "12345"}
+    env = {"TZ": "Asia/Shanghai", "LANG": "zh_CN.UTF-8", "LC_ALL": "C", "TMPDIR": str(odd_tmp),
+           "PYTHONHASHSEED": "12345"}
     old = os.umask(0o077)
     try:
         convert(image["layout"], tmp_path / "odd.eif", env, cwd=odd_tmp.parent)
@@ -95,7 +99,8 @@ def test_environment_does_not_change_the_bytes(image, tmp_path):
 def test_converted_ramdisk_has_the_flattened_tree(image, tmp_path):
     convert(image["archive"], tmp_path / "app.eif")
     out = tmp_path / "x"
-    subprocess.run([sys.executable, "-c", "from qtbuild.cli import main; main()", "extract", str(tmp_path / "app.eif"), "-o", str(out), "-q"], check=True)
+    subprocess.run([sys.executable, "-c", "from qtbuild.cli import main; main()",
+                    "extract", str(tmp_path / "app.eif"), "-o", str(out), "-q"], check=True)
     root = out / "ramdisk1" / "rootfs"
     assert not (root / "etc" / "remove-me").exists()  # whiteout applied
     assert (root / "data" / "link").read_bytes() == (root / "data" / "big").read_bytes()

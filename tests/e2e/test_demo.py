@@ -18,11 +18,12 @@ import pytest
 QTBUILD = [sys.executable, "-m", "qtbuild"]
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
+pytestmark = pytest.mark.root  # the demos run local enclaves
+
 
 @pytest.fixture(autouse=True)
-def needs_root(docker_client):
-    if os.geteuid() != 0:
-        pytest.skip("the local enclave runtime's e2e demos run as root (CI runs as root)")
+def needs_docker(docker_client):
+    """The demos build their images with the Docker daemon."""
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ QTBUILD = [sys.executable, "-c", "from qtbuild.cli import main; main()"]
 
 NON_REPRODUCIBLE = """FROM scratch
 COPY busybox /bin/busybox
-RUN ["/bin/busybox", "sh", "-c", "/bin/busybox mkdir -p /etc && /bin/busybox cat /proc/sys/kernel/random/uuid > /etc/build-stamp"]
+RUN ["/bin/busybox", "sh", "-c", \
+     "/bin/busybox mkdir -p /etc && /bin/busybox cat /proc/sys/kernel/random/uuid > /etc/build-stamp"]
 CMD ["/bin/busybox", "cat", "/etc/build-stamp"]
 """
 
@@ -28,7 +29,8 @@ CMD ["/bin/busybox", "cat", "/srv/data"]
 
 
 def qtbuild(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*QTBUILD, *map(str, args)], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    return subprocess.run([*QTBUILD, *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
 
 
 def docker_build(context, dockerfile: str, tag: str) -> None:
@@ -58,7 +60,8 @@ def test_check_catches_non_reproducible_build_and_diff_names_the_file(context, t
     by_json = qtbuild("convert", "docker://qtbuild-e2e/repro:a", "--check", tmp_path / "a.json", "-q")
     assert by_json.returncode == 1 and "PCR2" in by_json.stderr
 
-    by_eif = qtbuild("convert", "docker://qtbuild-e2e/repro:a", "-o", tmp_path / "b.eif", "--check", tmp_path / "a.eif", "-q")
+    by_eif = qtbuild("convert", "docker://qtbuild-e2e/repro:a", "-o", tmp_path / "b.eif",
+                     "--check", tmp_path / "a.eif", "-q")
     assert by_eif.returncode == 1
     assert "rootfs/etc/build-stamp" in by_eif.stderr
 
@@ -75,7 +78,8 @@ def test_source_date_epoch_makes_mtime_only_differences_converge(context, tmp_pa
     outputs = []
     for name in ("x", "y"):
         docker_build(context, MTIME_ONLY, f"qtbuild-e2e/repro:{name}")
-        result = qtbuild("convert", f"docker://qtbuild-e2e/repro:{name}", "-o", tmp_path / f"{name}.eif", "--version", "1.0", "-q", env=env)
+        result = qtbuild("convert", f"docker://qtbuild-e2e/repro:{name}", "-o", tmp_path / f"{name}.eif",
+                         "--version", "1.0", "-q", env=env)
         assert result.returncode == 0, result.stderr
         outputs.append(json.loads(result.stdout))
     assert outputs[0] == outputs[1]
@@ -84,7 +88,8 @@ def test_source_date_epoch_makes_mtime_only_differences_converge(context, tmp_pa
     assert report["Measurements"]["Moved"] == []
     assert [s["Section"] for s in report["Sections"]] == ["metadata"]
     assert {m["Key"] for m in report["Metadata"]} <= {"DockerInfo.Id", "DockerInfo.Config.Image"}
-    without = qtbuild("convert", "docker://qtbuild-e2e/repro:x", "--check", tmp_path / "y.eif", "--version", "1.0", "-q")
+    without = qtbuild("convert", "docker://qtbuild-e2e/repro:x", "--check", tmp_path / "y.eif",
+                      "--version", "1.0", "-q")
     assert without.returncode == 1  # without the clamp the mtimes differ: the check says so
 
 

@@ -39,7 +39,7 @@ from helpers.enclave_runtime import directory_layer, temporary_runtime
 from helpers.imagefactory import default_config, write_oci_layout
 from helpers.sandbox_helpers import build_busybox_root, build_tool, compile_static
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="local enclaves mount a tmpfs and create cgroups: run as root")
+pytestmark = pytest.mark.root  # local enclaves mount a tmpfs and create cgroups
 
 QTTOOL_SOURCE = r"""
 #include <arpa/inet.h>
@@ -369,7 +369,10 @@ def test_parent_services_only_through_vsock_proxy_and_allowlist(make_eif, runtim
     proxy = ProxyThread(ProxyConfig(routes, allowlist=(AllowEntry("127.0.0.1", allowed.port),)), parent)
     heartbeat = vsock.listen(vsock.HEARTBEAT_PORT, config=parent)
     said_hello: list[int] = []
-    listener = threading.Thread(target=lambda: said_hello.append(vsock.heartbeat_listen(timeout=20, listener=heartbeat)))
+    def listen() -> None:
+        said_hello.append(vsock.heartbeat_listen(timeout=20, listener=heartbeat))
+
+    listener = threading.Thread(target=listen)
     listener.start()
     try:
         status, summary, output = run_attached(make_eif("proxied", "\n".join([

@@ -4,12 +4,13 @@ NSM/QTSM request/response schema."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 from pathlib import Path
 
 import cbor2
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from qtbuild.formats.attestation import (
@@ -172,13 +173,10 @@ def test_optional_keys_may_be_absent():
     assert doc.user_data is doc.nonce is doc.public_key is None
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(mutated([encode_payload(sample()), fixture_bytes()]))
 def test_payload_reader_only_raises_its_error(data):
-    try:
+    with contextlib.suppress(DocumentSyntaxError):
         decode_payload(data)
-    except DocumentSyntaxError:
-        pass
 
 
 # --------------------------------------------------------------------------- limits
@@ -313,10 +311,7 @@ def test_responses():
         assert caught.value.code is ErrorCode.INVALID_RESPONSE
 
 
-@settings(max_examples=200)
 @given(st.binary(max_size=64))
 def test_decode_request_only_raises_module_errors(data):
-    try:
+    with contextlib.suppress(ModuleError):
         decode_request(data)
-    except ModuleError:
-        pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import cbor2
@@ -9,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from qtbuild.formats.cose import (
@@ -321,24 +322,19 @@ def test_decoded_message_is_a_value_object():
 
 # --------------------------------------------------------------------------- fuzzing
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SEEDS = [vector_bytes(curve) for curve in CURVES]
 
 
 def _decode_or_cose_error(data: bytes) -> None:
-    try:
+    with contextlib.suppress(CoseError):
         decode_sign1(data)
-    except CoseError:
-        pass
 
 
-@FUZZ
 @given(st.binary(max_size=300))
 def test_random_bytes_only_raise_cose_error(data):
     _decode_or_cose_error(data)
 
 
-@FUZZ
 @given(mutated(SEEDS))
 def test_mutated_messages_only_raise_cose_error(data):
     _decode_or_cose_error(data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -49,7 +50,10 @@ def model_pcrs(data: bytes) -> dict[str, str]:
             image.update(payload)
             (boot if ramdisks == 0 else app).update(payload)
             ramdisks += 1
-    ext = lambda h: hashlib.sha384(b"\0" * 48 + h.digest()).hexdigest()  # noqa: E731
+
+    def ext(h) -> str:
+        return hashlib.sha384(b"\0" * 48 + h.digest()).hexdigest()
+
     return {"PCR0": ext(image), "PCR1": ext(boot), "PCR2": ext(app)}
 
 
@@ -167,7 +171,9 @@ class _ShortSource(_FailingSource):
         yield bytes(1 << 20)
 
 
-@pytest.mark.parametrize("source, error", [(_FailingSource(), OSError), (_InterruptingSource(), KeyboardInterrupt), (_ShortSource(), EifFormatError)])
+@pytest.mark.parametrize("source, error", [
+    (_FailingSource(), OSError), (_InterruptingSource(), KeyboardInterrupt), (_ShortSource(), EifFormatError),
+])
 def test_failed_write_leaves_nothing_behind(tmp_path, source, error):
     target = tmp_path / "app.eif"
     target.write_bytes(b"previous image")
@@ -219,7 +225,8 @@ def test_read_section_refuses_large_sections(tmp_path):
 
 def _duplicate_slot(data: bytes, source: int, target: int) -> bytes:
     """Point table slot ``target`` at the same section as slot ``source``."""
-    offset, size = struct.unpack_from(">Q", data, 28 + 8 * source)[0], struct.unpack_from(">Q", data, 284 + 8 * source)[0]
+    offset = struct.unpack_from(">Q", data, 28 + 8 * source)[0]
+    size = struct.unpack_from(">Q", data, 284 + 8 * source)[0]
     return _patch(_patch(data, 28 + 8 * target, ">Q", offset), 284 + 8 * target, ">Q", size)
 
 
@@ -303,7 +310,7 @@ def test_reader_reports_non_contiguous_file():
     assert check.measurements.pcr0 == extend(hashlib.sha384(b"kernelcmdramdisk").digest())
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixture is a factory
 @given(st.data())
 def test_mutated_images_only_raise_format_errors(tmp_path_factory, data):
     base = _hand_made([(1, b"K" * 20), (2, b"console"), (5, b"{}"), (3, b"R" * 30), (3, b"A" * 25)])
@@ -322,13 +329,10 @@ def test_mutated_images_only_raise_format_errors(tmp_path_factory, data):
         pass
 
 
-@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=2000))
 def test_random_bytes_only_raise_format_errors(blob):
-    try:
+    with contextlib.suppress(EifFormatError):
         EifReader.from_bytes(blob).check_stream()
-    except EifFormatError:
-        pass
 
 
 # -- metadata ----------------------------------------------------------------------------------
@@ -347,7 +351,8 @@ def test_metadata_serialised_like_serde_json():
         '"BuildTool":"qtbuild","BuildToolVersion":"0.1.0","OperatingSystem":"Linux","KernelVersion":"local"},'
         '"DockerInfo":{"a":"ü\\n","b":{"a":[true,null],"z":1}},"CustomMetadata":{"x":2,"y":1}}'
     ).encode()
-    assert EifMetadata("a", "b", BuildInfo("t", "x", "1", "os", "k")).to_bytes().endswith(b',"DockerInfo":{},"CustomMetadata":null}')
+    encoded = EifMetadata("a", "b", BuildInfo("t", "x", "1", "os", "k")).to_bytes()
+    assert encoded.endswith(b',"DockerInfo":{},"CustomMetadata":null}')
 
 
 @pytest.mark.parametrize("blob", [b"\xff", b"[1]", b"{" * 100000, b'{"ImageName": 3}', b"x" * (2 << 20)])
@@ -359,7 +364,6 @@ def test_metadata_parse_errors(blob):
 # -- crc32_combine -----------------------------------------------------------------------------
 
 
-@settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=300), st.binary(max_size=3000))
 def test_crc32_combine(a, b):
     assert crc32_combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)

@@ -1,7 +1,8 @@
-"""EIF signature section: spec vectors, sign/verify of PCR0, failure modes, strict decoding."""
+"""EIF signature section: the vectors of docs/pcrs.md, sign/verify of PCR0, failure modes, strict decoding."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 from datetime import UTC, datetime, timedelta
@@ -10,7 +11,7 @@ import cbor2
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from qtbuild.formats.cose import decode_sign1, sign1
@@ -52,7 +53,7 @@ def section(signer):
     return sign_pcr0(PCR0, key, pem)
 
 
-# --------------------------------------------------------------------------- spec vectors
+# --------------------------------------------------------------------------- vectors (docs/pcrs.md)
 
 
 def test_pcr_info_payload_matches_spec_vector():
@@ -345,26 +346,21 @@ def test_unverified_fields_come_from_the_cose_payload(section):
 
 # --------------------------------------------------------------------------- fuzzing
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 _KEY, _PEM = make_signer("P-256")
 SEED = sign_pcr0(PCR0, _KEY, _PEM)
 
 
 def _only_cose_errors(function, data: bytes) -> None:
-    try:
+    with contextlib.suppress(CoseError):
         function(data)
-    except CoseError:
-        pass
 
 
-@FUZZ
 @given(st.binary(max_size=300))
 def test_random_bytes_only_raise_cose_error(data):
     _only_cose_errors(decode_signature_section, data)
     _only_cose_errors(load_signature, data)
 
 
-@FUZZ
 @given(mutated([SEED]))
 def test_mutated_sections_only_raise_cose_error(data):
     _only_cose_errors(decode_signature_section, data)

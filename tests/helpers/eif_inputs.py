@@ -43,6 +43,7 @@ def write_inputs(tmp_path):
     (tmp_path / "boot.cpio").write_bytes(newc([(b"init", stat.S_IFREG | 0o755, b"#!init")]))
     (tmp_path / "app.cpio").write_bytes(customer_ramdisk())
     key, cert_pem = make_signer("P-384")
-    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     (tmp_path / "cert.pem").write_bytes(cert_pem)
     return tmp_path

@@ -158,7 +158,8 @@ def default_config(*, cmd: Sequence[str] | None = ("/bin/sh",), entrypoint: Sequ
     config.update({
         "created": "1970-01-01T00:00:00Z",
         "config": {k: v for k, v in container.items() if v is not None},
-        "rootfs": {"type": "layers", "diff_ids": [sha256_digest(l) for l in layers] if layers is not None else None},
+        "rootfs": {"type": "layers",
+                   "diff_ids": [sha256_digest(layer) for layer in layers] if layers is not None else None},
         "history": [],
     })
     return config
@@ -169,7 +170,7 @@ def finalize_config(config: dict, layers: Sequence[bytes]) -> bytes:
     config = copy.deepcopy(config)
     rootfs = config.setdefault("rootfs", {"type": "layers"})
     if rootfs.get("diff_ids") is None:
-        rootfs["diff_ids"] = [sha256_digest(l) for l in layers]
+        rootfs["diff_ids"] = [sha256_digest(layer) for layer in layers]
     if config.get("history") == []:
         config["history"] = [{"created": "1970-01-01T00:00:00Z", "created_by": f"layer {i}"}
                              for i in range(len(layers))]
@@ -229,7 +230,8 @@ class _Blobs:
 def _manifest(blobs: _Blobs, layers: Sequence[bytes], config_bytes: bytes, compression: str | None,
               parts: int, mutate: Callable[[dict], None] | None) -> tuple[dict, WrittenImage]:
     """Store config and layer blobs, then the manifest; return (descriptor, WrittenImage)."""
-    layer_descs = [blobs.put(compress(l, compression, parts=parts), LAYER_MEDIA_TYPES[compression]) for l in layers]
+    layer_descs = [blobs.put(compress(layer, compression, parts=parts), LAYER_MEDIA_TYPES[compression])
+                   for layer in layers]
     manifest = {"schemaVersion": 2, "mediaType": OCI_MANIFEST,
                 "config": blobs.put(config_bytes, OCI_CONFIG), "layers": layer_descs}
     if mutate:
@@ -286,7 +288,8 @@ def write_oci_layout(directory: str | os.PathLike, layers: Sequence[bytes], conf
         entries = [blobs.put_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": entries}, OCI_INDEX)]
     entries = [dict(e, annotations={**e.get("annotations", {}), **annotations}) if annotations else e for e in entries]
     index_path = root / "index.json"
-    index = json.loads(index_path.read_bytes()) if index_path.exists() else {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    empty_index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}
+    index = json.loads(index_path.read_bytes()) if index_path.exists() else empty_index
     index["manifests"].extend(entries)
     if mutate_index:
         mutate_index(index)
@@ -382,7 +385,7 @@ def _legacy_archive(images: Sequence[ImageSpec], symlink_duplicates: bool):
             repo, _, t = tag.rpartition(":")
             repositories.setdefault(repo, {})[t] = parent
         diff_ids = json.loads(config_bytes)["rootfs"]["diff_ids"]
-        results.append(WrittenImage(config_bytes, diff_ids, [sha256_digest(l) for l in spec.layers], None))
+        results.append(WrittenImage(config_bytes, diff_ids, [sha256_digest(layer) for layer in spec.layers], None))
     members += [_json_member("manifest.json", manifest), _json_member("repositories", repositories)]
     return members, results
 

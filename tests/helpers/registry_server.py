@@ -8,6 +8,7 @@ The ``registry`` session fixture skips when ``docker-registry`` is missing, unle
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import json
@@ -144,14 +145,16 @@ class RegistryServer:
         location = urllib.parse.urlsplit(headers["Location"])
         target = location.path + "?" + (location.query + "&" if location.query else "") + "digest=" + digest
         status, _, body = _http(
-            self.host, "PUT", target, data, {"Content-Type": "application/octet-stream", "Content-Length": str(len(data))}
+            self.host, "PUT", target, data,
+            {"Content-Type": "application/octet-stream", "Content-Length": str(len(data))},
         )
         assert status == 201, (status, body)
         return digest
 
     def push_manifest(self, repo: str, ref: str, raw: bytes, media_type: str) -> str:
         """Store manifest/index ``raw`` under tag or digest ``ref``; returns its digest."""
-        status, headers, body = _http(self.host, "PUT", f"/v2/{repo}/manifests/{ref}", raw, {"Content-Type": media_type})
+        status, headers, body = _http(self.host, "PUT", f"/v2/{repo}/manifests/{ref}", raw,
+                                      {"Content-Type": media_type})
         assert status == 201, (status, body)
         assert headers["Docker-Content-Digest"] == sha256(raw)
         return sha256(raw)
@@ -193,7 +196,8 @@ def tls_files(directory: Path) -> tuple[Path, Path, Path]:
 
     ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "qtbuild test CA")])
-    ca = build(ca_name, ca_name, ca_key.public_key(), ca_key, [(x509.BasicConstraints(ca=True, path_length=None), True)])
+    ca = build(ca_name, ca_name, ca_key.public_key(), ca_key,
+               [(x509.BasicConstraints(ca=True, path_length=None), True)])
     san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ip_address("127.0.0.1"))])
     server = build(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), ca_name,
                    server_key.public_key(), ca_key, [(san, False)])
@@ -264,10 +268,8 @@ class Front:
                 if reply.length:
                     self.send_header("Content-Length", str(len(reply.body)))
                 self.end_headers()
-                try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(reply.body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
 
             do_HEAD = do_GET
 

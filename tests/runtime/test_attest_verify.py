@@ -4,6 +4,7 @@ real documents of both platforms' shapes verify, and the ``attest`` / ``pki`` co
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import time
@@ -269,14 +270,11 @@ def test_trailing_bytes_and_garbage(pki, pins):
     fails("syntax", _replace_payload(issue(pki), b"\xff"), **pins)
 
 
-@settings(max_examples=150, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=mutated([fixture_document()]))
 def test_mutations_only_raise_attestation_errors(data):
-    try:
+    with contextlib.suppress(AttestationError):
         verify_document(data, root_fingerprints=[NITRO_ROOT], at=NITRO_TIME)
-    except AttestationError:
-        pass
 
 
 # --------------------------------------------------------------------------- policy

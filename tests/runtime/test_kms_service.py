@@ -230,9 +230,11 @@ def test_self_signed_leaf(kms, enclave, ciphertext):
     now = datetime.now(UTC)
     name = pki_module._name("self-signed.enclave")
     authority = pki_module._issue(name, None, now, timedelta(hours=1), ca=False)
-    make = lambda public_key: mint(kms.pki, public_key, leaf=(authority.key, authority.cert),
-                                   cabundle=[authority.cert.public_bytes(
-                                       serialization.Encoding.DER)])
+
+    def make(public_key):
+        return mint(kms.pki, public_key, leaf=(authority.key, authority.cert),
+                    cabundle=[authority.cert.public_bytes(serialization.Encoding.DER)])
+
     client = kms.client(enclave, attestor=FixedDocument(make))
     refused(lambda: client.decrypt_data(ciphertext, aad=b"bank-card"), "KMS.4003", 400)
     del key
@@ -550,7 +552,7 @@ def test_urls_and_methods(kms):
     assert response.status == 414 and "error" in json.loads(response.read())
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.dictionaries(
     st.sampled_from(["cipher_text", "key_id", "recipient", "additional_authenticated_data",
                      "datakey_length", "random_data_length", "plain_text", "x"]),

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+import qtbuild.runtime.proxy as proxy_module
 from qtbuild.runtime.proxy import (
     AllowEntry,
     Proxy,
@@ -437,3 +438,9 @@ def test_cli_reports_a_port_in_use(root, tcp_echo):
         _out, err = process.communicate(timeout=20)
     assert process.returncode == 2  # an address that cannot be used is an input error, as in every command
     assert err.startswith("qtbuild: error: ") and "already in use" in err and "Traceback" not in err
+
+
+def test_connecting_to_no_address_is_an_os_error():
+    # Was `raise None` (TypeError), which the upstream handler does not catch.
+    with pytest.raises(OSError, match="no address to connect to"):
+        asyncio.run(proxy_module._connect_first([], 80))

@@ -13,7 +13,9 @@ from datetime import timedelta
 import cbor2
 import pytest
 from cryptography import x509
-from hypothesis import given, settings
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from hypothesis import given
 from hypothesis import strategies as st
 
 import qtbuild.runtime.qtsm.pki as pki_module
@@ -83,6 +85,35 @@ def test_load_detects_a_key_that_does_not_match(tmp_path):
     (tmp_path / "pki" / "region.key").write_bytes((other.directory / "region.key").read_bytes())
     with pytest.raises(PkiError, match="does not match"):
         LocalPki.load(tmp_path)
+
+
+def _ed25519_certificate_pem() -> bytes:
+    key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "not an EC authority")])
+    now = pki_module._now()
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - timedelta(hours=1)).not_valid_after(now + timedelta(days=1))
+            .sign(key, None))
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def test_load_refuses_a_certificate_without_an_ec_key(tmp_path):
+    LocalPki.init(tmp_path)
+    (tmp_path / "pki" / "root.crt").write_bytes(_ed25519_certificate_pem())
+    with pytest.raises(PkiError, match="does not match"):  # was AttributeError (no public_numbers)
+        LocalPki.load(tmp_path)
+
+
+def test_a_damaged_leaf_on_disk_is_replaced(tmp_path):
+    pki = LocalPki.init(tmp_path)
+    key, _ = pki.issue_leaf("enclave-1")
+    leaf_file = tmp_path / "pki" / "leaves" / "enclave-1.pem"
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    leaf_file.write_bytes(key_pem + _ed25519_certificate_pem())  # an EC key with a foreign certificate
+    fresh_key, cert = LocalPki.load(tmp_path).issue_leaf("enclave-1")  # was AttributeError
+    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+    assert fresh_key.public_key().public_numbers() == cert.public_key().public_numbers()
 
 
 def test_default_state_dir(monkeypatch, tmp_path):
@@ -286,7 +317,6 @@ def test_make_module_id():
         make_module_id("e", "p" * 120)
 
 
-@settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=300))
 def test_handle_never_raises(data):
     device = SecurityModule({}, debug=False, signer=lambda: None, module_id=MODULE_ID)

@@ -38,10 +38,8 @@ from helpers.sandbox_helpers import (
     shift_owners,
 )
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Linux sandboxes only")
-if os.geteuid() != 0:
-    pytest.skip("the sandbox tests run as root (the rootless variant is run from them as 'nobody')",
-                allow_module_level=True)
+# Run as root; the rootless variant is run from them as 'nobody'.
+pytestmark = [pytest.mark.skipif(sys.platform != "linux", reason="Linux sandboxes only"), pytest.mark.root]
 
 _names = itertools.count()
 MiB = 1 << 20

@@ -551,7 +551,8 @@ def test_exported_sdk_under_bookworm_versions(pki, short_dir):
     scripts/install.sh creates that interpreter (.venv-bookworm); CI must have it.
     """
     if not os.access(COMPAT_PYTHON, os.X_OK):
-        message = f"no bookworm-compatibility interpreter at {COMPAT_PYTHON} (bash scripts/install.sh creates .venv-bookworm)"
+        message = (f"no bookworm-compatibility interpreter at {COMPAT_PYTHON} "
+                   "(bash scripts/install.sh creates .venv-bookworm)")
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

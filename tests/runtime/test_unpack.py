@@ -131,7 +131,7 @@ def test_overlay_rules(area):
     assert report.dirs == 2
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown to other users needs root")
+@pytest.mark.root  # chown to other users
 def test_preserve_owner(area):
     dest, _ = area
     blob = written([CpioEntry(b"f", REG | 0o644, uid=1234, gid=4321),

@@ -72,7 +72,11 @@ def test_accept_reports_peer_cid_and_port_and_bytes_flow_both_ways(root):
 
 def test_two_cids_share_a_port_number_and_reach_the_parent(root):
     parent, four, five = cid(root, 3), cid(root, 4), cid(root, 5)
-    with vsock.listen(7000, config=four) as l4, vsock.listen(7000, config=five) as l5, vsock.listen(7000, config=parent) as l3:
+    with (
+        vsock.listen(7000, config=four) as l4,
+        vsock.listen(7000, config=five) as l5,
+        vsock.listen(7000, config=parent) as l3,
+    ):
         sockets, peers = [], []
         for target, listener in ((4, l4), (5, l5)):
             sockets.append(vsock.connect(target, 7000, config=parent, timeout=5))
@@ -125,11 +129,13 @@ def test_accept_timeout(root):
 
 
 def test_connect_timeout_stays_on_the_socket(root):
-    with vsock.listen(5000, config=cid(root, 3)) as listener:
-        with vsock.connect(3, 5000, config=cid(root, 4), timeout=0.2) as client:
-            conn, _ = listener.accept(timeout=5)
-            with conn, pytest.raises(TimeoutError):
-                client.recv(1)
+    with (
+        vsock.listen(5000, config=cid(root, 3)) as listener,
+        vsock.connect(3, 5000, config=cid(root, 4), timeout=0.2) as client,
+    ):
+        conn, _ = listener.accept(timeout=5)
+        with conn, pytest.raises(TimeoutError):
+            client.recv(1)
 
 
 def test_close_wakes_a_blocked_accept(root):
@@ -180,9 +186,8 @@ def test_listen_replaces_a_stale_socket_file(root):
     leftover.bind(path)
     leftover.close()
     assert os.path.exists(path)
-    with vsock.listen(5000, config=cid(root, 3)) as listener:
-        with vsock.connect(3, 5000, config=cid(root, 4), timeout=5):
-            assert listener.accept(timeout=5)[1][0] == 4
+    with vsock.listen(5000, config=cid(root, 3)) as listener, vsock.connect(3, 5000, config=cid(root, 4), timeout=5):
+        assert listener.accept(timeout=5)[1][0] == 4
 
 
 def test_listen_refuses_a_live_listener_and_non_socket_files(root):
@@ -195,7 +200,8 @@ def test_listen_refuses_a_live_listener_and_non_socket_files(root):
         handle.write("precious")
     with pytest.raises(FileExistsError):
         vsock.listen(6000, config=cid(root, 3))
-    assert open(path).read() == "precious"
+    with open(path) as handle:
+        assert handle.read() == "precious"
 
 
 def test_listen_on_any_port_picks_an_ephemeral_one(root):
@@ -284,7 +290,8 @@ def test_heartbeat_without_parent_fails(root):
     ("native", False, False, True, NATIVE),
 ])
 def test_choose_transport(requested, family, device, dir_set, expected):
-    assert vsock.choose_transport(requested, family_available=family, device_present=device, dir_set=dir_set) == expected
+    chosen = vsock.choose_transport(requested, family_available=family, device_present=device, dir_set=dir_set)
+    assert chosen == expected
 
 
 def test_choose_transport_rejects_unknown_names():
@@ -404,9 +411,9 @@ def test_registered_enclave_identity_is_checked(root):
             with vsock.connect(3, 5000, config=parent, timeout=5):  # the test's namespace, unregistered
                 assert listener.accept(timeout=5)[1][0] == 3
             vsock.register_enclave(5, os.getpid(), config=parent)  # now the test's namespace is CID 5
-            with vsock.connect(3, 5000, config=parent, timeout=5):  # enclave 5 claiming CID 3
-                with pytest.raises(TimeoutError):
-                    listener.accept(timeout=0.3)
+            # enclave 5 claiming CID 3:
+            with vsock.connect(3, 5000, config=parent, timeout=5), pytest.raises(TimeoutError):
+                listener.accept(timeout=0.3)
             vsock.unregister_enclave(5, config=parent)
             with vsock.connect(3, 5000, config=parent, timeout=5):
                 assert listener.accept(timeout=5)[1][0] == 3
