@@ -23,7 +23,7 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .spec import SandboxError
+from .spec import SandboxError, step
 from .syscalls import mount, pivot_root, umount2
 
 __all__ = ["build_root", "enter_root"]
@@ -47,19 +47,19 @@ def build_root(root: str, binds: list[dict]) -> int:
     """Steps 4a-4e: make every mount private, bind ``root`` onto itself and mount the fresh
     filesystems and ``binds`` (dicts with source/target/read_only) inside it.  Returns an fd
     of the new root for :func:`enter_root`."""
-    with _step("making / rprivate"):
+    with step("making / rprivate"):
         mount(None, "/", None, MS_REC | MS_PRIVATE)
-    with _step(f"binding the root {root} onto itself"):
+    with step(f"binding the root {root} onto itself"):
         mount(root, root, None, MS_BIND | MS_REC)
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    with _step("mounting a fresh /proc"):
+    with step("mounting a fresh /proc"):
         _mount_proc(root_fd)
-    with _step("mounting /dev"):
+    with step("mounting /dev"):
         _mount_dev(root_fd)
-    with _step("mounting /tmp"):
+    with step("mounting /tmp"):
         _mount_on(root_fd, "/tmp", True, "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     for bind in binds:
-        with _step(f"binding {bind['source']} to {bind['target']}"):
+        with step(f"binding {bind['source']} to {bind['target']}"):
             _bind(root_fd, bind["source"], bind["target"], bind["read_only"])
     return root_fd
 
@@ -67,7 +67,7 @@ def build_root(root: str, binds: list[dict]) -> int:
 def enter_root(root_fd: int) -> None:
     """Step 5: ``pivot_root`` into the prepared root and detach the old one (or, where the
     current root cannot be pivoted — an initramfs — move the root over ``/`` and chroot)."""
-    with _step("pivoting into the root"):
+    with step("pivoting into the root"):
         os.fchdir(root_fd)
         os.close(root_fd)
         try:
@@ -80,15 +80,6 @@ def enter_root(root_fd: int) -> None:
         else:
             umount2(".", MNT_DETACH)
         os.chdir("/")
-
-
-@contextmanager
-def _step(what: str) -> Iterator[None]:
-    """Turn OS errors into a SandboxError naming the mount step."""
-    try:
-        yield
-    except OSError as exc:
-        raise SandboxError(f"{what} failed: {exc.strerror or exc}") from exc
 
 
 def _mount_proc(root_fd: int) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["DEFAULT_CGROUP_ROOT", "Bind", "SandboxError", "SandboxExit", "SandboxSpec"]
+__all__ = ["DEFAULT_CGROUP_ROOT", "Bind", "SandboxError", "SandboxExit", "SandboxSpec", "step"]
 
 DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -23,6 +25,15 @@ _MAX_ID = 2**32 - 2
 class SandboxError(Exception):
     """A protection could not be applied, or the spec is unusable.  The message names the
     protection (or field) and, where there is one, the fix."""
+
+
+@contextmanager
+def step(what: str) -> Iterator[None]:
+    """Name the protection being applied (``what``) in a SandboxError for any OS error it raises."""
+    try:
+        yield
+    except OSError as exc:
+        raise SandboxError(f"{what} failed: {exc.strerror or exc}") from exc
 
 
 @dataclass
