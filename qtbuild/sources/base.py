@@ -110,11 +110,9 @@ class Layer(abc.ABC):
         """
         return None
 
+    @abc.abstractmethod
     def open_uncompressed(self) -> BinaryIO:
         """The layer's tar stream, decompressed; reading to EOF verifies blob digest and diff_id."""
-        from qtbuild.sources.blobs import open_uncompressed
-
-        return open_uncompressed(self.open_blob(), diff_id=self.diff_id, what=f"layer {self.descriptor.digest}")
 
 
 class Image(abc.ABC):

@@ -412,6 +412,9 @@ class StoredLayer(Layer):
     def open_blob(self) -> BinaryIO:
         return self._store.open_verified(self.descriptor, f"layer {self.descriptor.digest}")
 
+    def open_uncompressed(self) -> BinaryIO:
+        return open_uncompressed(self.open_blob(), diff_id=self.diff_id, what=f"layer {self.descriptor.digest}")
+
     def range_opener(self) -> RangeOpener | None:
         """Random access for a blob stored uncompressed in a local file (sniffed, not trusted
         from the media type).  Reads through it are *not* re-verified: use it only for a layer
