@@ -7,6 +7,7 @@ import hashlib
 import click
 
 from qtbuild.cli.app import InputError
+from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json
 from qtbuild.formats.eif_signature import pcr8_from_certificate
 from qtbuild.formats.measure import extend
@@ -24,10 +25,7 @@ def command(input_path: str | None, certificate_path: str | None) -> None:
     if input_path is not None:
         emit_json({"PCR": _file_pcr(input_path)})
         return
-    with open(certificate_path, "rb") as handle:
-        data = handle.read(MAX_CERTIFICATE_FILE + 1)
-    if len(data) > MAX_CERTIFICATE_FILE:
-        raise InputError(f"{certificate_path} is larger than {MAX_CERTIFICATE_FILE} bytes: not a certificate file")
+    data = read_bounded(certificate_path, MAX_CERTIFICATE_FILE, "not a certificate file")
     emit_json({"PCR8": pcr8_from_certificate(data)})
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from qtbuild.errors import ImageError
+from qtbuild.formats.bounded_input import load_json
 from qtbuild.sources.base import MAX_JSON_DOCUMENT, Descriptor, Platform, check_digest
 from qtbuild.sources.blobs import BlobStore, FileRange, sniff_compression
 from qtbuild.sources.select import (
@@ -248,10 +249,7 @@ def _open_oci(index: TarIndex, hint: str | None, platform: Platform | None, refe
 # -- legacy manifest.json ---------------------------------------------------------------------
 
 def _read_manifest_json(index: TarIndex, what: str) -> list[dict]:
-    try:
-        document = json.loads(index.read_small("manifest.json", what))
-    except (ValueError, RecursionError) as exc:
-        raise ImageError(f"{what} is not valid JSON: {exc}") from None
+    document = load_json(index.read_small("manifest.json", what), what=what, error=ImageError)
     if not isinstance(document, list) or not document or not all(isinstance(e, dict) for e in document):
         raise ImageError(f"{what} is not a non-empty list of objects")
     if len(document) > MAX_IMAGES:

@@ -33,6 +33,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from qtbuild.formats.bounded_input import load_json_object, read_bounded
+
 __all__ = [
     "CRASHED", "ENV_RUNTIME_DIR", "OOM", "RUNNING", "STARTING", "STOPPED", "EnclaveDir", "EnclaveRecord",
     "RuntimeDir", "holds_cid", "observed_status", "read_record", "write_record",
@@ -236,13 +238,13 @@ def write_record(directory: EnclaveDir, record: EnclaveRecord) -> None:
 def read_record(directory: EnclaveDir) -> EnclaveRecord | None:
     """The record, or None when the directory has none (being created or removed)."""
     try:
-        with open(directory.record, encoding="utf-8") as handle:
-            text = handle.read(MAX_RECORD)
+        with open(directory.record, "rb") as handle:
+            data = read_bounded(handle, MAX_RECORD, ValueError(f"{directory.record} is larger than {MAX_RECORD} bytes"))
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return None
         raise
-    return EnclaveRecord.from_json(json.loads(text))
+    return EnclaveRecord.from_json(load_json_object(data, what=str(directory.record), error=ValueError))
 
 
 def observed_status(directory: EnclaveDir, record: EnclaveRecord) -> str:
