@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 from qtbuild.formats.crc32 import crc32_combine
+from qtbuild.formats.double_buffer import double_buffered_chunks
 from qtbuild.formats.eif import (
     CHUNK_SIZE,
     CRC_OFFSET,
@@ -82,18 +83,11 @@ class FileSource:
         return _PathSource(os.fspath(path))
 
     def chunks(self) -> Iterator[memoryview]:
-        length = min(self._chunk_size, max(self.size, 1))
-        views = [memoryview(bytearray(length)), memoryview(bytearray(length))]
-        remaining = self.size
-        turn = 0
-        while remaining:
-            view = views[turn]
-            got = self._file.readinto(view[:min(remaining, length)])
-            if not got:
-                raise EifFormatError(f"section source ended {remaining} bytes early")
-            yield view[:got]
-            remaining -= got
-            turn ^= 1
+        return double_buffered_chunks(self._file, self.size, _ended_early, self._chunk_size)
+
+
+def _ended_early(remaining: int) -> EifFormatError:
+    return EifFormatError(f"section source ended {remaining} bytes early")
 
 
 class _PathSource(FileSource):

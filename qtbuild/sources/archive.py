@@ -31,7 +31,7 @@ from typing import BinaryIO
 from qtbuild.errors import ImageError
 from qtbuild.formats.bounded_input import load_json
 from qtbuild.sources.base import MAX_JSON_DOCUMENT, Descriptor, Platform, check_digest
-from qtbuild.sources.blobs import BlobStore, FileRange, sniff_compression
+from qtbuild.sources.blobs import BlobStore, open_file_range, sniff_compression
 from qtbuild.sources.select import (
     ANNOTATION_CONTAINERD_NAME,
     ANNOTATION_REF_NAME,
@@ -160,7 +160,7 @@ class TarIndex:
             return f.read()
 
     def open(self, member: _Member) -> BinaryIO:
-        return FileRange(self.path, member.offset, member.size)
+        return open_file_range(self.path, member.offset, member.size)
 
 
 def _inside_archive(target: str, what: str) -> str:

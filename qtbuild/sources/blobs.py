@@ -30,6 +30,7 @@ from typing import BinaryIO
 from isal import isal_zlib as _inflate
 
 from qtbuild.errors import ImageError
+from qtbuild.formats.file_window import FileWindow
 from qtbuild.sources.base import MAX_JSON_DOCUMENT, Descriptor, Layer
 
 CHUNK = 1 << 20
@@ -330,37 +331,9 @@ def verify_bytes(data: bytes, descriptor: Descriptor, what: str) -> bytes:
     return read_document(io.BytesIO(data), descriptor, what)
 
 
-class FileRange(io.RawIOBase):
-    """Bytes ``[start, start + size)`` of a local file, as a read-only stream with its own handle."""
-
-    def __init__(self, path: str | os.PathLike, start: int, size: int):
-        super().__init__()
-        self._file = open(path, "rb")
-        self._file.seek(start)
-        self._remaining = size
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0 or size > self._remaining:
-            size = self._remaining
-        data = self._file.read(size)
-        self._remaining -= len(data)
-        return data
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._file.close()
-        super().close()
+def open_file_range(path: str | os.PathLike, start: int, size: int) -> BinaryIO:
+    """Bytes ``[start, start + size)`` of a local file, as a buffered read-only stream with its own descriptor."""
+    return io.BufferedReader(FileWindow.of_path(path, start, size))
 
 
 RangeOpener = Callable[[int, int], BinaryIO]
@@ -373,7 +346,7 @@ def file_range_opener(path: str | os.PathLike, start: int, size: int) -> RangeOp
     def open_range(offset: int, length: int) -> BinaryIO:
         if offset < 0 or length < 0 or offset + length > size:
             raise ImageError(f"range {offset}+{length} lies outside a blob of {size} bytes")
-        return FileRange(path, start + offset, length)
+        return open_file_range(path, start + offset, length)
 
     return open_range
 
@@ -425,7 +398,7 @@ class StoredLayer(Layer):
         path, start, size = location
         if size != self.descriptor.size:
             return None
-        with FileRange(path, start, min(size, 4)) as head:
+        with open_file_range(path, start, min(size, 4)) as head:
             if sniff_compression(head.read()) is not None:
                 return None
         return file_range_opener(path, start, size)
