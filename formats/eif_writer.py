@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
+import secrets
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -265,27 +265,31 @@ def _stream_section(digest: SectionStreamDigest, section_type: SectionType, sour
 
 
 def _write_atomically(path: str | os.PathLike, body):
-    """Run ``body(fileobj)`` on a temporary file beside ``path`` and rename it into place."""
+    """Run ``body(fileobj)`` on a temporary file beside ``path`` and rename it into place.
+
+    The file is created with mode 0644, which the kernel narrows by the process umask (as for
+    any new file); the umask is read by no one and changed by no one.
+    """
     target = os.path.abspath(os.fspath(path))
-    directory = os.path.dirname(target)
-    handle = tempfile.NamedTemporaryFile(
-        mode="w+b", dir=directory, prefix="." + os.path.basename(target) + ".", suffix=".tmp", delete=False
-    )
+    directory, name = os.path.split(target)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        temporary = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            descriptor = os.open(temporary, flags, 0o644)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name beside {target}")
     try:
-        with handle:
+        with os.fdopen(descriptor, "w+b") as handle:
             result = body(handle)
-        os.chmod(handle.name, 0o644 & ~_current_umask())
-        os.replace(handle.name, target)
+        os.replace(temporary, target)
         return result
     except BaseException:
-        _remove_quietly(handle.name)
+        _remove_quietly(temporary)
         raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _remove_quietly(name: str) -> None:

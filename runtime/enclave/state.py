@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from qtbuild.formats.bounded_input import load_json_object, read_bounded
+from qtbuild.runtime.files import write_atomically
 
 __all__ = [
     "CRASHED", "ENV_RUNTIME_DIR", "OOM", "RUNNING", "STARTING", "STOPPED", "EnclaveDir", "EnclaveRecord",
@@ -228,11 +229,8 @@ class EnclaveRecord:
 
 def write_record(directory: EnclaveDir, record: EnclaveRecord) -> None:
     """Replace the record atomically."""
-    temporary = directory.path / f".record.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(asdict(record), handle, sort_keys=True)
-        handle.write("\n")
-    os.replace(temporary, directory.record)
+    data = json.dumps(asdict(record), sort_keys=True).encode() + b"\n"
+    write_atomically(directory.record, data, 0o644)
 
 
 def read_record(directory: EnclaveDir) -> EnclaveRecord | None:
