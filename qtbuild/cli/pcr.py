@@ -25,6 +25,7 @@ def command(input_path: str | None, certificate_path: str | None) -> None:
     if input_path is not None:
         emit_json({"PCR": _file_pcr(input_path)})
         return
+    assert certificate_path is not None  # exactly one of the two was given (checked above)
     data = read_bounded(certificate_path, MAX_CERTIFICATE_FILE, "not a certificate file")
     emit_json({"PCR8": pcr8_from_certificate(data)})
 

@@ -192,3 +192,14 @@ def test_qingtian_style_wide_pcr_keys_still_parse_as_an_attestation_payload():
     payload = encode_payload(doc)
     assert narrow in payload
     assert decode_payload(payload.replace(narrow, wide)) == doc
+
+
+def test_qingtian_style_protected_header_with_4_byte_heads_is_read():
+    """QingTian writes the protected header {1: -35} as a1 1a00000001 3a00000022 (11 bytes)."""
+    from qtbuild.formats.cose import decode_sign1
+
+    protected = bytes.fromhex("a11a000000013a00000022")
+    signature = b"\x01" * 96
+    message = b"\x84" + cbor2.dumps(protected) + b"\xa0" + cbor2.dumps(b"payload") + cbor2.dumps(signature)
+    decoded = decode_sign1(message)
+    assert decoded.alg == -35 and decoded.protected == protected and decoded.payload == b"payload"
