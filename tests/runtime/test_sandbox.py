@@ -532,9 +532,7 @@ def test_cgroup_v2_layout_with_a_fake_hierarchy(tmp_path):
 def test_step_names_the_protection_in_os_errors():
     from qtbuild.runtime.sandbox.spec import step
 
-    with pytest.raises(SandboxError, match=r"^mounting /tmp failed: No such file or directory$"):
-        with step("mounting /tmp"):
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
-    with pytest.raises(ValueError):
-        with step("not an OS error"):
-            raise ValueError("passes through")
+    with pytest.raises(SandboxError, match=r"^mounting /tmp failed: No such file or directory$"), step("mounting /tmp"):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+    with pytest.raises(ValueError), step("not an OS error"):
+        raise ValueError("passes through")
