@@ -7,7 +7,8 @@ wanted.  It keeps its own position and never moves the file's offset, so any num
 
 The source is a file object or any object with ``fileno()`` (asked on every read, so a closed
 source stops its windows instead of reading a recycled descriptor).  Sources without a
-descriptor (``io.BytesIO``: images held in memory) are read with ``seek`` + ``readinto``.
+descriptor (``io.BytesIO``: images held in memory) are read with ``seek`` + ``readinto``, which
+moves the source's position: share those between windows on one thread only.
 """
 
 from __future__ import annotations

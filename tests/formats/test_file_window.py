@@ -121,3 +121,11 @@ def test_chunk_contents_are_the_stream():
 def test_a_stream_that_ends_early_raises_the_callers_error():
     with pytest.raises(EifFormatError, match="^1000$"):
         list(double_buffered_chunks(io.BytesIO(DATA[:3096]), 4096, lambda left: EifFormatError(str(left)), 1024))
+
+
+def test_buffered_windows_peek_and_small_ones_are_read_directly(data_file):
+    large = FileWindow.buffered(data_file, 0, 4096 * 3)
+    assert isinstance(large, io.BufferedReader) and large.peek(2)[:2] == DATA[:2]
+    assert large.read(5) == DATA[:5]
+    small = FileWindow.buffered(data_file, 5, 100)  # read in one call anyway: no buffer to fill
+    assert small.read() == DATA[5:105] and small.read(1) == b""
