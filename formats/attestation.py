@@ -39,6 +39,7 @@ from enum import StrEnum
 import cbor2
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from qtbuild.formats import cbor
 from qtbuild.formats.cose import CoseSign1, decode_sign1, loads_strict, sign1
 from qtbuild.formats.errors import FormatError, SignatureError
 
@@ -150,12 +151,19 @@ def read_document(
     Types and mandatory keys are checked here; sizes are :func:`check_limits`'s job.
     """
     message = decode_sign1(data, max_size=max_size)
-    return message, decode_payload(message.payload)
+    return message, decode_payload(message.payload, max_size=max_size)
 
 
-def decode_payload(payload: bytes) -> AttestationDocument:
-    """Decode payload bytes into an AttestationDocument; DocumentSyntaxError names what is wrong."""
-    value = _PayloadReader(bytes(payload)).read_all()
+def decode_payload(payload: bytes, *, max_size: int = MAX_DOCUMENT_SIZE) -> AttestationDocument:
+    """Decode payload bytes into an AttestationDocument; DocumentSyntaxError names what is wrong.
+
+    The payload CBOR is read by :func:`qtbuild.formats.cbor.decode` with the rules of the module
+    docstring: indefinite arrays and maps allowed, no tags, floats or indefinite strings, at most
+    MAX_PAYLOAD_DEPTH nested containers.
+    """
+    value = cbor.decode(payload, what="payload", max_size=max_size, max_depth=MAX_PAYLOAD_DEPTH,
+                        indefinite=cbor.INDEFINITE_CONTAINERS, floats_and_simple=False,
+                        error=DocumentSyntaxError)
     if type(value) is not dict:
         raise DocumentSyntaxError("payload: not a map")
     unknown = [key for key in value if key not in PAYLOAD_KEYS]
@@ -237,113 +245,6 @@ def check_limits(doc: AttestationDocument, limits: SyntaxLimits = QINGTIAN_LIMIT
 def _check_range(name: str, size: int, low: int, high: int, unit: str = "bytes") -> None:
     if not low <= size <= high:
         raise DocumentSyntaxError(f"{name}: {size} {unit}, allowed {low}..{high} ({unit})")
-
-
-class _PayloadReader:
-    """Strict CBOR decoder for payloads: like :func:`qtbuild.formats.cose.loads_strict`, plus
-    indefinite-length arrays and maps (Nitro writes its payload map as ``0xbf … 0xff``).
-
-    Builds values as it goes; every loop iteration consumes at least one byte, so declared
-    counts can never make it allocate or spin beyond the input.
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def fail(self, problem: str, offset: int | None = None) -> DocumentSyntaxError:
-        where = self.pos if offset is None else offset
-        return DocumentSyntaxError(f"payload: {problem} at offset {where}")
-
-    def read_all(self) -> object:
-        if not self.data:
-            raise self.fail("empty payload")
-        value = self.read(0)
-        if self.pos != len(self.data):
-            raise self.fail("trailing bytes")
-        return value
-
-    def read(self, depth: int) -> object:
-        start = self.pos
-        major, arg = self.head()
-        if major in (4, 5):
-            if depth >= MAX_PAYLOAD_DEPTH:
-                raise self.fail(f"nesting deeper than {MAX_PAYLOAD_DEPTH}", start)
-            return self.array(arg, depth + 1) if major == 4 else self.map(arg, depth + 1, start)
-        assert arg is not None  # head(): only an array or a map may be indefinite
-        if major == 0:
-            return arg
-        if major == 1:
-            return -1 - arg
-        if major in (2, 3):
-            return self.string(major, arg, start)
-        if major == 6:
-            raise self.fail(f"unexpected tag {arg}", start)
-        simple = {20: False, 21: True, 22: None}
-        if arg in simple:
-            return simple[arg]
-        raise self.fail(f"unsupported simple value or float 0x{self.data[start]:02x}", start)
-
-    def head(self) -> tuple[int, int | None]:
-        """Read an initial byte and its argument; None marks an indefinite array or map."""
-        start = self.pos
-        if start >= len(self.data):
-            raise self.fail("truncated input")
-        initial = self.data[start]
-        major, info = initial >> 5, initial & 0x1F
-        self.pos += 1
-        if info < 24:
-            return major, info
-        if info == 31 and major in (4, 5):
-            return major, None
-        if info > 27 or major == 7:
-            raise self.fail(f"unsupported initial byte 0x{initial:02x}", start)
-        end = self.pos + (1 << (info - 24))
-        if end > len(self.data):
-            raise self.fail("truncated input", start)
-        arg = int.from_bytes(self.data[self.pos : end], "big")
-        self.pos = end
-        return major, arg
-
-    def string(self, major: int, length: int, start: int) -> bytes | str:
-        if length > len(self.data) - self.pos:
-            raise self.fail(f"string of {length} bytes overruns the input", start)
-        raw = self.data[self.pos : self.pos + length]
-        self.pos += length
-        if major == 2:
-            return raw
-        try:
-            return raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise self.fail("text string is not UTF-8", start) from None
-
-    def more(self, remaining: int | None) -> bool:
-        """Whether a container has another item; consumes the break of an indefinite one."""
-        if remaining is not None:
-            return remaining > 0
-        if self.pos < len(self.data) and self.data[self.pos] == 0xFF:
-            self.pos += 1
-            return False
-        return True
-
-    def array(self, count: int | None, depth: int) -> list:
-        items = []
-        while self.more(count):
-            items.append(self.read(depth))
-            count = None if count is None else count - 1
-        return items
-
-    def map(self, count: int | None, depth: int, start: int) -> dict:
-        result: dict = {}
-        while self.more(count):
-            key_at = self.pos
-            key = self.read(depth)
-            if type(key) not in (int, str):
-                raise self.fail("map key is not an integer or text string", key_at)
-            if key in result:
-                raise self.fail(f"duplicate map key {key!r}", key_at)
-            result[key] = self.read(depth)
-            count = None if count is None else count - 1
-        return result
 
 
 # --------------------------------------------------------------------------- request schema

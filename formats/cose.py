@@ -1,4 +1,4 @@
-"""COSE_Sign1 (RFC 9052 §4.2) with ECDSA on P-256 / P-384 / P-521, and a strict CBOR reader.
+"""COSE_Sign1 (RFC 9052 §4.2) with ECDSA on P-256 / P-384 / P-521.
 
 Wire form written by :func:`sign1` (identical to ``aws-nitro-enclaves-cose``
 ``CoseSign1::new(payload, &HeaderMap::new(), key).as_bytes(false)``)::
@@ -17,7 +17,6 @@ verify.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from qtbuild.formats import cbor
 from qtbuild.formats.errors import CoseError, SignatureError
 
 #: COSE algorithm identifier for each supported curve (cryptography's ``curve.name``).
@@ -84,136 +84,10 @@ def loads_strict(
     Accepted: exactly one well-formed item filling ``data`` (no trailing bytes), at most
     ``max_size`` bytes, definite lengths only, nesting depth ≤ MAX_DEPTH, map keys that are
     integers or text strings and unique within their map, and no tags except ``top_tag`` on the
-    outermost item (returned as a ``cbor2.CBORTag``).  A structural pre-scan enforces all this
-    before cbor2 sees the bytes, so declared lengths can never exceed the input.
+    outermost item (returned as a ``cbor2.CBORTag``).  The reader is :func:`qtbuild.formats.cbor.decode`.
     """
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise CoseError(f"{what}: expected bytes, got {type(data).__name__}")
-    data = bytes(data)
-    if len(data) > max_size:
-        raise CoseError(f"{what}: {len(data)} bytes exceeds the limit of {max_size} bytes")
-    body = _Scanner(data, what, top_tag).scan()
-    # The tag is stripped before cbor2 decodes: inside tags cbor2 builds tuples/frozendicts.
-    stream = io.BytesIO(data[body:])
-    try:
-        value = cbor2.CBORDecoder(stream).decode()
-    except Exception as exc:  # cbor2 raises many types (ValueError, RecursionError, ...)
-        raise CoseError(f"{what}: invalid CBOR ({type(exc).__name__}: {exc})") from exc
-    if body + stream.tell() != len(data):
-        raise CoseError(f"{what}: trailing bytes at offset {body + stream.tell()}")
-    return cbor2.CBORTag(top_tag, value) if body and top_tag is not None else value
-
-
-class _Frame:
-    """An open container during a scan: how many items it still holds; map keys seen so far."""
-
-    __slots__ = ("remaining", "keys", "key_next")
-
-    def __init__(self, remaining: int, is_map: bool = False) -> None:
-        self.remaining = remaining
-        self.keys: set | None = set() if is_map else None
-        self.key_next = is_map  # map items alternate key, value, key, ...
-
-    def next_is_key(self) -> bool:
-        """Account for one item; return whether it is a map key."""
-        self.remaining -= 1
-        if self.keys is None:
-            return False
-        self.key_next = not self.key_next
-        return not self.key_next
-
-
-class _Scanner:
-    """Walks CBOR heads without building values; see :func:`loads_strict` for the rules."""
-
-    def __init__(self, data: bytes, what: str, top_tag: int | None) -> None:
-        self.data, self.what, self.top_tag = data, what, top_tag
-        self.pos = self.tag_end = 0
-
-    def fail(self, problem: str, offset: int) -> CoseError:
-        return CoseError(f"{self.what}: {problem} at offset {offset}")
-
-    def scan(self) -> int:
-        """Validate the whole input; return the offset of the item inside a top-level tag (or 0)."""
-        if not self.data:
-            raise CoseError(f"{self.what}: empty input")
-        stack = [_Frame(1)]
-        while stack:
-            frame = stack[-1]
-            if frame.remaining == 0:
-                stack.pop()
-                continue
-            start = self.pos
-            child = self.item(frame.keys if frame.next_is_key() else None)
-            if child is not None:
-                if len(stack) >= MAX_DEPTH:
-                    raise self.fail(f"nesting deeper than {MAX_DEPTH}", start)
-                stack.append(child)
-        if self.pos != len(self.data):
-            raise self.fail("trailing bytes", self.pos)
-        return self.tag_end
-
-    def item(self, keys: set | None) -> _Frame | None:
-        """Consume one head (and string body), recording it in ``keys`` when it is a map key.
-
-        Returns a frame for a container's children, None for a complete item.
-        """
-        start = self.pos
-        major, arg = self.head()
-        remaining = len(self.data) - self.pos
-        if major in (2, 3) and arg > remaining:
-            raise self.fail(f"string of {arg} bytes overruns the input", start)
-        if keys is not None:
-            self.record_key(major, arg, keys, start)
-        if major in (2, 3):
-            self.pos += arg
-        elif major == 4:
-            if arg > remaining:
-                raise self.fail(f"array of {arg} items overruns the input", start)
-            return _Frame(arg)
-        elif major == 5:
-            if 2 * arg > remaining:
-                raise self.fail(f"map of {arg} pairs overruns the input", start)
-            return _Frame(2 * arg, is_map=True)
-        elif major == 6:
-            if start != 0 or arg != self.top_tag:  # only the outermost item may be tagged
-                raise self.fail(f"unexpected tag {arg}", start)
-            self.tag_end = self.pos
-            return _Frame(1)
-        return None
-
-    def head(self) -> tuple[int, int]:
-        """Read an initial byte and its argument; reject reserved and indefinite-length forms."""
-        start = self.pos
-        if start >= len(self.data):
-            raise self.fail("truncated input", start)
-        initial = self.data[start]
-        major, info = initial >> 5, initial & 0x1F
-        if info < 24:
-            self.pos += 1
-            return major, info
-        if info > 27:
-            problem = "indefinite length (not accepted)" if info == 31 else "reserved initial byte"
-            raise self.fail(f"{problem} 0x{initial:02x}", start)
-        end = start + 1 + (1 << (info - 24))
-        if end > len(self.data):
-            raise self.fail("truncated input", start)
-        self.pos = end
-        return major, int.from_bytes(self.data[start + 1 : end], "big")
-
-    def record_key(self, major: int, arg: int, keys: set, start: int) -> None:
-        """Map keys must be integers or text strings (COSE labels), each at most once per map."""
-        if major == 0:
-            key: object = arg
-        elif major == 1:
-            key = -1 - arg
-        elif major == 3:
-            key = self.data[self.pos : self.pos + arg].decode("utf-8", "replace")
-        else:
-            raise self.fail("map key is not an integer or text string", start)
-        if key in keys:
-            raise self.fail(f"duplicate map key {key!r}", start)
-        keys.add(key)
+    return cbor.decode(data, what=what, max_size=max_size, max_depth=MAX_DEPTH, indefinite=cbor.DEFINITE_ONLY,
+                       top_tag=top_tag, error=CoseError)
 
 
 # --------------------------------------------------------------------------- COSE_Sign1

@@ -30,12 +30,15 @@ import io
 import os
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from qtbuild.formats.crc32 import crc32_combine
+from qtbuild.formats.double_buffer import CHUNK_SIZE, double_buffered_chunks
 from qtbuild.formats.eif_stream import SECTION_HEADER, SectionStreamDigest
 from qtbuild.formats.errors import EifFormatError
+from qtbuild.formats.file_window import FileWindow
 from qtbuild.formats.measure import Measurements
 
 MAGIC = b".eif"
@@ -52,8 +55,6 @@ DEFAULT_MEM = 1 << 30
 DEFAULT_CPUS = 2
 #: nitro-cli refuses larger signature sections; so do we (the reader bounds its allocation).
 MAX_SIGNATURE_SIZE = 32768
-#: Default chunk for streaming section data.
-CHUNK_SIZE = 1 << 20
 
 
 class SectionType(enum.IntEnum):
@@ -374,32 +375,21 @@ class EifReader:
         Yielded views alternate between two buffers (see :class:`~qtbuild.formats.eif_writer.SectionSource`):
         copy a chunk to keep it beyond the next one.
         """
-        length = min(chunk_size, max(section.size, 1))
-        views = [memoryview(bytearray(length)), memoryview(bytearray(length))]
-        position = section.data_offset
-        remaining = section.size
-        turn = 0
-        while remaining:
-            view = views[turn]
-            turn ^= 1
-            want = min(remaining, length)
-            self.fileobj.seek(position)
-            got = self.fileobj.readinto(view[:want])
-            if not got:
-                raise EifFormatError(
-                    f"unexpected end of file at offset {position} inside {section.type.label} section {section.index}"
-                )
-            yield view[:got]
-            position += got
-            remaining -= got
+        def ended_early(remaining: int) -> EifFormatError:
+            return _truncated(section)(section.data_offset + section.size - remaining)
+
+        yield from double_buffered_chunks(self._window(section), section.size, ended_early, chunk_size)
 
     def section_source(self, section: Section) -> ReaderSectionSource:
         """The section as a :class:`~qtbuild.formats.eif_writer.SectionSource` (to copy it into a new image)."""
         return ReaderSectionSource(self, section)
 
-    def section_reader(self, section: Section) -> SectionFile:
-        """A read-only, bounded file object over one section's data (for cpio readers etc.)."""
-        return SectionFile(self.fileobj, section.data_offset, section.size)
+    def section_reader(self, section: Section) -> BinaryIO:
+        """A read-only, seekable, buffered file object over one section's data (for cpio readers etc.)."""
+        return FileWindow.buffered(self.fileobj, section.data_offset, section.size, truncated=_truncated(section))
+
+    def _window(self, section: Section) -> FileWindow:
+        return FileWindow(self.fileobj, section.data_offset, section.size, truncated=_truncated(section))
 
     def check_stream(self, *, certificate_der: bytes | None = None, chunk_size: int = CHUNK_SIZE) -> StreamCheck:
         """Read every section once: recompute PCR0/1/2 (PCR8 from ``certificate_der``) and the CRC.
@@ -433,40 +423,12 @@ class ReaderSectionSource:
         return self.reader.iter_section(self.section)
 
 
-class SectionFile(io.RawIOBase):
-    """Read-only window ``[start, start + size)`` of a seekable file, with its own position."""
+def _truncated(section: Section) -> Callable[[int], EifFormatError]:
+    def error(offset: int) -> EifFormatError:
+        where = f"{section.type.label} section {section.index}"
+        return EifFormatError(f"unexpected end of file at offset {offset} inside {where}")
 
-    def __init__(self, fileobj: io.BufferedIOBase, start: int, size: int) -> None:
-        super().__init__()
-        self._file = fileobj
-        self._start = start
-        self._size = size
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, buffer) -> int:
-        want = min(len(buffer), self._size - self._pos)
-        if want <= 0:
-            return 0
-        self._file.seek(self._start + self._pos)
-        got = self._file.readinto(memoryview(buffer)[:want])
-        if not got:
-            raise EifFormatError(f"unexpected end of file at offset {self._start + self._pos}")
-        self._pos += got
-        return got
+    return error
 
 
 def _read_exact(fileobj: io.BufferedIOBase, size: int, offset: int) -> bytes:

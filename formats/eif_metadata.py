@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qtbuild.formats import serde_json_text
+from qtbuild.formats.bounded_input import load_json_object
 from qtbuild.formats.errors import EifFormatError
 
 #: Parsing bound for a metadata section read from an untrusted file.
@@ -73,14 +74,7 @@ def parse_metadata(data: bytes) -> dict:
     Raises :class:`EifFormatError` when it is not a JSON object of the expected shape.  Unknown
     extra keys are kept (a newer writer may add some).
     """
-    if len(data) > MAX_METADATA_SIZE:
-        raise EifFormatError(f"metadata section is {len(data)} bytes; the limit is {MAX_METADATA_SIZE}")
-    try:
-        document = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise EifFormatError(f"metadata section is not valid UTF-8 JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise EifFormatError("metadata section is not a JSON object")
+    document = load_json_object(data, what="metadata section", limit=MAX_METADATA_SIZE, error=EifFormatError)
     _check_depth(document, 0)
     for key in ("ImageName", "ImageVersion"):
         if key in document and not isinstance(document[key], str):

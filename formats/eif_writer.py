@@ -18,13 +18,14 @@ import contextlib
 import dataclasses
 import io
 import os
-import tempfile
+import secrets
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 from qtbuild.formats.crc32 import crc32_combine
+from qtbuild.formats.double_buffer import double_buffered_chunks
 from qtbuild.formats.eif import (
     CHUNK_SIZE,
     CRC_OFFSET,
@@ -85,18 +86,11 @@ class FileSource:
         return _PathSource(os.fspath(path))
 
     def chunks(self) -> Iterator[memoryview]:
-        length = min(self._chunk_size, max(self.size, 1))
-        views = [memoryview(bytearray(length)), memoryview(bytearray(length))]
-        remaining = self.size
-        turn = 0
-        while remaining:
-            view = views[turn]
-            got = self._file.readinto(view[:min(remaining, length)])
-            if not got:
-                raise EifFormatError(f"section source ended {remaining} bytes early")
-            yield view[:got]
-            remaining -= got
-            turn ^= 1
+        return double_buffered_chunks(self._file, self.size, _ended_early, self._chunk_size)
+
+
+def _ended_early(remaining: int) -> EifFormatError:
+    return EifFormatError(f"section source ended {remaining} bytes early")
 
 
 class _PathSource(FileSource):
@@ -281,27 +275,31 @@ def _stream_section(digest: SectionStreamDigest, section_type: SectionType, sour
 
 
 def _write_atomically(path: str | os.PathLike, body):
-    """Run ``body(fileobj)`` on a temporary file beside ``path`` and rename it into place."""
+    """Run ``body(fileobj)`` on a temporary file beside ``path`` and rename it into place.
+
+    The file is created with mode 0644, which the kernel narrows by the process umask (as for
+    any new file); the umask is read by no one and changed by no one.
+    """
     target = os.path.abspath(os.fspath(path))
-    directory = os.path.dirname(target)
-    handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 -- closed by `with handle:`; its name outlives it
-        mode="w+b", dir=directory, prefix="." + os.path.basename(target) + ".", suffix=".tmp", delete=False
-    )
+    directory, name = os.path.split(target)
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        temporary = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            descriptor = os.open(temporary, flags, 0o644)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name beside {target}")
     try:
-        with handle:
+        with os.fdopen(descriptor, "w+b") as handle:
             result = body(handle)
-        os.chmod(handle.name, 0o644 & ~_current_umask())
-        os.replace(handle.name, target)
+        os.replace(temporary, target)
         return result
     except BaseException:
-        _remove_quietly(handle.name)
+        _remove_quietly(temporary)
         raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _remove_quietly(name: str) -> None:

@@ -9,6 +9,10 @@ class FormatError(ValueError):
     """Base class: the input bytes do not follow the format."""
 
 
+class CborError(FormatError):
+    """Bytes that are not one well-formed CBOR data item within the reader's bounds and rules."""
+
+
 class EifFormatError(FormatError):
     """A malformed enclave image file (header, section table or section headers)."""
 

@@ -27,6 +27,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from qtbuild.formats.bounded_input import load_json_object
 from qtbuild.formats.errors import FormatError
 
 MAX_LAUNCH_FILE = 1 << 20
@@ -78,14 +79,7 @@ def with_default_path(env: list[str]) -> list[str]:
 
 def parse_launch_json(data: bytes) -> Launch:
     """Decode ``launch.json``; LaunchFormatError for anything of the wrong shape."""
-    if len(data) > MAX_LAUNCH_FILE:
-        raise LaunchFormatError(f"launch.json is larger than {MAX_LAUNCH_FILE} bytes")
-    try:
-        document = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise LaunchFormatError(f"launch.json is not valid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise LaunchFormatError("launch.json is not an object")
+    document = load_json_object(data, what="launch.json", limit=MAX_LAUNCH_FILE, error=LaunchFormatError)
     launch = Launch(
         argv=_typed(document, "argv", list, str), env=_typed(document, "env", list, str),
         cwd=_typed(document, "cwd", str), uid=_typed(document, "uid", int), gid=_typed(document, "gid", int),

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 
+from qtbuild.formats.bounded_input import load_json_object
+from qtbuild.formats.errors import FormatError
+
 LOCAL_MAGIC = b"QTBUILD-LOCAL-RUNTIME\n"
 LOCAL_ABI = "qtbuild-local/1"
 MAX_DESCRIPTOR = 4096
@@ -36,9 +39,9 @@ def parse_local_kernel(kernel: bytes) -> dict | None:
     if not kernel.startswith(LOCAL_MAGIC) or len(kernel) > MAX_DESCRIPTOR:
         return None
     try:
-        document = json.loads(kernel[len(LOCAL_MAGIC):])
-    except (ValueError, UnicodeDecodeError):
+        document = load_json_object(kernel[len(LOCAL_MAGIC):], what="local-runtime descriptor")
+    except FormatError:
         return None
-    if not isinstance(document, dict) or not str(document.get("abi", "")).startswith("qtbuild-local/"):
+    if not str(document.get("abi", "")).startswith("qtbuild-local/"):
         return None
     return document

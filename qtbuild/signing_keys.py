@@ -14,6 +14,7 @@ from datetime import datetime
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from qtbuild.formats.bounded_input import read_bounded
 from qtbuild.formats.eif_signature import check_certificate_validity, first_certificate, sign_pcr0
 from qtbuild.formats.errors import SignatureError
 from qtbuild.pkcs11_keys import Pkcs11PrivateKey, is_pkcs11_uri
@@ -80,10 +81,9 @@ def _checked(private_key: ec.EllipticCurvePrivateKey, certificate_pem: bytes, ce
 
 
 def _read_pem(path: str | os.PathLike, what: str) -> bytes:
+    too_large = SignatureError(f"{path}: {what} file is larger than {MAX_PEM_FILE} bytes; is it the right file?")
     with open(path, "rb") as handle:
-        data = handle.read(MAX_PEM_FILE + 1)
-    if len(data) > MAX_PEM_FILE:
-        raise SignatureError(f"{path}: {what} file is larger than {MAX_PEM_FILE} bytes; is it the right file?")
+        data = read_bounded(handle, MAX_PEM_FILE, too_large)
     if b"-----BEGIN" not in data:
         raise SignatureError(f"{path}: not a PEM file (no -----BEGIN line); the {what} must be PEM-encoded")
     return data

@@ -1,27 +1,58 @@
-"""Small file helpers shared by the runtime's state (PKI keys, KMS credentials)."""
+"""The one atomic, durable file writer (PKI keys, KMS credentials and master key, enclave records)."""
 
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
+_ATTEMPTS = 100
 
-def write_atomically(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` atomically and durably, created with ``mode`` (never wider).
 
-    The bytes go to a temporary file beside ``path`` (fsynced) that is renamed over it, so a
-    reader sees the old content or the new one, never a mix; nothing is left behind on error.
+def write_atomically(path: str | os.PathLike, data: bytes, mode: int = 0o600, *, exclusive: bool = False) -> None:
+    """Make ``path`` hold ``data``, atomically and durably.
+
+    The bytes go to a new temporary file beside ``path``, created with ``mode`` — narrowed by the
+    process umask as the kernel does for every new file, so 0600 stays 0600 and 0644 becomes
+    0640 under umask 027; the umask itself is never changed — then fsynced and renamed over
+    ``path`` (with ``exclusive``: linked to ``path``, FileExistsError if it exists), and the
+    directory is fsynced.  A reader sees the old content or the new, never a mix or an empty
+    file; nothing is left behind on error.
     """
     path = Path(path)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    descriptor, temporary = _create_beside(path, mode)
     try:
-        os.fchmod(descriptor, mode)
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        if exclusive:
+            os.link(temporary, path)
+            temporary.unlink()
+        else:
+            os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Make a rename or link in ``directory`` durable."""
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _create_beside(path: Path, mode: int) -> tuple[int, Path]:
+    """A new, exclusively created file ``.<name>.<random>.tmp`` in ``path``'s directory."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(_ATTEMPTS):
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(temporary, flags, mode), temporary
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")

@@ -169,11 +169,7 @@ def _fingerprints(values: tuple[str, ...], *, pinned: bool) -> list[str] | None:
 
 
 def _read_small(path: str, what: str) -> bytes:
-    with open(path, "rb") as handle:
-        data = handle.read(MAX_KEY_FILE + 1)
-    if len(data) > MAX_KEY_FILE:
-        raise InputError(f"{path}: larger than {MAX_KEY_FILE} bytes: not a {what}")
-    return data
+    return read_bounded(path, MAX_KEY_FILE, f"not a {what}")
 
 
 def _load_root(path: str) -> x509.Certificate:

@@ -35,6 +35,7 @@ from qtbuild.cli.command import QtbuildGroup
 from qtbuild.cli.errors import InputError
 from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json, say
+from qtbuild.formats.bounded_input import load_json_object
 from qtbuild.runtime.kms.recipient import DEFAULT_MAX_AGE, RecipientVerifier
 from qtbuild.runtime.kms.server import KmsHttpServer, serve_until_signalled
 from qtbuild.runtime.kms.service import KmsService
@@ -271,10 +272,7 @@ def policy_put(policy_file, name, access_key, credentials_path, endpoint) -> Non
 
 def _read_policy(path: str) -> dict:
     data = read_bounded(path, MAX_POLICY_FILE, "not a policy document")
-    try:
-        return json.loads(data)
-    except ValueError as exc:
-        raise InputError(f"{path}: not JSON: {exc}") from None
+    return load_json_object(data, what=path, error=InputError)
 
 
 @policy.command("get")

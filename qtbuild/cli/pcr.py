@@ -8,6 +8,7 @@ import click
 
 from qtbuild.cli.command import QtbuildCommand
 from qtbuild.cli.errors import InputError
+from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json
 from qtbuild.formats.eif_signature import pcr8_from_certificate
 from qtbuild.formats.measure import HASH_ALGORITHM, extend
@@ -32,10 +33,7 @@ def command(style: str, input_path: str | None, certificate_path: str | None) ->
         emit_json({**prefix, "PCR": _file_pcr(input_path)})
         return
     assert certificate_path is not None  # exactly one of the two was given (checked above)
-    with open(certificate_path, "rb") as handle:
-        data = handle.read(MAX_CERTIFICATE_FILE + 1)
-    if len(data) > MAX_CERTIFICATE_FILE:
-        raise InputError(f"{certificate_path} is larger than {MAX_CERTIFICATE_FILE} bytes: not a certificate file")
+    data = read_bounded(certificate_path, MAX_CERTIFICATE_FILE, "not a certificate file")
     emit_json({**prefix, "PCR8": pcr8_from_certificate(data)})
 
 

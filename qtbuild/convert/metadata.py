@@ -3,12 +3,12 @@ from the wall clock (``SOURCE_DATE_EPOCH``, else a time the caller derives from 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from datetime import UTC, datetime
 
 from qtbuild import __version__
+from qtbuild.formats.bounded_input import load_json, read_bounded
 from qtbuild.formats.eif_metadata import BuildInfo, EifMetadata
 
 BUILD_TOOL = "qtbuild"
@@ -52,15 +52,11 @@ def load_custom_metadata(path: str | os.PathLike | None) -> object:
     """Parse a --metadata JSON file (at most 4096 bytes); None when no file is given."""
     if path is None:
         return None
+    too_large = MetadataError(f"{path}: custom metadata is larger than {MAX_CUSTOM_METADATA} bytes; shorten it")
     with open(path, "rb") as handle:
-        raw = handle.read(MAX_CUSTOM_METADATA + 1)
-    if len(raw) > MAX_CUSTOM_METADATA:
-        raise MetadataError(f"{path}: custom metadata is larger than {MAX_CUSTOM_METADATA} bytes; shorten it")
-    try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float,
-                          parse_int=_serde_int)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise MetadataError(f"{path}: custom metadata is not valid JSON ({exc})") from None
+        raw = read_bounded(handle, MAX_CUSTOM_METADATA, too_large)
+    return load_json(raw, what=f"{path}: custom metadata", error=MetadataError,
+                     parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_serde_int)
 
 
 def _refuse_constant(name: str) -> object:

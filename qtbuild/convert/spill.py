@@ -17,17 +17,15 @@ Contract:
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from functools import partial
-from typing import BinaryIO, cast
+from typing import BinaryIO
 
 from qtbuild.errors import naming_path
-
-_READ_CHUNK = 1 << 20
+from qtbuild.formats.file_window import FileWindow
 
 
 class SpillStore:
@@ -82,16 +80,17 @@ class SpillStore:
         """A stream of ``size`` bytes starting at ``offset``."""
         if offset < 0 or size < 0 or offset + size > self._size:
             raise ValueError(f"range {offset}+{size} outside the spill store of {self._size} bytes")
-        return cast(BinaryIO, _RangeReader(self, offset, size))  # a RawIOBase: it reads as BinaryIO
+        return FileWindow.buffered(self, offset, size)
 
     def opener(self, offset: int, size: int) -> Callable[[], BinaryIO]:
         """A callable opening :meth:`open_range` ``(offset, size)`` (for ``CpioEntry.data``)."""
         return partial(self.open_range, offset, size)
 
-    def pread(self, size: int, offset: int) -> bytes:
+    def fileno(self) -> int:
+        """The read-only descriptor :meth:`open_range` streams share (ValueError once closed)."""
         if self.closed or self._read_fd is None:
             raise ValueError("spill store is closed")
-        return os.pread(self._read_fd, size, offset)
+        return self._read_fd
 
     def close(self) -> None:
         """Close the files and remove the directory (idempotent)."""
@@ -119,39 +118,3 @@ class SpillStore:
     def __del__(self):
         if not getattr(self, "closed", True):
             self.close()
-
-
-class _RangeReader(io.RawIOBase):
-    """Bounded positional reader over the spill store's shared descriptor."""
-
-    def __init__(self, store: SpillStore, offset: int, size: int):
-        super().__init__()
-        self._store = store
-        self._offset = offset
-        self._remaining = size
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        if self.closed:
-            raise ValueError("read from a closed stream")
-        if n is None or n < 0:
-            pieces: list[bytes] = []
-            while True:
-                piece = self.read(_READ_CHUNK)
-                if not piece:
-                    return b"".join(pieces)
-                pieces.append(piece)
-        n = min(n, self._remaining)
-        if n == 0:
-            return b""
-        data = self._store.pread(n, self._offset)
-        self._offset += len(data)
-        self._remaining -= len(data)
-        return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(memoryview(buffer)))
-        memoryview(buffer).cast("B")[:len(data)] = data
-        return len(data)

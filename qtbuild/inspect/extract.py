@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import asdict
 
@@ -46,7 +47,7 @@ def extract_eif(reader: EifReader, output_dir: str | os.PathLike, *, unpack: boo
     try:
         report = _extract_into(reader, staging, unpack)
         _write_json(os.path.join(staging, "report.json"), report)
-        os.chmod(staging, 0o755 & ~_umask())
+        os.chmod(staging, _mode_after_umask(staging, 0o755))
         if os.path.isdir(target):
             os.rmdir(target)  # empty, checked above
         os.rename(staging, target)
@@ -121,7 +122,12 @@ def _write_json(path: str, document: dict) -> None:
         handle.write("\n")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _mode_after_umask(directory: str, mode: int) -> int:
+    """The mode a directory created with ``mode`` gets under the process umask, found by creating
+    one (inside ``directory``) rather than by toggling the umask, which other threads share."""
+    probe = os.path.join(directory, ".mode-probe")
+    os.mkdir(probe, mode)
+    try:
+        return stat.S_IMODE(os.stat(probe).st_mode)
+    finally:
+        os.rmdir(probe)

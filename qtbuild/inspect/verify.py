@@ -9,7 +9,6 @@ measurement documents the tools print: ``qtbuild convert``/``measure``/``qt encl
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,6 +16,7 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from qtbuild.formats.bounded_input import load_json, read_bounded
 from qtbuild.formats.eif import EifReader
 from qtbuild.formats.errors import FormatError
 from qtbuild.formats.measure import ZERO_PCR, parse_pcr_hex
@@ -61,14 +61,10 @@ class VerifyReport:
 
 def load_expected(path: str | os.PathLike) -> dict[str, bytes]:
     """Expected PCRs from a measurements document (see the module docstring)."""
+    too_large = FormatError(f"{path}: larger than {MAX_EXPECT_FILE} bytes; not a measurements document")
     with open(path, "rb") as handle:
-        raw = handle.read(MAX_EXPECT_FILE + 1)
-    if len(raw) > MAX_EXPECT_FILE:
-        raise FormatError(f"{path}: larger than {MAX_EXPECT_FILE} bytes; not a measurements document")
-    try:
-        document = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+        raw = read_bounded(handle, MAX_EXPECT_FILE, too_large)
+    document = load_json(raw, what=str(path))
     if isinstance(document, dict) and isinstance(document.get("Measurements"), dict):
         document = document["Measurements"]
     if not isinstance(document, dict):
@@ -84,8 +80,10 @@ def load_certificate(path: str | os.PathLike) -> x509.Certificate:
     """The first certificate of a PEM file (FormatError if there is none)."""
     from qtbuild.formats.eif_signature import first_certificate
 
+    too_large = FormatError(f"{path}: larger than {MAX_EXPECT_FILE} bytes; not a PEM file")
     with open(path, "rb") as handle:
-        return first_certificate(handle.read(MAX_EXPECT_FILE))
+        data = read_bounded(handle, MAX_EXPECT_FILE, too_large)
+    return first_certificate(data)
 
 
 def verify_eif(

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from typing import BinaryIO, cast
 
 from qtbuild.errors import ImageError
+from qtbuild.formats.bounded_input import load_json
 from qtbuild.sources.base import MAX_JSON_DOCUMENT, Descriptor, Platform, check_digest
-from qtbuild.sources.blobs import BlobStore, FileRange, sniff_compression
+from qtbuild.sources.blobs import BlobStore, open_file_range, sniff_compression
 from qtbuild.sources.select import (
     ANNOTATION_CONTAINERD_NAME,
     ANNOTATION_REF_NAME,
@@ -159,7 +160,7 @@ class TarIndex:
             return f.read()
 
     def open(self, member: _Member) -> BinaryIO:
-        return cast(BinaryIO, FileRange(self.path, member.offset, member.size))  # a RawIOBase: it reads as BinaryIO
+        return open_file_range(self.path, member.offset, member.size)
 
 
 def _inside_archive(target: str, what: str) -> str:
@@ -249,10 +250,7 @@ def _open_oci(index: TarIndex, hint: str | None, platform: Platform | None, refe
 # -- legacy manifest.json ---------------------------------------------------------------------
 
 def _read_manifest_json(index: TarIndex, what: str) -> list[dict]:
-    try:
-        document = json.loads(index.read_small("manifest.json", what))
-    except (ValueError, RecursionError) as exc:
-        raise ImageError(f"{what} is not valid JSON: {exc}") from None
+    document = load_json(index.read_small("manifest.json", what), what=what, error=ImageError)
     if not isinstance(document, list) or not document or not all(isinstance(e, dict) for e in document):
         raise ImageError(f"{what} is not a non-empty list of objects")
     if len(document) > MAX_IMAGES:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import os
 import re
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qtbuild.errors import ImageError
+from qtbuild.formats.bounded_input import load_json_object, read_bounded
 
 log = logging.getLogger(__name__)
 
@@ -88,22 +88,15 @@ def docker_config_path() -> Path:
 
 def load_docker_config(path: Path) -> dict:
     """The parsed config file; ``{}`` if it does not exist; ImageError if unreadable or malformed."""
+    too_large = ImageError(f"Docker credentials file {path} is larger than {MAX_DOCKER_CONFIG} bytes")
     try:
         with open(path, "rb") as f:
-            raw = f.read(MAX_DOCKER_CONFIG + 1)
+            raw = read_bounded(f, MAX_DOCKER_CONFIG, too_large)
     except FileNotFoundError:
         return {}
     except OSError as exc:
         raise ImageError(f"cannot read Docker credentials file {path}: {exc.strerror or exc}") from None
-    if len(raw) > MAX_DOCKER_CONFIG:
-        raise ImageError(f"Docker credentials file {path} is larger than {MAX_DOCKER_CONFIG} bytes")
-    try:
-        config = json.loads(raw)
-    except ValueError as exc:
-        raise ImageError(f"Docker credentials file {path} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ImageError(f"Docker credentials file {path} is not a JSON object")
-    return config
+    return load_json_object(raw, what=f"Docker credentials file {path}", error=ImageError)
 
 
 def _auth_key_host(key: str) -> str:
@@ -294,11 +287,9 @@ def _origin(url: str) -> str:
 def _token_from(body: bytes, realm: str) -> str:
     """The token of a token-server response (``token`` or ``access_token``), checked header-safe."""
     try:
-        document = json.loads(body)
+        document = load_json_object(body, what="token response", error=ValueError)
     except ValueError:
-        document = None
-    if not isinstance(document, dict):
-        raise ImageError(f"token server {_origin(realm)} did not answer a JSON object")
+        raise ImageError(f"token server {_origin(realm)} did not answer a JSON object") from None
     token = document.get("token") or document.get("access_token")
     if not isinstance(token, str) or not _HEADER_SAFE_RE.match(token):
         raise ImageError(f"token server {_origin(realm)} answered no usable token")

@@ -19,12 +19,12 @@ Contract for implementers:
 from __future__ import annotations
 
 import abc
-import json
 import re
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from qtbuild.errors import ImageError
+from qtbuild.formats.bounded_input import load_json_object
 
 DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 #: Manifests, indexes and configs larger than this are refused (go-containerregistry uses 4 MiB
@@ -46,15 +46,7 @@ def check_digest(value: object, what: str) -> str:
 
 def parse_json_document(raw: bytes, what: str) -> dict:
     """Decode a bounded JSON object (manifest, index, config), raising ImageError if it is not one."""
-    if len(raw) > MAX_JSON_DOCUMENT:
-        raise ImageError(f"{what} is {len(raw)} bytes; refusing documents over {MAX_JSON_DOCUMENT} bytes")
-    try:
-        document = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise ImageError(f"{what} is not valid JSON: {exc}") from None
-    if not isinstance(document, dict):
-        raise ImageError(f"{what} is not a JSON object")
-    return document
+    return load_json_object(raw, what=what, limit=MAX_JSON_DOCUMENT, error=ImageError)
 
 
 @dataclass(frozen=True)
@@ -112,11 +104,9 @@ class Layer(abc.ABC):
         """
         return None
 
+    @abc.abstractmethod
     def open_uncompressed(self) -> BinaryIO:
         """The layer's tar stream, decompressed; reading to EOF verifies blob digest and diff_id."""
-        from qtbuild.sources.blobs import open_uncompressed
-
-        return open_uncompressed(self.open_blob(), diff_id=self.diff_id, what=f"layer {self.descriptor.digest}")
 
 
 class Image(abc.ABC):

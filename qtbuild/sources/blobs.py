@@ -30,6 +30,7 @@ from typing import BinaryIO, cast
 from isal import isal_zlib as _inflate
 
 from qtbuild.errors import ImageError
+from qtbuild.formats.file_window import FileWindow
 from qtbuild.sources.base import MAX_JSON_DOCUMENT, Descriptor, Layer
 
 CHUNK = 1 << 20
@@ -333,37 +334,9 @@ def verify_bytes(data: bytes, descriptor: Descriptor, what: str) -> bytes:
     return read_document(io.BytesIO(data), descriptor, what)
 
 
-class FileRange(io.RawIOBase):
-    """Bytes ``[start, start + size)`` of a local file, as a read-only stream with its own handle."""
-
-    def __init__(self, path: str | os.PathLike, start: int, size: int):
-        super().__init__()
-        self._file = open(path, "rb")  # noqa: SIM115 -- the stream owns it; close() closes it
-        self._file.seek(start)
-        self._remaining = size
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int | None = -1) -> bytes:
-        if size is None or size < 0 or size > self._remaining:
-            size = self._remaining
-        data = self._file.read(size)
-        self._remaining -= len(data)
-        return data
-
-    def readall(self) -> bytes:
-        return self.read(-1)
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            self._file.close()
-        super().close()
+def open_file_range(path: str | os.PathLike, start: int, size: int) -> BinaryIO:
+    """Bytes ``[start, start + size)`` of a local file, as a buffered read-only stream with its own descriptor."""
+    return io.BufferedReader(FileWindow.of_path(path, start, size))
 
 
 RangeOpener = Callable[[int, int], BinaryIO]
@@ -376,7 +349,7 @@ def file_range_opener(path: str | os.PathLike, start: int, size: int) -> RangeOp
     def open_range(offset: int, length: int) -> BinaryIO:
         if offset < 0 or length < 0 or offset + length > size:
             raise ImageError(f"range {offset}+{length} lies outside a blob of {size} bytes")
-        return cast(BinaryIO, FileRange(path, start + offset, length))  # a RawIOBase: it reads as BinaryIO
+        return open_file_range(path, start + offset, length)
 
     return open_range
 
@@ -415,6 +388,9 @@ class StoredLayer(Layer):
     def open_blob(self) -> BinaryIO:
         return cast(BinaryIO, self._store.open_verified(self.descriptor, f"layer {self.descriptor.digest}"))
 
+    def open_uncompressed(self) -> BinaryIO:
+        return open_uncompressed(self.open_blob(), diff_id=self.diff_id, what=f"layer {self.descriptor.digest}")
+
     def range_opener(self) -> RangeOpener | None:
         """Random access for a blob stored uncompressed in a local file (sniffed, not trusted
         from the media type).  Reads through it are *not* re-verified: use it only for a layer
@@ -425,7 +401,7 @@ class StoredLayer(Layer):
         path, start, size = location
         if size != self.descriptor.size:
             return None
-        with FileRange(path, start, min(size, 4)) as head:
+        with open_file_range(path, start, min(size, 4)) as head:
             if sniff_compression(head.read()) is not None:
                 return None
         return file_range_opener(path, start, size)

@@ -9,12 +9,12 @@ are verified against their descriptors as they are read.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from typing import BinaryIO
 
 from qtbuild.errors import ImageError
+from qtbuild.formats.bounded_input import load_json_object, read_bounded
 from qtbuild.sources.base import MAX_JSON_DOCUMENT, Descriptor, Platform, check_digest
 from qtbuild.sources.blobs import BlobStore
 from qtbuild.sources.select import (
@@ -63,14 +63,11 @@ class LayoutStore(BlobStore):
 def _read_small_file(path: str, what: str) -> bytes:
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_JSON_DOCUMENT + 1)
+            return read_bounded(f, MAX_JSON_DOCUMENT, ImageError(f"{what} is over {MAX_JSON_DOCUMENT} bytes"))
     except FileNotFoundError:
         raise ImageError(f"{what} is missing") from None
     except OSError as exc:
         raise ImageError(f"{what}: cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_JSON_DOCUMENT:
-        raise ImageError(f"{what} is over {MAX_JSON_DOCUMENT} bytes")
-    return data
 
 
 def _check_layout_marker(directory: str, reference: str) -> None:
@@ -80,8 +77,8 @@ def _check_layout_marker(directory: str, reference: str) -> None:
 def check_layout_marker(raw: bytes, reference: str) -> None:
     """ImageError unless ``raw`` (an ``oci-layout`` file) declares imageLayoutVersion 1.x."""
     try:
-        version = json.loads(raw).get("imageLayoutVersion")
-    except (ValueError, AttributeError, RecursionError):
+        version = load_json_object(raw, what="oci-layout", error=ImageError).get("imageLayoutVersion")
+    except ImageError:
         version = None
     if not isinstance(version, str) or not version.startswith("1."):
         raise ImageError(f"{reference}: oci-layout does not declare imageLayoutVersion 1.x")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import ipaddress
-import json
 import re
 import socket
 import ssl
@@ -39,6 +38,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, cast
 
 from qtbuild.errors import ImageError
+from qtbuild.formats.bounded_input import load_json_object, read_bounded
 from qtbuild.sources.auth import MAX_TOKEN_RESPONSE, Authenticator
 from qtbuild.sources.base import (
     MAX_JSON_DOCUMENT,
@@ -193,15 +193,11 @@ def _read_bounded(response, limit: int, what: str) -> bytes:
         response.close()
         raise ImageError(f"{what} is {int(declared)} bytes; refusing documents over {limit} bytes")
     body = _HttpBody(response, what)
-    data = b""
+    too_large = ImageError(f"{what} is over {limit} bytes; refusing documents over {limit} bytes")
     try:
-        while len(data) <= limit and (chunk := body.read(min(1 << 20, limit + 1 - len(data)))):
-            data += chunk
+        return read_bounded(body, limit, too_large)
     finally:
         body.close()
-    if len(data) > limit:
-        raise ImageError(f"{what} is over {limit} bytes; refusing documents over {limit} bytes")
-    return data
 
 
 class Transport:
@@ -294,7 +290,7 @@ def _error_detail(response) -> str:
     """``: CODE message; …`` from a distribution error body, or ``""``."""
     try:
         body = _read_bounded(response, MAX_ERROR_BODY, "error body")
-        errors = json.loads(body).get("errors")
+        errors = load_json_object(body, what="error body", error=ImageError).get("errors") or []
         parts = [f"{e.get('code', '')} {e.get('message', '')}".strip() for e in errors if isinstance(e, dict)]
     except (ImageError, ValueError, AttributeError, TypeError):
         return ""

@@ -116,12 +116,11 @@ class ConsoleServer:
         self._reader: threading.Thread | None = None
         self._lock = threading.Lock()
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o177)
-        try:
-            self.path.unlink(missing_ok=True)
-            self._listener.bind(os.fspath(self.path))
-        finally:
-            os.umask(old_umask)
+        self.path.unlink(missing_ok=True)
+        self._listener.bind(os.fspath(self.path))
+        # Owner-only before listen(): until then a connect() is refused whatever the mode, so the
+        # process umask (shared by every thread) need not be changed to create it private.
+        os.chmod(self.path, 0o600)
         self._listener.listen(4)
         self._closing = False
         self._acceptor = threading.Thread(target=self._accept_loop, name="console", daemon=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 
+from qtbuild.formats.bounded_input import read_bounded
 from qtbuild.formats.launch_record import MAX_LAUNCH_FILE, Launch, LaunchFormatError, parse_cmd_env, parse_launch_json
 
 from .errors import EnclaveError
@@ -44,7 +45,5 @@ def _read(root_fd: int, name: str) -> bytes | None:
     except OSError as exc:
         raise EnclaveError(f"the image's {name} cannot be read: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as handle:
-        data = handle.read(MAX_LAUNCH_FILE + 1)
-    if len(data) > MAX_LAUNCH_FILE:
-        raise EnclaveError(f"the image's {name} is larger than {MAX_LAUNCH_FILE} bytes")
-    return data
+        too_large = EnclaveError(f"the image's {name} is larger than {MAX_LAUNCH_FILE} bytes")
+        return read_bounded(handle, MAX_LAUNCH_FILE, too_large)

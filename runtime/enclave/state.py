@@ -35,6 +35,8 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from qtbuild.formats.bounded_input import load_json_object, read_bounded
+from qtbuild.runtime.files import write_atomically
 from qtbuild.runtime.sandbox.syscalls import mount, umount2
 
 __all__ = [
@@ -264,23 +266,20 @@ class EnclaveRecord:
 
 def write_record(directory: EnclaveDir, record: EnclaveRecord) -> None:
     """Replace the record atomically."""
-    temporary = directory.path / f".record.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(asdict(record), handle, sort_keys=True)
-        handle.write("\n")
-    os.replace(temporary, directory.record)
+    data = json.dumps(asdict(record), sort_keys=True).encode() + b"\n"
+    write_atomically(directory.record, data, 0o644)
 
 
 def read_record(directory: EnclaveDir) -> EnclaveRecord | None:
     """The record, or None when the directory has none (being created or removed)."""
     try:
-        with open(directory.record, encoding="utf-8") as handle:
-            text = handle.read(MAX_RECORD)
+        with open(directory.record, "rb") as handle:
+            data = read_bounded(handle, MAX_RECORD, ValueError(f"{directory.record} is larger than {MAX_RECORD} bytes"))
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR):
             return None
         raise
-    return EnclaveRecord.from_json(json.loads(text))
+    return EnclaveRecord.from_json(load_json_object(data, what=str(directory.record), error=ValueError))
 
 
 def observed_status(directory: EnclaveDir, record: EnclaveRecord) -> str:

@@ -34,6 +34,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from qtbuild.runtime.files import write_atomically
 from qtbuild.runtime.kms.errors import KmsError
 
 KEY_SIZE = 32
@@ -63,17 +64,11 @@ class MasterKey:
     def load_or_create(cls, path: str | os.PathLike) -> tuple[MasterKey, bool]:
         """(key, created): the key in ``path``, created with mode 0600 when absent."""
         path = Path(path)
-        try:
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return cls(_read_private(path)), False
         key = os.urandom(KEY_SIZE)
         try:
-            os.write(descriptor, key)
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        _fsync_directory(path.parent)
+            write_atomically(path, key, 0o600, exclusive=True)
+        except FileExistsError:
+            return cls(_read_private(path)), False
         return cls(key), True
 
     def seal(self, secret: bytes, context: str) -> bytes:
@@ -97,14 +92,6 @@ def _read_private(path: Path) -> bytes:
     if len(data) != KEY_SIZE:
         raise MasterKeyError(f"{path} holds {len(data)} bytes, expected {KEY_SIZE}")
     return data
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 # --------------------------------------------------------------------------- ciphertexts

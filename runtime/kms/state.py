@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qtbuild.formats.bounded_input import load_json_object, read_bounded
 from qtbuild.runtime.files import write_atomically
 from qtbuild.runtime.kms.crypto import MasterKey
 from qtbuild.runtime.kms.operations import Environment, new_principal, principal_context
@@ -94,11 +95,10 @@ def write_credentials(path: Path, endpoint: str, credentials: Credentials) -> No
 def read_credentials(path: str | os.PathLike) -> tuple[str, Credentials]:
     """(endpoint, credentials) from a credentials file; ValueError when malformed."""
     with open(path, "rb") as handle:
-        data = handle.read(MAX_CREDENTIALS_FILE + 1)
-    if len(data) > MAX_CREDENTIALS_FILE:
-        raise ValueError(f"{path}: larger than {MAX_CREDENTIALS_FILE} bytes")
+        too_large = ValueError(f"{path}: larger than {MAX_CREDENTIALS_FILE} bytes")
+        data = read_bounded(handle, MAX_CREDENTIALS_FILE, too_large)
     try:
-        document = json.loads(data)
+        document = load_json_object(data, what=str(path), error=ValueError)
         fields = [document[name] for name in ("endpoint", "access_key", "secret_key",
                                               "project_id")]
     except (ValueError, KeyError, TypeError):

@@ -177,7 +177,7 @@ class LocalPki:
         host = self._authorities["host"]
         leaf = _issue(_name(f"{enclave_id}.{DOMAIN}"), host, now, LEAF_VALIDITY, ca=False)
         path = self.directory / "leaves" / f"{enclave_id}.pem"
-        _write_private(path, _key_pem(leaf.key) + _cert_pem(leaf.cert))
+        write_atomically(path, _key_pem(leaf.key) + _cert_pem(leaf.cert), 0o600)
         return leaf
 
     def _load_leaf(self, enclave_id: str, now: datetime) -> _Authority | None:
@@ -310,14 +310,9 @@ def _make_private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
-def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Atomically replace ``path`` with ``data``, created with ``mode`` (never wider)."""
-    write_atomically(path, data, mode)
-
-
 def _save_authority(directory: Path, level: str, authority: _Authority) -> None:
-    _write_private(directory / f"{level}.key", _key_pem(authority.key))
-    _write_private(directory / f"{level}.crt", _cert_pem(authority.cert), mode=0o644)
+    write_atomically(directory / f"{level}.key", _key_pem(authority.key), 0o600)
+    write_atomically(directory / f"{level}.crt", _cert_pem(authority.cert), 0o644)
 
 
 def _load_authority(directory: Path, level: str) -> _Authority:

@@ -32,11 +32,9 @@ import os
 import resource
 import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from . import caps, mounts, namespaces, proctitle, seccomp
-from .spec import SandboxError
+from .spec import SandboxError, step
 from .syscalls import close_range, prctl, unshare
 
 PR_SET_PDEATHSIG = 1
@@ -65,15 +63,6 @@ class Channel:
 def describe(exc: BaseException) -> str:
     text = str(exc) if isinstance(exc, SandboxError) else f"{type(exc).__name__}: {exc}"
     return text[:_MAX_MESSAGE]
-
-
-@contextmanager
-def step(what: str) -> Iterator[None]:
-    """Name the protection being applied in any OS error it raises."""
-    try:
-        yield
-    except OSError as exc:
-        raise SandboxError(f"{what} failed: {exc.strerror or exc}") from exc
 
 
 # -- helper (outside the sandbox) ---------------------------------------------------------------

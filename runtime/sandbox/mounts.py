@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .spec import SandboxError
+from .spec import SandboxError, step
 from .syscalls import mount, pivot_root, umount2
 
 __all__ = ["Sources", "build_root", "enter_root", "open_sources"]
@@ -59,18 +59,18 @@ class Sources:
 def open_sources(root: str, binds: list[dict]) -> Sources:
     """Step 4a: make every mount private, bind ``root`` onto itself and open it and every
     source (``binds``: dicts with source/target/read_only)."""
-    with _step("making / rprivate"):
+    with step("making / rprivate"):
         mount(None, "/", None, MS_REC | MS_PRIVATE)
-    with _step(f"binding the root {root} onto itself"):
+    with step(f"binding the root {root} onto itself"):
         mount(root, root, None, MS_BIND | MS_REC)
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     devices = {}
     for name in DEVICES:
-        with _step(f"opening /dev/{name}"):
+        with step(f"opening /dev/{name}"):
             devices[name] = os.open(f"/dev/{name}", os.O_PATH | os.O_CLOEXEC)
     opened = []
     for bind in binds:
-        with _step(f"opening the bind source {bind['source']}"):
+        with step(f"opening the bind source {bind['source']}"):
             opened.append((os.open(bind["source"], os.O_PATH | os.O_CLOEXEC), bind))
     return Sources(root_fd, devices, opened)
 
@@ -79,14 +79,14 @@ def build_root(sources: Sources) -> int:
     """Steps 4b-4e: mount the fresh filesystems and the binds inside the root.  Returns an fd
     of the new root for :func:`enter_root` (the source fds are closed)."""
     root_fd = sources.root_fd
-    with _step("mounting a fresh /proc"):
+    with step("mounting a fresh /proc"):
         _mount_proc(root_fd)
-    with _step("mounting /dev"):
+    with step("mounting /dev"):
         _mount_dev(root_fd, sources.devices)
-    with _step("mounting /tmp"):
+    with step("mounting /tmp"):
         _mount_on(root_fd, "/tmp", True, "tmpfs", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     for fd, bind in sources.binds:
-        with _step(f"binding {bind['source']} to {bind['target']}"):
+        with step(f"binding {bind['source']} to {bind['target']}"):
             _bind(root_fd, fd, bind["target"], bind["read_only"])
     for fd in [*sources.devices.values(), *(fd for fd, _ in sources.binds)]:
         os.close(fd)
@@ -96,7 +96,7 @@ def build_root(sources: Sources) -> int:
 def enter_root(root_fd: int) -> None:
     """Step 5: ``pivot_root`` into the prepared root and detach the old one (or, where the
     current root cannot be pivoted — an initramfs — move the root over ``/`` and chroot)."""
-    with _step("pivoting into the root"):
+    with step("pivoting into the root"):
         os.fchdir(root_fd)
         os.close(root_fd)
         try:
@@ -109,15 +109,6 @@ def enter_root(root_fd: int) -> None:
         else:
             umount2(".", MNT_DETACH)
         os.chdir("/")
-
-
-@contextmanager
-def _step(what: str) -> Iterator[None]:
-    """Turn OS errors into a SandboxError naming the mount step."""
-    try:
-        yield
-    except OSError as exc:
-        raise SandboxError(f"{what} failed: {exc.strerror or exc}") from exc
 
 
 def _mount_proc(root_fd: int) -> None:

@@ -14,12 +14,12 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-from .errors import SandboxError
+from .errors import SandboxError, step
 
 if TYPE_CHECKING:
     from .subids import IdRange
 
-__all__ = ["DEFAULT_CGROUP_ROOT", "Bind", "SandboxError", "SandboxExit", "SandboxSpec"]
+__all__ = ["DEFAULT_CGROUP_ROOT", "Bind", "SandboxError", "SandboxExit", "SandboxSpec", "step"]
 
 DEFAULT_CGROUP_ROOT = "/sys/fs/cgroup"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")

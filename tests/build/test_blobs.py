@@ -219,3 +219,16 @@ def test_file_range_opener_bounds(tmp_path):
         assert f.read() == b"ELL"
     with pytest.raises(ImageError, match="outside a blob of 5 bytes"):
         opener(3, 3)
+
+
+def test_the_image_interface_does_not_import_the_blob_machinery():
+    """qtbuild.sources.base ↔ qtbuild.sources.blobs was an import cycle; base is the lower module."""
+    import subprocess
+    import sys
+
+    code = "import sys, qtbuild.sources.base; print('qtbuild.sources.blobs' in sys.modules)"
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    from qtbuild.sources.base import Layer
+
+    assert "open_uncompressed" in Layer.__abstractmethods__

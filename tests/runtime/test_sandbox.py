@@ -583,3 +583,10 @@ def test_no_host_path_in_mountinfo_or_the_command_line_of_pid_1(root, tmp_path):
     assert roots <= {"/", "/rootfs", "/null", "/zero", "/full", "/random", "/urandom", "/tty", "/sys",
                      "/sysrq-trigger", "/irq", "/bus"}, roots
     assert cmdline.rstrip("|") == "init" and comm == "init"
+def test_step_names_the_protection_in_os_errors():
+    from qtbuild.runtime.sandbox.spec import step
+
+    with pytest.raises(SandboxError, match=r"^mounting /tmp failed: No such file or directory$"), step("mounting /tmp"):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+    with pytest.raises(ValueError), step("not an OS error"):
+        raise ValueError("passes through")
