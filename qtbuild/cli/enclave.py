@@ -25,6 +25,7 @@ from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
 from qtbuild.cli.output import emit_json
 from qtbuild.runtime.enclave import EnclaveError, Manager, RunOptions
 from qtbuild.runtime.enclave.rules import DEFAULT_CPUS, DEFAULT_MEMORY_MIB
+from qtbuild.runtime.qtsm.clouds import CLOUDS, DEFAULT_CLOUD
 
 __all__ = ["enclave_group", "run_command"]
 
@@ -66,6 +67,8 @@ def _run_options(function):
         click.option("--parent-role", metavar="NAME", help="Parent role name measured into PCR3."),
         click.option("--instance-id", metavar="ID", help="Parent instance id measured into PCR4."),
         click.option("--no-limits", is_flag=True, help="Run without memory/CPU/pids cgroup limits (rootless hosts)."),
+        click.option("--cloud", type=click.Choice(CLOUDS), default=DEFAULT_CLOUD, show_default=True,
+                     help="The cloud to rehearse: security-module device, document shape, chain, PCRs."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -131,10 +134,10 @@ def console_command(enclave_id: int) -> None:
 
 @_errors
 def _run(eif: str, *, cpus: int, mem: int, cid: int | None, debug_mode: bool, attach_console: bool,
-         parent_role: str | None, instance_id: str | None, no_limits: bool) -> None:
+         parent_role: str | None, instance_id: str | None, no_limits: bool, cloud: str) -> None:
     options = RunOptions(eif, cpus=cpus, memory_mib=mem, cid=cid, debug=debug_mode or attach_console,
                          attach_console=attach_console, parent_role=parent_role, instance_id=instance_id,
-                         no_limits=no_limits)
+                         no_limits=no_limits, cloud=cloud)
     started = Manager().start(options)
     emit_json(started.summary)
     if not attach_console:

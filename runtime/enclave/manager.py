@@ -80,6 +80,7 @@ class RunOptions:
     parent_role: str | None = None
     instance_id: str | None = None
     no_limits: bool = False
+    cloud: str = "qingtian"
 
 
 @dataclass
@@ -158,7 +159,8 @@ class Manager:
             write_record(directory, EnclaveRecord(
                 enclave_id=enclave_id, cid=cid, cpus=options.cpus, memory_mib=options.memory_mib,
                 debug=options.debug or options.attach_console, eif_path=eif, parent_role=options.parent_role,
-                instance_id=options.instance_id, no_limits=options.no_limits, pki_state_dir=pki_dir,
+                instance_id=options.instance_id, no_limits=options.no_limits, cloud=options.cloud,
+                pki_state_dir=pki_dir,
                 leaf_name=f"enclave-{enclave_id}-{token}", sandbox_name=f"enclave-{enclave_id}-{token}"))
         return directory, lock_fd
 

@@ -11,7 +11,7 @@ Location: ``$QTBUILD_RUNTIME_DIR``, else ``/run/qtbuild`` for root, else
         record.json                    the :class:`EnclaveRecord` (replaced atomically)
         alive.lock                     flock(2)ed by the supervisor for its whole life
         supervisor.log                 the supervisor's diagnostics
-        qtsm.sock                      the security module (bound at /dev/qtsm and /dev/nsm inside)
+        qtsm.sock                      the security module (bound at the cloud's /dev/qtsm or /dev/nsm)
         console.sock                   the debug console (debug mode only)
         root/                          the enclave's memory: the unpacked ramdisks (a tmpfs as root)
 
@@ -188,6 +188,7 @@ class EnclaveRecord:
     parent_role: str | None = None
     instance_id: str | None = None
     no_limits: bool = False
+    cloud: str = "qingtian"
     pki_state_dir: str = ""
     leaf_name: str = ""
     sandbox_name: str = ""
@@ -214,6 +215,7 @@ class EnclaveRecord:
         if document["Status"] in (STOPPED, OOM) and self.exit_signal is not None:
             document["Signal"] = self.exit_signal
         document["EifPath"] = self.eif_path
+        document["Cloud"] = self.cloud
         if self.measurements is not None:
             document["Measurements"] = self.measurements
         return document

@@ -10,8 +10,8 @@ The supervisor plays the hypervisor and the enclave's init:
 
 1. as root, enter a private mount namespace (the enclave memory then vanishes with it);
 2. load the image (:mod:`qtbuild.runtime.enclave.loader`: checks, PCRs, unpack into memory);
-3. serve the security module on ``D/qtsm.sock`` (boot PCRs from the image, ``--parent-role``,
-   ``--instance-id``; zeros in debug mode; signer from the local PKI) and, in debug mode, the
+3. serve the security module on ``D/qtsm.sock`` (the cloud profile's boot PCRs from the image,
+   ``--parent-role``, ``--instance-id``; zeros in debug mode; its chain of the local PKI) and, in debug mode, the
    console (:mod:`qtbuild.runtime.enclave.console`) on ``D/console.sock``;
 4. start the application in its sandbox (:mod:`qtbuild.runtime.enclave.plan`); ``start_sandbox``
    returns once the application has been exec'd in its namespaces: that is "Running";
@@ -33,17 +33,17 @@ the application's output, from its first byte, is also copied to fd C until it e
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
-import secrets
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from qtbuild.runtime.qtsm.device import SecurityModule, boot_pcrs, make_module_id
+from qtbuild.runtime.qtsm.clouds import machine_seed
+from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
+from qtbuild.runtime.qtsm.device import SecurityModule
 from qtbuild.runtime.qtsm.pki import LocalPki
 from qtbuild.runtime.qtsm.server import serve_device
 from qtbuild.runtime.sandbox import SandboxError, SandboxExit, start_sandbox
@@ -138,9 +138,11 @@ class Supervisor:
     def _serve_security_module(self, image: LoadedImage) -> None:
         record = self.record
         pki = LocalPki.load(record.pki_state_dir)
-        pcrs = boot_pcrs(image.measurements, parent_role=record.parent_role, instance_id=record.instance_id)
-        device = SecurityModule(pcrs, debug=record.debug, signer=pki.signer(record.leaf_name),
-                                module_id=make_module_id(record.leaf_name, _parent_id(record.instance_id)))
+        cloud = cloud_profile(record.cloud)
+        parent_id = cloud.parent_id(record.instance_id, machine_seed())
+        pcrs = cloud.boot_pcrs(image.measurements, parent_id=parent_id, parent_role=record.parent_role)
+        device = SecurityModule(pcrs, debug=record.debug, signer=pki.signer(record.leaf_name, cloud.name),
+                                module_id=cloud.module_id(record.leaf_name, parent_id), profile=cloud)
         self.qtsm = serve_device(device, self.directory.qtsm_socket)
         if self.as_root:  # the application's user must be able to connect (the path is ours alone)
             os.chown(self.directory.qtsm_socket, image.launch.uid, image.launch.gid)
@@ -253,19 +255,6 @@ def _private_mount_namespace() -> None:
     the host and goes away with this process and its sandbox.  Must run before any thread."""
     unshare(CLONE_NEWNS)
     mount(None, "/", None, MS_REC | MS_PRIVATE)
-
-
-def _parent_id(instance_id: str | None) -> str:
-    """The parent instance id in module ids: ``--instance-id`` when given and short enough,
-    else ``i-`` and 17 hex digits derived from this machine's id."""
-    if instance_id and len(instance_id) <= 64:
-        return instance_id
-    try:
-        with open("/etc/machine-id", "rb") as handle:
-            seed = handle.read(64)
-    except OSError:
-        seed = secrets.token_bytes(16)
-    return "i-" + hashlib.sha256(b"qtbuild-parent:" + seed).hexdigest()[:17]
 
 
 def _copy_to_fd(ring: RingBuffer, fd: int) -> None:
