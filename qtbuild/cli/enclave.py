@@ -79,7 +79,7 @@ def _run_options(function):
 @click.argument("eif", type=click.Path(dir_okay=False))
 @_run_options
 def run_command(eif: str, **options) -> None:
-    """Run the enclave image EIF locally (built with the local boot profile).
+    """Run the enclave image EIF locally (local or hardware boot profile: the same file you deploy).
 
     Parent-side tools reach local enclaves through the emulated vsock root <runtime dir>/vsock,
     e.g. QTBUILD_VSOCK_DIR=/run/qtbuild/vsock QTBUILD_VSOCK_TRANSPORT=emulated qtbuild proxy ...

@@ -180,6 +180,8 @@ class Manager:
         console = os.fdopen(console_read, "rb", buffering=0) if attach else None
         message = _first_message(status, START_TIMEOUT)
         if message is not None and "ready" in message:
+            for note in getattr(read_record(directory), "notes", []):
+                self.notify(note)
             return Started(message["ready"], console, status)
         status.close()
         if console is not None:

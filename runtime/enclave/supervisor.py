@@ -53,7 +53,7 @@ from qtbuild.runtime.sdk import vsock
 from . import resources
 from .console import ConsoleServer, RingBuffer, pump
 from .errors import EnclaveError
-from .loader import LoadedImage, load_image
+from .loader import HARDWARE_BOOT, HARDWARE_NOTE, LoadedImage, load_image
 from .plan import sandbox_spec
 from .state import (
     OOM,
@@ -131,6 +131,8 @@ class Supervisor:
         image = load_image(record.eif_path, self.directory.root, memory_bytes=record.memory_mib << 20,
                            use_tmpfs=self.as_root, preserve_owner=self.as_root)
         record.measurements = image.measurements.nitro()["Measurements"]
+        if image.boot == HARDWARE_BOOT:
+            record.notes.append(HARDWARE_NOTE)
         write_record(self.directory, record)
         resources.prepare_vsock(self.vsock_root, record.cid, image.launch.uid, image.launch.gid)
         return image

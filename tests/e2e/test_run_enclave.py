@@ -28,7 +28,9 @@ import cbor2
 import pytest
 
 from qtbuild.convert.pipeline import ConvertOptions, convert
-from qtbuild.formats.eif import EifReader
+from qtbuild.formats.cpio import CpioArchive, CpioEntry, iter_archive
+from qtbuild.formats.eif import EifReader, SectionType
+from qtbuild.formats.eif_writer import write_eif
 from qtbuild.formats.measure import ZERO_PCR, extend
 from qtbuild.inspect.describe import inspect_image
 from qtbuild.runtime.enclave import Manager, RuntimeDir
@@ -174,14 +176,14 @@ def make_eif(base_layer, tmp_path_factory):
     """``make_eif(name, script, signer=None)``: an EIF running ``/bin/sh /app.sh``."""
     workdir = tmp_path_factory.mktemp("eifs")
 
-    def make(name: str, script: str, *, signer=None) -> str:
+    def make(name: str, script: str, *, signer=None, blobs: str | None = None) -> str:
         app = tmp_path_factory.mktemp("app")
         (app / "app.sh").write_text(script + "\n")
         layout = workdir / f"{name}-layout"
         config = default_config(cmd=["/bin/sh", "/app.sh"], env=["PATH=/bin", "FOO=bar"])
         write_oci_layout(layout, [base_layer, _layer(app)], config, compression=None)
         output = workdir / f"{name}.eif"
-        convert(f"oci:{layout}:latest", ConvertOptions(output=str(output), quiet=True, signer=signer))
+        convert(f"oci:{layout}:latest", ConvertOptions(output=str(output), quiet=True, signer=signer, blobs=blobs))
         return str(output)
 
     return make
@@ -444,6 +446,65 @@ def test_security_module_answers_and_its_document_verifies(make_eif, runtime_dir
     separator = "-enc" if cloud == "nitro" else ".enc-"
     assert verified.module_id.startswith(instance_id + separator)
     assert wait_ended(summary["EnclaveID"])["ExitCode"] == 0
+
+
+def fake_blobs(directory: Path) -> Path:
+    """A blob set shaped like nitro-cli's (bzImage, cmdline, init, nsm.ko): never executed here."""
+    directory.mkdir(exist_ok=True)
+    (directory / "bzImage").write_bytes(b"\0" * 0x202 + b"HdrS" + b"not a bootable kernel" * 64)
+    (directory / "cmdline").write_text("reboot=k panic=30 pci=off nomodules console=ttyS0 random.trust_cpu=on\n")
+    (directory / "init").write_bytes(b"\x7fELF bootstrap init, never run locally")
+    (directory / "nsm.ko").write_bytes(b"\x7fELF nsm module")
+    return directory
+
+
+def nitro_cli_layout(source_eif: str, output: Path) -> str:
+    """The image nitro-cli would make of the same files: linuxkit-style customer ramdisk with
+    rootfs/, cmd and env but no launch.json, after the blobs' bootstrap ramdisk."""
+    with EifReader.open(source_eif) as reader:
+        kernel = reader.read_section(reader.sections_of(SectionType.KERNEL)[0], max_size=1 << 20)
+        cmdline = reader.read_section(reader.sections_of(SectionType.CMDLINE)[0], max_size=4096)
+        bootstrap, customer = (reader.read_section(section, max_size=64 << 20) for section in reader.ramdisks)
+    entries = []
+    for member, data in iter_archive(io.BytesIO(customer)):
+        if member.path == b"launch.json":
+            continue
+        content = data.read() if member.is_file else None
+        entries.append(CpioEntry(member.path, member.mode, member.uid, member.gid, member.mtime,
+                                 size=len(content) if content is not None else 0, data=content,
+                                 link_target=member.link_target, rdev=member.rdev))
+    assert {entry.path for entry in entries} >= {b"cmd", b"env", b"rootfs"}
+    write_eif(output, kernel=kernel, cmdline=cmdline, ramdisks=[bootstrap, b"".join(CpioArchive(entries).chunks())],
+              metadata=None, arch="x86_64")
+    return str(output)
+
+
+@pytest.mark.parametrize("cloud", ["nitro", "qingtian"])
+def test_hardware_profile_images_run_and_attest_the_files_pcrs(make_eif, runtime_dir, tmp_path, cloud):
+    """`convert --blobs` images and nitro-cli-layout images run; a document requested inside
+    carries the file's measurements as `describe` prints them, per cloud."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("the fake blob set is an x86_64 bzImage")
+    device = "/dev/nsm" if cloud == "nitro" else "/dev/qtsm"
+    script = f"qttool qtsm {device} {ATTEST} | qttool vsock 3 7000"
+    ours = make_eif(f"hw-{cloud}", script, blobs=str(fake_blobs(tmp_path / "blobs")))
+    theirs = nitro_cli_layout(ours, tmp_path / "nitro-cli.eif")
+    for eif in (ours, theirs):
+        described = json.loads(qtbuild("describe", eif).stdout)["Measurements"]
+        with vsock.listen(7000, config=parent_config(runtime_dir)) as listener:
+            done = qtbuild("run", eif, "--mem", "128", "--cloud", cloud)
+            assert done.returncode == 0, done.stderr
+            assert "hardware-profile image" in done.stderr
+            attestation = cbor2.loads(bytes.fromhex(receive(listener).decode()))
+        pki = LocalPki.load(os.environ["QTBUILD_STATE_DIR"])
+        verified = verify_document(attestation["Attestation"]["document"], roots=[pki.root_certificate])
+        reported = {index: verified.pcrs[index].hex() for index in (0, 1, 2)}
+        if cloud == "nitro":
+            assert reported == {index: described[f"PCR{index}"] for index in (0, 1, 2)}
+        else:
+            assert reported == {0: described["PCR0"], 1: ZERO_PCR.hex(), 2: ZERO_PCR.hex()}
+        assert verified.pcrs[4] != ZERO_PCR and verified.encoding == cloud
+        wait_ended(json.loads(done.stdout)["EnclaveID"])
 
 
 def test_debug_mode_attests_zero_pcrs(make_eif, runtime_dir):
