@@ -111,9 +111,9 @@ def test_nitro_character_device_is_second(paths, device):
 def test_hardware_devices_win_over_local_sockets(paths, device):
     qtsm_path, nsm_path = paths
     character_device(nsm_path)
-    with serve_device(device, qtsm_path):  # an emulation socket at /dev/qtsm, a Nitro device at /dev/nsm
-        with Qtsm(ioctl=Driver(device), load_library=no_library) as client:
-            assert isinstance(client.transport, NitroTransport)
+    # an emulation socket at /dev/qtsm, a Nitro device at /dev/nsm
+    with serve_device(device, qtsm_path), Qtsm(ioctl=Driver(device), load_library=no_library) as client:
+        assert isinstance(client.transport, NitroTransport)
 
 
 def test_local_emulation_is_last(paths, device):
