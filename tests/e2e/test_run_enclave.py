@@ -21,6 +21,8 @@ import tarfile
 import tempfile
 import threading
 import time
+import urllib.error
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from qtbuild.formats.eif_writer import write_eif
 from qtbuild.formats.measure import ZERO_PCR, extend
 from qtbuild.inspect.describe import inspect_image
 from qtbuild.runtime.enclave import Manager, RuntimeDir
-from qtbuild.runtime.proxy import AllowEntry, Proxy, ProxyConfig, Route
+from qtbuild.runtime.proxy import AllowEntry, InboundAllow, InboundRoute, Proxy, ProxyConfig, Route
 from qtbuild.runtime.qtsm.pki import LocalPki
 from qtbuild.runtime.sdk import vsock
 from qtbuild.runtime.verifier.attestation import verify_document
@@ -127,11 +129,47 @@ static int qtsm(const char *device, const char *hex) {
     return 0;
 }
 
+/* serve PORT: listen on the enclave's emulated vsock PORT; answer each connection's HTTP request
+   with "hello from the enclave <path>" (HTTP/1.0), forever. */
+static int serve(const char *port) {
+    const char *root = getenv("QTBUILD_VSOCK_DIR"), *own = getenv("QTBUILD_VSOCK_CID");
+    if (!root || !own) { printf("vsock env missing\n"); return 2; }
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    snprintf(addr.sun_path, sizeof addr.sun_path, "%s/%s/%s.sock", root, own, port);
+    unlink(addr.sun_path);
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(fd, 16) < 0) {
+        printf("listen errno=%d\n", errno);
+        return 3;
+    }
+    printf("serving\n");
+    for (;;) {
+        int c = accept(fd, 0, 0);
+        if (c < 0) continue;
+        unsigned char header[12];
+        char request[4096] = {0}, target[256] = "/", body[512], response[1024];
+        if (read_full(c, header, 12) != 12 || memcmp(header, "QTv1", 4)) { close(c); continue; }
+        size_t got = 0;
+        while (got < sizeof request - 1 && !strstr(request, "\r\n\r\n")) {
+            ssize_t n = read(c, request + got, sizeof request - 1 - got);
+            if (n <= 0) break;
+            got += n;
+        }
+        sscanf(request, "GET %255s", target);
+        int length = snprintf(body, sizeof body, "hello from the enclave %s", target);
+        int size = snprintf(response, sizeof response,
+                            "HTTP/1.0 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", length, body);
+        write_all(c, (const unsigned char *)response, size);
+        close(c);
+    }
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
+    if (argc == 3 && !strcmp(argv[1], "serve")) return serve(argv[2]);
     if (argc == 4 && !strcmp(argv[1], "vsock")) return vsock_pipe(argv[2], argv[3]);
     if (argc == 4 && !strcmp(argv[1], "qtsm")) return qtsm(argv[2], argv[3]);
-    fprintf(stderr, "usage: qttool vsock CID PORT | qtsm DEVICE HEX\n");
+    fprintf(stderr, "usage: qttool vsock CID PORT | qtsm DEVICE HEX | serve PORT\n");
     return 64;
 }
 """
@@ -406,6 +444,39 @@ def test_parent_services_only_through_vsock_proxy_and_allowlist(make_eif, runtim
     assert "denied done" in output and "ping-denied" not in output
     assert "tcp errno=111" in output  # the same service, directly: unreachable
     assert said_hello == [summary["EnclaveCID"]]
+
+
+def test_a_parent_client_reaches_a_server_inside_a_running_enclave(make_eif, runtime_dir):
+    """Inbound: parent TCP listener (qtbuild proxy --inbound) → the enclave's vsock port → a
+    server inside the running enclave; the inbound allowlist refuses an unlisted port."""
+    summary = start(make_eif("inbound", "exec qttool serve 5005"))
+    cid = summary["EnclaveCID"]
+    port, denied_port = free_tcp_port(), free_tcp_port()
+    config = ProxyConfig((), inbound=(InboundRoute(port, cid, 5005), InboundRoute(denied_port, cid, 5006)),
+                         inbound_allowlist=(InboundAllow(cid, 5005),))
+    proxy = ProxyThread(config, parent_config(runtime_dir))
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/accounts", timeout=10) as response:
+                    answer = response.read().decode()
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, "the enclave's server never answered"
+                time.sleep(0.1)
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{denied_port}/", timeout=10)
+    finally:
+        proxy.close()
+    assert answer == "hello from the enclave /accounts"
+    assert query(summary["EnclaveID"])["Status"] == "Running"
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 # -- the security module -------------------------------------------------------------------------
