@@ -81,6 +81,8 @@ class RunOptions:
     instance_id: str | None = None
     no_limits: bool = False
     cloud: str = "qingtian"
+    name: str = ""
+    cpu_ids: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -160,6 +162,7 @@ class Manager:
                 enclave_id=enclave_id, cid=cid, cpus=options.cpus, memory_mib=options.memory_mib,
                 debug=options.debug or options.attach_console, eif_path=eif, parent_role=options.parent_role,
                 instance_id=options.instance_id, no_limits=options.no_limits, cloud=options.cloud,
+                name=options.name, cpu_ids=list(options.cpu_ids) if options.cpu_ids is not None else None,
                 pki_state_dir=pki_dir,
                 leaf_name=f"enclave-{enclave_id}-{token}", sandbox_name=f"enclave-{enclave_id}-{token}"))
         return directory, lock_fd
@@ -191,6 +194,15 @@ class Manager:
         raise error
 
     # -- query ------------------------------------------------------------------------------
+
+    def records(self) -> list[tuple[EnclaveRecord, str]]:
+        """Every enclave's record with its observed status, by id."""
+        return [(record, observed_status(directory, record)) for directory, record in self._entries()
+                if record is not None]
+
+    def record(self, enclave_id: int) -> EnclaveRecord:
+        """The record of ``enclave_id`` (unknown → error)."""
+        return self._find(enclave_id)[1]
 
     def query(self, enclave_id: int | None = None) -> list[dict]:
         """Every enclave's public record (or only ``enclave_id``'s; unknown → error)."""

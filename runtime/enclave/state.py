@@ -189,6 +189,8 @@ class EnclaveRecord:
     instance_id: str | None = None
     no_limits: bool = False
     cloud: str = "qingtian"
+    name: str = ""
+    cpu_ids: list[int] | None = None
     pki_state_dir: str = ""
     leaf_name: str = ""
     sandbox_name: str = ""

@@ -587,6 +587,36 @@ def test_debug_mode_attests_zero_pcrs(make_eif, runtime_dir):
                     expect_pcrs={0: ZERO_PCR, 8: ZERO_PCR})
 
 
+def test_nitro_cli_spellings_and_shapes(make_eif, runtime_dir, tmp_path):
+    """--cloud nitro: nitro-cli's option names, run-enclave / describe-enclaves /
+    terminate-enclave JSON, lookups by nitro EnclaveID and name, console --disconnect-timeout,
+    run-enclave --config JSON, and nitro-cli's error codes."""
+    eif = make_eif("nitro-shapes", "echo console-line; exec sleep 120")
+    done = qtbuild("run", "--eif-path", eif, "--cloud", "nitro", "--memory", "128", "--cpu-ids", "0,1",
+                   "--enclave-name", "bank", "--debug-mode", "--instance-id", "i-0761a4cbcc7632aef")
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)
+    assert list(run) == ["EnclaveName", "EnclaveID", "ProcessID", "EnclaveCID", "NumberOfCPUs", "CPUIDs", "MemoryMiB"]
+    assert run["EnclaveName"] == "bank" and run["CPUIDs"] == [0, 1] and run["NumberOfCPUs"] == 2
+    assert run["EnclaveID"].startswith("i-0761a4cbcc7632aef-enc")
+    described = json.loads(qtbuild("enclave", "query", "--enclave-id", run["EnclaveID"]).stdout)
+    assert len(described) == 1 and described[0]["State"] == "RUNNING" and described[0]["Flags"] == "DEBUG_MODE"
+    assert described[0]["Measurements"]["PCR0"] == image_pcrs(eif).pcr0.hex()
+    qt_view = json.loads(qtbuild("enclave", "query", "--enclave-name", "bank", "--format", "qingtian").stdout)
+    assert qt_view[0]["Cloud"] == "nitro" and isinstance(qt_view[0]["EnclaveID"], int)
+    console = qtbuild("enclave", "console", "--enclave-name", "bank", "--disconnect-timeout", "1")
+    assert console.returncode == 0 and "console-line" in console.stdout
+    stopped = json.loads(qtbuild("enclave", "stop", "--enclave-id", run["EnclaveID"]).stdout)
+    assert stopped == {"EnclaveName": "bank", "EnclaveID": run["EnclaveID"], "Terminated": True}
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"eif_path": eif, "cpu_count": 2, "memory_mib": 1, "enclave_name": "x"}))
+    refused = qtbuild("run", "--config", str(config), "--cloud", "nitro")
+    assert refused.returncode == 2 and refused.stderr.startswith("qtbuild: error: [E26] ")
+    assert qtbuild("run", "--config", str(config)).stderr.startswith("qtbuild: error: [E10] ")
+    clash = qtbuild("run", "--config", str(config), "--memory", "256")
+    assert clash.returncode == 2 and "--config replaces" in clash.stderr
+
+
 # -- refusals ------------------------------------------------------------------------------------
 
 def test_an_expired_signing_certificate_is_refused(make_eif, runtime_dir):
