@@ -502,7 +502,8 @@ def test_security_module_answers_and_its_document_verifies(make_eif, runtime_dir
         f"qttool qtsm {device} {ATTEST} | qttool vsock 3 7000",
     ]), signer=signer)
     with vsock.listen(7000, config=parent_config(runtime_dir)) as listener:
-        summary = start(eif, "--parent-role", "bank-role", "--instance-id", instance_id, "--cloud", cloud)
+        summary = start(eif, "--parent-role", "bank-role", "--instance-id", instance_id, "--cloud", cloud,
+                        "--format", "qingtian")
         describe = cbor2.loads(bytes.fromhex(receive(listener).decode()))
         attestation = cbor2.loads(bytes.fromhex(receive(listener).decode()))
     assert summary["LaunchMode"] == "normal"
@@ -563,7 +564,7 @@ def test_hardware_profile_images_run_and_attest_the_files_pcrs(make_eif, runtime
     for eif in (ours, theirs):
         described = json.loads(qtbuild("describe", eif).stdout)["Measurements"]
         with vsock.listen(7000, config=parent_config(runtime_dir)) as listener:
-            done = qtbuild("run", eif, "--mem", "128", "--cloud", cloud)
+            done = qtbuild("run", eif, "--mem", "128", "--cloud", cloud, "--format", "qingtian")
             assert done.returncode == 0, done.stderr
             assert "hardware-profile image" in done.stderr
             attestation = cbor2.loads(bytes.fromhex(receive(listener).decode()))
