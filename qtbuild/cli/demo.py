@@ -12,7 +12,9 @@ from qtbuild.cli.app import EXIT_CHECK_FAILED
 @click.command("demo")
 @click.argument("name", type=click.Choice(["hello", "bank-card"]), default="bank-card")
 @click.option("--keep", is_flag=True, help="Keep the demo's working directory (logs, images, keys).")
-def command(name: str, keep: bool) -> None:
+@click.option("--cloud", type=click.Choice(["qingtian", "nitro"]), default="qingtian", show_default=True,
+              help="The cloud profile the enclaves rehearse (security module, document shape, chain).")
+def command(name: str, keep: bool, cloud: str) -> None:
     """Run a sample end to end with step-by-step output; everything started is stopped again.
 
     hello: build, convert, run in debug mode, read the console, stop.  bank-card: the seed
@@ -22,7 +24,7 @@ def command(name: str, keep: bool) -> None:
     from qtbuild.demo import DEMOS, DemoError
 
     try:
-        DEMOS[name](keep=keep)
+        DEMOS[name](keep=keep, cloud=cloud)
     except DemoError as exc:
         click.echo(f"qtbuild: demo {name} failed: {exc}", err=True)
         raise SystemExit(EXIT_CHECK_FAILED) from None
