@@ -45,11 +45,11 @@ def issue_document(
         raise IssueError("a debug-mode document has all-zero PCRs 0..15: drop --pcr 0..15 or --debug")
     document_pcrs = {index: ZERO_PCR for index in range(BOOT_PCRS)}
     document_pcrs.update(given)
-    for name, value, maximum in (("user_data", user_data, cloud.limits.max_user_data),
+    for name, field, maximum in (("user_data", user_data, cloud.limits.max_user_data),
                                  ("nonce", nonce, cloud.limits.max_nonce),
                                  ("public_key", public_key, cloud.limits.max_public_key)):
-        if value is not None and len(value) > maximum:
-            raise IssueError(f"{name}: {len(value)} bytes, over the {cloud.title} limit of {maximum} bytes")
+        if field is not None and len(field) > maximum:
+            raise IssueError(f"{name}: {len(field)} bytes, over the {cloud.title} limit of {maximum} bytes")
     parent_id = cloud.parent_id(instance_id, machine_seed())
     module_id = cloud.module_id(f"{ISSUER_NAME}-{time.monotonic_ns()}", parent_id)
     fields = AttestationFields(module_id, int(clock() * 1000), document_pcrs, user_data, nonce, public_key)

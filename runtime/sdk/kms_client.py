@@ -293,7 +293,7 @@ class KmsClient:
             missing = [ENV[name][0] for name, value in values.items() if not value]
             if missing:
                 raise ValueError(f"no KMS credentials: set {' and '.join(missing)} (or pass credentials=)")
-            credentials = Credentials(values["access_key"], values["secret_key"], "")
+            credentials = Credentials(values["access_key"] or "", values["secret_key"] or "", "")
         project = project_id or credentials.project_id or _env(environ, "project_id")
         if not project:
             raise ValueError("no project id: pass project_id= or set KMS_PROJECT_ID")

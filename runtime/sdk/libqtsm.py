@@ -89,6 +89,7 @@ class LibQtsmTransport:
         """One CBOR request → the CBOR response the schema defines (errors as ``{"Error": …}``)."""
         try:
             request = cbor2.loads(payload)
+            body: object
             if isinstance(request, str):
                 name, body = request, {}
             elif isinstance(request, dict) and len(request) == 1:

@@ -192,7 +192,7 @@ def _recv_exact(connection: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def open_transport(path: str | None = None, *, timeout: float = 10.0, ioctl=fcntl.ioctl,
+def open_transport(path: str | os.PathLike | None = None, *, timeout: float = 10.0, ioctl=fcntl.ioctl,
                    load_library=None):
     """The transport for ``path``, or the first device found in the order of the module
     docstring.  ``ioctl`` and ``load_library`` (() -> a libqtsm handle or None; default
