@@ -24,5 +24,7 @@ from .qtsm import Qtsm, QtsmError
 from .recipient import RecipientKey
 from .vsock import connect, listen
 
-__all__ = ["AwsCredentials", "AwsKmsClient", "Credentials", "KmsClient", "Qtsm", "QtsmError", "RecipientKey", "connect", "listen", "open_envelope",
-           "tcp_transport", "vsock_transport"]
+__all__ = [
+    "AwsCredentials", "AwsKmsClient", "Credentials", "KmsClient", "Qtsm", "QtsmError",
+    "RecipientKey", "connect", "listen", "open_envelope", "tcp_transport", "vsock_transport",
+]
