@@ -336,7 +336,8 @@ def _run_job(env: BankCardEnv, eif: Path, *, debug: bool = False, cloud: str = "
     try:
         s3 = _s3(env.store_endpoint)
         job = {
-            "kms": {"vsock_port": KMS_VSOCK_PORT, "access_key": env.enclave_credentials["access_key"],
+            "kms": {"vsock_port": KMS_VSOCK_PORT, "endpoint": env.kms_endpoint,
+                    "access_key": env.enclave_credentials["access_key"],
                     "secret_key": env.enclave_credentials["secret_key"], "project_id": env.project_id, "key_id": env.key_id},
             "object_store": {"vsock_port": STORE_VSOCK_PORT},
             "download_url": s3.generate_presigned_url("get_object", Params={"Bucket": "bucket1", "Key": "cards.ct"}, ExpiresIn=300),
