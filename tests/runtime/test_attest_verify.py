@@ -444,6 +444,9 @@ def test_cli_pki(tmp_path):
     assert code == 0 and out.strip() == fingerprint_line and "--force" in err
     code, out, _ = run(pki_cli.command, "show", *state)
     assert code == 0 and fingerprint_line in out
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["root", "region", "grid", "instance"]
+    code, out, _ = run(pki_cli.command, "show", *state, "--cloud", "nitro")
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["root", "region", "zone", "instance"]
     code, out, _ = run(pki_cli.command, "show", *state, "--json")
     assert json.loads(out)["root_fingerprint"] == fingerprint_line
     assert len(json.loads(out)["chain"]) == 4
