@@ -14,6 +14,7 @@ image PCRs          PCR0 (PCR1/PCR2 stay zero)                  PCR0, PCR1, PCR2
 always measured     PCR4 = extend(parent instance UUID)         PCR4 = extend(parent instance id)
 when given          PCR3 = extend(role / agency), PCR8          PCR3 = extend(role ARN), PCR8
 output shapes       qt's JSON                                   nitro-cli's JSON
+response size       ≤ 0x6000 bytes (libqtsm's buffer)           ≤ 0x3000 bytes (NSM_RESPONSE_MAX_SIZE)
 ==================  ==========================================  ==========================================
 
 Short-lived certificates are re-issued by :class:`~qtbuild.runtime.qtsm.pki.LocalPki` before they
@@ -67,6 +68,9 @@ class CloudProfile:
     image_pcrs: tuple[int, ...]
     #: JSON shapes the enclave commands print by default ("qingtian": qt, "nitro": nitro-cli).
     output_format: str
+    #: Largest response the device returns (libqtsm's QTSM_RESPONSE_MAX_SIZE 0x6000; Nitro's
+    #: NSM_RESPONSE_MAX_SIZE 0x3000); requests are bounded at 0x1000 on both.
+    max_response: int = 0x3000
 
     def parent_id(self, instance_id: str | None, machine_id: bytes) -> str:
         """The parent instance id as this cloud writes it: ``instance_id`` when it has the
@@ -119,6 +123,7 @@ QINGTIAN_PROFILE = CloudProfile(
     leaf_authority_key_id=True,
     image_pcrs=(0,),
     output_format="qingtian",
+    max_response=0x6000,
 )
 NITRO_PROFILE = CloudProfile(
     name="nitro",

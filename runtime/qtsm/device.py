@@ -36,7 +36,6 @@ from cryptography.hazmat.primitives import serialization
 from qtbuild.formats.attestation import (
     MAX_PCRS,
     MAX_REQUEST_SIZE,
-    MAX_RESPONSE_SIZE,
     Attestation,
     AttestationDocument,
     DescribeNSM,
@@ -139,7 +138,7 @@ class SecurityModule:
         except Exception:  # a device answers, it never crashes
             log.exception("security module %s: internal error", self.module_id)
             return encode_error(ErrorCode.INTERNAL_ERROR)
-        if len(response) > MAX_RESPONSE_SIZE:
+        if len(response) > self.profile.max_response:
             return encode_error(ErrorCode.BUFFER_TOO_SMALL)
         return response
 

@@ -166,14 +166,17 @@ class SocketTransport:
     def __init__(self, path: str, *, timeout: float = 10.0) -> None:
         self.path, self.timeout = path, timeout
 
+    #: The local device may play either cloud: QingTian's responses go up to 0x6000 bytes.
+    response_size = QTSM_RESPONSE_MAX_SIZE
+
     def request(self, payload: bytes) -> bytes:
-        """One request → its raw response bytes (at most MAX_RESPONSE_SIZE)."""
+        """One request → its raw response bytes (at most ``response_size``)."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
             connection.settimeout(self.timeout)
             connection.connect(self.path)
             connection.sendall(_HEADER.pack(len(payload)) + payload)
             (length,) = _HEADER.unpack(_recv_exact(connection, _HEADER.size))
-            if length > MAX_RESPONSE_SIZE:
+            if length > self.response_size:
                 raise QtsmError("InvalidResponse", f"response of {length} bytes")
             return _recv_exact(connection, length)
 

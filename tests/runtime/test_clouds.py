@@ -278,3 +278,18 @@ def test_attest_issue_and_verify_cli(tmp_path, monkeypatch):
     refused = runner.invoke(attest_cli.command, ["issue", "--user-data", str(tmp_path / "big"),
                                                  "-o", str(tmp_path / "x.doc")])
     assert refused.exit_code == 2 and "user_data" in refused.output and not (tmp_path / "x.doc").exists()
+
+
+def test_response_size_limit_per_cloud(pki):
+    """A response between Nitro's 0x3000 and libqtsm's 0x6000 bytes: QingTian returns it, Nitro
+    answers BufferTooSmall (as NSM_RESPONSE_MAX_SIZE makes the real NSM do)."""
+    key, _, _ = pki.signer("big", "nitro")()
+    bulky = (lambda: (key, b"\x30" * 4000, [b"\x30" * 4000] * 3))
+    request = cbor2.dumps({"Attestation": {"user_data": b"u" * 512}})
+    for spec, fits in ((QINGTIAN_PROFILE, True), (NITRO_PROFILE, False)):
+        device = SecurityModule({0: b"\x01" * 48}, debug=False, signer=bulky, module_id="m", profile=spec)
+        response = cbor2.loads(device.handle(request))
+        if fits:
+            assert 0x3000 < len(response["Attestation"]["document"]) <= 0x6000
+        else:
+            assert response == {"Error": "BufferTooSmall"}
