@@ -284,7 +284,10 @@ def test_response_size_limit_per_cloud(pki):
     """A response between Nitro's 0x3000 and libqtsm's 0x6000 bytes: QingTian returns it, Nitro
     answers BufferTooSmall (as NSM_RESPONSE_MAX_SIZE makes the real NSM do)."""
     key, _, _ = pki.signer("big", "nitro")()
-    bulky = (lambda: (key, b"\x30" * 4000, [b"\x30" * 4000] * 3))
+
+    def bulky():
+        return key, b"\x30" * 4000, [b"\x30" * 4000] * 3
+
     request = cbor2.dumps({"Attestation": {"user_data": b"u" * 512}})
     for spec, fits in ((QINGTIAN_PROFILE, True), (NITRO_PROFILE, False)):
         device = SecurityModule({0: b"\x01" * 48}, debug=False, signer=bulky, module_id="m", profile=spec)
