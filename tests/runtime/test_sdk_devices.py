@@ -6,6 +6,7 @@ ioctl answering from a real local device; a compiled stand-in libqtsm.so)."""
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import stat
@@ -205,3 +206,53 @@ def test_libqtsm_is_used_when_it_loads(paths, fake_library, monkeypatch):
     library = load(fake_library)
     client.close()
     assert library.qtsm_exited() == 42
+
+
+# --------------------------------------------------------------------------- under bookworm's versions
+
+DETECTION_SCRIPT = r"""
+import ctypes, importlib.metadata, json, struct, sys
+import cbor2
+from qtbuild_sdk import Qtsm
+from qtbuild_sdk import qtsm as module
+
+module.DEFAULT_PATHS = (sys.argv[1], sys.argv[2])
+answer = cbor2.dumps({"GetRandom": {"random": b"r" * 256}})
+seen = []
+
+def ioctl(fd, code, message, mutate):
+    seen.append(code)
+    _, _, response_at, capacity = struct.unpack("=QQQQ", bytes(message))
+    ctypes.memmove(response_at, answer, len(answer))
+    ctypes.memmove(ctypes.addressof(message) + 24, struct.pack("=Q", len(answer)), 8)
+    return 0
+
+with Qtsm(ioctl=ioctl, load_library=lambda: None) as client:
+    kind, data = type(client.transport).__name__, client.get_random()
+print(json.dumps({"transport": kind, "random": len(data), "codes": seen,
+                  "versions": [importlib.metadata.version(n) for n in ("cryptography", "cbor2")]}))
+"""
+
+
+@needs_root
+def test_detection_under_bookworm_versions(paths, tmp_path):
+    """The exported SDK on cryptography 38 / cbor2 5.4 picks QingTian's character device and
+    drives it through the ioctl code path."""
+    from click.testing import CliRunner
+
+    from qtbuild.cli.sdk import command
+
+    compat = Path(__file__).resolve().parents[2] / ".venv-bookworm" / "bin" / "python"
+    if not compat.exists():
+        pytest.skip("no .venv-bookworm (bash scripts/install.sh creates it)")
+    assert CliRunner().invoke(command, ["export", str(tmp_path / "out")]).exit_code == 0
+    qtsm_path, nsm_path = paths
+    character_device(qtsm_path)
+    character_device(nsm_path)
+    done = subprocess.run([str(compat), "-c", DETECTION_SCRIPT, str(qtsm_path), str(nsm_path)], capture_output=True,
+                          text=True, timeout=60, env={"PYTHONPATH": str(tmp_path / "out")}, cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["transport"] == "QingTianTransport" and report["random"] == 256
+    assert report["codes"] == [qtsm_module.QTSM_IOCTL_REQUEST]
+    assert report["versions"][0].startswith("38.") and report["versions"][1].startswith("5.4.")
