@@ -45,6 +45,7 @@ from .envelope import EnvelopeError, open_envelope
 from .kms_client import (
     DEFAULT_TIMEOUT,
     MAX_RESPONSE_SIZE,
+    ConnectedClient,
     Endpoint,
     KmsClientError,
     KmsProtocolError,
@@ -111,7 +112,7 @@ def sigv4_sign(method: str, path: str, query: str, headers: Mapping[str, str], b
     return signed
 
 
-class AwsKmsClient:
+class AwsKmsClient(ConnectedClient):
     """AWS KMS calls over one kept-alive connection (see the module docstring)."""
 
     def __init__(self, credentials: AwsCredentials, region: str, *, endpoint: str | None = None,
@@ -143,15 +144,6 @@ class AwsKmsClient:
             credentials = AwsCredentials(access, secret, environ.get("AWS_SESSION_TOKEN") or None)
         return cls(credentials, region, endpoint=endpoint or environ.get("AWS_ENDPOINT_URL_KMS"), **options)
 
-    def close(self) -> None:
-        self._connection.close()
-
-    def __enter__(self) -> AwsKmsClient:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
     # ------------------------------------------------------------------ operations
 
     def encrypt(self, key_id: str, plaintext: bytes) -> bytes:
@@ -179,13 +171,6 @@ class AwsKmsClient:
         return self._plaintext(self._recipient_call("GenerateRandom", {"NumberOfBytes": number_of_bytes}))
 
     # ------------------------------------------------------------------ plumbing
-
-    @property
-    def recipient_key(self) -> RecipientKey:
-        with self._lock:
-            if self._recipient_key is None:
-                self._recipient_key = RecipientKey.generate()
-            return self._recipient_key
 
     def recipient(self) -> dict:
         """The ``Recipient`` request member: a fresh document over this client's public key."""

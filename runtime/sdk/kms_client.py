@@ -58,6 +58,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Self
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from .envelope import EnvelopeError, open_envelope
@@ -262,7 +263,32 @@ class Credentials:
         return f"Credentials(access_key={self.access_key!r}, project_id={self.project_id!r})"
 
 
-class KmsClient:
+class ConnectedClient:
+    """What the SDK's KMS clients share: one kept-alive connection (``_connection``), a lock,
+    and the recipient RSA key, generated on first use unless given (``_recipient_key``)."""
+
+    _connection: _Connection
+    _lock: threading.Lock
+    _recipient_key: RecipientKey | None
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @property
+    def recipient_key(self) -> RecipientKey:
+        with self._lock:
+            if self._recipient_key is None:
+                self._recipient_key = RecipientKey.generate()
+            return self._recipient_key
+
+
+class KmsClient(ConnectedClient):
     """Signed KMS calls over one kept-alive connection (see the module docstring)."""
 
     def __init__(self, transport: Transport, credentials: Credentials, *, host: str = "kms",
@@ -304,15 +330,6 @@ class KmsClient:
             ssl_context = None
         transport = transport or tcp_transport(where.hostname, where.port)
         return cls(transport, credentials, host=where.host_header, ssl_context=ssl_context, **options)
-
-    def close(self) -> None:
-        self._connection.close()
-
-    def __enter__(self) -> KmsClient:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
 
     # ------------------------------------------------------------------ data-plane calls
 
@@ -367,13 +384,6 @@ class KmsClient:
         return plaintext
 
     # ------------------------------------------------------------------ plumbing
-
-    @property
-    def recipient_key(self) -> RecipientKey:
-        with self._lock:
-            if self._recipient_key is None:
-                self._recipient_key = RecipientKey.generate()
-            return self._recipient_key
 
     def recipient(self) -> dict:
         """The ``recipient`` request field: a fresh document over this client's public key."""
