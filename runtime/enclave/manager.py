@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
 from qtbuild.runtime.qtsm.pki import LocalPki, PkiError, default_state_dir
 from qtbuild.runtime.sandbox.host import helper_env
 
@@ -125,6 +126,10 @@ class Manager:
         eif = os.path.abspath(options.eif)
         rules.check_resources(options.cpus, options.memory_mib, _file_size(eif), rules.available_cpus())
         rules.check_cid_range(options.cid)
+        try:
+            cloud_profile(options.cloud).check_instance_id(options.instance_id)
+        except ValueError as exc:
+            raise EnclaveError(f"--instance-id: {exc}", code=E_INVALID_ARGUMENT) from None
         pki_dir = self._ensure_pki()
         directory, lock_fd = self._reserve(options, eif, pki_dir)
         try:

@@ -72,6 +72,15 @@ class CloudProfile:
     #: NSM_RESPONSE_MAX_SIZE 0x3000); requests are bounded at 0x1000 on both.
     max_response: int = 0x3000
 
+    def check_instance_id(self, instance_id: str | None) -> None:
+        """ValueError unless ``instance_id`` (when given) has this cloud's shape: a UUID on
+        QingTian, ``i-`` and 17 hex digits on Nitro (PCR4 measures it as given)."""
+        if instance_id is None:
+            return
+        pattern, shape = (_NITRO_INSTANCE, "i- and 17 hex digits") if self.name == "nitro" else (_UUID, "a UUID")
+        if not pattern.fullmatch(instance_id.lower()):
+            raise ValueError(f"{self.title} parent instance ids are {shape}, not {instance_id!r}")
+
     def parent_id(self, instance_id: str | None, machine_id: bytes) -> str:
         """The parent instance id as this cloud writes it: ``instance_id`` when it has the
         cloud's shape, else one derived from it (or from ``machine_id``) deterministically."""

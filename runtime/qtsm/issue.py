@@ -50,6 +50,10 @@ def issue_document(
                                  ("public_key", public_key, cloud.limits.max_public_key)):
         if field is not None and len(field) > maximum:
             raise IssueError(f"{name}: {len(field)} bytes, over the {cloud.title} limit of {maximum} bytes")
+    try:
+        cloud.check_instance_id(instance_id)
+    except ValueError as exc:
+        raise IssueError(str(exc)) from None
     parent_id = cloud.parent_id(instance_id, machine_seed())
     module_id = cloud.module_id(f"{ISSUER_NAME}-{time.monotonic_ns()}", parent_id)
     fields = AttestationFields(module_id, int(clock() * 1000), document_pcrs, user_data, nonce, public_key)

@@ -229,6 +229,11 @@ def test_parent_and_module_ids():
     assert re.fullmatch(r"i-[0-9a-f]{17}", nitro_parent)
     assert NITRO_PROFILE.parent_id("i-0761a4cbcc7632aef", seed) == "i-0761a4cbcc7632aef"
     assert re.fullmatch(r"i-[0-9a-f]{17}-enc[0-9a-f]{16}", NITRO_PROFILE.module_id("e", nitro_parent))
+    QINGTIAN_PROFILE.check_instance_id(given)
+    NITRO_PROFILE.check_instance_id("i-0761a4cbcc7632aef")
+    for spec, wrong in ((QINGTIAN_PROFILE, "i-0761a4cbcc7632aef"), (NITRO_PROFILE, given), (NITRO_PROFILE, "i-12")):
+        with pytest.raises(ValueError, match="parent instance ids are"):
+            spec.check_instance_id(wrong)
 
 
 def test_security_module_limits_per_cloud(pki):
