@@ -1,4 +1,5 @@
-"""qt-proxy: on the parent, forward vsock connections from enclaves to TCP endpoints.
+"""qt-proxy: on the parent, forward vsock connections from enclaves to TCP endpoints (outbound)
+and TCP connections from the parent's network to enclaves' vsock ports (inbound).
 
 Each route listens on a vsock port of this process's CID (3 on a parent) through
 ``qtbuild.runtime.sdk.vsock`` and forwards every connection to ``host:port`` over TCP.  asyncio, one handler
@@ -37,9 +38,20 @@ Configuration file (TOML)::
     [allowlist]                 # optional; also accepted: allowlist = [{...}, ...]
     entries = [{ host = "kms.example.com", port = 443 }]   # "address" works for "host" (nitro)
 
+    [[inbound]]                 # parent TCP listener -> enclave vsock port
+    tcp_port = 8443
+    cid = 16
+    vsock_port = 5005
+    listen_host = "127.0.0.1"   # optional (default 127.0.0.1)
+
+    inbound_allowlist = [{ cid = 16, port = 5005 }]   # optional: enclave ports that may be reached
+
 QingTian qproxy's ``[[outbound_connections]] hostname, vsock_port, tcp_port`` tables are accepted
-as routes too.  Unknown keys, wrong types, out-of-range values and duplicate vsock ports are
-errors (``ProxyConfigError``, naming the file and the key).
+as routes too.  Inbound connections are checked against ``inbound_allowlist`` (when given) on
+every connection, like outbound ones against ``allowlist``; the enclave side (the SDK's
+``python -m qtbuild_sdk.proxy``) keeps its own allowlist of peers.  Unknown keys, wrong types,
+out-of-range values and duplicate vsock ports are errors (``ProxyConfigError``, naming the file
+and the key).
 
 Logs go to the ``qtbuild.proxy`` logger (the CLI sends them to stderr).
 """
@@ -53,15 +65,14 @@ import functools
 import logging
 import signal
 import socket
-import time
 import tomllib
 from dataclasses import dataclass
 
 from qtbuild.runtime.sdk import vsock
+from qtbuild.runtime.sdk.relay import CHUNK, relay
 
 log = logging.getLogger("qtbuild.proxy")
 
-CHUNK = 256 * 1024
 _TCP_PORT_MAX = 65535
 _LIMITS = {"max_connections": int, "idle_timeout": float, "connect_timeout": float, "drain_timeout": float}
 
@@ -88,8 +99,27 @@ class AllowEntry:
 
 
 @dataclass(frozen=True)
+class InboundRoute:
+    """TCP connections to ``listen_host:tcp_port`` on the parent go to enclave ``cid``'s
+    ``vsock_port``."""
+
+    tcp_port: int
+    cid: int
+    vsock_port: int
+    listen_host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class InboundAllow:
+    """An enclave port inbound connections may reach."""
+
+    cid: int
+    port: int
+
+
+@dataclass(frozen=True)
 class ProxyConfig:
-    """Routes, optional allowlist (None: routes trusted as given) and limits."""
+    """Routes, optional allowlists (None: routes trusted as given) and limits."""
 
     routes: tuple[Route, ...]
     allowlist: tuple[AllowEntry, ...] | None = None
@@ -97,10 +127,15 @@ class ProxyConfig:
     idle_timeout: float = 300.0
     connect_timeout: float = 10.0
     drain_timeout: float = 10.0
+    inbound: tuple[InboundRoute, ...] = ()
+    inbound_allowlist: tuple[InboundAllow, ...] | None = None
 
     def __post_init__(self) -> None:
-        if not self.routes:
-            raise ProxyConfigError("no routes: give [[routes]] in the config or -l/-a/-p")
+        if not self.routes and not self.inbound:
+            raise ProxyConfigError("no routes: give [[routes]] / [[inbound]] in the config, -l/-a/-p or --inbound")
+        listeners = [(route.listen_host, route.tcp_port) for route in self.inbound]
+        if len(set(listeners)) != len(listeners):
+            raise ProxyConfigError("an inbound TCP port is given twice")
         ports = [route.vsock_port for route in self.routes]
         duplicates = sorted({port for port in ports if ports.count(port) > 1})
         if duplicates:
@@ -134,13 +169,37 @@ def parse_config(data: dict, *, source: str = "config") -> ProxyConfig:
 
 
 def _parse(data: dict) -> ProxyConfig:
-    _check_keys(data, {"routes", "outbound_connections", "allowlist", *_LIMITS}, "top level", required=set())
+    _check_keys(data, {"routes", "outbound_connections", "allowlist", "inbound", "inbound_allowlist", *_LIMITS},
+                "top level", required=set())
     routes = [_route(table, f"routes[{i}]") for i, table in enumerate(_tables(data.get("routes", []), "routes"))]
     outbound = _tables(data.get("outbound_connections", []), "outbound_connections")
     routes += [_qproxy_route(table, f"outbound_connections[{i}]") for i, table in enumerate(outbound)]
     allowlist = _allowlist(data["allowlist"]) if "allowlist" in data else None
     limits = {key: _limit(data[key], key, kind) for key, kind in _LIMITS.items() if key in data}
-    return ProxyConfig(tuple(routes), allowlist, **limits)
+    inbound_tables = _tables(data.get("inbound", []), "inbound")
+    inbound = tuple(_inbound(table, f"inbound[{i}]") for i, table in enumerate(inbound_tables))
+    inbound_allowlist = None
+    if "inbound_allowlist" in data:
+        tables = _tables(data["inbound_allowlist"], "inbound_allowlist")
+        inbound_allowlist = tuple(_inbound_allow(table, f"inbound_allowlist[{i}]") for i, table in enumerate(tables))
+    return ProxyConfig(tuple(routes), allowlist, **limits, inbound=inbound, inbound_allowlist=inbound_allowlist)
+
+
+def _inbound(table: dict, where: str) -> InboundRoute:
+    _check_keys(table, {"tcp_port", "cid", "vsock_port", "listen_host"}, where,
+                required={"tcp_port", "cid", "vsock_port"})
+    return InboundRoute(_tcp_port(table["tcp_port"], f"{where}.tcp_port"), _cid(table["cid"], f"{where}.cid"),
+                        _vsock_port(table["vsock_port"], f"{where}.vsock_port"),
+                        _host(table.get("listen_host", "127.0.0.1"), f"{where}.listen_host"))
+
+
+def _inbound_allow(table: dict, where: str) -> InboundAllow:
+    _check_keys(table, {"cid", "port"}, where)
+    return InboundAllow(_cid(table["cid"], f"{where}.cid"), _vsock_port(table["port"], f"{where}.port"))
+
+
+def _cid(value, where: str) -> int:
+    return _integer(value, where, 3, vsock.VMADDR_PORT_ANY - 1)
 
 
 def _route(table: dict, where: str) -> Route:
@@ -246,55 +305,6 @@ async def _connect_first(addresses: list[str], port: int):
     raise error
 
 
-# --- relaying ------------------------------------------------------------------------------------
-
-class _Activity:
-    """When a byte last moved on a connection."""
-
-    __slots__ = ("last",)
-
-    def __init__(self) -> None:
-        self.last = time.monotonic()
-
-    def touch(self) -> None:
-        self.last = time.monotonic()
-
-    def remaining(self, timeout: float) -> float:
-        return max(0.0, self.last + timeout - time.monotonic())
-
-
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, activity: _Activity) -> None:
-    while data := await reader.read(CHUNK):
-        activity.touch()
-        writer.write(data)
-        await writer.drain()
-    if writer.can_write_eof():
-        writer.write_eof()
-
-
-async def relay(a_reader, a_writer, b_reader, b_writer, idle_timeout: float) -> str:
-    """Copy a→b and b→a until both end (``"closed"``), one fails (``"error: …"``) or nothing
-    moved for ``idle_timeout`` seconds (``"idle"``).  Does not close the writers."""
-    activity = _Activity()
-    pumps = {asyncio.create_task(_pump(a_reader, b_writer, activity)),
-             asyncio.create_task(_pump(b_reader, a_writer, activity))}
-    pending = set(pumps)
-    try:
-        while pending:
-            done, pending = await asyncio.wait(pending, timeout=activity.remaining(idle_timeout),
-                                               return_when=asyncio.FIRST_COMPLETED)
-            failed = [task.exception() for task in done if task.exception() is not None]
-            if failed:
-                return f"error: {failed[0]!r}"
-            if not done and activity.remaining(idle_timeout) <= 0:
-                return "idle"
-        return "closed"
-    finally:
-        for task in pumps:
-            task.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)
-
-
 # --- the proxy -----------------------------------------------------------------------------------
 
 class Proxy:
@@ -316,8 +326,15 @@ class Proxy:
         return len(self._handlers)
 
     async def start(self) -> None:
-        """Listen on every route's vsock port (all or none: a failure closes those opened)."""
+        """Listen on every route's vsock port and every inbound TCP port (all or none: a failure
+        closes those opened)."""
         try:
+            for inbound in self.config.inbound:
+                handler = functools.partial(self._handle_inbound, inbound)
+                self._servers.append(await asyncio.start_server(handler, inbound.listen_host, inbound.tcp_port,
+                                                                limit=CHUNK))
+                log.info("tcp %s:%d -> cid %d vsock port %d", inbound.listen_host, inbound.tcp_port, inbound.cid,
+                         inbound.vsock_port)
             for route in self.config.routes:
                 listener = vsock.listen(route.vsock_port, config=self.vsock_config)
                 self.listeners.append(listener)
@@ -374,6 +391,39 @@ class Proxy:
         self._handlers.add(task)
         try:
             await self._forward(route, reader, writer, label)
+        finally:
+            self._handlers.discard(task)
+            writer.close()
+
+    async def _handle_inbound(self, route: InboundRoute, reader, writer) -> None:
+        peer = writer.get_extra_info("peername") or ("?", 0)
+        label = (f"tcp {peer[0]}:{peer[1]} -> {route.listen_host}:{route.tcp_port} -> cid {route.cid} "
+                 f"port {route.vsock_port}")
+        if self._closing or len(self._handlers) >= self.config.max_connections:
+            log.warning("%s: refused, %s", label, "shutting down" if self._closing else "max_connections reached")
+            writer.close()
+            return
+        allowlist = self.config.inbound_allowlist
+        if allowlist is not None and InboundAllow(route.cid, route.vsock_port) not in allowlist:
+            log.warning("%s: refused, enclave port not in the inbound allowlist", label)
+            writer.close()
+            return
+        task = asyncio.current_task()
+        assert task is not None  # a connection handler always runs in a task
+        self._handlers.add(task)
+        try:
+            try:
+                async with asyncio.timeout(self.config.connect_timeout):
+                    up_reader, up_writer = await vsock.open_connection(route.cid, route.vsock_port,
+                                                                       config=self.vsock_config)
+            except (OSError, TimeoutError) as exc:
+                log.warning("%s: enclave unreachable (%s); closed this connection", label, exc or "timed out")
+                return
+            try:
+                outcome = await relay(reader, writer, up_reader, up_writer, self.config.idle_timeout)
+            finally:
+                up_writer.close()
+            (log.info if outcome == "idle" else log.debug)("%s: %s", label, outcome)
         finally:
             self._handlers.discard(task)
             writer.close()

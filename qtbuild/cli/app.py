@@ -46,7 +46,7 @@ COMMANDS: dict[str, CommandEntry] = {
                          "Explain the differences between two images: header, sections (and the PCRs they move), "
                          "metadata, and each ramdisk file by file."),
     "enclave": CommandEntry("qtbuild.cli.enclave", "enclave_group",
-                            "Local enclaves: start, query, stop, console (like `qt enclave`)."),
+                            "Local enclaves: start, query, stop, console (like `qt enclave` / nitro-cli)."),
     "extract": CommandEntry("qtbuild.cli.extract", "command",
                             "Write an image's sections to DIR: kernel, cmdline, metadata.json, signature, and each "
                             "ramdisk as raw .cpio and safely unpacked (no path escapes, no device nodes, no setuid "
@@ -58,11 +58,12 @@ COMMANDS: dict[str, CommandEntry] = {
     "pcr": CommandEntry("qtbuild.cli.pcr", "command",
                         "Print the PCR value of a file (extend(SHA384(bytes))) or PCR8 of a signing certificate."),
     "pki": CommandEntry("qtbuild.cli.pki", "command",
-                        "The local attestation PKI: root CA, region → host intermediates, per-enclave leaves."),
+                        "The local attestation PKI: one root CA, each cloud's intermediates, per-enclave leaves."),
     "proxy": CommandEntry("qtbuild.cli.proxy", "command",
                           "Forward vsock connections from enclaves to TCP endpoints (runs on the parent, CID 3)."),
     "run": CommandEntry("qtbuild.cli.enclave", "run_command",
-                        "Run the enclave image EIF locally (built with the local boot profile)."),
+                        "Run the enclave image EIF locally "
+                        "(local or hardware boot profile: the same file you deploy)."),
     "sdk": CommandEntry("qtbuild.cli.sdk", "command",
                         "The enclave SDK (security module, vsock, KMS recipient helpers) for use inside images."),
     "sign": CommandEntry("qtbuild.cli.sign", "command",

@@ -1,6 +1,11 @@
-"""``qtbuild attest verify DOC [--root CERT.pem | --root-fingerprint SHA256] [--platform …]
+"""``qtbuild attest verify DOC [--root CERT.pem | --root-fingerprint SHA256] [--cloud …]
 [--expect-pcr N=HEX …] [--nonce HEX] [--public-key PEM] [--max-age 5m] [--at TIME]
-[--allow-debug] [--json]``.
+[--allow-debug] [--json]`` and ``qtbuild attest issue --cloud qingtian|nitro [--pcr N=HEX …]
+[--user-data F] [--nonce F] [--public-key F] [--debug] -o DOC``.
+
+``verify --cloud`` was ``--platform`` (still accepted, hidden: ``--platform`` means an image's
+os/arch elsewhere).  ``issue`` writes a document of the local PKI in the cloud's exact shape
+without running an enclave (the PKI is created when missing, as ``run`` does).
 
 DOC is a COSE document as raw CBOR or base64 text (``-`` reads stdin).  Exit 0 valid, 1 invalid
 (the failing check is named), 2 unreadable (file, encoding or COSE structure) or bad options.
@@ -15,6 +20,7 @@ import binascii
 import contextlib
 import re
 from datetime import UTC, datetime
+from pathlib import Path
 
 import click
 from cryptography import x509
@@ -23,9 +29,13 @@ from cryptography.hazmat.primitives import serialization
 from qtbuild.cli.command import QtbuildGroup
 from qtbuild.cli.errors import InputError
 from qtbuild.cli.inputs import read_bounded
-from qtbuild.cli.output import emit_json
+from qtbuild.cli.output import emit_json, say
 from qtbuild.formats.attestation import MAX_DOCUMENT_SIZE
 from qtbuild.formats.measure import parse_pcr_hex
+from qtbuild.runtime.files import write_atomically
+from qtbuild.runtime.qtsm.clouds import CLOUDS, DEFAULT_CLOUD
+from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
+from qtbuild.runtime.qtsm.issue import IssueError, issue_document
 from qtbuild.runtime.qtsm.pki import LocalPki, PkiError
 from qtbuild.runtime.verifier.attestation import (
     KNOWN_ROOTS,
@@ -39,6 +49,8 @@ from qtbuild.runtime.verifier.attestation import (
 #: Base64 text of a maximal document, with line breaks.
 MAX_INPUT_FILE = 2 * MAX_DOCUMENT_SIZE
 MAX_KEY_FILE = 64 * 1024
+#: user_data / nonce / public_key files: far above any cloud's limit, so the limit names the problem.
+MAX_FIELD_FILE = 64 * 1024
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h|d)?")
 _UNITS = {None: 1, "ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
 
@@ -55,8 +67,9 @@ def command() -> None:
               help="Pin this root certificate (PEM or DER); repeatable.")
 @click.option("--root-fingerprint", "root_fingerprints", multiple=True, metavar="SHA256",
               help="Pin the root with this SHA-256 fingerprint (hex, colons allowed); repeatable.")
-@click.option("--platform", type=click.Choice(PLATFORMS), default="auto", show_default=True,
-              help="Size limits and signature forms to accept (auto: from the root).")
+@click.option("--cloud", type=click.Choice(PLATFORMS), default=None,
+              help="Size limits and signature forms to accept  [default: auto, from the root].")
+@click.option("--platform", "platform_alias", type=click.Choice(PLATFORMS), default=None, hidden=True)
 @click.option("--expect-pcr", "expect_pcrs", multiple=True, metavar="N=HEX",
               help="Require PCR N to equal HEX (96 hex digits); repeatable.")
 @click.option("--nonce", metavar="HEX", help="Require this nonce.")
@@ -67,9 +80,12 @@ def command() -> None:
               help="Check time instead of now: ISO 8601 (naive = UTC) or Unix seconds.")
 @click.option("--allow-debug", is_flag=True, help="Accept debug-mode documents (PCR0 zeros).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
-def verify(document, root_paths, root_fingerprints, platform, expect_pcrs, nonce,
+def verify(document, root_paths, root_fingerprints, cloud, platform_alias, expect_pcrs, nonce,
            public_key_path, max_age, at_text, allow_debug, as_json) -> None:
     """Verify an attestation document: structure, chain to a pinned root, signature, policy."""
+    if cloud and platform_alias and cloud != platform_alias:
+        raise InputError("--cloud and its old spelling --platform disagree: give --cloud only")
+    platform = cloud or platform_alias or "auto"
     options = {
         "roots": [_load_root(path) for path in root_paths] or None,
         "root_fingerprints": _fingerprints(root_fingerprints, pinned=bool(root_paths)),
@@ -101,6 +117,7 @@ def _print_summary(verified: VerifiedDocument) -> None:
     click.echo(f"  checked at {summary['checked_at']}")
     click.echo(f"  signature  ES384, {verified.signature_encoding}-endian r‖s"
                f"{' (tag 18)' if verified.tagged else ''}")
+    click.echo(f"  encoding   {verified.encoding}")
     click.echo(f"  root       sha256 {verified.root_fingerprint}")
     click.echo(f"  debug      {'yes (PCR0 zeros)' if verified.is_debug else 'no'}")
     for index, value in sorted(verified.pcrs.items()):
@@ -193,3 +210,51 @@ def _public_key(path: str) -> bytes:
     return key.public_bytes(serialization.Encoding.DER,
                             serialization.PublicFormat.SubjectPublicKeyInfo)
 
+
+
+# --------------------------------------------------------------------------- issue
+
+
+@command.command("issue")
+@click.option("--cloud", type=click.Choice(CLOUDS), default=DEFAULT_CLOUD, show_default=True,
+              help="Whose document shape, chain and limits.")
+@click.option("--pcr", "pcrs", multiple=True, metavar="N=HEX",
+              help="PCR N (0..31) = HEX (96 hex digits); others 0..15 are zero. Repeatable.")
+@click.option("--user-data", "user_data_path", type=click.Path(exists=True, dir_okay=False, allow_dash=True),
+              help="File whose bytes are the user_data field.")
+@click.option("--nonce", "nonce_path", type=click.Path(exists=True, dir_okay=False, allow_dash=True),
+              help="File whose bytes are the nonce field.")
+@click.option("--public-key", "public_key_path", type=click.Path(exists=True, dir_okay=False, allow_dash=True),
+              help="File whose bytes are the public_key field (e.g. a DER SubjectPublicKeyInfo).")
+@click.option("--instance-id", metavar="ID", help="Parent instance id in the module id (default: from this machine).")
+@click.option("--debug", is_flag=True, help="A debug-mode document: PCRs 0..15 all zero.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, writable=True),
+              help="Where to write the document (raw COSE bytes).")
+@click.option("--json", "as_json", is_flag=True, help="Print a summary as JSON on stdout.")
+def issue(cloud, pcrs, user_data_path, nonce_path, public_key_path, instance_id, debug, output, as_json) -> None:
+    """Issue an attestation document from the local PKI without running an enclave."""
+    given = dict(_pcr_value(text) for text in pcrs)
+    user_data, nonce, public_key = (read_bounded(path, MAX_FIELD_FILE, f"too large for {name}") if path else None
+                                    for name, path in (("user_data", user_data_path), ("nonce", nonce_path),
+                                                       ("public_key", public_key_path)))
+    profile = cloud_profile(cloud)
+    try:
+        pki = LocalPki.init()
+        document = issue_document(pki, profile, pcrs=given, debug=debug, instance_id=instance_id,
+                                  user_data=user_data, nonce=nonce, public_key=public_key)
+    except (IssueError, PkiError) as exc:
+        raise InputError(str(exc)) from None
+    write_atomically(Path(output), document, 0o644)
+    summary = {"document": output, "cloud": cloud, "bytes": len(document),
+               "root_fingerprint": pki.root_fingerprint()}
+    if as_json:
+        emit_json(summary)
+    else:
+        say(f"wrote an attestation document in the {profile.title} shape ({len(document)} bytes) to {output}")
+
+
+def _pcr_value(text: str) -> tuple[int, bytes]:
+    index, separator, value = text.partition("=")
+    if not separator or not index.strip().isdigit() or not 0 <= int(index) < 32:
+        raise InputError(f"--pcr: expected N=HEX with N in 0..31, got {text!r}")
+    return int(index), parse_pcr_hex(value, f"--pcr {index.strip()}")

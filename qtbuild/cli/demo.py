@@ -31,7 +31,9 @@ GET_SAMPLES = "pass --samples DIR (or set QTBUILD_SAMPLES) with the samples/ dir
 @click.option("--samples", "samples_dir", type=click.Path(file_okay=False), envvar="QTBUILD_SAMPLES",
               help="The samples directory of a qtbuild checkout [the checkout's samples/ when qtbuild runs from one].")
 @click.option("--keep", is_flag=True, help="Keep the demo's working directory (logs, images, keys).")
-def command(name: str, samples_dir: str | None, keep: bool) -> None:
+@click.option("--cloud", type=click.Choice(["qingtian", "nitro"]), default="qingtian", show_default=True,
+              help="The cloud profile the enclaves rehearse (security module, document shape, chain).")
+def command(name: str, samples_dir: str | None, keep: bool, cloud: str) -> None:
     """Run a sample end to end with step-by-step output; everything started is stopped again.
 
     hello: build, convert, run in debug mode, read the console, stop.  bank-card: the seed
@@ -45,7 +47,7 @@ def command(name: str, samples_dir: str | None, keep: bool) -> None:
     if problems:
         raise InputError(f"demo {name} cannot start; it needs " + "; and ".join(problems))
     try:
-        demo.DEMOS[name](keep=keep)
+        demo.DEMOS[name](keep=keep, cloud=cloud)
     except demo.DemoError as exc:
         raise CheckFailed(f"demo {name} failed: {exc}") from None
     except (OSError, ValueError, KeyError, subprocess.SubprocessError) as exc:

@@ -13,6 +13,8 @@ from cryptography.hazmat.primitives import serialization
 
 from qtbuild.cli.command import QtbuildGroup
 from qtbuild.cli.output import emit_json, say
+from qtbuild.runtime.qtsm.clouds import CLOUDS, DEFAULT_CLOUD
+from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
 from qtbuild.runtime.qtsm.pki import LocalPki
 
 _STATE_DIR = click.option(
@@ -24,7 +26,7 @@ _STATE_DIR = click.option(
 
 @click.group("pki", cls=QtbuildGroup)
 def command() -> None:
-    """The local attestation PKI: root CA, region → host intermediates, per-enclave leaves."""
+    """The local attestation PKI: one root CA, each cloud's intermediates, per-enclave leaves."""
 
 
 @command.command("init")
@@ -43,22 +45,27 @@ def init(state_dir: str | None, force: bool) -> None:
 
 @command.command("show")
 @_STATE_DIR
+@click.option("--cloud", type=click.Choice(CLOUDS), default=DEFAULT_CLOUD, show_default=True,
+              help="Whose chain to show (each cloud has its own intermediates below the one root).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def show(state_dir: str | None, as_json: bool) -> None:
-    """Print the root's SHA-256 fingerprint and the chain's subjects and validity."""
+def show(state_dir: str | None, cloud: str, as_json: bool) -> None:
+    """Print the root's SHA-256 fingerprint and the chain's subjects and validity (current
+    intermediates: due ones are re-issued first)."""
     pki = LocalPki.load(state_dir)
-    chain = [x509.load_der_x509_certificate(der) for der in pki.cabundle()]
+    chain = [x509.load_der_x509_certificate(der) for der in pki.cabundle(cloud)]
     if as_json:
         emit_json({
             "directory": str(pki.directory),
             "root_fingerprint": pki.root_fingerprint(),
+            "cloud": cloud,
             "chain": [_describe(cert) for cert in chain],
         })
         return
     click.echo(f"root fingerprint (SHA-256): {pki.root_fingerprint()}")
-    for level, cert in zip(("root", "region", "host"), chain, strict=False):
+    levels = ("root", *(level.name for level in cloud_profile(cloud).intermediates))
+    for level, cert in zip(levels, chain, strict=True):
         info = _describe(cert)
-        click.echo(f"{level:<7}{info['subject']}  {info['not_before']} .. {info['not_after']}")
+        click.echo(f"{level:<9}{info['subject']}  {info['not_before']} .. {info['not_after']}")
 
 
 @command.command("export-root")

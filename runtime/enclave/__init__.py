@@ -1,4 +1,4 @@
-"""Local enclaves: run an EIF built with the local boot profile as a sandboxed process, with its
+"""Local enclaves: run an EIF (local or hardware boot profile) as a sandboxed process, with its
 own security module, emulated vsock and debug console — ``qtbuild run`` / ``qtbuild enclave``.
 
 Modules, one concept each:

@@ -3,8 +3,12 @@
 :func:`load_image` does what the hypervisor and the enclave's init do together:
 
 1. open the EIF (structure: header, section table, layout — :class:`qtbuild.formats.eif.EifReader`);
-2. refuse an image whose kernel section is not qtbuild's local-runtime descriptor (a real
-   kernel boots only on hardware) or whose architecture is not this machine's;
+2. tell the boot profile from the kernel section: qtbuild's local-runtime descriptor ("local"),
+   or a Linux kernel ("hardware": built with ``convert --blobs``, nitro-cli or
+   ``qt enclave make-img``).  A hardware image's kernel and bootstrap init do not execute here:
+   the application is started the way that init would (chroot into ``rootfs/``, ``cmd``/``env``),
+   and the PCRs are still those of the file as loaded, so they equal what the hardware reports.
+   An image for another architecture is refused;
 3. create the enclave memory (:func:`~qtbuild.runtime.enclave.resources.prepare_memory`: a tmpfs of
    ``memory_bytes`` as root, a directory rootless);
 4. read every section **once**, in order: kernel, cmdline, metadata and signature are hashed,
@@ -52,9 +56,9 @@ from .resources import prepare_memory, release_memory
 __all__ = ["LoadedImage", "load_image"]
 
 _READ_CHUNK = 1 << 20
-NOT_LOCAL = ("the image's kernel section is a Linux kernel, not qtbuild's local-runtime descriptor: it boots only "
-             "on Nitro/QingTian hardware; rebuild it with the local boot profile (qtbuild convert without --blobs) "
-             "to run it here")
+LOCAL_BOOT, HARDWARE_BOOT = "local", "hardware"
+HARDWARE_NOTE = ("hardware-profile image: its kernel and bootstrap init do not execute locally; the application "
+                 "starts as the platform's init would start it, and the PCRs are the file's own")
 
 
 @dataclass(frozen=True)
@@ -65,6 +69,8 @@ class LoadedImage:
     launch: Launch
     rootfs: str
     ramdisk_bytes: int
+    #: LOCAL_BOOT or HARDWARE_BOOT (see the module docstring).
+    boot: str = LOCAL_BOOT
 
 
 def load_image(eif_path: str, dest: Path, *, memory_bytes: int, use_tmpfs: bool, preserve_owner: bool,
@@ -73,7 +79,7 @@ def load_image(eif_path: str, dest: Path, *, memory_bytes: int, use_tmpfs: bool,
     certificate must be valid (default now); ``ids``: with ``preserve_owner``, the subordinate
     range the files' owners are shifted into (the enclave's ids as the host sees them)."""
     with _open(eif_path) as reader:
-        _check_kernel(reader)
+        boot = _boot_profile(reader)
         signature = _load_signature(reader)
         prepare_memory(dest, memory_bytes, use_tmpfs=use_tmpfs)
         try:
@@ -85,7 +91,7 @@ def load_image(eif_path: str, dest: Path, *, memory_bytes: int, use_tmpfs: bool,
             release_memory(dest)
             raise
         ramdisk_bytes = sum(section.size for section in reader.ramdisks)
-    return LoadedImage(measurements, launch, rootfs, ramdisk_bytes)
+    return LoadedImage(measurements, launch, rootfs, ramdisk_bytes, boot)
 
 
 def _open(eif_path: str) -> EifReader:
@@ -97,15 +103,15 @@ def _open(eif_path: str) -> EifReader:
         raise EnclaveError(f"{eif_path} is not a valid EIF: {exc}") from None
 
 
-def _check_kernel(reader: EifReader) -> None:
+def _boot_profile(reader: EifReader) -> str:
+    """LOCAL_BOOT or HARDWARE_BOOT; EnclaveError for an image of another architecture."""
+    if reader.arch != platform.machine():
+        raise EnclaveError(f"the image is built for {reader.arch}, this machine is {platform.machine()}")
     kernel = reader.sections_of(SectionType.KERNEL)[0]
     descriptor = None
     if kernel.size <= MAX_DESCRIPTOR:
         descriptor = parse_local_kernel(reader.read_section(kernel, max_size=MAX_DESCRIPTOR))
-    if descriptor is None:
-        raise EnclaveError(NOT_LOCAL)
-    if reader.arch != platform.machine():
-        raise EnclaveError(f"the image is built for {reader.arch}, this machine is {platform.machine()}")
+    return LOCAL_BOOT if descriptor is not None else HARDWARE_BOOT
 
 
 def _load_signature(reader: EifReader) -> SignatureInfo | None:

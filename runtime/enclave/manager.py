@@ -42,6 +42,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
 from qtbuild.runtime.qtsm.pki import LocalPki, PkiError, default_state_dir
 from qtbuild.runtime.sandbox.host import helper_env
 
@@ -80,6 +81,9 @@ class RunOptions:
     parent_role: str | None = None
     instance_id: str | None = None
     no_limits: bool = False
+    cloud: str = "qingtian"
+    name: str = ""
+    cpu_ids: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -122,6 +126,10 @@ class Manager:
         eif = os.path.abspath(options.eif)
         rules.check_resources(options.cpus, options.memory_mib, _file_size(eif), rules.available_cpus())
         rules.check_cid_range(options.cid)
+        try:
+            cloud_profile(options.cloud).check_instance_id(options.instance_id)
+        except ValueError as exc:
+            raise EnclaveError(f"--instance-id: {exc}", code=E_INVALID_ARGUMENT) from None
         pki_dir = self._ensure_pki()
         directory, lock_fd = self._reserve(options, eif, pki_dir)
         try:
@@ -158,7 +166,9 @@ class Manager:
             write_record(directory, EnclaveRecord(
                 enclave_id=enclave_id, cid=cid, cpus=options.cpus, memory_mib=options.memory_mib,
                 debug=options.debug or options.attach_console, eif_path=eif, parent_role=options.parent_role,
-                instance_id=options.instance_id, no_limits=options.no_limits, pki_state_dir=pki_dir,
+                instance_id=options.instance_id, no_limits=options.no_limits, cloud=options.cloud,
+                name=options.name, cpu_ids=list(options.cpu_ids) if options.cpu_ids is not None else None,
+                pki_state_dir=pki_dir,
                 leaf_name=f"enclave-{enclave_id}-{token}", sandbox_name=f"enclave-{enclave_id}-{token}"))
         return directory, lock_fd
 
@@ -178,6 +188,8 @@ class Manager:
         console = os.fdopen(console_read, "rb", buffering=0) if console_read is not None else None  # attach
         message = _first_message(status, START_TIMEOUT)
         if message is not None and "ready" in message:
+            for note in getattr(read_record(directory), "notes", []):
+                self.notify(note)
             return Started(message["ready"], console, status)
         status.close()
         if console is not None:
@@ -187,6 +199,15 @@ class Manager:
         raise error
 
     # -- query ------------------------------------------------------------------------------
+
+    def records(self) -> list[tuple[EnclaveRecord, str]]:
+        """Every enclave's record with its observed status, by id."""
+        return [(record, observed_status(directory, record)) for directory, record in self._entries()
+                if record is not None]
+
+    def record(self, enclave_id: int) -> EnclaveRecord:
+        """The record of ``enclave_id`` (unknown → error)."""
+        return self._find(enclave_id)[1]
 
     def query(self, enclave_id: int | None = None) -> list[dict]:
         """Every enclave's public record (or only ``enclave_id``'s; unknown → error)."""

@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from qtbuild.runtime.qtsm.clouds import PROFILES
+from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
 from qtbuild.runtime.sandbox import Bind, SandboxSpec
 from qtbuild.runtime.sandbox.cgroups import Limits
 from qtbuild.runtime.sdk import vsock
@@ -31,7 +33,7 @@ from .state import EnclaveDir, EnclaveRecord
 __all__ = ["QTSM_TARGETS", "VSOCK_MOUNT", "cgroup_limits", "enclave_env", "sandbox_spec"]
 
 VSOCK_MOUNT = "/run/vsock"
-QTSM_TARGETS = ("/dev/qtsm", "/dev/nsm")
+QTSM_TARGETS = tuple(profile.device_path for profile in PROFILES.values())
 _VSOCK_VARIABLES = (vsock.ENV_DIR, vsock.ENV_CID, vsock.ENV_TRANSPORT)
 
 
@@ -52,7 +54,7 @@ def sandbox_spec(record: EnclaveRecord, image: LoadedImage, directory: EnclaveDi
     """The spec for ``record``'s application; ``output_fd`` receives its stdout and stderr
     (None: /dev/null)."""
     launch = image.launch
-    binds = [Bind(os.fspath(directory.qtsm_socket), target) for target in QTSM_TARGETS]
+    binds = [Bind(os.fspath(directory.qtsm_socket), cloud_profile(record.cloud).device_path)]
     binds.append(Bind(os.fspath(vsock_root / str(vsock.PARENT_CID)), f"{VSOCK_MOUNT}/{vsock.PARENT_CID}"))
     binds.append(Bind(os.fspath(vsock_root / str(record.cid)), f"{VSOCK_MOUNT}/{record.cid}", read_only=False))
     return SandboxSpec(

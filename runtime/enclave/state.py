@@ -12,6 +12,7 @@ Location: ``$QTBUILD_RUNTIME_DIR``, else ``/run/qtbuild`` for root, else
         record.json                    the :class:`EnclaveRecord` (replaced atomically)
         alive.lock                     flock(2)ed by the supervisor for its whole life
         supervisor.log                 the supervisor's diagnostics
+        qtsm.sock                      the security module (bound at the cloud's /dev/qtsm or /dev/nsm)
         console.sock                   the debug console (debug mode only)
         root/                          the enclave's memory: the unpacked ramdisks (a tmpfs as root, in
                                        the supervisor's own mount namespace), and
@@ -228,6 +229,9 @@ class EnclaveRecord:
     parent_role: str | None = None
     instance_id: str | None = None
     no_limits: bool = False
+    cloud: str = "qingtian"
+    name: str = ""
+    cpu_ids: list[int] | None = None
     pki_state_dir: str = ""
     leaf_name: str = ""
     sandbox_name: str = ""
@@ -254,6 +258,7 @@ class EnclaveRecord:
         if document["Status"] in (STOPPED, OOM) and self.exit_signal is not None:
             document["Signal"] = self.exit_signal
         document["EifPath"] = self.eif_path
+        document["Cloud"] = self.cloud
         if self.measurements is not None:
             document["Measurements"] = self.measurements
         return document

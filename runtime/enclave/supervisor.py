@@ -13,8 +13,9 @@ The supervisor plays the hypervisor and the enclave's init:
    enclave's cgroup;
 2. load the image (:mod:`qtbuild.runtime.enclave.loader`: checks, PCRs, unpack into memory) from
    inside that cgroup (:mod:`.charged`), files owned by the enclave's subordinate ids;
-3. serve the security module on ``D/qtsm.sock`` (boot PCRs from the image, ``--parent-role``,
-   ``--instance-id``; zeros in debug mode; signer from the local PKI) and, in debug mode, the
+3. serve the security module on ``D/qtsm.sock`` (the cloud profile's boot PCRs from the image,
+   ``--parent-role``, ``--instance-id``; zeros in debug mode; its chain of the local PKI) and, in
+   debug mode, the
    console (:mod:`qtbuild.runtime.enclave.console`) on ``D/console.sock``;
 4. start the application in its sandbox (:mod:`qtbuild.runtime.enclave.plan`); ``start_sandbox``
    returns once the application has been exec'd in its namespaces: that is "Running";
@@ -37,17 +38,17 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import logging
 import os
-import secrets
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from qtbuild.runtime.qtsm.device import SecurityModule, boot_pcrs, make_module_id
+from qtbuild.runtime.qtsm.clouds import machine_seed
+from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
+from qtbuild.runtime.qtsm.device import SecurityModule
 from qtbuild.runtime.qtsm.pki import LocalPki
 from qtbuild.runtime.qtsm.server import Server, serve_device
 from qtbuild.runtime.sandbox import Sandbox, SandboxError, SandboxExit, cgroups, start_sandbox
@@ -61,7 +62,7 @@ from . import resources
 from .charged import load_charged
 from .console import ConsoleServer, RingBuffer, pump
 from .errors import EnclaveError
-from .loader import LoadedImage, load_image
+from .loader import HARDWARE_BOOT, HARDWARE_NOTE, LoadedImage, load_image
 from .plan import cgroup_limits, sandbox_spec
 from .state import (
     OOM,
@@ -165,6 +166,8 @@ class Supervisor:
             load_image, record.eif_path, self.directory.root, memory_bytes=record.memory_mib << 20,
             use_tmpfs=self.as_root, preserve_owner=self.as_root, ids=self.ids))
         record.measurements = image.measurements.nitro()["Measurements"]
+        if image.boot == HARDWARE_BOOT:
+            record.notes.append(HARDWARE_NOTE)
         write_record(self.directory, record)
         resources.hand_over_vsock(self.vsock_dir, *self._host_ids(image.launch.uid, image.launch.gid))
         return image
@@ -178,9 +181,11 @@ class Supervisor:
     def _serve_security_module(self, image: LoadedImage) -> None:
         record = self.record
         pki = LocalPki.load(record.pki_state_dir)
-        pcrs = boot_pcrs(image.measurements, parent_role=record.parent_role, instance_id=record.instance_id)
-        device = SecurityModule(pcrs, debug=record.debug, signer=pki.signer(record.leaf_name),
-                                module_id=make_module_id(record.leaf_name, _parent_id(record.instance_id)))
+        cloud = cloud_profile(record.cloud)
+        parent_id = cloud.parent_id(record.instance_id, machine_seed())
+        pcrs = cloud.boot_pcrs(image.measurements, parent_id=parent_id, parent_role=record.parent_role)
+        device = SecurityModule(pcrs, debug=record.debug, signer=pki.signer(record.leaf_name, cloud.name),
+                                module_id=cloud.module_id(record.leaf_name, parent_id), profile=cloud)
         self.qtsm = serve_device(device, self.directory.qtsm_socket)
         if self.as_root:  # the application's user must be able to connect (the path is ours alone)
             os.chown(self.directory.qtsm_socket, *self._host_ids(image.launch.uid, image.launch.gid))
@@ -310,21 +315,6 @@ def _enclave_ids() -> IdRange:
         return enclave_ids()
     except SandboxError as exc:
         raise EnclaveError(f"the enclave's user namespace: {exc}", check_failed=True) from None
-
-
-def _parent_id(instance_id: str | None) -> str:
-    """The parent instance id in module ids: ``--instance-id`` when given and short enough,
-    else ``i-`` and 17 hex digits derived from this machine's id."""
-    if instance_id and len(instance_id) <= 64:
-        return instance_id
-    try:
-        with open("/etc/machine-id", "rb") as handle:
-            seed = handle.read(64)
-    except OSError:
-        seed = secrets.token_bytes(16)
-    return "i-" + hashlib.sha256(b"qtbuild-parent:" + seed).hexdigest()[:17]
-
-
 def _copy_to_fd(ring: RingBuffer, fd: int) -> None:
     """Attach mode: the whole output to ``fd`` (the CLI's pipe) until the end or the CLI leaves."""
     try:

@@ -16,7 +16,8 @@ NSM (nsm-check, QEMU ``virtio-nsm``):
     anything malformed: see :func:`qtbuild.formats.attestation.decode_request`
 
 Attestation documents carry PCRs 0–15 plus every locked user PCR, are signed by the leaf the
-``signer`` returns, and keep user_data / nonce / public_key as requested (null when absent).
+``signer`` returns, keep user_data / nonce / public_key as requested, and are written in the cloud
+profile's encoding with its size limits (:mod:`qtbuild.runtime.qtsm.clouds`; QingTian by default).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -35,8 +37,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from qtbuild.formats.attestation import (
     MAX_PCRS,
     MAX_REQUEST_SIZE,
-    MAX_RESPONSE_SIZE,
-    QINGTIAN_LIMITS,
     Attestation,
     AttestationDocument,
     DescribeNSM,
@@ -51,9 +51,9 @@ from qtbuild.formats.attestation import (
     decode_request,
     encode_error,
     encode_response,
-    sign_document,
 )
 from qtbuild.formats.measure import HASH_ALGORITHM, PCR_SIZE, ZERO_PCR, Measurements, extend
+from qtbuild.runtime.qtsm.clouds import QINGTIAN_PROFILE, CloudProfile
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ def make_module_id(enclave_id: str, parent_id: str) -> str:
     """
     suffix = hashlib.sha256(enclave_id.encode()).hexdigest()[:16]
     module_id = f"{parent_id}-enc{suffix}"
-    if len(module_id.encode()) > QINGTIAN_LIMITS.max_module_id:
-        raise ValueError(f"module id longer than {QINGTIAN_LIMITS.max_module_id} bytes")
+    if len(module_id.encode()) > QINGTIAN_PROFILE.limits.max_module_id:
+        raise ValueError(f"module id longer than {QINGTIAN_PROFILE.limits.max_module_id} bytes")
     return module_id
 
 
@@ -106,14 +106,17 @@ class SecurityModule:
         signer: Signer,
         module_id: str,
         clock: Callable[[], float] = time.time,
+        profile: CloudProfile = QINGTIAN_PROFILE,
     ) -> None:
         """``pcrs`` gives PCRs 0–15 (others zero); ``signer()`` -> (P-384 key, leaf, cabundle).
 
         ValueError for a PCR index outside 0–15, a value that is not 48 bytes, or a module id
-        that is empty or longer than 127 bytes.
+        that is empty or longer than the profile allows.
         """
-        if not 0 < len(module_id.encode()) <= QINGTIAN_LIMITS.max_module_id:
-            raise ValueError(f"module id must be 1..{QINGTIAN_LIMITS.max_module_id} bytes")
+        maximum = profile.limits.max_module_id
+        if not 0 < len(module_id.encode()) <= maximum:
+            raise ValueError(f"module id must be 1..{maximum} bytes")
+        self.profile = profile
         self._pcrs = [ZERO_PCR] * MAX_PCRS
         for index, value in pcrs.items():
             if not 0 <= index < BOOT_PCRS or len(value) != PCR_SIZE:
@@ -136,7 +139,7 @@ class SecurityModule:
         except Exception:  # a device answers, it never crashes
             log.exception("security module %s: internal error", self.module_id)
             return encode_error(ErrorCode.INTERNAL_ERROR)
-        if len(response) > MAX_RESPONSE_SIZE:
+        if len(response) > self.profile.max_response:
             return encode_error(ErrorCode.BUFFER_TOO_SMALL)
         return response
 
@@ -218,8 +221,9 @@ class SecurityModule:
         nonce: bytes | None = None,
         public_key: bytes | None = None,
     ) -> bytes:
-        """A signed attestation document (COSE_Sign1 bytes) over the current locked PCRs."""
-        limits = QINGTIAN_LIMITS
+        """A signed attestation document (COSE_Sign1 bytes) over the current locked PCRs, in the
+        profile's encoding; InputTooLarge for a field over the profile's limit."""
+        limits = self.profile.limits
         for name, value, maximum in (
             ("user_data", user_data, limits.max_user_data),
             ("nonce", nonce, limits.max_nonce),
@@ -229,24 +233,43 @@ class SecurityModule:
                 raise ModuleError(ErrorCode.INPUT_TOO_LARGE, f"{name} over {maximum} bytes")
         with self._lock:
             pcrs = {i: self._pcrs[i] for i in range(MAX_PCRS) if self._locked[i]}
-        key, certificate, cabundle = self._signer()
-        if isinstance(certificate, x509.Certificate):
-            certificate = certificate.public_bytes(serialization.Encoding.DER)
-        document = AttestationDocument(
-            module_id=self.module_id,
-            timestamp=int(self._clock() * 1000),
-            pcrs=pcrs,
-            certificate=certificate,
-            cabundle=tuple(cabundle),
-            user_data=user_data,
-            nonce=nonce,
-            public_key=public_key,
-        )
-        return sign_document(document, key)
+        fields = AttestationFields(self.module_id, int(self._clock() * 1000), pcrs, user_data, nonce, public_key)
+        return sign_fields(self.profile, self._signer, fields)
 
     def get_random(self) -> bytes:
         """256 bytes from the operating system's CSPRNG."""
         return os.urandom(RANDOM_SIZE)
+
+
+@dataclass(frozen=True)
+class AttestationFields:
+    """A document's content apart from its certificates."""
+
+    module_id: str
+    timestamp_ms: int
+    pcrs: dict[int, bytes]
+    user_data: bytes | None = None
+    nonce: bytes | None = None
+    public_key: bytes | None = None
+
+
+def sign_fields(profile: CloudProfile, signer: Signer, fields: AttestationFields) -> bytes:
+    """The document carrying ``fields`` and the signer's chain, signed by its leaf in the
+    profile's encoding."""
+    key, certificate, cabundle = signer()
+    if isinstance(certificate, x509.Certificate):
+        certificate = certificate.public_bytes(serialization.Encoding.DER)
+    document = AttestationDocument(
+        module_id=fields.module_id,
+        timestamp=fields.timestamp_ms,
+        pcrs=fields.pcrs,
+        certificate=certificate,
+        cabundle=tuple(cabundle),
+        user_data=fields.user_data,
+        nonce=fields.nonce,
+        public_key=fields.public_key,
+    )
+    return profile.encoding.sign(document, key)
 
 
 def _check_index(index: int) -> None:

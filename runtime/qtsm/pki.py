@@ -1,19 +1,26 @@
-"""The local attestation PKI: a pinned root, region → host intermediates, per-enclave leaves.
+"""The local attestation PKI: a pinned root and, per cloud profile, a chain shaped like the real one.
 
-Shaped like the real chains (Nitro ``aws.nitro-enclaves`` → region → zone → instance → leaf;
-QingTian root → region → grid → instance → leaf), all P-384 / ecdsa-with-SHA384::
+All P-384 / ecdsa-with-SHA384.  One root (verifiers and the KMS pin it) serves both clouds; below
+it each profile (:mod:`qtbuild.runtime.qtsm.clouds`) has its own intermediates with the real
+lifetimes and pathLen values, e.g. QingTian::
 
-    root    CN=qtbuild-local.qingtian-enclaves   30 years   CA, no pathLen   (verifiers pin it)
-    region  CN=<16 hex>.local.qingtian-enclaves  10 years   CA, pathLen 1
-    host    CN=<16 hex>.host.local.qingtian-...   1 year     CA, pathLen 0    (renewed < 30 days)
-    leaf    CN=<enclave id>.local.qingtian-...   3 hours    not a CA, digitalSignature
+    root      CN=qtbuild-local.qingtian-enclaves           30 years   CA, no pathLen
+    region    CN=<16 hex>.region.qingtian.<DOMAIN>         20 days    CA, pathLen 3
+    grid      CN=<16 hex>.grid.qingtian.<DOMAIN>           6 days     CA, pathLen 2
+    instance  CN=<16 hex>.instance.qingtian.<DOMAIN>       1 day      CA, pathLen 1
+    leaf      CN=<enclave id>.qingtian.<DOMAIN>            3 hours    not a CA, digitalSignature
+
+Re-issue: a CA is replaced (new key) when less than its child's full lifetime remains or its
+issuer was replaced; a leaf when 30 minutes or less remain.  So a chain handed out is always
+current, and the PKI never expires under a developer (only the 30-year root does).
 
 Layout under ``<state dir>/pki`` (directories 0700, private keys 0600, written atomically)::
 
-    root.key root.crt region.key region.crt host.key host.crt   PEM (PKCS#8 keys)
-    leaves/<enclave id>.pem                                      key + certificate, one file
+    root.key root.crt                                   PEM (PKCS#8 key)
+    <cloud>/<level>.key <cloud>/<level>.crt             intermediates, issued on first use
+    <cloud>/leaves/<enclave id>.pem                     key + certificate, one file
 
-A leaf is reused while more than 30 minutes of its validity remain, then replaced.
+(``region.*`` / ``host.*`` next to the root are an older layout's intermediates: ignored.)
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import os
 import re
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,20 +41,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from qtbuild.runtime.files import write_atomically
+from qtbuild.runtime.qtsm.clouds import DEFAULT_CLOUD, PROFILES, CloudProfile
 from qtbuild.runtime.qtsm.device import Signer
 from qtbuild.runtime.verifier.attestation import fingerprint
 
 ROOT_VALIDITY = timedelta(days=30 * 365)
-REGION_VALIDITY = timedelta(days=10 * 365)
-HOST_VALIDITY = timedelta(days=365)
-HOST_RENEW_BEFORE = timedelta(days=30)
-LEAF_VALIDITY = timedelta(hours=3)
 LEAF_RENEW_BEFORE = timedelta(minutes=30)
 #: Certificates are back-dated this much against small clock differences.
 BACKDATE = timedelta(minutes=5)
 DOMAIN = "local.qingtian-enclaves"
 ROOT_NAME = "qtbuild-local.qingtian-enclaves"
-CA_LEVELS = ("root", "region", "host")
 _ENCLAVE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -70,136 +74,181 @@ class _Authority:
 
 
 class LocalPki:
-    """A loaded PKI.  Thread-safe; use :meth:`init` or :meth:`load` to obtain one."""
+    """A loaded PKI.  Thread-safe; use :meth:`init` or :meth:`load` to obtain one.
 
-    def __init__(self, directory: Path, authorities: dict[str, _Authority]) -> None:
+    ``clock`` (returning an aware UTC datetime) is the time certificates are issued and renewed
+    against.
+    """
+
+    def __init__(self, directory: Path, root: _Authority, *, clock: Callable[[], datetime] | None = None) -> None:
         self.directory = directory
-        self._authorities = authorities
-        self._leaves: dict[str, _Authority] = {}
+        self._root = root
+        self._chains: dict[str, list[_Authority]] = {}
+        self._leaves: dict[tuple[str, str], _Authority] = {}
         self._lock = threading.RLock()
+        self._clock = clock
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def init(cls, state_dir: str | os.PathLike | None = None, *, force: bool = False) -> LocalPki:
-        """Create the root and intermediates, or load them when they already exist.
+        """Create the root (intermediates follow on first use), or load an existing PKI.
 
-        Idempotent: an existing complete PKI is returned untouched unless ``force``, which
-        replaces everything (invalidating pinned fingerprints).  PkiError for a partial one.
+        Idempotent: an existing PKI is returned untouched unless ``force``, which replaces
+        everything (invalidating pinned fingerprints).  PkiError for a partial one.
         """
         directory = _pki_dir(state_dir)
-        present = [level for level in CA_LEVELS if (directory / f"{level}.key").exists()]
+        present = [name for name in ("root.key", "root.crt") if (directory / name).exists()]
         if present and not force:
-            if len(present) != len(CA_LEVELS):
+            if len(present) != 2:
                 raise PkiError(f"{directory} holds an incomplete PKI; use --force to recreate it")
             return cls.load(state_dir)
         _make_private_dir(directory)
-        _make_private_dir(directory / "leaves")
-        for leaf in (directory / "leaves").glob("*.pem"):
-            leaf.unlink()
-        now = _now()
-        root = _issue(_name(ROOT_NAME), None, now, ROOT_VALIDITY, path_length=None)
-        region_name = _name(f"{secrets.token_hex(8)}.{DOMAIN}")
-        region = _issue(region_name, root, now, REGION_VALIDITY, path_length=1)
-        host = _issue(_host_name(), region, now, HOST_VALIDITY, path_length=0)
-        authorities = {"root": root, "region": region, "host": host}
-        for level, authority in authorities.items():
-            _save_authority(directory, level, authority)
-        return cls(directory, authorities)
+        for cloud in PROFILES:
+            _discard(directory / cloud)
+        root = _issue(_name(ROOT_NAME), None, _now(), ROOT_VALIDITY, path_length=None)
+        _save_authority(directory, "root", root)
+        return cls(directory, root)
 
     @staticmethod
     def is_initialised(state_dir: str | os.PathLike | None = None) -> bool:
-        """Whether every CA key and certificate exists under ``state_dir``."""
+        """Whether the root key and certificate exist under ``state_dir``."""
         directory = _pki_dir(state_dir)
-        return all(
-            (directory / f"{level}.{suffix}").exists()
-            for level in CA_LEVELS
-            for suffix in ("key", "crt")
-        )
+        return all((directory / f"root.{suffix}").exists() for suffix in ("key", "crt"))
 
     @classmethod
-    def load(cls, state_dir: str | os.PathLike | None = None) -> LocalPki:
+    def load(cls, state_dir: str | os.PathLike | None = None, *,
+             clock: Callable[[], datetime] | None = None) -> LocalPki:
         """Load an initialised PKI; PkiError when missing or when a key does not match its cert."""
         directory = _pki_dir(state_dir)
         if not (directory / "root.crt").exists():
             raise PkiError(f"no attestation PKI in {directory}: run `qtbuild pki init`")
-        authorities = {level: _load_authority(directory, level) for level in CA_LEVELS}
-        return cls(directory, authorities)
+        return cls(directory, _load_authority(directory, "root"), clock=clock)
 
     # ------------------------------------------------------------------ public API
 
     @property
     def root_certificate(self) -> x509.Certificate:
-        return self._authorities["root"].cert
+        return self._root.cert
 
     def root_fingerprint(self) -> str:
         """Lower-case hex SHA-256 of the root certificate's DER (what verifiers pin)."""
         return fingerprint(self.root_certificate)
 
-    def cabundle(self) -> list[bytes]:
-        """The DER chain a document carries, root first: [root, region, host]."""
+    def cabundle(self, cloud: str = DEFAULT_CLOUD) -> list[bytes]:
+        """The DER chain a ``cloud`` document carries, root first: [root, *intermediates]."""
         with self._lock:
-            self._renew_host_if_due(_now())
-            return [_der(self._authorities[level].cert) for level in CA_LEVELS]
+            return [_der(self._root.cert)] + [_der(ca.cert) for ca in self._chain(cloud, self._time())]
 
-    def issue_leaf(self, enclave_id: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-        """(key, certificate) of ``enclave_id``'s signing leaf, reused until < 30 min remain."""
+    def issue_leaf(
+        self, enclave_id: str, cloud: str = DEFAULT_CLOUD
+    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+        """(key, certificate) of ``enclave_id``'s signing leaf under ``cloud``'s chain, reused
+        until 30 minutes or less remain or its issuer is replaced."""
         if not _ENCLAVE_ID.fullmatch(enclave_id or ""):
             raise PkiError(f"invalid enclave id {enclave_id!r} (letters, digits, . _ -; ≤ 128)")
-        now = _now()
+        spec = _profile(cloud)
+        now = self._time()
         with self._lock:
-            self._renew_host_if_due(now)
-            leaf = self._leaves.get(enclave_id)
-            if leaf is None or _expiring(leaf.cert, now):
-                leaf = self._load_leaf(enclave_id, now) or self._new_leaf(enclave_id, now)
-                self._leaves[enclave_id] = leaf
+            issuer = self._chain(cloud, now)[-1]
+            leaf = self._leaves.get((cloud, enclave_id))
+            if leaf is None or not _current(leaf, issuer, now, LEAF_RENEW_BEFORE):
+                leaf = self._load_leaf(cloud, enclave_id, issuer, now) or self._new_leaf(spec, enclave_id, issuer, now)
+                self._leaves[(cloud, enclave_id)] = leaf
             return leaf.key, leaf.cert
 
-    def signer(self, enclave_id: str) -> Signer:
+    def signer(self, enclave_id: str, cloud: str = DEFAULT_CLOUD) -> Signer:
         """The ``signer`` callable a SecurityModule takes: () -> (key, certificate, cabundle)."""
 
         def sign() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate, list[bytes]]:
-            with self._lock:  # leaf and bundle from the same host CA, even across a renewal
-                key, cert = self.issue_leaf(enclave_id)
-                return key, cert, self.cabundle()
+            with self._lock:  # leaf and bundle from the same chain, even across a renewal
+                key, cert = self.issue_leaf(enclave_id, cloud)
+                return key, cert, self.cabundle(cloud)
 
         return sign
 
     def forget_leaf(self, enclave_id: str) -> None:
-        """Drop an enclave's leaf (memory and disk), e.g. when the enclave terminates."""
+        """Drop an enclave's leaves (memory and disk, every cloud), e.g. when it terminates."""
         with self._lock:
-            self._leaves.pop(enclave_id, None)
-            (self.directory / "leaves" / f"{enclave_id}.pem").unlink(missing_ok=True)
+            for cloud in PROFILES:
+                self._leaves.pop((cloud, enclave_id), None)
+                (self.directory / cloud / "leaves" / f"{enclave_id}.pem").unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ internals
 
-    def _new_leaf(self, enclave_id: str, now: datetime) -> _Authority:
-        host = self._authorities["host"]
-        leaf = _issue(_name(f"{enclave_id}.{DOMAIN}"), host, now, LEAF_VALIDITY, ca=False)
-        path = self.directory / "leaves" / f"{enclave_id}.pem"
-        write_atomically(path, _key_pem(leaf.key) + _cert_pem(leaf.cert), 0o600)
+    def _time(self) -> datetime:
+        return (self._clock or _now)()
+
+    def _chain(self, cloud: str, now: datetime) -> list[_Authority]:
+        """``cloud``'s intermediates, each current: loaded, or re-issued top-down when due."""
+        spec = _profile(cloud)
+        directory = self.directory / cloud
+        chain = self._chains.get(cloud) or []
+        levels = spec.intermediates
+        renewed: list[_Authority] = []
+        issuer = self._root
+        for position, level in enumerate(levels):
+            child_life = levels[position + 1].validity if position + 1 < len(levels) else spec.leaf_validity
+            authority = chain[position] if position < len(chain) else _try_load(directory, level.name)
+            if authority is None or not _current(authority, issuer, now, child_life):
+                if position == 0:
+                    _make_private_dir(directory)
+                authority = _issue(_ca_name(cloud, level.name), issuer, now, level.validity,
+                                   path_length=level.path_length)
+                _save_authority(directory, level.name, authority)
+            renewed.append(authority)
+            issuer = authority
+        self._chains[cloud] = renewed
+        return renewed
+
+    def _new_leaf(self, spec: CloudProfile, enclave_id: str, issuer: _Authority, now: datetime) -> _Authority:
+        leaf = _issue(_name(f"{enclave_id}.{spec.name}.{DOMAIN}"), issuer, now, spec.leaf_validity, ca=False,
+                      key_identifiers=spec.leaf_authority_key_id)
+        leaves = self.directory / spec.name / "leaves"
+        _make_private_dir(leaves)
+        write_atomically(leaves / f"{enclave_id}.pem", _key_pem(leaf.key) + _cert_pem(leaf.cert), 0o600)
         return leaf
 
-    def _load_leaf(self, enclave_id: str, now: datetime) -> _Authority | None:
-        """The leaf saved on disk, if it is intact, current and issued by the current host."""
-        path = self.directory / "leaves" / f"{enclave_id}.pem"
+    def _load_leaf(self, cloud: str, enclave_id: str, issuer: _Authority, now: datetime) -> _Authority | None:
+        """The leaf saved on disk, if it is intact, current and issued by the current issuer."""
+        path = self.directory / cloud / "leaves" / f"{enclave_id}.pem"
         try:
             data = path.read_bytes()
             leaf = _Authority(_load_ec_key(data), x509.load_pem_x509_certificate(data))
         except (OSError, ValueError, TypeError):
             return None  # missing or damaged: a new one is issued
-        host = self._authorities["host"].cert
-        usable = _matches(leaf) and not _expiring(leaf.cert, now) and _signed_by(leaf.cert, host)
-        return leaf if usable else None
+        return leaf if _matches(leaf) and _current(leaf, issuer, now, LEAF_RENEW_BEFORE) else None
 
-    def _renew_host_if_due(self, now: datetime) -> None:
-        host = self._authorities["host"]
-        if host.cert.not_valid_after_utc - now > HOST_RENEW_BEFORE:
-            return
-        host = _issue(_host_name(), self._authorities["region"], now, HOST_VALIDITY, path_length=0)
-        _save_authority(self.directory, "host", host)
-        self._authorities["host"] = host
-        self._leaves.clear()
+
+def _profile(cloud: str) -> CloudProfile:
+    try:
+        return PROFILES[cloud]
+    except KeyError:
+        raise PkiError(f"unknown cloud {cloud!r}: choose {' or '.join(PROFILES)}") from None
+
+
+def _current(authority: _Authority, issuer: _Authority, now: datetime, renew_before: timedelta) -> bool:
+    """Whether a certificate may still be handed out: issued by ``issuer``'s current key and
+    more than ``renew_before`` of validity left."""
+    cert = authority.cert
+    return cert.not_valid_after_utc - now > renew_before and cert.not_valid_before_utc <= now + BACKDATE \
+        and _signed_by(cert, issuer.cert)
+
+
+def _try_load(directory: Path, level: str) -> _Authority | None:
+    try:
+        return _load_authority(directory, level)
+    except PkiError:
+        return None  # missing or damaged: re-issued
+
+
+def _discard(directory: Path) -> None:
+    """Remove a cloud's intermediates and leaves (``init --force``)."""
+    for path in sorted(directory.rglob("*"), reverse=True) if directory.exists() else ():
+        if path.is_dir() and not path.is_symlink():
+            path.rmdir()
+        else:
+            path.unlink()
 
 
 # --------------------------------------------------------------------------- certificates
@@ -218,8 +267,8 @@ def _name(common_name: str) -> x509.Name:
     ])
 
 
-def _host_name() -> x509.Name:
-    return _name(f"{secrets.token_hex(8)}.host.{DOMAIN}")
+def _ca_name(cloud: str, level: str) -> x509.Name:
+    return _name(f"{secrets.token_hex(8)}.{level}.{cloud}.{DOMAIN}")
 
 
 def _issue(
@@ -230,10 +279,12 @@ def _issue(
     *,
     path_length: int | None = None,
     ca: bool = True,
+    key_identifiers: bool = True,
 ) -> _Authority:
     """A fresh P-384 key and its certificate, signed by ``issuer`` (self-signed when None).
 
-    The validity never extends past the issuer's.
+    The validity never extends past the issuer's.  A leaf (``ca=False``) carries the authority
+    key identifier only when ``key_identifiers`` (and never a subject key identifier).
     """
     key = ec.generate_private_key(ec.SECP384R1())
     signing_key = issuer.key if issuer else key
@@ -257,19 +308,15 @@ def _issue(
             x509.KeyUsage(digital_signature=True, key_cert_sign=ca, crl_sign=ca, **usage),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
-    if issuer is not None:
+    if ca:
+        builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    if issuer is not None and (ca or key_identifiers):
         builder = builder.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()),
             critical=False,
         )
     return _Authority(key, builder.sign(signing_key, hashes.SHA384()))
-
-
-def _expiring(cert: x509.Certificate, now: datetime) -> bool:
-    """Whether a leaf is due for renewal: 30 minutes or less of validity left."""
-    return cert.not_valid_after_utc - now <= LEAF_RENEW_BEFORE
 
 
 def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:

@@ -27,16 +27,18 @@ import cbor2
 
 from qtbuild.formats.attestation import (
     MAX_REQUEST_SIZE,
-    MAX_RESPONSE_SIZE,
     ErrorCode,
     ModuleError,
     encode_error,
 )
 from qtbuild.formats.cose import loads_strict
 from qtbuild.formats.errors import FormatError
+from qtbuild.runtime.qtsm.clouds import PROFILES
 from qtbuild.runtime.qtsm.device import SecurityModule
 
 HEADER = struct.Struct(">I")
+#: The largest response any cloud profile's device returns.
+LARGEST_RESPONSE = max(profile.max_response for profile in PROFILES.values())
 _ACCEPT_POLL = 0.2
 _PEERCRED = struct.Struct("3i")
 
@@ -173,13 +175,13 @@ def request(socket_path: str | os.PathLike, request_obj: object, *, timeout: flo
         if header is None:
             raise ModuleError(ErrorCode.INVALID_RESPONSE, "connection closed without a response")
         (length,) = HEADER.unpack(header)
-        if length > MAX_RESPONSE_SIZE:
+        if length > LARGEST_RESPONSE:
             raise ModuleError(ErrorCode.INVALID_RESPONSE, f"response of {length} bytes")
         body = _recv_exact(connection, length)
     if body is None:
         raise ModuleError(ErrorCode.INVALID_RESPONSE, "truncated response")
     try:
-        return loads_strict(body, what="response", max_size=MAX_RESPONSE_SIZE)
+        return loads_strict(body, what="response", max_size=LARGEST_RESPONSE)
     except FormatError as exc:
         raise ModuleError(ErrorCode.INVALID_RESPONSE, str(exc)) from None
 

@@ -8,6 +8,7 @@ into ``DIR/qtbuild_sdk/`` as they are (see README.md).
     connect, listen    vsock stream sockets (native AF_VSOCK or qtbuild's emulation)
     RecipientKey       the RSA-2048 key pair for KMS recipient requests
     KmsClient          signed KMS calls (decrypt-data, create-datakey, ...) with the recipient flow
+    AwsKmsClient       AWS KMS (SigV4, Recipient) for the Nitro profile
     open_envelope      opens the KMS's CMS EnvelopedData answer with the recipient key
 
 Inside this package, import siblings relatively (``from .qtsm import …``): the export is a
@@ -16,11 +17,14 @@ plain copy, and an absolute qtbuild import makes it fail.
 
 from __future__ import annotations
 
+from .aws_kms import AwsCredentials, AwsKmsClient
 from .envelope import open_envelope
 from .kms_client import Credentials, KmsClient, tcp_transport, vsock_transport
 from .qtsm import Qtsm, QtsmError
 from .recipient import RecipientKey
 from .vsock import connect, listen
 
-__all__ = ["Credentials", "KmsClient", "Qtsm", "QtsmError", "RecipientKey", "connect", "listen", "open_envelope",
-           "tcp_transport", "vsock_transport"]
+__all__ = [
+    "AwsCredentials", "AwsKmsClient", "Credentials", "KmsClient", "Qtsm", "QtsmError",
+    "RecipientKey", "connect", "listen", "open_envelope", "tcp_transport", "vsock_transport",
+]

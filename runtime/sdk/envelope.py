@@ -1,8 +1,8 @@
 """Open the CMS envelope KMS returns to an attested recipient (``ciphertext_recipient`` /
 ``CiphertextForRecipient``), with only the standard library and ``cryptography`` ≥ 38.
 
-The envelope is a DER ``ContentInfo`` (RFC 5652) holding exactly this shape — anything else is
-refused, so the parser stays small and every length is checked before it is used::
+The envelope is a DER or BER ``ContentInfo`` (RFC 5652) holding exactly this shape — anything
+else is refused, so the parser stays small and every length is checked before it is used::
 
     ContentInfo SEQUENCE {
       contentType  OID id-envelopedData (1.2.840.113549.1.7.3)
@@ -20,8 +20,11 @@ refused, so the parser stays small and every length is checked before it is used
                                                 IV OCTET STRING (16 bytes) }
           encryptedContent [0] IMPLICIT OCTET STRING (primitive) } } }
 
-No originatorInfo, no unprotectedAttrs, no trailing bytes; DER only (definite, minimal
-lengths); hash AlgorithmIdentifiers may carry NULL parameters or none.  The content key is
+No originatorInfo, no unprotectedAttrs, no trailing bytes; hash AlgorithmIdentifiers may carry
+NULL parameters or none.  BER as AWS KMS writes it (aws-nitro-enclaves-sdk-c's test vector) is
+accepted: indefinite lengths on constructed elements (closed by end-of-contents), non-minimal
+definite lengths, and octet strings (encryptedKey, the IV, encryptedContent) in constructed
+form, their segments concatenated; nesting is bounded.  The content key is
 RSAES-OAEP (SHA-256, MGF1-SHA-256, empty label) encrypted and must be 32 bytes; the content is
 AES-256-CBC with PKCS#7 padding.  Every failure raises :class:`EnvelopeError` (a ValueError).
 """
@@ -48,6 +51,9 @@ OID_AES256_CBC = "2.16.840.1.101.3.4.1.42"
 SEQUENCE, SET, INTEGER, OCTET_STRING, OID, NULL = 0x30, 0x31, 0x02, 0x04, 0x06, 0x05
 CONTEXT_0, CONTEXT_1 = 0xA0, 0xA1          # constructed, context-specific
 IMPLICIT_0 = 0x80                          # primitive, context-specific [0]
+CONSTRUCTED = 0x20
+#: Deepest BER nesting followed (indefinite lengths, constructed strings); the shape needs 6.
+MAX_NESTING = 16
 
 
 class EnvelopeError(ValueError):
@@ -98,11 +104,13 @@ def parse_envelope(data: bytes) -> Envelope:
 
 def _key_transport(info: _Reader) -> tuple[bytes, bytes]:
     _expect_version(info, (0, 2), "KeyTransRecipientInfo.version")
-    _, recipient_id = info.any(("KeyTransRecipientInfo.rid", (SEQUENCE, IMPLICIT_0)))
+    tag, recipient_id = info.any(("KeyTransRecipientInfo.rid", (SEQUENCE, IMPLICIT_0, IMPLICIT_0 | CONSTRUCTED)))
+    if tag == IMPLICIT_0 | CONSTRUCTED:
+        recipient_id = _segments(recipient_id, "KeyTransRecipientInfo.rid", 0)
     algorithm = info.next(SEQUENCE, "keyEncryptionAlgorithm")
     _expect_oid(algorithm, OID_RSAES_OAEP, "keyEncryptionAlgorithm")
     _check_oaep_params(algorithm.last(SEQUENCE, "RSAES-OAEP-params"))
-    encrypted_key = info.last_value(OCTET_STRING, "encryptedKey")
+    encrypted_key = info.last_string(OCTET_STRING, "encryptedKey")
     return recipient_id, encrypted_key
 
 
@@ -119,10 +127,10 @@ def _content(info: _Reader) -> tuple[bytes, bytes]:
     _expect_oid(info, OID_DATA, "EncryptedContentInfo.contentType")
     algorithm = info.next(SEQUENCE, "contentEncryptionAlgorithm")
     _expect_oid(algorithm, OID_AES256_CBC, "contentEncryptionAlgorithm")
-    iv = algorithm.last_value(OCTET_STRING, "AES-CBC IV")
+    iv = algorithm.last_string(OCTET_STRING, "AES-CBC IV")
     if len(iv) != IV_SIZE:
         raise EnvelopeError(f"AES-CBC IV of {len(iv)} bytes, expected {IV_SIZE}")
-    encrypted = info.last_value(IMPLICIT_0, "encryptedContent")
+    encrypted = info.last_string(IMPLICIT_0, "encryptedContent")
     if not encrypted or len(encrypted) % 16:
         raise EnvelopeError(f"encryptedContent of {len(encrypted)} bytes is not whole AES blocks")
     return iv, encrypted
@@ -171,48 +179,80 @@ def _decrypt_content(key: bytes, iv: bytes, encrypted: bytes) -> bytes:
         raise EnvelopeError("the content's padding is invalid") from None
 
 
-# --------------------------------------------------------------------------- DER reading
+# --------------------------------------------------------------------------- DER / BER reading
+
+
+def _header(data: bytes, offset: int, what: str) -> tuple[int, int | None, int]:
+    """(tag, content length or None for indefinite, content offset) of the element at ``offset``."""
+    if len(data) - offset < 2:
+        raise EnvelopeError(f"{what}: truncated")
+    tag, first = data[offset], data[offset + 1]
+    offset += 2
+    if tag & 0x1F == 0x1F:
+        raise EnvelopeError(f"{what}: multi-byte tags are not used here")
+    if first < 0x80:
+        return tag, first, offset
+    count = first & 0x7F
+    if count == 0:
+        if not tag & CONSTRUCTED:
+            raise EnvelopeError(f"{what}: indefinite length on a primitive element")
+        return tag, None, offset
+    if count > 4 or len(data) - offset < count:
+        raise EnvelopeError(f"{what}: bad length")
+    length = int.from_bytes(data[offset:offset + count], "big")
+    offset += count
+    if len(data) - offset < length:
+        raise EnvelopeError(f"{what}: length {length} runs past the end")
+    return tag, length, offset
+
+
+def _element_end(data: bytes, offset: int, what: str, depth: int) -> tuple[int, int, int, int]:
+    """(tag, content start, content end, next offset) of the element at ``offset``; an
+    indefinite-length element ends at its matching end-of-contents (00 00)."""
+    tag, length, start = _header(data, offset, what)
+    if length is not None:
+        return tag, start, start + length, start + length
+    if depth >= MAX_NESTING:
+        raise EnvelopeError(f"{what}: nested deeper than {MAX_NESTING}")
+    position = start
+    while True:
+        if data[position:position + 2] == b"\x00\x00":
+            return tag, start, position, position + 2
+        if position >= len(data):
+            raise EnvelopeError(f"{what}: indefinite length without end-of-contents")
+        position = _element_end(data, position, what, depth + 1)[3]
+
+
+def _segments(data: bytes, what: str, depth: int) -> bytes:
+    """The concatenated OCTET STRING segments of a constructed string's contents."""
+    if depth >= MAX_NESTING:
+        raise EnvelopeError(f"{what}: nested deeper than {MAX_NESTING}")
+    reader, parts = _Reader(data, depth + 1), []
+    while not reader.at_end():
+        tag, value = reader.any((what, (OCTET_STRING, OCTET_STRING | CONSTRUCTED)))
+        parts.append(value if tag == OCTET_STRING else _segments(value, what, depth + 1))
+    return b"".join(parts)
 
 
 class _Reader:
-    """Sequential reader over the contents of one DER element (strict, bounded).
+    """Sequential reader over the contents of one DER/BER element (strict, bounded).
 
     ``next*`` read the following element with the expected tag; ``last*`` also require it to
     be the final one, so on a fresh reader they accept exactly one element.
     """
 
-    __slots__ = ("_data", "_offset")
+    __slots__ = ("_data", "_depth", "_offset")
 
-    def __init__(self, data: bytes) -> None:
-        self._data, self._offset = data, 0
+    def __init__(self, data: bytes, depth: int = 0) -> None:
+        self._data, self._offset, self._depth = data, 0, depth
 
     def at_end(self) -> bool:
         return self._offset == len(self._data)
 
     def _element(self, what: str) -> tuple[int, bytes]:
-        data, offset = self._data, self._offset
-        if len(data) - offset < 2:
-            raise EnvelopeError(f"{what}: truncated")
-        tag, first = data[offset], data[offset + 1]
-        offset += 2
-        if tag & 0x1F == 0x1F:
-            raise EnvelopeError(f"{what}: multi-byte tags are not used here")
-        if first < 0x80:
-            length = first
-        else:
-            count = first & 0x7F
-            if count == 0:
-                raise EnvelopeError(f"{what}: indefinite length (BER) is not DER")
-            if count > 3 or len(data) - offset < count:
-                raise EnvelopeError(f"{what}: bad length")
-            length = int.from_bytes(data[offset:offset + count], "big")
-            if length < 0x80 or data[offset] == 0:
-                raise EnvelopeError(f"{what}: non-minimal length (not DER)")
-            offset += count
-        if len(data) - offset < length:
-            raise EnvelopeError(f"{what}: length {length} runs past the end")
-        self._offset = offset + length
-        return tag, data[offset:offset + length]
+        tag, start, end, after = _element_end(self._data, self._offset, what, self._depth)
+        self._offset = after
+        return tag, self._data[start:end]
 
     def any(self, spec: tuple[str, tuple[int, ...]]) -> tuple[int, bytes]:
         what, tags = spec
@@ -225,7 +265,7 @@ class _Reader:
         return self.any((what, (tag,)))[1]
 
     def next(self, tag: int, what: str) -> _Reader:
-        return _Reader(self.next_value(tag, what))
+        return _Reader(self.next_value(tag, what), self._depth + 1)
 
     def last_value(self, tag: int, what: str) -> bytes:
         value = self.next_value(tag, what)
@@ -234,7 +274,14 @@ class _Reader:
         return value
 
     def last(self, tag: int, what: str) -> _Reader:
-        return _Reader(self.last_value(tag, what))
+        return _Reader(self.last_value(tag, what), self._depth + 1)
+
+    def last_string(self, tag: int, what: str) -> bytes:
+        """A final string element, primitive (``tag``) or constructed from segments (BER)."""
+        found, value = self.any((what, (tag, tag | CONSTRUCTED)))
+        if not self.at_end():
+            raise EnvelopeError(f"unexpected data after {what}")
+        return value if found == tag else _segments(value, what, self._depth)
 
 
 def decode_oid(raw: bytes) -> str:

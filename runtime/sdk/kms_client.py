@@ -26,6 +26,17 @@ carrying the client's RSA public key; KMS answers ``ciphertext_recipient`` (a CM
 the client opens it with the private key, so plaintext never crosses the proxy in the clear.
 Without an attestor the same calls return KMS's plaintext fields.
 
+Reaching the real service: :meth:`KmsClient.from_config` takes the endpoint, region and project
+from its parameters or the environment (``KMS_ENDPOINT``, ``KMS_REGION``, ``KMS_PROJECT_ID``,
+``KMS_ACCESS_KEY`` / ``KMS_SECRET_KEY``; Huawei's ``HUAWEICLOUD_SDK_REGION``,
+``HUAWEICLOUD_SDK_PROJECT_ID``, ``HUAWEICLOUD_SDK_AK`` / ``HUAWEICLOUD_SDK_SK`` also work) and
+defaults to HTTPS at the regional endpoint ``https://kms.<region>.myhuaweicloud.com``.  The
+signed ``Host`` and the TLS server name are always the endpoint's, whatever transport carries the
+bytes (inside an enclave: the vsock proxy), so the same code runs locally and in the cloud.
+
+Only fields the real APIs define are sent (encrypt-data: ``key_id``, ``plain_text``,
+``additional_authenticated_data``).
+
 Errors: a KMS error reply raises :class:`KmsClientError` (HTTP status, ``KMS.xxxx`` code,
 message); a malformed reply or envelope raises :class:`KmsProtocolError`; socket failures stay
 ``OSError``.  A client holds one kept-alive connection and is safe to share between threads
@@ -40,13 +51,15 @@ import hashlib
 import hmac
 import http.client
 import json
+import os
 import socket
 import ssl
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from urllib.parse import parse_qsl, quote, unquote
+from typing import Self
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from .envelope import EnvelopeError, open_envelope
 from .recipient import RecipientKey
@@ -61,6 +74,16 @@ DEFAULT_TIMEOUT = 30.0
 #: Data-key ciphertexts end in a trailer of this many bytes (``runtime/kms/crypto.py``); the
 #: rest is what decrypt-datakey calls ``datakey_cipher_length``.
 DATAKEY_TRAILER = 100
+#: Huawei Cloud's regional KMS endpoint.
+REGIONAL_ENDPOINT = "https://kms.{region}.myhuaweicloud.com"
+#: Environment variables read by :meth:`KmsClient.from_config`, first match wins.
+ENV = {
+    "endpoint": ("KMS_ENDPOINT",),
+    "region": ("KMS_REGION", "HUAWEICLOUD_SDK_REGION"),
+    "project_id": ("KMS_PROJECT_ID", "HUAWEICLOUD_SDK_PROJECT_ID"),
+    "access_key": ("KMS_ACCESS_KEY", "HUAWEICLOUD_SDK_AK"),
+    "secret_key": ("KMS_SECRET_KEY", "HUAWEICLOUD_SDK_SK"),
+}
 
 Transport = Callable[[], socket.socket]
 
@@ -162,19 +185,67 @@ def vsock_transport(port: int, *, cid: int = 3, timeout: float = DEFAULT_TIMEOUT
 
 
 class _Connection(http.client.HTTPConnection):
-    """An HTTP/1.1 connection whose socket comes from a transport (optionally wrapped in TLS)."""
+    """An HTTP/1.1 connection whose socket comes from a transport (optionally wrapped in TLS,
+    verified against ``host``'s name, not the transport's address)."""
 
     def __init__(self, host: str, transport: Transport, timeout: float,
                  ssl_context: ssl.SSLContext | None) -> None:
         super().__init__(host, timeout=timeout)
+        self.header_host = host
         self._transport, self._ssl_context = transport, ssl_context
 
     def connect(self) -> None:
         sock = self._transport()
         sock.settimeout(self.timeout)
         if self._ssl_context is not None:
-            sock = self._ssl_context.wrap_socket(sock, server_hostname=self.host)
+            sock = self._ssl_context.wrap_socket(sock, server_hostname=urlsplit(f"//{self.header_host}").hostname)
         self.sock = sock
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the KMS is: ``https://kms.cn-north-4.myhuaweicloud.com`` → scheme, host, port.
+
+    ``host_header`` is what requests carry and sign (the port only when it is not the default).
+    """
+
+    scheme: str
+    hostname: str
+    port: int
+
+    @classmethod
+    def parse(cls, url: str) -> Endpoint:
+        parts = urlsplit(url if "://" in url else f"https://{url}")
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError(f"not a KMS endpoint URL (https://host[:port]): {url!r}")
+        return cls(parts.scheme, parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+
+    @classmethod
+    def resolve(cls, endpoint: str | None = None, region: str | None = None,
+                environ: Mapping[str, str] | None = None) -> Endpoint:
+        """``endpoint``, else ``$KMS_ENDPOINT``, else the regional endpoint of ``region`` /
+        ``$KMS_REGION`` / ``$HUAWEICLOUD_SDK_REGION``; ValueError naming what to set."""
+        environ = os.environ if environ is None else environ
+        endpoint = endpoint or _env(environ, "endpoint")
+        if endpoint:
+            return cls.parse(endpoint)
+        region = region or _env(environ, "region")
+        if not region:
+            raise ValueError("no KMS endpoint: give endpoint= or region=, or set KMS_ENDPOINT or KMS_REGION")
+        return cls.parse(REGIONAL_ENDPOINT.format(region=region))
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.hostname if self.port == default else f"{self.hostname}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.host_header}"
+
+
+def _env(environ: Mapping[str, str], name: str) -> str | None:
+    return next((environ[key] for key in ENV[name] if environ.get(key)), None)
 
 
 # --------------------------------------------------------------------------- the client
@@ -192,7 +263,32 @@ class Credentials:
         return f"Credentials(access_key={self.access_key!r}, project_id={self.project_id!r})"
 
 
-class KmsClient:
+class ConnectedClient:
+    """What the SDK's KMS clients share: one kept-alive connection (``_connection``), a lock,
+    and the recipient RSA key, generated on first use unless given (``_recipient_key``)."""
+
+    _connection: _Connection
+    _lock: threading.Lock
+    _recipient_key: RecipientKey | None
+
+    def close(self) -> None:
+        self._connection.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @property
+    def recipient_key(self) -> RecipientKey:
+        with self._lock:
+            if self._recipient_key is None:
+                self._recipient_key = RecipientKey.generate()
+            return self._recipient_key
+
+
+class KmsClient(ConnectedClient):
     """Signed KMS calls over one kept-alive connection (see the module docstring)."""
 
     def __init__(self, transport: Transport, credentials: Credentials, *, host: str = "kms",
@@ -207,20 +303,45 @@ class KmsClient:
         self._connection = _Connection(host, transport, timeout, ssl_context)
         self._lock = threading.Lock()
 
-    def close(self) -> None:
-        self._connection.close()
-
-    def __enter__(self) -> KmsClient:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    @classmethod
+    def from_config(cls, credentials: Credentials | None = None, *, endpoint: str | None = None,
+                    region: str | None = None, project_id: str | None = None,
+                    transport: Transport | None = None, ssl_context: ssl.SSLContext | None = None,
+                    environ: Mapping[str, str] | None = None, **options) -> KmsClient:
+        """A client for the configured endpoint (module docstring): HTTPS by default, ``Host``
+        and TLS name from the endpoint.  ``transport`` (e.g. :func:`vsock_transport` to the
+        parent's proxy) carries the bytes; default: TCP to the endpoint.  ``ssl_context``
+        defaults to the system's trust store.  ValueError naming a missing setting."""
+        environ = os.environ if environ is None else environ
+        where = Endpoint.resolve(endpoint, region, environ)
+        if credentials is None:
+            values = {name: _env(environ, name) for name in ("access_key", "secret_key")}
+            missing = [ENV[name][0] for name, value in values.items() if not value]
+            if missing:
+                raise ValueError(f"no KMS credentials: set {' and '.join(missing)} (or pass credentials=)")
+            credentials = Credentials(values["access_key"] or "", values["secret_key"] or "", "")
+        project = project_id or credentials.project_id or _env(environ, "project_id")
+        if not project:
+            raise ValueError("no project id: pass project_id= or set KMS_PROJECT_ID")
+        credentials = Credentials(credentials.access_key, credentials.secret_key, project)
+        if where.scheme == "https" and ssl_context is None:
+            ssl_context = ssl.create_default_context()
+        if where.scheme == "http":
+            ssl_context = None
+        transport = transport or tcp_transport(where.hostname, where.port)
+        return cls(transport, credentials, host=where.host_header, ssl_context=ssl_context, **options)
 
     # ------------------------------------------------------------------ data-plane calls
 
-    def encrypt_data(self, key_id: str, plaintext: bytes, aad: bytes | None = None) -> str:
-        """encrypt-data: the base64 ``cipher_text`` (1–4096 bytes of plaintext)."""
-        body = {"key_id": key_id, "plain_text_base64": _b64(plaintext)}
+    def encrypt_data(self, key_id: str, plaintext: bytes | str, aad: bytes | None = None) -> str:
+        """encrypt-data: the base64 ``cipher_text`` of 1–4096 bytes of UTF-8 text (the API's
+        ``plain_text`` is text: base64-encode binary data first; ValueError otherwise)."""
+        if isinstance(plaintext, (bytes, bytearray, memoryview)):
+            try:
+                plaintext = bytes(plaintext).decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError("encrypt-data carries UTF-8 text (plain_text): base64-encode binary data") from None
+        body = {"key_id": key_id, "plain_text": plaintext}
         if aad is not None:
             body["additional_authenticated_data"] = _text(aad)
         return _field(self.call("encrypt-data", body), "cipher_text", str)
@@ -232,7 +353,10 @@ class KmsClient:
             body["additional_authenticated_data"] = _text(aad)
         plaintext, reply = self._recipient_call("decrypt-data", body)
         if plaintext is None:
-            plaintext = _unbase64(_field(reply, "plain_text_base64", str), "plain_text_base64")
+            if isinstance(reply.get("plain_text_base64"), str):
+                plaintext = _unbase64(reply["plain_text_base64"], "plain_text_base64")
+            else:
+                plaintext = _field(reply, "plain_text", str).encode("utf-8")
         return plaintext
 
     def decrypt_datakey(self, key_id: str, cipher_text: str) -> bytes:
@@ -260,13 +384,6 @@ class KmsClient:
         return plaintext
 
     # ------------------------------------------------------------------ plumbing
-
-    @property
-    def recipient_key(self) -> RecipientKey:
-        with self._lock:
-            if self._recipient_key is None:
-                self._recipient_key = RecipientKey.generate()
-            return self._recipient_key
 
     def recipient(self) -> dict:
         """The ``recipient`` request field: a fresh document over this client's public key."""
@@ -310,7 +427,7 @@ class KmsClient:
         raise AssertionError("unreachable")
 
     def _send(self, path: str, payload: bytes) -> tuple[int, bytes]:
-        headers = {"Host": self._connection.host, "Content-Type": "application/json"}
+        headers = {"Host": self._connection.header_host, "Content-Type": "application/json"}
         headers = sign_request("POST", path, "", headers, payload,
                                self.credentials.access_key, self.credentials.secret_key)
         self._connection.request("POST", path, body=payload, headers=headers)

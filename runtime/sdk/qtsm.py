@@ -3,17 +3,22 @@
 Depends only on the standard library and ``cbor2`` (``dumps``/``loads``, present in Debian
 bookworm's 5.4 and in 6.x), so it runs in an image built from bookworm's own packages.
 
-Device (``Qtsm(path=None)`` auto-detects, first match wins)
-    ``/dev/qtsm`` or ``/dev/nsm`` is a Unix socket   local framing: each request on a fresh
-        connection, both directions a 4-byte big-endian length then CBOR (the qtbuild runtime's
-        device, see ``runtime/qtsm/server.py``);
-    ``/dev/nsm`` is a character device   the Nitro driver's one ioctl, ``NSM_IOCTL_REQUEST`` =
-        ``_IOWR(0x0A, 0, struct nsm_message)`` with ``struct nsm_message { struct iovec request;
-        struct iovec response; }`` (two ``{u64 addr; u64 len}``), the response buffer 0x3000 bytes;
-        the driver shrinks ``response.len`` to the answer's size.
-    An explicit ``path`` is used as whichever of the two it is.  No device → FileNotFoundError.
-    (A character device at ``/dev/qtsm`` — QingTian hardware, whose driver interface is not
-    public — is not probed.)
+Device (``Qtsm(path=None)`` auto-detects, in this order; first match wins)
+    1. ``/dev/qtsm`` is a character device: QingTian hardware.  When Huawei's ``libqtsm.so``
+       can be loaded (``$QTBUILD_LIBQTSM`` or the loader's search path) it is driven through its
+       published C API (:mod:`.libqtsm`: proven interface).  Otherwise the driver is called
+       directly with the NSM-style message (request/response iovecs, response buffer 0x6000 =
+       libqtsm's ``QTSM_RESPONSE_MAX_SIZE``) and ``QTSM_IOCTL_REQUEST`` — the message layout and
+       ioctl number are *inferred* (not published), see the SDK README.
+    2. ``/dev/nsm`` is a character device: Nitro hardware, the driver's one ioctl,
+       ``NSM_IOCTL_REQUEST`` = ``_IOWR(0x0A, 0, struct nsm_message)`` with ``struct nsm_message {
+       struct iovec request; struct iovec response; }`` (two ``{u64 addr; u64 len}``), the
+       response buffer 0x3000 bytes; the driver shrinks ``response.len`` to the answer's size.
+    3. ``/dev/qtsm`` or ``/dev/nsm`` is a Unix socket: the local emulation (qtbuild's runtime,
+       ``runtime/qtsm/server.py``): each request on a fresh connection, both directions a
+       4-byte big-endian length then CBOR.
+    An explicit ``path`` is used as whichever it is.  Nothing found → FileNotFoundError naming
+    every place looked at and what was there.
 
 Contracts
     Requests are the NSM/QTSM CBOR schema (docs/attestation.md, "Device API").  A request
@@ -41,7 +46,9 @@ import cbor2
 MAX_REQUEST_SIZE = 0x1000
 #: Largest response a device writes (NSM_RESPONSE_MAX_SIZE); also the ioctl response buffer.
 MAX_RESPONSE_SIZE = 0x3000
-#: Probed in order by ``Qtsm()``.
+#: libqtsm's response buffer (``QTSM_RESPONSE_MAX_SIZE``); QingTian documents are larger than Nitro's.
+QTSM_RESPONSE_MAX_SIZE = 0x6000
+#: The QingTian and Nitro device paths, probed by ``Qtsm()`` (see the module docstring).
 DEFAULT_PATHS = ("/dev/qtsm", "/dev/nsm")
 #: The ``{"Error": …}`` variants of the schema.
 ERROR_VARIANTS = (
@@ -94,32 +101,40 @@ def pack_message(request: ctypes.Array, response: ctypes.Array) -> NsmMessage:
     return message
 
 
-class NitroTransport:
-    """Requests through the Nitro driver's ioctl on an open ``/dev/nsm`` descriptor.
+#: Inferred: the QingTian driver's request ioctl, taken to be the NSM one (same message layout).
+QTSM_IOCTL_REQUEST = NSM_IOCTL_REQUEST
+
+
+class IoctlTransport:
+    """Requests through a security-module driver's one ioctl on an open device descriptor.
 
     ``ioctl`` is ``fcntl.ioctl``-compatible (replaceable for tests).  Owns ``fd``: ``close``
     closes it.
     """
 
+    name = "NSM"
+    request_code = NSM_IOCTL_REQUEST
+    response_size = MAX_RESPONSE_SIZE
+
     def __init__(self, fd: int, *, ioctl=fcntl.ioctl) -> None:
         self.fd, self._ioctl = fd, ioctl
 
     @classmethod
-    def open(cls, path: str) -> NitroTransport:
-        return cls(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+    def open(cls, path: str, *, ioctl=fcntl.ioctl):
+        return cls(os.open(path, os.O_RDWR | os.O_CLOEXEC), ioctl=ioctl)
 
     def request(self, payload: bytes) -> bytes:
-        """One request → its raw response bytes (at most MAX_RESPONSE_SIZE)."""
+        """One request → its raw response bytes (at most ``response_size``)."""
         request = ctypes.create_string_buffer(payload, len(payload))
-        response = ctypes.create_string_buffer(MAX_RESPONSE_SIZE)
+        response = ctypes.create_string_buffer(self.response_size)
         message = pack_message(request, response)
         try:
-            self._ioctl(self.fd, NSM_IOCTL_REQUEST, message, True)
+            self._ioctl(self.fd, self.request_code, message, True)
         except OSError as exc:
             variant = "InputTooLarge" if exc.errno == errno.EMSGSIZE else "InternalError"
-            raise QtsmError(variant, f"NSM ioctl failed: {exc}") from exc
+            raise QtsmError(variant, f"{self.name} ioctl failed: {exc}") from exc
         length = message.response.len
-        if length > MAX_RESPONSE_SIZE:
+        if length > self.response_size:
             raise QtsmError("InvalidResponse", f"driver reported {length} response bytes")
         return response.raw[:length]
 
@@ -127,6 +142,18 @@ class NitroTransport:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class NitroTransport(IoctlTransport):
+    """``/dev/nsm``: the Nitro driver (published interface)."""
+
+
+class QingTianTransport(IoctlTransport):
+    """``/dev/qtsm`` without libqtsm: the NSM-style message, 0x6000-byte response (inferred)."""
+
+    name = "QTSM"
+    request_code = QTSM_IOCTL_REQUEST
+    response_size = QTSM_RESPONSE_MAX_SIZE
 
 
 # --------------------------------------------------------------------------- local socket
@@ -139,14 +166,17 @@ class SocketTransport:
     def __init__(self, path: str, *, timeout: float = 10.0) -> None:
         self.path, self.timeout = path, timeout
 
+    #: The local device may play either cloud: QingTian's responses go up to 0x6000 bytes.
+    response_size = QTSM_RESPONSE_MAX_SIZE
+
     def request(self, payload: bytes) -> bytes:
-        """One request → its raw response bytes (at most MAX_RESPONSE_SIZE)."""
+        """One request → its raw response bytes (at most ``response_size``)."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
             connection.settimeout(self.timeout)
             connection.connect(self.path)
             connection.sendall(_HEADER.pack(len(payload)) + payload)
             (length,) = _HEADER.unpack(_recv_exact(connection, _HEADER.size))
-            if length > MAX_RESPONSE_SIZE:
+            if length > self.response_size:
                 raise QtsmError("InvalidResponse", f"response of {length} bytes")
             return _recv_exact(connection, length)
 
@@ -165,32 +195,65 @@ def _recv_exact(connection: socket.socket, size: int) -> bytes:
     return b"".join(chunks)
 
 
-def open_transport(path: str | os.PathLike | None = None, *, timeout: float = 10.0):
-    """The transport for ``path``, or for the first device of DEFAULT_PATHS (see module doc)."""
+def open_transport(path: str | os.PathLike | None = None, *, timeout: float = 10.0, ioctl=fcntl.ioctl,
+                   load_library=None):
+    """The transport for ``path``, or the first device found in the order of the module
+    docstring.  ``ioctl`` and ``load_library`` (() -> a libqtsm handle or None; default
+    :func:`.libqtsm.load`) are replaceable, so tests drive the hardware code path."""
+    if load_library is None:
+        from .libqtsm import load as load_library
     if path is not None:
-        return _transport_for(os.fspath(path), timeout, explicit=True)
+        return _explicit(os.fspath(path), timeout, ioctl, load_library)
+    qtsm_path, nsm_path = DEFAULT_PATHS
+    kinds = {candidate: _kind(candidate) for candidate in DEFAULT_PATHS}
+    if kinds[qtsm_path] == "character device":
+        return _qingtian(qtsm_path, ioctl, load_library)
+    if kinds[nsm_path] == "character device":
+        return NitroTransport.open(nsm_path, ioctl=ioctl)
     for candidate in DEFAULT_PATHS:
-        transport = _transport_for(candidate, timeout, explicit=False)
-        if transport is not None:
-            return transport
-    raise FileNotFoundError(errno.ENOENT, "no security module device", " or ".join(DEFAULT_PATHS))
+        if kinds[candidate] == "socket":
+            return SocketTransport(candidate, timeout=timeout)
+    looked = "; ".join(f"{candidate}: {kind}" for candidate, kind in kinds.items())
+    raise FileNotFoundError(
+        errno.ENOENT,
+        "no security module: looked for QingTian's character device /dev/qtsm, Nitro's /dev/nsm, "
+        f"then the local emulation's socket at either ({looked})",
+    )
 
 
-def _transport_for(path: str, timeout: float, *, explicit: bool):
-    """SocketTransport / NitroTransport for ``path``; None if absent or unusable (probing only)."""
+def _kind(path: str) -> str:
+    """What is at ``path``: "absent", "socket", "character device" or "another kind of file"."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        if explicit:
-            raise
-        return None
+        return "absent"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
     if stat.S_ISSOCK(mode):
+        return "socket"
+    return "character device" if stat.S_ISCHR(mode) else "another kind of file"
+
+
+def _qingtian(path: str, ioctl, load_library):
+    library = load_library()
+    if library is not None:
+        from .libqtsm import LibQtsmTransport
+
+        return LibQtsmTransport(library)
+    return QingTianTransport.open(path, ioctl=ioctl)
+
+
+def _explicit(path: str, timeout: float, ioctl, load_library):
+    kind = _kind(path)
+    if kind == "absent":
+        raise FileNotFoundError(errno.ENOENT, "no security module device", path)
+    if kind == "socket":
         return SocketTransport(path, timeout=timeout)
-    if stat.S_ISCHR(mode) and (explicit or os.path.basename(path) == "nsm"):
-        return NitroTransport.open(path)
-    if explicit:
-        raise ValueError(f"{path} is neither a Unix socket nor a character device")
-    return None
+    if kind == "character device":
+        if os.path.basename(path) == "qtsm":
+            return _qingtian(path, ioctl, load_library)
+        return NitroTransport.open(path, ioctl=ioctl)
+    raise ValueError(f"{path} is neither a Unix socket nor a character device")
 
 
 # --------------------------------------------------------------------------- the client
@@ -204,8 +267,10 @@ class Qtsm:
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, timeout: float = 10.0,
-                 transport=None) -> None:
-        self.transport = open_transport(path, timeout=timeout) if transport is None else transport
+                 transport=None, ioctl=fcntl.ioctl, load_library=None) -> None:
+        if transport is None:
+            transport = open_transport(path, timeout=timeout, ioctl=ioctl, load_library=load_library)
+        self.transport = transport
 
     def __enter__(self) -> Qtsm:
         return self
@@ -274,11 +339,12 @@ class Qtsm:
         payload = cbor2.dumps(request)
         if len(payload) > MAX_REQUEST_SIZE:
             raise QtsmError("InputTooLarge", f"request of {len(payload)} bytes")
-        return _unwrap(_decode(self.transport.request(payload)), name, unit)
+        limit = getattr(self.transport, "response_size", MAX_RESPONSE_SIZE)
+        return _unwrap(_decode(self.transport.request(payload), limit), name, unit)
 
 
-def _decode(data: bytes) -> object:
-    if len(data) > MAX_RESPONSE_SIZE:
+def _decode(data: bytes, limit: int = MAX_RESPONSE_SIZE) -> object:
+    if len(data) > limit:
         raise QtsmError("InvalidResponse", f"response of {len(data)} bytes")
     try:
         return cbor2.loads(data)

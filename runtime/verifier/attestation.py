@@ -16,8 +16,12 @@ Checks, in order; the first failure raises :class:`AttestationError` naming it:
     pcrs, nonce, public_key, age, debug   the caller's policy
 
 The platform ("auto" by default) is the one whose well-known root the bundle starts with, else
-"local"; it selects the syntax limits and the accepted signature encodings.  With neither
-``roots`` nor ``root_fingerprints`` the well-known Nitro and QingTian roots are pinned.
+"local"; it selects the syntax limits and the accepted signature encodings.  A "local" document
+(the local security module's) is held to the limits of the cloud whose byte shape it has
+(:func:`qtbuild.formats.attestation_encoding.identify`) and may use either signature form.  The
+result names the shape (``encoding``: qingtian, nitro or generic) and the signature form that
+verified.  With neither ``roots`` nor ``root_fingerprints`` the well-known Nitro and QingTian roots
+are pinned.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from qtbuild.formats.attestation import (
     check_limits,
     read_document,
 )
+from qtbuild.formats.attestation_encoding import identify
 from qtbuild.formats.cose import CoseSign1, verify1
 from qtbuild.formats.errors import CoseError, SignatureError
 
@@ -56,7 +61,7 @@ PLATFORMS = ("auto", "qingtian", "nitro", "local")
 LIMITS = {"nitro": NITRO_LIMITS, "qingtian": QINGTIAN_LIMITS, "local": QINGTIAN_LIMITS}
 #: Signature encodings tried, in order, per platform.
 ENCODINGS: dict[str, tuple[Literal["big", "little"], ...]] = {
-    "nitro": ("big",), "qingtian": ("big", "little"), "local": ("big",)
+    "nitro": ("big",), "qingtian": ("big", "little"), "local": ("big", "little")
 }
 #: How far in the future a timestamp may be (clock skew) when an age limit applies.
 CLOCK_SKEW = timedelta(minutes=5)
@@ -87,6 +92,7 @@ class VerifiedDocument:
     certificate: x509.Certificate
     platform: str
     signature_encoding: str
+    encoding: str
     is_debug: bool
     root_fingerprint: str
     tagged: bool
@@ -105,6 +111,7 @@ class VerifiedDocument:
             "module_id": self.module_id,
             "timestamp": _iso(self.timestamp, "milliseconds"),
             "checked_at": _iso(self.checked_at, "milliseconds"),
+            "encoding": self.encoding,
             "signature_encoding": self.signature_encoding,
             "tagged": self.tagged,
             "debug": self.is_debug,
@@ -144,10 +151,11 @@ def verify_document(
     message, doc = _decode(data)
     if platform == "auto":
         platform = _detect_platform(doc)
-    _check(doc, LIMITS[platform])
+    shape = identify(message)
+    _check(doc, _limits(platform, shape))
     _pinned_root(doc, pins)
     leaf, root = _verify_chain(doc, checked_at)
-    encoding = _verify_signature(message, leaf, platform)
+    encoding = _verify_signature(message, leaf, platform, shape)
     is_debug = _check_policy(
         doc, expect_pcrs or {}, nonce, public_key, max_age, checked_at, allow_debug
     )
@@ -161,6 +169,7 @@ def verify_document(
         certificate=leaf,
         platform=platform,
         signature_encoding=encoding,
+        encoding=shape,
         is_debug=is_debug,
         root_fingerprint=fingerprint(root),
         tagged=message.tagged,
@@ -193,6 +202,13 @@ def _check(doc: AttestationDocument, limits: SyntaxLimits) -> None:
         check_limits(doc, limits)
     except DocumentSyntaxError as exc:
         raise AttestationError("syntax", f"{exc} [{limits.name} limits]") from None
+
+
+def _limits(platform: str, shape: str) -> SyntaxLimits:
+    """The platform's limits; a local document gets those of the cloud it is shaped like."""
+    if platform == "local" and shape in LIMITS:
+        return LIMITS[shape]
+    return LIMITS[platform]
 
 
 def _detect_platform(doc: AttestationDocument) -> str:
@@ -348,10 +364,14 @@ def _check_validity(cert: x509.Certificate, at: datetime) -> None:
 # --------------------------------------------------------------------------- signature, policy
 
 
-def _verify_signature(message: CoseSign1, leaf: x509.Certificate, platform: str) -> str:
-    """The signature encoding that verified ("big" or "little")."""
+def _verify_signature(message: CoseSign1, leaf: x509.Certificate, platform: str, shape: str) -> str:
+    """The signature encoding that verified ("big" or "little"); a QingTian-shaped document's
+    little-endian form is tried first."""
     key = leaf.public_key()
-    for encoding in ENCODINGS[platform]:
+    encodings = ENCODINGS[platform]
+    if shape == "qingtian":
+        encodings = tuple(sorted(encodings, key=lambda encoding: encoding != "little"))
+    for encoding in encodings:
         try:
             verify1(message, key, signature_encoding=encoding)
             return encoding

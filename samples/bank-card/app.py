@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import sys
 import urllib.parse
 
@@ -61,19 +62,23 @@ def process(records: str) -> list[dict]:
 
 
 class _VsockHTTPConnection(http.client.HTTPConnection):
-    """HTTP to the object store through the parent's proxy (vsock port → TCP)."""
+    """HTTP(S) to the object store through the parent's proxy (vsock port → TCP); https URLs are
+    TLS end to end, verified against the URL's host name."""
 
-    def __init__(self, host: str, vsock_port: int) -> None:
+    def __init__(self, host: str, vsock_port: int, *, tls: bool = False) -> None:
         super().__init__(host, timeout=30)
-        self._vsock_port = vsock_port
+        self._vsock_port, self._tls = vsock_port, tls
 
     def connect(self) -> None:
-        self.sock = connect(3, self._vsock_port, timeout=30)
+        sock = connect(3, self._vsock_port, timeout=30)
+        if self._tls:
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=self.host)
+        self.sock = sock
 
 
 def http_call(method: str, url: str, vsock_port: int, body: bytes | None = None) -> bytes:
     parts = urllib.parse.urlsplit(url)
-    connection = _VsockHTTPConnection(parts.netloc, vsock_port)
+    connection = _VsockHTTPConnection(parts.netloc, vsock_port, tls=parts.scheme == "https")
     try:
         target = parts.path + ("?" + parts.query if parts.query else "")
         connection.request(method, target, body=body, headers={"Content-Length": str(len(body or b""))})
@@ -91,7 +96,10 @@ def run_job(job: dict) -> dict:
     store_port = int(job["object_store"]["vsock_port"])
     ciphertext = http_call("GET", job["download_url"], store_port).decode().strip()
     credentials = Credentials(kms_conf["access_key"], kms_conf["secret_key"], kms_conf["project_id"])
-    with KmsClient(vsock_transport(int(kms_conf["vsock_port"])), credentials, attestor=Qtsm()) as kms:
+    # The endpoint (or region: HTTPS at kms.<region>.myhuaweicloud.com) is configuration; the
+    # bytes always go through the parent's proxy on the given vsock port.
+    with KmsClient.from_config(credentials, endpoint=kms_conf.get("endpoint"), region=kms_conf.get("region"),
+                               transport=vsock_transport(int(kms_conf["vsock_port"])), attestor=Qtsm()) as kms:
         records = kms.decrypt_data(ciphertext).decode("utf-8")
         results = process(records)
         sealed = kms.encrypt_data(kms_conf["key_id"], json.dumps(results, sort_keys=True).encode())

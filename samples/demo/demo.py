@@ -160,14 +160,15 @@ def make_signing_key(directory: Path) -> tuple[Path, Path]:
 # --------------------------------------------------------------------------- hello
 
 
-def demo_hello(keep: bool = False) -> None:
+def demo_hello(keep: bool = False, cloud: str = "qingtian") -> None:
     with workspace(keep) as space:
         image = build_sample("hello")
         role("admin", f"built {image} (FROM scratch + static busybox)")
         eif = space.root / "hello.eif"
         measurements = json.loads(space.qtbuild("convert", f"docker://{image}", "-o", eif, "-q").stdout)
         role("admin", f"converted to {eif.name}: PCR0 {measurements['PCR0'][:16]}…")
-        started = json.loads(space.qtbuild("run", eif, "--debug-mode", "--mem", "256", "--cpus", "2").stdout)
+        started = json.loads(space.qtbuild("run", eif, "--debug-mode", "--mem", "256", "--cpus", "2", "--cloud", cloud,
+                                           "--format", "qingtian").stdout)
         role("parent", f"started enclave {started['EnclaveID']} "
                        f"(CID {started['EnclaveCID']}, {started['LaunchMode']} mode)")
         console = subprocess.Popen([*QTBUILD, "enclave", "console", "--enclave-id", str(started["EnclaveID"])],
@@ -351,16 +352,18 @@ def _start_proxy(env: BankCardEnv) -> subprocess.Popen:
     return process
 
 
-def _run_job(env: BankCardEnv, eif: Path, *, debug: bool = False) -> dict:
+def _run_job(env: BankCardEnv, eif: Path, *, debug: bool = False, cloud: str = "qingtian") -> dict:
     """Start the enclave, hand it the job over vsock, return its summary; the enclave is stopped."""
-    args = ["run", eif, "--mem", "1024", "--cpus", "2"] + (["--debug-mode"] if debug else [])
+    args = ["run", eif, "--mem", "1024", "--cpus", "2", "--cloud", cloud, "--format", "qingtian"]
+    args += ["--debug-mode"] if debug else []
     started = json.loads(env.space.qtbuild(*args).stdout)
     role("parent", f"started enclave {started['EnclaveID']} "
                    f"(CID {started['EnclaveCID']}, {started['LaunchMode']} mode)")
     try:
         s3 = _s3(env.store_endpoint)
         job = {
-            "kms": {"vsock_port": KMS_VSOCK_PORT, "access_key": env.enclave_credentials["access_key"],
+            "kms": {"vsock_port": KMS_VSOCK_PORT, "endpoint": env.kms_endpoint,
+                    "access_key": env.enclave_credentials["access_key"],
                     "secret_key": env.enclave_credentials["secret_key"], "project_id": env.project_id,
                     "key_id": env.key_id},
             "object_store": {"vsock_port": STORE_VSOCK_PORT},
@@ -402,7 +405,7 @@ def _send_job(env: BankCardEnv, cid: int, job: dict) -> dict:
     return json.loads(data)
 
 
-def demo_bank_card(keep: bool = False) -> None:
+def demo_bank_card(keep: bool = False, cloud: str = "qingtian") -> None:
     with workspace(keep) as space:
         click.echo("== 1. data security administrator")
         env = _administrator(space)
@@ -412,7 +415,8 @@ def demo_bank_card(keep: bool = False) -> None:
 
         click.echo("== 2. parent administrator + 3. enclave application")
         proxy = _start_proxy(env)
-        summary = _run_job(env, release["eif"])
+        role("parent", f"rehearsing for {cloud}: its security module, document shape and certificate chain")
+        summary = _run_job(env, release["eif"], cloud=cloud)
         if summary.get("status") != "ok":
             raise DemoError(f"the enclave failed: {summary}")
         role("enclave", f"decrypted {summary['records']} records with an attested KMS call, {summary['valid']} valid, "
@@ -428,13 +432,13 @@ def demo_bank_card(keep: bool = False) -> None:
         click.echo("== refusals")
         tampered = _build_eif(env, "tampered", edit="app.py")
         role("admin", f"rebuilt the image with one changed byte: PCR0 {tampered['PCR0'][:16]}… (PCR8 unchanged)")
-        _expect_denied(_run_job(env, tampered["eif"]), "KMS", "the changed image")
-        _expect_denied(_run_job(env, release["eif"], debug=True), "KMS",
+        _expect_denied(_run_job(env, tampered["eif"], cloud=cloud), "KMS", "the changed image")
+        _expect_denied(_run_job(env, release["eif"], debug=True, cloud=cloud), "KMS",
                        "the same image in debug mode (PCRs attested as zeros)")
         os.killpg(proxy.pid, signal.SIGTERM)
         proxy.wait(10)
         role("parent", "stopped qt-proxy")
-        _expect_denied(_run_job(env, release["eif"]), "",
+        _expect_denied(_run_job(env, release["eif"], cloud=cloud), "",
                        "an enclave without proxy routes (no network, nothing to reach)")
         click.echo("== audit (qtbuild kms audit)")
         audit = space.qtbuild("kms", "audit", "--limit", "12", "--credentials", env.admin_credentials)

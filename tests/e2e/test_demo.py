@@ -62,8 +62,9 @@ def test_demo_hello():
     assert "demo hello: all steps passed" in result.stdout
 
 
-def test_demo_bank_card_seed_workflow_and_refusals(base_image):
-    result = demo("bank-card")
+@pytest.mark.parametrize("cloud", ["qingtian", "nitro"])
+def test_demo_bank_card_seed_workflow_and_refusals(base_image, cloud):
+    result = demo("bank-card", "--cloud", cloud)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "decrypted 5 records with an attested KMS call, 4 valid" in out
@@ -72,6 +73,7 @@ def test_demo_bank_card_seed_workflow_and_refusals(base_image):
     assert "refused the changed image: KmsClientError: 403 KMS.0306" in out
     assert "refused the same image in debug mode" in out and "KMS.4007" in out
     assert "refused an enclave without proxy routes" in out
+    assert f"rehearsing for {cloud}" in out
     assert "demo bank-card: all steps passed" in out
     leftovers = subprocess.run(["bash", "-c", "ls -d /tmp/qtbuild-demo-* 2>/dev/null | wc -l"], capture_output=True,
                                text=True)

@@ -9,6 +9,7 @@ image has no Python.  Each test builds its own tiny ``/app.sh`` layer on a share
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
@@ -17,6 +18,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -24,11 +27,13 @@ import cbor2
 import pytest
 
 from qtbuild.convert.pipeline import ConvertOptions, convert
-from qtbuild.formats.eif import EifReader
+from qtbuild.formats.cpio import CpioArchive, CpioEntry, iter_archive
+from qtbuild.formats.eif import EifReader, SectionType
+from qtbuild.formats.eif_writer import write_eif
 from qtbuild.formats.measure import ZERO_PCR, extend
 from qtbuild.inspect.describe import inspect_image
 from qtbuild.runtime.enclave import Manager, RuntimeDir
-from qtbuild.runtime.proxy import AllowEntry, Proxy, ProxyConfig, Route
+from qtbuild.runtime.proxy import AllowEntry, InboundAllow, InboundRoute, Proxy, ProxyConfig, Route
 from qtbuild.runtime.qtsm.pki import LocalPki
 from qtbuild.runtime.sdk import vsock
 from qtbuild.runtime.verifier.attestation import verify_document
@@ -122,11 +127,47 @@ static int qtsm(const char *device, const char *hex) {
     return 0;
 }
 
+/* serve PORT: listen on the enclave's emulated vsock PORT; answer each connection's HTTP request
+   with "hello from the enclave <path>" (HTTP/1.0), forever. */
+static int serve(const char *port) {
+    const char *root = getenv("QTBUILD_VSOCK_DIR"), *own = getenv("QTBUILD_VSOCK_CID");
+    if (!root || !own) { printf("vsock env missing\n"); return 2; }
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    snprintf(addr.sun_path, sizeof addr.sun_path, "%s/%s/%s.sock", root, own, port);
+    unlink(addr.sun_path);
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (fd < 0 || bind(fd, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(fd, 16) < 0) {
+        printf("listen errno=%d\n", errno);
+        return 3;
+    }
+    printf("serving\n");
+    for (;;) {
+        int c = accept(fd, 0, 0);
+        if (c < 0) continue;
+        unsigned char header[12];
+        char request[4096] = {0}, target[256] = "/", body[512], response[1024];
+        if (read_full(c, header, 12) != 12 || memcmp(header, "QTv1", 4)) { close(c); continue; }
+        size_t got = 0;
+        while (got < sizeof request - 1 && !strstr(request, "\r\n\r\n")) {
+            ssize_t n = read(c, request + got, sizeof request - 1 - got);
+            if (n <= 0) break;
+            got += n;
+        }
+        sscanf(request, "GET %255s", target);
+        int length = snprintf(body, sizeof body, "hello from the enclave %s", target);
+        int size = snprintf(response, sizeof response,
+                            "HTTP/1.0 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", length, body);
+        write_all(c, (const unsigned char *)response, size);
+        close(c);
+    }
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IONBF, 0);
+    if (argc == 3 && !strcmp(argv[1], "serve")) return serve(argv[2]);
     if (argc == 4 && !strcmp(argv[1], "vsock")) return vsock_pipe(argv[2], argv[3]);
     if (argc == 4 && !strcmp(argv[1], "qtsm")) return qtsm(argv[2], argv[3]);
-    fprintf(stderr, "usage: qttool vsock CID PORT | qtsm DEVICE HEX\n");
+    fprintf(stderr, "usage: qttool vsock CID PORT | qtsm DEVICE HEX | serve PORT\n");
     return 64;
 }
 """
@@ -165,14 +206,14 @@ def make_eif(base_layer, tmp_path_factory):
     """``make_eif(name, script, signer=None)``: an EIF running ``/bin/sh /app.sh``."""
     workdir = tmp_path_factory.mktemp("eifs")
 
-    def make(name: str, script: str, *, signer=None) -> str:
+    def make(name: str, script: str, *, signer=None, blobs: str | None = None) -> str:
         app = tmp_path_factory.mktemp("app")
         (app / "app.sh").write_text(script + "\n")
         layout = workdir / f"{name}-layout"
         config = default_config(cmd=["/bin/sh", "/app.sh"], env=["PATH=/bin", "FOO=bar"])
         write_oci_layout(layout, [base_layer, directory_layer(app)], config, compression=None)
         output = workdir / f"{name}.eif"
-        convert(f"oci:{layout}:latest", ConvertOptions(output=str(output), quiet=True, signer=signer))
+        convert(f"oci:{layout}:latest", ConvertOptions(output=str(output), quiet=True, signer=signer, blobs=blobs))
         return str(output)
 
     return make
@@ -282,7 +323,7 @@ def test_the_enclave_is_isolated_from_the_host(make_eif, runtime_dir, tmp_path):
             "mount -t tmpfs none /mnt || echo mount refused",
             "echo processes $(ls /proc | grep -c '^[0-9]')",
             "echo vsock dirs $(ls /run/vsock)",
-            "test -S /dev/qtsm && test -S /dev/nsm && echo devices present",
+            "test -S /dev/qtsm && ! test -e /dev/nsm && echo devices present",  # the QingTian profile's
         ]))
         status, summary, output = run_attached(eif)
     assert status == 0
@@ -393,6 +434,39 @@ def test_parent_services_only_through_vsock_proxy_and_allowlist(make_eif, runtim
     assert said_hello == [summary["EnclaveCID"]]
 
 
+def test_a_parent_client_reaches_a_server_inside_a_running_enclave(make_eif, runtime_dir):
+    """Inbound: parent TCP listener (qtbuild proxy --inbound) → the enclave's vsock port → a
+    server inside the running enclave; the inbound allowlist refuses an unlisted port."""
+    summary = start(make_eif("inbound", "exec qttool serve 5005"))
+    cid = summary["EnclaveCID"]
+    port, denied_port = free_tcp_port(), free_tcp_port()
+    config = ProxyConfig((), inbound=(InboundRoute(port, cid, 5005), InboundRoute(denied_port, cid, 5006)),
+                         inbound_allowlist=(InboundAllow(cid, 5005),))
+    proxy = ProxyThread(config, parent_config(runtime_dir))
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/accounts", timeout=10) as response:
+                    answer = response.read().decode()
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline, "the enclave's server never answered"
+                time.sleep(0.1)
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{denied_port}/", timeout=10)
+    finally:
+        proxy.close()
+    assert answer == "hello from the enclave /accounts"
+    assert query(summary["EnclaveID"])["Status"] == "Running"
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 # -- the security module -------------------------------------------------------------------------
 
 def receive(listener: vsock.Listener) -> bytes:
@@ -404,26 +478,93 @@ def receive(listener: vsock.Listener) -> bytes:
     return b"".join(chunks)
 
 
-def test_security_module_answers_and_its_document_verifies(make_eif, runtime_dir):
+@pytest.mark.parametrize("cloud, device, instance_id", [
+    ("nitro", "/dev/nsm", "i-0123456789abcdef0"),
+    ("qingtian", "/dev/qtsm", "6c9c1a4e-0d3b-4c59-9f83-6f0b5d1b2a77"),
+])
+def test_security_module_answers_and_its_document_verifies(make_eif, runtime_dir, cloud, device, instance_id):
     key = make_key()
     signer = Pcr0Signer(key, to_pem(make_certificate(key)))
-    eif = make_eif("attest", "\n".join([
-        f"qttool qtsm /dev/qtsm {DESCRIBE_PCR0} | qttool vsock 3 7000",
-        f"qttool qtsm /dev/nsm {ATTEST} | qttool vsock 3 7000",
+    eif = make_eif(f"attest-{cloud}", "\n".join([
+        f"qttool qtsm {device} {DESCRIBE_PCR0} | qttool vsock 3 7000",
+        f"qttool qtsm {device} {ATTEST} | qttool vsock 3 7000",
     ]), signer=signer)
     with vsock.listen(7000, config=parent_config(runtime_dir)) as listener:
-        summary = start(eif, "--parent-role", "bank-role", "--instance-id", "i-0123456789abcdef0")
+        summary = start(eif, "--parent-role", "bank-role", "--instance-id", instance_id, "--cloud", cloud,
+                        "--format", "qingtian")
         describe = cbor2.loads(bytes.fromhex(receive(listener).decode()))
         attestation = cbor2.loads(bytes.fromhex(receive(listener).decode()))
     assert summary["LaunchMode"] == "normal"
     pcrs = image_pcrs(eif)
     assert describe == {"DescribePCR": {"lock": True, "data": pcrs.pcr0}}
     pki = LocalPki.load(os.environ["QTBUILD_STATE_DIR"])
+    image = {1: pcrs.pcr1, 2: pcrs.pcr2} if cloud == "nitro" else {1: ZERO_PCR, 2: ZERO_PCR}  # QingTian: zero
     verified = verify_document(attestation["Attestation"]["document"], roots=[pki.root_certificate], nonce=NONCE,
-                               expect_pcrs={0: pcrs.pcr0, 1: pcrs.pcr1, 2: pcrs.pcr2, 8: pcrs.pcr8,
-                                            3: extend(b"bank-role"), 4: extend(b"i-0123456789abcdef0")})
-    assert verified.module_id.startswith("i-0123456789abcdef0-enc")
+                               expect_pcrs={0: pcrs.pcr0, 8: pcrs.pcr8, **image,
+                                            3: extend(b"bank-role"), 4: extend(instance_id.encode())})
+    assert verified.encoding == cloud
+    separator = "-enc" if cloud == "nitro" else ".enc-"
+    assert verified.module_id.startswith(instance_id + separator)
     assert wait_ended(summary["EnclaveID"])["ExitCode"] == 0
+
+
+def fake_blobs(directory: Path) -> Path:
+    """A blob set shaped like nitro-cli's (bzImage, cmdline, init, nsm.ko): never executed here."""
+    directory.mkdir(exist_ok=True)
+    (directory / "bzImage").write_bytes(b"\0" * 0x202 + b"HdrS" + b"not a bootable kernel" * 64)
+    (directory / "cmdline").write_text("reboot=k panic=30 pci=off nomodules console=ttyS0 random.trust_cpu=on\n")
+    (directory / "init").write_bytes(b"\x7fELF bootstrap init, never run locally")
+    (directory / "nsm.ko").write_bytes(b"\x7fELF nsm module")
+    return directory
+
+
+def nitro_cli_layout(source_eif: str, output: Path) -> str:
+    """The image nitro-cli would make of the same files: linuxkit-style customer ramdisk with
+    rootfs/, cmd and env but no launch.json, after the blobs' bootstrap ramdisk."""
+    with EifReader.open(source_eif) as reader:
+        kernel = reader.read_section(reader.sections_of(SectionType.KERNEL)[0], max_size=1 << 20)
+        cmdline = reader.read_section(reader.sections_of(SectionType.CMDLINE)[0], max_size=4096)
+        bootstrap, customer = (reader.read_section(section, max_size=64 << 20) for section in reader.ramdisks)
+    entries = []
+    for member, data in iter_archive(io.BytesIO(customer)):
+        if member.path == b"launch.json":
+            continue
+        content = data.read() if member.is_file else None
+        entries.append(CpioEntry(member.path, member.mode, member.uid, member.gid, member.mtime,
+                                 size=len(content) if content is not None else 0, data=content,
+                                 link_target=member.link_target, rdev=member.rdev))
+    assert {entry.path for entry in entries} >= {b"cmd", b"env", b"rootfs"}
+    write_eif(output, kernel=kernel, cmdline=cmdline, ramdisks=[bootstrap, b"".join(CpioArchive(entries).chunks())],
+              metadata=None, arch="x86_64")
+    return str(output)
+
+
+@pytest.mark.parametrize("cloud", ["nitro", "qingtian"])
+def test_hardware_profile_images_run_and_attest_the_files_pcrs(make_eif, runtime_dir, tmp_path, cloud):
+    """`convert --blobs` images and nitro-cli-layout images run; a document requested inside
+    carries the file's measurements as `describe` prints them, per cloud."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("the fake blob set is an x86_64 bzImage")
+    device = "/dev/nsm" if cloud == "nitro" else "/dev/qtsm"
+    script = f"qttool qtsm {device} {ATTEST} | qttool vsock 3 7000"
+    ours = make_eif(f"hw-{cloud}", script, blobs=str(fake_blobs(tmp_path / "blobs")))
+    theirs = nitro_cli_layout(ours, tmp_path / "nitro-cli.eif")
+    for eif in (ours, theirs):
+        described = json.loads(qtbuild("describe", eif).stdout)["Measurements"]
+        with vsock.listen(7000, config=parent_config(runtime_dir)) as listener:
+            done = qtbuild("run", eif, "--mem", "128", "--cloud", cloud, "--format", "qingtian")
+            assert done.returncode == 0, done.stderr
+            assert "hardware-profile image" in done.stderr
+            attestation = cbor2.loads(bytes.fromhex(receive(listener).decode()))
+        pki = LocalPki.load(os.environ["QTBUILD_STATE_DIR"])
+        verified = verify_document(attestation["Attestation"]["document"], roots=[pki.root_certificate])
+        reported = {index: verified.pcrs[index].hex() for index in (0, 1, 2)}
+        if cloud == "nitro":
+            assert reported == {index: described[f"PCR{index}"] for index in (0, 1, 2)}
+        else:
+            assert reported == {0: described["PCR0"], 1: ZERO_PCR.hex(), 2: ZERO_PCR.hex()}
+        assert verified.pcrs[4] != ZERO_PCR and verified.encoding == cloud
+        wait_ended(json.loads(done.stdout)["EnclaveID"])
 
 
 def test_debug_mode_attests_zero_pcrs(make_eif, runtime_dir):
@@ -433,6 +574,36 @@ def test_debug_mode_attests_zero_pcrs(make_eif, runtime_dir):
     pki = LocalPki.load(os.environ["QTBUILD_STATE_DIR"])
     verify_document(response["Attestation"]["document"], roots=[pki.root_certificate], allow_debug=True,
                     expect_pcrs={0: ZERO_PCR, 8: ZERO_PCR})
+
+
+def test_nitro_cli_spellings_and_shapes(make_eif, runtime_dir, tmp_path):
+    """--cloud nitro: nitro-cli's option names, run-enclave / describe-enclaves /
+    terminate-enclave JSON, lookups by nitro EnclaveID and name, console --disconnect-timeout,
+    run-enclave --config JSON, and nitro-cli's error codes."""
+    eif = make_eif("nitro-shapes", "echo console-line; exec sleep 120")
+    done = qtbuild("run", "--eif-path", eif, "--cloud", "nitro", "--memory", "128", "--cpu-ids", "0,1",
+                   "--enclave-name", "bank", "--debug-mode", "--instance-id", "i-0761a4cbcc7632aef")
+    assert done.returncode == 0, done.stderr
+    run = json.loads(done.stdout)
+    assert list(run) == ["EnclaveName", "EnclaveID", "ProcessID", "EnclaveCID", "NumberOfCPUs", "CPUIDs", "MemoryMiB"]
+    assert run["EnclaveName"] == "bank" and run["CPUIDs"] == [0, 1] and run["NumberOfCPUs"] == 2
+    assert run["EnclaveID"].startswith("i-0761a4cbcc7632aef-enc")
+    described = json.loads(qtbuild("enclave", "query", "--enclave-id", run["EnclaveID"]).stdout)
+    assert len(described) == 1 and described[0]["State"] == "RUNNING" and described[0]["Flags"] == "DEBUG_MODE"
+    assert described[0]["Measurements"]["PCR0"] == image_pcrs(eif).pcr0.hex()
+    qt_view = json.loads(qtbuild("enclave", "query", "--enclave-name", "bank", "--format", "qingtian").stdout)
+    assert qt_view[0]["Cloud"] == "nitro" and isinstance(qt_view[0]["EnclaveID"], int)
+    console = qtbuild("enclave", "console", "--enclave-name", "bank", "--disconnect-timeout", "1")
+    assert console.returncode == 0 and "console-line" in console.stdout
+    stopped = json.loads(qtbuild("enclave", "stop", "--enclave-id", run["EnclaveID"]).stdout)
+    assert stopped == {"EnclaveName": "bank", "EnclaveID": run["EnclaveID"], "Terminated": True}
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"eif_path": eif, "cpu_count": 2, "memory_mib": 1, "enclave_name": "x"}))
+    refused = qtbuild("run", "--config", str(config), "--cloud", "nitro")
+    assert refused.returncode == 2 and refused.stderr.startswith("qtbuild: error: [E26] ")
+    assert qtbuild("run", "--config", str(config)).stderr.startswith("qtbuild: error: [E10] ")
+    clash = qtbuild("run", "--config", str(config), "--memory", "256")
+    assert clash.returncode == 2 and "--config replaces" in clash.stderr
 
 
 # -- refusals ------------------------------------------------------------------------------------

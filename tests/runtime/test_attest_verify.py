@@ -91,7 +91,8 @@ def test_device_document_round_trips(pki, pins):
     document = device.attestation(user_data=b"u", nonce=b"n", public_key=b"k")
     verified = verify_document(document, **pins, expect_pcrs={0: PCRS[0], 8: PCRS[8]},
                                nonce=b"n", public_key=b"k", max_age=60)
-    assert verified.platform == "local" and verified.signature_encoding == "big"
+    assert verified.platform == "local" and verified.signature_encoding == "little"  # QingTian profile
+    assert verified.encoding == "qingtian"
     assert verified.module_id == device.module_id and verified.pcrs == PCRS
     assert (verified.user_data, verified.nonce, verified.public_key) == (b"u", b"n", b"k")
     assert not verified.is_debug and not verified.tagged
@@ -337,9 +338,10 @@ def test_qingtian_little_endian_signatures(pki, pins):
     document = qingtian_style(pki, make_doc(pki))
     verified = verify_document(document, **pins, platform="qingtian")
     assert verified.signature_encoding == "little" and verified.platform == "qingtian"
-    error = fails("signature", document, **pins)  # auto → local: big-endian only
-    assert "big-endian" in error.message
-    fails("signature", document, **pins, platform="nitro")
+    # auto → local: either form (the local QingTian profile writes little-endian)
+    assert verify_document(document, **pins).signature_encoding == "little"
+    error = fails("signature", document, **pins, platform="nitro")
+    assert "big-endian" in error.message and "little" not in error.message
     big = verify_document(issue(pki), **pins, platform="qingtian")
     assert big.signature_encoding == "big"
 
@@ -440,9 +442,12 @@ def test_cli_pki(tmp_path):
     assert code == 0 and out.strip() == fingerprint_line and "--force" in err
     code, out, _ = run(pki_cli.command, "show", *state)
     assert code == 0 and fingerprint_line in out
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["root", "region", "grid", "instance"]
+    code, out, _ = run(pki_cli.command, "show", *state, "--cloud", "nitro")
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["root", "region", "zone", "instance"]
     code, out, _ = run(pki_cli.command, "show", *state, "--json")
     assert json.loads(out)["root_fingerprint"] == fingerprint_line
-    assert len(json.loads(out)["chain"]) == 3
+    assert len(json.loads(out)["chain"]) == 4
     code, out, _ = run(pki_cli.command, "export-root", *state)
     assert fingerprint(x509.load_pem_x509_certificate(out.encode())) == fingerprint_line
     target = tmp_path / "root.der"

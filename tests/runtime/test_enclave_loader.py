@@ -20,7 +20,7 @@ from qtbuild.formats.eif_writer import write_eif
 from qtbuild.formats.launch_record import DEFAULT_PATH
 from qtbuild.formats.local_abi import make_local_kernel
 from qtbuild.runtime.enclave.errors import EnclaveError
-from qtbuild.runtime.enclave.loader import NOT_LOCAL, load_image
+from qtbuild.runtime.enclave.loader import HARDWARE_BOOT, LOCAL_BOOT, load_image
 from qtbuild.signing_keys import Pcr0Signer
 
 from helpers.certs import make_certificate, make_key, to_pem
@@ -106,11 +106,15 @@ def test_an_expired_certificate_is_refused_and_memory_released(tmp_path):
     load(eif, tmp_path / "memory", at=now - timedelta(days=5))  # valid then
 
 
-def test_a_real_kernel_cannot_run_locally(tmp_path):
-    with pytest.raises(EnclaveError) as caught:
-        load(write(tmp_path, kernel=b"\x7fELF-or-bzImage" * 100), tmp_path / "memory")
-    assert str(caught.value) == NOT_LOCAL
-    assert not (tmp_path / "memory").exists()
+def test_a_hardware_profile_image_loads_with_the_files_own_pcrs(tmp_path):
+    """A nitro-cli-style image (real kernel, bootstrap ramdisk, linuxkit customer ramdisk with
+    rootfs/, cmd, env and no launch.json) loads: its PCRs are the file's, its launch cmd/env."""
+    eif = write(tmp_path, kernel=b"\0" * 0x202 + b"HdrS" + b"bzImage" * 100, ramdisk=customer(launch=None))
+    image = load(eif, tmp_path / "memory")
+    with EifReader.open(eif) as reader:
+        assert image.measurements == reader.check_stream().measurements
+    assert image.boot == HARDWARE_BOOT and image.launch.argv == ["/bin/app", "--cmd"]
+    assert load(write(tmp_path), tmp_path / "memory2").boot == LOCAL_BOOT
 
 
 def test_a_corrupt_image_fails_the_crc(tmp_path):

@@ -28,8 +28,7 @@ def test_spec_binds_only_this_enclaves_sockets(tmp_path):
     spec = sandbox_spec(record, image, directory, runtime.vsock_root, output_fd=None)
     binds = {bind.target: (bind.source, bind.read_only) for bind in spec.binds}
     assert binds == {
-        "/dev/qtsm": (str(directory.qtsm_socket), True),
-        "/dev/nsm": (str(directory.qtsm_socket), True),
+        "/dev/qtsm": (str(directory.qtsm_socket), True),  # the QingTian profile's device only
         "/run/vsock/3": (str(runtime.vsock_root / "3"), True),
         "/run/vsock/9": (str(runtime.vsock_root / "9"), False),
     }
@@ -37,3 +36,14 @@ def test_spec_binds_only_this_enclaves_sockets(tmp_path):
     assert (spec.cpus, spec.no_limits, spec.name) == (2, True, "enclave-2-abc")
     assert (spec.argv, spec.cwd, spec.uid, spec.gid, spec.groups) == (["/app"], "/srv", 5, 6, [7])
     assert Path(spec.root) == tmp_path / "rootfs" and spec.stdout is None and spec.stderr is None
+
+
+def test_nitro_profile_binds_dev_nsm(tmp_path):
+    runtime = RuntimeDir(tmp_path)
+    directory = runtime.enclave(0)
+    record = EnclaveRecord(enclave_id=0, cid=16, cpus=2, memory_mib=256, debug=False, eif_path="/x.eif",
+                           cloud="nitro")
+    pcr = b"\0" * 48
+    image = LoadedImage(Measurements(pcr, pcr, pcr), Launch(["/app"], [], "/", 0, 0, []), str(tmp_path), 0)
+    targets = {bind.target for bind in sandbox_spec(record, image, directory, runtime.vsock_root, output_fd=None).binds}
+    assert "/dev/nsm" in targets and "/dev/qtsm" not in targets

@@ -91,3 +91,8 @@ def test_cid_range_is_checked_before_any_state_is_created(tmp_path, monkeypatch)
     with pytest.raises(EnclaveError, match="must be in 4"):
         Manager().start(RunOptions(eif=str(eif), cid=3))
     assert not (tmp_path / "state").exists()
+    with pytest.raises(EnclaveError, match=r"\[E02\] --instance-id: Huawei Cloud QingTian parent instance ids are"):
+        Manager().start(RunOptions(eif=str(eif), instance_id="i-0123456789abcdef0"))
+    with pytest.raises(EnclaveError, match="i- and 17 hex digits"):
+        Manager().start(RunOptions(eif=str(eif), instance_id="6c9c1a4e-0d3b-4c59-9f83-6f0b5d1b2a77", cloud="nitro"))
+    assert not (tmp_path / "state").exists()

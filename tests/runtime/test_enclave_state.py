@@ -70,6 +70,7 @@ def test_public_shapes():
     assert public["ExitCode"] == 137 and public["Signal"] == 9 and public["LaunchMode"] == "normal"
     assert "ExitCode" not in record(status=RUNNING, exit_code=0).public()
     assert "sandbox_pid" not in public and "cgroup" not in public
+    assert public["Cloud"] == "qingtian" and record(cloud="nitro").public()["Cloud"] == "nitro"
 
 
 def test_unknown_record_keys_are_ignored(tmp_path):

@@ -8,7 +8,7 @@ import socket
 import stat
 import struct
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import cbor2
 import pytest
@@ -55,11 +55,13 @@ def test_init_lays_out_private_state(tmp_path):
     directory = tmp_path / "state" / "pki"
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert stat.S_IMODE((tmp_path / "state").stat().st_mode) == 0o700
-    for level in ("root", "region", "host"):
-        assert stat.S_IMODE((directory / f"{level}.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((directory / "root.key").stat().st_mode) == 0o600
     pki.issue_leaf("enc-1")
-    assert stat.S_IMODE((directory / "leaves" / "enc-1.pem").stat().st_mode) == 0o600
-    assert stat.S_IMODE((directory / "leaves").stat().st_mode) == 0o700
+    for level in ("region", "grid", "instance"):
+        assert stat.S_IMODE((directory / "qingtian" / f"{level}.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((directory / "qingtian" / "leaves" / "enc-1.pem").stat().st_mode) == 0o600
+    assert stat.S_IMODE((directory / "qingtian" / "leaves").stat().st_mode) == 0o700
+    assert stat.S_IMODE((directory / "qingtian").stat().st_mode) == 0o700
 
 
 def test_init_is_idempotent_and_force_replaces(tmp_path):
@@ -74,7 +76,7 @@ def test_load_without_pki_and_partial_pki_fail(tmp_path):
     with pytest.raises(PkiError, match="pki init"):
         LocalPki.load(tmp_path)
     LocalPki.init(tmp_path)
-    (tmp_path / "pki" / "host.key").unlink()
+    (tmp_path / "pki" / "root.key").unlink()
     with pytest.raises(PkiError, match="incomplete"):
         LocalPki.init(tmp_path)
 
@@ -82,7 +84,7 @@ def test_load_without_pki_and_partial_pki_fail(tmp_path):
 def test_load_detects_a_key_that_does_not_match(tmp_path):
     LocalPki.init(tmp_path)
     other = LocalPki.init(tmp_path / "other")
-    (tmp_path / "pki" / "region.key").write_bytes((other.directory / "region.key").read_bytes())
+    (tmp_path / "pki" / "root.key").write_bytes((other.directory / "root.key").read_bytes())
     with pytest.raises(PkiError, match="does not match"):
         LocalPki.load(tmp_path)
 
@@ -107,7 +109,7 @@ def test_load_refuses_a_certificate_without_an_ec_key(tmp_path):
 def test_a_damaged_leaf_on_disk_is_replaced(tmp_path):
     pki = LocalPki.init(tmp_path)
     key, _ = pki.issue_leaf("enclave-1")
-    leaf_file = tmp_path / "pki" / "leaves" / "enclave-1.pem"
+    leaf_file = tmp_path / "pki" / "qingtian" / "leaves" / "enclave-1.pem"  # the default cloud
     key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 serialization.NoEncryption())
     leaf_file.write_bytes(key_pem + _ed25519_certificate_pem())  # an EC key with a foreign certificate
@@ -127,16 +129,13 @@ def test_default_state_dir(monkeypatch, tmp_path):
 
 def test_chain_shape_mirrors_the_real_ones(shared_pki):
     chain = [x509.load_der_x509_certificate(der) for der in shared_pki.cabundle()]
-    root, region, host = chain
+    root, region, grid, instance = chain  # per-cloud shapes: tests/runtime/test_clouds.py
     assert hashlib.sha256(shared_pki.cabundle()[0]).hexdigest() == shared_pki.root_fingerprint()
     assert root.subject == root.issuer and region.issuer == root.subject
-    assert host.issuer == region.subject
-    lengths = [cert.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length
-               for cert in chain]
-    assert lengths == [None, 1, 0]
+    assert grid.issuer == region.subject and instance.issuer == grid.subject
     assert root.not_valid_after_utc - root.not_valid_before_utc > timedelta(days=29 * 365)
     key, leaf = shared_pki.issue_leaf("enc-1")
-    assert leaf.issuer == host.subject and key.curve.name == "secp384r1"
+    assert leaf.issuer == instance.subject and key.curve.name == "secp384r1"
     assert timedelta(hours=3) <= leaf.not_valid_after_utc - leaf.not_valid_before_utc \
         <= timedelta(hours=3, minutes=5)
     assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
@@ -149,23 +148,27 @@ def test_leaf_is_cached_across_instances_and_renewed(tmp_path, monkeypatch):
     assert pki.issue_leaf("enc-1")[1] == leaf
     assert LocalPki.load(tmp_path).issue_leaf("enc-1")[1] == leaf
     assert pki.issue_leaf("enc-2")[1] != leaf
-    monkeypatch.setattr(pki_module, "LEAF_VALIDITY", timedelta(minutes=20))
+    monkeypatch.setattr(pki_module, "LEAF_RENEW_BEFORE", timedelta(hours=4))
     short = pki.issue_leaf("enc-3")[1]
-    assert pki.issue_leaf("enc-3")[1] != short  # < 30 minutes left: replaced at once
+    assert pki.issue_leaf("enc-3")[1] != short  # < 4 hours left: replaced at once
+    monkeypatch.setattr(pki_module, "LEAF_RENEW_BEFORE", timedelta(minutes=30))
     pki.forget_leaf("enc-1")
-    assert not (tmp_path / "pki" / "leaves" / "enc-1.pem").exists()
+    assert not (tmp_path / "pki" / "qingtian" / "leaves" / "enc-1.pem").exists()
     assert pki.issue_leaf("enc-1")[1] != leaf
 
 
-def test_host_ca_is_renewed_before_it_expires(tmp_path, monkeypatch):
-    pki = LocalPki.init(tmp_path)
-    old_host = pki.cabundle()[2]
-    monkeypatch.setattr(pki_module, "HOST_RENEW_BEFORE", timedelta(days=400))
-    _, leaf = pki.issue_leaf("enc-1")  # the host has < 400 days left: renewed first
-    monkeypatch.setattr(pki_module, "HOST_RENEW_BEFORE", timedelta(days=30))
-    new_host = pki.cabundle()[2]
-    assert new_host != old_host and LocalPki.load(tmp_path).cabundle()[2] == new_host
-    assert leaf.issuer == x509.load_der_x509_certificate(new_host).subject
+def test_instance_ca_is_renewed_before_it_expires(tmp_path):
+    start = datetime.now(UTC)
+    now = [start]
+    LocalPki.init(tmp_path)
+    pki = LocalPki.load(tmp_path, clock=lambda: now[0])
+    old_instance = pki.cabundle()[3]
+    now[0] = start + timedelta(hours=22)  # the instance CA (1 day) has < 3 hours (a leaf's life) left
+    _, leaf = pki.issue_leaf("enc-1")
+    new_instance = pki.cabundle()[3]
+    assert new_instance != old_instance
+    assert LocalPki.load(tmp_path, clock=lambda: now[0]).cabundle()[3] == new_instance
+    assert leaf.issuer == x509.load_der_x509_certificate(new_instance).subject
 
 
 @pytest.mark.parametrize("enclave_id", ["", "../x", ".hidden", "a/b", "x" * 129])
@@ -262,7 +265,7 @@ def test_document_layout(shared_pki):
     assert list(doc.cabundle) == shared_pki.cabundle()
     _, leaf = shared_pki.issue_leaf("enc-1")
     assert x509.load_der_x509_certificate(doc.certificate) == leaf
-    verify1(message, leaf.public_key())  # standard big-endian r ‖ s
+    verify1(message, leaf.public_key(), signature_encoding="little")  # the QingTian profile's r ‖ s
 
 
 def test_attestation_limits(shared_pki):

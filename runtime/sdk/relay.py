@@ -1,0 +1,57 @@
+"""Copying bytes both ways between two asyncio streams: the core of every forwarder (the
+parent's ``qtbuild proxy`` and the SDK's enclave-side :mod:`.proxy`).  Standard library only."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+CHUNK = 256 * 1024
+
+
+class _Activity:
+    """When a byte last moved on a connection."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    def remaining(self, timeout: float) -> float:
+        return max(0.0, self.last + timeout - time.monotonic())
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, activity: _Activity) -> None:
+    while data := await reader.read(CHUNK):
+        activity.touch()
+        writer.write(data)
+        await writer.drain()
+    if writer.can_write_eof():
+        writer.write_eof()
+
+
+async def relay(a_reader, a_writer, b_reader, b_writer, idle_timeout: float) -> str:
+    """Copy a→b and b→a until both end (``"closed"``), one fails (``"error: …"``) or nothing
+    moved for ``idle_timeout`` seconds (``"idle"``); EOF is passed on as a half-close.  Does not
+    close the writers."""
+    activity = _Activity()
+    pumps = {asyncio.create_task(_pump(a_reader, b_writer, activity)),
+             asyncio.create_task(_pump(b_reader, a_writer, activity))}
+    pending = set(pumps)
+    try:
+        while pending:
+            done, pending = await asyncio.wait(pending, timeout=activity.remaining(idle_timeout),
+                                               return_when=asyncio.FIRST_COMPLETED)
+            failed = [task.exception() for task in done if task.exception() is not None]
+            if failed:
+                return f"error: {failed[0]!r}"
+            if not done and activity.remaining(idle_timeout) <= 0:
+                return "idle"
+        return "closed"
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
