@@ -14,6 +14,7 @@ recorded in the customer ramdisk (see :mod:`qtbuild.convert.ramdisk`) so the run
 from __future__ import annotations
 
 import posixpath
+import re
 import stat
 from collections.abc import Callable
 
@@ -22,6 +23,13 @@ from qtbuild.formats.launch_record import Launch, LaunchFormatError, with_defaul
 
 #: /etc/passwd and /etc/group bigger than this are not read.
 MAX_ACCOUNT_FILE = 1 << 20
+#: A numeric id as passwd/group and ``User`` write it.  Not str.isdigit(), which also accepts
+#: Unicode digits such as "²" that int() then refuses.
+_NUMBER = re.compile(r"[0-9]{1,20}")  # longer is out of range anyway, and int() of >4300 digits raises
+
+
+def _is_number(text: str) -> bool:
+    return _NUMBER.fullmatch(text) is not None
 
 
 def resolve_launch(config: dict, read_file: Callable[[str], bytes | None], *, semantics: str = "oci") -> Launch:
@@ -37,8 +45,8 @@ def resolve_launch(config: dict, read_file: Callable[[str], bytes | None], *, se
     argv = _command(container, semantics)
     env = with_default_path(_string_list(container.get("Env"), "Env"))
     cwd = container.get("WorkingDir") or "/"
-    if not isinstance(cwd, str) or not cwd.startswith("/"):
-        raise ImageError(f"image WorkingDir {cwd!r} is not an absolute path")
+    if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd:
+        raise ImageError(f"image WorkingDir {str(cwd)[:200]!r} is not an absolute path without NUL: fix WORKDIR")
     uid, gid, groups, user = _resolve_user(container.get("User") or "", read_file)
     try:
         return Launch(argv, env, posixpath.normpath(cwd), uid, gid, groups, user)
@@ -78,24 +86,28 @@ def _resolve_user(spec: str, read_file: Callable[[str], bytes | None]) -> tuple[
     user_part, _, group_part = spec.partition(":")
     passwd = _parse_accounts(read_file("/etc/passwd"), 7)
     groups_db = _parse_accounts(read_file("/etc/group"), 4)
-    entry = next((row for row in passwd if row[0] == user_part or (user_part.isdigit() and row[2] == user_part)), None)
+    numeric = _is_number(user_part)
+    entry = next((row for row in passwd if row[0] == user_part or (numeric and row[2] == user_part)), None)
     if entry is not None:
+        if not _is_number(entry[3]):
+            raise ImageError(f"image User {spec!r}: /etc/passwd gives user {entry[0]!r} the group id "
+                             f"{entry[3][:50]!r}, which is not a number: fix the image's /etc/passwd")
         uid, gid, name = int(entry[2]), int(entry[3]), entry[0]
-    elif user_part.isdigit():
+    elif numeric:
         uid, gid, name = int(user_part), 0, user_part  # docker: unknown numeric uid runs with gid 0
     else:
         raise ImageError(f"image User {spec!r}: no user {user_part!r} in the image's /etc/passwd")
     if group_part:
         gid = _resolve_group(group_part, groups_db, spec)
-    supplementary = sorted({int(row[2]) for row in groups_db if name in row[3].split(",") and row[2].isdigit()} - {gid})
+    supplementary = sorted({int(row[2]) for row in groups_db if name in row[3].split(",")} - {gid})
     return uid, gid, supplementary, name
 
 
 def _resolve_group(group: str, groups_db: list[list[str]], spec: str) -> int:
-    if group.isdigit():
+    if _is_number(group):
         return int(group)
     row = next((row for row in groups_db if row[0] == group), None)
-    if row is None or not row[2].isdigit():
+    if row is None:
         raise ImageError(f"image User {spec!r}: no group {group!r} in the image's /etc/group")
     return int(row[2])
 
@@ -106,7 +118,7 @@ def _parse_accounts(data: bytes | None, fields: int) -> list[list[str]]:
     rows = []
     for line in data.decode("utf-8", "replace").splitlines():
         parts = line.split(":")
-        if len(parts) >= fields - 1 and not line.startswith("#") and parts[2].isdigit():
+        if len(parts) >= fields - 1 and not line.startswith("#") and _is_number(parts[2]):
             rows.append(parts + [""] * (fields - len(parts)))
     return rows
 
