@@ -17,8 +17,10 @@ import posixpath
 import re
 import stat
 from collections.abc import Callable
+from typing import Protocol
 
 from qtbuild.errors import ImageError
+from qtbuild.formats.cpio import CpioEntry
 from qtbuild.formats.launch_record import Launch, LaunchFormatError, with_default_path
 
 #: /etc/passwd and /etc/group bigger than this are not read.
@@ -26,6 +28,10 @@ MAX_ACCOUNT_FILE = 1 << 20
 #: A numeric id as passwd/group and ``User`` write it.  Not str.isdigit(), which also accepts
 #: Unicode digits such as "²" that int() then refuses.
 _NUMBER = re.compile(r"[0-9]{1,20}")  # longer is out of range anyway, and int() of >4300 digits raises
+
+
+class _EntryLookup(Protocol):
+    def get(self, path: bytes, /) -> CpioEntry | None: ...
 
 
 def _is_number(text: str) -> bool:
@@ -123,8 +129,9 @@ def _parse_accounts(data: bytes | None, fields: int) -> list[list[str]]:
     return rows
 
 
-def tree_file_reader(entries: dict) -> Callable[[str], bytes | None]:
-    """A ``read_file`` over flattened entries (path bytes → CpioEntry), following symlinks a little."""
+def tree_file_reader(entries: _EntryLookup) -> Callable[[str], bytes | None]:
+    """A ``read_file`` over flattened entries (``get(path bytes) → CpioEntry | None``: a dict or a
+    :class:`~qtbuild.convert.flatten.FlatTree`), following symlinks a little."""
 
     def read(path: str) -> bytes | None:
         key = path.lstrip("/").encode()

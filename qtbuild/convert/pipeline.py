@@ -81,9 +81,8 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
         with _progress("layers", options.quiet) as bar:
             tree = flatten(image.layers(), spill_dir=options.spill_dir, clamp_mtime=int(clamp.timestamp()) if clamp else None, progress=bar.update)
         with tree:
-            entries = tree.entries()
-            launch = resolve_launch(config, tree_file_reader({e.path: e for e in entries}), semantics=options.cmd_semantics)
-            ramdisk = customer_ramdisk(entries, launch)
+            launch = resolve_launch(config, tree_file_reader(tree), semantics=options.cmd_semantics)
+            ramdisk = customer_ramdisk(tree.iter_entries, launch)
             with _progress("ramdisk", options.quiet, total=ramdisk.size + profile.bootstrap.size) as bar:
                 result = write_eif(
                     options.output,
