@@ -15,17 +15,19 @@ import json
 import os
 import stat
 import tempfile
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
+
+import cbor2
 
 from qtbuild.convert.flatten import flatten
 from qtbuild.convert.launch_config import resolve_launch
 from qtbuild.convert.tarscan import ByteBudget, TarFormatError, TarLimits, TarScanner
 from qtbuild.errors import ImageError
-import cbor2
-
 from qtbuild.formats.attestation import ModuleError, decode_request, decode_response, encode_response, read_document
 from qtbuild.formats.cose import decode_sign1
 from qtbuild.formats.cpio import CpioArchive, CpioEntry, iter_archive
@@ -36,6 +38,8 @@ from qtbuild.formats.errors import FormatError, SignatureError
 from qtbuild.formats.launch_record import parse_cmd_env, parse_launch_json
 from qtbuild.formats.local_abi import make_local_kernel, parse_local_kernel
 from qtbuild.inspect.describe import describe_eif
+from qtbuild.runtime.proxy import ProxyConfigError, parse_config
+from qtbuild.runtime.verifier.attestation import AttestationError, verify_document
 from qtbuild.sources.auth import parse_challenges
 from qtbuild.sources.base import Layer, parse_json_document
 from qtbuild.sources.select import Descriptor, parse_index, parse_manifest
@@ -101,6 +105,25 @@ def _signature_section_seeds() -> list[bytes]:
         except FormatError:
             pass
     return seeds
+
+
+_ATTESTED_AT = datetime(2026, 2, 6, 9, 0, tzinfo=UTC)  # inside the fixture's leaf validity
+
+
+def _attestation_verify(data: bytes) -> None:
+    """The whole verifier (envelope, syntax, chain to the pinned AWS root, signature) on a document."""
+    verify_document(data, root_fingerprints=[NITRO_ROOT_SHA256], platform="auto", at=_ATTESTED_AT)
+
+
+NITRO_ROOT_SHA256 = "641a0321a3e244efe456463195d606317ed7cdcc3c1756e09893f3c68f79bb5b"
+
+
+def _proxy_config(data: bytes) -> None:
+    try:
+        document = tomllib.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return
+    parse_config(document)
 
 
 def _launch(data: bytes) -> None:
@@ -267,6 +290,10 @@ TARGETS: dict[str, Target] = {target.name: target for target in [
     Target("docker_archive", _docker_archive, (ImageError,),
            lambda: [p for p in _corpus_files("images", ".tar") if len(p) < 64 << 10][:6]),
     Target("auth_headers", _auth_headers, (ImageError,), lambda: [_AUTH]),
+    Target("attestation_verify", _attestation_verify, (AttestationError,), lambda: [_attestation_seed()]),
+    Target("proxy_config", _proxy_config, (ProxyConfigError,), lambda: [
+        b'max_connections = 64\nidle_timeout = 30\n[[routes]]\nvsock_port = 8000\nhost = "kms.example.com"\n'
+        b'port = 443\n[[routes]]\nvsock_port = 8001\nhost = "127.0.0.1"\nport = 9000\n']),
 ]}
 
 
