@@ -429,7 +429,7 @@ def _plain_filesize(entry: CpioEntry) -> int:
     """c_filesize of an entry outside hardlink groups."""
     file_type = entry.file_type
     if file_type == stat.S_IFLNK:
-        return len(entry.link_target)
+        return len(entry.link_target or b"")
     return entry.size if file_type == stat.S_IFREG else 0
 
 

@@ -216,7 +216,8 @@ class _TreeBuilder:
         when ``create``; otherwise (and for non-directories) the result is None.  A non-directory,
         non-symlink component with ``create`` is an error, as are more than 40 symlinks.
         """
-        dirs, names = [_ROOT], []
+        dirs: list[int] = [_ROOT]
+        names: list[bytes] = []
         pending = components[::-1]
         self._charge_steps(len(pending))
         hops = 0
@@ -290,7 +291,9 @@ class _TreeBuilder:
             if len(component) > MAX_COMPONENT:
                 raise _Refusal(f"path component of {len(component)} bytes exceeds {MAX_COMPONENT}")
         inode = self._hardlink_target(member) if member.kind == HARDLINK else None
-        parent, names = self._walk(parents, create=True)
+        walked = self._walk(parents, create=True)
+        assert walked is not None  # create=True never answers None
+        parent, names = walked
         if sum(map(len, names)) + len(names) + len(base) > MAX_PATH:
             raise _Refusal(f"resolved path exceeds {MAX_PATH} bytes")
         self._place(parent, base, member, inode)
@@ -390,11 +393,11 @@ class _TreeBuilder:
 
     def lookup(self, path: bytes) -> int | None:
         """The node at ``path`` (no symlinks followed), or None."""
-        node = _ROOT
+        node: int | None = _ROOT
         for component in path.split(b"/"):
             if not component:
                 continue
-            siblings = self._children.get(node)
+            siblings = self._children.get(node) if node is not None else None
             node = siblings.get(component) if siblings is not None else None
             if node is None:
                 return None
