@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import stat
 import struct
+import tarfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -120,6 +122,43 @@ def patched(name: str, source: str, edit) -> str:
     return f"eifs/{name}.eif"
 
 
+def archive(name: str, members: dict[str, bytes], *, truncate: int | None = None) -> str:
+    """A docker-archive tar of ``members`` (name -> bytes), written as is (hostile layouts)."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for member, data in members.items():
+            info = tarfile.TarInfo(member)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = out.getvalue()
+    (HERE / "images" / f"{name}.tar").write_bytes(data[:truncate] if truncate else data)
+    return f"images/{name}.tar"
+
+
+def legacy(name: str, config: bytes, layers: dict[str, bytes], manifest: object = None, **kwargs) -> str:
+    entries = {"config.json": config, **layers}
+    entries["manifest.json"] = json.dumps(manifest if manifest is not None else
+                                          [{"Config": "config.json", "RepoTags": ["x:1"], "Layers": list(layers)}]).encode()
+    return archive(name, entries, **kwargs)
+
+
+def config_for(*layers: bytes) -> bytes:
+    return json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/app"]},
+                       "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()
+                                                                 for layer in layers]}}).encode()
+
+
+def pax(records: dict[bytes, bytes]) -> bytes:
+    body = b""
+    for key, value in records.items():
+        line = b" " + key + b"=" + value + b"\n"
+        length = len(line) + 1
+        while length != len(line) + len(str(length)):
+            length = len(line) + len(str(length))
+        body += str(length).encode() + line
+    return header(b"PaxHeader", len(body), b"x") + body + bytes(-len(body) % 512)
+
+
 def convert(path: str, fragment: str) -> dict:
     return {"input": path, "command": ["convert", "docker-archive:{input}", "-o", "{out}/app.eif"], "exit": 2,
             "stderr": fragment}
@@ -168,8 +207,53 @@ def main() -> None:
     bad_checksum = bytearray(header(b"f", 0))
     bad_checksum[148:156] = b"0000000\0"
     cases["tar-bad-checksum"] = convert(image("tar-bad-checksum", layers=[raw_tar(bytes(bad_checksum))]), "checksum")
+    # -- images: archives and documents
+    layer = raw_tar(header(b"bin/app", 0))
+    cases["archive-manifest-not-json"] = convert(archive("archive-manifest-not-json", {"manifest.json": b"[{"}),
+                                                 "not valid JSON")
+    cases["archive-manifest-not-list"] = convert(archive("archive-manifest-not-list", {"manifest.json": b"{}"}), "")
+    cases["archive-missing-config"] = convert(legacy("archive-missing-config", b"", {"l.tar": layer},
+                                                     manifest=[{"Config": "nope.json", "Layers": ["l.tar"]}]), "")
+    cases["archive-config-not-json"] = convert(legacy("archive-config-not-json", b"{not json", {"l.tar": layer}), "")
+    cases["archive-config-deep"] = convert(legacy("archive-config-deep", b"[" * 100_000 + b"]" * 100_000,
+                                                  {"l.tar": layer}), "")
+    cases["archive-diff-id-mismatch"] = convert(legacy("archive-diff-id-mismatch", config_for(b"other"),
+                                                       {"l.tar": layer}), "")
+    cases["archive-layer-escapes"] = convert(legacy("archive-layer-escapes", config_for(layer), {"l.tar": layer},
+                                                    manifest=[{"Config": "config.json", "Layers": ["../l.tar"]}]), "")
+    cases["archive-truncated"] = convert(legacy("archive-truncated", config_for(layer), {"l.tar": layer},
+                                                truncate=1500), "")
+    cases["archive-config-arch-object"] = convert(legacy("archive-config-arch-object", json.dumps(
+        {"architecture": {"x": 1}, "os": "linux", "config": {"Cmd": ["/a"]},
+         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]}}).encode(),
+        {"l.tar": layer}), "")
+    cases["archive-config-cmd-not-list"] = convert(legacy("archive-config-cmd-not-list", json.dumps(
+        {"architecture": "amd64", "os": "linux", "config": {"Cmd": "/bin/app", "Env": {"A": 1}},
+         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]}}).encode(),
+        {"l.tar": layer}), "")
+    for label, tar in {
+        "pax-size-huge": raw_tar(pax({b"size": b"9" * 30}), header(b"f", 0)),
+        "pax-path-nul": raw_tar(pax({b"path": b"a\0b"}), header(b"a", 0)),
+        "pax-header-huge": raw_tar(header(b"PaxHeader", 1 << 30, b"x")),
+        "gnu-longname-huge": raw_tar(header(b"././@LongLink", 1 << 20, b"L")),
+        "component-over-255": raw_tar(pax({b"path": b"a" * 300}), header(b"x", 0)),
+        "hardlink-to-directory": raw_tar(header(b"d", 0, b"5"), header(b"h", 0, b"1", b"d")),
+        "whiteout-dotdot": raw_tar(header(b"d", 0, b"5"), header(b"d/.wh..", 0)),
+        "symlink-empty-target": raw_tar(header(b"s", 0, b"2", b"")),
+        "size-field-garbage": raw_tar(header(b"f", 0)[:124] + b"zzzzzzzzzzz\0" + header(b"f", 0)[136:]),
+    }.items():
+        cases[f"layer-{label}"] = convert(legacy(f"layer-{label}", config_for(tar), {"l.tar": tar}), "layer 1")
     # -- EIFs
     eif("valid")
+    cases["eif-crc-mismatch"] = command("verify", patched("eif-crc-mismatch", "eifs/valid.eif",
+                                                          lambda d: d.__setitem__(565, d[565] ^ 0xFF)), "crc", 1)
+    cases["eif-version-99"] = command("describe", patched("eif-version-99", "eifs/valid.eif",
+                                                          lambda d: d.__setitem__(slice(4, 6), b"\x00\x63")), "version")
+    cases["eif-unknown-section-type"] = command("describe", patched(
+        "eif-unknown-section-type", "eifs/valid.eif", lambda d: d.__setitem__(slice(548, 550), b"\x00\x77")), "")
+    cases["eif-section-size-huge"] = command("extract", patched(
+        "eif-section-size-huge", "eifs/valid.eif", lambda d: d.__setitem__(slice(552, 560), b"\x7f" + b"\xff" * 7)), "")
+    cases["eif-empty"] = command("verify", patched("eif-empty", "eifs/valid.eif", lambda d: d.clear()), "")
     cases["eif-bad-magic"] = command("describe", patched("eif-bad-magic", "eifs/valid.eif",
                                                          lambda d: d.__setitem__(slice(0, 4), b"EIF.")), "magic")
     cases["eif-truncated"] = command("verify", patched("eif-truncated", "eifs/valid.eif",
