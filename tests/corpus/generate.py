@@ -137,8 +137,9 @@ def archive(name: str, members: dict[str, bytes], *, truncate: int | None = None
 
 def legacy(name: str, config: bytes, layers: dict[str, bytes], manifest: object = None, **kwargs) -> str:
     entries = {"config.json": config, **layers}
-    entries["manifest.json"] = json.dumps(manifest if manifest is not None else
-                                          [{"Config": "config.json", "RepoTags": ["x:1"], "Layers": list(layers)}]).encode()
+    if manifest is None:
+        manifest = [{"Config": "config.json", "RepoTags": ["x:1"], "Layers": list(layers)}]
+    entries["manifest.json"] = json.dumps(manifest).encode()
     return archive(name, entries, **kwargs)
 
 

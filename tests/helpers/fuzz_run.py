@@ -4,7 +4,8 @@
 
 Instruments qtbuild's modules, starts from the target's seeds plus its stored regression inputs,
 and runs for N seconds.  ``all`` fuzzes every target in one process (libFuzzer runs once per
-process): the first input byte picks the target, so one short run covers every parser (CI).  An exception the target does not declare as typed is a crash: its input
+process): the first input byte picks the target, so one short run covers every parser (CI).
+An exception the target does not declare as typed is a crash: its input
 is written to ``DIR/<target>/<sha256 prefix>`` (once per distinct exception type and source line)
 and fuzzing goes on, so one run reports every distinct crash.  The last stdout line is a JSON
 summary: ``{"target", "inputs", "seconds", "inputs_per_second", "crashes": [...]}``.
