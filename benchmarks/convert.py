@@ -238,11 +238,11 @@ def many_files(workdir: str) -> None:
                                                           "Layers": ["layer/layer.tar"]}]).encode())
         os.unlink(layer)
         generated = time.perf_counter() - start
-        seconds, rss = timed(f"{qtbuild} convert -q docker-archive:{archive} -o {workdir}/many.eif",
-                             {"PYTHONPATH": ROOT})
+        seconds, rss = timed(f"{qtbuild} convert -q docker-archive:{archive} -o {workdir}/many.eif")
         size = os.path.getsize(f"{workdir}/many.eif")
-        print(f"{label:28s} convert {seconds:7.2f} s   peak RSS {rss:7.1f} MB   (image {os.path.getsize(archive) / MIB:.0f} MiB "
-              f"generated in {generated:.0f} s, EIF {size / MIB:.0f} MiB)", flush=True)
+        print(f"{label:28s} convert {seconds:7.2f} s   peak RSS {rss:7.1f} MB   (image "
+              f"{os.path.getsize(archive) / MIB:.0f} MiB generated in {generated:.0f} s, EIF {size / MIB:.0f} MiB)",
+              flush=True)
         os.unlink(archive)
         os.unlink(f"{workdir}/many.eif")
 

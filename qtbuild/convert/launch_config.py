@@ -140,7 +140,7 @@ def tree_file_reader(entries: _EntryLookup) -> Callable[[str], bytes | None]:
             if entry is None:
                 return None
             if stat.S_ISLNK(entry.mode):
-                target = entry.link_target.decode("utf-8", "replace")
+                target = (entry.link_target or b"").decode("utf-8", "replace")
                 base = posixpath.dirname("/" + key.decode("utf-8", "replace"))
                 key = posixpath.normpath(posixpath.join(base, target)).lstrip("/").encode()
                 continue

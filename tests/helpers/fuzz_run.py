@@ -8,7 +8,7 @@ process): the first input byte picks the target, so one short run covers every p
 An exception the target does not declare as typed is a crash: its input
 is written to ``DIR/<target>/<sha256 prefix>`` (once per distinct exception type and source line)
 and fuzzing goes on, so one run reports every distinct crash.  The last stdout line is a JSON
-summary: ``{"target", "inputs", "seconds", "inputs_per_second", "crashes": [...]}``.
+summary: ``{"target", "inputs", "seconds", "inputs_per_second", "per_target", "crashes": [...]}``.
 """
 
 from __future__ import annotations
