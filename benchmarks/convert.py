@@ -2,6 +2,7 @@
 """Benchmark: `qtbuild convert` against the decompression floor and the by-hand pipeline.
 
 Usage: python benchmarks/convert.py [--size-mib 1024] [--files 21000] [--dir DIR] [--keep]
+       python benchmarks/convert.py --many-files [--dir DIR]
 
 Generates a synthetic image (≈ --size-mib of file data over 3 gzip layers, --files files:
 many small, some medium, a few large; partly compressible) as an OCI layout (gzip layers) and a
@@ -16,6 +17,11 @@ child process with its peak RSS:
 Each command runs --repeat times (interleaved); the best time and the largest peak RSS are
 reported.  Targets (issue 3): convert <= 1.5 x the floor, >= 2 x faster than the by-hand
 pipeline, peak RSS < 200 MB.  Needs gzip, sha384sum, umoci and cpio (scripts/install-system.sh).
+
+``--many-files`` instead measures memory against file count and path length (issue 12, target
+<= 300 MB peak RSS for each): two docker-archives (uncompressed layers) with 1,000,000 tiny files
+(1,000 directories of 1,000) and with 100,000 files whose paths are ~4 KB (1,000 chains of 15
+directories with 250-byte names, 100 files with 200-byte names in each), converted once each.
 """
 
 from __future__ import annotations
@@ -189,6 +195,64 @@ def timed(command: str, env: dict | None = None) -> tuple[float, float]:
     return elapsed, int(result.stdout.strip()) / 1024
 
 
+def _many_files_layer(path: str, names) -> str:
+    """An uncompressed layer of 8-byte files at ``names`` (parents first); returns its diff_id."""
+    with open(path, "wb") as raw:
+        layer = _HashingWriter(raw)
+        with tarfile.open(fileobj=layer, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for name, is_dir in names:
+                info = tarfile.TarInfo(name)
+                if is_dir:
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    tar.addfile(info)
+                else:
+                    info.size, info.mode = 8, 0o644
+                    tar.addfile(info, io.BytesIO(b"contents"))
+    return "sha256:" + layer.hasher.hexdigest()
+
+
+def _million_files():
+    for d in range(1000):
+        yield f"d{d:04d}", True
+        for f in range(1000):
+            yield f"d{d:04d}/f{f:07d}", False
+
+
+def _long_paths():
+    for chain in range(1000):
+        parts = [f"{chain:04d}-{level:02d}-" + "p" * 242 for level in range(15)]
+        for level in range(15):
+            yield "/".join(parts[:level + 1]), True
+        for f in range(100):
+            yield "/".join(parts) + f"/{f:03d}-" + "n" * 196, False
+
+
+def many_files(workdir: str) -> None:
+    """The --many-files mode (see the module docstring)."""
+    qtbuild = f"{sys.executable} -c 'from qtbuild.cli import main; main()'"
+    for label, names in (("1,000,000 files", _million_files()), ("100,000 files, 4 KB paths", _long_paths())):
+        start = time.perf_counter()
+        layer = os.path.join(workdir, "layer.tar")
+        diff_id = _many_files_layer(layer, names)
+        config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/true"]},
+                             "rootfs": {"type": "layers", "diff_ids": [diff_id]}}, separators=(",", ":")).encode()
+        archive = os.path.join(workdir, "image.tar")
+        with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+            tar.add(layer, "layer/layer.tar")
+            _add_bytes(tar, "config.json", config)
+            _add_bytes(tar, "manifest.json", json.dumps([{"Config": "config.json", "RepoTags": ["many:latest"],
+                                                          "Layers": ["layer/layer.tar"]}]).encode())
+        os.unlink(layer)
+        generated = time.perf_counter() - start
+        seconds, rss = timed(f"{qtbuild} convert -q docker-archive:{archive} -o {workdir}/many.eif")
+        size = os.path.getsize(f"{workdir}/many.eif")
+        print(f"{label:28s} convert {seconds:7.2f} s   peak RSS {rss:7.1f} MB   (image "
+              f"{os.path.getsize(archive) / MIB:.0f} MiB generated in {generated:.0f} s, EIF {size / MIB:.0f} MiB)",
+              flush=True)
+        os.unlink(archive)
+        os.unlink(f"{workdir}/many.eif")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -196,8 +260,15 @@ def main() -> None:
     parser.add_argument("--dir", default=None)
     parser.add_argument("--keep", action="store_true", help="keep the generated image and outputs")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each command; the best is reported")
+    parser.add_argument("--many-files", action="store_true", help="memory against file count and path length")
     options = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="qtbuild-bench-", dir=options.dir)
+    if options.many_files:
+        try:
+            many_files(workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return
     try:
         start = time.perf_counter()
         paths = generate(workdir, options.size_mib * MIB, options.files)

@@ -61,10 +61,10 @@ Reader (:func:`iter_archive`) contract
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import stat
-from collections import Counter
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -261,83 +261,117 @@ def _check_entry(entry: CpioEntry) -> None:
         _check_symlink(entry)
 
 
-def _check_tree(ordered: list[CpioEntry]) -> None:
-    """Refuse duplicate paths and entries whose parent is not a directory entry."""
-    dirs: set[bytes] = set()
-    previous: bytes | None = None
-    for entry in ordered:
-        if entry.path == previous:
-            raise _refuse(entry.path, "duplicate path")
-        previous = entry.path
-        parent = entry.path.rpartition(b"/")[0]
-        if parent and parent not in dirs:
-            raise _refuse(entry.path, f"parent directory {parent!r} is not an entry of the archive")
-        if entry.file_type == stat.S_IFDIR:
-            dirs.add(entry.path)
+#: Entries kept between CpioStream's passes while their estimated size stays below this.
+ENTRY_CACHE_BYTES = 16 << 20
+_CACHED_ENTRY_OVERHEAD = 300  # a CpioEntry, its data callable and ints, roughly
 
 
-def _hardlink_groups(ordered: list[CpioEntry]) -> dict[Hashable, list[CpioEntry]]:
-    """Group entries by ``hardlink_key`` (archive order) and refuse inconsistent groups."""
-    groups: dict[Hashable, list[CpioEntry]] = {}
-    for entry in ordered:
-        if entry.hardlink_key is not None:
-            groups.setdefault(entry.hardlink_key, []).append(entry)
-    for members in groups.values():
-        first = members[0]
-        for other in members[1:]:
-            for field in ("mode", "uid", "gid", "mtime", "size"):
-                if getattr(other, field) != getattr(first, field):
-                    raise _refuse(other.path, f"hardlink of {first.path!r} with a different {field}")
-    return groups
+def _digest(path: bytes) -> bytes:
+    """A fixed-size stand-in for a directory path in the writer's per-directory tables, so their
+    memory does not grow with path length (16-byte BLAKE2b: collisions are not a concern)."""
+    return hashlib.blake2b(path, digest_size=16).digest()
 
 
-def _subdir_counts(ordered: list[CpioEntry]) -> Counter[bytes]:
-    counts: Counter[bytes] = Counter()
-    for entry in ordered:
-        if entry.file_type == stat.S_IFDIR:
-            counts[entry.path.rpartition(b"/")[0]] += 1
-    return counts
+class _Group:
+    """A hardlink group as the first pass saw it: size, first link, and links written so far."""
+
+    __slots__ = ("count", "first", "written", "ino")
+
+    def __init__(self, first: CpioEntry):
+        self.count, self.first, self.written, self.ino = 0, first, 0, 0
 
 
-class CpioArchive:
-    """A deterministic newc archive planned from entries; its exact byte size is known before writing.
+class CpioStream:
+    """A deterministic newc archive streamed from entries already in archive order.
 
-    All validation happens here (see the module docstring); ``chunks``/``write_to`` only fail if a
-    ``data`` stream does not yield exactly ``size`` bytes (or raises itself).
+    ``entries`` is called once to validate and size the archive (here) and once more for each
+    :meth:`chunks`/:meth:`write_to`; every call must yield the same entries, sorted bytewise by
+    path.  Between passes only one 16-byte digest per directory (for nlink and the parent
+    check) and one record per hardlink group are kept, plus the entries themselves while they
+    fit in :data:`ENTRY_CACHE_BYTES` (then the second pass does not call ``entries`` again), so
+    an archive of millions of files needs neither its entry list nor its paths in memory.  Same
+    contract as :class:`CpioArchive` (which is this over a sorted list); out-of-order entries
+    are refused.
     """
 
-    def __init__(self, entries: Iterable[CpioEntry], *, inode_start: int = 1):
-        ordered = list(entries)
-        for entry in ordered:
-            _check_entry(entry)
-        ordered.sort(key=lambda e: e.path)
-        _check_tree(ordered)
-        self._members = self._plan(ordered, inode_start)
-        self.size: int = sum(_member_size(m.entry.path, m.filesize) for m in self._members) + \
-            _member_size(TRAILER_NAME, 0)
-
-    @staticmethod
-    def _plan(ordered: list[CpioEntry], inode_start: int) -> list[_Planned]:
+    def __init__(self, entries: Callable[[], Iterable[CpioEntry]], *, inode_start: int = 1,
+                 _checked: bool = False):
         if not isinstance(inode_start, int) or inode_start < 0:
             raise CpioFormatError(f"inode_start {inode_start!r} must be a non-negative integer")
-        groups = _hardlink_groups(ordered)
-        subdirs = _subdir_counts(ordered)
-        group_ino: dict[Hashable, int] = {}
-        next_ino = inode_start
-        planned = []
-        for entry in ordered:
+        self._entries = entries
+        self._inode_start = inode_start
+        self._checked = _checked
+        self._subdirs: dict[bytes, int] = {}  # directory digest -> number of direct subdirectories
+        self._groups: dict[Hashable, _Group] = {}
+        self._cache: list[CpioEntry] | None = []
+        self.size: int = self._scan()
+
+    def _scan(self) -> int:
+        """First pass: validate, count subdirectories and hardlinks, number inodes, sum sizes."""
+        subdirs, groups = self._subdirs, self._groups
+        previous: bytes | None = None
+        size, next_ino = _member_size(TRAILER_NAME, 0), self._inode_start
+        cache, cached_bytes = self._cache, 0
+        for entry in self._entries():
+            if not self._checked:
+                _check_entry(entry)
+            path = entry.path
+            if cache is not None:
+                cached_bytes += len(path) + _CACHED_ENTRY_OVERHEAD
+                if cached_bytes > ENTRY_CACHE_BYTES:
+                    cache = self._cache = None
+                else:
+                    cache.append(entry)
+            if previous is not None and path <= previous:
+                raise _refuse(path, "duplicate path" if path == previous else
+                              f"entries are not in bytewise path order (after {previous!r})")
+            previous = path
+            parent = path.rpartition(b"/")[0]
+            if parent:
+                parent_digest = _digest(parent)
+                if parent_digest not in subdirs:
+                    raise _refuse(path, f"parent directory {parent!r} is not an entry of the archive")
+            if entry.file_type == stat.S_IFDIR:
+                subdirs[_digest(path)] = 0
+                if parent:
+                    subdirs[parent_digest] += 1
             key = entry.hardlink_key
-            if key is None or key not in group_ino:
+            group = groups.get(key) if key is not None else None
+            if group is None:
                 if next_ino > U32_MAX:
-                    raise _refuse(entry.path, f"inode number {next_ino} does not fit 32 bits")
-                ino, next_ino = next_ino, next_ino + 1
+                    raise _refuse(path, f"inode number {next_ino} does not fit 32 bits")
+                next_ino += 1
                 if key is not None:
-                    group_ino[key] = ino
+                    group = groups[key] = _Group(entry)
+                    size += entry.size + _pad4(entry.size)  # the data, written once (on the last link)
             else:
-                ino = group_ino[key]
-            planned.append(_plan_member(entry, ino, groups.get(key) if key is not None else None,
-                                        subdirs[entry.path]))
-        return planned
+                for field in ("mode", "uid", "gid", "mtime", "size"):
+                    if getattr(entry, field) != getattr(group.first, field):
+                        raise _refuse(path, f"hardlink of {group.first.path!r} with a different {field}")
+            if group is not None:
+                group.count += 1
+                size += _member_size(path, 0)
+            else:
+                size += _member_size(path, _plain_filesize(entry))
+        return size
+
+    def _planned(self) -> Iterator[_Planned]:
+        """Second pass: every member with its inode number, link count and data size."""
+        for group in self._groups.values():
+            group.written, group.ino = 0, 0
+        next_ino = self._inode_start
+        for entry in self._entries() if self._cache is None else self._cache:
+            key = entry.hardlink_key
+            if key is None:
+                ino, next_ino = next_ino, next_ino + 1
+                nlink = 2 + self._subdirs[_digest(entry.path)] if entry.file_type == stat.S_IFDIR else 1
+                yield _Planned(entry, ino, nlink, _plain_filesize(entry))
+                continue
+            group = self._groups[key]
+            if not group.written:
+                group.ino, next_ino = next_ino, next_ino + 1
+            group.written += 1
+            yield _Planned(entry, group.ino, group.count, entry.size if group.written == group.count else 0)
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         """Yield the archive in pieces of ``chunk_size`` bytes (the last may be shorter).
@@ -348,15 +382,20 @@ class CpioArchive:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
         buffer = bytearray()
-        for member in self._members:
+        written = 0
+        for member in self._planned():
             buffer += _member_bytes(member.header_values(), member.entry.path)
             for piece in _member_data(member, chunk_size):
                 buffer += piece
                 while len(buffer) >= chunk_size:
+                    written += chunk_size
                     yield bytes(buffer[:chunk_size])
                     del buffer[:chunk_size]
             buffer += b"\0" * _pad4(member.filesize)
         buffer += _member_bytes((0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, len(TRAILER_NAME) + 1, 0), TRAILER_NAME)
+        if written + len(buffer) != self.size:
+            raise CpioFormatError(f"the entries changed between passes: {written + len(buffer)} bytes, "
+                                  f"planned {self.size}")
         while buffer:
             yield bytes(buffer[:chunk_size])
             del buffer[:chunk_size]
@@ -370,19 +409,28 @@ class CpioArchive:
         return written
 
 
-def _plan_member(entry: CpioEntry, ino: int, group: list[CpioEntry] | None, subdirs: int) -> _Planned:
+class CpioArchive(CpioStream):
+    """A deterministic newc archive planned from entries in any order; its exact byte size is
+    known before writing.
+
+    All validation happens here (see the module docstring); ``chunks``/``write_to`` only fail if a
+    ``data`` stream does not yield exactly ``size`` bytes (or raises itself).
+    """
+
+    def __init__(self, entries: Iterable[CpioEntry], *, inode_start: int = 1):
+        ordered = list(entries)
+        for entry in ordered:
+            _check_entry(entry)
+        ordered.sort(key=lambda e: e.path)
+        super().__init__(lambda: iter(ordered), inode_start=inode_start, _checked=True)
+
+
+def _plain_filesize(entry: CpioEntry) -> int:
+    """c_filesize of an entry outside hardlink groups."""
     file_type = entry.file_type
-    if file_type == stat.S_IFDIR:
-        return _Planned(entry, ino, 2 + subdirs, 0)
     if file_type == stat.S_IFLNK:
-        assert entry.link_target is not None  # _check_entry: a symlink has one
-        return _Planned(entry, ino, 1, len(entry.link_target))
-    if file_type != stat.S_IFREG:
-        return _Planned(entry, ino, 1, 0)
-    if group is None:
-        return _Planned(entry, ino, 1, entry.size)
-    carries_data = group[-1] is entry
-    return _Planned(entry, ino, len(group), entry.size if carries_data else 0)
+        return len(entry.link_target or b"")
+    return entry.size if file_type == stat.S_IFREG else 0
 
 
 def _open_data(entry: CpioEntry) -> BinaryIO:

@@ -189,9 +189,20 @@ def first_certificate(pem: bytes) -> x509.Certificate:
     if match is None:
         raise CoseError("signing certificate: no PEM CERTIFICATE block found")
     try:
-        return x509.load_pem_x509_certificate(match.group(0))
-    except Exception as exc:  # ValueError, or e.g. x509.InvalidVersion on cryptography < 42
-        raise CoseError(f"signing certificate: cannot parse ({exc})") from exc
+        return _decoded(x509.load_pem_x509_certificate(match.group(0)))
+    except Exception as exc:  # noqa: BLE001 - ValueError, KeyError on odd names, InvalidVersion on < 42
+        raise CoseError(f"signing certificate: cannot parse ({str(exc)[:300] or type(exc).__name__})") from None
+
+
+def _decoded(certificate: x509.Certificate) -> x509.Certificate:
+    """``certificate`` after touching every field readers show.  cryptography decodes names and
+    times lazily, and an issuer using an unusual string tag (VideotexString, an odd-length
+    BMPString...) raises ValueError or KeyError on first access: in ``describe``, long after
+    parsing.  Touching them here makes such a certificate a CoseError for every caller."""
+    _ = (certificate.subject.rfc4514_string(), certificate.issuer.rfc4514_string(),
+         [attribute.value for attribute in certificate.issuer], certificate.signature_algorithm_oid,
+         certificate.signature, _validity(certificate))
+    return certificate
 
 
 def pcr8_from_certificate(cert_pem_or_der: bytes) -> str:
@@ -201,9 +212,10 @@ def pcr8_from_certificate(cert_pem_or_der: bytes) -> str:
         certificate = first_certificate(data)
     else:
         try:
-            certificate = x509.load_der_x509_certificate(data)
-        except Exception as exc:  # as in first_certificate
-            raise CoseError(f"signing certificate: not PEM and not valid DER ({exc})") from exc
+            certificate = _decoded(x509.load_der_x509_certificate(data))
+        except Exception as exc:  # noqa: BLE001 - as in first_certificate
+            reason = str(exc)[:300] or type(exc).__name__
+            raise CoseError(f"signing certificate: not PEM and not valid DER ({reason})") from None
     return _pcr8(certificate)
 
 

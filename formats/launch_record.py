@@ -31,6 +31,8 @@ from qtbuild.formats.bounded_input import load_json_object
 from qtbuild.formats.errors import FormatError
 
 MAX_LAUNCH_FILE = 1 << 20
+#: Largest uid/gid a process can take: uid_t is 32 bits and (uid_t)-1 means "unchanged" to setuid(2).
+MAX_ID = 2**32 - 2
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: The launch layout version qtbuild writes (see the module docstring).
 LAUNCH_LAYOUT_VERSION = 2
@@ -56,11 +58,21 @@ class Launch:
     version: int = LAUNCH_LAYOUT_VERSION
 
     def __post_init__(self) -> None:
+        """Refuse what cmd/env cannot carry and what no process can be started with, so that a
+        record ``convert`` writes is one the runtime accepts."""
         for item in self.argv + self.env:
             if "\n" in item or "\0" in item:
-                raise LaunchFormatError(
-                    f"command/env element {item!r} contains a newline or NUL, which cmd/env files cannot represent"
-                )
+                raise LaunchFormatError(f"command/env element {item[:200]!r} contains a newline or NUL, "
+                                        f"which cmd/env files cannot represent")
+        if self.argv and not self.argv[0]:
+            raise LaunchFormatError("command: the program (first element) is empty")
+        for item in self.env:
+            if "=" not in item or item.startswith("="):
+                raise LaunchFormatError(f"env element {item[:200]!r} is not NAME=value")
+        _check_cwd(self.cwd)
+        for label, value in (("uid", self.uid), ("gid", self.gid), *(("groups", g) for g in self.groups)):
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_ID:
+                raise LaunchFormatError(f"{label} {value!r} is outside 0..{MAX_ID}")
 
     def cmd_file(self) -> bytes:
         return "".join(item + "\n" for item in self.argv).encode()
@@ -70,6 +82,15 @@ class Launch:
 
     def to_json(self) -> bytes:
         return (json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+def _check_cwd(cwd: object) -> None:
+    if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd:
+        raise LaunchFormatError(f"working directory {str(cwd)[:200]!r} is not an absolute path without NUL")
+    if any(part in (".", "..") for part in cwd.split("/")):
+        raise LaunchFormatError(f"working directory {cwd[:200]!r} is not normalised (has '.' or '..')")
+    if len(cwd.encode("utf-8", "surrogatepass")) > 4095:
+        raise LaunchFormatError("working directory is longer than 4095 bytes (PATH_MAX)")
 
 
 def with_default_path(env: list[str]) -> list[str]:

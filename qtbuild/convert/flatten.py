@@ -49,10 +49,11 @@ Semantics (docs/images.md, "Applying layers" and "Hostile input")
 from __future__ import annotations
 
 import stat
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Literal, cast, overload
+from typing import BinaryIO, cast
 
 from qtbuild.convert.readahead import ReadAhead
 from qtbuild.convert.spill import SpillStore
@@ -111,34 +112,6 @@ class _Refusal(Exception):
 # --------------------------------------------------------------------------------------------
 
 
-class _Dir:
-    """A directory node; ``children`` maps one name component to a node."""
-
-    __slots__ = ("mode", "uid", "gid", "mtime", "xattrs", "children")
-
-    def __init__(self, mode: int, uid: int, gid: int, mtime: int, xattrs: tuple[str, ...] = ()):
-        self.mode, self.uid, self.gid, self.mtime, self.xattrs = mode, uid, gid, mtime, xattrs
-        self.children: dict[bytes, _Dir | _Node] = {}
-
-
-class _Node:
-    """A non-directory inode, shared by all its hardlinks.
-
-    Regular files locate their data by ``layer`` (index) and ``offset`` (in the layer's blob when
-    it has range access, else in the spill store).
-    """
-
-    __slots__ = ("mode", "uid", "gid", "mtime", "xattrs", "size", "target", "rdev", "layer", "offset")
-
-    def __init__(self, mode: int, uid: int, gid: int, mtime: int, xattrs: tuple[str, ...]):
-        self.mode, self.uid, self.gid, self.mtime, self.xattrs = mode, uid, gid, mtime, xattrs
-        self.size = 0
-        self.target: bytes | None = None
-        self.rdev = (0, 0)
-        self.layer = -1
-        self.offset = 0
-
-
 def _split(name: bytes, what: str) -> list[bytes]:
     """The components of a member name or hardlink target (refusing absolute names and ``..``)."""
     if not name:
@@ -155,26 +128,72 @@ def _mtime(value: int) -> int:
     return min(max(value, 0), U32_MAX)
 
 
+_ROOT = 0
+
+
 class _TreeBuilder:
-    """Applies members layer by layer; see the module docstring for the rules."""
+    """Applies members layer by layer; see the module docstring for the rules.
+
+    The tree is stored in columns indexed by node id, not as one object per node: arrays of
+    machine integers for the attributes, one ``{name: id}`` dict per directory, and side tables
+    for the few nodes that need more (symlink targets, device numbers, xattrs, hardlinks).  A
+    file costs about 150 bytes plus its name, whatever its path length; full paths exist only
+    while the output is streamed.  Nodes unlinked by later members stay in the columns (they are
+    counted by ``max_entries`` anyway).  A hardlink is a node of its own whose attributes are
+    those of its target's node (``_inode_of``), so replacing the target later leaves the link on
+    the old node, as with ``link(2)``.
+    """
 
     def __init__(self, limits: FlattenLimits, implicit_mtime: int):
-        self._root = _Dir(stat.S_IFDIR | 0o755, 0, 0, implicit_mtime)
         self._limits = limits
         self._implicit_mtime = implicit_mtime
         self._entries = 0
         self._steps = 0
         self._layer = -1
         self._data_base = 0
-        self._touched: set[tuple[_Dir, bytes]] = set()  # placed by the current layer
+        self._mode, self._uid, self._gid, self._mtime = array("I"), array("I"), array("I"), array("I")
+        self._size, self._offset, self._layer_of = array("Q"), array("Q"), array("i")
+        self._placed = array("i")  # the layer that placed the node (whiteouts spare the current layer's)
+        self._children: dict[int, dict[bytes, int]] = {}
+        self._targets: dict[int, bytes] = {}
+        self._rdev: dict[int, tuple[int, int]] = {}
+        self._xattrs: dict[int, tuple[str, ...]] = {}
+        self._inode_of: dict[int, int] = {}
+        self._new_dir(stat.S_IFDIR | 0o755, 0, 0, implicit_mtime, ())
+
+    # -- nodes -----------------------------------------------------------------------------
+
+    def _new_node(self, mode: int, uid: int, gid: int, mtime: int, xattrs: tuple[str, ...]) -> int:
+        node = len(self._mode)
+        self._mode.append(mode)
+        self._uid.append(uid)
+        self._gid.append(gid)
+        self._mtime.append(mtime)
+        self._size.append(0)
+        self._offset.append(0)
+        self._layer_of.append(-1)
+        self._placed.append(self._layer)
+        if xattrs:
+            self._xattrs[node] = xattrs
+        return node
+
+    def _new_dir(self, mode: int, uid: int, gid: int, mtime: int, xattrs: tuple[str, ...]) -> int:
+        node = self._new_node(mode, uid, gid, mtime, xattrs)
+        self._children[node] = {}
+        return node
+
+    def _is_dir(self, node: int) -> bool:
+        return stat.S_ISDIR(self._mode[node])
+
+    def _inode(self, node: int) -> int:
+        return self._inode_of.get(node, node)
 
     def begin_layer(self, index: int, data_base: int) -> None:
         """Start applying layer ``index``; its data offsets are shifted by ``data_base``."""
         self._layer, self._data_base = index, data_base
-        self._touched = set()
 
     def end_layer(self) -> None:
-        self._touched = set()
+        pass
 
     def _count(self) -> None:
         self._entries += 1
@@ -190,24 +209,19 @@ class _TreeBuilder:
 
     # -- path resolution -------------------------------------------------------------------
 
-    @overload
-    def _walk(self, components: list[bytes], create: Literal[True]) -> tuple[_Dir, list[bytes]]: ...
-
-    @overload
-    def _walk(self, components: list[bytes], create: bool) -> tuple[_Dir, list[bytes]] | None: ...
-
-    def _walk(self, components: list[bytes], create: bool) -> tuple[_Dir, list[bytes]] | None:
+    def _walk(self, components: list[bytes], create: bool) -> tuple[int, list[bytes]] | None:
         """Resolve directory ``components`` from the root with chroot semantics.
 
         Returns the directory and its resolved path components.  Missing components are created
         when ``create``; otherwise (and for non-directories) the result is None.  A non-directory,
         non-symlink component with ``create`` is an error, as are more than 40 symlinks.
         """
-        dirs: list[_Dir] = [self._root]
+        dirs: list[int] = [_ROOT]
         names: list[bytes] = []
         pending = components[::-1]
         self._charge_steps(len(pending))
         hops = 0
+        children = self._children
         while pending:
             component = pending.pop()
             if component in (b"", b"."):
@@ -217,13 +231,14 @@ class _TreeBuilder:
                     dirs.pop()
                     names.pop()
                 continue
-            child = dirs[-1].children.get(component)
+            child = children[dirs[-1]].get(component)
             if child is None:
                 if not create:
                     return None
                 child = self._implicit_dir(dirs[-1], component, names)
-            elif isinstance(child, _Node):
-                if not stat.S_ISLNK(child.mode):
+            elif child not in children:
+                inode = self._inode(child)
+                if not stat.S_ISLNK(self._mode[inode]):
                     if not create:
                         return None
                     raise _Refusal(f"parent {b'/'.join(names + [component]).decode('utf-8', 'backslashreplace')!r} "
@@ -232,8 +247,7 @@ class _TreeBuilder:
                 if hops > MAX_SYMLINK_HOPS:
                     raise _Refusal(f"too many levels of symbolic links (more than {MAX_SYMLINK_HOPS}) "
                                    f"resolving the parent path (ELOOP)")
-                target = child.target
-                assert target is not None  # _place gives every symlink node its target
+                target = self._targets[inode]
                 if target.startswith(b"/"):
                     del dirs[1:], names[:]
                 expansion = target.split(b"/")
@@ -244,15 +258,14 @@ class _TreeBuilder:
             names.append(component)
         return dirs[-1], names
 
-    def _implicit_dir(self, parent: _Dir, name: bytes, names: list[bytes]) -> _Dir:
+    def _implicit_dir(self, parent: int, name: bytes, names: list[bytes]) -> int:
         if len(name) > MAX_COMPONENT:
             raise _Refusal(f"path component of {len(name)} bytes exceeds {MAX_COMPONENT}")
         if sum(map(len, names)) + len(names) + len(name) > MAX_PATH:
             raise _Refusal(f"resolved path exceeds {MAX_PATH} bytes")
         self._count()
-        node = _Dir(stat.S_IFDIR | 0o755, 0, 0, self._implicit_mtime)
-        parent.children[name] = node
-        self._touched.add((parent, name))
+        node = self._new_dir(stat.S_IFDIR | 0o755, 0, 0, self._implicit_mtime, ())
+        self._children[parent][name] = node
         return node
 
     # -- members ---------------------------------------------------------------------------
@@ -277,58 +290,69 @@ class _TreeBuilder:
         for component in components:
             if len(component) > MAX_COMPONENT:
                 raise _Refusal(f"path component of {len(component)} bytes exceeds {MAX_COMPONENT}")
-        node = self._hardlink_target(member) if member.kind == HARDLINK else None
-        parent, names = self._walk(parents, create=True)
+        inode = self._hardlink_target(member) if member.kind == HARDLINK else None
+        walked = self._walk(parents, create=True)
+        assert walked is not None  # create=True never answers None
+        parent, names = walked
         if sum(map(len, names)) + len(names) + len(base) > MAX_PATH:
             raise _Refusal(f"resolved path exceeds {MAX_PATH} bytes")
-        self._place(parent, base, member, node)
+        self._place(parent, base, member, inode)
 
-    def _place(self, parent: _Dir, base: bytes, member: TarMember, node: _Node | None) -> None:
-        existing = parent.children.get(base)
-        self._touched.add((parent, base))
+    def _place(self, parent: int, base: bytes, member: TarMember, inode: int | None) -> None:
+        siblings = self._children[parent]
+        existing = siblings.get(base)
         if member.kind == DIRECTORY:
-            if type(existing) is _Dir:
-                existing.mode = stat.S_IFDIR | member.mode
-                existing.uid, existing.gid = member.uid, member.gid
-                existing.mtime, existing.xattrs = _mtime(member.mtime), member.xattrs
+            if existing is not None and existing in self._children:
+                self._mode[existing] = stat.S_IFDIR | member.mode
+                self._uid[existing], self._gid[existing] = member.uid, member.gid
+                self._mtime[existing] = _mtime(member.mtime)
+                self._placed[existing] = self._layer
+                self._xattrs.pop(existing, None)
+                if member.xattrs:
+                    self._xattrs[existing] = member.xattrs
                 return
-            parent.children[base] = _Dir(stat.S_IFDIR | member.mode, member.uid, member.gid,
-                                         _mtime(member.mtime), member.xattrs)
+            siblings[base] = self._new_dir(stat.S_IFDIR | member.mode, member.uid, member.gid,
+                                           _mtime(member.mtime), member.xattrs)
             return
-        parent.children[base] = node if node is not None else self._new_node(member)
+        if inode is not None:
+            node = self._new_node(self._mode[inode], 0, 0, 0, ())
+            self._inode_of[node] = inode
+            siblings[base] = node
+            return
+        siblings[base] = self._file_node(member)
 
-    def _new_node(self, member: TarMember) -> _Node:
-        node = _Node(_FILE_TYPE[member.kind] | member.mode, member.uid, member.gid,
-                     _mtime(member.mtime), member.xattrs)
+    def _file_node(self, member: TarMember) -> int:
+        node = self._new_node(_FILE_TYPE[member.kind] | member.mode, member.uid, member.gid,
+                              _mtime(member.mtime), member.xattrs)
         if member.kind == REGULAR:
-            node.size, node.layer = member.size, self._layer
-            node.offset = self._data_base + member.data_offset
+            self._size[node], self._layer_of[node] = member.size, self._layer
+            self._offset[node] = self._data_base + member.data_offset
         elif member.kind == SYMLINK:
             if not member.linkname:
                 raise _Refusal("symlink with an empty target")
-            node.target = member.linkname
+            self._targets[node] = member.linkname
         elif member.kind in (CHAR_DEVICE, BLOCK_DEVICE):
-            node.rdev = (member.devmajor, member.devminor)
+            self._rdev[node] = (member.devmajor, member.devminor)
         return node
 
-    def _hardlink_target(self, member: TarMember) -> _Node:
+    def _hardlink_target(self, member: TarMember) -> int:
         target = member.linkname
         shown = target[:200].decode("utf-8", "backslashreplace")
         components = _split(target, "hardlink target")
         found = self._walk(components[:-1], create=False) if components else None
-        node = found[0].children.get(components[-1]) if found else None
+        node = self._children[found[0]].get(components[-1]) if found else None
         if node is None:
             raise _Refusal(f"hardlink target {shown!r} does not exist (at this point of the layers)")
-        if isinstance(node, _Dir):
+        if node in self._children:
             raise _Refusal(f"hardlink target {shown!r} is a directory")
-        return node
+        return self._inode(node)
 
     def _whiteout(self, parents: list[bytes], base: bytes) -> None:
         if base == OPAQUE_MARKER:
             found = self._walk(parents, create=False)
             if found is not None:
                 directory = found[0]
-                for name in list(directory.children):
+                for name in list(self._children[directory]):
                     self._prune(directory, name)
             return
         if base.startswith(WHITEOUT_META_PREFIX):
@@ -339,47 +363,118 @@ class _TreeBuilder:
         if name in (b".", b".."):
             raise _Refusal(f"whiteout of {name.decode()!r} escapes its directory")
         found = self._walk(parents, create=False)
-        if found is not None and name in found[0].children:
+        if found is not None and name in self._children[found[0]]:
             self._prune(found[0], name)
 
-    def _prune(self, parent: _Dir, name: bytes) -> None:
+    def _prune(self, parent: int, name: bytes) -> None:
         """Remove what lower layers put at ``parent/name``, keeping what this layer placed there.
 
         Iterative post-order walk: non-directories not placed by this layer are removed; a
         directory not placed by this layer is removed if nothing placed by this layer remains in it.
         """
-        touched = self._touched
-        stack: list[tuple[_Dir, bytes, bool]] = [(parent, name, False)]
+        children, placed, layer = self._children, self._placed, self._layer
+        stack: list[tuple[int, bytes, bool]] = [(parent, name, False)]
         while stack:
             directory, child_name, children_done = stack.pop()
-            node = directory.children.get(child_name)
-            kept = (directory, child_name) in touched
-            if type(node) is _Dir:
+            node = children[directory].get(child_name)
+            if node is None:
+                continue
+            kept = placed[node] == layer
+            if node in children:
                 if not children_done:
                     stack.append((directory, child_name, True))
-                    stack.extend((node, grandchild, False) for grandchild in node.children)
-                elif not kept and not node.children:
-                    del directory.children[child_name]
-            elif node is not None and not kept:
-                del directory.children[child_name]
+                    stack.extend((node, grandchild, False) for grandchild in children[node])
+                elif not kept and not children[node]:
+                    del children[directory][child_name]
+            elif not kept:
+                del children[directory][child_name]
 
     # -- output ----------------------------------------------------------------------------
 
-    def release(self) -> None:
-        """Drop the tree (after :meth:`walk`), so its nodes can be freed."""
-        self._root = _Dir(stat.S_IFDIR | 0o755, 0, 0, 0)
-        self._touched = set()
+    def lookup(self, path: bytes) -> int | None:
+        """The node at ``path`` (no symlinks followed), or None."""
+        node: int | None = _ROOT
+        for component in path.split(b"/"):
+            if not component:
+                continue
+            siblings = self._children.get(node) if node is not None else None
+            node = siblings.get(component) if siblings is not None else None
+            if node is None:
+                return None
+        return node if node != _ROOT else None
 
-    def walk(self) -> Iterator[tuple[bytes, _Dir | _Node]]:
-        """Every (path, node) of the tree below the root, in no particular order."""
-        stack = [(self._root, b"")]
+    def walk_sorted(self, prefix: bytes = b"") -> Iterator[tuple[bytes, int]]:
+        """Every (prefix + path, node) below the root, sorted bytewise by path, paths built on the fly.
+
+        Within a directory a subdirectory ``d`` sorts as two keys: ``d`` (its own entry) and
+        ``d/`` (everything below it); no name contains ``/``, so sorting the keys of each
+        directory gives exactly the bytewise order of the full paths.
+        """
+        children = self._children
+        stack: list[tuple[bytes, dict[bytes, int], Iterator[bytes]]] = [(prefix, children[_ROOT], self._keys(_ROOT))]
         while stack:
-            directory, prefix = stack.pop()
-            for name, node in directory.children.items():
-                path = prefix + name
-                yield path, node
-                if type(node) is _Dir:
-                    stack.append((node, path + b"/"))
+            prefix, siblings, keys = stack[-1]
+            key = next(keys, None)
+            if key is None:
+                stack.pop()
+            elif key.endswith(b"/"):
+                node = siblings[key[:-1]]
+                stack.append((prefix + key, children[node], self._keys(node)))
+            else:
+                yield prefix + key, siblings[key]
+
+    def _keys(self, directory: int) -> Iterator[bytes]:
+        children = self._children
+        siblings = children[directory]
+        keys = list(siblings)
+        keys.extend(name + b"/" for name, node in siblings.items() if node in children and children[node])
+        keys.sort()
+        return iter(keys)
+
+    def linked_inodes(self) -> set[int]:
+        """Inodes of regular files reachable under more than one path."""
+        candidates = {inode for inode in self._inode_of.values() if stat.S_ISREG(self._mode[inode])}
+        if not candidates:
+            return set()
+        counts: Counter[int] = Counter()
+        for _name, node in self._walk_unsorted():
+            inode = self._inode(node)
+            if inode in candidates:
+                counts[inode] += 1
+        return {inode for inode, count in counts.items() if count > 1}
+
+    def _walk_unsorted(self) -> Iterator[tuple[bytes, int]]:
+        children = self._children
+        stack = [_ROOT]
+        while stack:
+            for name, node in children[stack.pop()].items():
+                yield name, node
+                if node in children:
+                    stack.append(node)
+
+    def entry(self, path: bytes, node: int, *, clamp_mtime: int | None, openers: list,
+              hardlink_key: int | None) -> CpioEntry:
+        """The archive entry for ``node`` at ``path``."""
+        inode = self._inode(node)
+        mode = self._mode[inode]
+        mtime = self._mtime[inode] if clamp_mtime is None else min(self._mtime[inode], clamp_mtime)
+        if stat.S_ISDIR(mode):
+            return CpioEntry(path, mode, self._uid[inode], self._gid[inode], mtime)
+        size = self._size[inode]
+        data = _DataRef(openers[self._layer_of[inode]], self._offset[inode], size) if size else None
+        return CpioEntry(path, mode, self._uid[inode], self._gid[inode], mtime, size=size,
+                         link_target=self._targets.get(inode), rdev=self._rdev.get(inode, (0, 0)), data=data,
+                         hardlink_key=hardlink_key)
+
+    def xattrs(self, node: int) -> tuple[str, ...]:
+        return self._xattrs.get(self._inode(node), ())
+
+    def has_xattrs(self) -> bool:
+        return bool(self._xattrs)
+
+    def inode(self, node: int) -> int:
+        """The node whose attributes ``node`` has (itself unless it is a hardlink)."""
+        return self._inode(node)
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,21 +483,56 @@ class _TreeBuilder:
 
 
 class FlatTree:
-    """The flattened image: bytewise-sorted :class:`CpioEntry` list, warnings, and the spill store.
+    """The flattened image: its entries in bytewise path order, warnings, and the spill store.
 
+    The tree stays in its compact form; :meth:`iter_entries` builds each :class:`CpioEntry` (and
+    its path) as it is consumed, so a pass over millions of files holds one path at a time.
     Regular-file ``data`` callables read from the source blobs (layers with range access: keep
     the image open until the data is written) or from the spill store (valid until
     :meth:`close`).  Use as a context manager.
     """
 
-    def __init__(self, entries: list[CpioEntry], warnings: list[str], spill: SpillStore):
-        self._entries = entries
-        self.warnings = warnings
+    def __init__(self, builder: _TreeBuilder, range_openers: list, spill: SpillStore, clamp_mtime: int | None):
+        self._builder = builder
+        self._openers = [opener or spill.open_range for opener in range_openers]
+        self._clamp_mtime = clamp_mtime
         self._spill = spill
+        self._linked = builder.linked_inodes()
+        self.warnings = self._xattr_warnings()
+
+    def iter_entries(self, prefix: bytes = b"") -> Iterator[CpioEntry]:
+        """Every entry, sorted bytewise by path (the root directory is not one), each path
+        starting with ``prefix``; each call walks the tree again and yields the same entries."""
+        for path, node in self._builder.walk_sorted(prefix):
+            yield self._entry(path, node)
 
     def entries(self) -> list[CpioEntry]:
-        """All entries, sorted bytewise by path (the root directory is not one)."""
-        return list(self._entries)
+        """:meth:`iter_entries` as a list (for small trees: it holds every path)."""
+        return list(self.iter_entries())
+
+    def get(self, path: bytes) -> CpioEntry | None:
+        """The entry at ``path`` (relative, no symlinks followed), or None."""
+        node = self._builder.lookup(path)
+        return None if node is None else self._entry(path.strip(b"/"), node)
+
+    def _entry(self, path: bytes, node: int) -> CpioEntry:
+        inode = self._builder.inode(node)
+        return self._builder.entry(path, node, clamp_mtime=self._clamp_mtime, openers=self._openers,
+                                   hardlink_key=inode if inode in self._linked else None)
+
+    def _xattr_warnings(self) -> list[str]:
+        warnings = _Warnings()
+        if not self._builder.has_xattrs():
+            return warnings.lines()
+        warned_links: set[int] = set()
+        for path, node in self._builder.walk_sorted():
+            names = self._builder.xattrs(node)
+            inode = self._builder.inode(node)
+            if names and inode not in warned_links:
+                warnings.xattrs(path, names)
+                if inode in self._linked:
+                    warned_links.add(inode)
+        return warnings.lines()
 
     @property
     def spill_bytes(self) -> int:
@@ -433,35 +563,6 @@ class _DataRef:
 
     def __call__(self) -> BinaryIO:
         return self._open(self._offset, self._size)
-
-
-def _build_entries(builder: _TreeBuilder, range_openers: list, spill: SpillStore,
-                   clamp_mtime: int | None) -> tuple[list[CpioEntry], list[str]]:
-    """The tree as sorted entries, and the xattr warnings.  Empties the builder: nodes are
-    released while entries are built, so peak memory stays near the larger of the two."""
-    items: list = sorted(builder.walk(), key=lambda item: item[0])
-    builder.release()
-    link_counts = Counter(id(node) for _, node in items if type(node) is _Node and stat.S_ISREG(node.mode))
-    linked = {node_id for node_id, count in link_counts.items() if count > 1}
-    del link_counts
-    openers = [opener or spill.open_range for opener in range_openers]
-    keys: dict[int, int] = {}
-    entries = []
-    warnings = _Warnings()
-    for index in range(len(items)):
-        path, node = items[index]
-        items[index] = None
-        mtime = node.mtime if clamp_mtime is None else min(node.mtime, clamp_mtime)
-        if node.xattrs and id(node) not in keys:
-            warnings.xattrs(path, node.xattrs)
-        if type(node) is _Dir:
-            entries.append(CpioEntry(path, node.mode, node.uid, node.gid, mtime))
-            continue
-        key = keys.setdefault(id(node), len(keys) + 1) if id(node) in linked else None
-        data = _DataRef(openers[node.layer], node.offset, node.size) if node.size else None
-        entries.append(CpioEntry(path, node.mode, node.uid, node.gid, mtime, size=node.size,
-                                 link_target=node.target, rdev=node.rdev, data=data, hardlink_key=key))
-    return entries, warnings.lines()
 
 
 class _Warnings:
@@ -554,8 +655,7 @@ def flatten(layers: Sequence[Layer], *, spill_dir: str | None = None,
         openers = [_apply_layer(builder, index, layer, spill, limits, budget, progress)
                    for index, layer in enumerate(layers)]
         spill.flush()
-        entries, warnings = _build_entries(builder, openers, spill, clamp_mtime)
-        return FlatTree(entries, warnings, spill)
+        return FlatTree(builder, openers, spill, clamp_mtime)
     except BaseException:
         spill.close()
         raise

@@ -18,14 +18,28 @@ needs no guessing; changing these rules moves PCRs, hence the launch layout vers
 from __future__ import annotations
 
 import posixpath
+import re
 import stat
 from collections.abc import Callable
+from typing import Protocol
 
 from qtbuild.errors import ImageError
+from qtbuild.formats.cpio import CpioEntry
 from qtbuild.formats.launch_record import Launch, LaunchFormatError, with_default_path
 
 #: /etc/passwd and /etc/group bigger than this are not read.
 MAX_ACCOUNT_FILE = 1 << 20
+#: A numeric id as passwd/group and ``User`` write it.  Not str.isdigit(), which also accepts
+#: Unicode digits such as "²" that int() then refuses.
+_NUMBER = re.compile(r"[0-9]{1,20}")  # longer is out of range anyway, and int() of >4300 digits raises
+
+
+class _EntryLookup(Protocol):
+    def get(self, path: bytes, /) -> CpioEntry | None: ...
+
+
+def _is_number(text: str) -> bool:
+    return _NUMBER.fullmatch(text) is not None
 
 
 def resolve_launch(config: dict, read_file: Callable[[str], bytes | None], *, semantics: str = "oci") -> Launch:
@@ -41,8 +55,8 @@ def resolve_launch(config: dict, read_file: Callable[[str], bytes | None], *, se
     argv = _command(container, semantics)
     env = with_default_path(_string_list(container.get("Env"), "Env"))
     cwd = container.get("WorkingDir") or "/"
-    if not isinstance(cwd, str) or not cwd.startswith("/"):
-        raise ImageError(f"image WorkingDir {cwd!r} is not an absolute path")
+    if not isinstance(cwd, str) or not cwd.startswith("/") or "\0" in cwd:
+        raise ImageError(f"image WorkingDir {str(cwd)[:200]!r} is not an absolute path without NUL: fix WORKDIR")
     uid, gid, groups, user, home = _resolve_user(container.get("User") or "", read_file)
     if not any(item.startswith("HOME=") for item in env):
         env = [*env, f"HOME={home}"]
@@ -83,26 +97,30 @@ def _resolve_user(spec: str, read_file: Callable[[str], bytes | None]) -> tuple[
     user_part, _, group_part = (spec or "root").partition(":")
     passwd = _parse_accounts(read_file("/etc/passwd"), 7)
     groups_db = _parse_accounts(read_file("/etc/group"), 4)
-    entry = next((row for row in passwd if row[0] == user_part or (user_part.isdigit() and row[2] == user_part)), None)
+    numeric = _is_number(user_part)
+    entry = next((row for row in passwd if row[0] == user_part or (numeric and row[2] == user_part)), None)
     if entry is not None:
+        if not _is_number(entry[3]):
+            raise ImageError(f"image User {spec!r}: /etc/passwd gives user {entry[0]!r} the group id "
+                             f"{entry[3][:50]!r}, which is not a number: fix the image's /etc/passwd")
         uid, gid, name, home = int(entry[2]), int(entry[3]), entry[0], entry[5] or "/"
-    elif user_part.isdigit() or not spec:
+    elif numeric or not spec:
         # docker: an unknown numeric uid (or root in an image without passwd) runs with gid 0, HOME /
-        uid, gid, name, home = int(user_part) if user_part.isdigit() else 0, 0, user_part, "/"
+        uid, gid, name, home = int(user_part) if numeric else 0, 0, user_part, "/"
     else:
         raise ImageError(f"image User {spec!r}: no user {user_part!r} in the image's /etc/passwd")
     if group_part:
         # runc: supplementary groups only make sense in the implicit form (no group given)
         return uid, _resolve_group(group_part, groups_db, spec), [], name, home
-    supplementary = sorted({int(row[2]) for row in groups_db if name in row[3].split(",") and row[2].isdigit()} - {gid})
+    supplementary = sorted({int(row[2]) for row in groups_db if name in row[3].split(",")} - {gid})
     return uid, gid, supplementary, name, home
 
 
 def _resolve_group(group: str, groups_db: list[list[str]], spec: str) -> int:
-    if group.isdigit():
+    if _is_number(group):
         return int(group)
     row = next((row for row in groups_db if row[0] == group), None)
-    if row is None or not row[2].isdigit():
+    if row is None:
         raise ImageError(f"image User {spec!r}: no group {group!r} in the image's /etc/group")
     return int(row[2])
 
@@ -113,13 +131,14 @@ def _parse_accounts(data: bytes | None, fields: int) -> list[list[str]]:
     rows = []
     for line in data.decode("utf-8", "replace").splitlines():
         parts = line.split(":")
-        if len(parts) >= fields - 1 and not line.startswith("#") and parts[2].isdigit():
+        if len(parts) >= fields - 1 and not line.startswith("#") and _is_number(parts[2]):
             rows.append(parts + [""] * (fields - len(parts)))
     return rows
 
 
-def tree_file_reader(entries: dict) -> Callable[[str], bytes | None]:
-    """A ``read_file`` over flattened entries (path bytes → CpioEntry), following symlinks a little."""
+def tree_file_reader(entries: _EntryLookup) -> Callable[[str], bytes | None]:
+    """A ``read_file`` over flattened entries (``get(path bytes) → CpioEntry | None``: a dict or a
+    :class:`~qtbuild.convert.flatten.FlatTree`), following symlinks a little."""
 
     def read(path: str) -> bytes | None:
         key = path.lstrip("/").encode()
@@ -128,7 +147,7 @@ def tree_file_reader(entries: dict) -> Callable[[str], bytes | None]:
             if entry is None:
                 return None
             if stat.S_ISLNK(entry.mode):
-                target = entry.link_target.decode("utf-8", "replace")
+                target = (entry.link_target or b"").decode("utf-8", "replace")
                 base = posixpath.dirname("/" + key.decode("utf-8", "replace"))
                 key = posixpath.normpath(posixpath.join(base, target)).lstrip("/").encode()
                 continue

@@ -9,7 +9,8 @@ from datetime import UTC, datetime
 
 from qtbuild import __version__
 from qtbuild.formats.bounded_input import load_json, read_bounded
-from qtbuild.formats.eif_metadata import BuildInfo, EifMetadata
+from qtbuild.formats.eif_metadata import BuildInfo, EifMetadata, parse_metadata
+from qtbuild.formats.errors import EifFormatError
 
 BUILD_TOOL = "qtbuild"
 #: nitro-cli and ``qt enclave make-img`` cap the custom metadata file at this size.
@@ -88,6 +89,19 @@ def make_metadata(
     time_fallback: datetime | None = None,
 ) -> bytes:
     """The metadata section's bytes for an image qtbuild builds (``docker_info`` None is written
-    ``null``, as eif_build does for images not built from a container)."""
+    ``null``, as eif_build does for images not built from a container).
+
+    Raises MetadataError when the section would be one ``describe``/``verify`` refuse to read
+    (larger than 1 MiB, nested deeper than 64 levels): the image config is copied into
+    DockerInfo, so a hostile or bloated config is refused here, at build time.
+    """
     build = BuildInfo(build_time(time_fallback), BUILD_TOOL, __version__, operating_system, kernel_version)
-    return EifMetadata(name, version, build, docker_info, custom).to_bytes()
+    try:
+        data = EifMetadata(name, version, build, docker_info, custom).to_bytes()
+        parse_metadata(data)
+    except (EifFormatError, RecursionError) as exc:
+        problem = str(exc) if isinstance(exc, EifFormatError) else "it nests too deeply"
+        raise MetadataError(f"the EIF metadata section would not be readable ({problem}); it carries the image "
+                            f"config (DockerInfo.Config: labels, env...) and --metadata: make them smaller or "
+                            f"flatter") from None
+    return data

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from tqdm import tqdm
 
@@ -72,22 +72,21 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
         config = image.config()
         arch = _image_arch(config, platform)
         profile = load_profile(options.blobs, arch)
+        # Before the layers are read: a config the metadata section cannot carry fails fast.
+        metadata = make_metadata(
+            name=options.name or "enclave",
+            version=options.version or image.image_id,
+            kernel_version=profile.kernel_version,
+            docker_info=_docker_info(image, config),
+            custom=custom,
+            time_fallback=None if clamp else _created(config),
+        )
         with _progress("layers", options.quiet) as bar:
             clamp_mtime = int(clamp.timestamp()) if clamp else None
             tree = flatten(image.layers(), spill_dir=options.spill_dir, clamp_mtime=clamp_mtime, progress=bar.update)
         with tree:
-            entries = tree.entries()
-            launch = resolve_launch(config, tree_file_reader({e.path: e for e in entries}),
-                                    semantics=options.cmd_semantics)
-            ramdisk = customer_ramdisk(entries, launch)
-            metadata = make_metadata(
-                name=options.name or "enclave",
-                version=options.version or image.image_id,
-                kernel_version=profile.kernel_version,
-                docker_info=_docker_info(image, config),
-                custom=custom,
-                time_fallback=_created(config),
-            )
+            launch = resolve_launch(config, tree_file_reader(tree), semantics=options.cmd_semantics)
+            ramdisk = customer_ramdisk(tree.iter_entries, launch)
             with _progress("ramdisk", options.quiet, total=ramdisk.size + profile.bootstrap.size) as bar:
                 result = write_eif(
                     options.output,
@@ -133,6 +132,9 @@ def _docker_info(image: Image, config: dict) -> dict:
 
 
 def _created(config: dict) -> datetime | None:
+    """The image's ``created`` time in UTC; None when absent or unparseable (BuildTime then falls
+    back to 1970).  A parseable time that UTC cannot represent (year 1 with a positive offset) is
+    an ImageError, since silently dropping it would hide a hostile or broken config."""
     created = config.get("created")
     if not isinstance(created, str):
         return None
@@ -145,7 +147,13 @@ def _created(config: dict) -> datetime | None:
         moment = datetime.fromisoformat(text)
     except ValueError:
         return None
-    return moment if moment.tzinfo else None
+    if not moment.tzinfo:
+        return None
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        raise ImageError(f"image config: created time {created[:64]!r} is outside the dates UTC can represent; "
+                         f"fix it or set SOURCE_DATE_EPOCH") from None
 
 
 def _progress(what: str, quiet: bool, total: int | None = None) -> tqdm:

@@ -7,17 +7,17 @@ Archive layout (nitro-cli's convention, see docs/format.md, "Ramdisk conventions
     rootfs/        the image filesystem
     rootfs/{dev,proc,run,sys,tmp,var}   mount points, added when the image lacks them
 
-Synthesised entries are root-owned with mtime 0.  Everything is deterministic: the cpio writer
-sorts by path and numbers inodes in that order.
+Synthesised entries are root-owned with mtime 0.  Everything is deterministic: entries are
+written in bytewise path order and inodes numbered in that order.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
-from qtbuild.formats.cpio import CpioArchive, CpioEntry
+from qtbuild.formats.cpio import CpioEntry, CpioStream
 from qtbuild.formats.launch_record import Launch
 
 ROOTFS = b"rootfs"
@@ -38,19 +38,41 @@ def launch_files(launch: Launch) -> list[CpioEntry]:
     return [_file(b"cmd", launch.cmd_file()), _file(b"env", launch.env_file()), _file(b"launch.json", launch.to_json())]
 
 
-def customer_entries(image_entries: Iterable[CpioEntry], launch: Launch) -> list[CpioEntry]:
-    """Prefix the image's entries with ``rootfs/`` and add mount points and launch files."""
-    entries = [_dir(ROOTFS)]
-    present = set()
+def customer_entries(image_entries: Iterable[CpioEntry], launch: Launch) -> Iterator[CpioEntry]:
+    """The launch files, ``rootfs/``, and the image's entries — given in bytewise path order,
+    paths already under ``rootfs/`` — with the missing mount points merged in: the archive's
+    order, streamed."""
+    yield from launch_files(launch)
+    yield _dir(ROOTFS)
+    missing = [ROOTFS + b"/" + name for name in sorted(MOUNT_POINTS)]
     for entry in image_entries:
-        present.add(entry.path)
-        entries.append(dataclasses.replace(entry, path=ROOTFS + b"/" + entry.path))
-    for name, mode in MOUNT_POINTS.items():
-        if name not in present:
-            entries.append(_dir(ROOTFS + b"/" + name, mode))
-    return entries + launch_files(launch)
+        while missing and missing[0] < entry.path:
+            yield _mount_point(missing.pop(0))
+        if missing and missing[0] == entry.path:
+            missing.pop(0)  # the image has its own
+        yield entry
+    for path in missing:
+        yield _mount_point(path)
 
 
-def customer_ramdisk(image_entries: Iterable[CpioEntry], launch: Launch) -> CpioArchive:
-    """The customer ramdisk as a streamable archive of known size."""
-    return CpioArchive(customer_entries(image_entries, launch))
+def _mount_point(path: bytes) -> CpioEntry:
+    return _dir(path, MOUNT_POINTS[path.rpartition(b"/")[2]])
+
+
+def customer_ramdisk(image_entries: Iterable[CpioEntry] | Callable[[bytes], Iterable[CpioEntry]],
+                     launch: Launch) -> CpioStream:
+    """The customer ramdisk as a streamable archive of known size.
+
+    ``image_entries``: a callable that, given the path prefix ``b"rootfs/"``, returns the image's
+    entries under it in bytewise path order, afresh on each call (``FlatTree.iter_entries``: the
+    archive is then streamed, never held whole in memory); or any iterable of the image's
+    entries (sorted and prefixed here).
+    """
+    prefix = ROOTFS + b"/"
+    if callable(image_entries):
+        source = image_entries
+    else:
+        ordered = sorted((dataclasses.replace(entry, path=prefix + entry.path) for entry in image_entries),
+                         key=lambda entry: entry.path)
+        source = lambda _prefix: iter(ordered)  # noqa: E731
+    return CpioStream(lambda: customer_entries(source(prefix), launch))

@@ -123,6 +123,8 @@ class Manifest:
 
 def _check_schema(document: dict, what: str) -> None:
     media_type = document.get("mediaType")
+    if media_type is not None and not isinstance(media_type, str):
+        raise ImageError(f"{what}: mediaType is not a string")
     if media_type in DOCKER_MANIFEST_SCHEMA1 or document.get("schemaVersion") == 1:
         raise ImageError(f"{what}: Docker schema 1 manifests are not supported; re-push the image "
                          "with a current Docker or skopeo")

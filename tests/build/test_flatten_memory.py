@@ -1,0 +1,80 @@
+"""Issue 12, "Why" 8: convert's memory must not grow with path bytes (1,000,000 files took 816 MB,
+100,000 files with 3.8 KB paths 1.41 GB).  The flattened tree is kept compact (one node per path
+component, attributes in arrays) and the customer ramdisk is streamed from it in path order, so
+no full path list exists.  benchmarks/convert.py --many-files measures the full-size cases."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import pytest
+from test_flatten import M, layers_of
+
+import qtbuild.formats.cpio as cpio
+from qtbuild.convert.flatten import flatten
+from qtbuild.convert.ramdisk import customer_ramdisk
+from qtbuild.formats.launch_record import Launch
+
+FILES = 4_000
+
+
+def peak_bytes(members: list[M]) -> int:
+    """Peak Python allocations (tracemalloc) of flattening ``members`` and sizing and writing the
+    customer ramdisk; the tar bytes themselves are allocated before tracing starts."""
+    layers = layers_of(members, in_place=True)
+    tracemalloc.start()
+    try:
+        with flatten(layers) as tree:
+            ramdisk = customer_ramdisk(tree.iter_entries, Launch(["/app"], ["PATH=/bin"]))
+            written = sum(len(chunk) for chunk in ramdisk.chunks())
+            assert written == ramdisk.size
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def bytes_per_file(make) -> float:
+    """What each file adds to the peak: constant buffers cancel out between two image sizes."""
+    return (peak_bytes(make(2 * FILES)) - peak_bytes(make(FILES))) / FILES
+
+
+@pytest.fixture(autouse=True)
+def stream_only(monkeypatch):
+    """No entry cache between the archive's passes (it holds up to 16 MiB of entries, which
+    would dominate at this scale): what is measured is the tree and the stream."""
+    monkeypatch.setattr(cpio, "ENTRY_CACHE_BYTES", 0)
+
+
+CHAIN = "/".join(f"{level:02d}" + "d" * 240 for level in range(14))  # ~3.4 KB of directories
+
+
+def test_memory_per_file_does_not_grow_with_path_length():
+    long_paths = bytes_per_file(lambda n: [M(CHAIN + "/", "dir")] +
+                                [M(f"{CHAIN}/{i:06d}" + "n" * 200, data=b"x") for i in range(n)])
+    short_paths = bytes_per_file(lambda n: [M("d/", "dir")] +
+                                 [M(f"d/{i:06d}" + "n" * 200, data=b"x") for i in range(n)])
+    # Before: every entry carried its full path (twice, with the rootfs/ copy): > 7 KB per file here.
+    assert long_paths < 1000, long_paths
+    # Not quite equal: the test's in-memory layers add a little per tar byte, and PAX headers make
+    # the long-path tar 3x larger.  Before, the difference was the paths themselves (~7 KB).
+    assert long_paths < short_paths + 500, (long_paths, short_paths)
+
+
+def retained_bytes(members: list[M]) -> int:
+    """What the flattened tree keeps allocated once flatten() has returned."""
+    layers = layers_of(members, in_place=True)
+    tracemalloc.start()
+    try:
+        with flatten(layers):
+            return tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_tree_keeps_under_220_bytes_per_small_file():
+    def image(n):
+        return [M(f"d{i // 1000:03d}/", "dir") if i % 1000 == 0 else M(f"d{i // 1000:03d}/f{i:07d}", data=b"x")
+                for i in range(n)]
+
+    per_file = (retained_bytes(image(4 * FILES)) - retained_bytes(image(2 * FILES))) / (2 * FILES)
+    assert per_file < 220, per_file  # before: 325 (a sorted list of entries with full paths)
