@@ -2,7 +2,8 @@
 
 ``serve [--state-dir DIR] [--db FILE] [--listen HOST:PORT] [--attestation-root PEM …]
 [--attestation-root-fingerprint SHA256 …] [--trust-hardware-roots] [--max-age 5m]
-[--allow-debug]``
+[--allow-debug] [--max-connections N] [--max-connections-per-client N] [--io-timeout S]
+[--header-timeout S] [--body-timeout S] [--threads N]``
     Runs the service (runtime/kms) until SIGTERM/SIGINT.  On first start it creates the master
     key, the database and an admin principal; every start writes the admin credentials and the
     endpoint to ``<state-dir>/admin.json`` (0600).  Prints one JSON line on stdout:
@@ -36,7 +37,7 @@ from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json, say
 from qtbuild.runtime.kms.crypto import MasterKeyError
 from qtbuild.runtime.kms.recipient import DEFAULT_MAX_AGE, RecipientVerifier
-from qtbuild.runtime.kms.server import KmsHttpServer, serve_until_signalled
+from qtbuild.runtime.kms.server import KmsHttpServer, quiet_parser_warnings, serve_until_signalled
 from qtbuild.runtime.kms.service import KmsService
 from qtbuild.runtime.kms.state import (
     StatePaths,
@@ -98,14 +99,24 @@ def command() -> None:
               help=f"Oldest attestation document accepted [{DEFAULT_MAX_AGE:g}s].")
 @click.option("--allow-debug", is_flag=True, help="Accept debug-mode enclaves' documents.")
 @click.option("--max-connections", type=click.IntRange(1, 4096), default=256, show_default=True)
+@click.option("--max-connections-per-client", "max_per_client", type=click.IntRange(1, 4096), default=64,
+              show_default=True, help="Connections one IP address may hold (the next get 429).")
 @click.option("--io-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
-              help="Seconds a connection may stay silent.")
+              help="Seconds a kept-alive connection may stay idle.")
+@click.option("--header-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds a request's line and headers may take to arrive (then 408).")
+@click.option("--body-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds a request body may take to arrive (then 408).")
+@click.option("--threads", type=click.IntRange(1, 256), default=16, show_default=True,
+              help="Threads running requests (SQLite, cryptography).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(state_dir, db, listen, root_paths, fingerprints, trust_hardware_roots, no_local_root,
-          max_age, allow_debug, max_connections, io_timeout, verbose) -> None:
+          max_age, allow_debug, max_connections, max_per_client, io_timeout, header_timeout, body_timeout,
+          threads, verbose) -> None:
     """Run the KMS until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="qtbuild kms: %(levelname)s: %(message)s")
+    quiet_parser_warnings(verbose)
     paths = StatePaths.under(state_dir or _default_state_dir(), db)
     verifier = _verifier(root_paths, fingerprints, trust_hardware_roots, no_local_root,
                          max_age, allow_debug)
@@ -113,8 +124,12 @@ def serve(state_dir, db, listen, root_paths, fingerprints, trust_hardware_roots,
         opened = open_state(paths)
     except (MasterKeyError, StoreError) as exc:
         raise InputError(str(exc)) from None
-    server = KmsHttpServer(_address(listen), KmsService(opened.env, verifier),
-                           io_timeout=io_timeout, max_connections=max_connections)
+    try:
+        server = KmsHttpServer(_address(listen), KmsService(opened.env, verifier), io_timeout=io_timeout,
+                               max_connections=max_connections, max_per_client=max_per_client,
+                               header_timeout=header_timeout, body_timeout=body_timeout, threads=threads)
+    except OSError as exc:
+        raise InputError(f"--listen {listen}: {exc.strerror or exc}") from None
     write_credentials(paths.credentials, server.endpoint, opened.admin)
     say(f"qtbuild kms: {'created' if opened.created else 'opened'} state in {paths.directory}")
     say(f"qtbuild kms: admin credentials in {paths.credentials}")

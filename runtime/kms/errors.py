@@ -24,6 +24,8 @@ CATALOGUE: dict[str, tuple[int, str]] = {
     "KMS.0301": (401, "The request carries no valid SDK-HMAC-SHA256 authorization."),
     "KMS.0302": (401, "The request signature does not verify."),
     "KMS.0303": (401, "The request date is outside the allowed window."),
+    # local: a mutating admin request whose signature was already used (a replay)
+    "KMS.0304": (401, "The request was already served; sign a new one."),
     "KMS.0306": (403, "The user has no permission to access the key."),
     "KMS.0307": (403, "The user has no permission to access the API."),
     "KMS.0308": (400, "Invalid parameter."),

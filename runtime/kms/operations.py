@@ -23,6 +23,7 @@ Admin APIs (``admin/...``) need a principal created as admin; policies do not ap
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -357,10 +358,8 @@ def decrypt_data(call: Call) -> dict:
 
 def _text_fields(plaintext: bytes) -> dict:
     reply = {"plain_text_base64": base64.b64encode(plaintext).decode("ascii")}
-    try:
+    with contextlib.suppress(UnicodeDecodeError):
         reply["plain_text"] = plaintext.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
     return reply
 
 
@@ -547,6 +546,7 @@ def list_audit(call: Call) -> dict:
 class Api:
     handler: Callable[[Call], dict]
     takes_recipient: bool = False
+    replay_guarded: bool = False    # a mutating admin API: each signed request serves once
 
 
 APIS: dict[str, Api] = {
@@ -564,9 +564,9 @@ APIS: dict[str, Api] = {
     "encrypt-datakey": Api(encrypt_datakey),
     "decrypt-datakey": Api(decrypt_datakey, takes_recipient=True),
     "gen-random": Api(gen_random, takes_recipient=True),
-    "admin/create-principal": Api(create_principal),
+    "admin/create-principal": Api(create_principal, replay_guarded=True),
     "admin/list-principals": Api(list_principals),
-    "admin/put-policy": Api(put_policy),
+    "admin/put-policy": Api(put_policy, replay_guarded=True),
     "admin/get-policy": Api(get_policy),
     "admin/list-audit": Api(list_audit),
 }

@@ -3,9 +3,11 @@ verify the recipient → run the API (which authorizes) → audit → reply.
 
 ``KmsService.serve(Request) -> Response`` never raises: refusals become Huawei-style error
 bodies with their status, anything unexpected a logged ``500 KMS.0101`` without details.  Every
-request is recorded in the audit log, refused ones included: time, request id, peer address,
-principal, API, key, decision ("allow", "deny" for 401/403 and refused attestation documents,
-"error" for other failures) with its reason, status, error code, and the attested PCR0 / PCR8.
+authenticated request is recorded in the audit log (fsynced before the reply), refused ones
+included; unauthenticated refusals are counted and sampled (``refusals``).  A record holds
+time, request id, peer address, principal, API, key, decision ("allow", "deny" for 401/403 and
+refused attestation documents, "error" for other failures) with its reason, status, error
+code, and the attested PCR0 / PCR8.
 
 Paths: ``POST /v1.0/{project_id}/kms/{api}`` with the APIs of ``qtbuild.runtime.kms.operations``
 (``{api}`` may be ``admin/<name>``).  Request bodies: one JSON object, at most
@@ -20,11 +22,12 @@ import re
 import uuid
 from dataclasses import dataclass
 
-from qtbuild.runtime.kms.auth import authenticate
+from qtbuild.runtime.kms.auth import WINDOW, authenticate, parse_authorization
 from qtbuild.runtime.kms.errors import KmsError
 from qtbuild.runtime.kms.fields import Fields
 from qtbuild.runtime.kms.operations import APIS, Call, Environment, principal_context
 from qtbuild.runtime.kms.recipient import RecipientVerifier
+from qtbuild.runtime.kms.refusals import RefusalSampler
 from qtbuild.runtime.kms.store import AuditRecord, PrincipalRecord
 
 log = logging.getLogger("qtbuild.kms")
@@ -55,6 +58,7 @@ class KmsService:
 
     def __init__(self, env: Environment, verifier: RecipientVerifier) -> None:
         self.env, self.verifier = env, verifier
+        self.refusals = RefusalSampler(env.store)
 
     def serve(self, request: Request) -> Response:
         request_id = uuid.uuid4().hex
@@ -66,16 +70,19 @@ class KmsService:
             status, body = error.status, error.body()
         except Exception:  # a service answers; details go to the log only
             log.exception("request %s failed", request_id)
-            error = KmsError("KMS.0101")
-            status, body = error.status, error.body()
+            failure = KmsError("KMS.0101")
+            status, body = failure.status, failure.body()
         self._audit(request, request_id, trace, status, body)
         return Response(status, body, request_id)
 
-    def refuse(self, error: KmsError, request: Request) -> Response:
-        """Record and answer a request the transport refused before parsing it."""
-        request_id = uuid.uuid4().hex
-        self._audit(request, request_id, _Trace(None, None, None), error.status, error.body())
-        return Response(error.status, error.body(), request_id)
+    def count_refusal(self, error: KmsError, remote: str | None) -> None:
+        """Count (and sample into the audit log) a request the transport refused unread."""
+        request = Request("-", "-", "", {}, b"", remote)
+        self._audit(request, uuid.uuid4().hex, _Trace(None, None, None), error.status, error.body())
+
+    def flush(self) -> None:
+        """Write the audit sample still pending (the server is stopping)."""
+        self.refusals.flush()
 
     # ------------------------------------------------------------------ the pipeline
 
@@ -87,6 +94,8 @@ class KmsService:
             raise KmsError("KMS.0201", f"Unknown API {api_name}.")
         principal = self._authenticate(request)
         trace.principal = principal.name
+        if api.replay_guarded:
+            self._claim_nonce(request)
         fields = Fields(decode_json(request.body))
         call = trace.call = Call(self.env, principal, project_id, fields)
         if api.takes_recipient and fields.has("recipient"):
@@ -111,6 +120,15 @@ class KmsService:
                      request.body, secret_of, now=None)
         return found[0]
 
+    def _claim_nonce(self, request: Request) -> None:
+        """A mutating admin request is served once: its signature (which covers its date,
+        path and body) is its nonce, kept in the store — shared by every process serving it —
+        until the 15-minute date window has passed."""
+        signature = parse_authorization(request.headers.get("authorization")).signature
+        now_ms = self.env.now_ms()
+        if not self.env.store.claim_nonce(signature, now_ms + 2 * int(WINDOW.total_seconds() * 1000), now_ms):
+            raise KmsError("KMS.0304")
+
     def _audit(self, request: Request, request_id: str, trace: _Trace, status: int,
                body: dict) -> None:
         call = trace.call
@@ -124,6 +142,9 @@ class KmsService:
             pcr0=recipient.pcr_hex(0) if recipient else None,
             pcr8=recipient.pcr_hex(8) if recipient else None,
         )
+        if trace.principal is None:
+            self.refusals.add(record)
+            return
         try:
             self.env.store.add_audit(record)
         except Exception:  # the reply stands; the log says what the audit lost

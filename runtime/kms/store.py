@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS audit (
     pcr0 TEXT,
     pcr8 TEXT
 );
+CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL);
 """
 
 
@@ -294,6 +295,18 @@ class Store:
         with self._write() as db:
             cursor = db.execute("UPDATE principals SET policy = ? WHERE access_key = ?",
                                 (_policy_text(policy), access_key))
+            return cursor.rowcount == 1
+
+    # ------------------------------------------------------------------ nonces
+
+    def claim_nonce(self, nonce: str, expires_ms: int, now_ms: int) -> bool:
+        """Record ``nonce`` until ``expires_ms``; False when it is already recorded (a replay).
+
+        Expired nonces are dropped in the same transaction; the table is shared by every
+        process using the database."""
+        with self._write() as db:
+            db.execute("DELETE FROM nonces WHERE expires_ms < ?", (now_ms,))
+            cursor = db.execute("INSERT OR IGNORE INTO nonces VALUES (?, ?)", (nonce, expires_ms))
             return cursor.rowcount == 1
 
     # ------------------------------------------------------------------ audit

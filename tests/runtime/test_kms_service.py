@@ -230,9 +230,9 @@ def test_self_signed_leaf(kms, enclave, ciphertext):
     now = datetime.now(UTC)
     name = pki_module._name("self-signed.enclave")
     authority = pki_module._issue(name, None, now, timedelta(hours=1), ca=False)
-    make = lambda public_key: mint(kms.pki, public_key, leaf=(authority.key, authority.cert),
-                                   cabundle=[authority.cert.public_bytes(
-                                       serialization.Encoding.DER)])
+    def make(public_key):
+        return mint(kms.pki, public_key, leaf=(authority.key, authority.cert),
+                    cabundle=[authority.cert.public_bytes(serialization.Encoding.DER)])
     client = kms.client(enclave, attestor=FixedDocument(make))
     refused(lambda: client.decrypt_data(ciphertext, aad=b"bank-card"), "KMS.4003", 400)
     del key
@@ -543,11 +543,11 @@ def test_urls_and_methods(kms):
     connection = http.client.HTTPConnection("127.0.0.1", kms.port, timeout=10)
     connection.request("GET", api(kms, "list-keys"))
     response = connection.getresponse()
-    assert response.status == 404
+    assert (response.status, response.getheader("Allow")) == (405, "POST")
     assert json.loads(response.read())["error"]["error_code"] == "KMS.0201"
     connection.request("POST", "/" + "x" * 70000, body=b"{}")
     response = connection.getresponse()
-    assert response.status == 414 and "error" in json.loads(response.read())
+    assert response.status in (400, 414) and "error" in json.loads(response.read())
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -568,7 +568,7 @@ def test_random_bodies_never_cause_a_500(kms, body, name):
 
 def test_connection_limit_and_idle_timeout(kms):
     server = KmsHttpServer(("127.0.0.1", 0), kms.server.service, io_timeout=0.5,
-                           max_connections=1)
+                           header_timeout=1.0, max_connections=1)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     port = server.server_address[1]
@@ -585,8 +585,10 @@ def test_connection_limit_and_idle_timeout(kms):
         assert json.loads(body)["error"]["error_code"] == "KMS.0102"
         busy.close()
         started = time.monotonic()
-        while idle.recv(4096):      # the silent client is cut off after io_timeout
-            pass
+        answer = b""
+        while chunk := idle.recv(4096):     # the silent client is cut off at the header deadline
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408 ")
         assert time.monotonic() - started < 3
         idle.close()
     finally:
