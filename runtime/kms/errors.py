@@ -12,7 +12,7 @@ from __future__ import annotations
 CATALOGUE: dict[str, tuple[int, str]] = {
     "KMS.0101": (500, "KMS error."),
     "KMS.0102": (503, "The service is busy; try again."),
-    "KMS.0201": (404, "Invalid request URL."),
+    "KMS.0201": (400, "Invalid request URL."),
     "KMS.0202": (400, "The JSON format of the request message is invalid."),
     "KMS.0203": (413, "The request message length has exceeded the upper limit."),
     "KMS.0204": (400, "The request message lacks required parameters."),

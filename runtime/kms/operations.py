@@ -173,14 +173,12 @@ def _bits(fields: Fields, name: str, code: str, default: int | None = None) -> i
 
 
 def _datakey_bits(fields: Fields, code: str) -> int:
+    """The data key's length in bits: ``datakey_length`` when given (it wins over ``key_spec``,
+    as Huawei's API reference says), else ``key_spec``'s, else 256."""
     spec = fields.choice("key_spec", ("AES_256", "AES_128"))
-    spec_bits = {"AES_256": 256, "AES_128": 128, None: None}[spec]
-    if not fields.has("datakey_length"):
-        return spec_bits or 256
-    bits = _bits(fields, "datakey_length", code)
-    if spec_bits is not None and bits != spec_bits:
-        raise KmsError(code, f"Invalid datakey_length: {bits} bits contradicts key_spec {spec}.")
-    return bits
+    if fields.has("datakey_length"):
+        return _bits(fields, "datakey_length", code)
+    return {"AES_256": 256, "AES_128": 128, None: 256}[spec]
 
 
 # --------------------------------------------------------------------------- key management
@@ -208,7 +206,8 @@ def create_key(call: Call) -> dict:
         call.env.store.create_key(record, material)
     except Conflict:
         raise KmsError("KMS.1104") from None
-    return {"key_info": {"key_id": record.key_id, "domain_id": call.env.domain_id}}
+    return {"key_info": {"key_id": record.key_id, "domain_id": call.env.domain_id,
+                         "region_id": call.env.region}}
 
 
 def describe_key(call: Call) -> dict:
@@ -370,12 +369,13 @@ def _new_datakey(call: Call, code: str) -> tuple[str, bytes, str]:
     fields = call.fields
     key_id = _key_id(fields)
     bits = _datakey_bits(fields, code)
+    aad = _aad(fields)
     fields.done()
     call.authorize(("kms:dek:create", "kms:cmk:createDataKey"), key_id)
     record = call.usable_key(key_id)
     datakey = os.urandom(bits // 8)
     ciphertext = crypto.encrypt(crypto.KIND_DATAKEY, key_id, record.version,
-                                call.material(key_id, record.version), datakey)
+                                call.material(key_id, record.version), datakey, aad)
     return key_id, datakey, ciphertext.hex()
 
 
@@ -396,12 +396,13 @@ def encrypt_datakey(call: Call) -> dict:
     given = fields.hex("plain_text", max_bytes=MAX_DATAKEY_BYTES + 32, code="KMS.2101")
     length = fields.integer("datakey_plain_length", low=1, high=MAX_DATAKEY_BYTES,
                             code="KMS.2102")
+    aad = _aad(fields)
     fields.done()
     datakey = _checked_datakey(given, length)
     call.authorize(("kms:dek:encrypt", "kms:dek:crypto"), key_id)
     record = call.usable_key(key_id)
     ciphertext = crypto.encrypt(crypto.KIND_DATAKEY, key_id, record.version,
-                                call.material(key_id, record.version), datakey)
+                                call.material(key_id, record.version), datakey, aad)
     return {"key_id": key_id, "cipher_text": ciphertext.hex(), "datakey_length": str(length)}
 
 
@@ -423,17 +424,17 @@ def decrypt_datakey(call: Call) -> dict:
     key_id = _key_id(fields)
     limit = crypto.TRAILER_SIZE + crypto.TAG_SIZE + MAX_DATAKEY_BYTES
     ciphertext = fields.hex("cipher_text", max_bytes=limit, code="KMS.2201")
-    length = fields.integer("datakey_cipher_length", low=1, high=limit, code="KMS.2202")
+    # Huawei documents 1..1024 with "the value is 64"; the ciphertext carries its own length,
+    # so any value in range is accepted, as the real service does.
+    fields.integer("datakey_cipher_length", low=1, high=MAX_DATAKEY_BYTES, code="KMS.2202")
+    aad = _aad(fields)
     fields.done()
     header = crypto.parse(ciphertext, crypto.KIND_DATAKEY)
-    if length != crypto.sealed_length(ciphertext):
-        raise KmsError("KMS.2202", f"Invalid datakey_cipher_length: the ciphertext holds "
-                                   f"{crypto.sealed_length(ciphertext)}.")
     if header.key_id != key_id:
         raise KmsError("KMS.2201", "Invalid cipher_text: it belongs to another key.")
     call.authorize(("kms:dek:decrypt",), key_id)
     call.usable_key(key_id)
-    datakey = crypto.decrypt(ciphertext, header, call.material(key_id, header.version))
+    datakey = crypto.decrypt(ciphertext, header, call.material(key_id, header.version), aad)
     return call.plaintext_reply({"datakey_length": str(len(datakey))}, datakey,
                                 data_key=datakey.hex(),
                                 datakey_dgst=hashlib.sha256(datakey).hexdigest())

@@ -11,7 +11,8 @@ code, and the attested PCR0 / PCR8.
 
 Paths: ``POST /v1.0/{project_id}/kms/{api}`` with the APIs of ``qtbuild.runtime.kms.operations``
 (``{api}`` may be ``admin/<name>``).  Request bodies: one JSON object, at most
-``MAX_JSON_DEPTH`` levels deep, without duplicate keys or NaN/Infinity.
+``MAX_JSON_DEPTH`` levels deep, without duplicate keys or NaN/Infinity; an empty body is ``{}``
+(the official SDK sends list-keys without one).
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class KmsService:
         trace.principal = principal.name
         if api.replay_guarded:
             self._claim_nonce(request)
-        fields = Fields(decode_json(request.body))
+        fields = Fields(decode_json(request.body) if request.body.strip() else {})
         call = trace.call = Call(self.env, principal, project_id, fields)
         if api.takes_recipient and fields.has("recipient"):
             call.recipient = self.verifier.verify(fields.raw("recipient"))
