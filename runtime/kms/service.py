@@ -64,22 +64,23 @@ class KmsService:
     def serve(self, request: Request) -> Response:
         request_id = uuid.uuid4().hex
         trace = _Trace(api=None, principal=None, call=None)
+        error: KmsError | None = None
         try:
             body = self._run(request, trace)
-            status = 200
-        except KmsError as error:
-            status, body = error.status, error.body()
+        except KmsError as refusal:
+            error = refusal
         except Exception:  # a service answers; details go to the log only
             log.exception("request %s failed", request_id)
-            failure = KmsError("KMS.0101")
-            status, body = failure.status, failure.body()
-        self._audit(request, request_id, trace, status, body)
-        return Response(status, body, request_id)
+            error = KmsError("KMS.0101")
+        self._audit(request, request_id, trace, error)
+        if error is not None:
+            return Response(error.status, error.body(request_id), request_id)
+        return Response(200, body, request_id)
 
     def count_refusal(self, error: KmsError, remote: str | None) -> None:
         """Count (and sample into the audit log) a request the transport refused unread."""
         request = Request("-", "-", "", {}, b"", remote)
-        self._audit(request, uuid.uuid4().hex, _Trace(None, None, None), error.status, error.body())
+        self._audit(request, uuid.uuid4().hex, _Trace(None, None, None), error)
 
     def flush(self) -> None:
         """Write the audit sample still pending (the server is stopping)."""
@@ -130,16 +131,14 @@ class KmsService:
         if not self.env.store.claim_nonce(signature, now_ms + 2 * int(WINDOW.total_seconds() * 1000), now_ms):
             raise KmsError("KMS.0304")
 
-    def _audit(self, request: Request, request_id: str, trace: _Trace, status: int,
-               body: dict) -> None:
+    def _audit(self, request: Request, request_id: str, trace: _Trace, error: KmsError | None) -> None:
         call = trace.call
-        error = body.get("error") if status != 200 else None
         recipient = call.recipient if call else None
         record = AuditRecord(
             time_ms=self.env.now_ms(), request_id=request_id, remote=request.remote,
             principal=trace.principal, api=trace.api, key_id=call.key_id if call else None,
-            decision=_decision(status, error), reason=_reason(call, error), status=status,
-            error_code=error["error_code"] if error else None,
+            decision=_decision(error), reason=_reason(call, error), status=error.status if error else 200,
+            error_code=error.wire_code if error else None,
             pcr0=recipient.pcr_hex(0) if recipient else None,
             pcr8=recipient.pcr_hex(8) if recipient else None,
         )
@@ -206,15 +205,15 @@ def _depth(value: object) -> int:
     return deepest
 
 
-def _decision(status: int, error: dict | None) -> str:
+def _decision(error: KmsError | None) -> str:
     if error is None:
         return "allow"
-    if status in (401, 403) or error["error_code"].startswith("KMS.40"):
+    if error.status in (401, 403) or error.code.startswith("KMS.40"):
         return "deny"
     return "error"
 
 
-def _reason(call: Call | None, error: dict | None) -> str | None:
+def _reason(call: Call | None, error: KmsError | None) -> str | None:
     if error is not None:
-        return f"{error['error_code']}: {error['error_msg']}"
+        return f"{error.code}: {error.message}"
     return call.decision.reason if call and call.decision else None

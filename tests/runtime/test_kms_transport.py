@@ -290,7 +290,8 @@ def test_unauthenticated_refusals_are_counted_and_sampled(tmp_path):
     assert 1 <= len(rows) <= 20                            # ~1 row per second, not 200
     counts = [int(row.reason.rsplit("[sample of ", 1)[1].split()[0]) for row in rows]
     assert sum(counts) == 200
-    assert all(row.status == 401 and row.error_code == "KMS.0301" for row in rows)
+    assert all(row.status == 401 and row.error_code == "APIGW.0301" and row.reason.startswith("KMS.0301")
+               for row in rows)
     assert SAMPLE_NOTE.split("{")[0] in rows[0].reason
 
 
