@@ -11,7 +11,8 @@
     local PKI's root (when initialised) plus the given roots; ``--trust-hardware-roots`` adds
     the Nitro and QingTian roots.
 
-``create-key``, ``encrypt``, ``principal create``, ``policy put|get``, ``audit``
+``create-key``, ``encrypt``, ``principal create [--temporary --duration 15m]``,
+``token create``, ``policy put|get``, ``audit``
     Admin commands: signed requests with the credentials of ``--credentials`` (default the
     serve state directory's ``admin.json``) to its endpoint (or ``--endpoint``).
 
@@ -35,6 +36,7 @@ from qtbuild.cli.app import EXIT_CHECK_FAILED, InputError
 from qtbuild.cli.attest import parse_duration
 from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json, say
+from qtbuild.runtime.files import write_atomically
 from qtbuild.runtime.kms.crypto import MasterKeyError
 from qtbuild.runtime.kms.recipient import DEFAULT_MAX_AGE, RecipientVerifier
 from qtbuild.runtime.kms.server import KmsHttpServer, quiet_parser_warnings, serve_until_signalled
@@ -269,12 +271,29 @@ def principal() -> None:
 @principal.command("create")
 @click.argument("name")
 @click.option("--admin", "is_admin", is_flag=True, help="May call the admin APIs.")
+@click.option("--temporary", is_flag=True,
+              help="Issue temporary credentials (AK/SK + security token) for the existing principal NAME.")
+@click.option("--duration", default="15m", show_default=True, metavar="DURATION",
+              help="With --temporary: how long they stay valid (15m .. 24h).")
 @click.option("--out", "output_path", type=click.Path(dir_okay=False),
               help="Also write a credentials file (0600) for this principal.")
 @_admin_options
-def principal_create(name, is_admin, output_path, credentials_path, endpoint) -> None:
-    """Create a principal; prints its access key and secret key (shown only now)."""
+def principal_create(name, is_admin, temporary, duration, output_path, credentials_path, endpoint) -> None:
+    """Create a principal; prints its access key and secret key (shown only now).  With
+    --temporary, issue short-lived credentials acting as NAME instead (what an enclave should
+    be given): IAM's {"credential": {access, secret, securitytoken, expires_at}}."""
     client, url = _connection(credentials_path, endpoint)
+    if temporary:
+        if is_admin:
+            raise InputError("--admin and --temporary exclude each other (temporary credentials act as NAME)")
+        seconds = _seconds(duration, "--duration")
+        reply = _call(client, "admin/create-temporary-credentials", {"name": name, "duration_seconds": seconds})
+        credential = reply["credential"]
+        if output_path:
+            _write_temporary(Path(output_path), url, credential, client.credentials.project_id)
+            say(f"credentials written to {output_path}")
+        emit_json(reply)
+        return
     reply = _call(client, "admin/create-principal", {"name": name, "admin": is_admin})
     if output_path:
         credentials = Credentials(reply["access_key"], reply["secret_key"],
@@ -282,6 +301,39 @@ def principal_create(name, is_admin, output_path, credentials_path, endpoint) ->
         write_credentials(Path(output_path), url, credentials)
         say(f"credentials written to {output_path}")
     emit_json(reply)
+
+
+def _seconds(text: str, option: str) -> int:
+    try:
+        return max(1, round(parse_duration(text)))
+    except InputError:
+        raise InputError(f"{option}: not a duration: {text!r} (e.g. 900, 15m, 2h)") from None
+
+
+def _write_temporary(path: Path, endpoint: str, credential: dict, project_id: str) -> None:
+    """A credentials file with the security token and expiry besides the usual fields."""
+    data = json.dumps({"endpoint": endpoint, "access_key": credential["access"],
+                       "secret_key": credential["secret"], "project_id": project_id,
+                       "security_token": credential["securitytoken"],
+                       "expires_at": credential["expires_at"]}, indent=2).encode() + b"\n"
+    write_atomically(path, data, 0o600)
+
+
+@command.group("token")
+def token() -> None:
+    """IAM-style tokens (X-Auth-Token) acting as a principal."""
+
+
+@token.command("create")
+@click.argument("name")
+@click.option("--duration", default="24h", show_default=True, metavar="DURATION",
+              help="How long the token stays valid (1m .. 24h).")
+@_admin_options
+def token_create(name, duration, credentials_path, endpoint) -> None:
+    """Issue a token acting as the principal NAME; prints {"token", "expires_at"}."""
+    seconds = _seconds(duration, "--duration")
+    emit_json(_call(_client(credentials_path, endpoint), "admin/create-token",
+                    {"name": name, "duration_seconds": seconds}))
 
 
 @command.group("policy")

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from qtbuild.runtime.kms import crypto
+from qtbuild.runtime.kms import credentials, crypto
 from qtbuild.runtime.kms.errors import KmsError, invalid
 from qtbuild.runtime.kms.fields import Fields
 from qtbuild.runtime.kms.policy import Decision, PolicyError, evaluate, parse_policy
@@ -516,6 +516,29 @@ def get_policy(call: Call) -> dict:
     return {"access_key": target.access_key, "name": target.name, "policy": policy}
 
 
+def _duration(fields: Fields, low: int) -> int:
+    return fields.integer("duration_seconds", required=False, low=low, high=credentials.MAX_SECONDS) \
+        or credentials.MIN_SECONDS
+
+
+def create_temporary_credentials(call: Call) -> dict:
+    """IAM-style temporary AK/SK + security token acting as a principal."""
+    target = _target(call)
+    seconds = _duration(call.fields, credentials.MIN_SECONDS)
+    call.fields.done()
+    call.authorize_admin()
+    return credentials.issue_temporary(call.env, target, seconds)
+
+
+def create_token(call: Call) -> dict:
+    """An X-Auth-Token acting as a principal."""
+    target = _target(call)
+    seconds = _duration(call.fields, credentials.MIN_TOKEN_SECONDS)
+    call.fields.done()
+    call.authorize_admin()
+    return credentials.issue_token(call.env, target, seconds)
+
+
 def list_principals(call: Call) -> dict:
     call.fields.done()
     call.authorize_admin()
@@ -567,6 +590,8 @@ APIS: dict[str, Api] = {
     "gen-random": Api(gen_random, takes_recipient=True),
     "admin/create-principal": Api(create_principal, replay_guarded=True),
     "admin/list-principals": Api(list_principals),
+    "admin/create-temporary-credentials": Api(create_temporary_credentials, replay_guarded=True),
+    "admin/create-token": Api(create_token, replay_guarded=True),
     "admin/put-policy": Api(put_policy, replay_guarded=True),
     "admin/get-policy": Api(get_policy),
     "admin/list-audit": Api(list_audit),

@@ -24,12 +24,13 @@ import uuid
 from dataclasses import dataclass
 
 from qtbuild.runtime.kms.auth import WINDOW, authenticate, parse_authorization
+from qtbuild.runtime.kms.credentials import check_temporary, temporary_secret, token_principal
 from qtbuild.runtime.kms.errors import KmsError
 from qtbuild.runtime.kms.fields import Fields
 from qtbuild.runtime.kms.operations import APIS, Call, Environment, principal_context
 from qtbuild.runtime.kms.recipient import RecipientVerifier
 from qtbuild.runtime.kms.refusals import RefusalSampler
-from qtbuild.runtime.kms.store import AuditRecord, PrincipalRecord
+from qtbuild.runtime.kms.store import AuditRecord, PrincipalRecord, TemporaryCredential
 
 log = logging.getLogger("qtbuild.kms")
 
@@ -108,24 +109,37 @@ class KmsService:
         return reply
 
     def _authenticate(self, request: Request) -> PrincipalRecord:
-        found: list[PrincipalRecord] = []
+        """The principal a request acts as: by its AK/SK signature (a principal's own, or
+        temporary credentials with their X-Security-Token), or by its X-Auth-Token."""
+        headers = request.headers
+        if "authorization" not in headers and "x-auth-token" in headers:
+            return token_principal(self.env, headers["x-auth-token"])
+        found: list[tuple[PrincipalRecord, TemporaryCredential | None]] = []
 
         def secret_of(access_key: str) -> str | None:
             record = self.env.store.principal(access_key)
-            if record is None:
+            if record is not None:
+                found.append((record, None))
+                return self.env.master_key.open(record.secret, principal_context(access_key)).decode()
+            temporary = self.env.store.temporary_credential(access_key)
+            owner = self.env.store.principal(temporary.principal) if temporary else None
+            if temporary is None or owner is None:
                 return None
-            found.append(record)
-            secret = self.env.master_key.open(record.secret, principal_context(access_key))
-            return secret.decode()
+            found.append((owner, temporary))
+            return temporary_secret(self.env, temporary)
 
-        authenticate(request.method, request.path, request.query, request.headers,
-                     request.body, secret_of, now=None)
-        return found[0]
+        authenticate(request.method, request.path, request.query, headers, request.body, secret_of, now=None)
+        principal, temporary = found[0]
+        if temporary is not None:
+            check_temporary(self.env, temporary, headers.get("x-security-token"))
+        return principal
 
     def _claim_nonce(self, request: Request) -> None:
         """A mutating admin request is served once: its signature (which covers its date,
         path and body) is its nonce, kept in the store — shared by every process serving it —
         until the 15-minute date window has passed."""
+        if "authorization" not in request.headers:
+            raise KmsError("KMS.0307", "Access denied: admin changes need an AK/SK-signed request, not a token.")
         signature = parse_authorization(request.headers.get("authorization")).signature
         now_ms = self.env.now_ms()
         if not self.env.store.claim_nonce(signature, now_ms + 2 * int(WINDOW.total_seconds() * 1000), now_ms):

@@ -72,6 +72,18 @@ CREATE TABLE IF NOT EXISTS audit (
     pcr8 TEXT
 );
 CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS temporary_credentials (
+    access_key TEXT PRIMARY KEY,
+    principal TEXT NOT NULL REFERENCES principals (access_key) ON DELETE CASCADE,
+    secret BLOB NOT NULL,
+    token_sha256 TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_sha256 TEXT PRIMARY KEY,
+    principal TEXT NOT NULL REFERENCES principals (access_key) ON DELETE CASCADE,
+    expires_ms INTEGER NOT NULL
+);
 """
 
 
@@ -105,6 +117,17 @@ class PrincipalRecord:
     admin: bool
     created_ms: int
     policy: str | None      # JSON text, as stored
+
+
+@dataclass(frozen=True)
+class TemporaryCredential:
+    """Short-lived AK/SK for a principal, usable only with its security token."""
+
+    access_key: str
+    principal: str          # the principal's (long-lived) access key
+    secret: bytes           # sealed
+    token_sha256: str       # of the security token
+    expires_ms: int
 
 
 @dataclass(frozen=True)
@@ -296,6 +319,33 @@ class Store:
             cursor = db.execute("UPDATE principals SET policy = ? WHERE access_key = ?",
                                 (_policy_text(policy), access_key))
             return cursor.rowcount == 1
+
+    # ------------------------------------------------------------------ temporary credentials, tokens
+
+    def add_temporary_credential(self, record: TemporaryCredential, now_ms: int) -> None:
+        """Insert one (dropping expired ones); Conflict when the access key is taken."""
+        try:
+            with self._write() as db:
+                db.execute("DELETE FROM temporary_credentials WHERE expires_ms < ?", (now_ms,))
+                db.execute("INSERT INTO temporary_credentials VALUES (?,?,?,?,?)", (
+                    record.access_key, record.principal, record.secret, record.token_sha256,
+                    record.expires_ms))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"access key {record.access_key} exists") from None
+
+    def temporary_credential(self, access_key: str) -> TemporaryCredential | None:
+        rows = self._read("SELECT * FROM temporary_credentials WHERE access_key = ?", (access_key,))
+        return TemporaryCredential(*rows[0]) if rows else None
+
+    def add_token(self, token_sha256: str, principal: str, expires_ms: int, now_ms: int) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM tokens WHERE expires_ms < ?", (now_ms,))
+            db.execute("INSERT INTO tokens VALUES (?,?,?)", (token_sha256, principal, expires_ms))
+
+    def token(self, token_sha256: str) -> tuple[str, int] | None:
+        """(principal access key, expiry in ms) of a token, by its SHA-256."""
+        rows = self._read("SELECT principal, expires_ms FROM tokens WHERE token_sha256 = ?", (token_sha256,))
+        return (rows[0][0], rows[0][1]) if rows else None
 
     # ------------------------------------------------------------------ nonces
 
