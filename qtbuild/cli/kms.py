@@ -3,7 +3,7 @@
 ``serve [--state-dir DIR] [--db FILE] [--listen HOST:PORT] [--attestation-root PEM …]
 [--attestation-root-fingerprint SHA256 …] [--trust-hardware-roots] [--max-age 5m]
 [--allow-debug] [--max-connections N] [--max-connections-per-client N] [--io-timeout S]
-[--header-timeout S] [--body-timeout S] [--threads N]``
+[--header-timeout S] [--body-timeout S] [--threads N] [--audit-max-bytes N] [--audit-keep N]``
     Runs the service (runtime/kms) until SIGTERM/SIGINT.  On first start it creates the master
     key, the database and an admin principal; every start writes the admin credentials and the
     endpoint to ``<state-dir>/admin.json`` (0600).  Prints one JSON line on stdout:
@@ -37,6 +37,7 @@ from qtbuild.cli.attest import parse_duration
 from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json, say
 from qtbuild.runtime.files import write_atomically
+from qtbuild.runtime.kms.audit_log import DEFAULT_KEEP, DEFAULT_MAX_BYTES
 from qtbuild.runtime.kms.crypto import MasterKeyError
 from qtbuild.runtime.kms.recipient import DEFAULT_MAX_AGE, RecipientVerifier
 from qtbuild.runtime.kms.server import KmsHttpServer, quiet_parser_warnings, serve_until_signalled
@@ -111,10 +112,14 @@ def command() -> None:
               help="Seconds a request body may take to arrive (then 408).")
 @click.option("--threads", type=click.IntRange(1, 256), default=16, show_default=True,
               help="Threads running requests (SQLite, cryptography).")
+@click.option("--audit-max-bytes", type=click.IntRange(min=4096), default=DEFAULT_MAX_BYTES, show_default=True,
+              help="Rotate the live audit records into an archive past this size (JSON bytes).")
+@click.option("--audit-keep", type=click.IntRange(min=0), default=DEFAULT_KEEP, show_default=True,
+              help="Archives kept in <state-dir>/audit/; older ones are deleted.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(state_dir, db, listen, root_paths, fingerprints, trust_hardware_roots, no_local_root,
           max_age, allow_debug, max_connections, max_per_client, io_timeout, header_timeout, body_timeout,
-          threads, verbose) -> None:
+          threads, audit_max_bytes, audit_keep, verbose) -> None:
     """Run the KMS until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="qtbuild kms: %(levelname)s: %(message)s")
@@ -123,7 +128,7 @@ def serve(state_dir, db, listen, root_paths, fingerprints, trust_hardware_roots,
     verifier = _verifier(root_paths, fingerprints, trust_hardware_roots, no_local_root,
                          max_age, allow_debug)
     try:
-        opened = open_state(paths)
+        opened = open_state(paths, audit_max_bytes=audit_max_bytes, audit_keep=audit_keep)
     except (MasterKeyError, StoreError) as exc:
         raise InputError(str(exc)) from None
     try:

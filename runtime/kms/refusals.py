@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from qtbuild.runtime.kms.store import AuditRecord, Store
+from qtbuild.runtime.kms.store import AuditRecord
 
 log = logging.getLogger("qtbuild.kms")
 
@@ -27,9 +27,9 @@ SAMPLE_NOTE = " [sample of {count} unauthenticated refusals since the previous s
 class RefusalSampler:
     """Thread-safe; ``add`` costs an fsync at most once per ``interval`` seconds."""
 
-    def __init__(self, store: Store, *, interval: float = DEFAULT_INTERVAL,
+    def __init__(self, write: Callable[[AuditRecord], None], *, interval: float = DEFAULT_INTERVAL,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.store, self.interval, self.clock = store, interval, clock
+        self.write, self.interval, self.clock = write, interval, clock
         self._lock = threading.Lock()
         self._pending: AuditRecord | None = None
         self._count = 0
@@ -64,6 +64,6 @@ class RefusalSampler:
         if sample is None:
             return
         try:
-            self.store.add_audit(sample)
+            self.write(sample)
         except Exception:  # the reply stands; the log says what the audit lost
             log.exception("audit sample lost: %s", sample)

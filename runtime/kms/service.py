@@ -60,7 +60,7 @@ class KmsService:
 
     def __init__(self, env: Environment, verifier: RecipientVerifier) -> None:
         self.env, self.verifier = env, verifier
-        self.refusals = RefusalSampler(env.store)
+        self.refusals = RefusalSampler(env.audit().add)
 
     def serve(self, request: Request) -> Response:
         request_id = uuid.uuid4().hex
@@ -160,7 +160,7 @@ class KmsService:
             self.refusals.add(record)
             return
         try:
-            self.env.store.add_audit(record)
+            self.env.audit().add(record)
         except Exception:  # the reply stands; the log says what the audit lost
             log.exception("audit record lost: %s", record)
 

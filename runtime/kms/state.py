@@ -5,6 +5,7 @@ Layout (directory 0700)::
     <state>/master.key           32 bytes, 0600, created on first start (qtbuild.runtime.kms.crypto)
     <state>/kms.sqlite           the store (WAL: plus -wal and -shm files)
     <state>/admin.json           0600: {"endpoint", "access_key", "secret_key", "project_id"}
+    <state>/audit/               audit archives, audit-<first id>-<last id>.jsonl (audit_log)
 
 On first start an admin principal ("admin", allowed ``kms:*`` on every key) is created; every
 start (re)writes ``admin.json`` with the address the service listens on, so admin commands
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qtbuild.runtime.files import write_atomically
+from qtbuild.runtime.kms.audit_log import DEFAULT_KEEP, DEFAULT_MAX_BYTES, AuditLog
 from qtbuild.runtime.kms.crypto import MasterKey
 from qtbuild.runtime.kms.operations import Environment, new_principal, principal_context
 from qtbuild.runtime.kms.store import Store
@@ -37,13 +39,14 @@ class StatePaths:
     database: Path
     master_key: Path
     credentials: Path
+    audit: Path             # archives of the audit log
 
     @classmethod
     def under(cls, directory: str | os.PathLike, database: str | os.PathLike | None = None,
               ) -> StatePaths:
         directory = Path(directory)
         return cls(directory, Path(database) if database else directory / "kms.sqlite",
-                   directory / "master.key", directory / "admin.json")
+                   directory / "master.key", directory / "admin.json", directory / "audit")
 
     def create(self) -> None:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -60,15 +63,19 @@ class OpenedState:
     created: bool           # the master key (so the whole state) was created just now
 
 
-def open_state(paths: StatePaths, *, clock=time.time) -> OpenedState:
+def open_state(paths: StatePaths, *, clock=time.time, audit_max_bytes: int = DEFAULT_MAX_BYTES,
+               audit_keep: int = DEFAULT_KEEP) -> OpenedState:
     """Create or load the state: master key, store, ids, admin principal; purge keys whose
-    scheduled deletion has passed.  MasterKeyError / StoreError when unusable."""
+    scheduled deletion has passed.  The audit log rotates into ``<state>/audit/`` past
+    ``audit_max_bytes``, keeping ``audit_keep`` archives.  MasterKeyError / StoreError when
+    unusable."""
     paths.create()
     master_key, created = MasterKey.load_or_create(paths.master_key)
     store = Store(paths.database)
     project_id = store.meta("project_id", lambda: secrets.token_hex(16))
     domain_id = store.meta("domain_id", lambda: secrets.token_hex(16))
-    env = Environment(store, master_key, domain_id, clock=clock)
+    audit_log = AuditLog(store, paths.audit, max_bytes=audit_max_bytes, keep=audit_keep)
+    env = Environment(store, master_key, domain_id, clock=clock, audit_log=audit_log)
     store.purge_deleted(env.now_ms())
     return OpenedState(env, project_id, admin_credentials(env, project_id), created)
 

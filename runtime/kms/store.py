@@ -369,6 +369,11 @@ class Store:
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", _audit_row(record))
             return cursor.lastrowid
 
+    def delete_audit_through(self, last_id: int) -> None:
+        """Delete the audit records with id <= ``last_id`` (they have been archived)."""
+        with self._write() as db:
+            db.execute("DELETE FROM audit WHERE id <= ?", (last_id,))
+
     def audit(self, *, after: int = 0, limit: int = 100, principal: str | None = None,
               key_id: str | None = None, decision: str | None = None) -> list[AuditRecord]:
         """Records with id > ``after`` in id order, optionally filtered."""
