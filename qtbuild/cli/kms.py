@@ -11,6 +11,10 @@
     local PKI's root (when initialised) plus the given roots; ``--trust-hardware-roots`` adds
     the Nitro and QingTian roots.
 
+``backup FILE`` / ``restore FILE``
+    A consistent online copy of the store (SQLite's backup API; sealed material stays sealed,
+    the master key is not in it) / put one back (service stopped; older schemas upgraded).
+
 ``create-key``, ``encrypt``, ``principal create [--temporary --duration 15m]``,
 ``token create``, ``policy put|get``, ``audit``
     Admin commands: signed requests with the credentials of ``--credentials`` (default the
@@ -47,6 +51,12 @@ from qtbuild.runtime.kms.state import (
     open_state,
     read_credentials,
     write_credentials,
+)
+from qtbuild.runtime.kms.state import (
+    backup as backup_state,
+)
+from qtbuild.runtime.kms.state import (
+    restore as restore_state,
 )
 from qtbuild.runtime.kms.store import StoreError
 from qtbuild.runtime.qtsm.pki import LocalPki, PkiError, default_state_dir
@@ -146,6 +156,46 @@ def serve(state_dir, db, listen, root_paths, fingerprints, trust_hardware_roots,
                            "project_id": opened.project_id}), nl=True)
     sys.stdout.flush()
     serve_until_signalled(server)
+
+
+def _state_options(function):
+    function = click.option("--db", type=click.Path(dir_okay=False),
+                            help="SQLite file [<state-dir>/kms.sqlite].")(function)
+    return click.option("--state-dir", type=click.Path(file_okay=False),
+                        help="KMS state directory (default: <qtbuild state dir>/kms).")(function)
+
+
+@command.command("backup")
+@click.argument("file", type=click.Path(dir_okay=False))
+@_state_options
+def backup_command(file, state_dir, db) -> None:
+    """Write a consistent copy of the KMS store to FILE, also while it is serving (SQLite's
+    online backup API).  Key material stays sealed: FILE is useless without master.key, which
+    it does not contain — keep that apart."""
+    paths = StatePaths.under(state_dir or _default_state_dir(), db)
+    if not paths.database.exists():
+        raise InputError(f"{paths.database}: no KMS store (run `qtbuild kms serve` first, or pass --state-dir)")
+    if Path(file).exists():
+        raise InputError(f"{file} exists: choose a new file")
+    try:
+        backup_state(paths, Path(file))
+    except (StoreError, OSError) as exc:
+        raise InputError(str(exc)) from None
+    say(f"qtbuild kms: backed up {paths.database} to {file}")
+
+
+@command.command("restore")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@_state_options
+def restore_command(file, state_dir, db) -> None:
+    """Replace the KMS store with the backup FILE (stop `qtbuild kms serve` first).  An older
+    backup is upgraded; the state's master.key must be the one the backup was made with."""
+    paths = StatePaths.under(state_dir or _default_state_dir(), db)
+    try:
+        restore_state(paths, Path(file))
+    except (StoreError, MasterKeyError, OSError) as exc:
+        raise InputError(str(exc)) from None
+    say(f"qtbuild kms: restored {paths.database} from {file}")
 
 
 def _address(listen: str) -> tuple[str, int]:

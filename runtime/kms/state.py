@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from qtbuild.runtime.files import write_atomically
 from qtbuild.runtime.kms.audit_log import DEFAULT_KEEP, DEFAULT_MAX_BYTES, AuditLog
 from qtbuild.runtime.kms.crypto import MasterKey
 from qtbuild.runtime.kms.operations import Environment, new_principal, principal_context
-from qtbuild.runtime.kms.store import Store
+from qtbuild.runtime.kms.store import Store, StoreError
 from qtbuild.runtime.sdk.kms_client import Credentials
 
 ADMIN_NAME = "admin"
@@ -78,6 +80,41 @@ def open_state(paths: StatePaths, *, clock=time.time, audit_max_bytes: int = DEF
     env = Environment(store, master_key, domain_id, clock=clock, audit_log=audit_log)
     store.purge_deleted(env.now_ms())
     return OpenedState(env, project_id, admin_credentials(env, project_id), created)
+
+
+def backup(paths: StatePaths, target: Path) -> None:
+    """A consistent online copy of the store at ``target`` (the master key is not in it:
+    keep ``master.key`` apart).  StoreError when the store cannot be read."""
+    store = Store(paths.database)
+    try:
+        store.backup_to(target)
+    finally:
+        store.close()
+
+
+def restore(paths: StatePaths, source: Path) -> None:
+    """Replace the store with the backup at ``source`` (its schema upgraded if older), after
+    checking that this state's master key opens its secrets.  StoreError / MasterKeyError."""
+    if not paths.master_key.exists():
+        raise StoreError(f"{paths.master_key} is missing: put the master key that belongs to the backup there first")
+    master_key, _ = MasterKey.load_or_create(paths.master_key)
+    with tempfile.TemporaryDirectory(dir=paths.directory) as scratch:
+        copy = Path(scratch) / "restore.sqlite"
+        shutil.copyfile(source, copy)
+        checked = Store(copy)       # refuses a non-KMS or newer database; upgrades an older one
+        try:
+            for record in checked.principals()[:1]:
+                master_key.open(record.secret, principal_context(record.access_key))
+        except Exception:
+            raise StoreError(f"{source}: its secrets do not open with {paths.master_key} "
+                             "(a backup of another KMS state?)") from None
+        finally:
+            checked.close()
+        store = Store(paths.database)
+        try:
+            store.restore_from(copy)
+        finally:
+            store.close()
 
 
 def admin_credentials(env: Environment, project_id: str) -> Credentials:

@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ENABLED, DISABLED, PENDING_DELETION = "2", "3", "4"
-SCHEMA_VERSION = 1
 _POOL_SIZE = 64
 
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (
     key_id TEXT PRIMARY KEY,
@@ -71,20 +70,29 @@ CREATE TABLE IF NOT EXISTS audit (
     pcr0 TEXT,
     pcr8 TEXT
 );
-CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS temporary_credentials (
+"""
+
+#: Upgrades, each from the version before it to its key, run in order inside one transaction
+#: when an older database is opened (a fresh one gets version 1 and every upgrade too).
+_MIGRATIONS: dict[int, str] = {
+    # 2: nonces of mutating admin requests, temporary credentials, tokens
+    2: """
+CREATE TABLE nonces (nonce TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL);
+CREATE TABLE temporary_credentials (
     access_key TEXT PRIMARY KEY,
     principal TEXT NOT NULL REFERENCES principals (access_key) ON DELETE CASCADE,
     secret BLOB NOT NULL,
     token_sha256 TEXT NOT NULL,
     expires_ms INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS tokens (
+CREATE TABLE tokens (
     token_sha256 TEXT PRIMARY KEY,
     principal TEXT NOT NULL REFERENCES principals (access_key) ON DELETE CASCADE,
     expires_ms INTEGER NOT NULL
 );
-"""
+""",
+}
+SCHEMA_VERSION = max(_MIGRATIONS)
 
 
 class StoreError(Exception):
@@ -157,10 +165,11 @@ class Store:
         self.path = str(path)
         self._pool: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
         self._writer = threading.Lock()
-        with self._connection() as db:
-            db.executescript(_SCHEMA)  # IF NOT EXISTS throughout: idempotent, own transaction
-        with self._write() as db:
-            self._check_schema(db)
+        try:
+            with self._write() as db:
+                self._upgrade(db)
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"{self.path}: not a usable KMS database ({error})") from None
 
     def close(self) -> None:
         while True:
@@ -214,12 +223,45 @@ class Store:
             return db.execute(sql, args).fetchall()
 
     @staticmethod
-    def _check_schema(db: sqlite3.Connection) -> None:
+    def _upgrade(db: sqlite3.Connection) -> None:
+        """Create the schema, or bring an older one up to SCHEMA_VERSION in place (inside the
+        caller's transaction: all upgrades or none); StoreError for a newer one."""
+        _run_script(db, _SCHEMA_V1)     # IF NOT EXISTS throughout: a no-op on existing tables
         row = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
-        if row is None:
-            db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif row[0] != str(SCHEMA_VERSION):
-            raise StoreError(f"database schema {row[0]}, this version reads {SCHEMA_VERSION}")
+        version = 1 if row is None else int(row[0]) if row[0].isdigit() else -1
+        if not 1 <= version <= SCHEMA_VERSION:
+            raise StoreError(f"database schema {row[0] if row else '?'}, this version reads 1..{SCHEMA_VERSION}"
+                             " (a newer qtbuild wrote it?)")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            _run_script(db, _MIGRATIONS[target])
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
+    def schema_version(self) -> int:
+        return int(self._read("SELECT value FROM meta WHERE name = 'schema'")[0][0])
+
+    # ------------------------------------------------------------------ backup
+
+    def backup_to(self, path: str | Path) -> None:
+        """A consistent copy of the database at ``path`` (SQLite's online backup API: writers
+        may go on meanwhile).  Sealed material stays sealed: the master key is not in it."""
+        target = sqlite3.connect(str(path))
+        try:
+            with self._connection() as db:
+                db.backup(target)
+            target.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            target.close()
+
+    def restore_from(self, path: str | Path) -> None:
+        """Replace this database's content with that of the KMS database at ``path`` (a
+        checked, upgraded copy of a backup: see ``state.restore``) through the backup API, so
+        other connections see the old content or the new one, whole."""
+        source = sqlite3.connect(str(path))
+        try:
+            with self._writer, self._connection() as db:
+                source.backup(db)
+        finally:
+            source.close()
 
     # ------------------------------------------------------------------ meta
 
@@ -388,6 +430,14 @@ class Store:
             f"status, error_code, pcr0, pcr8, id FROM audit WHERE {' AND '.join(where)} "
             "ORDER BY id LIMIT ?", (*args, limit))
         return [AuditRecord(*row) for row in rows]
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    """Each statement of ``script`` (no ``;`` inside literals) in the current transaction —
+    ``executescript`` would commit it first."""
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
 
 
 def _key_row(record: KeyRecord) -> tuple:
