@@ -16,6 +16,12 @@ Policy action names (any listed name grants the API):
     create-datakey[-without-plaintext]   kms:dek:create, kms:cmk:createDataKey
     encrypt-datakey kms:dek:encrypt, kms:dek:crypto
     decrypt-datakey kms:dek:decrypt      gen-random kms:cmk:generate
+    sign kms:cmk:sign                    verify kms:cmk:verify
+    get-publickey kms:cmk:getPublicKey
+
+Asymmetric keys (create-key with key_spec RSA_2048/3072/4096 or EC_P256/EC_P384, usage
+SIGN_VERIFY, or ENCRYPT_DECRYPT for RSA): sign / verify / get-publickey, and encrypt-data /
+decrypt-data with encryption_algorithm RSAES_OAEP_SHA_1 / RSAES_OAEP_SHA_256 (``asymmetric``).
 
 Admin APIs (``admin/...``) need a principal created as admin; policies do not apply to them.
 """
@@ -35,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from qtbuild.runtime.kms import credentials, crypto
+from qtbuild.runtime.kms import asymmetric, credentials, crypto
 from qtbuild.runtime.kms.audit_log import AuditLog
 from qtbuild.runtime.kms.errors import KmsError, invalid
 from qtbuild.runtime.kms.fields import Fields
@@ -123,6 +129,21 @@ class Call:
             raise KmsError("KMS.0210")
         return record
 
+    def symmetric_key(self, key_id: str) -> KeyRecord:
+        """An enabled AES key (the symmetric APIs refuse asymmetric ones)."""
+        record = self.usable_key(key_id)
+        if asymmetric.is_asymmetric(record.key_spec):
+            raise invalid("key_id", f"{key_id} is a {record.key_spec} key; this API needs a symmetric key")
+        return record
+
+    def asymmetric_key(self, key_id: str, usage: str) -> KeyRecord:
+        """An enabled asymmetric key of ``usage`` (SIGN_VERIFY or ENCRYPT_DECRYPT)."""
+        record = self.usable_key(key_id)
+        if not asymmetric.is_asymmetric(record.key_spec) or record.key_usage != usage:
+            raise invalid("key_id", f"{key_id} is a {record.key_spec} {record.key_usage} key; "
+                                    f"this API needs an asymmetric {usage} key")
+        return record
+
     def material(self, key_id: str, version: int) -> bytes:
         sealed = self.env.store.key_material(key_id, version)
         if sealed is None:
@@ -164,8 +185,9 @@ def _aad(fields: Fields) -> bytes:
     return (text or "").encode()
 
 
-def _algorithm(fields: Fields) -> None:
-    fields.choice("encryption_algorithm", ("SYMMETRIC_DEFAULT",))
+def _algorithm(fields: Fields) -> str:
+    return fields.choice("encryption_algorithm", ("SYMMETRIC_DEFAULT", *asymmetric.ENCRYPTION_ALGORITHMS),
+                         default="SYMMETRIC_DEFAULT") or "SYMMETRIC_DEFAULT"
 
 
 def _bits(fields: Fields, name: str, code: str, default: int | None = None) -> int:
@@ -189,6 +211,10 @@ def _datakey_bits(fields: Fields, code: str) -> int:
 # --------------------------------------------------------------------------- key management
 
 
+#: Key specs with one possible usage (RSA keys may do either).
+_ONLY_USAGE = {"AES_256": "ENCRYPT_DECRYPT", **{spec: "SIGN_VERIFY" for spec in asymmetric.EC_SPECS}}
+
+
 def create_key(call: Call) -> dict:
     fields = call.fields
     alias = fields.text("key_alias", pattern=_ALIAS, max_length=255, code="KMS.1101")
@@ -196,17 +222,20 @@ def create_key(call: Call) -> dict:
         raise KmsError("KMS.1101", "Invalid key_alias: the suffix /default is reserved.")
     description = fields.text("key_description", required=False, max_length=255,
                               code="KMS.1103") or ""
-    spec = fields.choice("key_spec", ("AES_256",), default="AES_256")
-    usage = fields.choice("key_usage", ("ENCRYPT_DECRYPT",), default="ENCRYPT_DECRYPT")
+    spec = fields.choice("key_spec", ("AES_256", *asymmetric.SPECS), default="AES_256") or "AES_256"
+    usage = fields.choice("key_usage", ("ENCRYPT_DECRYPT", "SIGN_VERIFY"),
+                          default="SIGN_VERIFY" if asymmetric.is_asymmetric(spec) else "ENCRYPT_DECRYPT")
+    if spec in _ONLY_USAGE and usage != _ONLY_USAGE[spec]:
+        raise invalid("key_usage", f"a {spec} key is for {_ONLY_USAGE[spec]}")
     fields.choice("origin", ("kms",))
     fields.text("enterprise_project_id", required=False, max_length=36)
     fields.done()
     call.authorize(("kms:cmk:create",))
-    record = KeyRecord(crypto.new_key_id(), call.project_id, alias, description, spec, usage,
+    record = KeyRecord(crypto.new_key_id(), call.project_id, alias, description, spec, usage or "",
                        ENABLED, call.env.now_ms(), None, 1)
     call.key_id = record.key_id
-    material = call.env.master_key.seal(os.urandom(crypto.KEY_SIZE),
-                                        material_context(record.key_id, 1))
+    secret = asymmetric.generate(spec) if asymmetric.is_asymmetric(spec) else os.urandom(crypto.KEY_SIZE)
+    material = call.env.master_key.seal(secret, material_context(record.key_id, 1))
     try:
         call.env.store.create_key(record, material)
     except Conflict:
@@ -319,12 +348,16 @@ def encrypt_data(call: Call) -> dict:
     key_id = _key_id(fields)
     plaintext = _plaintext(fields)
     aad = _aad(fields)
-    _algorithm(fields)
+    algorithm = _algorithm(fields)
     fields.done()
     call.authorize(("kms:cmk:encrypt",), key_id)
-    record = call.usable_key(key_id)
-    ciphertext = crypto.encrypt(crypto.KIND_DATA, key_id, record.version,
-                                call.material(key_id, record.version), plaintext, aad)
+    if algorithm in asymmetric.ENCRYPTION_ALGORITHMS:
+        record = call.asymmetric_key(key_id, "ENCRYPT_DECRYPT")
+        ciphertext = asymmetric.encrypt(call.material(key_id, record.version), algorithm, plaintext)
+    else:
+        record = call.symmetric_key(key_id)
+        ciphertext = crypto.encrypt(crypto.KIND_DATA, key_id, record.version,
+                                    call.material(key_id, record.version), plaintext, aad)
     return {"key_id": key_id, "cipher_text": base64.b64encode(ciphertext).decode("ascii")}
 
 
@@ -346,14 +379,21 @@ def decrypt_data(call: Call) -> dict:
     limit = crypto.TRAILER_SIZE + crypto.TAG_SIZE + MAX_PLAINTEXT
     ciphertext = fields.base64("cipher_text", max_bytes=limit, code="KMS.2201")
     aad = _aad(fields)
-    _algorithm(fields)
+    algorithm = _algorithm(fields)
     claimed = _key_id(fields) if fields.has("key_id") else None
     fields.done()
+    if algorithm in asymmetric.ENCRYPTION_ALGORITHMS:
+        if claimed is None:
+            raise KmsError("KMS.0204", f"The request lacks key_id (needed with {algorithm}).")
+        call.authorize(("kms:cmk:decrypt",), claimed)
+        record = call.asymmetric_key(claimed, "ENCRYPT_DECRYPT")
+        plaintext = asymmetric.decrypt(call.material(claimed, record.version), algorithm, ciphertext)
+        return call.plaintext_reply({"key_id": claimed}, plaintext, **_text_fields(plaintext))
     header = crypto.parse(ciphertext, crypto.KIND_DATA)
     if claimed is not None and claimed != header.key_id:
         raise KmsError("KMS.2201", "Invalid cipher_text: it belongs to another key.")
     call.authorize(("kms:cmk:decrypt",), header.key_id)
-    call.usable_key(header.key_id)
+    call.symmetric_key(header.key_id)
     plaintext = crypto.decrypt(ciphertext, header, call.material(header.key_id, header.version),
                                aad)
     return call.plaintext_reply({"key_id": header.key_id}, plaintext,
@@ -377,7 +417,7 @@ def _new_datakey(call: Call, code: str) -> tuple[str, bytes, str]:
     aad = _aad(fields)
     fields.done()
     call.authorize(("kms:dek:create", "kms:cmk:createDataKey"), key_id)
-    record = call.usable_key(key_id)
+    record = call.symmetric_key(key_id)
     datakey = os.urandom(bits // 8)
     ciphertext = crypto.encrypt(crypto.KIND_DATAKEY, key_id, record.version,
                                 call.material(key_id, record.version), datakey, aad)
@@ -405,7 +445,7 @@ def encrypt_datakey(call: Call) -> dict:
     fields.done()
     datakey = _checked_datakey(given, length)
     call.authorize(("kms:dek:encrypt", "kms:dek:crypto"), key_id)
-    record = call.usable_key(key_id)
+    record = call.symmetric_key(key_id)
     ciphertext = crypto.encrypt(crypto.KIND_DATAKEY, key_id, record.version,
                                 call.material(key_id, record.version), datakey, aad)
     return {"key_id": key_id, "cipher_text": ciphertext.hex(), "datakey_length": str(length)}
@@ -438,7 +478,7 @@ def decrypt_datakey(call: Call) -> dict:
     if header.key_id != key_id:
         raise KmsError("KMS.2201", "Invalid cipher_text: it belongs to another key.")
     call.authorize(("kms:dek:decrypt",), key_id)
-    call.usable_key(key_id)
+    call.symmetric_key(key_id)
     datakey = crypto.decrypt(ciphertext, header, call.material(key_id, header.version), aad)
     return call.plaintext_reply({"datakey_length": str(len(datakey))}, datakey,
                                 data_key=datakey.hex(),
@@ -451,6 +491,51 @@ def gen_random(call: Call) -> dict:
     call.authorize(("kms:cmk:generate",))
     data = os.urandom(bits // 8)
     return call.plaintext_reply({}, data, random_data=data.hex())
+
+
+# --------------------------------------------------------------------------- asymmetric keys
+
+
+def _signing(call: Call) -> tuple[str, str, bytes, str]:
+    fields = call.fields
+    key_id = _key_id(fields)
+    message = fields.base64("message", max_bytes=MAX_PLAINTEXT)
+    if not message:
+        raise invalid("message", "must not be empty")
+    algorithm = fields.choice("signing_algorithm", asymmetric.SIGNING_ALGORITHMS, required=True)
+    message_type = fields.choice("message_type", ("DIGEST", "RAW"), default="DIGEST")
+    return key_id, algorithm or "", message, message_type or "DIGEST"
+
+
+def sign(call: Call) -> dict:
+    key_id, algorithm, message, message_type = _signing(call)
+    call.fields.done()
+    call.authorize(("kms:cmk:sign",), key_id)
+    record = call.asymmetric_key(key_id, "SIGN_VERIFY")
+    signature = asymmetric.sign(call.material(key_id, record.version), record.key_spec, algorithm, message,
+                                message_type)
+    return {"key_id": key_id, "signature": base64.b64encode(signature).decode("ascii")}
+
+
+def verify(call: Call) -> dict:
+    key_id, algorithm, message, message_type = _signing(call)
+    signature = call.fields.base64("signature", max_bytes=1024)
+    call.fields.done()
+    call.authorize(("kms:cmk:verify",), key_id)
+    record = call.asymmetric_key(key_id, "SIGN_VERIFY")
+    valid = asymmetric.verify(call.material(key_id, record.version), record.key_spec, algorithm, message,
+                              message_type, signature or b"")
+    return {"key_id": key_id, "signature_valid": "true" if valid else "false"}
+
+
+def get_public_key(call: Call) -> dict:
+    key_id = _key_id(call.fields)
+    call.fields.done()
+    call.authorize(("kms:cmk:getPublicKey",), key_id)
+    record = call.key(key_id)
+    if not asymmetric.is_asymmetric(record.key_spec):
+        raise invalid("key_id", f"{key_id} is a symmetric key: it has no public key")
+    return {"key_id": key_id, "public_key": asymmetric.public_pem(call.material(key_id, record.version))}
 
 
 # --------------------------------------------------------------------------- admin
@@ -593,6 +678,9 @@ APIS: dict[str, Api] = {
     "encrypt-datakey": Api(encrypt_datakey),
     "decrypt-datakey": Api(decrypt_datakey, takes_recipient=True),
     "gen-random": Api(gen_random, takes_recipient=True),
+    "sign": Api(sign),
+    "verify": Api(verify),
+    "get-publickey": Api(get_public_key),
     "admin/create-principal": Api(create_principal, replay_guarded=True),
     "admin/list-principals": Api(list_principals),
     "admin/create-temporary-credentials": Api(create_temporary_credentials, replay_guarded=True),

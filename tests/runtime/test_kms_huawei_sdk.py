@@ -12,6 +12,8 @@ import json
 import threading
 
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding
 from huaweicloudsdkcore.auth.credentials import BasicCredentials
 from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
 from huaweicloudsdkcore.http.http_config import HttpConfig
@@ -43,6 +45,11 @@ from huaweicloudsdkkms.v2 import (
     ListKeysRequestBody,
     OperateKeyRequestBody,
     ScheduleKeyDeletionRequestBody,
+    ShowPublicKeyRequest,
+    SignRequest,
+    SignRequestBody,
+    ValidateSignatureRequest,
+    VerifyRequestBody,
 )
 
 from qtbuild.runtime.kms.recipient import RecipientVerifier
@@ -291,3 +298,78 @@ def test_recipient_flow_signed_by_the_sdk_core(local, sdk, key_id, api, body, fi
     assert field not in reply                                # plaintext only inside the envelope
     opened = open_envelope(base64.b64decode(reply["ciphertext_recipient"]), recipient_key.private_key)
     assert len(opened) == 32 if expected is None else opened == expected
+
+
+# --------------------------------------------------------------------------- asymmetric keys
+
+
+def asymmetric_key(sdk: KmsClient, alias: str, spec: str, usage: str | None = None) -> str:
+    reply = sdk.create_key(CreateKeyRequest(body=CreateKeyRequestBody(key_alias=alias, key_spec=spec,
+                                                                      key_usage=usage)))
+    return reply.key_info.key_id
+
+
+@pytest.mark.parametrize("spec, algorithm, digest", [
+    ("RSA_2048", "RSASSA_PSS_SHA_256", hashes.SHA256()),
+    ("RSA_3072", "RSASSA_PKCS1_V1_5_SHA_384", hashes.SHA384()),
+    ("EC_P256", "ECDSA_SHA_256", hashes.SHA256()),
+    ("EC_P384", "ECDSA_SHA_384", hashes.SHA384()),
+])
+def test_sign_verify_and_the_public_key(sdk, spec, algorithm, digest):
+    key = asymmetric_key(sdk, f"sign-{spec}-{algorithm}", spec)
+    info = sdk.list_key_detail(ListKeyDetailRequest(body=OperateKeyRequestBody(key_id=key))).key_info
+    assert (info.key_spec, info.key_usage) == (spec, "SIGN_VERIFY")
+    message = b"release 1.2.3"
+    hasher = hashes.Hash(digest)
+    hasher.update(message)
+    prehashed = hasher.finalize()
+    for message_type, data in (("DIGEST", prehashed), ("RAW", message)):
+        signature = sdk.sign(SignRequest(body=SignRequestBody(
+            key_id=key, message=base64.b64encode(data).decode(), signing_algorithm=algorithm,
+            message_type=message_type))).signature
+        valid = sdk.validate_signature(ValidateSignatureRequest(body=VerifyRequestBody(
+            key_id=key, message=base64.b64encode(data).decode(), signature=signature,
+            signing_algorithm=algorithm, message_type=message_type)))
+        assert valid.signature_valid == "true"
+        # the published public key verifies it with plain `cryptography`
+        pem = sdk.show_public_key(ShowPublicKeyRequest(body=OperateKeyRequestBody(key_id=key))).public_key
+        public = serialization.load_pem_public_key(pem.encode())
+        raw = base64.b64decode(signature)
+        if spec.startswith("EC"):
+            public.verify(raw, message, ec.ECDSA(digest))
+        elif algorithm.startswith("RSASSA_PSS"):
+            public.verify(raw, message, padding.PSS(padding.MGF1(digest), digest.digest_size), digest)
+        else:
+            public.verify(raw, message, padding.PKCS1v15(), digest)
+    tampered = sdk.validate_signature(ValidateSignatureRequest(body=VerifyRequestBody(
+        key_id=key, message=base64.b64encode(b"release 1.2.4").decode(), signature=signature,
+        signing_algorithm=algorithm, message_type="RAW")))
+    assert tampered.signature_valid == "false"
+
+
+def test_asymmetric_encryption_and_misuse(sdk, key_id):
+    key = asymmetric_key(sdk, "rsa-encrypt", "RSA_4096", "ENCRYPT_DECRYPT")
+    pem = sdk.show_public_key(ShowPublicKeyRequest(body=OperateKeyRequestBody(key_id=key))).public_key
+    public = serialization.load_pem_public_key(pem.encode())
+    assert public.key_size == 4096
+    cipher = sdk.encrypt_data(EncryptDataRequest(body=EncryptDataRequestBody(
+        key_id=key, plain_text="rsa secret", encryption_algorithm="RSAES_OAEP_SHA_256"))).cipher_text
+    plain = sdk.decrypt_data(DecryptDataRequest(body=DecryptDataRequestBody(
+        key_id=key, cipher_text=cipher, encryption_algorithm="RSAES_OAEP_SHA_256")))
+    assert plain.plain_text == "rsa secret"
+    # a ciphertext made with the public key alone decrypts too
+    outside = public.encrypt(b"from outside", padding.OAEP(padding.MGF1(hashes.SHA1()), hashes.SHA1(), None))
+    plain = sdk.decrypt_data(DecryptDataRequest(body=DecryptDataRequestBody(
+        key_id=key, cipher_text=base64.b64encode(outside).decode(), encryption_algorithm="RSAES_OAEP_SHA_1")))
+    assert plain.plain_text == "from outside"
+    for call in (
+        lambda: sdk.create_datakey(CreateDatakeyRequest(body=CreateDatakeyRequestBody(key_id=key))),
+        lambda: sdk.encrypt_data(EncryptDataRequest(body=EncryptDataRequestBody(key_id=key, plain_text="x"))),
+        lambda: sdk.show_public_key(ShowPublicKeyRequest(body=OperateKeyRequestBody(key_id=key_id))),
+        lambda: sdk.sign(SignRequest(body=SignRequestBody(key_id=key, message="eA==",
+                                                          signing_algorithm="RSASSA_PSS_SHA_256"))),
+        lambda: sdk.create_key(CreateKeyRequest(body=CreateKeyRequestBody(key_alias="bad-ec", key_spec="EC_P256",
+                                                                          key_usage="ENCRYPT_DECRYPT"))),
+    ):
+        error = refused(call)
+        assert (error.status_code, error.error_code) == (400, "KMS.0308"), error
