@@ -18,6 +18,12 @@ Policy action names (any listed name grants the API):
     decrypt-datakey kms:dek:decrypt      gen-random kms:cmk:generate
     sign kms:cmk:sign                    verify kms:cmk:verify
     get-publickey kms:cmk:getPublicKey
+    create-alias kms:alias:create        list-aliases kms:alias:list
+    delete-alias kms:alias:delete        associate-alias kms:alias:associate
+    update-key-alias kms:cmk:update
+
+Aliases are Huawei's REST paths: ``POST|GET|DELETE /kms/aliases`` (create / list / delete),
+``POST /kms/alias/associate``; the service maps them to the names above.
 
 Asymmetric keys (create-key with key_spec RSA_2048/3072/4096 or EC_P256/EC_P384, usage
 SIGN_VERIFY, or ENCRYPT_DECRYPT for RSA): sign / verify / get-publickey, and encrypt-data /
@@ -51,6 +57,7 @@ from qtbuild.runtime.kms.store import (
     DISABLED,
     ENABLED,
     PENDING_DELETION,
+    AliasRecord,
     Conflict,
     KeyRecord,
     PrincipalRecord,
@@ -493,6 +500,89 @@ def gen_random(call: Call) -> dict:
     return call.plaintext_reply({}, data, random_data=data.hex())
 
 
+# --------------------------------------------------------------------------- aliases
+
+
+def _alias_reply(call: Call, record: AliasRecord) -> dict:
+    return {"domain_id": call.env.domain_id, "key_id": record.key_id, "alias": record.alias,
+            "alias_urn": f"kms:{call.env.region}:{call.env.domain_id}:{record.alias}",
+            "create_time": str(record.created_ms), "update_time": str(record.updated_ms)}
+
+
+def _alias(fields: Fields, name: str = "alias") -> str:
+    return fields.text(name, pattern=_ALIAS, max_length=255, code="KMS.1101") or ""
+
+
+def create_alias(call: Call) -> dict:
+    key_id = _key_id(call.fields)
+    alias = _alias(call.fields)
+    call.fields.done()
+    call.authorize(("kms:alias:create",), key_id)
+    call.key(key_id)
+    try:
+        record = call.env.store.put_alias(call.project_id, alias, key_id, call.env.now_ms(), create=True)
+    except Conflict:
+        raise KmsError("KMS.1104", f"The alias {alias} exists.") from None
+    return _alias_reply(call, record)
+
+
+def associate_alias(call: Call) -> dict:
+    alias = _alias(call.fields)
+    key_id = _key_id(call.fields, "target_key_id")
+    call.fields.done()
+    call.authorize(("kms:alias:associate",), key_id)
+    call.key(key_id)
+    try:
+        record = call.env.store.put_alias(call.project_id, alias, key_id, call.env.now_ms(), create=False)
+    except KeyError:
+        raise KmsError("KMS.1101", f"Invalid alias: {alias} does not exist.") from None
+    return _alias_reply(call, record)
+
+
+def list_aliases(call: Call) -> dict:
+    fields = call.fields
+    key_id = _key_id(fields) if fields.has("key_id") else None
+    limit = fields.integer("limit", required=False, low=1, high=1000, code="KMS.1601") or 100
+    offset = fields.integer("marker", required=False, low=0, high=10**9, code="KMS.1602") or 0
+    fields.done()
+    call.authorize(("kms:alias:list",), key_id)
+    records = call.env.store.aliases(call.project_id, key_id=key_id, offset=offset, limit=limit + 1)
+    more = len(records) > limit
+    records = records[:limit]
+    return {"aliases": [_alias_reply(call, record) for record in records],
+            "page_info": {"next_marker": str(offset + limit) if more else "", "current_count": len(records)}}
+
+
+def delete_alias(call: Call) -> dict:
+    fields = call.fields
+    key_id = _key_id(fields)
+    aliases = fields.raw("aliases")
+    if not isinstance(aliases, list) or not 1 <= len(aliases) <= 100 or not all(
+            isinstance(alias, str) and _ALIAS.fullmatch(alias) for alias in aliases):
+        raise KmsError("KMS.1101", "Invalid aliases: a list of 1..100 aliases.")
+    fields.done()
+    call.authorize(("kms:alias:delete",), key_id)
+    missing = call.env.store.delete_aliases(call.project_id, key_id, aliases)
+    if missing:
+        raise KmsError("KMS.1101", f"Invalid aliases: {missing[0]} does not name key {key_id}.")
+    return {}
+
+
+def update_key_alias(call: Call) -> dict:
+    key_id = _key_id(call.fields)
+    alias = _alias(call.fields, "key_alias")
+    if alias.lower().endswith("/default"):
+        raise KmsError("KMS.1101", "Invalid key_alias: the suffix /default is reserved.")
+    call.fields.done()
+    call.authorize(("kms:cmk:update",), key_id)
+    call.key(key_id)
+    try:
+        call.env.store.set_key_alias(call.project_id, key_id, alias)
+    except Conflict:
+        raise KmsError("KMS.1104") from None
+    return {"key_info": {"key_id": key_id, "key_alias": alias}}
+
+
 # --------------------------------------------------------------------------- asymmetric keys
 
 
@@ -678,6 +768,11 @@ APIS: dict[str, Api] = {
     "encrypt-datakey": Api(encrypt_datakey),
     "decrypt-datakey": Api(decrypt_datakey, takes_recipient=True),
     "gen-random": Api(gen_random, takes_recipient=True),
+    "create-alias": Api(create_alias),
+    "list-aliases": Api(list_aliases),
+    "delete-alias": Api(delete_alias),
+    "associate-alias": Api(associate_alias),
+    "update-key-alias": Api(update_key_alias),
     "sign": Api(sign),
     "verify": Api(verify),
     "get-publickey": Api(get_public_key),

@@ -14,8 +14,10 @@ What it lacks for a service facing hostile clients is added by :class:`_KmsProto
   client cannot take every slot.
 
 Status lines: every answer has one.  Malformed request lines or headers, unsupported protocol
-versions (``HTTP/2.0`` …) → 400; methods other than POST (TRACE, CONNECT, unknown tokens) →
-405; bodies over MAX_BODY → 413; chunked or length-less bodies → 400; an over-long URL → 414.
+versions (``HTTP/2.0`` …) → 400; methods other than POST, GET and DELETE (TRACE, CONNECT …)
+→ 405 (llhttp refuses unknown tokens with 400); GET/DELETE reach the service, which routes the
+alias APIs and refuses them elsewhere; bodies over MAX_BODY → 413; chunked or length-less
+bodies → 400; an over-long URL → 414.
 5xx only for the server's own conditions (503 overload, 500 unexpected).  Every refusal of the
 transport is reported to ``KmsService.refuse`` (counted and sampled in the audit log).
 
@@ -183,9 +185,9 @@ class KmsApp:
         """The request body, or _Refused naming why the transport will not pass it on."""
         if scope["http_version"] not in ("1.0", "1.1"):
             raise _Refused(400, "KMS.0202", f"HTTP/{scope['http_version']} is not supported; use HTTP/1.1.")
-        if scope["method"] != "POST":
+        if scope["method"] not in ("POST", "GET", "DELETE"):
             raise _Refused(405, "KMS.0201", f"The method {scope['method'][:16]} is not allowed; use POST.",
-                           headers=((b"allow", b"POST"),))
+                           headers=((b"allow", b"POST, GET, DELETE"),))
         if len(scope["raw_path"]) + len(scope["query_string"]) > MAX_URL:
             raise _Refused(414, "KMS.0201", f"The request URL exceeds {MAX_URL} bytes.")
         names = [name for name, _ in scope["headers"]]
@@ -195,6 +197,8 @@ class KmsApp:
         if b"transfer-encoding" in headers:
             raise _Refused(400, "KMS.0204", "Chunked request bodies are not accepted; send Content-Length.")
         text = headers.get(b"content-length")
+        if text is None and scope["method"] in ("GET", "DELETE"):
+            text = b"0"     # no body
         if text is None or not text.isdigit() or len(text) > 12:
             raise _Refused(400, "KMS.0204", "The request needs a valid Content-Length.")
         if int(text) > MAX_BODY:

@@ -22,6 +22,7 @@ import logging
 import re
 import uuid
 from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
 from qtbuild.runtime.kms.auth import WINDOW, authenticate, parse_authorization
 from qtbuild.runtime.kms.credentials import check_temporary, temporary_secret, token_principal
@@ -99,7 +100,10 @@ class KmsService:
         trace.principal = principal.name
         if api.replay_guarded:
             self._claim_nonce(request)
-        fields = Fields(decode_json(request.body) if request.body.strip() else {})
+        if request.method == "GET":
+            fields = Fields(dict(parse_qsl(request.query, keep_blank_values=True)))
+        else:
+            fields = Fields(decode_json(request.body) if request.body.strip() else {})
         call = trace.call = Call(self.env, principal, project_id, fields)
         if api.takes_recipient and fields.has("recipient"):
             call.recipient = self.verifier.verify(fields.raw("recipient"))
@@ -174,13 +178,21 @@ class _Trace:
     call: Call | None
 
 
+#: (method, path after /kms/) of Huawei's REST-style alias APIs → the API's name.
+_REST = {("POST", "aliases"): "create-alias", ("GET", "aliases"): "list-aliases",
+         ("DELETE", "aliases"): "delete-alias", ("POST", "alias/associate"): "associate-alias"}
+
+
 def route(method: str, path: str) -> tuple[str, str]:
     """(project id, API name) of a request path; KMS.0201 otherwise."""
     match = _PATH.fullmatch(path)
     if match is None:
         raise KmsError("KMS.0201", "Invalid request URL: expected /v1.0/{project_id}/kms/{api}.")
+    name = _REST.get((method, match.group(2)))
+    if name is not None:
+        return match.group(1), name
     if method != "POST":
-        raise KmsError("KMS.0201", f"Invalid request: {method} is not supported, use POST.")
+        raise KmsError("KMS.0201", f"Invalid request: {method} is not supported here, use POST.")
     return match.group(1), match.group(2)
 
 

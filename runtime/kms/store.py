@@ -91,6 +91,18 @@ CREATE TABLE tokens (
     expires_ms INTEGER NOT NULL
 );
 """,
+    # 3: key aliases (create-alias / associate-alias / delete-alias / list-aliases)
+    3: """
+CREATE TABLE aliases (
+    project_id TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    key_id TEXT NOT NULL REFERENCES keys (key_id) ON DELETE CASCADE,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (project_id, alias)
+);
+CREATE INDEX aliases_by_key ON aliases (key_id)
+""",
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -115,6 +127,14 @@ class KeyRecord:
     created_ms: int
     deletion_ms: int | None
     version: int
+
+
+@dataclass(frozen=True)
+class AliasRecord:
+    alias: str
+    key_id: str
+    created_ms: int
+    updated_ms: int
 
 
 @dataclass(frozen=True)
@@ -330,6 +350,53 @@ class Store:
             cursor = db.execute("DELETE FROM keys WHERE state = ? AND deletion_ms <= ?",
                                 (PENDING_DELETION, now_ms))
             return cursor.rowcount
+
+    def set_key_alias(self, project_id: str, key_id: str, alias: str) -> bool:
+        """Rename a key (its key_alias); False when no such key; Conflict when taken."""
+        try:
+            with self._write() as db:
+                cursor = db.execute("UPDATE keys SET alias = ? WHERE key_id = ? AND project_id = ?",
+                                    (alias, key_id, project_id))
+                return cursor.rowcount == 1
+        except sqlite3.IntegrityError:
+            raise Conflict(f"alias {alias!r} exists") from None
+
+    # ------------------------------------------------------------------ aliases
+
+    def put_alias(self, project_id: str, alias: str, key_id: str, now_ms: int, *, create: bool) -> AliasRecord:
+        """Create an alias (Conflict when it exists) or point an existing one at another key
+        (KeyError when it does not exist); the record as stored."""
+        with self._write() as db:
+            row = db.execute("SELECT created_ms FROM aliases WHERE project_id = ? AND alias = ?",
+                             (project_id, alias)).fetchone()
+            if create and row is not None:
+                raise Conflict(f"alias {alias!r} exists")
+            if not create and row is None:
+                raise KeyError(alias)
+            created = now_ms if row is None else row[0]
+            db.execute("INSERT OR REPLACE INTO aliases VALUES (?,?,?,?,?)",
+                       (project_id, alias, key_id, created, now_ms))
+            return AliasRecord(alias, key_id, created, now_ms)
+
+    def aliases(self, project_id: str, *, key_id: str | None, offset: int, limit: int) -> list[AliasRecord]:
+        where, args = "project_id = ?", [project_id]
+        if key_id is not None:
+            where, args = where + " AND key_id = ?", args + [key_id]
+        rows = self._read(f"SELECT alias, key_id, created_ms, updated_ms FROM aliases WHERE {where} "
+                          "ORDER BY created_ms, alias LIMIT ? OFFSET ?", (*args, limit, offset))
+        return [AliasRecord(*row) for row in rows]
+
+    def delete_aliases(self, project_id: str, key_id: str, aliases: list[str]) -> list[str]:
+        """Delete those of ``aliases`` that point at ``key_id``; the ones that did not (none
+        deleted then: all or nothing)."""
+        with self._write() as db:
+            missing = [alias for alias in aliases if db.execute(
+                "SELECT 1 FROM aliases WHERE project_id = ? AND alias = ? AND key_id = ?",
+                (project_id, alias, key_id)).fetchone() is None]
+            if not missing:
+                db.executemany("DELETE FROM aliases WHERE project_id = ? AND alias = ?",
+                               [(project_id, alias) for alias in aliases])
+            return missing
 
     # ------------------------------------------------------------------ principals
 

