@@ -21,6 +21,7 @@ Policy action names (any listed name grants the API):
     create-alias kms:alias:create        list-aliases kms:alias:list
     delete-alias kms:alias:delete        associate-alias kms:alias:associate
     update-key-alias kms:cmk:update
+    create-rsa-/create-ec-datakey-pair   kms:dek:create, kms:cmk:createDataKeyPair
 
 Aliases are Huawei's REST paths: ``POST|GET|DELETE /kms/aliases`` (create / list / delete),
 ``POST /kms/alias/associate``; the service maps them to the names above.
@@ -618,6 +619,36 @@ def verify(call: Call) -> dict:
     return {"key_id": key_id, "signature_valid": "true" if valid else "false"}
 
 
+def _datakey_pair(call: Call, specs: tuple[str, ...]) -> dict:
+    """A new key pair: the public key, the private key sealed under the CMK (decrypt-data
+    opens it), and — unless with_plain_text is false — the private key in plaintext (for a
+    recipient: only inside ciphertext_recipient)."""
+    fields = call.fields
+    key_id = _key_id(fields)
+    spec = fields.choice("key_spec", specs, required=True) or specs[0]
+    with_plain_text = fields.flag("with_plain_text", default=True)
+    aad = _aad(fields)
+    fields.done()
+    call.authorize(("kms:dek:create", "kms:cmk:createDataKeyPair"), key_id)
+    record = call.symmetric_key(key_id)
+    private = asymmetric.generate(spec)
+    sealed = crypto.encrypt(crypto.KIND_DATA, key_id, record.version, call.material(key_id, record.version),
+                            private, aad)
+    reply = {"key_id": key_id, "key_spec": spec, "public_key": asymmetric.public_pem(private),
+             "private_key_cipher_text": base64.b64encode(sealed).decode("ascii")}
+    if not with_plain_text and call.recipient is None:
+        return reply
+    return call.plaintext_reply(reply, private, private_key_plain_text=base64.b64encode(private).decode("ascii"))
+
+
+def create_rsa_datakey_pair(call: Call) -> dict:
+    return _datakey_pair(call, tuple(asymmetric.RSA_SPECS))
+
+
+def create_ec_datakey_pair(call: Call) -> dict:
+    return _datakey_pair(call, tuple(asymmetric.EC_SPECS))
+
+
 def get_public_key(call: Call) -> dict:
     key_id = _key_id(call.fields)
     call.fields.done()
@@ -773,6 +804,8 @@ APIS: dict[str, Api] = {
     "delete-alias": Api(delete_alias),
     "associate-alias": Api(associate_alias),
     "update-key-alias": Api(update_key_alias),
+    "create-rsa-datakey-pair": Api(create_rsa_datakey_pair, takes_recipient=True),
+    "create-ec-datakey-pair": Api(create_ec_datakey_pair, takes_recipient=True),
     "sign": Api(sign),
     "verify": Api(verify),
     "get-publickey": Api(get_public_key),

@@ -28,9 +28,13 @@ from huaweicloudsdkkms.v2 import (
     CreateDatakeyRequest,
     CreateDatakeyRequestBody,
     CreateDatakeyWithoutPlaintextRequest,
+    CreateEcDatakeyPairRequest,
+    CreateEcDatakeyPairRequestBody,
     CreateKeyRequest,
     CreateKeyRequestBody,
     CreateRandomRequest,
+    CreateRsaDatakeyPairRequest,
+    CreateRsaDatakeyPairRequestBody,
     DecryptDatakeyRequest,
     DecryptDatakeyRequestBody,
     DecryptDataRequest,
@@ -415,3 +419,39 @@ def test_aliases(sdk, key_id):
     assert renamed.key_info.key_alias == "renamed-target"
     info = sdk.list_key_detail(ListKeyDetailRequest(body=OperateKeyRequestBody(key_id=other))).key_info
     assert info.key_alias == "renamed-target"
+
+
+# --------------------------------------------------------------------------- data key pairs
+
+
+@pytest.mark.parametrize("kind, spec", [("rsa", "RSA_2048"), ("ec", "EC_P384")])
+def test_datakey_pairs(sdk, key_id, kind, spec):
+    if kind == "rsa":
+        reply = sdk.create_rsa_datakey_pair(CreateRsaDatakeyPairRequest(body=CreateRsaDatakeyPairRequestBody(
+            key_id=key_id, key_spec=spec, additional_authenticated_data="pair")))
+    else:
+        reply = sdk.create_ec_datakey_pair(CreateEcDatakeyPairRequest(body=CreateEcDatakeyPairRequestBody(
+            key_id=key_id, key_spec=spec, additional_authenticated_data="pair")))
+    private = serialization.load_der_private_key(base64.b64decode(reply.private_key_plain_text), None)
+    public = serialization.load_pem_public_key(reply.public_key.encode())
+    assert private.public_key().public_numbers() == public.public_numbers()
+    opened = sdk.decrypt_data(DecryptDataRequest(body=DecryptDataRequestBody(
+        cipher_text=reply.private_key_cipher_text, additional_authenticated_data="pair")))
+    assert base64.b64decode(opened.plain_text_base64) == base64.b64decode(reply.private_key_plain_text)
+    without = sdk.create_rsa_datakey_pair(CreateRsaDatakeyPairRequest(body=CreateRsaDatakeyPairRequestBody(
+        key_id=key_id, key_spec="RSA_2048", with_plain_text=False)))
+    assert without.private_key_plain_text is None and without.private_key_cipher_text
+
+
+def test_datakey_pair_for_a_recipient(local, key_id):
+    recipient_key = RecipientKey.generate()
+    device = SecurityModule(PCRS, debug=False, signer=local.pki.signer("pair-enclave"),
+                            module_id="i-0123456789abcdef0-enc0123456789abcdef")
+    document = device.attestation(public_key=recipient_key.public_key_der)
+    status, reply = signed_raw(local, "create-ec-datakey-pair", {"key_id": key_id, "key_spec": "EC_P256", "recipient": {
+        "attestation_document": base64.b64encode(document).decode(), "key_encryption_algorithm": "RSAES_OAEP_SHA_256"}})
+    assert status == 200 and "private_key_plain_text" not in reply
+    private = serialization.load_der_private_key(
+        open_envelope(base64.b64decode(reply["ciphertext_recipient"]), recipient_key.private_key), None)
+    assert private.public_key().public_numbers() == \
+        serialization.load_pem_public_key(reply["public_key"].encode()).public_numbers()
