@@ -104,9 +104,11 @@ class Call:
     recipient: Recipient | None = None
     key_id: str | None = None
     decision: Decision | None = None
+    also: tuple[str, ...] = ()      # further action names granting this call (AWS's, on that protocol)
 
     def authorize(self, actions: tuple[str, ...], key_id: str | None = None) -> None:
         """Evaluate the principal's policy; KMS.0306 (key) / KMS.0307 (API) when denied."""
+        actions = actions + self.also
         resource = "*" if key_id is None else (
             f"kms:{self.env.region}:{self.project_id}:KeyId:{key_id}")
         context = self.recipient.conditions() if self.recipient else {}

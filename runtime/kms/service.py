@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
+from qtbuild.runtime.kms import aws, aws_sigv4
 from qtbuild.runtime.kms.auth import WINDOW, authenticate, parse_authorization
 from qtbuild.runtime.kms.credentials import check_temporary, temporary_secret, token_principal
 from qtbuild.runtime.kms.errors import KmsError
@@ -67,14 +68,17 @@ class KmsService:
         request_id = uuid.uuid4().hex
         trace = _Trace(api=None, principal=None, call=None)
         error: KmsError | None = None
+        amazon = aws.is_aws(request.path, request.headers)
         try:
-            body = self._run(request, trace)
+            body = self._run_aws(request, trace) if amazon else self._run(request, trace)
         except KmsError as refusal:
             error = refusal
         except Exception:  # a service answers; details go to the log only
             log.exception("request %s failed", request_id)
             error = KmsError("KMS.0101")
         self._audit(request, request_id, trace, error)
+        if error is not None and amazon:
+            return Response(*aws.error_body(error), request_id)
         if error is not None:
             return Response(error.status, error.body(request_id), request_id)
         return Response(200, body, request_id)
@@ -111,6 +115,39 @@ class KmsService:
         if call.decision is None or not call.decision.allowed:
             raise AssertionError(f"{api_name} answered without authorizing")
         return reply
+
+    def _run_aws(self, request: Request, trace: _Trace) -> dict:
+        """An AWS KMS JSON-protocol request (``aws``)."""
+        operation = request.headers["x-amz-target"][len(aws.TARGET_PREFIX):]
+        handler = aws.OPERATIONS.get(operation)
+        if handler is None or request.method != "POST":
+            raise KmsError("KMS.0201", f"Unknown operation {operation[:64]}.")
+        trace.api = aws.API_NAMES[operation]
+        principal = self._principal_by_sigv4(request)
+        trace.principal = principal.name
+        body = decode_json(request.body) if request.body.strip() else {}
+        if not isinstance(body, dict):
+            raise KmsError("KMS.0202", "The request body must be a JSON object.")
+        project_id = self.env.store.meta("project_id", lambda: "")
+        call = trace.call = Call(self.env, principal, project_id, Fields({}))
+        reply = handler(call, body, self.verifier.verify)
+        if call.decision is None or not call.decision.allowed:
+            raise AssertionError(f"{operation} answered without authorizing")
+        return reply
+
+    def _principal_by_sigv4(self, request: Request) -> PrincipalRecord:
+        found: list[PrincipalRecord] = []
+
+        def secret_of(access_key: str) -> str | None:
+            record = self.env.store.principal(access_key)
+            if record is None:
+                return None
+            found.append(record)
+            return self.env.master_key.open(record.secret, principal_context(access_key)).decode()
+
+        aws_sigv4.authenticate(request.method, request.path, request.query, request.headers, request.body,
+                               secret_of)
+        return found[0]
 
     def _authenticate(self, request: Request) -> PrincipalRecord:
         """The principal a request acts as: by its AK/SK signature (a principal's own, or
