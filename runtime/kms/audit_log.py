@@ -40,11 +40,19 @@ class AuditLog:
         self.store, self.directory, self.max_bytes, self.keep = store, directory, max_bytes, keep
         self._lock = threading.Lock()
         self._rotating = threading.Lock()
+        # group commit: records queued by concurrent requests are written in one transaction
+        self._queue_lock = threading.Condition()
+        self._queue: list[AuditRecord] = []
+        self._queued = self._committed = 0
+        self._writing = False
+        self._failed: tuple[int, int, BaseException] | None = None   # (first, last, error) of a lost batch
         self._live_bytes = sum(_size(record) for record in self._table(0)) if directory else 0
 
     def add(self, record: AuditRecord) -> None:
-        """Record durably (fsynced); rotate when the live records outgrow ``max_bytes``."""
-        self.store.add_audit(record)
+        """Record durably (fsynced) before returning; rotate when the live records outgrow
+        ``max_bytes``.  Concurrent callers share commits: whoever finds no write in progress
+        writes every queued record in one transaction while the others wait for it."""
+        self._commit(record)
         if self.directory is None:
             return
         with self._lock:
@@ -57,6 +65,32 @@ class AuditLog:
                 log.error("audit rotation failed: %s", error)
             finally:
                 self._rotating.release()
+
+    def _commit(self, record: AuditRecord) -> None:
+        with self._queue_lock:
+            self._queue.append(record)
+            self._queued += 1
+            mine = self._queued
+            while self._committed < mine:
+                if self._writing:
+                    self._queue_lock.wait()
+                    continue
+                batch, self._queue, last = self._queue, [], self._queued
+                self._writing = True
+                self._queue_lock.release()
+                failure = None
+                try:
+                    self.store.add_audits(batch)
+                except Exception as error:      # every caller of this batch learns it was lost
+                    failure = error
+                finally:
+                    self._queue_lock.acquire()
+                    self._writing = False
+                    self._committed = last
+                    self._failed = (last - len(batch) + 1, last, failure) if failure else self._failed
+                    self._queue_lock.notify_all()
+            if self._failed is not None and self._failed[0] <= mine <= self._failed[1]:
+                raise OSError(f"audit record not written: {self._failed[2]}")
 
     def rotate(self) -> Path | None:
         """Move every live record into a new archive; the archive written (None if empty)."""

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
+import time
 
 from click.testing import CliRunner
 
@@ -70,3 +72,50 @@ def test_cli_audit_reads_the_archives(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_concurrent_records_share_commits_and_all_arrive(tmp_path, monkeypatch):
+    store = Store(tmp_path / "kms.sqlite")
+    audit = AuditLog(store)
+    commits = []
+    original = store.add_audits
+
+    def slow_commit(records):
+        commits.append(len(records))
+        time.sleep(0.02)                      # an fsync on a busy disk
+        original(records)
+
+    monkeypatch.setattr(store, "add_audits", slow_commit)
+    threads = [threading.Thread(target=lambda base=base: [audit.add(record(base + i)) for i in range(10)])
+               for base in range(0, 160, 10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(item.time_ms for item in audit.records(limit=1000)) == list(range(160))
+    assert sum(commits) == 160 and len(commits) < 80            # batched: far fewer fsyncs than records
+
+
+def test_a_failed_commit_reaches_every_caller_in_its_batch(tmp_path, monkeypatch):
+    store = Store(tmp_path / "kms.sqlite")
+    audit = AuditLog(store)
+
+    def broken(records):
+        time.sleep(0.05)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(store, "add_audits", broken)
+    failures = []
+
+    def add(index):
+        try:
+            audit.add(record(index))
+        except OSError as error:
+            failures.append(str(error))
+
+    threads = [threading.Thread(target=add, args=(index,)) for index in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(failures) == 6 and all("disk I/O error" in failure for failure in failures)
