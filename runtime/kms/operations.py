@@ -516,30 +516,28 @@ def _alias(fields: Fields, name: str = "alias") -> str:
     return fields.text(name, pattern=_ALIAS, max_length=255, code="KMS.1101") or ""
 
 
-def create_alias(call: Call) -> dict:
-    key_id = _key_id(call.fields)
-    alias = _alias(call.fields)
-    call.fields.done()
-    call.authorize(("kms:alias:create",), key_id)
+def _put_alias(call: Call, key_field: str, action: str, *, create: bool) -> dict:
+    """create-alias (a new alias) or associate-alias (an existing one, to another key)."""
+    fields = call.fields
+    alias, key_id = _alias(fields), _key_id(fields, key_field)
+    fields.done()
+    call.authorize((action,), key_id)
     call.key(key_id)
     try:
-        record = call.env.store.put_alias(call.project_id, alias, key_id, call.env.now_ms(), create=True)
+        record = call.env.store.put_alias(call.project_id, alias, key_id, call.env.now_ms(), create=create)
     except Conflict:
         raise KmsError("KMS.1104", f"The alias {alias} exists.") from None
-    return _alias_reply(call, record)
-
-
-def associate_alias(call: Call) -> dict:
-    alias = _alias(call.fields)
-    key_id = _key_id(call.fields, "target_key_id")
-    call.fields.done()
-    call.authorize(("kms:alias:associate",), key_id)
-    call.key(key_id)
-    try:
-        record = call.env.store.put_alias(call.project_id, alias, key_id, call.env.now_ms(), create=False)
     except KeyError:
         raise KmsError("KMS.1101", f"Invalid alias: {alias} does not exist.") from None
     return _alias_reply(call, record)
+
+
+def create_alias(call: Call) -> dict:
+    return _put_alias(call, "key_id", "kms:alias:create", create=True)
+
+
+def associate_alias(call: Call) -> dict:
+    return _put_alias(call, "target_key_id", "kms:alias:associate", create=False)
 
 
 def list_aliases(call: Call) -> dict:

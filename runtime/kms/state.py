@@ -14,6 +14,7 @@ find both.  The project id and domain id are random 32-hex-digit values chosen o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from qtbuild.runtime.files import write_atomically
 from qtbuild.runtime.kms.audit_log import DEFAULT_KEEP, DEFAULT_MAX_BYTES, AuditLog
-from qtbuild.runtime.kms.crypto import MasterKey
+from qtbuild.runtime.kms.crypto import MasterKey, MasterKeyError
 from qtbuild.runtime.kms.operations import Environment, new_principal, principal_context
 from qtbuild.runtime.kms.store import Store, StoreError
 from qtbuild.runtime.sdk.kms_client import Credentials
@@ -85,11 +86,8 @@ def open_state(paths: StatePaths, *, clock=time.time, audit_max_bytes: int = DEF
 def backup(paths: StatePaths, target: Path) -> None:
     """A consistent online copy of the store at ``target`` (the master key is not in it:
     keep ``master.key`` apart).  StoreError when the store cannot be read."""
-    store = Store(paths.database)
-    try:
+    with contextlib.closing(Store(paths.database)) as store:
         store.backup_to(target)
-    finally:
-        store.close()
 
 
 def restore(paths: StatePaths, source: Path) -> None:
@@ -101,20 +99,16 @@ def restore(paths: StatePaths, source: Path) -> None:
     with tempfile.TemporaryDirectory(dir=paths.directory) as scratch:
         copy = Path(scratch) / "restore.sqlite"
         shutil.copyfile(source, copy)
-        checked = Store(copy)       # refuses a non-KMS or newer database; upgrades an older one
-        try:
-            for record in checked.principals()[:1]:
-                master_key.open(record.secret, principal_context(record.access_key))
-        except Exception:
-            raise StoreError(f"{source}: its secrets do not open with {paths.master_key} "
-                             "(a backup of another KMS state?)") from None
-        finally:
-            checked.close()
-        store = Store(paths.database)
-        try:
+        # Store() refuses a non-KMS or newer database and upgrades an older one
+        with contextlib.closing(Store(copy)) as checked:
+            try:
+                for record in checked.principals()[:1]:
+                    master_key.open(record.secret, principal_context(record.access_key))
+            except MasterKeyError:
+                raise StoreError(f"{source}: its secrets do not open with {paths.master_key} "
+                                 "(a backup of another KMS state?)") from None
+        with contextlib.closing(Store(paths.database)) as store:
             store.restore_from(copy)
-        finally:
-            store.close()
 
 
 def admin_credentials(env: Environment, project_id: str) -> Credentials:
