@@ -10,6 +10,8 @@ Encryption (RSA keys of usage ENCRYPT_DECRYPT): ``RSAES_OAEP_SHA_1`` / ``RSAES_O
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
@@ -19,10 +21,12 @@ from qtbuild.runtime.kms.errors import KmsError, invalid
 RSA_SPECS = {"RSA_2048": 2048, "RSA_3072": 3072, "RSA_4096": 4096}
 EC_SPECS = {"EC_P256": ec.SECP256R1(), "EC_P384": ec.SECP384R1()}
 SPECS = (*RSA_SPECS, *EC_SPECS)
-_HASHES = {"256": hashes.SHA256, "384": hashes.SHA384, "512": hashes.SHA512}
+_HASHES: dict[str, Callable[[], hashes.HashAlgorithm]] = {"256": hashes.SHA256, "384": hashes.SHA384,
+                                                          "512": hashes.SHA512}
 SIGNING_ALGORITHMS = tuple(f"{family}_SHA_{bits}" for family in ("RSASSA_PSS", "RSASSA_PKCS1_V1_5", "ECDSA")
                            for bits in _HASHES)
-ENCRYPTION_ALGORITHMS = {"RSAES_OAEP_SHA_1": hashes.SHA1, "RSAES_OAEP_SHA_256": hashes.SHA256}
+ENCRYPTION_ALGORITHMS: dict[str, Callable[[], hashes.HashAlgorithm]] = {
+    "RSAES_OAEP_SHA_1": hashes.SHA1, "RSAES_OAEP_SHA_256": hashes.SHA256}
 
 
 def is_asymmetric(spec: str) -> bool:
@@ -101,7 +105,7 @@ def _oaep(algorithm: str) -> padding.OAEP:
 
 def encrypt(der: bytes, algorithm: str, plaintext: bytes) -> bytes:
     public = _private(der).public_key()
-    limit = public.key_size // 8 - 2 * ENCRYPTION_ALGORITHMS[algorithm].digest_size - 2
+    limit = public.key_size // 8 - 2 * ENCRYPTION_ALGORITHMS[algorithm]().digest_size - 2
     if len(plaintext) > limit:
         raise invalid("plain_text", f"{algorithm} with this key takes at most {limit} bytes")
     return public.encrypt(plaintext, _oaep(algorithm))

@@ -201,9 +201,9 @@ def _algorithm(fields: Fields) -> str:
 
 
 def _bits(fields: Fields, name: str, code: str, default: int | None = None) -> int:
-    bits = fields.integer(name, required=default is None, low=8, high=8 * MAX_DATAKEY_BYTES,
-                          code=code)
-    bits = default if bits is None else bits
+    given = fields.integer(name, required=default is None, low=8, high=8 * MAX_DATAKEY_BYTES,
+                           code=code)
+    bits = given if given is not None else default or 0
     if bits % 8:
         raise KmsError(code, f"Invalid {name}: must be a multiple of 8.")
     return bits

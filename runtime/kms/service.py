@@ -78,7 +78,8 @@ class KmsService:
             error = KmsError("KMS.0101")
         self._audit(request, request_id, trace, error)
         if error is not None and amazon:
-            return Response(*aws.error_body(error), request_id)
+            status, body = aws.error_body(error)
+            return Response(status, body, request_id)
         if error is not None:
             return Response(error.status, error.body(request_id), request_id)
         return Response(200, body, request_id)

@@ -16,6 +16,7 @@ plaintext key material.  Key states use Huawei's codes: "2" enabled, "3" disable
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import queue
 import sqlite3
@@ -342,7 +343,7 @@ class Store:
             state, deletion_ms = change(KeyRecord(*row))
             db.execute("UPDATE keys SET state = ?, deletion_ms = ? WHERE key_id = ?",
                        (state, deletion_ms, key_id))
-            return KeyRecord(*row[:6], state, row[7], deletion_ms, row[9])
+            return dataclasses.replace(KeyRecord(*row), state=state, deletion_ms=deletion_ms)
 
     def purge_deleted(self, now_ms: int) -> int:
         """Delete keys whose scheduled deletion time has passed; how many."""
@@ -494,9 +495,9 @@ class Store:
     def audit(self, *, after: int = 0, limit: int = 100, principal: str | None = None,
               key_id: str | None = None, decision: str | None = None) -> list[AuditRecord]:
         """Records with id > ``after`` in id order, optionally filtered."""
-        where, args = ["id > ?"], [after]
-        for column, value in (("principal", principal), ("key_id", key_id),
-                              ("decision", decision)):
+        where: list[str] = ["id > ?"]
+        args: list[object] = [after]
+        for column, value in (("principal", principal), ("key_id", key_id), ("decision", decision)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
