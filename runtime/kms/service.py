@@ -137,25 +137,16 @@ class KmsService:
         return reply
 
     def _principal_by_sigv4(self, request: Request) -> PrincipalRecord:
-        found: list[PrincipalRecord] = []
-
-        def secret_of(access_key: str) -> str | None:
-            record = self.env.store.principal(access_key)
-            if record is None:
-                return None
-            found.append(record)
-            return self.env.master_key.open(record.secret, principal_context(access_key)).decode()
-
+        """The principal of a SigV4-signed request (temporary credentials carry their token in
+        X-Amz-Security-Token, as AWS session credentials do)."""
+        secret_of, found = self._secret_lookup()
         aws_sigv4.authenticate(request.method, request.path, request.query, request.headers, request.body,
                                secret_of)
-        return found[0]
+        return self._checked(found, request.headers.get("x-amz-security-token"))
 
-    def _authenticate(self, request: Request) -> PrincipalRecord:
-        """The principal a request acts as: by its AK/SK signature (a principal's own, or
-        temporary credentials with their X-Security-Token), or by its X-Auth-Token."""
-        headers = request.headers
-        if "authorization" not in headers and "x-auth-token" in headers:
-            return token_principal(self.env, headers["x-auth-token"])
+    def _secret_lookup(self):
+        """(secret_of(access key), the principals it found): a principal's own AK/SK or
+        temporary credentials acting as one."""
         found: list[tuple[PrincipalRecord, TemporaryCredential | None]] = []
 
         def secret_of(access_key: str) -> str | None:
@@ -170,11 +161,23 @@ class KmsService:
             found.append((owner, temporary))
             return temporary_secret(self.env, temporary)
 
-        authenticate(request.method, request.path, request.query, headers, request.body, secret_of, now=None)
+        return secret_of, found
+
+    def _checked(self, found: list, security_token: str | None) -> PrincipalRecord:
         principal, temporary = found[0]
         if temporary is not None:
-            check_temporary(self.env, temporary, headers.get("x-security-token"))
+            check_temporary(self.env, temporary, security_token)
         return principal
+
+    def _authenticate(self, request: Request) -> PrincipalRecord:
+        """The principal a request acts as: by its AK/SK signature (a principal's own, or
+        temporary credentials with their X-Security-Token), or by its X-Auth-Token."""
+        headers = request.headers
+        if "authorization" not in headers and "x-auth-token" in headers:
+            return token_principal(self.env, headers["x-auth-token"])
+        secret_of, found = self._secret_lookup()
+        authenticate(request.method, request.path, request.query, headers, request.body, secret_of, now=None)
+        return self._checked(found, headers.get("x-security-token"))
 
     def _claim_nonce(self, request: Request) -> None:
         """A mutating admin request is served once: its signature (which covers its date,

@@ -165,3 +165,17 @@ def test_signed_hostile_bodies_never_cause_a_5xx(kms, operation, body):
     connection.close()
     assert response.status < 500, reply
     assert response.status == 200 or reply["__type"].endswith("Exception")
+
+
+def test_temporary_credentials_as_an_aws_session(kms, key_id):
+    state, port, _, _ = kms
+    admin = KmsClient(tcp_transport("127.0.0.1", port), state.admin)
+    credential = admin.call("admin/create-temporary-credentials", {"name": "admin"})["credential"]
+    session = boto3.client("kms", endpoint_url=f"http://127.0.0.1:{port}", region_name="eu-west-1",
+                           aws_access_key_id=credential["access"], aws_secret_access_key=credential["secret"],
+                           aws_session_token=credential["securitytoken"], config=Config(retries={"max_attempts": 1}))
+    assert key_id in [entry["KeyId"] for entry in session.list_keys()["Keys"]]
+    without = boto(port, credential["access"], credential["secret"])
+    with pytest.raises(ClientError) as caught:
+        without.list_keys()
+    assert caught.value.response["Error"]["Code"] == "UnrecognizedClientException"
