@@ -26,6 +26,8 @@ CATALOGUE: dict[str, tuple[int, str]] = {
     "KMS.0302": (401, "The request signature does not verify."),
     "KMS.0303": (401, "The request date is outside the allowed window."),
     "KMS.0305": (401, "The temporary credentials or token are invalid or expired."),
+    # the API gateway's throttling (too many connections from one client)
+    "APIGW.0308": (429, "The throttling threshold has been reached."),
     # local: a mutating admin request whose signature was already used (a replay)
     "KMS.0304": (401, "The request was already served; sign a new one."),
     "KMS.0306": (403, "The user has no permission to access the key."),
@@ -86,6 +88,8 @@ class KmsError(Exception):
         if self.code in GATEWAY_CODES:
             return {"error_msg": f"{GATEWAY_MESSAGE}: {self.message}", "error_code": GATEWAY_CODE,
                     "request_id": request_id}
+        if self.code.startswith("APIGW."):
+            return {"error_msg": self.message, "error_code": self.code, "request_id": request_id}
         return {"error": {"error_code": self.code, "error_msg": self.message}}
 
 

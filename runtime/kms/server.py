@@ -97,7 +97,7 @@ class _KmsProtocol(HttpToolsProtocol):
             self._refuse_now(503, "Service Unavailable", "KMS.0102", None)
             return
         if counts[peer] >= limits.max_per_client:
-            self._refuse_now(429, "Too Many Requests", "KMS.0102",
+            self._refuse_now(429, "Too Many Requests", "APIGW.0308",
                              f"More than {limits.max_per_client} connections from {peer}.")
             return
         counts[peer] += 1
