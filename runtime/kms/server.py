@@ -19,7 +19,7 @@ versions (``HTTP/2.0`` …) → 400; methods other than POST, GET and DELETE (TR
 alias APIs and refuses them elsewhere; bodies over MAX_BODY → 413; chunked or length-less
 bodies → 400; an over-long URL → 414.
 5xx only for the server's own conditions (503 overload, 500 unexpected).  Every refusal of the
-transport is reported to ``KmsService.refuse`` (counted and sampled in the audit log).
+transport is reported to ``KmsService.count_refusal`` (counted and sampled in the audit log).
 
 The KMS work itself (SQLite, fsync, RSA) runs on a thread pool of ``threads`` threads.
 """
