@@ -85,6 +85,7 @@ class _KmsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._peer: str | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self._started = False       # bytes of a new request arrived since the deadline was armed
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -124,7 +125,12 @@ class _KmsProtocol(HttpToolsProtocol):
 
     def _arm_deadline(self) -> None:
         self._disarm_deadline()
+        self._started = False
         self._deadline = self.loop.call_later(self.kms.limits.header_timeout, self._too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        self._started = True
+        super().data_received(data)
 
     def _disarm_deadline(self) -> None:
         if self._deadline is not None:
@@ -134,6 +140,12 @@ class _KmsProtocol(HttpToolsProtocol):
     def _too_slow(self) -> None:
         self._deadline = None
         if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            return
+        if not self._started:
+            # An idle (kept-alive) connection: close it without an answer, which a client
+            # would otherwise read as the reply to the next request it sends.
+            self.connections.discard(self)
+            self.transport.close()
             return
         message = f"The request headers did not arrive within {self.kms.limits.header_timeout:g} s."
         self._refuse_now(408, "Request Timeout", "KMS.0204", message)

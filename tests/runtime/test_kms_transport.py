@@ -192,6 +192,27 @@ def test_overload_answers_503(tmp_path):
         instance.close()
 
 
+def test_an_idle_kept_alive_connection_closes_without_a_stray_answer(tmp_path):
+    """Cut off at the header deadline, an idle connection gets no 408 (a client would read it
+    as the reply to its next request); the SDK client reconnects transparently."""
+    instance = Served(tmp_path / "kms", header_timeout=1.0)
+    try:
+        with connect(instance.port) as sock:
+            sock.sendall(signed_raw(instance, "list-keys", {}, close=False))
+            time.sleep(0.3)
+            first = sock.recv(65536)
+            assert status_of(first) == 200
+            time.sleep(1.5)
+            assert read_all(sock) == b""                   # closed, nothing written
+        admin = instance.admin()
+        admin.call("list-keys", {})
+        time.sleep(1.5)
+        assert "keys" in admin.call("list-keys", {})     # on a fresh connection
+        admin.close()
+    finally:
+        instance.close()
+
+
 def test_slow_body_gets_408(served):
     with connect(served.port) as sock:
         sock.sendall(f"POST {served.path('list-keys')} HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n{{"
