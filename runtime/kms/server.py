@@ -5,6 +5,8 @@ framing with a proper ``400`` status line, whose event loop holds thousands of i
 without a thread each, and which handles keep-alive, pipelining and client resets (no tracebacks).
 What it lacks for a service facing hostile clients is added by :class:`_KmsProtocol`:
 
+* **header size** — request line and headers within MAX_HEAD bytes (431), which llhttp does
+  not bound by itself;
 * **header deadline** — a request's line and headers must be complete within ``header_timeout``
   seconds of the connection opening (or of the previous response): a client trickling one
   header line every few seconds is answered ``408`` and cut off, however active it looks;
@@ -46,6 +48,7 @@ from qtbuild.runtime.kms.service import KmsService, Request, Response
 log = logging.getLogger("qtbuild.kms")
 
 MAX_BODY = 64 * 1024
+MAX_HEAD = 64 * 1024        # request line and headers (llhttp itself sets no bound)
 MAX_URL = 8 * 1024
 DEFAULT_IO_TIMEOUT = 30.0
 DEFAULT_HEADER_TIMEOUT = 10.0
@@ -86,6 +89,7 @@ class _KmsProtocol(HttpToolsProtocol):
         self._peer: str | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._started = False       # bytes of a new request arrived since the deadline was armed
+        self._head_bytes = 0
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -125,11 +129,18 @@ class _KmsProtocol(HttpToolsProtocol):
 
     def _arm_deadline(self) -> None:
         self._disarm_deadline()
-        self._started = False
+        self._started, self._head_bytes = False, 0
         self._deadline = self.loop.call_later(self.kms.limits.header_timeout, self._too_slow)
 
     def data_received(self, data: bytes) -> None:
         self._started = True
+        if self._deadline is not None:      # still reading a request line and headers
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD + MAX_BODY:     # (a body may share the last segment)
+                self._disarm_deadline()
+                self._refuse_now(431, "Request Header Fields Too Large", "KMS.0203",
+                                 f"The request line and headers exceed {MAX_HEAD} bytes.")
+                return
         super().data_received(data)
 
     def _disarm_deadline(self) -> None:

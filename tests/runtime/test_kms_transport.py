@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import socket
 import struct
 import subprocess
@@ -211,6 +212,19 @@ def test_an_idle_kept_alive_connection_closes_without_a_stray_answer(tmp_path):
         admin.close()
     finally:
         instance.close()
+
+
+def test_endless_headers_are_cut_off_by_size(served):
+    with connect(served.port) as sock:
+        sock.sendall(b"POST /v1.0/p/kms/list-keys HTTP/1.1\r\n")
+        with contextlib.suppress(OSError):
+            for index in range(400):                       # up to ~200 KB of headers, quickly,
+                block = "".join(f"X-Filler-{index}-{line}: {'a' * 40}\r\n" for line in range(10))
+                sock.sendall(block.encode())
+                if select.select([sock], [], [], 0)[0]:    # until the server answers
+                    break
+        answer = read_all(sock)
+    assert status_of(answer) == 431
 
 
 def test_slow_body_gets_408(served):
