@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """Benchmark: KMS decrypt-data with an attested recipient — requests per second, p50 / p99
-latency — at 1, 8 and 32 concurrent clients.
+latency — at 1, 8 and 32 concurrent clients, side by side with a plain HTTP echo served by the
+same server stack (runtime/kms/server.py with a service that answers the body back), so the
+ratio shows what the KMS work itself costs.
 
 Usage: python benchmarks/kms.py [--seconds 5] [--clients 1,8,32] [--client-processes 2]
-                                [--fresh-documents] [--json]
+                                [--fresh-documents] [--no-echo] [--json]
 
 Setup (throw-away, under a temporary directory): a local attestation PKI, ``qtbuild kms serve``
 in its own process on 127.0.0.1, an AES-256 key, a 64-byte ciphertext with AAD, and an enclave
@@ -20,6 +22,7 @@ client's security module sign a new one per request, as a cautious enclave would
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import multiprocessing
 import os
@@ -120,7 +123,60 @@ def worker(job: dict, results) -> None:
     results.put(latencies)
 
 
-def run_level(clients: int, processes: int, seconds: float, base_job: dict) -> dict:
+class EchoService:
+    """The transport's counterpart of a KMS that does nothing: answers the JSON body back."""
+
+    def serve(self, request):
+        from qtbuild.runtime.kms.service import Response
+        return Response(200, json.loads(request.body), "echo")
+
+    def count_refusal(self, error, remote) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+def start_echo_server() -> tuple[multiprocessing.Process, int]:
+    from qtbuild.runtime.kms.server import KmsHttpServer
+    server = KmsHttpServer(("127.0.0.1", 0), EchoService())
+    process = multiprocessing.get_context("fork").Process(target=server.serve_forever, daemon=True)
+    process.start()
+    port = server.server_address[1]
+    server.socket.close()       # the child serves it
+    return process, port
+
+
+def echo_worker(job: dict, results) -> None:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    body = json.dumps({"cipher_text": "x" * 300, "recipient": {"attestation_document": "y" * 6000}},
+                      separators=(",", ":")).encode()
+
+    def client_loop() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", job["port"], timeout=30)
+        mine = []
+        while time.monotonic() < job["start"]:
+            time.sleep(0.001)
+        while (now := time.monotonic()) < job["end"]:
+            connection.request("POST", "/echo", body=body, headers={"Content-Type": "application/json"})
+            response = connection.getresponse()
+            if response.status != 200 or response.read() != body:
+                raise AssertionError("echo failed")
+            mine.append(time.monotonic() - now)
+        connection.close()
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=client_loop) for _ in range(job["threads"])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    results.put(latencies)
+
+
+def run_level(clients: int, processes: int, seconds: float, base_job: dict, target=None) -> dict:
     processes = max(1, min(processes, clients))
     start = time.monotonic() + 2.0 + 0.1 * clients    # time for keys and warm-up
     results = multiprocessing.get_context("fork").Queue()
@@ -130,7 +186,7 @@ def run_level(clients: int, processes: int, seconds: float, base_job: dict) -> d
         job = {**base_job, "threads": threads, "first": first, "start": start,
                "end": start + seconds}
         first += threads
-        workers.append(multiprocessing.get_context("fork").Process(target=worker,
+        workers.append(multiprocessing.get_context("fork").Process(target=target or worker,
                                                                    args=(job, results)))
     for process in workers:
         process.start()
@@ -154,6 +210,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,8,32")
     parser.add_argument("--client-processes", type=int, default=2)
     parser.add_argument("--fresh-documents", action="store_true")
+    parser.add_argument("--no-echo", action="store_true", help="Skip the plain HTTP echo.")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -171,8 +228,17 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(30)
+    echo = []
+    if not args.no_echo:
+        echo_process, echo_port = start_echo_server()
+        try:
+            echo = [run_level(int(count), args.client_processes, args.seconds, {"port": echo_port},
+                              target=echo_worker) for count in args.clients.split(",")]
+        finally:
+            echo_process.terminate()
+            echo_process.join(30)
     report = {"cpus": os.cpu_count(), "seconds": args.seconds,
-              "fresh_documents": args.fresh_documents, "levels": levels}
+              "fresh_documents": args.fresh_documents, "levels": levels, "echo": echo}
     if args.json:
         print(json.dumps(report, indent=2))
         return
@@ -182,6 +248,12 @@ def main() -> None:
     for level in levels:
         print(f"{level['clients']:>8} {level['requests_per_second']:>9} {level['p50_ms']:>8} "
               f"{level['p99_ms']:>8} {level['requests']:>9}")
+    if echo:
+        print("plain HTTP echo on the same server stack (6 KB JSON body)")
+        for level, kms in zip(echo, levels, strict=True):
+            ratio = kms["requests_per_second"] / level["requests_per_second"] if level["requests_per_second"] else 0
+            print(f"{level['clients']:>8} {level['requests_per_second']:>9} {level['p50_ms']:>8} "
+                  f"{level['p99_ms']:>8} {level['requests']:>9}   KMS/echo {ratio:.2f}")
 
 
 if __name__ == "__main__":

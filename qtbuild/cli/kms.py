@@ -2,7 +2,8 @@
 
 ``serve [--state-dir DIR] [--db FILE] [--listen HOST:PORT] [--attestation-root PEM …]
 [--attestation-root-fingerprint SHA256 …] [--trust-hardware-roots] [--max-age 5m]
-[--allow-debug]``
+[--allow-debug] [--max-connections N] [--max-connections-per-client N] [--io-timeout S]
+[--header-timeout S] [--body-timeout S] [--threads N] [--audit-max-bytes N] [--audit-keep N]``
     Runs the service (runtime/kms) until SIGTERM/SIGINT.  On first start it creates the master
     key, the database and an admin principal; every start writes the admin credentials and the
     endpoint to ``<state-dir>/admin.json`` (0600).  Prints one JSON line on stdout:
@@ -10,7 +11,12 @@
     local PKI's root (when initialised) plus the given roots; ``--trust-hardware-roots`` adds
     the Nitro and QingTian roots.
 
-``create-key``, ``encrypt``, ``principal create``, ``policy put|get``, ``audit``
+``backup FILE`` / ``restore FILE``
+    A consistent online copy of the store (SQLite's backup API; sealed material stays sealed,
+    the master key is not in it) / put one back (service stopped; older schemas upgraded).
+
+``create-key``, ``encrypt``, ``principal create [--temporary --duration 15m]``,
+``token create``, ``policy put|get``, ``audit``
     Admin commands: signed requests with the credentials of ``--credentials`` (default the
     serve state directory's ``admin.json``) to its endpoint (or ``--endpoint``).
 
@@ -36,14 +42,22 @@ from qtbuild.cli.errors import InputError
 from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json, say
 from qtbuild.formats.bounded_input import load_json_object
+from qtbuild.runtime.files import write_atomically
+from qtbuild.runtime.kms.audit_log import DEFAULT_KEEP, DEFAULT_MAX_BYTES
 from qtbuild.runtime.kms.recipient import DEFAULT_MAX_AGE, RecipientVerifier
-from qtbuild.runtime.kms.server import KmsHttpServer, serve_until_signalled
+from qtbuild.runtime.kms.server import KmsHttpServer, quiet_parser_warnings, serve_until_signalled
 from qtbuild.runtime.kms.service import KmsService
 from qtbuild.runtime.kms.state import (
     StatePaths,
     open_state,
     read_credentials,
     write_credentials,
+)
+from qtbuild.runtime.kms.state import (
+    backup as backup_state,
+)
+from qtbuild.runtime.kms.state import (
+    restore as restore_state,
 )
 from qtbuild.runtime.qtsm.pki import LocalPki, PkiError, default_state_dir
 from qtbuild.runtime.sdk.kms_client import Credentials, KmsClient, tcp_transport
@@ -83,20 +97,38 @@ def command() -> None:
               help=f"Oldest attestation document accepted [{DEFAULT_MAX_AGE:g}s].")
 @click.option("--allow-debug", is_flag=True, help="Accept debug-mode enclaves' documents.")
 @click.option("--max-connections", type=click.IntRange(1, 4096), default=256, show_default=True)
+@click.option("--max-connections-per-client", "max_per_client", type=click.IntRange(1, 4096), default=64,
+              show_default=True, help="Connections one IP address may hold (the next get 429).")
 @click.option("--io-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
-              help="Seconds a connection may stay silent.")
+              help="Seconds a kept-alive connection may stay idle.")
+@click.option("--header-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds a request's line and headers may take to arrive (then 408).")
+@click.option("--body-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
+              help="Seconds a request body may take to arrive (then 408).")
+@click.option("--threads", type=click.IntRange(1, 256), default=16, show_default=True,
+              help="Threads running requests (SQLite, cryptography).")
+@click.option("--audit-max-bytes", type=click.IntRange(min=4096), default=DEFAULT_MAX_BYTES, show_default=True,
+              help="Rotate the live audit records into an archive past this size (JSON bytes).")
+@click.option("--audit-keep", type=click.IntRange(min=0), default=DEFAULT_KEEP, show_default=True,
+              help="Archives kept in <state-dir>/audit/; older ones are deleted.")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(state_dir, db, listen, root_paths, fingerprints, trust_hardware_roots, no_local_root,
-          max_age, allow_debug, max_connections, io_timeout, verbose) -> None:
+          max_age, allow_debug, max_connections, max_per_client, io_timeout, header_timeout, body_timeout,
+          threads, audit_max_bytes, audit_keep, verbose) -> None:
     """Run the KMS until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="qtbuild kms: %(levelname)s: %(message)s")
+    quiet_parser_warnings(verbose)
     paths = StatePaths.under(state_dir or _default_state_dir(), db)
     verifier = _verifier(root_paths, fingerprints, trust_hardware_roots, no_local_root,
                          max_age, allow_debug)
-    opened = open_state(paths)
-    server = KmsHttpServer(_address(listen), KmsService(opened.env, verifier),
-                           io_timeout=io_timeout, max_connections=max_connections)
+    opened = open_state(paths, audit_max_bytes=audit_max_bytes, audit_keep=audit_keep)
+    try:
+        server = KmsHttpServer(_address(listen), KmsService(opened.env, verifier), io_timeout=io_timeout,
+                               max_connections=max_connections, max_per_client=max_per_client,
+                               header_timeout=header_timeout, body_timeout=body_timeout, threads=threads)
+    except OSError as exc:
+        raise InputError(f"--listen {listen}: {exc.strerror or exc}") from None
     write_credentials(paths.credentials, server.endpoint, opened.admin)
     say(f"qtbuild kms: {'created' if opened.created else 'opened'} state in {paths.directory}")
     say(f"qtbuild kms: admin credentials in {paths.credentials}")
@@ -106,6 +138,40 @@ def serve(state_dir, db, listen, root_paths, fingerprints, trust_hardware_roots,
                            "project_id": opened.project_id}), nl=True)
     sys.stdout.flush()
     serve_until_signalled(server)
+
+
+def _state_options(function):
+    function = click.option("--db", type=click.Path(dir_okay=False),
+                            help="SQLite file [<state-dir>/kms.sqlite].")(function)
+    return click.option("--state-dir", type=click.Path(file_okay=False),
+                        help="KMS state directory (default: <qtbuild state dir>/kms).")(function)
+
+
+@command.command("backup")
+@click.argument("file", type=click.Path(dir_okay=False))
+@_state_options
+def backup_command(file, state_dir, db) -> None:
+    """Write a consistent copy of the KMS store to FILE, also while it is serving (SQLite's
+    online backup API).  Key material stays sealed: FILE is useless without master.key, which
+    it does not contain — keep that apart."""
+    paths = StatePaths.under(state_dir or _default_state_dir(), db)
+    if not paths.database.exists():
+        raise InputError(f"{paths.database}: no KMS store (run `qtbuild kms serve` first, or pass --state-dir)")
+    if Path(file).exists():
+        raise InputError(f"{file} exists: choose a new file")
+    backup_state(paths, Path(file))  # StoreError / OSError: exit 2 through qtbuild.cli.domain_errors
+    say(f"qtbuild kms: backed up {paths.database} to {file}")
+
+
+@command.command("restore")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@_state_options
+def restore_command(file, state_dir, db) -> None:
+    """Replace the KMS store with the backup FILE (stop `qtbuild kms serve` first).  An older
+    backup is upgraded; the state's master.key must be the one the backup was made with."""
+    paths = StatePaths.under(state_dir or _default_state_dir(), db)
+    restore_state(paths, Path(file))  # StoreError / MasterKeyError / OSError: exit 2 (qtbuild.cli.domain_errors)
+    say(f"qtbuild kms: restored {paths.database} from {file}")
 
 
 def _address(listen: str) -> tuple[str, int]:
@@ -232,12 +298,29 @@ def principal() -> None:
 @principal.command("create")
 @click.argument("name")
 @click.option("--admin", "is_admin", is_flag=True, help="May call the admin APIs.")
+@click.option("--temporary", is_flag=True,
+              help="Issue temporary credentials (AK/SK + security token) for the existing principal NAME.")
+@click.option("--duration", default="15m", show_default=True, metavar="DURATION",
+              help="With --temporary: how long they stay valid (15m .. 24h).")
 @click.option("--out", "output_path", type=click.Path(dir_okay=False),
               help="Also write a credentials file (0600) for this principal.")
 @_admin_options
-def principal_create(name, is_admin, output_path, credentials_path, endpoint) -> None:
-    """Create a principal; prints its access key and secret key (shown only now)."""
+def principal_create(name, is_admin, temporary, duration, output_path, credentials_path, endpoint) -> None:
+    """Create a principal; prints its access key and secret key (shown only now).  With
+    --temporary, issue short-lived credentials acting as NAME instead (what an enclave should
+    be given): IAM's {"credential": {access, secret, securitytoken, expires_at}}."""
     client, url = _connection(credentials_path, endpoint)
+    if temporary:
+        if is_admin:
+            raise InputError("--admin and --temporary exclude each other (temporary credentials act as NAME)")
+        seconds = _seconds(duration, "--duration")
+        reply = _call(client, "admin/create-temporary-credentials", {"name": name, "duration_seconds": seconds})
+        credential = reply["credential"]
+        if output_path:
+            _write_temporary(Path(output_path), url, credential, client.credentials.project_id)
+            say(f"credentials written to {output_path}")
+        emit_json(reply)
+        return
     reply = _call(client, "admin/create-principal", {"name": name, "admin": is_admin})
     if output_path:
         credentials = Credentials(reply["access_key"], reply["secret_key"],
@@ -245,6 +328,39 @@ def principal_create(name, is_admin, output_path, credentials_path, endpoint) ->
         write_credentials(Path(output_path), url, credentials)
         say(f"credentials written to {output_path}")
     emit_json(reply)
+
+
+def _seconds(text: str, option: str) -> int:
+    try:
+        return max(1, round(parse_duration(text)))
+    except InputError:
+        raise InputError(f"{option}: not a duration: {text!r} (e.g. 900, 15m, 2h)") from None
+
+
+def _write_temporary(path: Path, endpoint: str, credential: dict, project_id: str) -> None:
+    """A credentials file with the security token and expiry besides the usual fields."""
+    data = json.dumps({"endpoint": endpoint, "access_key": credential["access"],
+                       "secret_key": credential["secret"], "project_id": project_id,
+                       "security_token": credential["securitytoken"],
+                       "expires_at": credential["expires_at"]}, indent=2).encode() + b"\n"
+    write_atomically(path, data, 0o600)
+
+
+@command.group("token")
+def token() -> None:
+    """IAM-style tokens (X-Auth-Token) acting as a principal."""
+
+
+@token.command("create")
+@click.argument("name")
+@click.option("--duration", default="24h", show_default=True, metavar="DURATION",
+              help="How long the token stays valid (1m .. 24h).")
+@_admin_options
+def token_create(name, duration, credentials_path, endpoint) -> None:
+    """Issue a token acting as the principal NAME; prints {"token", "expires_at"}."""
+    seconds = _seconds(duration, "--duration")
+    emit_json(_call(_client(credentials_path, endpoint), "admin/create-token",
+                    {"name": name, "duration_seconds": seconds}))
 
 
 @command.group("policy")

@@ -3,7 +3,8 @@
 Codes and meanings follow Huawei KMS's published error table where one exists (``KMS.0101``
 …``KMS.2203``); the recipient/attestation refusals have no Huawei counterpart and use
 ``KMS.40xx``.  Every error reaches the client as HTTP ``status`` with the body
-``{"error": {"error_code": code, "error_msg": message}}``.
+``{"error": {"error_code": code, "error_msg": message}}`` — except authentication failures,
+which answer as Huawei's API gateway does (``GATEWAY_CODES``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 CATALOGUE: dict[str, tuple[int, str]] = {
     "KMS.0101": (500, "KMS error."),
     "KMS.0102": (503, "The service is busy; try again."),
-    "KMS.0201": (404, "Invalid request URL."),
+    "KMS.0201": (400, "Invalid request URL."),
     "KMS.0202": (400, "The JSON format of the request message is invalid."),
     "KMS.0203": (413, "The request message length has exceeded the upper limit."),
     "KMS.0204": (400, "The request message lacks required parameters."),
@@ -24,6 +25,11 @@ CATALOGUE: dict[str, tuple[int, str]] = {
     "KMS.0301": (401, "The request carries no valid SDK-HMAC-SHA256 authorization."),
     "KMS.0302": (401, "The request signature does not verify."),
     "KMS.0303": (401, "The request date is outside the allowed window."),
+    "KMS.0305": (401, "The temporary credentials or token are invalid or expired."),
+    # the API gateway's throttling (too many connections from one client)
+    "APIGW.0308": (429, "The throttling threshold has been reached."),
+    # local: a mutating admin request whose signature was already used (a replay)
+    "KMS.0304": (401, "The request was already served; sign a new one."),
     "KMS.0306": (403, "The user has no permission to access the key."),
     "KMS.0307": (403, "The user has no permission to access the API."),
     "KMS.0308": (400, "Invalid parameter."),
@@ -57,6 +63,14 @@ CATALOGUE: dict[str, tuple[int, str]] = {
 }
 
 
+#: Authentication failures: on Huawei Cloud the API gateway refuses these before KMS sees them,
+#: with HTTP 401 and its own flat body ``{"error_msg", "error_code": "APIGW.0301",
+#: "request_id"}``; the KMS.030x code stays in the audit log's reason.
+GATEWAY_CODES = frozenset({"KMS.0301", "KMS.0302", "KMS.0303", "KMS.0305"})
+GATEWAY_CODE = "APIGW.0301"
+GATEWAY_MESSAGE = "Incorrect IAM authentication information"
+
+
 class KmsError(Exception):
     """A refusal with a catalogued ``code``; ``status`` is the code's HTTP status."""
 
@@ -65,7 +79,17 @@ class KmsError(Exception):
         self.code, self.status, self.message = code, status, message or default
         super().__init__(f"{code}: {self.message}")
 
-    def body(self) -> dict:
+    @property
+    def wire_code(self) -> str:
+        """The code the client sees (APIGW.0301 for authentication failures)."""
+        return GATEWAY_CODE if self.code in GATEWAY_CODES else self.code
+
+    def body(self, request_id: str = "") -> dict:
+        if self.code in GATEWAY_CODES:
+            return {"error_msg": f"{GATEWAY_MESSAGE}: {self.message}", "error_code": GATEWAY_CODE,
+                    "request_id": request_id}
+        if self.code.startswith("APIGW."):
+            return {"error_msg": self.message, "error_code": self.code, "request_id": request_id}
         return {"error": {"error_code": self.code, "error_msg": self.message}}
 
 

@@ -16,6 +16,19 @@ Policy action names (any listed name grants the API):
     create-datakey[-without-plaintext]   kms:dek:create, kms:cmk:createDataKey
     encrypt-datakey kms:dek:encrypt, kms:dek:crypto
     decrypt-datakey kms:dek:decrypt      gen-random kms:cmk:generate
+    sign kms:cmk:sign                    verify kms:cmk:verify
+    get-publickey kms:cmk:getPublicKey
+    create-alias kms:alias:create        list-aliases kms:alias:list
+    delete-alias kms:alias:delete        associate-alias kms:alias:associate
+    update-key-alias kms:cmk:update
+    create-rsa-/create-ec-datakey-pair   kms:dek:create, kms:cmk:createDataKeyPair
+
+Aliases are Huawei's REST paths: ``POST|GET|DELETE /kms/aliases`` (create / list / delete),
+``POST /kms/alias/associate``; the service maps them to the names above.
+
+Asymmetric keys (create-key with key_spec RSA_2048/3072/4096 or EC_P256/EC_P384, usage
+SIGN_VERIFY, or ENCRYPT_DECRYPT for RSA): sign / verify / get-publickey, and encrypt-data /
+decrypt-data with encryption_algorithm RSAES_OAEP_SHA_1 / RSAES_OAEP_SHA_256 (``asymmetric``).
 
 Admin APIs (``admin/...``) need a principal created as admin; policies do not apply to them.
 """
@@ -30,12 +43,12 @@ import os
 import re
 import secrets
 import string
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from qtbuild.runtime.kms import crypto
+from qtbuild.runtime.kms import asymmetric, credentials, crypto
+from qtbuild.runtime.kms.environment import Environment
 from qtbuild.runtime.kms.errors import KmsError, invalid
 from qtbuild.runtime.kms.fields import Fields
 from qtbuild.runtime.kms.policy import Decision, PolicyError, evaluate, parse_policy
@@ -44,10 +57,10 @@ from qtbuild.runtime.kms.store import (
     DISABLED,
     ENABLED,
     PENDING_DELETION,
+    AliasRecord,
     Conflict,
     KeyRecord,
     PrincipalRecord,
-    Store,
 )
 
 MAX_PLAINTEXT = 4096
@@ -58,20 +71,6 @@ _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
 _ACCESS_KEY = re.compile(r"[A-Z0-9]{20}")
 _KEY_STATES = ("1", "2", "3", "4", "5")
 _DAY_MS = 86_400_000
-
-
-@dataclass(frozen=True)
-class Environment:
-    """What the handlers work with."""
-
-    store: Store
-    master_key: crypto.MasterKey
-    domain_id: str
-    region: str = "local"
-    clock: Callable[[], float] = time.time
-
-    def now_ms(self) -> int:
-        return int(self.clock() * 1000)
 
 
 @dataclass
@@ -85,9 +84,11 @@ class Call:
     recipient: Recipient | None = None
     key_id: str | None = None
     decision: Decision | None = None
+    also: tuple[str, ...] = ()      # further action names granting this call (AWS's, on that protocol)
 
     def authorize(self, actions: tuple[str, ...], key_id: str | None = None) -> None:
         """Evaluate the principal's policy; KMS.0306 (key) / KMS.0307 (API) when denied."""
+        actions = actions + self.also
         resource = "*" if key_id is None else (
             f"kms:{self.env.region}:{self.project_id}:KeyId:{key_id}")
         context = self.recipient.conditions() if self.recipient else {}
@@ -116,6 +117,21 @@ class Call:
             raise KmsError("KMS.0209")
         if record.state != ENABLED:
             raise KmsError("KMS.0210")
+        return record
+
+    def symmetric_key(self, key_id: str) -> KeyRecord:
+        """An enabled AES key (the symmetric APIs refuse asymmetric ones)."""
+        record = self.usable_key(key_id)
+        if asymmetric.is_asymmetric(record.key_spec):
+            raise invalid("key_id", f"{key_id} is a {record.key_spec} key; this API needs a symmetric key")
+        return record
+
+    def asymmetric_key(self, key_id: str, usage: str) -> KeyRecord:
+        """An enabled asymmetric key of ``usage`` (SIGN_VERIFY or ENCRYPT_DECRYPT)."""
+        record = self.usable_key(key_id)
+        if not asymmetric.is_asymmetric(record.key_spec) or record.key_usage != usage:
+            raise invalid("key_id", f"{key_id} is a {record.key_spec} {record.key_usage} key; "
+                                    f"this API needs an asymmetric {usage} key")
         return record
 
     def material(self, key_id: str, version: int) -> bytes:
@@ -159,32 +175,34 @@ def _aad(fields: Fields) -> bytes:
     return (text or "").encode()
 
 
-def _algorithm(fields: Fields) -> None:
-    fields.choice("encryption_algorithm", ("SYMMETRIC_DEFAULT",))
+def _algorithm(fields: Fields) -> str:
+    return fields.choice("encryption_algorithm", ("SYMMETRIC_DEFAULT", *asymmetric.ENCRYPTION_ALGORITHMS),
+                         default="SYMMETRIC_DEFAULT") or "SYMMETRIC_DEFAULT"
 
 
 def _bits(fields: Fields, name: str, code: str, default: int | None = None) -> int:
     given = fields.integer(name, required=default is None, low=8, high=8 * MAX_DATAKEY_BYTES,
                            code=code)
-    bits = default if given is None else given
-    assert bits is not None  # the field is required when there is no default
+    bits = given if given is not None else default or 0
     if bits % 8:
         raise KmsError(code, f"Invalid {name}: must be a multiple of 8.")
     return bits
 
 
 def _datakey_bits(fields: Fields, code: str) -> int:
+    """The data key's length in bits: ``datakey_length`` when given (it wins over ``key_spec``,
+    as Huawei's API reference says), else ``key_spec``'s, else 256."""
     spec = fields.choice("key_spec", ("AES_256", "AES_128"))
-    spec_bits = {"AES_256": 256, "AES_128": 128, None: None}[spec]
-    if not fields.has("datakey_length"):
-        return spec_bits or 256
-    bits = _bits(fields, "datakey_length", code)
-    if spec_bits is not None and bits != spec_bits:
-        raise KmsError(code, f"Invalid datakey_length: {bits} bits contradicts key_spec {spec}.")
-    return bits
+    if fields.has("datakey_length"):
+        return _bits(fields, "datakey_length", code)
+    return {"AES_256": 256, "AES_128": 128, None: 256}[spec]
 
 
 # --------------------------------------------------------------------------- key management
+
+
+#: Key specs with one possible usage (RSA keys may do either).
+_ONLY_USAGE = {"AES_256": "ENCRYPT_DECRYPT", **{spec: "SIGN_VERIFY" for spec in asymmetric.EC_SPECS}}
 
 
 def create_key(call: Call) -> dict:
@@ -194,22 +212,26 @@ def create_key(call: Call) -> dict:
         raise KmsError("KMS.1101", "Invalid key_alias: the suffix /default is reserved.")
     description = fields.text("key_description", required=False, max_length=255,
                               code="KMS.1103") or ""
-    spec = fields.choice("key_spec", ("AES_256",), default="AES_256")
-    usage = fields.choice("key_usage", ("ENCRYPT_DECRYPT",), default="ENCRYPT_DECRYPT")
+    spec = fields.choice("key_spec", ("AES_256", *asymmetric.SPECS), default="AES_256") or "AES_256"
+    usage = fields.choice("key_usage", ("ENCRYPT_DECRYPT", "SIGN_VERIFY"),
+                          default="SIGN_VERIFY" if asymmetric.is_asymmetric(spec) else "ENCRYPT_DECRYPT")
+    if spec in _ONLY_USAGE and usage != _ONLY_USAGE[spec]:
+        raise invalid("key_usage", f"a {spec} key is for {_ONLY_USAGE[spec]}")
     fields.choice("origin", ("kms",))
     fields.text("enterprise_project_id", required=False, max_length=36)
     fields.done()
     call.authorize(("kms:cmk:create",))
-    record = KeyRecord(crypto.new_key_id(), call.project_id, alias, description, spec, usage,
+    record = KeyRecord(crypto.new_key_id(), call.project_id, alias, description, spec, usage or "",
                        ENABLED, call.env.now_ms(), None, 1)
     call.key_id = record.key_id
-    material = call.env.master_key.seal(os.urandom(crypto.KEY_SIZE),
-                                        material_context(record.key_id, 1))
+    secret = asymmetric.generate(spec) if asymmetric.is_asymmetric(spec) else os.urandom(crypto.KEY_SIZE)
+    material = call.env.master_key.seal(secret, material_context(record.key_id, 1))
     try:
         call.env.store.create_key(record, material)
     except Conflict:
         raise KmsError("KMS.1104") from None
-    return {"key_info": {"key_id": record.key_id, "domain_id": call.env.domain_id}}
+    return {"key_info": {"key_id": record.key_id, "domain_id": call.env.domain_id,
+                         "region_id": call.env.region}}
 
 
 def describe_key(call: Call) -> dict:
@@ -316,12 +338,16 @@ def encrypt_data(call: Call) -> dict:
     key_id = _key_id(fields)
     plaintext = _plaintext(fields)
     aad = _aad(fields)
-    _algorithm(fields)
+    algorithm = _algorithm(fields)
     fields.done()
     call.authorize(("kms:cmk:encrypt",), key_id)
-    record = call.usable_key(key_id)
-    ciphertext = crypto.encrypt(crypto.KIND_DATA, key_id, record.version,
-                                call.material(key_id, record.version), plaintext, aad)
+    if algorithm in asymmetric.ENCRYPTION_ALGORITHMS:
+        record = call.asymmetric_key(key_id, "ENCRYPT_DECRYPT")
+        ciphertext = asymmetric.encrypt(call.material(key_id, record.version), algorithm, plaintext)
+    else:
+        record = call.symmetric_key(key_id)
+        ciphertext = crypto.encrypt(crypto.KIND_DATA, key_id, record.version,
+                                    call.material(key_id, record.version), plaintext, aad)
     return {"key_id": key_id, "cipher_text": base64.b64encode(ciphertext).decode("ascii")}
 
 
@@ -343,14 +369,21 @@ def decrypt_data(call: Call) -> dict:
     limit = crypto.TRAILER_SIZE + crypto.TAG_SIZE + MAX_PLAINTEXT
     ciphertext = fields.base64("cipher_text", max_bytes=limit, code="KMS.2201")
     aad = _aad(fields)
-    _algorithm(fields)
+    algorithm = _algorithm(fields)
     claimed = _key_id(fields) if fields.has("key_id") else None
     fields.done()
+    if algorithm in asymmetric.ENCRYPTION_ALGORITHMS:
+        if claimed is None:
+            raise KmsError("KMS.0204", f"The request lacks key_id (needed with {algorithm}).")
+        call.authorize(("kms:cmk:decrypt",), claimed)
+        record = call.asymmetric_key(claimed, "ENCRYPT_DECRYPT")
+        plaintext = asymmetric.decrypt(call.material(claimed, record.version), algorithm, ciphertext)
+        return call.plaintext_reply({"key_id": claimed}, plaintext, **_text_fields(plaintext))
     header = crypto.parse(ciphertext, crypto.KIND_DATA)
     if claimed is not None and claimed != header.key_id:
         raise KmsError("KMS.2201", "Invalid cipher_text: it belongs to another key.")
     call.authorize(("kms:cmk:decrypt",), header.key_id)
-    call.usable_key(header.key_id)
+    call.symmetric_key(header.key_id)
     plaintext = crypto.decrypt(ciphertext, header, call.material(header.key_id, header.version),
                                aad)
     return call.plaintext_reply({"key_id": header.key_id}, plaintext,
@@ -371,12 +404,13 @@ def _new_datakey(call: Call, code: str) -> tuple[str, bytes, str]:
     fields = call.fields
     key_id = _key_id(fields)
     bits = _datakey_bits(fields, code)
+    aad = _aad(fields)
     fields.done()
     call.authorize(("kms:dek:create", "kms:cmk:createDataKey"), key_id)
-    record = call.usable_key(key_id)
+    record = call.symmetric_key(key_id)
     datakey = os.urandom(bits // 8)
     ciphertext = crypto.encrypt(crypto.KIND_DATAKEY, key_id, record.version,
-                                call.material(key_id, record.version), datakey)
+                                call.material(key_id, record.version), datakey, aad)
     return key_id, datakey, ciphertext.hex()
 
 
@@ -397,12 +431,13 @@ def encrypt_datakey(call: Call) -> dict:
     given = fields.hex("plain_text", max_bytes=MAX_DATAKEY_BYTES + 32, code="KMS.2101")
     length = fields.integer("datakey_plain_length", low=1, high=MAX_DATAKEY_BYTES,
                             code="KMS.2102")
+    aad = _aad(fields)
     fields.done()
     datakey = _checked_datakey(given, length)
     call.authorize(("kms:dek:encrypt", "kms:dek:crypto"), key_id)
-    record = call.usable_key(key_id)
+    record = call.symmetric_key(key_id)
     ciphertext = crypto.encrypt(crypto.KIND_DATAKEY, key_id, record.version,
-                                call.material(key_id, record.version), datakey)
+                                call.material(key_id, record.version), datakey, aad)
     return {"key_id": key_id, "cipher_text": ciphertext.hex(), "datakey_length": str(length)}
 
 
@@ -424,17 +459,17 @@ def decrypt_datakey(call: Call) -> dict:
     key_id = _key_id(fields)
     limit = crypto.TRAILER_SIZE + crypto.TAG_SIZE + MAX_DATAKEY_BYTES
     ciphertext = fields.hex("cipher_text", max_bytes=limit, code="KMS.2201")
-    length = fields.integer("datakey_cipher_length", low=1, high=limit, code="KMS.2202")
+    # Huawei documents 1..1024 with "the value is 64"; the ciphertext carries its own length,
+    # so any value in range is accepted, as the real service does.
+    fields.integer("datakey_cipher_length", low=1, high=MAX_DATAKEY_BYTES, code="KMS.2202")
+    aad = _aad(fields)
     fields.done()
     header = crypto.parse(ciphertext, crypto.KIND_DATAKEY)
-    if length != crypto.sealed_length(ciphertext):
-        raise KmsError("KMS.2202", f"Invalid datakey_cipher_length: the ciphertext holds "
-                                   f"{crypto.sealed_length(ciphertext)}.")
     if header.key_id != key_id:
         raise KmsError("KMS.2201", "Invalid cipher_text: it belongs to another key.")
     call.authorize(("kms:dek:decrypt",), key_id)
-    call.usable_key(key_id)
-    datakey = crypto.decrypt(ciphertext, header, call.material(key_id, header.version))
+    call.symmetric_key(key_id)
+    datakey = crypto.decrypt(ciphertext, header, call.material(key_id, header.version), aad)
     return call.plaintext_reply({"datakey_length": str(len(datakey))}, datakey,
                                 data_key=datakey.hex(),
                                 datakey_dgst=hashlib.sha256(datakey).hexdigest())
@@ -446,6 +481,162 @@ def gen_random(call: Call) -> dict:
     call.authorize(("kms:cmk:generate",))
     data = os.urandom(bits // 8)
     return call.plaintext_reply({}, data, random_data=data.hex())
+
+
+# --------------------------------------------------------------------------- aliases
+
+
+def _alias_reply(call: Call, record: AliasRecord) -> dict:
+    return {"domain_id": call.env.domain_id, "key_id": record.key_id, "alias": record.alias,
+            "alias_urn": f"kms:{call.env.region}:{call.env.domain_id}:{record.alias}",
+            "create_time": str(record.created_ms), "update_time": str(record.updated_ms)}
+
+
+def _alias(fields: Fields, name: str = "alias") -> str:
+    return fields.text(name, pattern=_ALIAS, max_length=255, code="KMS.1101") or ""
+
+
+def _put_alias(call: Call, key_field: str, action: str, *, create: bool) -> dict:
+    """create-alias (a new alias) or associate-alias (an existing one, to another key)."""
+    fields = call.fields
+    alias, key_id = _alias(fields), _key_id(fields, key_field)
+    fields.done()
+    call.authorize((action,), key_id)
+    call.key(key_id)
+    try:
+        record = call.env.store.put_alias(call.project_id, alias, key_id, call.env.now_ms(), create=create)
+    except Conflict:
+        raise KmsError("KMS.1104", f"The alias {alias} exists.") from None
+    except KeyError:
+        raise KmsError("KMS.1101", f"Invalid alias: {alias} does not exist.") from None
+    return _alias_reply(call, record)
+
+
+def create_alias(call: Call) -> dict:
+    return _put_alias(call, "key_id", "kms:alias:create", create=True)
+
+
+def associate_alias(call: Call) -> dict:
+    return _put_alias(call, "target_key_id", "kms:alias:associate", create=False)
+
+
+def list_aliases(call: Call) -> dict:
+    fields = call.fields
+    key_id = _key_id(fields) if fields.has("key_id") else None
+    limit = fields.integer("limit", required=False, low=1, high=1000, code="KMS.1601") or 100
+    offset = fields.integer("marker", required=False, low=0, high=10**9, code="KMS.1602") or 0
+    fields.done()
+    call.authorize(("kms:alias:list",), key_id)
+    records = call.env.store.aliases(call.project_id, key_id=key_id, offset=offset, limit=limit + 1)
+    more = len(records) > limit
+    records = records[:limit]
+    return {"aliases": [_alias_reply(call, record) for record in records],
+            "page_info": {"next_marker": str(offset + limit) if more else "", "current_count": len(records)}}
+
+
+def delete_alias(call: Call) -> dict:
+    fields = call.fields
+    key_id = _key_id(fields)
+    aliases = fields.raw("aliases")
+    if not isinstance(aliases, list) or not 1 <= len(aliases) <= 100 or not all(
+            isinstance(alias, str) and _ALIAS.fullmatch(alias) for alias in aliases):
+        raise KmsError("KMS.1101", "Invalid aliases: a list of 1..100 aliases.")
+    fields.done()
+    call.authorize(("kms:alias:delete",), key_id)
+    missing = call.env.store.delete_aliases(call.project_id, key_id, aliases)
+    if missing:
+        raise KmsError("KMS.1101", f"Invalid aliases: {missing[0]} does not name key {key_id}.")
+    return {}
+
+
+def update_key_alias(call: Call) -> dict:
+    key_id = _key_id(call.fields)
+    alias = _alias(call.fields, "key_alias")
+    if alias.lower().endswith("/default"):
+        raise KmsError("KMS.1101", "Invalid key_alias: the suffix /default is reserved.")
+    call.fields.done()
+    call.authorize(("kms:cmk:update",), key_id)
+    call.key(key_id)
+    try:
+        call.env.store.set_key_alias(call.project_id, key_id, alias)
+    except Conflict:
+        raise KmsError("KMS.1104") from None
+    return {"key_info": {"key_id": key_id, "key_alias": alias}}
+
+
+# --------------------------------------------------------------------------- asymmetric keys
+
+
+def _signing(call: Call) -> tuple[str, str, bytes, str]:
+    fields = call.fields
+    key_id = _key_id(fields)
+    message = fields.base64("message", max_bytes=MAX_PLAINTEXT)
+    if not message:
+        raise invalid("message", "must not be empty")
+    algorithm = fields.choice("signing_algorithm", asymmetric.SIGNING_ALGORITHMS, required=True)
+    message_type = fields.choice("message_type", ("DIGEST", "RAW"), default="DIGEST")
+    return key_id, algorithm or "", message, message_type or "DIGEST"
+
+
+def sign(call: Call) -> dict:
+    key_id, algorithm, message, message_type = _signing(call)
+    call.fields.done()
+    call.authorize(("kms:cmk:sign",), key_id)
+    record = call.asymmetric_key(key_id, "SIGN_VERIFY")
+    signature = asymmetric.sign(call.material(key_id, record.version), record.key_spec, algorithm, message,
+                                message_type)
+    return {"key_id": key_id, "signature": base64.b64encode(signature).decode("ascii")}
+
+
+def verify(call: Call) -> dict:
+    key_id, algorithm, message, message_type = _signing(call)
+    signature = call.fields.base64("signature", max_bytes=1024)
+    call.fields.done()
+    call.authorize(("kms:cmk:verify",), key_id)
+    record = call.asymmetric_key(key_id, "SIGN_VERIFY")
+    valid = asymmetric.verify(call.material(key_id, record.version), record.key_spec, algorithm, message,
+                              message_type, signature or b"")
+    return {"key_id": key_id, "signature_valid": "true" if valid else "false"}
+
+
+def _datakey_pair(call: Call, specs: tuple[str, ...]) -> dict:
+    """A new key pair: the public key, the private key sealed under the CMK (decrypt-data
+    opens it), and — unless with_plain_text is false — the private key in plaintext (for a
+    recipient: only inside ciphertext_recipient)."""
+    fields = call.fields
+    key_id = _key_id(fields)
+    spec = fields.choice("key_spec", specs, required=True) or specs[0]
+    with_plain_text = fields.flag("with_plain_text", default=True)
+    aad = _aad(fields)
+    fields.done()
+    call.authorize(("kms:dek:create", "kms:cmk:createDataKeyPair"), key_id)
+    record = call.symmetric_key(key_id)
+    private = asymmetric.generate(spec)
+    sealed = crypto.encrypt(crypto.KIND_DATA, key_id, record.version, call.material(key_id, record.version),
+                            private, aad)
+    reply = {"key_id": key_id, "key_spec": spec, "public_key": asymmetric.public_pem(private),
+             "private_key_cipher_text": base64.b64encode(sealed).decode("ascii")}
+    if not with_plain_text and call.recipient is None:
+        return reply
+    return call.plaintext_reply(reply, private, private_key_plain_text=base64.b64encode(private).decode("ascii"))
+
+
+def create_rsa_datakey_pair(call: Call) -> dict:
+    return _datakey_pair(call, tuple(asymmetric.RSA_SPECS))
+
+
+def create_ec_datakey_pair(call: Call) -> dict:
+    return _datakey_pair(call, tuple(asymmetric.EC_SPECS))
+
+
+def get_public_key(call: Call) -> dict:
+    key_id = _key_id(call.fields)
+    call.fields.done()
+    call.authorize(("kms:cmk:getPublicKey",), key_id)
+    record = call.key(key_id)
+    if not asymmetric.is_asymmetric(record.key_spec):
+        raise invalid("key_id", f"{key_id} is a symmetric key: it has no public key")
+    return {"key_id": key_id, "public_key": asymmetric.public_pem(call.material(key_id, record.version))}
 
 
 # --------------------------------------------------------------------------- admin
@@ -520,6 +711,29 @@ def get_policy(call: Call) -> dict:
     return {"access_key": target.access_key, "name": target.name, "policy": policy}
 
 
+def _duration(fields: Fields, low: int) -> int:
+    return fields.integer("duration_seconds", required=False, low=low, high=credentials.MAX_SECONDS) \
+        or credentials.MIN_SECONDS
+
+
+def create_temporary_credentials(call: Call) -> dict:
+    """IAM-style temporary AK/SK + security token acting as a principal."""
+    target = _target(call)
+    seconds = _duration(call.fields, credentials.MIN_SECONDS)
+    call.fields.done()
+    call.authorize_admin()
+    return credentials.issue_temporary(call.env, target, seconds)
+
+
+def create_token(call: Call) -> dict:
+    """An X-Auth-Token acting as a principal."""
+    target = _target(call)
+    seconds = _duration(call.fields, credentials.MIN_TOKEN_SECONDS)
+    call.fields.done()
+    call.authorize_admin()
+    return credentials.issue_token(call.env, target, seconds)
+
+
 def list_principals(call: Call) -> dict:
     call.fields.done()
     call.authorize_admin()
@@ -538,8 +752,8 @@ def list_audit(call: Call) -> dict:
     decision = fields.choice("decision", ("allow", "deny", "error"))
     fields.done()
     call.authorize_admin()
-    records = call.env.store.audit(after=after, limit=limit, principal=principal,
-                                   key_id=key_id, decision=decision)
+    records = call.env.audit().records(after=after, limit=limit, principal=principal,
+                                       key_id=key_id, decision=decision)
     marker = str(records[-1].id) if len(records) == limit else ""
     return {"records": [record.as_json() for record in records], "next_marker": marker}
 
@@ -551,6 +765,7 @@ def list_audit(call: Call) -> dict:
 class Api:
     handler: Callable[[Call], dict]
     takes_recipient: bool = False
+    replay_guarded: bool = False    # a mutating admin API: each signed request serves once
 
 
 APIS: dict[str, Api] = {
@@ -568,9 +783,21 @@ APIS: dict[str, Api] = {
     "encrypt-datakey": Api(encrypt_datakey),
     "decrypt-datakey": Api(decrypt_datakey, takes_recipient=True),
     "gen-random": Api(gen_random, takes_recipient=True),
-    "admin/create-principal": Api(create_principal),
+    "create-alias": Api(create_alias),
+    "list-aliases": Api(list_aliases),
+    "delete-alias": Api(delete_alias),
+    "associate-alias": Api(associate_alias),
+    "update-key-alias": Api(update_key_alias),
+    "create-rsa-datakey-pair": Api(create_rsa_datakey_pair, takes_recipient=True),
+    "create-ec-datakey-pair": Api(create_ec_datakey_pair, takes_recipient=True),
+    "sign": Api(sign),
+    "verify": Api(verify),
+    "get-publickey": Api(get_public_key),
+    "admin/create-principal": Api(create_principal, replay_guarded=True),
     "admin/list-principals": Api(list_principals),
-    "admin/put-policy": Api(put_policy),
+    "admin/create-temporary-credentials": Api(create_temporary_credentials, replay_guarded=True),
+    "admin/create-token": Api(create_token, replay_guarded=True),
+    "admin/put-policy": Api(put_policy, replay_guarded=True),
     "admin/get-policy": Api(get_policy),
     "admin/list-audit": Api(list_audit),
 }

@@ -1,6 +1,6 @@
 """IAM-like policies attached to principals, and their evaluation.
 
-Document (Huawei IAM ``"Version": "1.1"``, or ``"5.0"``)::
+Document (Huawei IAM ``"Version": "1.1"``, or ``"5.0"``; AWS's ``"2012-10-17"``)::
 
     {"Version": "1.1",
      "Statement": [{"Effect": "Allow" | "Deny",
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-VERSIONS = ("1.1", "5.0")
+VERSIONS = ("1.1", "5.0", "2012-10-17")     # Huawei IAM; AWS IAM (for the AWS protocol)
 EFFECTS = ("Allow", "Deny")
 OPERATORS = ("StringEquals", "StringEqualsIgnoreCase", "StringLike", "Null", "Bool")
 MAX_STATEMENTS = 64

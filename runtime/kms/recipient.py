@@ -23,7 +23,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+import hashlib
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -83,9 +87,14 @@ class RecipientVerifier:
     allow_debug: bool = False
     platform: str = "auto"
 
+    cache: VerifiedCache = field(default_factory=lambda: VerifiedCache(), compare=False, repr=False)
+
     def verify(self, value: object) -> Recipient:
         """The verified recipient of a request's ``recipient`` field, or KmsError."""
         document = _document_bytes(value)
+        cached = self.cache.get(document)
+        if cached is not None:
+            return cached
         try:
             verified = verify_document(
                 document, roots=list(self.roots), root_fingerprints=list(self.root_fingerprints),
@@ -94,7 +103,49 @@ class RecipientVerifier:
             raise KmsError(CHECK_CODES.get(error.check, "KMS.4002"),
                            f"Attestation document refused ({error.check}): {error.message}"
                            ) from None
-        return Recipient(verified, _rsa_key(verified.public_key))
+        recipient = Recipient(verified, _rsa_key(verified.public_key))
+        self.cache.put(document, recipient, _valid_until(verified, self.max_age))
+        return recipient
+
+
+def _valid_until(verified: VerifiedDocument, max_age: float) -> float:
+    """Until when (Unix seconds) the checks that passed now still pass: the document stays
+    within max_age and every certificate of its chain within its validity."""
+    bounds = [verified.timestamp.timestamp() + max_age, verified.certificate.not_valid_after_utc.timestamp()]
+    for der in verified.document.cabundle:
+        bounds.append(x509.load_der_x509_certificate(der).not_valid_after_utc.timestamp())
+    return min(bounds)
+
+
+class VerifiedCache:
+    """Documents that passed every check, by their SHA-256, until a time-dependent check
+    (age, certificate validity) would fail.  The other checks (chain to the pinned roots,
+    signature, debug mode, the RSA key) depend only on the bytes, so an identical document —
+    an enclave reusing its document for a few minutes, as the SDK may — is not verified again.
+    Thread-safe; at most ``size`` entries (the oldest go first)."""
+
+    def __init__(self, size: int = 1024, clock=time.time) -> None:
+        self.size, self.clock = size, clock
+        self._entries: OrderedDict[bytes, tuple[Recipient, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, document: bytes) -> Recipient | None:
+        digest = hashlib.sha256(document).digest()
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None:
+                return None
+            if self.clock() >= entry[1]:
+                del self._entries[digest]
+                return None
+            return entry[0]
+
+    def put(self, document: bytes, recipient: Recipient, until: float) -> None:
+        digest = hashlib.sha256(document).digest()
+        with self._lock:
+            self._entries[digest] = (recipient, until)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
 
 
 def _document_bytes(value: object) -> bytes:

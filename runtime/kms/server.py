@@ -1,23 +1,46 @@
-"""The KMS's HTTP/1.1 transport: a threaded server that frames requests for ``KmsService``.
+"""The KMS's HTTP/1.1 transport: uvicorn (with the llhttp parser) framing requests for ``KmsService``.
 
-Bounds: request bodies need a ``Content-Length`` of at most MAX_BODY bytes (no chunked
-encoding, no repeated header names: 400 / 413 otherwise, and the connection closes); each socket read waits at most
-``io_timeout`` seconds and a whole request at most REQUEST_DEADLINE; at most
-``max_connections`` connections are served at once (one thread each) — the next ones get
-``503 KMS.0102`` and are closed.  Keep-alive is supported.  Errors of the HTTP layer itself
-(malformed request line, oversized headers) also answer with a KMS error body.
+Why uvicorn: a maintained production server whose parser (llhttp, Node's) rejects malformed
+framing with a proper ``400`` status line, whose event loop holds thousands of idle connections
+without a thread each, and which handles keep-alive, pipelining and client resets (no tracebacks).
+What it lacks for a service facing hostile clients is added by :class:`_KmsProtocol`:
+
+* **header size** — request line and headers within MAX_HEAD bytes (431), which llhttp does
+  not bound by itself;
+* **header deadline** — a request's line and headers must be complete within ``header_timeout``
+  seconds of the connection opening (or of the previous response): a client trickling one
+  header line every few seconds is answered ``408`` and cut off, however active it looks;
+* **body deadline** — the body must arrive within ``body_timeout`` (``408``);
+* **connection limits** — at most ``max_connections`` at once (the next get ``503 KMS.0102``:
+  overload) and at most ``max_per_client`` from one IP address (the next get ``429``), so one
+  client cannot take every slot.
+
+Status lines: every answer has one.  Malformed request lines or headers, unsupported protocol
+versions (``HTTP/2.0`` …) → 400; methods other than POST, GET and DELETE (TRACE, CONNECT …)
+→ 405 (llhttp refuses unknown tokens with 400); GET/DELETE reach the service, which routes the
+alias APIs and refuses them elsewhere; bodies over MAX_BODY → 413; chunked or length-less
+bodies → 400; an over-long URL → 414.
+5xx only for the server's own conditions (503 overload, 500 unexpected).  Every refusal of the
+transport is reported to ``KmsService.count_refusal`` (counted and sampled in the audit log).
+
+The KMS work itself (SQLite, fsync, RSA) runs on a thread pool of ``threads`` threads.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import contextlib
 import json
 import logging
 import signal
 import socket
 import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from collections import Counter
+from dataclasses import dataclass
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from qtbuild.runtime.kms.errors import KmsError
 from qtbuild.runtime.kms.service import KmsService, Request, Response
@@ -25,155 +48,317 @@ from qtbuild.runtime.kms.service import KmsService, Request, Response
 log = logging.getLogger("qtbuild.kms")
 
 MAX_BODY = 64 * 1024
-REQUEST_DEADLINE = 60.0
+MAX_HEAD = 64 * 1024        # request line and headers (llhttp itself sets no bound)
+MAX_URL = 8 * 1024
 DEFAULT_IO_TIMEOUT = 30.0
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 30.0
 DEFAULT_MAX_CONNECTIONS = 256
-_CHUNK = 16 * 1024
+DEFAULT_MAX_PER_CLIENT = 64
+DEFAULT_THREADS = 16
+_JSON = (b"content-type", b"application/json;charset=UTF-8")
 
 
-class KmsHttpServer(ThreadingHTTPServer):
-    """``KmsHttpServer((host, port), service)``; ``serve_forever`` / ``shutdown`` as usual."""
+@dataclass(frozen=True)
+class Limits:
+    """The transport's bounds (seconds and connection counts)."""
 
-    daemon_threads = True
-    request_queue_size = 128
+    io_timeout: float = DEFAULT_IO_TIMEOUT          # an idle kept-alive connection closes
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT  # request line + headers complete within
+    body_timeout: float = DEFAULT_BODY_TIMEOUT      # the body complete within
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_per_client: int = DEFAULT_MAX_PER_CLIENT
+
+
+def _error_bytes(code: str, message: str | None = None) -> bytes:
+    return json.dumps(KmsError(code, message).body(), separators=(",", ":")).encode()
+
+
+def _raw_response(status: int, phrase: str, body: bytes, extra: str = "") -> bytes:
+    return (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/json;charset=UTF-8\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n").encode() + body
+
+
+class _KmsProtocol(HttpToolsProtocol):
+    """uvicorn's llhttp protocol plus connection limits and header deadlines (module docstring)."""
+
+    kms: KmsHttpServer      # set on the subclass KmsHttpServer makes for itself
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._peer: str | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._started = False       # bytes of a new request arrived since the deadline was armed
+        self._head_bytes = 0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = self.client[0] if self.client else "?"
+        limits, counts = self.kms.limits, self.kms.per_client
+        if len(self.connections) > limits.max_connections:
+            self._refuse_now(503, "Service Unavailable", "KMS.0102", None)
+            return
+        if counts[peer] >= limits.max_per_client:
+            self._refuse_now(429, "Too Many Requests", "APIGW.0308",
+                             f"More than {limits.max_per_client} connections from {peer}.")
+            return
+        counts[peer] += 1
+        self._peer = peer
+        self._arm_deadline()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm_deadline()
+        if self._peer is not None:
+            counts = self.kms.per_client
+            counts[self._peer] -= 1
+            if counts[self._peer] <= 0:
+                del counts[self._peer]
+            self._peer = None
+        super().connection_lost(exc)
+
+    def _refuse_now(self, status: int, phrase: str, code: str, message: str | None) -> None:
+        self.connections.discard(self)      # a refused connection holds no slot while it closes
+        self.kms.report_refusal(KmsError(code, message), self.client)
+        self.transport.write(_raw_response(status, phrase, _error_bytes(code, message)))
+        self.transport.close()
+
+    # -------------------------------------------------------------- the header deadline
+
+    def _arm_deadline(self) -> None:
+        self._disarm_deadline()
+        self._started, self._head_bytes = False, 0
+        self._deadline = self.loop.call_later(self.kms.limits.header_timeout, self._too_slow)
+
+    def data_received(self, data: bytes) -> None:
+        self._started = True
+        if self._deadline is not None:      # still reading a request line and headers
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD + MAX_BODY:     # (a body may share the last segment)
+                self._disarm_deadline()
+                self._refuse_now(431, "Request Header Fields Too Large", "KMS.0203",
+                                 f"The request line and headers exceed {MAX_HEAD} bytes.")
+                return
+        super().data_received(data)
+
+    def _disarm_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            return
+        if not self._started:
+            # An idle (kept-alive) connection: close it without an answer, which a client
+            # would otherwise read as the reply to the next request it sends.
+            self.connections.discard(self)
+            self.transport.close()
+            return
+        message = f"The request headers did not arrive within {self.kms.limits.header_timeout:g} s."
+        self._refuse_now(408, "Request Timeout", "KMS.0204", message)
+
+    def on_headers_complete(self) -> None:
+        self._disarm_deadline()
+        self.scope["extensions"] = {"qtbuild.socket": self.transport.get_extra_info("socket")}
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self.pipeline:
+            self._arm_deadline()
+
+    def send_400_response(self, msg: str) -> None:
+        """llhttp refused the request line or headers (bad syntax, HTTP/2.0, …)."""
+        self._disarm_deadline()
+        self._refuse_now(400, "Bad Request", "KMS.0202", f"Malformed HTTP request: {msg}")
+
+
+class KmsApp:
+    """The ASGI application: frame one request, run it on the thread pool, reply."""
+
+    def __init__(self, server: KmsHttpServer) -> None:
+        self.server = server
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            body = await self._framed_body(scope, receive)
+        except _Refused as refused:
+            self.server.report_refusal(refused.error, scope.get("client"))
+            await _send(send, scope, refused.status, _error_bytes(refused.error.code, refused.error.message),
+                        close=True, extra=refused.headers)
+            return
+        request = Request(scope["method"], scope["path"], scope["query_string"].decode("latin-1"),
+                          _headers(scope), body, _remote(scope.get("client")))
+        loop = asyncio.get_running_loop()
+        response: Response = await loop.run_in_executor(self.server.executor, self.server.service.serve,
+                                                        request)
+        data = json.dumps(response.body, separators=(",", ":")).encode()
+        await _send(send, scope, response.status, data, extra=((b"x-request-id", response.request_id.encode()),))
+
+    async def _framed_body(self, scope, receive) -> bytes:
+        """The request body, or _Refused naming why the transport will not pass it on."""
+        if scope["http_version"] not in ("1.0", "1.1"):
+            raise _Refused(400, "KMS.0202", f"HTTP/{scope['http_version']} is not supported; use HTTP/1.1.")
+        if scope["method"] not in ("POST", "GET", "DELETE"):
+            raise _Refused(405, "KMS.0201", f"The method {scope['method'][:16]} is not allowed; use POST.",
+                           headers=((b"allow", b"POST, GET, DELETE"),))
+        if len(scope["raw_path"]) + len(scope["query_string"]) > MAX_URL:
+            raise _Refused(414, "KMS.0201", f"The request URL exceeds {MAX_URL} bytes.")
+        names = [name for name, _ in scope["headers"]]
+        if len(names) != len(set(names)):
+            raise _Refused(400, "KMS.0308", "Invalid headers: a header name is repeated.")
+        headers = dict(scope["headers"])
+        if b"transfer-encoding" in headers:
+            raise _Refused(400, "KMS.0204", "Chunked request bodies are not accepted; send Content-Length.")
+        text = headers.get(b"content-length")
+        if text is None and scope["method"] in ("GET", "DELETE"):
+            text = b"0"     # no body
+        if text is None or not text.isdigit() or len(text) > 12:
+            raise _Refused(400, "KMS.0204", "The request needs a valid Content-Length.")
+        if int(text) > MAX_BODY:
+            raise _Refused(413, "KMS.0203", f"The request body exceeds {MAX_BODY} bytes.")
+        try:
+            async with asyncio.timeout(self.server.limits.body_timeout):
+                return await _read_body(receive)
+        except TimeoutError:
+            raise _Refused(408, "KMS.0204", "The request body arrived too slowly.") from None
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: tuple = ()) -> None:
+        super().__init__(message)
+        self.status, self.error, self.headers = status, KmsError(code, message), headers
+
+
+async def _read_body(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Refused(400, "KMS.0204", "The client closed the connection.")
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _send(send, scope, status: int, data: bytes, *, close: bool = False, extra: tuple = ()) -> None:
+    """One response; head and body leave in one TCP segment (uvicorn writes them separately:
+    a client would see a 200 head without its body if the process died between the two)."""
+    headers = [_JSON, (b"content-length", str(len(data)).encode()), *extra]
+    if close:
+        headers.append((b"connection", b"close"))
+    sock = scope.get("extensions", {}).get("qtbuild.socket")
+    with _corked(sock):
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})
+
+
+@contextlib.contextmanager
+def _corked(sock):
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        yield
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+    except OSError:     # the client is gone: nothing to coalesce
+        yield
+        return
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+
+
+async def _lifespan(receive, send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _headers(scope) -> dict[str, str]:
+    return {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+
+
+def _remote(client) -> str | None:
+    return f"{client[0]}:{client[1]}" if client else None
+
+
+class KmsHttpServer:
+    """``KmsHttpServer((host, port), service)``: bound at once; ``serve_forever`` (blocking, any
+    thread) until ``shutdown``; ``server_close`` releases the socket."""
 
     def __init__(self, address: tuple[str, int], service: KmsService, *,
                  io_timeout: float = DEFAULT_IO_TIMEOUT,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
-        self.service, self.io_timeout = service, io_timeout
-        self._slots = threading.BoundedSemaphore(max_connections)
-        super().__init__(address, _Handler)
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 max_per_client: int = DEFAULT_MAX_PER_CLIENT,
+                 header_timeout: float = DEFAULT_HEADER_TIMEOUT,
+                 body_timeout: float = DEFAULT_BODY_TIMEOUT,
+                 threads: int = DEFAULT_THREADS) -> None:
+        self.service = service
+        self.limits = Limits(io_timeout, header_timeout, body_timeout, max_connections, max_per_client)
+        self.per_client: Counter[str] = Counter()
+        self.executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kms")
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind(address)
+        self.socket.listen(1024)
+        self.server_address = self.socket.getsockname()
+        self._config = uvicorn.Config(
+            KmsApp(self), http=type("KmsProtocol", (_KmsProtocol,), {"kms": self}), lifespan="off",
+            log_config=None, access_log=False, server_header=False, timeout_keep_alive=int(max(1, io_timeout)),
+            timeout_graceful_shutdown=5, h11_max_incomplete_event_size=16 * 1024, backlog=1024)
+        self._uvicorn = uvicorn.Server(self._config)
+        self._stopped = threading.Event()
 
     @property
     def endpoint(self) -> str:
         host, port = str(self.server_address[0]), self.server_address[1]
         return f"http://{host}:{port}"
 
-    def process_request(self, request, client_address) -> None:
-        if not self._slots.acquire(blocking=False):
-            _refuse_busy(request)
-            self.shutdown_request(request)
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._slots.release()
-            raise
+    def report_refusal(self, error: KmsError, client) -> None:
+        """A refusal of the transport itself (no request reached the service)."""
+        self.service.count_refusal(error, _remote(client))
 
-    def process_request_thread(self, request, client_address) -> None:
+    def serve_forever(self) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            asyncio.run(self._uvicorn.serve(sockets=[self.socket]))
         finally:
-            self._slots.release()
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        self._uvicorn.should_exit = True
+        self._stopped.wait(30)
+
+    def server_close(self) -> None:
+        self.socket.close()
+        self.executor.shutdown(wait=False)
+        self.service.flush()
 
 
-def _refuse_busy(sock) -> None:
-    body = json.dumps(KmsError("KMS.0102").body()).encode()
-    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-    try:
-        sock.settimeout(1.0)
-        sock.sendall(head + body)
-    except OSError:
-        pass
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "qtbuild-kms"
-    sys_version = ""
-    #: Buffered writes: head and body leave in one segment (no Nagle / delayed-ACK stalls);
-    #: http.server flushes after every request.
-    wbufsize = 64 * 1024
-    server: KmsHttpServer
-
-    def setup(self) -> None:
-        self.request.settimeout(self.server.io_timeout)  # what StreamRequestHandler does with .timeout
-        if self.request.family in (socket.AF_INET, socket.AF_INET6):
-            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        super().setup()
-
-    def do_POST(self) -> None:
-        try:
-            body = self._read_body()
-        except KmsError as error:
-            self.close_connection = True
-            self._send(self.server.service.refuse(error, self._request(b"")))
-            return
-        self._send(self.server.service.serve(self._request(body)))
-
-    def _other_method(self) -> None:
-        self._send(self.server.service.serve(self._request(b"")))
-
-    do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _other_method
-
-    def _request(self, body: bytes) -> Request:
-        url = urlsplit(self.path)
-        headers = {name.lower(): value for name, value in self.headers.items()}
-        return Request(self.command, url.path, url.query, headers, body,
-                       f"{self.client_address[0]}:{self.client_address[1]}")
-
-    def _read_body(self) -> bytes:
-        names = [name.lower() for name in self.headers]
-        if len(names) != len(set(names)):
-            raise KmsError("KMS.0308", "Invalid headers: a header name is repeated.")
-        if self.headers.get("Transfer-Encoding"):
-            raise KmsError("KMS.0204", "Chunked request bodies are not accepted; "
-                                       "send Content-Length.")
-        text = self.headers.get("Content-Length")
-        if text is None or not text.isdigit() or len(text) > 12:
-            raise KmsError("KMS.0204", "The request needs a valid Content-Length.")
-        length = int(text)
-        if length > MAX_BODY:
-            raise KmsError("KMS.0203", f"The request body exceeds {MAX_BODY} bytes.")
-        return self._read_exactly(length)
-
-    def _read_exactly(self, length: int) -> bytes:
-        deadline, chunks, remaining = time.monotonic() + REQUEST_DEADLINE, [], length
-        while remaining:
-            chunk = self.rfile.read1(min(remaining, _CHUNK))
-            if not chunk or time.monotonic() > deadline:
-                raise KmsError("KMS.0204", "The request body ended early or arrived too slowly.")
-            chunks.append(chunk)
-            remaining -= len(chunk)
-        return b"".join(chunks)
-
-    def _send(self, response: Response) -> None:
-        data = json.dumps(response.body, separators=(",", ":")).encode()
-        self.send_response(response.status)
-        self.send_header("Content-Type", "application/json;charset=UTF-8")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("X-Request-Id", response.request_id)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None
-                   ) -> None:
-        """http.server's own errors (bad request line, headers too long…) as KMS errors."""
-        error = KmsError("KMS.0202", f"HTTP {code}: {message or 'bad request'}.")
-        data = json.dumps(error.body()).encode()
-        self.close_connection = True
-        try:
-            self.send_response(code, message)
-            self.send_header("Content-Type", "application/json;charset=UTF-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command != "HEAD" and code >= 200 and code not in (204, 304):
-                self.wfile.write(data)
-        except OSError:
-            pass
-
-    def log_message(self, format: str, *args) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+def quiet_parser_warnings(verbose: bool) -> None:
+    """uvicorn logs every unparseable request as a warning; hostile clients would flood the
+    service's stderr with them (they are counted in the audit log instead)."""
+    logging.getLogger("uvicorn.error").setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 def serve_until_signalled(server: KmsHttpServer) -> None:
-    """Serve until SIGTERM or SIGINT, then stop accepting, let running requests finish
-    (threads are daemons: at most ``io_timeout`` more) and close the listening socket."""
+    """Serve until SIGTERM or SIGINT, then stop accepting, let running requests finish (at most
+    5 s) and close the listening socket."""
     stop = threading.Event()
     previous = {number: signal.signal(number, lambda *_: stop.set())
                 for number in (signal.SIGTERM, signal.SIGINT)}

@@ -16,18 +16,18 @@ plaintext key material.  Key states use Huawei's codes: "2" enabled, "3" disable
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import queue
 import sqlite3
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 ENABLED, DISABLED, PENDING_DELETION = "2", "3", "4"
-SCHEMA_VERSION = 1
 _POOL_SIZE = 64
 
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (
     key_id TEXT PRIMARY KEY,
@@ -73,6 +73,40 @@ CREATE TABLE IF NOT EXISTS audit (
 );
 """
 
+#: Upgrades, each from the version before it to its key, run in order inside one transaction
+#: when an older database is opened (a fresh one gets version 1 and every upgrade too).
+_MIGRATIONS: dict[int, str] = {
+    # 2: nonces of mutating admin requests, temporary credentials, tokens
+    2: """
+CREATE TABLE nonces (nonce TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL);
+CREATE TABLE temporary_credentials (
+    access_key TEXT PRIMARY KEY,
+    principal TEXT NOT NULL REFERENCES principals (access_key) ON DELETE CASCADE,
+    secret BLOB NOT NULL,
+    token_sha256 TEXT NOT NULL,
+    expires_ms INTEGER NOT NULL
+);
+CREATE TABLE tokens (
+    token_sha256 TEXT PRIMARY KEY,
+    principal TEXT NOT NULL REFERENCES principals (access_key) ON DELETE CASCADE,
+    expires_ms INTEGER NOT NULL
+);
+""",
+    # 3: key aliases (create-alias / associate-alias / delete-alias / list-aliases)
+    3: """
+CREATE TABLE aliases (
+    project_id TEXT NOT NULL,
+    alias TEXT NOT NULL,
+    key_id TEXT NOT NULL REFERENCES keys (key_id) ON DELETE CASCADE,
+    created_ms INTEGER NOT NULL,
+    updated_ms INTEGER NOT NULL,
+    PRIMARY KEY (project_id, alias)
+);
+CREATE INDEX aliases_by_key ON aliases (key_id)
+""",
+}
+SCHEMA_VERSION = max(_MIGRATIONS)
+
 
 class StoreError(Exception):
     """The database cannot be used (wrong schema, not a KMS database)."""
@@ -97,6 +131,14 @@ class KeyRecord:
 
 
 @dataclass(frozen=True)
+class AliasRecord:
+    alias: str
+    key_id: str
+    created_ms: int
+    updated_ms: int
+
+
+@dataclass(frozen=True)
 class PrincipalRecord:
     access_key: str
     name: str
@@ -104,6 +146,17 @@ class PrincipalRecord:
     admin: bool
     created_ms: int
     policy: str | None      # JSON text, as stored
+
+
+@dataclass(frozen=True)
+class TemporaryCredential:
+    """Short-lived AK/SK for a principal, usable only with its security token."""
+
+    access_key: str
+    principal: str          # the principal's (long-lived) access key
+    secret: bytes           # sealed
+    token_sha256: str       # of the security token
+    expires_ms: int
 
 
 @dataclass(frozen=True)
@@ -133,10 +186,11 @@ class Store:
         self.path = str(path)
         self._pool: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
         self._writer = threading.Lock()
-        with self._connection() as db:
-            db.executescript(_SCHEMA)  # IF NOT EXISTS throughout: idempotent, own transaction
-        with self._write() as db:
-            self._check_schema(db)
+        try:
+            with self._write() as db:
+                self._upgrade(db)
+        except sqlite3.DatabaseError as error:
+            raise StoreError(f"{self.path}: not a usable KMS database ({error})") from None
 
     def close(self) -> None:
         while True:
@@ -190,12 +244,45 @@ class Store:
             return db.execute(sql, args).fetchall()
 
     @staticmethod
-    def _check_schema(db: sqlite3.Connection) -> None:
+    def _upgrade(db: sqlite3.Connection) -> None:
+        """Create the schema, or bring an older one up to SCHEMA_VERSION in place (inside the
+        caller's transaction: all upgrades or none); StoreError for a newer one."""
+        _run_script(db, _SCHEMA_V1)     # IF NOT EXISTS throughout: a no-op on existing tables
         row = db.execute("SELECT value FROM meta WHERE name = 'schema'").fetchone()
-        if row is None:
-            db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif row[0] != str(SCHEMA_VERSION):
-            raise StoreError(f"database schema {row[0]}, this version reads {SCHEMA_VERSION}")
+        version = 1 if row is None else int(row[0]) if row[0].isdigit() else -1
+        if not 1 <= version <= SCHEMA_VERSION:
+            raise StoreError(f"database schema {row[0] if row else '?'}, this version reads 1..{SCHEMA_VERSION}"
+                             " (a newer qtbuild wrote it?)")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            _run_script(db, _MIGRATIONS[target])
+        db.execute("INSERT OR REPLACE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+
+    def schema_version(self) -> int:
+        return int(self._read("SELECT value FROM meta WHERE name = 'schema'")[0][0])
+
+    # ------------------------------------------------------------------ backup
+
+    def backup_to(self, path: str | Path) -> None:
+        """A consistent copy of the database at ``path`` (SQLite's online backup API: writers
+        may go on meanwhile).  Sealed material stays sealed: the master key is not in it."""
+        target = sqlite3.connect(str(path))
+        try:
+            with self._connection() as db:
+                db.backup(target)
+            target.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            target.close()
+
+    def restore_from(self, path: str | Path) -> None:
+        """Replace this database's content with that of the KMS database at ``path`` (a
+        checked, upgraded copy of a backup: see ``state.restore``) through the backup API, so
+        other connections see the old content or the new one, whole."""
+        source = sqlite3.connect(str(path))
+        try:
+            with self._writer, self._connection() as db:
+                source.backup(db)
+        finally:
+            source.close()
 
     # ------------------------------------------------------------------ meta
 
@@ -257,7 +344,7 @@ class Store:
             state, deletion_ms = change(current)
             db.execute("UPDATE keys SET state = ?, deletion_ms = ? WHERE key_id = ?",
                        (state, deletion_ms, key_id))
-            return replace(current, state=state, deletion_ms=deletion_ms)
+            return dataclasses.replace(KeyRecord(*row), state=state, deletion_ms=deletion_ms)
 
     def purge_deleted(self, now_ms: int) -> int:
         """Delete keys whose scheduled deletion time has passed; how many."""
@@ -265,6 +352,53 @@ class Store:
             cursor = db.execute("DELETE FROM keys WHERE state = ? AND deletion_ms <= ?",
                                 (PENDING_DELETION, now_ms))
             return cursor.rowcount
+
+    def set_key_alias(self, project_id: str, key_id: str, alias: str) -> bool:
+        """Rename a key (its key_alias); False when no such key; Conflict when taken."""
+        try:
+            with self._write() as db:
+                cursor = db.execute("UPDATE keys SET alias = ? WHERE key_id = ? AND project_id = ?",
+                                    (alias, key_id, project_id))
+                return cursor.rowcount == 1
+        except sqlite3.IntegrityError:
+            raise Conflict(f"alias {alias!r} exists") from None
+
+    # ------------------------------------------------------------------ aliases
+
+    def put_alias(self, project_id: str, alias: str, key_id: str, now_ms: int, *, create: bool) -> AliasRecord:
+        """Create an alias (Conflict when it exists) or point an existing one at another key
+        (KeyError when it does not exist); the record as stored."""
+        with self._write() as db:
+            row = db.execute("SELECT created_ms FROM aliases WHERE project_id = ? AND alias = ?",
+                             (project_id, alias)).fetchone()
+            if create and row is not None:
+                raise Conflict(f"alias {alias!r} exists")
+            if not create and row is None:
+                raise KeyError(alias)
+            created = now_ms if row is None else row[0]
+            db.execute("INSERT OR REPLACE INTO aliases VALUES (?,?,?,?,?)",
+                       (project_id, alias, key_id, created, now_ms))
+            return AliasRecord(alias, key_id, created, now_ms)
+
+    def aliases(self, project_id: str, *, key_id: str | None, offset: int, limit: int) -> list[AliasRecord]:
+        where, args = "project_id = ?", [project_id]
+        if key_id is not None:
+            where, args = where + " AND key_id = ?", args + [key_id]
+        rows = self._read(f"SELECT alias, key_id, created_ms, updated_ms FROM aliases WHERE {where} "
+                          "ORDER BY created_ms, alias LIMIT ? OFFSET ?", (*args, limit, offset))
+        return [AliasRecord(*row) for row in rows]
+
+    def delete_aliases(self, project_id: str, key_id: str, aliases: list[str]) -> list[str]:
+        """Delete those of ``aliases`` that point at ``key_id``; the ones that did not (none
+        deleted then: all or nothing)."""
+        with self._write() as db:
+            missing = [alias for alias in aliases if db.execute(
+                "SELECT 1 FROM aliases WHERE project_id = ? AND alias = ? AND key_id = ?",
+                (project_id, alias, key_id)).fetchone() is None]
+            if not missing:
+                db.executemany("DELETE FROM aliases WHERE project_id = ? AND alias = ?",
+                               [(project_id, alias) for alias in aliases])
+            return missing
 
     # ------------------------------------------------------------------ principals
 
@@ -297,6 +431,45 @@ class Store:
                                 (_policy_text(policy), access_key))
             return cursor.rowcount == 1
 
+    # ------------------------------------------------------------------ temporary credentials, tokens
+
+    def add_temporary_credential(self, record: TemporaryCredential, now_ms: int) -> None:
+        """Insert one (dropping expired ones); Conflict when the access key is taken."""
+        try:
+            with self._write() as db:
+                db.execute("DELETE FROM temporary_credentials WHERE expires_ms < ?", (now_ms,))
+                db.execute("INSERT INTO temporary_credentials VALUES (?,?,?,?,?)", (
+                    record.access_key, record.principal, record.secret, record.token_sha256,
+                    record.expires_ms))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"access key {record.access_key} exists") from None
+
+    def temporary_credential(self, access_key: str) -> TemporaryCredential | None:
+        rows = self._read("SELECT * FROM temporary_credentials WHERE access_key = ?", (access_key,))
+        return TemporaryCredential(*rows[0]) if rows else None
+
+    def add_token(self, token_sha256: str, principal: str, expires_ms: int, now_ms: int) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM tokens WHERE expires_ms < ?", (now_ms,))
+            db.execute("INSERT INTO tokens VALUES (?,?,?)", (token_sha256, principal, expires_ms))
+
+    def token(self, token_sha256: str) -> tuple[str, int] | None:
+        """(principal access key, expiry in ms) of a token, by its SHA-256."""
+        rows = self._read("SELECT principal, expires_ms FROM tokens WHERE token_sha256 = ?", (token_sha256,))
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    # ------------------------------------------------------------------ nonces
+
+    def claim_nonce(self, nonce: str, expires_ms: int, now_ms: int) -> bool:
+        """Record ``nonce`` until ``expires_ms``; False when it is already recorded (a replay).
+
+        Expired nonces are dropped in the same transaction; the table is shared by every
+        process using the database."""
+        with self._write() as db:
+            db.execute("DELETE FROM nonces WHERE expires_ms < ?", (now_ms,))
+            cursor = db.execute("INSERT OR IGNORE INTO nonces VALUES (?, ?)", (nonce, expires_ms))
+            return cursor.rowcount == 1
+
     # ------------------------------------------------------------------ audit
 
     def add_audit(self, record: AuditRecord) -> int:
@@ -307,13 +480,25 @@ class Store:
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", _audit_row(record))
             return cursor.lastrowid
 
+    def add_audits(self, records: list[AuditRecord]) -> None:
+        """Several records in one transaction (one fsync): the audit log's group commit."""
+        with self._write() as db:
+            db.executemany(
+                "INSERT INTO audit (time_ms, request_id, remote, principal, api, key_id, "
+                "decision, reason, status, error_code, pcr0, pcr8) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", [_audit_row(record) for record in records])
+
+    def delete_audit_through(self, last_id: int) -> None:
+        """Delete the audit records with id <= ``last_id`` (they have been archived)."""
+        with self._write() as db:
+            db.execute("DELETE FROM audit WHERE id <= ?", (last_id,))
+
     def audit(self, *, after: int = 0, limit: int = 100, principal: str | None = None,
               key_id: str | None = None, decision: str | None = None) -> list[AuditRecord]:
         """Records with id > ``after`` in id order, optionally filtered."""
         where: list[str] = ["id > ?"]
         args: list[object] = [after]
-        for column, value in (("principal", principal), ("key_id", key_id),
-                              ("decision", decision)):
+        for column, value in (("principal", principal), ("key_id", key_id), ("decision", decision)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(value)
@@ -322,6 +507,14 @@ class Store:
             f"status, error_code, pcr0, pcr8, id FROM audit WHERE {' AND '.join(where)} "
             "ORDER BY id LIMIT ?", (*args, limit))
         return [AuditRecord(*row) for row in rows]
+
+
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    """Each statement of ``script`` (no ``;`` inside literals) in the current transaction —
+    ``executescript`` would commit it first."""
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
 
 
 def _key_row(record: KeyRecord) -> tuple:

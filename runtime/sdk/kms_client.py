@@ -451,6 +451,8 @@ def _decode_reply(status: int, data: bytes) -> dict:
             raise KmsProtocolError(f"HTTP {status} with a body that is not a JSON object")
         return reply
     error = reply.get("error") if isinstance(reply, dict) else None
+    if isinstance(reply, dict) and "error_code" in reply:     # the API gateway's flat body
+        error = reply
     if isinstance(error, dict):
         raise KmsClientError(status, str(error.get("error_code", "")), str(error.get("error_msg", "")))
     raise KmsClientError(status, "", data[:200].decode("utf-8", "replace"))

@@ -103,7 +103,7 @@ def test_deny_with_an_unmet_condition_does_not_apply():
 
 @pytest.mark.parametrize("document, message", [
     ([], "JSON object"),
-    ({"Version": "2012-10-17", "Statement": [allow()]}, "Version"),
+    ({"Version": "2008-10-17", "Statement": [allow()]}, "Version"),     # 2012-10-17 is AWS's, accepted
     ({"Version": "1.1", "Statement": []}, "Statement"),
     ({"Version": "1.1", "Statement": [allow()], "Extra": 1}, "unknown field"),
     ({"Version": "1.1", "Statement": [{"Effect": "Maybe", "Action": "kms:*"}]}, "Effect"),
