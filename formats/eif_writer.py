@@ -287,9 +287,14 @@ def _write_atomically(path: str | os.PathLike, body):
         temporary = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
         try:
             descriptor = os.open(temporary, flags, 0o644)
-            break
         except FileExistsError:
             continue
+        except BaseException:
+            # Ctrl-C lands as the open returns (CPython checks for signals after a call): the name
+            # exists only if this O_EXCL open made it, so it is ours to remove.
+            _remove_quietly(temporary)
+            raise
+        break
     else:
         raise FileExistsError(f"no free temporary name beside {target}")
     try:

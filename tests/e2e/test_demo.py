@@ -9,8 +9,10 @@ fixture creates it when missing, as CI needs; the demo itself only names the fix
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,10 +65,15 @@ def test_demo_hello():
 
 
 @pytest.mark.parametrize("cloud", ["qingtian", "nitro"])
-def test_demo_bank_card_seed_workflow_and_refusals(base_image, cloud, tmp_path):
-    scratch = tmp_path / "tmp"  # the demo's own TMPDIR: what it leaves behind is visible, and only its own
-    scratch.mkdir()
-    result = demo("bank-card", "--cloud", cloud, env={**os.environ, "TMPDIR": str(scratch)})
+def test_demo_bank_card_seed_workflow_and_refusals(base_image, cloud):
+    # The demo's own TMPDIR, so what it leaves behind is visible (and only its own); short, since
+    # its vsock sockets live below it and AF_UNIX paths are limited to 107 bytes.
+    scratch = Path(tempfile.mkdtemp(prefix="qtd-", dir="/tmp"))
+    try:
+        result = demo("bank-card", "--cloud", cloud, env={**os.environ, "TMPDIR": str(scratch)})
+        leftovers = [path.name for path in scratch.glob("qtbuild-demo-*")]
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "decrypted 5 records with an attested KMS call, 4 valid" in out
@@ -77,4 +84,4 @@ def test_demo_bank_card_seed_workflow_and_refusals(base_image, cloud, tmp_path):
     assert "refused an enclave without proxy routes" in out
     assert f"rehearsing for {cloud}" in out
     assert "demo bank-card: all steps passed" in out
-    assert not [path.name for path in scratch.glob("qtbuild-demo-*")]  # the demo removed its working directory
+    assert not leftovers  # the demo removed its working directory
