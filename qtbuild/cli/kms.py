@@ -107,6 +107,7 @@ def serve(state_dir, db, listen, root_paths, fingerprints, trust_hardware_roots,
                            "project_id": opened.project_id}), nl=True)
     sys.stdout.flush()
     serve_until_signalled(server)
+    say("qtbuild kms: stopped")
 
 
 def _address(listen: str) -> tuple[str, int]:

@@ -244,3 +244,21 @@ def _rsa_der() -> bytes:
     from qtbuild.runtime.sdk.recipient import RecipientKey
 
     return RecipientKey.generate().public_key_der
+
+
+def test_sigterm_stops_promptly_and_says_so(dirs):
+    state_dir, qtbuild_state, _ = dirs
+    served = Served(state_dir, qtbuild_state)
+    idle = http.client.HTTPConnection("127.0.0.1", served.port, timeout=5)
+    idle.connect()  # a kept-alive client must not hold the stop
+    begin = time.monotonic()
+    try:
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(10) == 0
+        elapsed = time.monotonic() - begin
+        assert elapsed < 2, elapsed
+        assert served.process.stderr.read().decode().rstrip().endswith("qtbuild kms: stopped")
+    finally:
+        idle.close()
+        if served.process.poll() is None:
+            served.process.kill()
