@@ -9,6 +9,8 @@ into ``DIR/qtbuild_sdk/`` as they are (see README.md).
     RecipientKey       the RSA-2048 key pair for KMS recipient requests
     KmsClient          signed KMS calls (decrypt-data, create-datakey, ...) with the recipient flow
     open_envelope      opens the KMS's CMS EnvelopedData answer with the recipient key
+    parse_attestation  the fields of an attestation document (decoded, not verified)
+    receive_job, Job   the hand-off: the parent's job and credentials, after attesting
 
 Inside this package, import siblings relatively (``from .qtsm import …``): the export is a
 plain copy, and an absolute qtbuild import makes it fail.
@@ -16,11 +18,14 @@ plain copy, and an absolute qtbuild import makes it fail.
 
 from __future__ import annotations
 
+from .document import AttestationFields, DocumentError, parse_attestation
 from .envelope import open_envelope
+from .handoff import HandoffError, Job, receive_job
 from .kms_client import Credentials, KmsClient, tcp_transport, vsock_transport
 from .qtsm import Qtsm, QtsmError
 from .recipient import RecipientKey
 from .vsock import connect, listen
 
-__all__ = ["Credentials", "KmsClient", "Qtsm", "QtsmError", "RecipientKey", "connect", "listen", "open_envelope",
+__all__ = ["AttestationFields", "Credentials", "DocumentError", "HandoffError", "Job", "KmsClient", "Qtsm",
+           "QtsmError", "RecipientKey", "connect", "listen", "open_envelope", "parse_attestation", "receive_job",
            "tcp_transport", "vsock_transport"]
