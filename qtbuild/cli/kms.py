@@ -341,6 +341,11 @@ def _pcr_hex(value: str, option: str) -> str:
 
 
 def _measured_pcr0(path: str) -> str:
+    return _measured_pcrs(path)[0].hex()
+
+
+def _measured_pcrs(path: str) -> dict[int, bytes]:
+    """PCR0, and PCR8 when the image is signed, from the measurements JSON ``convert`` printed."""
     from qtbuild.formats.errors import FormatError
     from qtbuild.inspect.verify import load_expected
 
@@ -350,7 +355,10 @@ def _measured_pcr0(path: str) -> str:
         raise InputError(str(exc)) from None
     if "PCR0" not in expected:
         raise InputError(f"{path}: no PCR0 (expected the measurements JSON `qtbuild convert` prints)")
-    return expected["PCR0"].hex()
+    pcrs = {0: expected["PCR0"]}
+    if any(expected.get("PCR8", b"")):
+        pcrs[8] = expected["PCR8"]
+    return pcrs
 
 
 def _read_policy(path: str) -> dict:
