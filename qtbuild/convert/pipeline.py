@@ -21,6 +21,7 @@ from datetime import datetime
 from tqdm import tqdm
 
 from qtbuild.convert.boot_profiles import load_profile, normalise_arch
+from qtbuild.convert.credential_scan import credential_warnings
 from qtbuild.convert.flatten import flatten
 from qtbuild.convert.launch_config import Launch, resolve_launch, tree_file_reader
 from qtbuild.convert.metadata import load_custom_metadata, make_metadata, source_date_epoch
@@ -73,10 +74,14 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
         arch = _image_arch(config, platform)
         profile = load_profile(options.blobs, arch)
         with _progress("layers", options.quiet) as bar:
-            tree = flatten(image.layers(), spill_dir=options.spill_dir, clamp_mtime=int(clamp.timestamp()) if clamp else None, progress=bar.update)
+            tree = flatten(image.layers(), spill_dir=options.spill_dir,
+                           clamp_mtime=int(clamp.timestamp()) if clamp else None, progress=bar.update)
         with tree:
             entries = tree.entries()
-            launch = resolve_launch(config, tree_file_reader({e.path: e for e in entries}), semantics=options.cmd_semantics)
+            read_file = tree_file_reader({e.path: e for e in entries})
+            launch = resolve_launch(config, read_file, semantics=options.cmd_semantics)
+            warnings = list(tree.warnings) + credential_warnings(
+                config, (e.path.decode("utf-8", "replace") for e in entries), read_file)
             ramdisk = customer_ramdisk(entries, launch)
             metadata = make_metadata(
                 name=options.name or "enclave",
@@ -97,7 +102,7 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
                     signer=options.signer,
                     progress=bar.update,
                 )
-            return ConvertResult(result, image.image_id, arch, launch, profile.name, list(tree.warnings),
+            return ConvertResult(result, image.image_id, arch, launch, profile.name, warnings,
                                  image_dependencies(image))
 
 
