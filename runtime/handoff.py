@@ -85,7 +85,11 @@ def hand_off(cid: int, job: dict, trust: Trust, *, port: int = DEFAULT_PORT, tim
         sealed = cms.envelope(payload, _rsa_key(connection, document))
         send_message(connection, {"job": base64.b64encode(sealed).decode()})
         connection.settimeout(result_timeout or timeout)
-        answer = read_message(connection, buffer)
+        try:
+            answer = read_message(connection, buffer)
+        except HandoffError:
+            raise HandoffError("the enclave took the job but closed the connection without a result (did the "
+                               "app fail? run it with --attach-console to see its output)") from None
     if "result" not in answer:
         raise HandoffError("the enclave answered without a result")
     return Outcome(answer["result"], document)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import os
 import socket
@@ -82,12 +83,14 @@ def read_message(connection: socket.socket, buffer: bytearray) -> dict:
 class Job:
     """A job the parent handed over: ``job.payload`` (dict), ``job["name"]``, :meth:`reply`.
 
-    A context manager: leaving it closes the connection (after :meth:`reply`, or without a
-    result if the block raised)."""
+    A context manager: leaving it closes the connection.  If the block raises before
+    :meth:`reply`, the parent gets ``{"status": "error", "error": "<exception type>"}`` — the
+    type only, since a message may quote secret data."""
 
     def __init__(self, payload: dict, connection: socket.socket) -> None:
         self.payload = payload
         self._connection = connection
+        self.replied = False
 
     def __getitem__(self, name: str):
         return self.payload[name]
@@ -115,6 +118,7 @@ class Job:
     def reply(self, result: object) -> None:
         """Send ``result`` (anything JSON can encode, ≤ 64 KiB) back to the parent."""
         send_message(self._connection, {"result": result})
+        self.replied = True
 
     def close(self) -> None:
         self._connection.close()
@@ -122,8 +126,13 @@ class Job:
     def __enter__(self) -> Job:
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        try:
+            if exc_type is not None and not self.replied and not issubclass(exc_type, SystemExit):
+                with contextlib.suppress(OSError, HandoffError):
+                    self.reply({"status": "error", "error": exc_type.__name__})
+        finally:
+            self.close()
 
 
 def receive_job(port: int = DEFAULT_PORT, *, attestor, timeout: float | None = None,

@@ -121,3 +121,31 @@ def test_handoff_gives_the_job_and_credentials_only_to_the_measured_enclave(root
         assert parent.returncode == 1 and out == b""
         assert b"(pcrs)" in err and err.count(b"\n") == 1
         assert "job" not in outcome and "refused" in outcome["error"]
+
+
+def test_transport_emulated_alone_means_the_local_runtime_root(tmp_path):
+    """Regression: a proxy started before the first `qtbuild run` bound native vsock on a host with
+    /dev/vsock, and enclaves never reached it; `--transport emulated` now means the local runtime's
+    socket root (created if missing)."""
+    runtime = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+    try:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("QTBUILD_VSOCK_")}
+        env["QTBUILD_RUNTIME_DIR"] = str(runtime / "run")
+        listener = subprocess.Popen([sys.executable, "-m", "qtbuild", "vsock", "listen", "6100", "--transport",
+                                     "emulated", "--timeout", "30"], env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE)
+        path = runtime / "run" / "vsock" / "3" / "6100.sock"
+        deadline = time.monotonic() + 20
+        while not path.exists():
+            assert time.monotonic() < deadline and listener.poll() is None, listener.stderr.read()
+            time.sleep(0.05)
+        config = vsock.VsockConfig(vsock.EMULATED, ENCLAVE_CID, str(runtime / "run" / "vsock"))
+        with vsock.connect(3, 6100, config=config, timeout=5) as sock:
+            sock.sendall(b"found")
+        out, err = listener.communicate(timeout=20)
+        assert listener.returncode == 0 and out == b"found", err
+        assert b"(cid 3, emulated)" in err
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+        shutil.rmtree(runtime, ignore_errors=True)

@@ -243,3 +243,29 @@ def test_enclave_side_runs_on_bookworm_packages(pki, vsock_root, tmp_path):
             child.kill()
     assert done.result == {"got": "hello", "credentials": "Credentials(access_key='AK', project_id='p')",
                            "pcr0": PCRS[0].hex()}
+
+
+def test_an_app_that_fails_reports_the_exception_type_only(pki, vsock_root):
+    def run() -> None:
+        config = vsock.VsockConfig(vsock.EMULATED, ENCLAVE_CID, vsock_root)
+        with receive_job(5000, attestor=device(pki), timeout=20, config=config) as job:
+            raise ValueError(f"bad input {job['secret']}")
+
+    thread = threading.Thread(target=lambda: pytest.raises(ValueError, run), daemon=True)
+    thread.start()
+    done = hand_off(ENCLAVE_CID, {"secret": "swordfish"}, Trust(roots=(pki.root_certificate,)), timeout=20,
+                    config=parent_config(vsock_root))
+    thread.join(10)
+    assert done.result == {"status": "error", "error": "ValueError"}
+
+
+def test_an_app_that_closes_without_a_result_is_named(pki, vsock_root):
+    def run() -> None:
+        config = vsock.VsockConfig(vsock.EMULATED, ENCLAVE_CID, vsock_root)
+        receive_job(5000, attestor=device(pki), timeout=20, config=config).close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    with pytest.raises(HandoffError, match="took the job but closed the connection without a result"):
+        hand_off(ENCLAVE_CID, {}, Trust(roots=(pki.root_certificate,)), timeout=20, config=parent_config(vsock_root))
+    thread.join(10)
