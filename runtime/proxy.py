@@ -388,6 +388,7 @@ class Proxy:
             writer.close()
             return
         task = asyncio.current_task()
+        assert task is not None  # a handler always runs in a task
         self._handlers.add(task)
         activity = self._activity[task] = _Activity()
         try:

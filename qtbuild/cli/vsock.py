@@ -73,7 +73,8 @@ def send_command(port, cid, timeout, transport, vsock_dir) -> None:
     """Connect to CID:PORT, send stdin, then copy the peer's answer to stdout until it closes."""
     config = parent_vsock_config(transport, vsock_dir)
     with vsock.connect(cid, port, timeout=timeout, config=config) as connection:
-        while chunk := sys.stdin.buffer.read1(CHUNK):
+        source = sys.stdin.buffer
+        while chunk := (source.read1(CHUNK) if hasattr(source, "read1") else source.read(CHUNK)):
             connection.sendall(chunk)
         connection.shutdown(socket.SHUT_WR)
         _copy(connection, sys.stdout.buffer)
