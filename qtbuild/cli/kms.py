@@ -103,9 +103,19 @@ def serve(state_dir, db, listen, root_paths, fingerprints, trust_hardware_roots,
     say(f"qtbuild kms: admin credentials in {paths.credentials}")
     say(f"qtbuild kms: listening on {server.endpoint} (project {opened.project_id}; "
         f"{len(verifier.roots) + len(verifier.root_fingerprints)} attestation root(s))")
-    click.echo(json.dumps({"endpoint": server.endpoint, "credentials": str(paths.credentials),
-                           "project_id": opened.project_id}), nl=True)
-    sys.stdout.flush()
+    ready = json.dumps({"endpoint": server.endpoint, "credentials": str(paths.credentials),
+                        "project_id": opened.project_id})
+    serve_forever = server.serve_forever
+
+    def announce_then_serve(*args, **kwargs):
+        # The ready line goes out once serve_until_signalled has installed its signal handlers
+        # (it starts this in its worker thread): a SIGTERM right after the line stops the
+        # server cleanly instead of killing the process.
+        click.echo(ready)
+        sys.stdout.flush()
+        return serve_forever(*args, **kwargs)
+
+    server.serve_forever = announce_then_serve  # type: ignore[method-assign]
     serve_until_signalled(server)
     say("qtbuild kms: stopped")
 
