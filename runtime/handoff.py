@@ -64,10 +64,12 @@ class Trust:
 
 @dataclass(frozen=True)
 class Outcome:
-    """The enclave's result and the document it attested with."""
+    """The enclave's result, the document it attested with, and that document's bytes (for
+    ``qtbuild kms policy check --document``)."""
 
     result: object
     document: VerifiedDocument
+    document_bytes: bytes
 
 
 def hand_off(cid: int, job: dict, trust: Trust, *, port: int = DEFAULT_PORT, timeout: float = DEFAULT_TIMEOUT,
@@ -81,7 +83,7 @@ def hand_off(cid: int, job: dict, trust: Trust, *, port: int = DEFAULT_PORT, tim
         raise HandoffError(f"the job is {len(payload)} bytes; at most {MAX_JOB} go through the hand-off")
     with _connect_when_listening(cid, port, timeout, config) as connection:
         buffer = bytearray()
-        document = _attested(connection, buffer, trust)
+        document, document_bytes = _attested(connection, buffer, trust)
         sealed = cms.envelope(payload, _rsa_key(connection, document))
         send_message(connection, {"job": base64.b64encode(sealed).decode()})
         connection.settimeout(result_timeout or timeout)
@@ -92,7 +94,7 @@ def hand_off(cid: int, job: dict, trust: Trust, *, port: int = DEFAULT_PORT, tim
                                "app fail? run it with --attach-console to see its output)") from None
     if "result" not in answer:
         raise HandoffError("the enclave answered without a result")
-    return Outcome(answer["result"], document)
+    return Outcome(answer["result"], document, document_bytes)
 
 
 def _connect_when_listening(cid: int, port: int, timeout: float, config: vsock.VsockConfig | None) -> socket.socket:
@@ -109,7 +111,7 @@ def _connect_when_listening(cid: int, port: int, timeout: float, config: vsock.V
             time.sleep(0.1)
 
 
-def _attested(connection: socket.socket, buffer: bytearray, trust: Trust) -> VerifiedDocument:
+def _attested(connection: socket.socket, buffer: bytearray, trust: Trust) -> tuple[VerifiedDocument, bytes]:
     nonce = new_nonce()
     send_message(connection, {"handoff": PROTOCOL, "nonce": nonce.hex()})
     message = read_message(connection, buffer)
@@ -130,7 +132,7 @@ def _attested(connection: socket.socket, buffer: bytearray, trust: Trust) -> Ver
         _refuse(connection, HandoffRefused("user_data", f"expected {USER_DATA!r}"))
     if not document.public_key:
         _refuse(connection, HandoffRefused("public_key", "the document carries no public key"))
-    return document
+    return document, data
 
 
 def _rsa_key(connection: socket.socket, document: VerifiedDocument) -> rsa.RSAPublicKey:

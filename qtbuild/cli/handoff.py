@@ -9,6 +9,7 @@ refused (the failed check on stderr; the enclave is told why), 2 usage or input 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -43,12 +44,14 @@ MAX_JOB_FILE = 40 * 1024
               help="Seconds to wait for the enclave to listen, and for each message.")
 @click.option("--result-timeout", type=click.FloatRange(min=0, min_open=True),
               help="Seconds to wait for the enclave's result [--timeout].")
+@click.option("--save-document", "document_path", type=click.Path(dir_okay=False),
+              help="Write the enclave's attestation document here (for `qtbuild kms policy check --document`).")
 @click.option("--transport", type=click.Choice(vsock.TRANSPORTS),
               help=f"vsock transport (default: ${vsock.ENV_TRANSPORT} or auto).")
 @click.option("--vsock-dir", type=click.Path(file_okay=False),
               help=f"Emulated vsock socket root (default: ${vsock.ENV_DIR}, else the local runtime's).")
 def command(cid, job_path, credentials_path, port, pcr0, measurements, root_paths, trust_hardware_roots,
-            allow_debug, timeout, result_timeout, transport, vsock_dir) -> None:
+            allow_debug, timeout, result_timeout, document_path, transport, vsock_dir) -> None:
     """Hand enclave CID its job and short-lived credentials after it attests; print its result.
 
     The enclave calls receive_job(PORT) (qtbuild SDK).  Its attestation document must chain to a
@@ -67,6 +70,8 @@ def command(cid, job_path, credentials_path, port, pcr0, measurements, root_path
         raise CheckFailed(f"enclave {cid}: {refused}") from None
     except HandoffError as error:
         raise CheckFailed(f"enclave {cid}: hand-off failed: {error}") from None
+    if document_path:
+        Path(document_path).write_bytes(outcome.document_bytes)
     say(f"qtbuild handoff: enclave {cid} attested (PCR0 {outcome.document.pcrs[0].hex()[:16]}…) and answered")
     emit_json(outcome.result)
 

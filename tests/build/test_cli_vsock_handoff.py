@@ -16,7 +16,7 @@ import pytest
 
 from qtbuild.runtime.qtsm.device import SecurityModule
 from qtbuild.runtime.qtsm.pki import LocalPki
-from qtbuild.runtime.sdk import HandoffError, receive_job, vsock
+from qtbuild.runtime.sdk import HandoffError, parse_attestation, receive_job, vsock
 
 PCRS = {index: bytes([0x50 + index]) * 48 for index in range(16)}
 ENCLAVE_CID = 17
@@ -110,17 +110,19 @@ def test_handoff_gives_the_job_and_credentials_only_to_the_measured_enclave(root
     parent = qtbuild("handoff", str(ENCLAVE_CID), "--job", str(tmp_path / "job.json"),
                      "--kms-credentials", str(tmp_path / "app.json"),
                      "--pcr0-from", str(tmp_path / "measurements.json"), "--timeout", "30",
-                     root=root, state=state)
+                     "--save-document", str(tmp_path / "doc.cose"), root=root, state=state)
     out, err = parent.communicate(timeout=60)
     thread.join(10)
     if allowed:
         assert parent.returncode == 0, err
         assert json.loads(out) == {"records": 2, "access_key": "AK1"}
         assert outcome["job"]["credentials"]["secret_key"] == "SK1"
+        assert parse_attestation((tmp_path / "doc.cose").read_bytes()).pcrs[0] == PCRS[0]
     else:
         assert parent.returncode == 1 and out == b""
         assert b"(pcrs)" in err and err.count(b"\n") == 1
         assert "job" not in outcome and "refused" in outcome["error"]
+        assert not (tmp_path / "doc.cose").exists()
 
 
 def test_transport_emulated_alone_means_the_local_runtime_root(tmp_path):
