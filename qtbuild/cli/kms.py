@@ -437,7 +437,7 @@ def policy_check(name, access_key, key_id, action, document_path, root_paths, al
                    "context": context,
                    "statements": [vars(report) for report in explanation.statements]})
     else:
-        _print_explanation(explanation, allowed, refusal, actions, resource, context)
+        _print_explanation(explanation, allowed, refusal, actions, resource, context, policy)
     if not allowed:
         raise click.exceptions.Exit(1)
 
@@ -467,13 +467,18 @@ def _recipient_context(document_path, root_paths, allow_debug) -> tuple[dict, st
 _AGE_NOT_CHECKED = 100 * 365 * 86400
 
 
-def _print_explanation(explanation, allowed, refusal, actions, resource, context) -> None:
+def _print_explanation(explanation, allowed, refusal, actions, resource, context, policy) -> None:
+    """Text: the verdict, the request, the document's PCR0/PCR8 and whatever keys the policy
+    names (``--json`` has them all), then one line per statement."""
     click.echo(f"{'ALLOWED' if allowed else 'DENIED'}: {refusal or explanation.decision.reason}")
     click.echo(f"  request: {' or '.join(actions)} on {resource}")
-    pcrs = {key: value for key, value in context.items() if "/" in key}
-    for key, value in pcrs.items():
+    named = {condition.key for statement in (policy.statements if policy else ())
+             for condition in statement.conditions}
+    shown = {key: value for key, value in context.items()
+             if key.lower() in named or key in ("kms:RecipientAttestation/PCR0", "kms:RecipientAttestation/PCR8")}
+    for key, value in shown.items():
         click.echo(f"  document: {key} = {value}")
-    if not pcrs:
+    if not context:
         click.echo("  document: none (no kms:RecipientAttestation/* keys)")
     for report in explanation.statements:
         click.echo(f"  Statement[{report.index}] {report.effect}: {report.outcome}: {report.detail}")

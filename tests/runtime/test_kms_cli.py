@@ -214,6 +214,8 @@ def test_generated_policy_check_and_credentials_from_the_environment(dirs, tmp_p
         code, output = cli("policy", "check", "--principal", "app", "--key", key_id,
                            "--document", str(good))
         assert code == 0 and output.startswith("ALLOWED: allowed by Statement[0]"), output
+        assert f"document: kms:RecipientAttestation/PCR0 = {PCRS[0].hex()}" in output
+        assert "PCR5" not in output  # only the PCRs that matter, in text; --json has all
 
         moved = tmp_path / "moved.cose"
         moved.write_bytes(SecurityModule({**PCRS, 0: b"\x99" * 48}, debug=False, signer=signer, module_id=MODULE)
