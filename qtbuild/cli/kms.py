@@ -276,7 +276,7 @@ previous one: the JSON document in POLICY_FILE, or one generated from --allow.
 \b
 Document: {"Version": "1.1", "Statement": [{"Effect": "Allow"|"Deny",
   "Action": ["kms:cmk:decrypt", ...], "Resource": ["KMS:*:*:KeyId:<key id>"],
-  "Condition": {"StringEquals": {"kms:RecipientAttestation/PCR0": "<hex>"}}}]}
+  "Condition": {"StringEqualsIgnoreCase": {"kms:RecipientAttestation/PCR0": "<hex>"}}}]}
 Actions: decrypt-data kms:cmk:decrypt, encrypt-data kms:cmk:encrypt, create-datakey
   kms:dek:create, decrypt-datakey kms:dek:decrypt, gen-random kms:cmk:generate, ...
 Condition keys: kms:RecipientAttestation/PCR<n> (lower-case hex of a verified document);

@@ -66,7 +66,7 @@ def allow_policy(apis: list[str], key_id: str, pcr0: list[str], pcr8: list[str] 
         condition[PCR8_KEY] = _one_or_list([value.lower() for value in pcr8])
     document = {"Version": "1.1", "Statement": [{
         "Effect": "Allow", "Action": actions, "Resource": [key_resource(key_id)],
-        "Condition": {"StringEquals": condition}}]}
+        "Condition": {"StringEqualsIgnoreCase": condition}}]}
     parse_policy(document)
     return document
 

@@ -205,7 +205,7 @@ def test_generated_policy_check_and_credentials_from_the_environment(dirs, tmp_p
         assert code == 0, output
         stored = json.loads(cli("policy", "get", "--name", "app")[1])["policy"]
         assert stored["Statement"][0]["Condition"] == {
-            "StringEquals": {"kms:RecipientAttestation/PCR0": PCRS[0].hex()}}
+            "StringEqualsIgnoreCase": {"kms:RecipientAttestation/PCR0": PCRS[0].hex()}}
 
         signer = pki.signer("check")
         good = tmp_path / "good.cose"

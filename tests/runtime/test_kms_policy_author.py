@@ -28,7 +28,7 @@ def test_generated_policy_allows_only_the_measured_enclave_on_the_key():
     document = allow_policy(["decrypt-data"], KEY, [PCR0.upper()])
     assert document == {"Version": "1.1", "Statement": [{
         "Effect": "Allow", "Action": ["kms:cmk:decrypt"], "Resource": [f"KMS:*:*:KeyId:{KEY}"],
-        "Condition": {"StringEquals": {PCR0_KEY: PCR0}}}]}
+        "Condition": {"StringEqualsIgnoreCase": {PCR0_KEY: PCR0}}}]}
     policy = parse_policy(document)
     decrypt = actions_for("decrypt-data")
     assert evaluate(policy, decrypt, RESOURCE, _context(PCR0)).allowed
