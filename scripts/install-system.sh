@@ -11,8 +11,9 @@
 #   debootstrap      builds a Debian base image locally (Docker Hub is unreachable here)
 #   openssl, python3-venv  signing keys in the quickstart; the virtualenv qtbuild installs into
 #   gcc, libc6-dev, iproute2  static test helpers for the sandbox tests (AF_VSOCK probe), ip(8)
+#   jq               docs/first-enclave-app.md's shell steps (run by tests/e2e/test_walkthrough.py)
 set -euo pipefail
-packages=(docker.io docker-registry skopeo podman softhsm2 busybox-static cpio umoci zstd debootstrap openssl python3-venv gcc libc6-dev iproute2)
+packages=(docker.io docker-registry skopeo podman softhsm2 busybox-static cpio umoci zstd debootstrap openssl python3-venv gcc libc6-dev iproute2 jq)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -51,6 +51,8 @@ COMMANDS: dict[str, CommandEntry] = {
                             "Write an image's sections to DIR: kernel, cmdline, metadata.json, signature, and each "
                             "ramdisk as raw .cpio and safely unpacked (no path escapes, no device nodes, no setuid "
                             "bits; owners kept when run as root, setgid bits kept)."),
+    "handoff": CommandEntry("qtbuild.cli.handoff", "command",
+                            "Hand enclave CID its job and short-lived credentials after it attests; print its result."),
     "kms": CommandEntry("qtbuild.cli.kms", "command",
                         "A local KMS (Huawei KMS REST shapes) with attested-recipient decryption."),
     "measure": CommandEntry("qtbuild.cli.convert", "measure_command",
@@ -68,6 +70,8 @@ COMMANDS: dict[str, CommandEntry] = {
                         "The enclave SDK (security module, vsock, KMS recipient helpers) for use inside images."),
     "sign": CommandEntry("qtbuild.cli.sign", "command",
                          "Add or replace an image's signature (PCR0 signed; PCR8 from the certificate)."),
+    "vsock": CommandEntry("qtbuild.cli.vsock", "command",
+                          "Listen on or send to vsock ports by hand (development; emulated or native vsock)."),
     "verify": CommandEntry("qtbuild.cli.verify", "command",
                            "Check structure, CRC and signature, and compare PCRs with expected values."),
 }

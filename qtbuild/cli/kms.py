@@ -16,9 +16,10 @@
     the master key is not in it) / put one back (service stopped; older schemas upgraded).
 
 ``create-key``, ``encrypt``, ``principal create [--temporary --duration 15m]``,
-``token create``, ``policy put|get``, ``audit``
-    Admin commands: signed requests with the credentials of ``--credentials`` (default the
-    serve state directory's ``admin.json``) to its endpoint (or ``--endpoint``).
+``token create``, ``policy put|get|check``, ``audit``
+    Admin commands: signed requests with the credentials of ``--credentials`` (default
+    ``$QTBUILD_KMS_CREDENTIALS``, else the serve state directory's ``admin.json``) to its
+    endpoint (or ``--endpoint``).  The policy language: docs/kms-policies.md.
 
 Exit codes: 0 success, 1 the KMS refused (its code and message on stderr), 2 usage/input error.
 """
@@ -65,6 +66,7 @@ from qtbuild.runtime.verifier.attestation import KNOWN_ROOTS, normalize_fingerpr
 
 MAX_INPUT = 4096
 MAX_POLICY_FILE = 64 * 1024
+CREDENTIALS_ENV = "QTBUILD_KMS_CREDENTIALS"
 
 
 def _default_state_dir() -> Path:
@@ -134,10 +136,21 @@ def serve(state_dir, db, listen, root_paths, fingerprints, trust_hardware_roots,
     say(f"qtbuild kms: admin credentials in {paths.credentials}")
     say(f"qtbuild kms: listening on {server.endpoint} (project {opened.project_id}; "
         f"{len(verifier.roots) + len(verifier.root_fingerprints)} attestation root(s))")
-    click.echo(json.dumps({"endpoint": server.endpoint, "credentials": str(paths.credentials),
-                           "project_id": opened.project_id}), nl=True)
-    sys.stdout.flush()
+    ready = json.dumps({"endpoint": server.endpoint, "credentials": str(paths.credentials),
+                        "project_id": opened.project_id})
+    serve_forever = server.serve_forever
+
+    def announce_then_serve(*args, **kwargs):
+        # The ready line goes out once serve_until_signalled has installed its signal handlers
+        # (it starts this in its worker thread): a SIGTERM right after the line stops the
+        # server cleanly instead of killing the process.
+        click.echo(ready)
+        sys.stdout.flush()
+        return serve_forever(*args, **kwargs)
+
+    server.serve_forever = announce_then_serve  # type: ignore[method-assign]
     serve_until_signalled(server)
+    say("qtbuild kms: stopped")
 
 
 def _state_options(function):
@@ -213,7 +226,7 @@ def _load_roots(path: str) -> list[x509.Certificate]:
 def _admin_options(function):
     function = click.option("--endpoint", metavar="URL",
                             help="KMS endpoint (default: the credentials file's).")(function)
-    return click.option("--credentials", "credentials_path",
+    return click.option("--credentials", "credentials_path", envvar=CREDENTIALS_ENV, show_envvar=True,
                         type=click.Path(dir_okay=False),
                         help="Admin credentials file [<qtbuild state dir>/kms/admin.json].",
                         )(function)
@@ -251,7 +264,7 @@ def _call(client: KmsClient, api: str, body: dict) -> dict:
 @click.option("--description", default=None, help="Free text, ≤ 255 characters.")
 @_admin_options
 def create_key(alias, description, credentials_path, endpoint) -> None:
-    """Create an AES-256 customer master key; prints its key_info."""
+    """Create an AES-256 customer master key; prints key_info {key_id, domain_id, region_id}."""
     body = {"key_alias": alias}
     if description is not None:
         body["key_description"] = description
@@ -374,16 +387,105 @@ def _target(name: str | None, access_key: str | None) -> dict:
     return {"name": name} if name else {"access_key": access_key}
 
 
-@policy.command("put")
-@click.argument("policy_file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
-@click.option("--name", help="The principal's name.")
+POLICY_HELP = """Attach a policy to a principal (--name/--principal or --access-key), replacing any
+previous one: the JSON document in POLICY_FILE, or one generated from --allow.
+
+\b
+Document: {"Version": "1.1", "Statement": [{"Effect": "Allow"|"Deny",
+  "Action": ["kms:cmk:decrypt", ...], "Resource": ["KMS:*:*:KeyId:<key id>"],
+  "Condition": {"StringEqualsIgnoreCase": {"kms:RecipientAttestation/PCR0": "<hex>"}}}]}
+Actions: decrypt-data kms:cmk:decrypt, encrypt-data kms:cmk:encrypt, create-datakey
+  kms:dek:create, decrypt-datakey kms:dek:decrypt, gen-random kms:cmk:generate, ...
+Condition keys: kms:RecipientAttestation/PCR<n> (lower-case hex of a verified document);
+  operators StringEquals, StringEqualsIgnoreCase, StringLike, Null, Bool.
+Default deny; a matching Allow grants; a matching Deny wins.  Full reference:
+docs/kms-policies.md.  Try a document with `qtbuild kms policy check`.
+
+\b
+Generated (the common case):
+  qtbuild kms policy put --principal app --allow decrypt-data --key KEY \\
+      --pcr0-from measurements.json [--pcr8 HEX]
+"""
+
+
+@policy.command("put", help=POLICY_HELP)
+@click.argument("policy_file", required=False,
+                type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.option("--name", "--principal", "name", help="The principal's name.")
 @click.option("--access-key", help="The principal's access key.")
+@click.option("--allow", "apis", multiple=True, metavar="API",
+              help="Generate a policy allowing this API (e.g. decrypt-data); repeatable.")
+@click.option("--key", "key_id", metavar="KEY_ID", help="With --allow: the key the policy covers.")
+@click.option("--pcr0", "pcr0", multiple=True, metavar="HEX", help="With --allow: an accepted PCR0; repeatable.")
+@click.option("--pcr0-from", "measurements", type=click.Path(exists=True, dir_okay=False),
+              help="With --allow: take PCR0 from the measurements JSON `convert` printed.")
+@click.option("--pcr8", "pcr8", multiple=True, metavar="HEX",
+              help="With --allow: also require this PCR8 (signing certificate); repeatable.")
+@click.option("--dry-run", is_flag=True, help="Print the document instead of attaching it.")
 @_admin_options
-def policy_put(policy_file, name, access_key, credentials_path, endpoint) -> None:
-    """Attach the policy in POLICY_FILE (JSON) to a principal, replacing any previous one."""
-    document = _read_policy(policy_file)
+def policy_put(policy_file, name, access_key, apis, key_id, pcr0, measurements, pcr8, dry_run,
+               credentials_path, endpoint) -> None:
+    if apis:
+        if policy_file:
+            raise InputError("give POLICY_FILE or --allow, not both")
+        document = _generated_policy(apis, key_id, pcr0, measurements, pcr8)
+    elif policy_file:
+        if key_id or pcr0 or measurements or pcr8:
+            raise InputError("--key, --pcr0, --pcr0-from and --pcr8 go with --allow")
+        document = _read_policy(policy_file)
+    else:
+        raise InputError("give POLICY_FILE, or --allow API --key KEY --pcr0-from FILE")
+    if dry_run:
+        emit_json(document)
+        return
     body = {**_target(name, access_key), "policy": document}
     emit_json(_call(_client(credentials_path, endpoint), "admin/put-policy", body))
+
+
+def _generated_policy(apis, key_id, pcr0, measurements, pcr8) -> dict:
+    from qtbuild.runtime.kms.policy import PolicyError
+    from qtbuild.runtime.kms.policy_author import allow_policy
+
+    if not key_id:
+        raise InputError("--allow needs --key KEY_ID")
+    values = [_pcr_hex(value, "--pcr0") for value in pcr0]
+    if measurements:
+        values.append(_measured_pcr0(measurements))
+    if not values:
+        raise InputError("--allow needs --pcr0 HEX or --pcr0-from measurements.json (an enclave's "
+                         "identity; a policy without one lets any enclave decrypt)")
+    try:
+        return allow_policy(list(apis), key_id, values, [_pcr_hex(value, "--pcr8") for value in pcr8])
+    except (ValueError, PolicyError) as exc:
+        raise InputError(f"--allow: {exc}") from None
+
+
+def _pcr_hex(value: str, option: str) -> str:
+    text = value.strip().lower()
+    if len(text) != 96 or any(char not in "0123456789abcdef" for char in text):
+        raise InputError(f"{option}: expected 96 hex digits (a SHA-384 PCR), got {value[:100]!r}")
+    return text
+
+
+def _measured_pcr0(path: str) -> str:
+    return _measured_pcrs(path)[0].hex()
+
+
+def _measured_pcrs(path: str) -> dict[int, bytes]:
+    """PCR0, and PCR8 when the image is signed, from the measurements JSON ``convert`` printed."""
+    from qtbuild.formats.errors import FormatError
+    from qtbuild.inspect.verify import load_expected
+
+    try:
+        expected = load_expected(path)
+    except FormatError as exc:
+        raise InputError(str(exc)) from None
+    if "PCR0" not in expected:
+        raise InputError(f"{path}: no PCR0 (expected the measurements JSON `qtbuild convert` prints)")
+    pcrs = {0: expected["PCR0"]}
+    if any(expected.get("PCR8", b"")):
+        pcrs[8] = expected["PCR8"]
+    return pcrs
 
 
 def _read_policy(path: str) -> dict:
@@ -400,6 +502,100 @@ def policy_get(name, access_key, credentials_path, endpoint) -> None:
     reply = _call(_client(credentials_path, endpoint), "admin/get-policy",
                   _target(name, access_key))
     emit_json(reply)
+
+
+@policy.command("check")
+@click.option("--name", "--principal", "name", help="The principal's name.")
+@click.option("--access-key", help="The principal's access key.")
+@click.option("--key", "key_id", required=True, metavar="KEY_ID", help="The key the request is on.")
+@click.option("--action", "action", default="decrypt-data", show_default=True, metavar="API|ACTION",
+              help="An API (decrypt-data) or an action name (kms:cmk:decrypt).")
+@click.option("--document", "document_path", type=click.Path(exists=True, dir_okay=False, allow_dash=True),
+              help="The recipient's attestation document (raw COSE or base64); omit for a request "
+                   "without one.")
+@click.option("--attestation-root", "root_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Trust this root (PEM) as well as the local PKI's; repeatable.")
+@click.option("--allow-debug", is_flag=True, help="Accept a debug-mode document (as `serve --allow-debug`).")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
+@_admin_options
+def policy_check(name, access_key, key_id, action, document_path, root_paths, allow_debug, as_json,
+                 credentials_path, endpoint) -> None:
+    """Explain whether the principal's policy allows ACTION on KEY for the recipient whose
+    attestation document is DOCUMENT: the statement that matched or the condition that failed.
+
+    The document is verified as the KMS would (chain to a trusted root, signature, debug mode,
+    RSA key) except for its age.  Exit 0 allowed, 1 denied or document refused, 2 usage error.
+    """
+    from qtbuild.runtime.kms.policy import PolicyError, parse_policy
+    from qtbuild.runtime.kms.policy_author import actions_for, explain
+
+    try:
+        actions = actions_for(action)
+    except ValueError as exc:
+        raise InputError(f"--action: {exc}") from None
+    client, _ = _connection(credentials_path, endpoint)
+    with client:
+        stored = client.call("admin/get-policy", _target(name, access_key))
+        realm = client.call("describe-key", {"key_id": key_id})["key_info"]["realm"]
+    resource = f"kms:{realm}:{client.credentials.project_id}:KeyId:{key_id}"
+    context, refusal = _recipient_context(document_path, root_paths, allow_debug)
+    try:
+        policy = None if stored["policy"] is None else parse_policy(stored["policy"])
+    except PolicyError as exc:
+        raise InputError(f"the stored policy is invalid: {exc}") from None
+    explanation = explain(policy, actions, resource, context)
+    allowed = explanation.decision.allowed and refusal is None
+    if as_json:
+        emit_json({"allowed": allowed, "reason": refusal or explanation.decision.reason,
+                   "document_refused": refusal, "actions": list(actions), "resource": resource,
+                   "context": context,
+                   "statements": [vars(report) for report in explanation.statements]})
+    else:
+        _print_explanation(explanation, allowed, refusal, actions, resource, context, policy)
+    if not allowed:
+        raise click.exceptions.Exit(1)
+
+
+def _recipient_context(document_path, root_paths, allow_debug) -> tuple[dict, str | None]:
+    """(policy condition keys, None) for a verified document; ({}, why) when the KMS would refuse it."""
+    from qtbuild.runtime.kms.errors import KmsError
+
+    if document_path is None:
+        return {}, None
+    data = read_bounded(document_path, 64 * 1024, "not an attestation document")
+    stripped = data.strip()
+    try:
+        text = base64.b64encode(base64.b64decode(stripped, validate=True)).decode() if stripped else ""
+    except ValueError:
+        text = base64.b64encode(data).decode()
+    if not stripped or not text:
+        raise InputError(f"{document_path}: empty: expected an attestation document")
+    verifier = _verifier(root_paths, (), False, False, f"{_AGE_NOT_CHECKED}s", allow_debug)
+    try:
+        recipient = verifier.verify({"attestation_document": text})
+    except KmsError as error:
+        return {}, f"the KMS refuses the document: {error.code} {error.message}"
+    return recipient.conditions(), None
+
+
+_AGE_NOT_CHECKED = 100 * 365 * 86400
+
+
+def _print_explanation(explanation, allowed, refusal, actions, resource, context, policy) -> None:
+    """Text: the verdict, the request, the document's PCR0/PCR8 and whatever keys the policy
+    names (``--json`` has them all), then one line per statement."""
+    click.echo(f"{'ALLOWED' if allowed else 'DENIED'}: {refusal or explanation.decision.reason}")
+    click.echo(f"  request: {' or '.join(actions)} on {resource}")
+    named = {condition.key for statement in (policy.statements if policy else ())
+             for condition in statement.conditions}
+    shown = {key: value for key, value in context.items()
+             if key.lower() in named or key in ("kms:RecipientAttestation/PCR0", "kms:RecipientAttestation/PCR8")}
+    for key, value in shown.items():
+        click.echo(f"  document: {key} = {value}")
+    if not context:
+        click.echo("  document: none (no kms:RecipientAttestation/* keys)")
+    for report in explanation.statements:
+        click.echo(f"  Statement[{report.index}] {report.effect}: {report.outcome}: {report.detail}")
 
 
 @command.command("audit")

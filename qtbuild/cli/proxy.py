@@ -114,16 +114,21 @@ def _proxy_config(config_path, route: Route | None, limits: dict, inbound: tuple
 
 
 def _vsock_config(transport, vsock_dir) -> vsock.VsockConfig:
-    """From the options and environment; with neither naming a vsock directory, the local
-    runtime's (``<runtime dir>/vsock``, where ``qtbuild run`` puts enclaves) when it exists, so
-    the proxy reaches local enclaves even on a host that also has a real /dev/vsock."""
+    """From the options and environment.  With no vsock directory named: ``emulated`` means the
+    local runtime's root (``<runtime dir>/vsock``, where ``qtbuild run`` puts enclaves; created
+    when missing); no transport either means that root when it exists, so the proxy reaches
+    local enclaves even on a host that also has a real /dev/vsock, else ``auto``."""
     environ = dict(os.environ)
     if transport:
         environ[vsock.ENV_TRANSPORT] = transport
     if vsock_dir:
         environ[vsock.ENV_DIR] = vsock_dir
-    if vsock.ENV_DIR not in environ and not transport:
-        local_root = RuntimeDir.default().vsock_root
-        if local_root.is_dir():
-            environ[vsock.ENV_DIR] = str(local_root)
+    if vsock.ENV_DIR not in environ:
+        requested = environ.get(vsock.ENV_TRANSPORT) or vsock.AUTO
+        runtime = RuntimeDir.default()
+        if requested == vsock.EMULATED:
+            runtime.ensure()
+            environ[vsock.ENV_DIR] = str(runtime.vsock_root)
+        elif requested == vsock.AUTO and runtime.vsock_root.is_dir():
+            environ[vsock.ENV_DIR] = str(runtime.vsock_root)
     return vsock.VsockConfig.from_env(environ)

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from tqdm import tqdm
 
 from qtbuild.convert.boot_profiles import load_profile, normalise_arch
+from qtbuild.convert.credential_scan import credential_warnings
 from qtbuild.convert.flatten import flatten
 from qtbuild.convert.launch_config import Launch, resolve_launch, tree_file_reader
 from qtbuild.convert.metadata import load_custom_metadata, make_metadata, source_date_epoch
@@ -85,7 +86,10 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
             clamp_mtime = int(clamp.timestamp()) if clamp else None
             tree = flatten(image.layers(), spill_dir=options.spill_dir, clamp_mtime=clamp_mtime, progress=bar.update)
         with tree:
-            launch = resolve_launch(config, tree_file_reader(tree), semantics=options.cmd_semantics)
+            read_file = tree_file_reader(tree)
+            launch = resolve_launch(config, read_file, semantics=options.cmd_semantics)
+            paths = (entry.path.decode("utf-8", "replace") for entry in tree.iter_entries())
+            warnings = list(tree.warnings) + credential_warnings(config, paths, read_file)
             ramdisk = customer_ramdisk(tree.iter_entries, launch)
             with _progress("ramdisk", options.quiet, total=ramdisk.size + profile.bootstrap.size) as bar:
                 result = write_eif(
@@ -98,7 +102,7 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
                     signer=options.signer,
                     progress=bar.update,
                 )
-            return ConvertResult(result, image.image_id, arch, launch, profile.name, list(tree.warnings),
+            return ConvertResult(result, image.image_id, arch, launch, profile.name, warnings,
                                  image_dependencies(image))
 
 

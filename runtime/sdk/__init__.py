@@ -10,6 +10,8 @@ into ``DIR/qtbuild_sdk/`` as they are (see README.md).
     KmsClient          signed KMS calls (decrypt-data, create-datakey, ...) with the recipient flow
     AwsKmsClient       AWS KMS (SigV4, Recipient) for the Nitro profile
     open_envelope      opens the KMS's CMS EnvelopedData answer with the recipient key
+    parse_attestation  the fields of an attestation document (decoded, not verified)
+    receive_job, Job   the hand-off: the parent's job and credentials, after attesting
 
 Inside this package, import siblings relatively (``from .qtsm import …``): the export is a
 plain copy, and an absolute qtbuild import makes it fail.
@@ -18,13 +20,16 @@ plain copy, and an absolute qtbuild import makes it fail.
 from __future__ import annotations
 
 from .aws_kms import AwsCredentials, AwsKmsClient
+from .document import AttestationFields, DocumentError, parse_attestation
 from .envelope import open_envelope
+from .handoff import HandoffError, Job, receive_job
 from .kms_client import Credentials, KmsClient, tcp_transport, vsock_transport
 from .qtsm import Qtsm, QtsmError
 from .recipient import RecipientKey
 from .vsock import connect, listen
 
 __all__ = [
-    "AwsCredentials", "AwsKmsClient", "Credentials", "KmsClient", "Qtsm", "QtsmError",
-    "RecipientKey", "connect", "listen", "open_envelope", "tcp_transport", "vsock_transport",
+    "AttestationFields", "AwsCredentials", "AwsKmsClient", "Credentials", "DocumentError", "HandoffError", "Job",
+    "KmsClient", "Qtsm", "QtsmError", "RecipientKey", "connect", "listen", "open_envelope", "parse_attestation",
+    "receive_job", "tcp_transport", "vsock_transport",
 ]

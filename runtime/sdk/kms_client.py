@@ -22,9 +22,9 @@ server's verifier::
 Recipient flow: with an ``attestor`` (``qtbuild.runtime.sdk.Qtsm`` or anything with
 ``attestation(user_data=None, nonce=None, public_key=None) -> bytes``), decrypt-data,
 decrypt-datakey, create-datakey and gen-random send ``recipient`` = a fresh attestation document
-carrying the client's RSA public key; KMS answers ``ciphertext_recipient`` (a CMS envelope) and
-the client opens it with the private key, so plaintext never crosses the proxy in the clear.
-Without an attestor the same calls return KMS's plaintext fields.
+carrying the client's RSA public key (and the call's ``nonce=``, when given); KMS answers
+``ciphertext_recipient`` (a CMS envelope) and the client opens it with the private key, so
+plaintext never crosses the proxy in the clear.  Without an attestor the same calls return KMS's plaintext fields.
 
 Reaching the real service: :meth:`KmsClient.from_config` takes the endpoint, region and project
 from its parameters or the environment (``KMS_ENDPOINT``, ``KMS_REGION``, ``KMS_PROJECT_ID``,
@@ -346,12 +346,14 @@ class KmsClient(ConnectedClient):
             body["additional_authenticated_data"] = _text(aad)
         return _field(self.call("encrypt-data", body), "cipher_text", str)
 
-    def decrypt_data(self, cipher_text: str, aad: bytes | str | None = None) -> bytes:
-        """decrypt-data: the plaintext (opened from the recipient envelope with an attestor)."""
+    def decrypt_data(self, cipher_text: str, aad: bytes | str | None = None, *,
+                     nonce: bytes | None = None) -> bytes:
+        """decrypt-data: the plaintext (opened from the recipient envelope with an attestor;
+        ``nonce`` goes into that attestation document)."""
         body = {"cipher_text": cipher_text}
         if aad is not None:
             body["additional_authenticated_data"] = _text(aad)
-        plaintext, reply = self._recipient_call("decrypt-data", body)
+        plaintext, reply = self._recipient_call("decrypt-data", body, nonce)
         if plaintext is None:
             if isinstance(reply.get("plain_text_base64"), str):
                 plaintext = _unbase64(reply["plain_text_base64"], "plain_text_base64")
@@ -359,44 +361,55 @@ class KmsClient(ConnectedClient):
                 plaintext = _field(reply, "plain_text", str).encode("utf-8")
         return plaintext
 
-    def decrypt_datakey(self, key_id: str, cipher_text: str) -> bytes:
+    def decrypt_datakey(self, key_id: str, cipher_text: str, *, nonce: bytes | None = None) -> bytes:
         """decrypt-datakey: the data key, from a create-datakey ``cipher_text`` (hex)."""
         body = {"key_id": key_id, "cipher_text": cipher_text,
                 "datakey_cipher_length": str(max(len(cipher_text) // 2 - DATAKEY_TRAILER, 0))}
-        plaintext, reply = self._recipient_call("decrypt-datakey", body)
+        plaintext, reply = self._recipient_call("decrypt-datakey", body, nonce)
         if plaintext is None:
             plaintext = _unhex(_field(reply, "data_key", str), "data_key")
         return plaintext
 
-    def create_datakey(self, key_id: str, bits: int = 256) -> tuple[bytes, str]:
+    def create_datakey(self, key_id: str, bits: int = 256, *, nonce: bytes | None = None) -> tuple[bytes, str]:
         """create-datakey: (data key, its ``cipher_text`` hex to store beside the data)."""
         body = {"key_id": key_id, "datakey_length": str(bits)}
-        plaintext, reply = self._recipient_call("create-datakey", body)
+        plaintext, reply = self._recipient_call("create-datakey", body, nonce)
         if plaintext is None:
             plaintext = _unhex(_field(reply, "plain_text", str), "plain_text")
         return plaintext, _field(reply, "cipher_text", str)
 
-    def gen_random(self, bits: int = 256) -> bytes:
+    def gen_random(self, bits: int = 256, *, nonce: bytes | None = None) -> bytes:
         """gen-random: ``bits`` / 8 random bytes (8–8192 bits, a multiple of 8)."""
-        plaintext, reply = self._recipient_call("gen-random", {"random_data_length": str(bits)})
+        plaintext, reply = self._recipient_call("gen-random", {"random_data_length": str(bits)}, nonce)
         if plaintext is None:
             plaintext = _unhex(_field(reply, "random_data", str), "random_data")
         return plaintext
 
     # ------------------------------------------------------------------ plumbing
 
-    def recipient(self) -> dict:
-        """The ``recipient`` request field: a fresh document over this client's public key."""
+    @property
+    def recipient_key(self) -> RecipientKey:
+        with self._lock:
+            if self._recipient_key is None:
+                self._recipient_key = RecipientKey.generate()
+            return self._recipient_key
+
+    def recipient(self, nonce: bytes | None = None) -> dict:
+        """The ``recipient`` request field: a fresh document over this client's public key
+        (and ``nonce``, when given: the attestor is called with ``nonce=`` only then)."""
         key = self.recipient_key
-        document = self.attestor.attestation(public_key=key.public_key_der)
+        extra = {} if nonce is None else {"nonce": nonce}
+        document = self.attestor.attestation(public_key=key.public_key_der, **extra)
         return {"attestation_document": _b64(document),
                 "key_encryption_algorithm": KEY_ENCRYPTION_ALGORITHM}
 
-    def _recipient_call(self, api: str, body: dict) -> tuple[bytes | None, dict]:
+    def _recipient_call(self, api: str, body: dict, nonce: bytes | None = None) -> tuple[bytes | None, dict]:
         """(opened plaintext, reply) with an attestor; (None, reply) without one."""
         if self.attestor is None:
+            if nonce is not None:
+                raise ValueError("nonce= needs an attestor: without one no attestation document is sent")
             return None, self.call(api, body)
-        reply = self.call(api, {**body, "recipient": self.recipient()})
+        reply = self.call(api, {**body, "recipient": self.recipient(nonce)})
         envelope = _unbase64(_field(reply, "ciphertext_recipient", str), "ciphertext_recipient")
         try:
             return open_envelope(envelope, self.recipient_key.private_key), reply

@@ -9,7 +9,7 @@ import time
 CHUNK = 256 * 1024
 
 
-class _Activity:
+class Activity:
     """When a byte last moved on a connection."""
 
     __slots__ = ("last",)
@@ -24,7 +24,7 @@ class _Activity:
         return max(0.0, self.last + timeout - time.monotonic())
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, activity: _Activity) -> None:
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, activity: Activity) -> None:
     while data := await reader.read(CHUNK):
         activity.touch()
         writer.write(data)
@@ -33,11 +33,13 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, acti
         writer.write_eof()
 
 
-async def relay(a_reader, a_writer, b_reader, b_writer, idle_timeout: float) -> str:
+async def relay(a_reader, a_writer, b_reader, b_writer, idle_timeout: float,
+                activity: Activity | None = None) -> str:
     """Copy a→b and b→a until both end (``"closed"``), one fails (``"error: …"``) or nothing
     moved for ``idle_timeout`` seconds (``"idle"``); EOF is passed on as a half-close.  Does not
-    close the writers."""
-    activity = _Activity()
+    close the writers.  ``activity`` (if given) is touched whenever a byte moves, so an owner can
+    tell a quiet connection from a busy one."""
+    activity = activity or Activity()
     pumps = {asyncio.create_task(_pump(a_reader, b_writer, activity)),
              asyncio.create_task(_pump(b_reader, a_writer, activity))}
     pending = set(pumps)

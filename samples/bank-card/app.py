@@ -2,15 +2,17 @@
 
 Inside the enclave there is no network: the only ways out are vsock connections to the parent
 (CID 3), where qt-proxy forwards chosen ports to the KMS and the object store.  The parent hands
-the job over vsock (no secret is baked into the image):
+the job over vsock with the SDK's hand-off (``receive_job`` here, ``qtbuild handoff`` on the
+parent): only after this enclave has attested, sealed to the key in its attestation document —
+no secret is baked into the image:
 
     {"kms": {"vsock_port", "access_key", "secret_key", "project_id", "key_id"},
      "object_store": {"vsock_port"}, "download_url": presigned GET, "upload_url": presigned PUT}
 
 The app downloads the ciphertext, decrypts it with decrypt-data carrying an attestation document
 over a fresh RSA key (the KMS answers with an envelope only this enclave can open), validates and
-masks each card number, encrypts the result with encrypt-data and uploads it, then reports a
-summary (never the card numbers) back to the parent.
+masks each card number, encrypts the result with encrypt-data and uploads it, then replies with a
+summary (never the card numbers) on the hand-off connection.
 """
 
 from __future__ import annotations
@@ -21,11 +23,10 @@ import ssl
 import sys
 import urllib.parse
 
-from qtbuild_sdk import Qtsm, connect, listen
+from qtbuild_sdk import Qtsm, connect, receive_job
 from qtbuild_sdk.kms_client import Credentials, KmsClient, vsock_transport
 
 JOB_PORT = 5000
-MAX_JOB = 64 * 1024
 MAX_OBJECT = 16 * 1024 * 1024
 
 
@@ -107,32 +108,16 @@ def run_job(job: dict) -> dict:
     return {"status": "ok", "records": len(results), "valid": sum(r["valid"] for r in results)}
 
 
-def read_job(connection) -> dict:
-    data = b""
-    while not data.endswith(b"\n") and len(data) <= MAX_JOB:
-        chunk = connection.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return json.loads(data)
-
-
 def main() -> int:
-    listener = listen(JOB_PORT)
     print(f"bank-card enclave: waiting for a job on vsock port {JOB_PORT}", flush=True)
-    connection, peer = listener.accept()
-    try:
-        job = read_job(connection)
+    with Qtsm() as qtsm, receive_job(JOB_PORT, attestor=qtsm) as job:
         try:
-            summary = run_job(job)
+            summary = run_job(job.payload)
         except Exception as exc:  # reported to the parent; the enclave then exits non-zero
             summary = {"status": "error", "error": f"{type(exc).__name__}: {exc}"}
-        connection.sendall(json.dumps(summary).encode() + b"\n")
-        print(f"bank-card enclave: {summary['status']}", flush=True)
-        return 0 if summary["status"] == "ok" else 1
-    finally:
-        connection.close()
-        listener.close()
+        job.reply(summary)
+    print(f"bank-card enclave: {summary['status']}", flush=True)
+    return 0 if summary["status"] == "ok" else 1
 
 
 if __name__ == "__main__":

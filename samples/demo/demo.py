@@ -352,9 +352,10 @@ def _start_proxy(env: BankCardEnv) -> subprocess.Popen:
     return process
 
 
-def _run_job(env: BankCardEnv, eif: Path, *, debug: bool = False, cloud: str = "qingtian") -> dict:
-    """Start the enclave, hand it the job over vsock, return its summary; the enclave is stopped."""
-    args = ["run", eif, "--mem", "1024", "--cpus", "2", "--cloud", cloud, "--format", "qingtian"]
+def _run_job(env: BankCardEnv, build: dict, *, debug: bool = False, cloud: str = "qingtian") -> dict:
+    """Start the enclave, hand it the job with `qtbuild handoff` (after it attests), return its
+    summary; the enclave is stopped."""
+    args = ["run", build["eif"], "--mem", "1024", "--cpus", "2", "--cloud", cloud, "--format", "qingtian"]
     args += ["--debug-mode"] if debug else []
     started = json.loads(env.space.qtbuild(*args).stdout)
     role("parent", f"started enclave {started['EnclaveID']} "
@@ -372,37 +373,26 @@ def _run_job(env: BankCardEnv, eif: Path, *, debug: bool = False, cloud: str = "
             "upload_url": s3.generate_presigned_url("put_object", Params={"Bucket": "bucket2", "Key": "result.ct"},
                                                     ExpiresIn=300),
         }
-        role("parent", "sent the job over vsock: presigned URLs and temporary KMS credentials "
-                       "(nothing baked into the image)")
-        return _send_job(env, started["EnclaveCID"], job)
+        return _hand_off(env, started["EnclaveCID"], job, build["PCR0"], debug=debug)
     finally:
         env.space.qtbuild("enclave", "stop", "--enclave-id", started["EnclaveID"], check=False)
 
 
-def _send_job(env: BankCardEnv, cid: int, job: dict) -> dict:
-    from qtbuild.runtime.sdk import vsock
-
-    config = vsock.VsockConfig(vsock.EMULATED, vsock.PARENT_CID, env.space.env["QTBUILD_VSOCK_DIR"])
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            connection = vsock.connect(cid, JOB_PORT, timeout=60, config=config)
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise DemoError("the enclave did not listen on its job port within 30 s") from None
-            time.sleep(0.2)
-    with connection:
-        connection.sendall(json.dumps(job).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = connection.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    if not data:
-        raise DemoError("the enclave closed the job connection without a reply")
-    return json.loads(data)
+def _hand_off(env: BankCardEnv, cid: int, job: dict, pcr0: str, *, debug: bool) -> dict:
+    """`qtbuild handoff`: the job goes only to an enclave that attests with the built PCR0 (a
+    debug-mode one attests zeros: let it through, to show the KMS refusing it)."""
+    path = env.space.root / "job.json"
+    path.touch(mode=0o600)
+    path.write_text(json.dumps(job))
+    check = ["--allow-debug"] if debug else ["--pcr0", pcr0]
+    done = env.space.qtbuild("handoff", cid, "--job", path, "--port", JOB_PORT, "--timeout", "60", *check,
+                             check=False)
+    path.unlink()
+    if done.returncode != 0:
+        raise DemoError(f"the hand-off to enclave {cid} failed: {done.stderr.strip()}")
+    role("parent", "handed over the job after the enclave attested: presigned URLs and temporary KMS "
+                   "credentials, sealed to its key (nothing baked into the image)")
+    return json.loads(done.stdout)
 
 
 def demo_bank_card(keep: bool = False, cloud: str = "qingtian") -> None:
@@ -416,7 +406,7 @@ def demo_bank_card(keep: bool = False, cloud: str = "qingtian") -> None:
         click.echo("== 2. parent administrator + 3. enclave application")
         proxy = _start_proxy(env)
         role("parent", f"rehearsing for {cloud}: its security module, document shape and certificate chain")
-        summary = _run_job(env, release["eif"], cloud=cloud)
+        summary = _run_job(env, release, cloud=cloud)
         if summary.get("status") != "ok":
             raise DemoError(f"the enclave failed: {summary}")
         role("enclave", f"decrypted {summary['records']} records with an attested KMS call, {summary['valid']} valid, "
@@ -432,13 +422,13 @@ def demo_bank_card(keep: bool = False, cloud: str = "qingtian") -> None:
         click.echo("== refusals")
         tampered = _build_eif(env, "tampered", edit="app.py")
         role("admin", f"rebuilt the image with one changed byte: PCR0 {tampered['PCR0'][:16]}… (PCR8 unchanged)")
-        _expect_denied(_run_job(env, tampered["eif"], cloud=cloud), "KMS", "the changed image")
-        _expect_denied(_run_job(env, release["eif"], debug=True, cloud=cloud), "KMS",
+        _expect_denied(_run_job(env, tampered, cloud=cloud), "KMS", "the changed image")
+        _expect_denied(_run_job(env, release, debug=True, cloud=cloud), "KMS",
                        "the same image in debug mode (PCRs attested as zeros)")
         os.killpg(proxy.pid, signal.SIGTERM)
         proxy.wait(10)
         role("parent", "stopped qt-proxy")
-        _expect_denied(_run_job(env, release["eif"], cloud=cloud), "",
+        _expect_denied(_run_job(env, release, cloud=cloud), "",
                        "an enclave without proxy routes (no network, nothing to reach)")
         click.echo("== audit (qtbuild kms audit)")
         audit = space.qtbuild("kms", "audit", "--limit", "12", "--credentials", env.admin_credentials)

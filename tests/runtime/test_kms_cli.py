@@ -24,6 +24,7 @@ from qtbuild.runtime.qtsm.pki import LocalPki
 from qtbuild.runtime.sdk.kms_client import KmsClient, KmsClientError, tcp_transport
 
 PCRS = {index: bytes([0x30 + index]) * 48 for index in range(16)}
+MODULE = "i-0000000000000000a-enc0000000000000002"
 SERVE = "from qtbuild.cli.kms import command; command(prog_name='qtbuild kms')"
 
 
@@ -178,3 +179,88 @@ def test_kill_9_under_write_load_loses_no_acknowledged_key(dirs):
             assert client.decrypt_data(cipher_text) == plaintext
     finally:
         restarted.stop()
+
+
+def test_generated_policy_check_and_credentials_from_the_environment(dirs, tmp_path, monkeypatch):
+    state_dir, qtbuild_state, pki = dirs
+    served = Served(state_dir, qtbuild_state)
+    monkeypatch.setenv("QTBUILD_STATE_DIR", str(qtbuild_state))
+    monkeypatch.setenv("QTBUILD_KMS_CREDENTIALS", served.credentials_file)
+
+    def cli(*args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(kms_cli.command, list(args))
+        return result.exit_code, result.output
+
+    try:
+        code, output = cli("create-key", "--alias", "app")  # no --credentials: the variable
+        assert code == 0, output
+        key_id = json.loads(output)["key_id"]
+        assert set(json.loads(output)) == {"key_id", "domain_id", "region_id"}  # Huawei's key_info
+        assert cli("principal", "create", "app")[0] == 0
+        measurements = tmp_path / "measurements.json"
+        measurements.write_text(json.dumps({"digest": "SHA384", "PCR0": PCRS[0].hex(),
+                                            "PCR8": "00" * 48}))
+        code, output = cli("policy", "put", "--principal", "app", "--allow", "decrypt-data",
+                           "--key", key_id, "--pcr0-from", str(measurements))
+        assert code == 0, output
+        stored = json.loads(cli("policy", "get", "--name", "app")[1])["policy"]
+        assert stored["Statement"][0]["Condition"] == {
+            "StringEqualsIgnoreCase": {"kms:RecipientAttestation/PCR0": PCRS[0].hex()}}
+
+        signer = pki.signer("check")
+        good = tmp_path / "good.cose"
+        good.write_bytes(SecurityModule(PCRS, debug=False, signer=signer, module_id=MODULE).attestation(
+            public_key=_rsa_der()))
+        code, output = cli("policy", "check", "--principal", "app", "--key", key_id,
+                           "--document", str(good))
+        assert code == 0 and output.startswith("ALLOWED: allowed by Statement[0]"), output
+        assert f"document: kms:RecipientAttestation/PCR0 = {PCRS[0].hex()}" in output
+        assert "PCR5" not in output  # only the PCRs that matter, in text; --json has all
+
+        moved = tmp_path / "moved.cose"
+        moved.write_bytes(SecurityModule({**PCRS, 0: b"\x99" * 48}, debug=False, signer=signer, module_id=MODULE)
+                          .attestation(public_key=_rsa_der()))
+        code, output = cli("policy", "check", "--principal", "app", "--key", key_id,
+                           "--document", str(moved), "--json")
+        report = json.loads(output)
+        assert code == 1 and not report["allowed"]
+        assert report["statements"][0]["outcome"] == "condition failed"
+        assert PCRS[0].hex() in report["statements"][0]["detail"] and "99" * 48 in report["statements"][0]["detail"]
+
+        code, output = cli("policy", "check", "--principal", "app", "--key", key_id)
+        assert code == 1 and "no such key" in output
+
+        debug = tmp_path / "debug.cose"
+        debug.write_bytes(SecurityModule(PCRS, debug=True, signer=signer, module_id=MODULE)
+                          .attestation(public_key=_rsa_der()))
+        code, output = cli("policy", "check", "--principal", "app", "--key", key_id, "--document", str(debug))
+        assert code == 1 and "KMS.4007" in output
+
+        code, output = cli("policy", "put", "--principal", "app", "--allow", "decrypt-data", "--key", key_id)
+        assert code == 2 and "--pcr0" in output
+    finally:
+        served.stop()
+
+
+def _rsa_der() -> bytes:
+    from qtbuild.runtime.sdk.recipient import RecipientKey
+
+    return RecipientKey.generate().public_key_der
+
+
+def test_sigterm_stops_promptly_and_says_so(dirs):
+    state_dir, qtbuild_state, _ = dirs
+    served = Served(state_dir, qtbuild_state)
+    idle = http.client.HTTPConnection("127.0.0.1", served.port, timeout=5)
+    idle.connect()  # a kept-alive client must not hold the stop
+    begin = time.monotonic()
+    try:
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(10) == 0
+        elapsed = time.monotonic() - begin
+        assert elapsed < 2, elapsed
+        assert served.process.stderr.read().decode().rstrip().endswith("qtbuild kms: stopped")
+    finally:
+        idle.close()
+        if served.process.poll() is None:
+            served.process.kill()

@@ -444,3 +444,36 @@ def test_connecting_to_no_address_is_an_os_error():
     # Was `raise None` (TypeError), which the upstream handler does not catch.
     with pytest.raises(OSError, match="no address to connect to"):
         asyncio.run(proxy_module._connect_first([], 80))
+def test_shutdown_cuts_quiet_kept_alive_connections_at_once(root):
+    """Regression: an idle kept-alive connection (an HTTP client between requests) held SIGTERM
+    for the whole drain period; a busy one is still drained."""
+    async def scenario():
+        async with echo_server() as port:
+            proxy = Proxy(config((8000, "127.0.0.1", port)), vsock_config=parent(root))
+            await proxy.start()
+            idle_reader, idle_writer = await enclave_connect(root, 8000)
+            idle_writer.write(b"a")
+            await idle_reader.readexactly(1)
+            busy_reader, busy_writer = await enclave_connect(root, 8000)
+            busy_writer.write(b"b")
+            await busy_reader.readexactly(1)  # accepted and forwarding before the shutdown
+
+            async def keep_busy():
+                for _ in range(12):
+                    busy_writer.write(b"b")
+                    await busy_reader.readexactly(1)
+                    await asyncio.sleep(0.1)
+                busy_writer.close()
+
+            talker = asyncio.create_task(keep_busy())
+            begin = time.monotonic()
+            await proxy.shutdown(drain_timeout=10)
+            elapsed = time.monotonic() - begin
+            idle_cut = await is_closed_by_peer(idle_reader)
+            await talker
+            idle_writer.close()
+            return elapsed, idle_cut
+
+    elapsed, idle_cut = run(scenario())
+    # the busy stream (about 1.2 s of traffic) was drained; the idle one did not hold the stop
+    assert idle_cut and 1.0 < elapsed < 3

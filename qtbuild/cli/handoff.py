@@ -1,0 +1,114 @@
+"""``qtbuild handoff CID --job JOB.json``: give an enclave its job and short-lived KMS credentials
+once it has attested, and print the result it sends back (protocol and enclave side:
+``qtbuild.runtime.sdk.handoff``; docs/sdk.md, "The hand-off").
+
+Exit codes: 0 the enclave answered (its result on stdout), 1 its attestation document was
+refused (the failed check on stderr; the enclave is told why), 2 usage or input error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from qtbuild.cli.command import QtbuildCommand
+from qtbuild.cli.errors import CheckFailed, InputError
+from qtbuild.cli.inputs import read_bounded
+from qtbuild.cli.output import emit_json, say
+from qtbuild.cli.proxy import _vsock_config as parent_vsock_config
+from qtbuild.runtime.sdk import vsock
+from qtbuild.runtime.sdk.handoff import DEFAULT_PORT, HandoffError
+
+MAX_JOB_FILE = 40 * 1024
+
+
+@click.command("handoff", cls=QtbuildCommand)
+@click.argument("cid", type=click.IntRange(4, vsock.VMADDR_CID_ANY - 1))
+@click.option("--job", "job_path", required=True, type=click.Path(exists=True, dir_okay=False, allow_dash=True),
+              help="The job: a JSON object (inputs, ciphertexts, presigned URLs …; ≤ 40 KiB).")
+@click.option("--kms-credentials", "credentials_path", type=click.Path(exists=True, dir_okay=False),
+              help="A principal's credentials file (`kms principal create NAME --out FILE`) to put in the "
+                   "job as \"credentials\"; use a principal whose policy pins the enclave, never the admin.")
+@click.option("--port", type=click.IntRange(0, vsock.VMADDR_PORT_ANY - 1), default=DEFAULT_PORT,
+              show_default=True, help="The vsock port the enclave's receive_job listens on.")
+@click.option("--pcr0", "pcr0", metavar="HEX", help="Accept only an enclave with this PCR0.")
+@click.option("--pcr0-from", "measurements", type=click.Path(exists=True, dir_okay=False),
+              help="Accept only the PCR0 (and PCR8, if signed) of these measurements (`convert`'s output).")
+@click.option("--attestation-root", "root_paths", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="Also trust this attestation root (PEM); the local PKI's root is trusted by default.")
+@click.option("--trust-hardware-roots", is_flag=True, help="Also trust the AWS Nitro and Huawei QingTian roots.")
+@click.option("--allow-debug", is_flag=True, help="Accept a debug-mode enclave (all-zero PCRs).")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Seconds to wait for the enclave to listen, and for each message.")
+@click.option("--result-timeout", type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for the enclave's result [--timeout].")
+@click.option("--save-document", "document_path", type=click.Path(dir_okay=False),
+              help="Write the enclave's attestation document here (for `qtbuild kms policy check --document`).")
+@click.option("--transport", type=click.Choice(vsock.TRANSPORTS),
+              help=f"vsock transport (default: ${vsock.ENV_TRANSPORT} or auto).")
+@click.option("--vsock-dir", type=click.Path(file_okay=False),
+              help=f"Emulated vsock socket root (default: ${vsock.ENV_DIR}, else the local runtime's).")
+def command(cid, job_path, credentials_path, port, pcr0, measurements, root_paths, trust_hardware_roots,
+            allow_debug, timeout, result_timeout, document_path, transport, vsock_dir) -> None:
+    """Hand enclave CID its job and short-lived credentials after it attests; print its result.
+
+    The enclave calls receive_job(PORT) (qtbuild SDK).  Its attestation document must chain to a
+    trusted root, carry this command's fresh nonce, and match --pcr0/--pcr0-from; only then is
+    the job sealed to the key in the document and sent.  Nothing secret is ever in the image.
+    """
+    from qtbuild.runtime.handoff import HandoffRefused, hand_off
+
+    job = _job(job_path, credentials_path)
+    trust = _trust(pcr0, measurements, root_paths, trust_hardware_roots, allow_debug)
+    config = parent_vsock_config(transport, vsock_dir)
+    try:
+        outcome = hand_off(cid, job, trust, port=port, timeout=timeout, result_timeout=result_timeout,
+                           config=config)
+    except HandoffRefused as refused:
+        raise CheckFailed(f"enclave {cid}: {refused}") from None
+    except HandoffError as error:
+        raise CheckFailed(f"enclave {cid}: hand-off failed: {error}") from None
+    if document_path:
+        Path(document_path).write_bytes(outcome.document_bytes)
+    say(f"qtbuild handoff: enclave {cid} attested (PCR0 {outcome.document.pcrs[0].hex()[:16]}…) and answered")
+    emit_json(outcome.result)
+
+
+def _job(path: str, credentials_path: str | None) -> dict:
+    data = read_bounded(path, MAX_JOB_FILE, f"a job is at most {MAX_JOB_FILE} bytes of JSON")
+    try:
+        job = json.loads(data)
+    except ValueError as exc:
+        raise InputError(f"{path}: not JSON: {exc}") from None
+    if not isinstance(job, dict):
+        raise InputError(f"{path}: a job is a JSON object")
+    if credentials_path:
+        from qtbuild.runtime.kms.state import read_credentials
+
+        try:
+            _endpoint, credentials = read_credentials(credentials_path)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        job["credentials"] = {"access_key": credentials.access_key, "secret_key": credentials.secret_key,
+                              "project_id": credentials.project_id}
+    return job
+
+
+def _trust(pcr0, measurements, root_paths, hardware, allow_debug):
+    from qtbuild.cli.kms import _measured_pcrs, _pcr_hex, _verifier
+    from qtbuild.runtime.handoff import Trust
+
+    verifier = _verifier(root_paths, (), hardware, False, None, allow_debug)
+    expected: dict[int, bytes] = {}
+    if pcr0 and measurements:
+        raise InputError("give --pcr0 or --pcr0-from, not both")
+    if pcr0:
+        expected[0] = bytes.fromhex(_pcr_hex(pcr0, "--pcr0"))
+    if measurements:
+        expected.update(_measured_pcrs(measurements))
+    if not expected:
+        say("qtbuild handoff: warning: no --pcr0/--pcr0-from: any enclave the roots vouch for gets the job")
+    return Trust(roots=verifier.roots, root_fingerprints=verifier.root_fingerprints, expect_pcrs=expected,
+                 allow_debug=allow_debug)
