@@ -42,12 +42,22 @@ ALGORITHMS: dict[int, tuple[str, hashes.HashAlgorithm]] = {
     32: ("ECDSA_SHA_256", hashes.SHA256()), 48: ("ECDSA_SHA_384", hashes.SHA384()),
     64: ("ECDSA_SHA_512", hashes.SHA512())}
 TIMEOUT = 30.0
+#: nitro-cli's (aws-nitro-enclaves-image-format's eif_signer) pattern for a KMS key ARN in --private-key.
+AWS_KMS_KEY_ARN = re.compile(r"arn:aws(?:[-a-z]+)?:kms:[a-z0-9-]+:\d{12}:key[:/][A-Za-z0-9-]+")
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _FORM = "kms://HOST[:PORT]/PROJECT_ID/KEY_ID"
 
 
 def is_kms_uri(text: object) -> bool:
     return isinstance(text, str) and text.split("://", 1)[0] in SCHEMES and "://" in text
+
+
+def refuse_aws_kms_arn(text: object) -> None:
+    """SignatureError for an AWS KMS key ARN (what nitro-cli's --private-key accepts), which
+    qtbuild cannot sign with yet, instead of "no such file"."""
+    if isinstance(text, str) and AWS_KMS_KEY_ARN.fullmatch(text):
+        raise SignatureError(f"{text}: AWS KMS key ARNs are not supported yet (the local KMS's AWS protocol has no "
+                             "Sign); use a kms:// key (Huawei KMS API), a pkcs11: URI or a PEM file")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from qtbuild.formats.bounded_input import read_bounded
 from qtbuild.formats.eif_signature import check_certificate_validity, first_certificate, sign_pcr0
 from qtbuild.formats.errors import SignatureError
-from qtbuild.kms_keys import KmsPrivateKey, is_kms_uri
+from qtbuild.kms_keys import KmsPrivateKey, is_kms_uri, refuse_aws_kms_arn
 from qtbuild.kms_keys import kms_credentials as kms_credentials_file
 from qtbuild.pkcs11_keys import Pkcs11PrivateKey, is_pkcs11_uri
 
@@ -55,6 +55,7 @@ def load_signer(
     expired or not yet valid at ``at`` (default now).  A certificate file holding several
     certificates is accepted; the first signs, and a note says so on stderr.
     """
+    refuse_aws_kms_arn(key_path)
     certificate_pem = _read_pem(certificate_path, "signing certificate")
     if is_pkcs11_uri(key_path):
         return _checked(Pkcs11PrivateKey(str(key_path)), certificate_pem, certificate_path, at)

@@ -172,6 +172,8 @@ def test_a_kms_key_that_is_not_the_certificates_is_refused(kms, layout, tmp_path
     (lambda kms: key_uri(kms, host="kms.example.com"), "plain HTTP only to a loopback address"),
     (lambda kms: f"kms+http://127.0.0.1:{kms['port']}/{kms['project']}", "expected kms://HOST[:PORT]/PROJECT_ID/KEY_ID"),
     (lambda kms: key_uri(kms, host=f"ak:sk@127.0.0.1:{kms['port']}"), "credentials do not go in the URI"),
+    (lambda kms: "arn:aws:kms:us-east-1:123456789012:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+     "AWS KMS key ARNs are not supported yet"),
 ])
 def test_bad_kms_keys_are_one_line_errors(kms, layout, tmp_path, key, message):
     cert = certificate_for(kms["public"]["EC_P384"], tmp_path, "cert.pem")
