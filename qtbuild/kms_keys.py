@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -156,6 +157,9 @@ class KmsPrivateKey(RemoteEcPrivateKey):
                                  f"{exc.message}".rstrip()) from None
         except KmsProtocolError as exc:
             raise SignatureError(f"{self._where}: unexpected reply to {api}: {exc}") from None
+        except ssl.SSLError as exc:
+            raise SignatureError(f"{self._where}: TLS with the KMS at {self.uri.endpoint} failed: {exc.reason or exc} "
+                                 "(is its CA in the system trust store, or in SSL_CERT_FILE?)") from None
         except OSError as exc:
             raise SignatureError(f"{self._where}: cannot reach the KMS at {self.uri.endpoint}: "
                                  f"{exc.strerror or exc}") from None

@@ -4,11 +4,15 @@ principal's policy, a wrong certificate and bad URIs give one-line errors withou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -27,6 +31,7 @@ from qtbuild.runtime.kms.state import read_credentials, write_credentials
 from qtbuild.runtime.sdk.kms_client import Credentials, KmsClient, tcp_transport
 
 from helpers.imagefactory import default_config, file, make_tar, write_oci_layout
+from helpers.registry_server import server_tls_context, tls_files
 
 SERVE = "from qtbuild.cli.kms import command; command(prog_name='qtbuild kms')"
 
@@ -198,3 +203,60 @@ def test_the_uri_forms():
         "https://kms.cn-north-4.myhuaweicloud.com", "p1", "k-1")
     assert KmsKeyUri.parse("kms+http://[::1]:8080/p/k").endpoint == "http://[::1]:8080"
     assert KmsKeyUri.parse("kms+http://localhost:8080/p/k").endpoint == "http://localhost:8080"
+
+
+@pytest.fixture
+def tls_front(kms, tmp_path):
+    """A TLS endpoint on 127.0.0.1 (certificate for localhost/127.0.0.1 from a test CA) relaying
+    each connection's bytes to the served KMS: what a KMS behind HTTPS looks like.
+    Yields (port, ca.pem)."""
+    ca, certificate, key = tls_files(tmp_path)
+    context = server_tls_context(certificate, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    stopping = threading.Event()
+
+    def pump(source, target):
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def serve():
+        while not stopping.is_set():
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                secured = context.wrap_socket(client, server_side=True)
+            except (OSError, ssl.SSLError):
+                client.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", kms["port"]))
+            for source, target in ((secured, upstream), (upstream, secured)):
+                threading.Thread(target=pump, args=(source, target), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield listener.getsockname()[1], ca
+    stopping.set()
+    listener.close()
+
+
+def test_kms_uris_speak_https_and_check_the_servers_certificate(kms, tls_front, layout, tmp_path):
+    port, ca = tls_front
+    cert = certificate_for(kms["public"]["EC_P384"], tmp_path, "cert.pem")
+    uri = key_uri(kms, scheme="kms", host=f"localhost:{port}")
+    args = ["convert", layout, "-o", tmp_path / "app.eif", "--private-key", uri, "--signing-certificate", cert,
+            "--kms-credentials", kms["tmp"] / "signer.json", "-q"]
+    untrusted = invoke(*args, env={"SSL_CERT_FILE": str(tmp_path / "no-such-ca.pem"), "SSL_CERT_DIR": str(tmp_path)})
+    assert untrusted.exit_code == 2 and "TLS with the KMS at https://localhost" in untrusted.output, untrusted.output
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusted.output and "SSL_CERT_FILE" in untrusted.output
+    assert not (tmp_path / "app.eif").exists()
+    trusted = invoke(*args, env={"SSL_CERT_FILE": str(ca)})
+    assert trusted.exit_code == 0, trusted.output
+    assert invoke("verify", tmp_path / "app.eif", "--signing-certificate", cert).exit_code == 0
