@@ -260,3 +260,17 @@ def test_kms_uris_speak_https_and_check_the_servers_certificate(kms, tls_front, 
     trusted = invoke(*args, env={"SSL_CERT_FILE": str(ca)})
     assert trusted.exit_code == 0, trusted.output
     assert invoke("verify", tmp_path / "app.eif", "--signing-certificate", cert).exit_code == 0
+
+
+def test_the_release_recipe_signs_with_a_kms_key(kms, layout, tmp_path):
+    """samples/ci/release.sh with KEY = a kms:// URI and the credentials in the environment."""
+    cert = certificate_for(kms["public"]["EC_P384"], tmp_path, "cert.pem")
+    script = Path(__file__).resolve().parents[2] / "samples" / "ci" / "release.sh"
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path), "SOURCE_DATE_EPOCH": "1",
+           "QTBUILD_KMS_CREDENTIALS": str(kms["tmp"] / "signer.json")}
+    for job in (["release", layout, key_uri(kms), str(cert), str(tmp_path / "dist")],
+                ["reproduce", layout, str(tmp_path / "dist")]):
+        done = subprocess.run(["bash", str(script), *job], capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr
+    measurements = json.loads((tmp_path / "dist" / "measurements.json").read_text())
+    assert measurements["PCR8"] == pcr8_from_certificate(cert.read_bytes())
