@@ -20,11 +20,12 @@ import os
 import urllib.parse
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from qtbuild.formats.errors import SignatureError
+from qtbuild.remote_keys import RemoteEcPrivateKey
 
 URI_SCHEME = "pkcs11:"
 
@@ -90,8 +91,10 @@ def _redacted(uri: str) -> str:
     return path + ("?" + "&".join(kept) if kept else "")
 
 
-class Pkcs11PrivateKey(ec.EllipticCurvePrivateKey):
+class Pkcs11PrivateKey(RemoteEcPrivateKey):
     """An EC private key in a PKCS#11 token, usable where qtbuild takes a cryptography EC key."""
+
+    holder = "a PKCS#11"
 
     def __init__(self, uri: str) -> None:
         try:
@@ -135,51 +138,12 @@ class Pkcs11PrivateKey(ec.EllipticCurvePrivateKey):
             selector["id"] = self._uri.id
         return session.get_key(object_class=object_class, key_type=pkcs11.KeyType.EC, **selector)
 
-    # -- what qtbuild uses ---------------------------------------------------------------------
-
-    @property
-    def curve(self) -> ec.EllipticCurve:
-        return self._public.curve
-
-    @property
-    def key_size(self) -> int:
-        return self._public.curve.key_size
-
-    def public_key(self) -> ec.EllipticCurvePublicKey:
-        return self._public
-
-    def sign(self, data: bytes | bytearray | memoryview,
-             signature_algorithm: ec.EllipticCurveSignatureAlgorithm) -> bytes:
-        """DER ECDSA signature of ``data`` made by the token (the digest is computed here)."""
+    def _sign_digest(self, digest: bytes) -> bytes:
         import pkcs11
 
-        algorithm = signature_algorithm.algorithm
-        if isinstance(algorithm, Prehashed):
-            digest = bytes(data)
-        else:
-            hasher = hashes.Hash(algorithm)
-            hasher.update(data)
-            digest = hasher.finalize()
         def sign_in_token(session) -> bytes:
             return self._find(session, pkcs11.ObjectClass.PRIVATE_KEY).sign(digest, mechanism=pkcs11.Mechanism.ECDSA)
 
         raw = self._with_session(sign_in_token)
         half = len(raw) // 2
         return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
-
-    # -- what a key in a token cannot do ---------------------------------------------------------
-
-    def exchange(self, algorithm, peer_public_key) -> bytes:
-        raise SignatureError("a PKCS#11 signing key is not used for key exchange")
-
-    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
-        raise SignatureError("a PKCS#11 private key cannot be exported")
-
-    def private_bytes(self, encoding, format, encryption_algorithm) -> bytes:
-        raise SignatureError("a PKCS#11 private key cannot be exported")
-
-    def __copy__(self) -> Pkcs11PrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict) -> Pkcs11PrivateKey:
-        return self

@@ -17,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from qtbuild.formats.bounded_input import read_bounded
 from qtbuild.formats.eif_signature import check_certificate_validity, first_certificate, sign_pcr0
 from qtbuild.formats.errors import SignatureError
+from qtbuild.kms_keys import KmsPrivateKey, is_kms_uri, refuse_aws_kms_arn
+from qtbuild.kms_keys import kms_credentials as kms_credentials_file
 from qtbuild.pkcs11_keys import Pkcs11PrivateKey, is_pkcs11_uri
 
 #: Key and certificate files larger than this are not what they claim to be.
@@ -39,20 +41,27 @@ class Pcr0Signer:
 
 
 def load_signer(
-    key_path: str | os.PathLike, certificate_path: str | os.PathLike, *, at: datetime | None = None
+    key_path: str | os.PathLike, certificate_path: str | os.PathLike, *, at: datetime | None = None,
+    kms_credentials: str | None = None,
 ) -> Pcr0Signer:
     """Read a PEM private key and certificate file and return a checked signer.
 
-    ``key_path`` may also be a ``pkcs11:`` URI: the key stays in the token
-    (:mod:`qtbuild.pkcs11_keys`).
+    ``key_path`` may also be a ``pkcs11:`` URI (the key stays in the token,
+    :mod:`qtbuild.pkcs11_keys`) or a ``kms://`` URI (the key stays in the KMS,
+    :mod:`qtbuild.kms_keys`; ``kms_credentials`` is the file of request-signing keys, default
+    the environment's).
     Raises SignatureError with a message naming the file and the fix for: an unreadable or
     encrypted key, a non-EC key, a key that does not match the certificate, a certificate that is
     expired or not yet valid at ``at`` (default now).  A certificate file holding several
     certificates is accepted; the first signs, and a note says so on stderr.
     """
+    refuse_aws_kms_arn(key_path)
     certificate_pem = _read_pem(certificate_path, "signing certificate")
     if is_pkcs11_uri(key_path):
         return _checked(Pkcs11PrivateKey(str(key_path)), certificate_pem, certificate_path, at)
+    if is_kms_uri(key_path):
+        key = KmsPrivateKey(str(key_path), kms_credentials_file(kms_credentials))
+        return _checked(key, certificate_pem, certificate_path, at)
     key_pem = _read_pem(key_path, "private key")
     try:
         private_key = serialization.load_pem_private_key(key_pem, password=None)

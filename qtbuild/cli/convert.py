@@ -12,6 +12,7 @@ import click
 from qtbuild.cli.command import QtbuildCommand
 from qtbuild.cli.errors import EXIT_CHECK_FAILED, InputError
 from qtbuild.cli.output import emit_json, say
+from qtbuild.cli.signing_options import KEY_METAVAR, kms_credentials_option
 from qtbuild.inspect.check import check_rebuild, is_same_file, validate_reference
 from qtbuild.signing_keys import load_signer
 
@@ -48,10 +49,12 @@ def _image_options(function):
                      help="ImageVersion in the metadata (default: the image ID)."),
         click.option("--metadata", "metadata_path", type=click.Path(exists=True, dir_okay=False),
                      help="Custom metadata JSON file (<= 4096 bytes)."),
-        click.option("--private-key", metavar="PEM|pkcs11:URI",
-                     help="EC private key to sign PCR0 (and the provenance) with: a PEM file or a pkcs11: URI."),
+        click.option("--private-key", metavar=KEY_METAVAR,
+                     help="EC private key to sign PCR0 (and the provenance) with: a PEM file, a pkcs11: URI "
+                          "or a kms:// URI."),
         click.option("--signing-certificate", type=click.Path(exists=True, dir_okay=False),
                      help="Signing certificate (PEM); PCR8 is its hash."),
+        kms_credentials_option,
         click.option("--format", "style", type=click.Choice(["qingtian", "nitro"]), default="qingtian",
                      show_default=True,
                      help="qingtian: {digest, PCR0, PCR1, PCR2, PCR8}; nitro: nitro-cli's {\"Measurements\": …}."),
@@ -75,7 +78,8 @@ def _options(params: dict, output: str | None) -> tuple[str, ConvertOptions]:
     private_key, certificate = params["private_key"], params["signing_certificate"]
     if (private_key is None) != (certificate is None):
         raise InputError("--private-key and --signing-certificate go together: give both to sign, or neither")
-    signer = load_signer(private_key, certificate) if private_key else None
+    signer = (load_signer(private_key, certificate, kms_credentials=params["kms_credentials"])
+              if private_key else None)
     from qtbuild.convert.pipeline import ConvertOptions  # deferred: keeps `qtbuild --help` fast
     from qtbuild.sources.open import with_source_kind
 

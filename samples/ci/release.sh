@@ -4,6 +4,9 @@
 #   release.sh release   SOURCE KEY.pem CERT.pem DIST   build, sign, attest, publish measurements
 #   release.sh reproduce SOURCE DIST                    rebuild independently and check
 #
+# KEY.pem may also name a key that never touches the disk: a pkcs11: URI (an HSM) or a kms:// URI
+# (a KMS's asymmetric EC key; its request-signing credentials from QTBUILD_KMS_CREDENTIALS=FILE or
+# KMS_ACCESS_KEY/KMS_SECRET_KEY).
 # SOURCE is any qtbuild source; in CI use the registry (registry://HOST/REPO@sha256:…, or :TAG),
 # an OCI layout/archive or a docker save tarball: none needs root, apt or a Docker daemon, only
 # `pip install qtbuild`.  Both jobs must see the same SOURCE_DATE_EPOCH (the release commit's

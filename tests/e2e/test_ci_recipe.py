@@ -2,8 +2,8 @@
 installed qtbuild on PATH and no Docker daemon reachable, and the reproduce job passing, then
 failing when the tag moves to another image.
 
-(The jobs run as the test's user: this venv's interpreter lives under root's home, so an
-unprivileged user cannot run it here; nothing in the jobs needs privileges.)"""
+(The jobs run as the test's user; test_unprivileged_install.py runs them as nobody from a
+pip-installed wheel.)"""
 
 from __future__ import annotations
 
