@@ -24,7 +24,7 @@ from qtbuild.cli import kms as kms_cli
 from qtbuild.runtime.kms.recipient import RecipientVerifier
 from qtbuild.runtime.kms.server import KmsHttpServer
 from qtbuild.runtime.kms.service import KmsService
-from qtbuild.runtime.kms.state import StatePaths, open_state, write_credentials
+from qtbuild.runtime.kms.state import StatePaths, open_state, read_credentials, write_credentials
 from qtbuild.runtime.sdk.kms_client import Credentials, KmsClientError, tcp_transport
 from qtbuild.runtime.sdk.kms_client import KmsClient as LocalClient
 
@@ -86,6 +86,9 @@ def test_temporary_credentials_work_with_the_sdk_until_they_expire(kms, tmp_path
     assert set(credential) == {"access", "secret", "securitytoken", "expires_at"}
     stored = json.loads((tmp_path / "enclave.json").read_text())
     assert stored["security_token"] == credential["securitytoken"]
+    _, from_file = read_credentials(tmp_path / "enclave.json")     # the file works with the SDK's client
+    with LocalClient(tcp_transport("127.0.0.1", port), from_file) as client:
+        assert client.call("list-keys", {})["total"] == 0
     good = BasicCredentials(credential["access"], credential["secret"], state.project_id) \
         .with_security_token(credential["securitytoken"])
     assert sdk(port, good).list_keys(ListKeysRequest(body=ListKeysRequestBody())).total == 0
