@@ -461,6 +461,8 @@ def _audit_line(record: dict) -> str:
     pcrs = ""
     if record["pcr0"]:
         pcrs = f" pcr0={record['pcr0'][:16]}… pcr8={(record['pcr8'] or '-')[:16]}…"
+    if record.get("encoding"):
+        pcrs += f" ({record['encoding']} document)"
     return (f"{record['id']:>6} {moment.isoformat(timespec='milliseconds')[:23]}Z "
             f"{record['principal'] or '-':<12} {record['api'] or '-':<22} "
             f"{record['key_id'] or '-':<36} {record['decision']:<5} {record['status']} "

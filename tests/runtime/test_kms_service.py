@@ -30,6 +30,7 @@ from qtbuild.runtime.kms.server import MAX_BODY, KmsHttpServer
 from qtbuild.runtime.kms.service import KmsService
 from qtbuild.runtime.kms.state import StatePaths, open_state
 from qtbuild.runtime.proxy import Proxy, ProxyConfig, Route
+from qtbuild.runtime.qtsm.clouds import profile
 from qtbuild.runtime.qtsm.device import SecurityModule
 from qtbuild.runtime.qtsm.pki import LocalPki
 from qtbuild.runtime.sdk import vsock
@@ -618,6 +619,21 @@ def test_audit_records_refusals_with_reasons(kms, enclave, ciphertext):
     unauthenticated = kms.admin.call("admin/list-audit", {"limit": 1000})["records"]
     assert any(record["status"] == 401 and record["principal"] is None
                for record in unauthenticated)
+
+
+@pytest.mark.parametrize("cloud", ["qingtian", "nitro"])
+def test_audit_records_which_document_encoding_verified(kms, enclave, ciphertext, cloud):
+    spec = profile(cloud)
+    module = SecurityModule(PCRS, debug=False, signer=kms.pki.signer(f"enc-{cloud}", cloud),
+                            module_id=spec.module_id(f"enc-{cloud}", spec.parent_id(None, b"audit-test")), profile=spec)
+    client = kms.client(enclave, attestor=module)
+    assert client.decrypt_data(ciphertext, aad=b"bank-card") == CARD
+    last = kms.admin.call("admin/list-audit", {"principal": "enclave", "limit": 1000})["records"][-1]
+    assert (last["api"], last["decision"], last["encoding"]) == ("decrypt-data", "allow", cloud)
+    with pytest.raises(KmsClientError):    # not attested (and not allowed): no encoding
+        client.call("list-keys", {})
+    last = kms.admin.call("admin/list-audit", {"principal": "enclave", "limit": 1000})["records"][-1]
+    assert (last["api"], last["encoding"]) == ("list-keys", None)
 
 
 def test_through_qt_proxy_over_vsock(kms, enclave, ciphertext, tmp_path):
