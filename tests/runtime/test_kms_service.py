@@ -688,8 +688,9 @@ COMPAT_PYTHON = os.environ.get(
 
 
 def test_exported_sdk_client_under_bookworm_versions(kms, enclave, ciphertext, tmp_path):
-    """``qtbuild sdk export``'s KmsClient and envelope opener under cryptography 38 / cbor2 5.4
-    (scripts/install.sh creates that interpreter, .venv-bookworm) against this server."""
+    """``qtbuild sdk export``'s KmsClient (with temporary credentials) and envelope opener under
+    cryptography 38 / cbor2 5.4 (scripts/install.sh creates that interpreter, .venv-bookworm)
+    against this server."""
     if not os.access(COMPAT_PYTHON, os.X_OK):
         message = f"no bookworm-compatibility interpreter at {COMPAT_PYTHON}"
         if os.environ.get("CI"):
@@ -699,9 +700,12 @@ def test_exported_sdk_client_under_bookworm_versions(kms, enclave, ciphertext, t
 
     export_sdk(tmp_path)
     key = RecipientKey.generate()
+    # temporary credentials, as the demo hands an enclave: the token travels as X-Security-Token
+    temporary = kms.admin.call("admin/create-temporary-credentials",
+                               {"name": "enclave", "duration_seconds": 900})["credential"]
     job = {
         "port": kms.port, "cipher_text": ciphertext,
-        "credentials": [enclave.access_key, enclave.secret_key, enclave.project_id],
+        "credentials": [temporary["access"], temporary["secret"], enclave.project_id, temporary["securitytoken"]],
         "key": key.private_key.private_bytes(serialization.Encoding.PEM,
                                              serialization.PrivateFormat.PKCS8,
                                              serialization.NoEncryption()).decode(),
