@@ -8,12 +8,10 @@ the job over vsock (no secret is baked into the image):
              "access_key", "secret_key", "security_token", "project_id", "key_id"},
      "object_store": {"vsock_port"}, "download_url": presigned GET, "upload_url": presigned PUT}
 
-The app downloads the ciphertext, decrypts it carrying an attestation document over a fresh RSA
-key (the KMS answers with an envelope only this enclave can open), validates and masks each card
-number, encrypts the result and uploads it, then reports a summary (never the card numbers) back to
-the parent.  QingTian: Huawei KMS's decrypt-data / encrypt-data (``recipient`` →
-``ciphertext_recipient``).  Nitro: AWS KMS's Decrypt / Encrypt (SigV4, ``Recipient`` →
-``CiphertextForRecipient``).  Both over HTTPS, verified against the endpoint's name.
+The app downloads the ciphertext, decrypts it with decrypt-data carrying an attestation document
+over a fresh RSA key (the KMS answers with an envelope only this enclave can open), validates and
+masks each card number, encrypts the result with encrypt-data and uploads it, then reports a
+summary (never the card numbers) back to the parent.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import sys
 import urllib.parse
 
 from qtbuild_sdk import Qtsm, connect, listen
-from qtbuild_sdk.aws_kms import AwsCredentials, AwsKmsClient
 from qtbuild_sdk.kms_client import Credentials, KmsClient, vsock_transport
 
 JOB_PORT = 5000
@@ -97,6 +94,9 @@ def http_call(method: str, url: str, vsock_port: int, body: bytes | None = None)
 
 
 def run_job(job: dict) -> dict:
+    """QingTian: Huawei KMS's decrypt-data / encrypt-data (``recipient`` → ``ciphertext_recipient``).
+    Nitro (``"protocol": "aws"``): AWS KMS's Decrypt / Encrypt (SigV4, ``Recipient`` →
+    ``CiphertextForRecipient``).  Both over HTTPS, verified against the endpoint's name."""
     kms_conf = job["kms"]
     store_port = int(job["object_store"]["vsock_port"])
     ciphertext = http_call("GET", job["download_url"], store_port).decode().strip()
@@ -105,6 +105,8 @@ def run_job(job: dict) -> dict:
     transport = vsock_transport(int(kms_conf["vsock_port"]))
     tls = ssl.create_default_context(cadata=kms_conf["ca_pem"]) if kms_conf.get("ca_pem") else None
     if kms_conf.get("protocol") == "aws":
+        from qtbuild_sdk.aws_kms import AwsCredentials, AwsKmsClient  # only the Nitro profile needs it
+
         # temporary credentials: the session token goes with every request (X-Amz-Security-Token)
         aws_credentials = AwsCredentials(kms_conf["access_key"], kms_conf["secret_key"], kms_conf.get("security_token"))
         with AwsKmsClient(aws_credentials, kms_conf["region"], endpoint=kms_conf.get("endpoint"), transport=transport,
