@@ -3,13 +3,16 @@
 ``serve [--state-dir DIR] [--db FILE] [--listen HOST:PORT] [--attestation-root PEM …]
 [--attestation-root-fingerprint SHA256 …] [--trust-hardware-roots] [--max-age 5m]
 [--allow-debug] [--max-connections N] [--max-connections-per-client N] [--io-timeout S]
-[--header-timeout S] [--body-timeout S] [--threads N] [--audit-max-bytes N] [--audit-keep N]``
+[--header-timeout S] [--body-timeout S] [--threads N] [--audit-max-bytes N] [--audit-keep N]
+[--tls [--tls-name NAME …]]``
     Runs the service (runtime/kms) until SIGTERM/SIGINT.  On first start it creates the master
     key, the database and an admin principal; every start writes the admin credentials and the
     endpoint to ``<state-dir>/admin.json`` (0600).  Prints one JSON line on stdout:
     ``{"endpoint", "credentials", "project_id"}``.  Attestation documents are checked against the
     local PKI's root (when initialised) plus the given roots; ``--trust-hardware-roots`` adds
-    the Nitro and QingTian roots.
+    the Nitro and QingTian roots.  ``--tls`` serves HTTPS with a certificate issued at start by
+    the local TLS CA (``qtbuild pki export-tls-ca`` gives clients the CA to trust; the admin
+    commands trust it themselves).
 
 ``backup FILE`` / ``restore FILE``
     A consistent online copy of the store (SQLite's backup API; sealed material stays sealed,
@@ -61,6 +64,7 @@ from qtbuild.runtime.kms.state import (
     restore as restore_state,
 )
 from qtbuild.runtime.qtsm.pki import LocalPki, PkiError, default_state_dir
+from qtbuild.runtime.qtsm.tls_ca import LocalTlsCa, local_tls_trust
 from qtbuild.runtime.sdk.kms_client import Credentials, KmsClient, tcp_transport
 from qtbuild.runtime.verifier.attestation import KNOWN_ROOTS, normalize_fingerprint
 
@@ -113,10 +117,15 @@ def command() -> None:
               help="Rotate the live audit records into an archive past this size (JSON bytes).")
 @click.option("--audit-keep", type=click.IntRange(min=0), default=DEFAULT_KEEP, show_default=True,
               help="Archives kept in <state-dir>/audit/; older ones are deleted.")
+@click.option("--tls", is_flag=True,
+              help="Serve HTTPS with a certificate from the local TLS CA (qtbuild pki export-tls-ca).")
+@click.option("--tls-name", "tls_names", multiple=True, metavar="NAME",
+              help="With --tls: another DNS name or IP address for the certificate; repeatable "
+                   "(always: the --listen host and localhost).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request.")
 def serve(state_dir, db, listen, root_paths, fingerprints, trust_hardware_roots, no_local_root,
           max_age, allow_debug, max_connections, max_per_client, io_timeout, header_timeout, body_timeout,
-          threads, audit_max_bytes, audit_keep, verbose) -> None:
+          threads, audit_max_bytes, audit_keep, tls, tls_names, verbose) -> None:
     """Run the KMS until SIGTERM/SIGINT."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
                         format="qtbuild kms: %(levelname)s: %(message)s")
@@ -125,10 +134,13 @@ def serve(state_dir, db, listen, root_paths, fingerprints, trust_hardware_roots,
     verifier = _verifier(root_paths, fingerprints, trust_hardware_roots, no_local_root,
                          max_age, allow_debug)
     opened = open_state(paths, audit_max_bytes=audit_max_bytes, audit_keep=audit_keep)
+    address = _address(listen)
+    tls_files = _server_certificate(paths.directory, [address[0], "localhost", *tls_names]) if tls else None
     try:
-        server = KmsHttpServer(_address(listen), KmsService(opened.env, verifier), io_timeout=io_timeout,
+        server = KmsHttpServer(address, KmsService(opened.env, verifier), io_timeout=io_timeout,
                                max_connections=max_connections, max_per_client=max_per_client,
-                               header_timeout=header_timeout, body_timeout=body_timeout, threads=threads)
+                               header_timeout=header_timeout, body_timeout=body_timeout, threads=threads,
+                               tls=tls_files)
     except OSError as exc:
         raise InputError(f"--listen {listen}: {exc.strerror or exc}") from None
     write_credentials(paths.credentials, server.endpoint, opened.admin)
@@ -151,6 +163,23 @@ def serve(state_dir, db, listen, root_paths, fingerprints, trust_hardware_roots,
     server.serve_forever = announce_then_serve  # type: ignore[method-assign]
     serve_until_signalled(server)
     say("qtbuild kms: stopped")
+
+
+def _server_certificate(state_dir: Path, names: list[str]) -> tuple[Path, Path]:
+    """A fresh server certificate from the local TLS CA, written to ``<state-dir>/tls/``."""
+    try:
+        ca = LocalTlsCa.open()
+        issued = ca.issue_server([name for name in names if name not in ("0.0.0.0", "::")])
+    except (PkiError, ValueError) as exc:
+        raise InputError(f"--tls: {exc}") from None
+    directory = state_dir / "tls"
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    chain, key = directory / "server.crt", directory / "server.key"
+    write_atomically(key, issued.key_pem, 0o600)
+    write_atomically(chain, issued.chain_pem, 0o644)
+    say(f"qtbuild kms: TLS certificate for {', '.join(dict.fromkeys(names))} from the local TLS CA "
+        f"({ca.certificate.subject.rfc4514_string()})")
+    return chain, key
 
 
 def _state_options(function):
@@ -247,9 +276,10 @@ def _connection(credentials_path: str | None, endpoint: str | None) -> tuple[Kms
     except ValueError as exc:
         raise InputError(str(exc)) from None
     url = urlsplit(endpoint or stored_endpoint)
-    if url.scheme != "http" or not url.hostname or not url.port:
-        raise InputError(f"endpoint {endpoint or stored_endpoint!r}: expected http://HOST:PORT")
-    client = KmsClient(tcp_transport(url.hostname, url.port), credentials, host=url.netloc)
+    if url.scheme not in ("http", "https") or not url.hostname or not url.port:
+        raise InputError(f"endpoint {endpoint or stored_endpoint!r}: expected http(s)://HOST:PORT")
+    context = local_tls_trust() if url.scheme == "https" else None
+    client = KmsClient(tcp_transport(url.hostname, url.port), credentials, host=url.netloc, ssl_context=context)
     return client, url.geturl()
 
 
@@ -627,6 +657,8 @@ def _audit_line(record: dict) -> str:
     pcrs = ""
     if record["pcr0"]:
         pcrs = f" pcr0={record['pcr0'][:16]}… pcr8={(record['pcr8'] or '-')[:16]}…"
+    if record.get("encoding"):
+        pcrs += f" ({record['encoding']} document)"
     return (f"{record['id']:>6} {moment.isoformat(timespec='milliseconds')[:23]}Z "
             f"{record['principal'] or '-':<12} {record['api'] or '-':<22} "
             f"{record['key_id'] or '-':<36} {record['decision']:<5} {record['status']} "

@@ -1,4 +1,4 @@
-"""``qtbuild pki init [--force] | show [--json] | export-root [-o FILE] [--der]``.
+"""``qtbuild pki init [--force] | show [--json] | export-root [-o FILE] [--der] | export-tls-ca [-o FILE]``.
 
 The local attestation PKI (:mod:`qtbuild.runtime.qtsm.pki`) under ``--state-dir`` (default
 ``$QTBUILD_STATE_DIR``, else /var/lib/qtbuild as root, else ~/.local/share/qtbuild).  ``show``
@@ -16,6 +16,7 @@ from qtbuild.cli.output import emit_json, say
 from qtbuild.runtime.qtsm.clouds import CLOUDS, DEFAULT_CLOUD
 from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
 from qtbuild.runtime.qtsm.pki import LocalPki
+from qtbuild.runtime.qtsm.tls_ca import LocalTlsCa
 
 _STATE_DIR = click.option(
     "--state-dir", type=click.Path(file_okay=False), default=None,
@@ -84,6 +85,22 @@ def export_root(state_dir: str | None, output: str | None, der: bool) -> None:
     with open(output, "wb") as handle:
         handle.write(data)
     say(f"root certificate written to {output}")
+
+
+@command.command("export-tls-ca")
+@_STATE_DIR
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write to this file instead of stdout.")
+def export_tls_ca(state_dir: str | None, output: str | None) -> None:
+    """Write the local TLS CA's certificate (PEM; created on first use) for clients of local
+    HTTPS services (`qtbuild kms serve --tls`) to trust.  Not the attestation root."""
+    data = LocalTlsCa.open(state_dir).certificate_pem
+    if output is None:
+        click.echo(data, nl=False)
+        return
+    with open(output, "wb") as handle:
+        handle.write(data)
+    say(f"TLS CA certificate written to {output}")
 
 
 def _describe(cert: x509.Certificate) -> dict:

@@ -38,6 +38,7 @@ import socket
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -307,8 +308,10 @@ class KmsHttpServer:
                  max_per_client: int = DEFAULT_MAX_PER_CLIENT,
                  header_timeout: float = DEFAULT_HEADER_TIMEOUT,
                  body_timeout: float = DEFAULT_BODY_TIMEOUT,
-                 threads: int = DEFAULT_THREADS) -> None:
+                 threads: int = DEFAULT_THREADS, tls: tuple[Path, Path] | None = None) -> None:
+        """``tls`` = (certificate chain PEM file, private key PEM file): serve HTTPS."""
         self.service = service
+        self.tls = tls
         self.limits = Limits(io_timeout, header_timeout, body_timeout, max_connections, max_per_client)
         self.per_client: Counter[str] = Counter()
         self.executor = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="kms")
@@ -321,14 +324,15 @@ class KmsHttpServer:
         self._config = uvicorn.Config(
             KmsApp(self), http=type("KmsProtocol", (_KmsProtocol,), {"kms": self}), lifespan="off",
             log_config=None, access_log=False, server_header=False, timeout_keep_alive=int(max(1, io_timeout)),
-            timeout_graceful_shutdown=5, h11_max_incomplete_event_size=16 * 1024, backlog=1024)
+            timeout_graceful_shutdown=5, h11_max_incomplete_event_size=16 * 1024, backlog=1024,
+            ssl_certfile=str(tls[0]) if tls else None, ssl_keyfile=str(tls[1]) if tls else None)
         self._uvicorn = uvicorn.Server(self._config)
         self._stopped = threading.Event()
 
     @property
     def endpoint(self) -> str:
         host, port = str(self.server_address[0]), self.server_address[1]
-        return f"http://{host}:{port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{port}"
 
     def report_refusal(self, error: KmsError, client) -> None:
         """A refusal of the transport itself (no request reached the service)."""

@@ -200,6 +200,7 @@ class KmsService:
             error_code=error.wire_code if error else None,
             pcr0=recipient.pcr_hex(0) if recipient else None,
             pcr8=recipient.pcr_hex(8) if recipient else None,
+            encoding=recipient.document.encoding if recipient else None,
         )
         if trace.principal is None:
             self.refusals.add(record)

@@ -141,7 +141,9 @@ def read_credentials(path: str | os.PathLike) -> tuple[str, Credentials]:
                                               "project_id")]
     except (ValueError, KeyError, TypeError):
         raise ValueError(f"{path}: not a KMS credentials file") from None
-    if not all(isinstance(value, str) for value in fields):
+    token = document.get("security_token")     # temporary credentials (kms principal create --temporary --out)
+    if not all(isinstance(value, str) for value in fields) or not isinstance(token, str | None):
         raise ValueError(f"{path}: not a KMS credentials file")
-    return fields[0], Credentials(*fields[1:])
+    endpoint, access_key, secret_key, project_id = fields
+    return endpoint, Credentials(access_key, secret_key, project_id, security_token=token)
 

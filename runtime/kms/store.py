@@ -104,6 +104,10 @@ CREATE TABLE aliases (
 );
 CREATE INDEX aliases_by_key ON aliases (key_id)
 """,
+    # 4: which attestation document encoding verified an attested request (qingtian, nitro, generic)
+    4: """
+ALTER TABLE audit ADD COLUMN encoding TEXT
+""",
 }
 SCHEMA_VERSION = max(_MIGRATIONS)
 
@@ -173,6 +177,7 @@ class AuditRecord:
     error_code: str | None
     pcr0: str | None
     pcr8: str | None
+    encoding: str | None = None     # the attestation document's encoding that verified
     id: int | None = None
 
     def as_json(self) -> dict:
@@ -476,8 +481,8 @@ class Store:
         with self._write() as db:
             cursor = db.execute(
                 "INSERT INTO audit (time_ms, request_id, remote, principal, api, key_id, "
-                "decision, reason, status, error_code, pcr0, pcr8) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", _audit_row(record))
+                "decision, reason, status, error_code, pcr0, pcr8, encoding) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", _audit_row(record))
             return cursor.lastrowid
 
     def add_audits(self, records: list[AuditRecord]) -> None:
@@ -485,8 +490,8 @@ class Store:
         with self._write() as db:
             db.executemany(
                 "INSERT INTO audit (time_ms, request_id, remote, principal, api, key_id, "
-                "decision, reason, status, error_code, pcr0, pcr8) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", [_audit_row(record) for record in records])
+                "decision, reason, status, error_code, pcr0, pcr8, encoding) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", [_audit_row(record) for record in records])
 
     def delete_audit_through(self, last_id: int) -> None:
         """Delete the audit records with id <= ``last_id`` (they have been archived)."""
@@ -504,7 +509,7 @@ class Store:
                 args.append(value)
         rows = self._read(
             "SELECT time_ms, request_id, remote, principal, api, key_id, decision, reason, "
-            f"status, error_code, pcr0, pcr8, id FROM audit WHERE {' AND '.join(where)} "
+            f"status, error_code, pcr0, pcr8, encoding, id FROM audit WHERE {' AND '.join(where)} "
             "ORDER BY id LIMIT ?", (*args, limit))
         return [AuditRecord(*row) for row in rows]
 

@@ -28,11 +28,15 @@ plaintext never crosses the proxy in the clear.  Without an attestor the same ca
 
 Reaching the real service: :meth:`KmsClient.from_config` takes the endpoint, region and project
 from its parameters or the environment (``KMS_ENDPOINT``, ``KMS_REGION``, ``KMS_PROJECT_ID``,
-``KMS_ACCESS_KEY`` / ``KMS_SECRET_KEY``; Huawei's ``HUAWEICLOUD_SDK_REGION``,
-``HUAWEICLOUD_SDK_PROJECT_ID``, ``HUAWEICLOUD_SDK_AK`` / ``HUAWEICLOUD_SDK_SK`` also work) and
+``KMS_ACCESS_KEY`` / ``KMS_SECRET_KEY`` [/ ``KMS_SECURITY_TOKEN``]; Huawei's ``HUAWEICLOUD_SDK_REGION``,
+``HUAWEICLOUD_SDK_PROJECT_ID``, ``HUAWEICLOUD_SDK_AK`` / ``HUAWEICLOUD_SDK_SK`` /
+``HUAWEICLOUD_SDK_SECURITY_TOKEN`` also work) and
 defaults to HTTPS at the regional endpoint ``https://kms.<region>.myhuaweicloud.com``.  The
 signed ``Host`` and the TLS server name are always the endpoint's, whatever transport carries the
 bytes (inside an enclave: the vsock proxy), so the same code runs locally and in the cloud.
+
+Temporary credentials (AK/SK + security token, what an enclave should be handed): give
+``Credentials(..., security_token=...)``; every request then carries ``X-Security-Token``, signed.
 
 Only fields the real APIs define are sent (encrypt-data: ``key_id``, ``plain_text``,
 ``additional_authenticated_data``).
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import hmac
 import http.client
@@ -83,7 +88,11 @@ ENV = {
     "project_id": ("KMS_PROJECT_ID", "HUAWEICLOUD_SDK_PROJECT_ID"),
     "access_key": ("KMS_ACCESS_KEY", "HUAWEICLOUD_SDK_AK"),
     "secret_key": ("KMS_SECRET_KEY", "HUAWEICLOUD_SDK_SK"),
+    "security_token": ("KMS_SECURITY_TOKEN", "HUAWEICLOUD_SDK_SECURITY_TOKEN"),
 }
+#: Carries the security token of temporary credentials; signed like every other header
+#: (huaweicloudsdkcore's ``Credentials.sign_request`` adds it before its signer signs all headers).
+SECURITY_TOKEN_HEADER = "X-Security-Token"
 
 Transport = Callable[[], socket.socket]
 
@@ -253,11 +262,13 @@ def _env(environ: Mapping[str, str], name: str) -> str | None:
 
 @dataclass(frozen=True)
 class Credentials:
-    """An access key / secret key pair and the project its requests address."""
+    """An access key / secret key pair and the project its requests address; temporary
+    credentials also carry their ``security_token`` (sent as ``X-Security-Token``)."""
 
     access_key: str
     secret_key: str
     project_id: str
+    security_token: str | None = None
 
     def __repr__(self) -> str:
         return f"Credentials(access_key={self.access_key!r}, project_id={self.project_id!r})"
@@ -319,11 +330,12 @@ class KmsClient(ConnectedClient):
             missing = [ENV[name][0] for name, value in values.items() if not value]
             if missing:
                 raise ValueError(f"no KMS credentials: set {' and '.join(missing)} (or pass credentials=)")
-            credentials = Credentials(values["access_key"] or "", values["secret_key"] or "", "")
+            credentials = Credentials(values["access_key"] or "", values["secret_key"] or "", "",
+                                      _env(environ, "security_token"))
         project = project_id or credentials.project_id or _env(environ, "project_id")
         if not project:
             raise ValueError("no project id: pass project_id= or set KMS_PROJECT_ID")
-        credentials = Credentials(credentials.access_key, credentials.secret_key, project)
+        credentials = dataclasses.replace(credentials, project_id=project)
         if where.scheme == "https" and ssl_context is None:
             ssl_context = ssl.create_default_context()
         if where.scheme == "http":
@@ -441,6 +453,8 @@ class KmsClient(ConnectedClient):
 
     def _send(self, path: str, payload: bytes) -> tuple[int, bytes]:
         headers = {"Host": self._connection.header_host, "Content-Type": "application/json"}
+        if self.credentials.security_token:
+            headers[SECURITY_TOKEN_HEADER] = self.credentials.security_token
         headers = sign_request("POST", path, "", headers, payload,
                                self.credentials.access_key, self.credentials.secret_key)
         self._connection.request("POST", path, body=payload, headers=headers)

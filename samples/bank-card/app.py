@@ -6,7 +6,8 @@ the job over vsock with the SDK's hand-off (``receive_job`` here, ``qtbuild hand
 parent): only after this enclave has attested, sealed to the key in its attestation document —
 no secret is baked into the image:
 
-    {"kms": {"vsock_port", "access_key", "secret_key", "project_id", "key_id"},
+    {"kms": {"vsock_port", "endpoint", "ca_pem" (optional), "protocol": "huawei" | "aws", "region" (aws),
+             "access_key", "secret_key", "security_token", "project_id", "key_id"},
      "object_store": {"vsock_port"}, "download_url": presigned GET, "upload_url": presigned PUT}
 
 The app downloads the ciphertext, decrypts it with decrypt-data carrying an attestation document
@@ -17,6 +18,7 @@ summary (never the card numbers) on the hand-off connection.
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import ssl
@@ -93,18 +95,36 @@ def http_call(method: str, url: str, vsock_port: int, body: bytes | None = None)
 
 
 def run_job(job: dict) -> dict:
+    """QingTian: Huawei KMS's decrypt-data / encrypt-data (``recipient`` → ``ciphertext_recipient``).
+    Nitro (``"protocol": "aws"``): AWS KMS's Decrypt / Encrypt (SigV4, ``Recipient`` →
+    ``CiphertextForRecipient``).  Both over HTTPS, verified against the endpoint's name."""
     kms_conf = job["kms"]
     store_port = int(job["object_store"]["vsock_port"])
     ciphertext = http_call("GET", job["download_url"], store_port).decode().strip()
-    credentials = Credentials(kms_conf["access_key"], kms_conf["secret_key"], kms_conf["project_id"])
-    # The endpoint (or region: HTTPS at kms.<region>.myhuaweicloud.com) is configuration; the
-    # bytes always go through the parent's proxy on the given vsock port.
-    with KmsClient.from_config(credentials, endpoint=kms_conf.get("endpoint"), region=kms_conf.get("region"),
-                               transport=vsock_transport(int(kms_conf["vsock_port"])), attestor=Qtsm()) as kms:
-        records = kms.decrypt_data(ciphertext).decode("utf-8")
-        results = process(records)
-        sealed = kms.encrypt_data(kms_conf["key_id"], json.dumps(results, sort_keys=True).encode())
-    http_call("PUT", job["upload_url"], store_port, sealed.encode())
+    # The endpoint (or region: HTTPS at the regional endpoint) is configuration; the bytes always
+    # go through the parent's proxy on the given vsock port.  Without a CA the system's are trusted.
+    transport = vsock_transport(int(kms_conf["vsock_port"]))
+    tls = ssl.create_default_context(cadata=kms_conf["ca_pem"]) if kms_conf.get("ca_pem") else None
+    if kms_conf.get("protocol") == "aws":
+        from qtbuild_sdk.aws_kms import AwsCredentials, AwsKmsClient  # only the Nitro profile needs it
+
+        # temporary credentials: the session token goes with every request (X-Amz-Security-Token)
+        aws_credentials = AwsCredentials(kms_conf["access_key"], kms_conf["secret_key"], kms_conf.get("security_token"))
+        with AwsKmsClient(aws_credentials, kms_conf["region"], endpoint=kms_conf.get("endpoint"), transport=transport,
+                          attestor=Qtsm(), ssl_context=tls) as aws:
+            records = aws.decrypt(base64.b64decode(ciphertext)).decode("utf-8")
+            results = process(records)
+            sealed = base64.b64encode(aws.encrypt(kms_conf["key_id"], json.dumps(results, sort_keys=True).encode()))
+    else:
+        # temporary credentials: the security token goes with every request (X-Security-Token)
+        credentials = Credentials(kms_conf["access_key"], kms_conf["secret_key"], kms_conf["project_id"],
+                                  kms_conf.get("security_token"))
+        with KmsClient.from_config(credentials, endpoint=kms_conf.get("endpoint"), region=kms_conf.get("region"),
+                                   transport=transport, attestor=Qtsm(), ssl_context=tls) as kms:
+            records = kms.decrypt_data(ciphertext).decode("utf-8")
+            results = process(records)
+            sealed = kms.encrypt_data(kms_conf["key_id"], json.dumps(results, sort_keys=True).encode()).encode()
+    http_call("PUT", job["upload_url"], store_port, sealed)
     return {"status": "ok", "records": len(results), "valid": sum(r["valid"] for r in results)}
 
 

@@ -42,6 +42,11 @@ QTBUILD = [sys.executable, "-m", "qtbuild"]
 KMS_VSOCK_PORT = 8000
 STORE_VSOCK_PORT = 8001
 JOB_PORT = 5000
+#: The enclave gets temporary credentials (AK/SK + security token), never a long-lived key: the
+#: shortest lifetime the KMS issues (IAM's minimum), more than the whole demo needs.
+ENCLAVE_CREDENTIALS_LIFETIME = "15m"
+#: The region a --cloud nitro enclave signs for (SigV4 scope); the local KMS serves any region.
+AWS_REGION = "us-east-1"
 
 
 class DemoError(Exception):
@@ -219,13 +224,15 @@ class BankCardEnv:
     key_id: str
     enclave_credentials: dict
     signing: tuple[Path, Path]
+    tls_ca_pem: str
+    cloud: str = "qingtian"
 
 
 def _start_kms(space: Workspace) -> tuple[str, Path, str]:
     port = free_port()
     process = space.start(
-        [*QTBUILD, "kms", "serve", "--state-dir", space.root / "kms", "--listen", f"127.0.0.1:{port}"], log="kms.log"
-    )
+        [*QTBUILD, "kms", "serve", "--state-dir", space.root / "kms", "--listen", f"127.0.0.1:{port}", "--tls"],
+        log="kms.log")
     line = _first_line(process, 30, "the KMS")
     info = json.loads(line)
     return info["endpoint"], Path(info["credentials"]), info["project_id"]
@@ -280,8 +287,19 @@ def _s3(endpoint: str):
                         aws_secret_access_key="demo-secret")
 
 
-def _policy(key_id: str, pcr0: str, pcr8: str) -> dict:
-    """Decrypt only from an enclave whose attested PCR0 and PCR8 are the recorded ones."""
+def _policy(key_id: str, pcr0: str, pcr8: str, cloud: str) -> dict:
+    """Decrypt only from an enclave whose attested PCR0 and PCR8 are the recorded ones: in IAM's
+    shape for QingTian, in AWS's (actions and condition keys) for Nitro."""
+    if cloud == "nitro":
+        return {
+            "Version": "2012-10-17",
+            "Statement": [
+                {"Effect": "Allow", "Action": ["kms:Decrypt"], "Resource": [f"KMS:*:*:KeyId:{key_id}"],
+                 "Condition": {"StringEqualsIgnoreCase": {"kms:RecipientAttestation:ImageSha384": [pcr0],
+                                                           "kms:RecipientAttestation:PCR8": [pcr8]}}},
+                {"Effect": "Allow", "Action": ["kms:Encrypt"], "Resource": [f"KMS:*:*:KeyId:{key_id}"]},
+            ],
+        }
     return {
         "Version": "1.1",
         "Statement": [
@@ -293,11 +311,13 @@ def _policy(key_id: str, pcr0: str, pcr8: str) -> dict:
     }
 
 
-def _administrator(space: Workspace) -> BankCardEnv:
+def _administrator(space: Workspace, cloud: str) -> BankCardEnv:
     space.qtbuild("pki", "init")
     role("admin", "local attestation PKI initialised; the KMS pins its root")
     kms_endpoint, admin, project = _start_kms(space)
-    role("admin", f"local KMS running at {kms_endpoint} (project {project})")
+    tls_ca_pem = space.qtbuild("pki", "export-tls-ca").stdout
+    role("admin", f"local KMS running at {kms_endpoint} (project {project}; TLS certificate from the local "
+                  "TLS CA, which clients trust: qtbuild pki export-tls-ca)")
     store = _start_object_store(space)
     role("admin", f"object store (S3-compatible, moto) at {store}")
     created = space.qtbuild("kms", "create-key", "--alias", "bank-cards", "--credentials", admin)
@@ -313,8 +333,16 @@ def _administrator(space: Workspace) -> BankCardEnv:
     role("admin", "encrypted the bank card records with encrypt-data and uploaded the ciphertext to bucket1")
     principal = json.loads(
         space.qtbuild("kms", "principal", "create", "bank-card-enclave", "--credentials", admin).stdout)
-    role("admin", f"created principal bank-card-enclave ({principal['access_key']})")
-    return BankCardEnv(space, kms_endpoint, admin, project, store, key_id, principal, make_signing_key(space.root))
+    role("admin", f"created principal bank-card-enclave ({principal['access_key']}); its long-lived key stays here")
+    temporary = json.loads(space.qtbuild("kms", "principal", "create", "bank-card-enclave", "--temporary",
+                                         "--duration", ENCLAVE_CREDENTIALS_LIFETIME, "--credentials", admin).stdout)
+    credential = temporary["credential"]
+    role("admin", f"issued temporary credentials acting as bank-card-enclave ({credential['access']}, "
+                  f"expire {credential['expires_at']}) for the enclave")
+    enclave_credentials = {"access_key": credential["access"], "secret_key": credential["secret"],
+                           "security_token": credential["securitytoken"]}
+    return BankCardEnv(space, kms_endpoint, admin, project, store, key_id, enclave_credentials,
+                       make_signing_key(space.root), tls_ca_pem, cloud)
 
 
 def _build_eif(env: BankCardEnv, name: str, *, edit: str | None = None) -> dict:
@@ -328,10 +356,11 @@ def _build_eif(env: BankCardEnv, name: str, *, edit: str | None = None) -> dict:
 
 def _put_policy(env: BankCardEnv, pcr0: str, pcr8: str) -> None:
     path = env.space.root / "policy.json"
-    path.write_text(json.dumps(_policy(env.key_id, pcr0, pcr8), indent=2))
+    path.write_text(json.dumps(_policy(env.key_id, pcr0, pcr8, env.cloud), indent=2))
     env.space.qtbuild("kms", "policy", "put", path, "--name", "bank-card-enclave",
                       "--credentials", env.admin_credentials)
-    role("admin", f"policy: decrypt only if kms:RecipientAttestation/PCR0 = {pcr0[:16]}… and PCR8 = {pcr8[:16]}…")
+    pcr0_key = "kms:RecipientAttestation:ImageSha384" if env.cloud == "nitro" else "kms:RecipientAttestation/PCR0"
+    role("admin", f"policy: decrypt only if {pcr0_key} = {pcr0[:16]}… and PCR8 = {pcr8[:16]}…")
 
 
 def _start_proxy(env: BankCardEnv) -> subprocess.Popen:
@@ -362,11 +391,11 @@ def _run_job(env: BankCardEnv, build: dict, *, debug: bool = False, cloud: str =
                    f"(CID {started['EnclaveCID']}, {started['LaunchMode']} mode)")
     try:
         s3 = _s3(env.store_endpoint)
+        # the enclave trusts the local TLS CA for this rehearsal; in the cloud it uses the system's CAs
+        protocol = {"protocol": "aws", "region": AWS_REGION} if env.cloud == "nitro" else {"protocol": "huawei"}
         job = {
-            "kms": {"vsock_port": KMS_VSOCK_PORT, "endpoint": env.kms_endpoint,
-                    "access_key": env.enclave_credentials["access_key"],
-                    "secret_key": env.enclave_credentials["secret_key"], "project_id": env.project_id,
-                    "key_id": env.key_id},
+            "kms": {"vsock_port": KMS_VSOCK_PORT, "endpoint": env.kms_endpoint, "ca_pem": env.tls_ca_pem,
+                    **protocol, **env.enclave_credentials, "project_id": env.project_id, "key_id": env.key_id},
             "object_store": {"vsock_port": STORE_VSOCK_PORT},
             "download_url": s3.generate_presigned_url("get_object", Params={"Bucket": "bucket1", "Key": "cards.ct"},
                                                       ExpiresIn=300),
@@ -398,13 +427,15 @@ def _hand_off(env: BankCardEnv, cid: int, job: dict, pcr0: str, *, debug: bool) 
 def demo_bank_card(keep: bool = False, cloud: str = "qingtian") -> None:
     with workspace(keep) as space:
         click.echo("== 1. data security administrator")
-        env = _administrator(space)
+        env = _administrator(space, cloud)
         release = _build_eif(env, "release")
         role("admin", f"built and signed the enclave image: PCR0 {release['PCR0'][:16]}…, PCR8 {release['PCR8'][:16]}…")
         _put_policy(env, release["PCR0"], release["PCR8"])
 
         click.echo("== 2. parent administrator + 3. enclave application")
         proxy = _start_proxy(env)
+        role("parent", "the enclave calls the KMS with " + (
+            "AWS KMS's protocol (SigV4, Recipient)" if cloud == "nitro" else "Huawei KMS's API"))
         role("parent", f"rehearsing for {cloud}: its security module, document shape and certificate chain")
         summary = _run_job(env, release, cloud=cloud)
         if summary.get("status") != "ok":
@@ -439,13 +470,15 @@ def _admin_decrypt(env: BankCardEnv, path: Path) -> str:
     from urllib.parse import urlsplit
 
     from qtbuild.runtime.kms.state import read_credentials
+    from qtbuild.runtime.qtsm.tls_ca import local_tls_trust
     from qtbuild.runtime.sdk.kms_client import KmsClient, tcp_transport
 
     endpoint, credentials = read_credentials(env.admin_credentials)
     url = urlsplit(endpoint)
     if url.hostname is None or url.port is None:
         raise DemoError(f"{env.admin_credentials}: the KMS endpoint {endpoint!r} has no host:port")
-    with KmsClient(tcp_transport(url.hostname, url.port), credentials, host=url.netloc) as client:
+    with KmsClient(tcp_transport(url.hostname, url.port), credentials, host=url.netloc,
+                   ssl_context=local_tls_trust(env.space.root / "state")) as client:
         return client.decrypt_data(path.read_text().strip()).decode()
 
 
@@ -453,7 +486,7 @@ def _expect_denied(summary: dict, needle: str, what: str) -> None:
     if summary.get("status") == "ok":
         raise DemoError(f"{what} was NOT refused: {summary}")
     error = summary.get("error", "")
-    if needle and needle not in error:
+    if needle and needle not in error.upper():     # KmsClientError: Huawei's "KMS.0306" or AWS's exception names
         raise DemoError(f"{what} failed, but not with a KMS refusal: {error}")
     role("KMS" if needle else "enclave", f"refused {what}: {error[:160]}")
 

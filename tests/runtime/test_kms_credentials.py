@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 from huaweicloudsdkcore.auth.credentials import BasicCredentials
 from huaweicloudsdkcore.exceptions.exceptions import ClientRequestException
 from huaweicloudsdkcore.http.http_config import HttpConfig
+from huaweicloudsdkcore.sdk_request import SdkRequest
 from huaweicloudsdkkms.v2 import KmsClient, ListKeysRequest, ListKeysRequestBody
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,7 +24,7 @@ from qtbuild.cli import kms as kms_cli
 from qtbuild.runtime.kms.recipient import RecipientVerifier
 from qtbuild.runtime.kms.server import KmsHttpServer
 from qtbuild.runtime.kms.service import KmsService
-from qtbuild.runtime.kms.state import StatePaths, open_state, write_credentials
+from qtbuild.runtime.kms.state import StatePaths, open_state, read_credentials, write_credentials
 from qtbuild.runtime.sdk.kms_client import Credentials, KmsClientError, tcp_transport
 from qtbuild.runtime.sdk.kms_client import KmsClient as LocalClient
 
@@ -84,6 +86,9 @@ def test_temporary_credentials_work_with_the_sdk_until_they_expire(kms, tmp_path
     assert set(credential) == {"access", "secret", "securitytoken", "expires_at"}
     stored = json.loads((tmp_path / "enclave.json").read_text())
     assert stored["security_token"] == credential["securitytoken"]
+    _, from_file = read_credentials(tmp_path / "enclave.json")     # the file works with the SDK's client
+    with LocalClient(tcp_transport("127.0.0.1", port), from_file) as client:
+        assert client.call("list-keys", {})["total"] == 0
     good = BasicCredentials(credential["access"], credential["secret"], state.project_id) \
         .with_security_token(credential["securitytoken"])
     assert sdk(port, good).list_keys(ListKeysRequest(body=ListKeysRequestBody())).total == 0
@@ -172,3 +177,63 @@ def test_malformed_authentication_never_causes_a_5xx(kms, headers):
     connection.close()
     assert 400 <= response.status < 500
     assert reply.get("error", reply)["error_code"].startswith(("KMS.", "APIGW."))
+
+
+# --------------------------------------------------------------------------- the enclave SDK's client
+
+
+def _recorded_request(client_credentials: Credentials) -> dict[str, str]:
+    """The headers the SDK's KmsClient sends for one list-keys call (answered ``{}``)."""
+    ours, theirs = socket.socketpair()
+    received: list[bytes] = []
+
+    def answer() -> None:
+        with theirs:
+            data = b""
+            while not data.endswith(b"\r\n\r\n{}"):     # the head and the body "{}"
+                data += theirs.recv(65536)
+            received.append(data)
+            theirs.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+                           b"Connection: close\r\n\r\n{}")
+
+    threading.Thread(target=answer, daemon=True).start()
+    with LocalClient(lambda: ours, client_credentials, host="kms.cn-north-4.myhuaweicloud.com") as client:
+        client.call("list-keys", {})
+    head = received[0].split(b"\r\n\r\n", 1)[0].decode().split("\r\n")[1:]
+    return dict(line.split(": ", 1) for line in head)
+
+
+def test_the_sdk_client_signs_the_security_token_as_huaweis_sdk_does():
+    credentials = Credentials("TEMPAK00000000000000", "temporary-secret", "0" * 32, security_token="token-value")
+    sent = _recorded_request(credentials)
+    assert sent["X-Security-Token"] == "token-value"
+    path = f"/v1.0/{'0' * 32}/kms/list-keys"
+    request = SdkRequest(method="POST", schema="https", host="kms.cn-north-4.myhuaweicloud.com", resource_path=path,
+                         uri=path, query_params=[], body=b"{}",
+                         header_params={name: sent[name] for name in ("Host", "Content-Type", "X-Sdk-Date")})
+    # (no project id here: BasicCredentials would add an X-Project-Id header, which ours leaves out)
+    official = BasicCredentials("TEMPAK00000000000000", "temporary-secret") \
+        .with_security_token("token-value").sign_request(request)
+    assert sent["Authorization"] == official.header_params["Authorization"]
+    assert "x-security-token" in sent["Authorization"]
+    # long-lived credentials send no token
+    assert "X-Security-Token" not in _recorded_request(Credentials("AK", "SK", "0" * 32))
+
+
+def test_temporary_credentials_work_with_the_enclave_sdk(kms, tmp_path):
+    state, port, admin_file, _ = kms
+    credential = cli(admin_file, "principal", "create", "enclave", "--temporary", "--duration", "15m")["credential"]
+    temporary = Credentials(credential["access"], credential["secret"], state.project_id,
+                            security_token=credential["securitytoken"])
+    with LocalClient(tcp_transport("127.0.0.1", port), temporary) as client:
+        assert client.call("list-keys", {})["total"] == 0
+    assert state.env.store.audit(limit=1000)[-1].principal == "enclave"
+    environ = {"KMS_ENDPOINT": f"http://127.0.0.1:{port}", "KMS_PROJECT_ID": state.project_id,
+               "HUAWEICLOUD_SDK_AK": credential["access"], "HUAWEICLOUD_SDK_SK": credential["secret"],
+               "HUAWEICLOUD_SDK_SECURITY_TOKEN": credential["securitytoken"]}
+    with LocalClient.from_config(environ=environ) as client:
+        assert client.call("list-keys", {})["total"] == 0
+    bare = Credentials(credential["access"], credential["secret"], state.project_id)
+    with LocalClient(tcp_transport("127.0.0.1", port), bare) as client, pytest.raises(KmsClientError) as caught:
+        client.call("list-keys", {})
+    assert (caught.value.status, caught.value.code) == (401, "APIGW.0301")

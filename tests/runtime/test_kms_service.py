@@ -30,6 +30,7 @@ from qtbuild.runtime.kms.server import MAX_BODY, KmsHttpServer
 from qtbuild.runtime.kms.service import KmsService
 from qtbuild.runtime.kms.state import StatePaths, open_state
 from qtbuild.runtime.proxy import Proxy, ProxyConfig, Route
+from qtbuild.runtime.qtsm.clouds import profile
 from qtbuild.runtime.qtsm.device import SecurityModule
 from qtbuild.runtime.qtsm.pki import LocalPki
 from qtbuild.runtime.sdk import vsock
@@ -620,6 +621,21 @@ def test_audit_records_refusals_with_reasons(kms, enclave, ciphertext):
                for record in unauthenticated)
 
 
+@pytest.mark.parametrize("cloud", ["qingtian", "nitro"])
+def test_audit_records_which_document_encoding_verified(kms, enclave, ciphertext, cloud):
+    spec = profile(cloud)
+    module = SecurityModule(PCRS, debug=False, signer=kms.pki.signer(f"enc-{cloud}", cloud),
+                            module_id=spec.module_id(f"enc-{cloud}", spec.parent_id(None, b"audit-test")), profile=spec)
+    client = kms.client(enclave, attestor=module)
+    assert client.decrypt_data(ciphertext, aad=b"bank-card") == CARD
+    last = kms.admin.call("admin/list-audit", {"principal": "enclave", "limit": 1000})["records"][-1]
+    assert (last["api"], last["decision"], last["encoding"]) == ("decrypt-data", "allow", cloud)
+    with pytest.raises(KmsClientError):    # not attested (and not allowed): no encoding
+        client.call("list-keys", {})
+    last = kms.admin.call("admin/list-audit", {"principal": "enclave", "limit": 1000})["records"][-1]
+    assert (last["api"], last["encoding"]) == ("list-keys", None)
+
+
 def test_through_qt_proxy_over_vsock(kms, enclave, ciphertext, tmp_path):
     """The enclave side connects to CID 3 over (emulated) vsock; qt-proxy forwards to KMS."""
     root = str(tmp_path / "vsock")
@@ -672,8 +688,9 @@ COMPAT_PYTHON = os.environ.get(
 
 
 def test_exported_sdk_client_under_bookworm_versions(kms, enclave, ciphertext, tmp_path):
-    """``qtbuild sdk export``'s KmsClient and envelope opener under cryptography 38 / cbor2 5.4
-    (scripts/install.sh creates that interpreter, .venv-bookworm) against this server."""
+    """``qtbuild sdk export``'s KmsClient (with temporary credentials) and envelope opener under
+    cryptography 38 / cbor2 5.4 (scripts/install.sh creates that interpreter, .venv-bookworm)
+    against this server."""
     if not os.access(COMPAT_PYTHON, os.X_OK):
         message = f"no bookworm-compatibility interpreter at {COMPAT_PYTHON}"
         if os.environ.get("CI"):
@@ -683,9 +700,12 @@ def test_exported_sdk_client_under_bookworm_versions(kms, enclave, ciphertext, t
 
     export_sdk(tmp_path)
     key = RecipientKey.generate()
+    # temporary credentials, as the demo hands an enclave: the token travels as X-Security-Token
+    temporary = kms.admin.call("admin/create-temporary-credentials",
+                               {"name": "enclave", "duration_seconds": 900})["credential"]
     job = {
         "port": kms.port, "cipher_text": ciphertext,
-        "credentials": [enclave.access_key, enclave.secret_key, enclave.project_id],
+        "credentials": [temporary["access"], temporary["secret"], enclave.project_id, temporary["securitytoken"]],
         "key": key.private_key.private_bytes(serialization.Encoding.PEM,
                                              serialization.PrivateFormat.PKCS8,
                                              serialization.NoEncryption()).decode(),
