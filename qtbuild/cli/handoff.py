@@ -29,8 +29,9 @@ MAX_JOB_FILE = 40 * 1024
 @click.option("--job", "job_path", required=True, type=click.Path(exists=True, dir_okay=False, allow_dash=True),
               help="The job: a JSON object (inputs, ciphertexts, presigned URLs …; ≤ 40 KiB).")
 @click.option("--kms-credentials", "credentials_path", type=click.Path(exists=True, dir_okay=False),
-              help="A principal's credentials file (`kms principal create NAME --out FILE`) to put in the "
-                   "job as \"credentials\"; use a principal whose policy pins the enclave, never the admin.")
+              help="A principal's credentials file to put in the job as \"credentials\": short-lived ones "
+                   "(`kms principal create NAME --temporary --duration 15m --out FILE`; long-lived ones get a "
+                   "warning), of a principal whose policy pins the enclave, never the admin.")
 @click.option("--port", type=click.IntRange(0, vsock.VMADDR_PORT_ANY - 1), default=DEFAULT_PORT,
               show_default=True, help="The vsock port the enclave's receive_job listens on.")
 @click.option("--pcr0", "pcr0", metavar="HEX", help="Accept only an enclave with this PCR0.")
@@ -73,6 +74,9 @@ def command(cid, job_path, credentials_path, port, pcr0, measurements, root_path
     if document_path:
         Path(document_path).write_bytes(outcome.document_bytes)
     say(f"qtbuild handoff: enclave {cid} attested (PCR0 {outcome.document.pcrs[0].hex()[:16]}…) and answered")
+    if credentials_path and _long_lived(job):
+        say(f"qtbuild handoff: warning: {credentials_path} held long-lived credentials; hand an enclave short-lived "
+            "ones (qtbuild kms principal create NAME --temporary --duration 15m --out FILE)")
     emit_json(outcome.result)
 
 
@@ -93,7 +97,14 @@ def _job(path: str, credentials_path: str | None) -> dict:
             raise InputError(str(exc)) from None
         job["credentials"] = {"access_key": credentials.access_key, "secret_key": credentials.secret_key,
                               "project_id": credentials.project_id}
+        if credentials.security_token:
+            job["credentials"]["security_token"] = credentials.security_token
     return job
+
+
+def _long_lived(job: dict) -> bool:
+    credentials = job.get("credentials")
+    return isinstance(credentials, dict) and not credentials.get("security_token")
 
 
 def _trust(pcr0, measurements, root_paths, hardware, allow_debug):

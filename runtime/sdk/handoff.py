@@ -101,12 +101,14 @@ class Job:
     @property
     def credentials(self) -> Credentials:
         """The KMS credentials the parent put in the job (``"credentials"``: access_key,
-        secret_key, project_id) — short-lived ones, ideally."""
+        secret_key, project_id, and the security_token of short-lived ones)."""
         fields = self.payload.get("credentials")
         if not isinstance(fields, dict):
             raise HandoffError("the job carries no credentials")
         try:
-            return Credentials(str(fields["access_key"]), str(fields["secret_key"]), str(fields["project_id"]))
+            token = fields.get("security_token")
+            return Credentials(str(fields["access_key"]), str(fields["secret_key"]), str(fields["project_id"]),
+                               security_token=str(token) if token else None)
         except KeyError as exc:
             raise HandoffError(f"the job's credentials lack {exc.args[0]}") from None
 

@@ -151,3 +151,26 @@ def test_transport_emulated_alone_means_the_local_runtime_root(tmp_path):
         if listener.poll() is None:
             listener.kill()
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_handoff_carries_the_security_token_of_short_lived_credentials(tmp_path):
+    """Temporary credentials (kms principal create --temporary --out) reach the enclave whole:
+    the job carries their security token and the SDK's Job.credentials hands it to the client."""
+    import socket
+
+    from qtbuild.cli.handoff import _job, _long_lived
+    from qtbuild.runtime.sdk.handoff import Job
+
+    job_file, temporary, long_lived = tmp_path / "job.json", tmp_path / "temp.json", tmp_path / "app.json"
+    job_file.write_text('{"input": 1}')
+    fields = {"endpoint": "http://127.0.0.1:1", "access_key": "AK", "secret_key": "SK", "project_id": "p"}
+    temporary.write_text(json.dumps({**fields, "security_token": "TOKEN", "expires_at": "2026-12-03T13:30:00Z"}))
+    long_lived.write_text(json.dumps(fields))
+
+    job = _job(str(job_file), str(temporary))
+    assert job["credentials"]["security_token"] == "TOKEN" and not _long_lived(job)
+    assert _long_lived(_job(str(job_file), str(long_lived)))
+    left, right = socket.socketpair()
+    with left, right:
+        credentials = Job(job, left).credentials
+    assert (credentials.access_key, credentials.security_token) == ("AK", "TOKEN")
