@@ -399,13 +399,6 @@ class KmsClient(ConnectedClient):
 
     # ------------------------------------------------------------------ plumbing
 
-    @property
-    def recipient_key(self) -> RecipientKey:
-        with self._lock:
-            if self._recipient_key is None:
-                self._recipient_key = RecipientKey.generate()
-            return self._recipient_key
-
     def recipient(self, nonce: bytes | None = None) -> dict:
         """The ``recipient`` request field: a fresh document over this client's public key
         (and ``nonce``, when given: the attestor is called with ``nonce=`` only then)."""
