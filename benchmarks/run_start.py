@@ -14,8 +14,11 @@ sparse), converts it with ``qtbuild convert`` (local profile), then --repeat tim
   api   ``Manager.start(RunOptions(..., attach_console=True))`` in this process; the clock runs
         from the call to the first console byte (the same minus the CLI's interpreter start-up).
 
-Each enclave is stopped before the next.  Prints median, min and max per mode; target (issue 5):
-cli median < 1 s.  Needs root (tmpfs, cgroups; rootless: add --no-limits) and busybox-static.
+Each enclave is stopped before the next.  Each cli run is paired with a bare interpreter start
+(``python -P -c pass``, the floor of any CLI); the last line, ``ratios: {json}`` (the median of
+the per-pair ratios cli / bare interpreter, and api / bare interpreter), is what the regression
+check reads (tests/test_benchmarks.py, benchmarks/baseline.json).  Prints median, min and max per
+mode; target (issue 5): cli median < 1 s.  Needs root (tmpfs, cgroups; rootless: add --no-limits) and busybox-static.
 A temporary runtime and state directory are used, so the host's enclaves are not touched.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import random
 import shutil
@@ -100,6 +104,13 @@ def time_cli(eif: str, extra: list[str]) -> float:
         Manager(notify=lambda _: None).stop_all()
 
 
+def time_interpreter() -> float:
+    """A bare interpreter's start and exit: the floor under every CLI run."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-P", "-c", "pass"], check=True)
+    return time.perf_counter() - started
+
+
 def time_api(eif: str, no_limits: bool) -> float:
     manager = Manager(notify=lambda _: None)
     started = time.perf_counter()
@@ -135,8 +146,17 @@ def main() -> None:
         print(f"image: {os.path.getsize(eif) / MIB:.1f} MiB, --mem {memory_for(eif)} MiB")
         extra = ["--no-limits"] if args.no_limits else []
         time_cli(eif, extra)  # warm-up: page cache, PKI creation
-        report("cli", [time_cli(eif, extra) for _ in range(args.repeat)])
-        report("api", [time_api(eif, args.no_limits) for _ in range(args.repeat)])
+        bare, cli, api = [], [], []
+        for _ in range(args.repeat):  # interleaved, so machine noise hits all three alike
+            bare.append(time_interpreter())
+            cli.append(time_cli(eif, extra))
+            api.append(time_api(eif, args.no_limits))
+        report("bare", bare)
+        report("cli", cli)
+        report("api", api)
+        ratios = {"cli_time_over_interpreter": statistics.median(c / b for c, b in zip(cli, bare, strict=True)),
+                  "api_time_over_interpreter": statistics.median(a / b for a, b in zip(api, bare, strict=True))}
+        print("ratios: " + json.dumps(ratios, sort_keys=True))
     finally:
         if not args.keep and not args.dir:
             shutil.rmtree(workdir, ignore_errors=True)
