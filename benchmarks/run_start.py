@@ -111,15 +111,27 @@ def time_interpreter() -> float:
     return time.perf_counter() - started
 
 
-def time_api(eif: str, no_limits: bool) -> float:
+#: The supervisor's start phases (Started.phases), in order, each measured from the previous end.
+PHASES = ("supervisor_imports", "host_setup", "verify_unpack", "security_module", "sandbox_exec", "ready")
+
+
+def time_api(eif: str, no_limits: bool, phases: dict[str, list[float]]) -> float:
+    """Seconds from Manager.start to the first console line; appends each phase's seconds to ``phases``
+    (supervisor_imports: spawning the supervisor's interpreter and its imports; first_output: from
+    "ready" to the application's first line)."""
     manager = Manager(notify=lambda _: None)
-    started = time.perf_counter()
+    started = time.monotonic()
     enclave = manager.start(RunOptions(eif, memory_mib=memory_for(eif), attach_console=True, no_limits=no_limits))
     try:
         first = enclave.console.read(len(FIRST_LINE))
-        elapsed = time.perf_counter() - started
+        ended = time.monotonic()
         assert first == FIRST_LINE, first
-        return elapsed
+        previous = started
+        for name in PHASES:
+            phases.setdefault(name, []).append(enclave.phases[name] - previous)
+            previous = enclave.phases[name]
+        phases.setdefault("first_output", []).append(ended - previous)
+        return ended - started
     finally:
         enclave.close()
         manager.stop_all()
@@ -146,14 +158,19 @@ def main() -> None:
         print(f"image: {os.path.getsize(eif) / MIB:.1f} MiB, --mem {memory_for(eif)} MiB")
         extra = ["--no-limits"] if args.no_limits else []
         time_cli(eif, extra)  # warm-up: page cache, PKI creation
-        bare, cli, api = [], [], []
+        bare: list[float] = []
+        cli: list[float] = []
+        api: list[float] = []
+        phases: dict[str, list[float]] = {}
         for _ in range(args.repeat):  # interleaved, so machine noise hits all three alike
             bare.append(time_interpreter())
             cli.append(time_cli(eif, extra))
-            api.append(time_api(eif, args.no_limits))
+            api.append(time_api(eif, args.no_limits, phases))
         report("bare", bare)
         report("cli", cli)
         report("api", api)
+        print("api per phase (median s): " + "  ".join(f"{name} {statistics.median(samples):.3f}"
+                                                       for name, samples in phases.items()))
         ratios = {"cli_time_over_interpreter": statistics.median(c / b for c, b in zip(cli, bare, strict=True)),
                   "api_time_over_interpreter": statistics.median(a / b for a, b in zip(api, bare, strict=True))}
         print("ratios: " + json.dumps(ratios, sort_keys=True))
