@@ -17,6 +17,8 @@ child process with its peak RSS:
 Each command runs --repeat times (interleaved); the best time and the largest peak RSS are
 reported.  Targets (issue 3): convert <= 1.5 x the floor, >= 2 x faster than the by-hand
 pipeline, peak RSS < 200 MB.  Needs gzip, sha384sum, umoci and cpio (scripts/install-system.sh).
+The last line, ``ratios: {json}`` (each convert over the floor, the median of the per-round
+ratios), is what the regression check reads (tests/test_benchmarks.py, benchmarks/baseline.json).
 
 ``--many-files`` instead measures memory against file count and path length (issue 12, target
 <= 300 MB peak RSS for each): two docker-archives (uncompressed layers) with 1,000,000 tiny files
@@ -35,6 +37,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -284,6 +287,7 @@ def main() -> None:
                         f"find . -mindepth 1 | LC_ALL=C sort | cpio --quiet -o -H newc --reproducible | sha384sum"),
         }
         results = {name: (float("inf"), 0.0) for name in commands}
+        rounds: dict[str, list[float]] = {name: [] for name in commands}
         for _ in range(options.repeat):  # interleaved, so machine noise hits every command alike
             for name, command in commands.items():
                 # outputs of the previous run are removed outside the timing
@@ -293,6 +297,7 @@ def main() -> None:
                         os.unlink(os.path.join(workdir, output))
                 os.sync()  # no earlier run's dirty pages in flight
                 seconds, rss = timed(command)
+                rounds[name].append(seconds)
                 results[name] = (min(results[name][0], seconds), max(results[name][1], rss))
         floor, by_hand = results["floor"][0], results["by hand"][0]
         for name, (seconds, rss) in results.items():
@@ -301,6 +306,10 @@ def main() -> None:
             seconds = results[name][0]
             print(f"{name}: {seconds / floor:.2f} x the floor (target <= 1.5), "
                   f"{by_hand / seconds:.2f} x faster than by hand (target >= 2)")
+        ratios = {f"{source}_time_over_floor": statistics.median(t / f for t, f in zip(rounds[name], rounds["floor"],
+                                                                                         strict=True))
+                  for source, name in (("oci", "convert (oci)"), ("archive", "convert (archive)"))}
+        print("ratios: " + json.dumps(ratios, sort_keys=True))
     finally:
         if not options.keep:
             shutil.rmtree(workdir, ignore_errors=True)

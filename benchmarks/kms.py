@@ -17,6 +17,8 @@ record (fsynced), building the CMS envelope — and the client opening that enve
 AES-CBC) and checking the plaintext.  By default each client reuses one document (fresh for
 the KMS's 5-minute window) so the figures are the KMS's; ``--fresh-documents`` has the
 client's security module sign a new one per request, as a cautious enclave would.
+The last line, ``ratios: {json}`` (KMS/echo requests per second per client count), is what the
+regression check reads (tests/test_benchmarks.py, benchmarks/baseline.json).
 """
 
 from __future__ import annotations
@@ -239,8 +241,10 @@ def main() -> None:
             echo_process.join(30)
     report = {"cpus": os.cpu_count(), "seconds": args.seconds,
               "fresh_documents": args.fresh_documents, "levels": levels, "echo": echo}
+    ratios = {f"kms_over_echo_{level['clients']}": kms["requests_per_second"] / level["requests_per_second"]
+              for level, kms in zip(echo, levels, strict=True) if level["requests_per_second"]}
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps({**report, "ratios": ratios}, indent=2))
         return
     print(f"decrypt-data with recipient, {os.cpu_count()} CPUs, {args.seconds:g} s per level, "
           f"{'fresh' if args.fresh_documents else 'reused'} documents")
@@ -254,6 +258,7 @@ def main() -> None:
             ratio = kms["requests_per_second"] / level["requests_per_second"] if level["requests_per_second"] else 0
             print(f"{level['clients']:>8} {level['requests_per_second']:>9} {level['p50_ms']:>8} "
                   f"{level['p99_ms']:>8} {level['requests']:>9}   KMS/echo {ratio:.2f}")
+    print("ratios: " + json.dumps(ratios, sort_keys=True))
 
 
 if __name__ == "__main__":

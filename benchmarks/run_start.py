@@ -14,8 +14,11 @@ sparse), converts it with ``qtbuild convert`` (local profile), then --repeat tim
   api   ``Manager.start(RunOptions(..., attach_console=True))`` in this process; the clock runs
         from the call to the first console byte (the same minus the CLI's interpreter start-up).
 
-Each enclave is stopped before the next.  Prints median, min and max per mode; target (issue 5):
-cli median < 1 s.  Needs root (tmpfs, cgroups; rootless: add --no-limits) and busybox-static.
+Each enclave is stopped before the next.  Each cli run is paired with a bare interpreter start
+(``python -P -c pass``, the floor of any CLI); the last line, ``ratios: {json}`` (the median of
+the per-pair ratios cli / bare interpreter, and api / bare interpreter), is what the regression
+check reads (tests/test_benchmarks.py, benchmarks/baseline.json).  Prints median, min and max per
+mode; target (issue 5): cli median < 1 s.  Needs root (tmpfs, cgroups; rootless: add --no-limits) and busybox-static.
 A temporary runtime and state directory are used, so the host's enclaves are not touched.
 """
 
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import random
 import shutil
@@ -100,15 +104,34 @@ def time_cli(eif: str, extra: list[str]) -> float:
         Manager(notify=lambda _: None).stop_all()
 
 
-def time_api(eif: str, no_limits: bool) -> float:
-    manager = Manager(notify=lambda _: None)
+def time_interpreter() -> float:
+    """A bare interpreter's start and exit: the floor under every CLI run."""
     started = time.perf_counter()
+    subprocess.run([sys.executable, "-P", "-c", "pass"], check=True)
+    return time.perf_counter() - started
+
+
+#: The supervisor's start phases (Started.phases), in order, each measured from the previous end.
+PHASES = ("supervisor_imports", "host_setup", "verify_unpack", "security_module", "sandbox_exec", "ready")
+
+
+def time_api(eif: str, no_limits: bool, phases: dict[str, list[float]]) -> float:
+    """Seconds from Manager.start to the first console line; appends each phase's seconds to ``phases``
+    (supervisor_imports: spawning the supervisor's interpreter and its imports; first_output: from
+    "ready" to the application's first line)."""
+    manager = Manager(notify=lambda _: None)
+    started = time.monotonic()
     enclave = manager.start(RunOptions(eif, memory_mib=memory_for(eif), attach_console=True, no_limits=no_limits))
     try:
         first = enclave.console.read(len(FIRST_LINE))
-        elapsed = time.perf_counter() - started
+        ended = time.monotonic()
         assert first == FIRST_LINE, first
-        return elapsed
+        previous = started
+        for name in PHASES:
+            phases.setdefault(name, []).append(enclave.phases[name] - previous)
+            previous = enclave.phases[name]
+        phases.setdefault("first_output", []).append(ended - previous)
+        return ended - started
     finally:
         enclave.close()
         manager.stop_all()
@@ -135,8 +158,22 @@ def main() -> None:
         print(f"image: {os.path.getsize(eif) / MIB:.1f} MiB, --mem {memory_for(eif)} MiB")
         extra = ["--no-limits"] if args.no_limits else []
         time_cli(eif, extra)  # warm-up: page cache, PKI creation
-        report("cli", [time_cli(eif, extra) for _ in range(args.repeat)])
-        report("api", [time_api(eif, args.no_limits) for _ in range(args.repeat)])
+        bare: list[float] = []
+        cli: list[float] = []
+        api: list[float] = []
+        phases: dict[str, list[float]] = {}
+        for _ in range(args.repeat):  # interleaved, so machine noise hits all three alike
+            bare.append(time_interpreter())
+            cli.append(time_cli(eif, extra))
+            api.append(time_api(eif, args.no_limits, phases))
+        report("bare", bare)
+        report("cli", cli)
+        report("api", api)
+        print("api per phase (median s): " + "  ".join(f"{name} {statistics.median(samples):.3f}"
+                                                       for name, samples in phases.items()))
+        ratios = {"cli_time_over_interpreter": statistics.median(c / b for c, b in zip(cli, bare, strict=True)),
+                  "api_time_over_interpreter": statistics.median(a / b for a, b in zip(api, bare, strict=True))}
+        print("ratios: " + json.dumps(ratios, sort_keys=True))
     finally:
         if not args.keep and not args.dir:
             shutil.rmtree(workdir, ignore_errors=True)

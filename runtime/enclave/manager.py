@@ -39,7 +39,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
@@ -93,6 +93,8 @@ class Started:
     summary: dict
     console: BinaryIO | None
     status: BinaryIO
+    #: time.monotonic() at the end of each of the supervisor's start phases, in order
+    phases: dict[str, float] = field(default_factory=dict)
 
     def wait(self) -> dict:
         """``{"status", "code", "signal"}`` once the enclave has ended (``Crashed`` if its
@@ -190,7 +192,7 @@ class Manager:
         if message is not None and "ready" in message:
             for note in getattr(read_record(directory), "notes", []):
                 self.notify(note)
-            return Started(message["ready"], console, status)
+            return Started(message["ready"], console, status, message.get("phases", {}))
         status.close()
         if console is not None:
             console.close()

@@ -44,6 +44,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from qtbuild.runtime.qtsm.clouds import machine_seed
@@ -73,6 +74,10 @@ from .state import (
     read_record,
     write_record,
 )
+
+#: When this module's imports were done (CLOCK_MONOTONIC is system-wide: the CLI compares it with
+#: its own clock to tell the supervisor's start-up from the phases below).
+_IMPORTED = time.monotonic()
 
 log = logging.getLogger("qtbuild.enclave")
 
@@ -117,6 +122,8 @@ class Supervisor:
         self.vsock_dir = self.vsock_root / str(record.cid)
         self.qtsm: Server | None = None
         self.console: ConsoleServer | None = None
+        #: time.monotonic() at the end of each start phase, reported with "ready" (benchmarks/run_start.py)
+        self.phases: dict[str, float] = {"supervisor_imports": _IMPORTED}
         self.threads: list[threading.Thread] = []
 
     # -- start ------------------------------------------------------------------------------
@@ -132,10 +139,14 @@ class Supervisor:
             else:
                 self.vsock_dir = resources.prepare_vsock(self.vsock_root, self.record.cid)
             self._create_cgroup()
+            self.phases["host_setup"] = time.monotonic()
             image = self._load()
+            self.phases["verify_unpack"] = time.monotonic()
             self._serve_security_module(image)
             output_fd = self._open_console() if self.record.debug else None
+            self.phases["security_module"] = time.monotonic()
             self._start_sandbox(image, output_fd)
+            self.phases["sandbox_exec"] = time.monotonic()
             self._record_sandbox()
             self._heartbeat()
             self._register()
@@ -348,7 +359,8 @@ def run(directory: EnclaveDir, status: StatusPipe, console_fd: int | None) -> in
         log.exception("start failed")
         status.send(error=f"the enclave could not start: {type(exc).__name__}: {exc}", check_failed=True)
         return 1
-    status.send(ready=record.summary())
+    supervisor.phases["ready"] = time.monotonic()
+    status.send(ready=record.summary(), phases=supervisor.phases)
     result = supervisor.wait()
     supervisor.release()
     status.send(exit=supervisor.finish(result))

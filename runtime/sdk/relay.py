@@ -1,10 +1,14 @@
 """Copying bytes both ways between two asyncio streams: the core of every forwarder (the
-parent's ``qtbuild proxy`` and the SDK's enclave-side :mod:`.proxy`).  Standard library only."""
+parent's ``qtbuild proxy`` and the SDK's enclave-side :mod:`.proxy`).  Between two plain sockets on
+Linux the bytes move zero-copy (:mod:`.splice`); otherwise they are copied through Python.
+Standard library only."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+
+from . import splice
 
 CHUNK = 256 * 1024
 
@@ -33,6 +37,15 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, acti
         writer.write_eof()
 
 
+async def _splice_or_copy(ends, source: int, activity: Activity, copy) -> None:
+    """One direction zero-copy; if the kernel refuses these sockets before a byte moved, by copying."""
+    try:
+        await splice.splice_pump(ends[source], ends[1 - source], activity.touch)
+    except splice.SpliceUnsupported:
+        splice.resume(ends[source])
+        await copy()
+
+
 async def relay(a_reader, a_writer, b_reader, b_writer, idle_timeout: float,
                 activity: Activity | None = None) -> str:
     """Copy a→b and b→a until both end (``"closed"``), one fails (``"error: …"``) or nothing
@@ -40,8 +53,13 @@ async def relay(a_reader, a_writer, b_reader, b_writer, idle_timeout: float,
     close the writers.  ``activity`` (if given) is touched whenever a byte moves, so an owner can
     tell a quiet connection from a busy one."""
     activity = activity or Activity()
-    pumps = {asyncio.create_task(_pump(a_reader, b_writer, activity)),
-             asyncio.create_task(_pump(b_reader, a_writer, activity))}
+    ends = await splice.splice_ends(a_reader, a_writer, b_reader, b_writer)
+    if ends is None:
+        pumps = {asyncio.create_task(_pump(a_reader, b_writer, activity)),
+                 asyncio.create_task(_pump(b_reader, a_writer, activity))}
+    else:
+        pumps = {asyncio.create_task(_splice_or_copy(ends, 0, activity, lambda: _pump(a_reader, b_writer, activity))),
+                 asyncio.create_task(_splice_or_copy(ends, 1, activity, lambda: _pump(b_reader, a_writer, activity)))}
     pending = set(pumps)
     try:
         while pending:
@@ -57,3 +75,5 @@ async def relay(a_reader, a_writer, b_reader, b_writer, idle_timeout: float,
         for task in pumps:
             task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
+        for end in ends or ():
+            end.close()

@@ -1,0 +1,149 @@
+"""The relay between two plain sockets moves bytes zero-copy (os.splice) and behaves exactly as
+the copying relay: every byte in order, both directions, half-close passed on, bytes a stream had
+already buffered first, and the copy taking over when the kernel refuses to splice."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import socket
+
+import pytest
+
+from qtbuild.runtime.sdk import relay, splice
+
+pytestmark = pytest.mark.skipif(not splice.available(), reason="os.splice is Linux-only")
+
+
+class SpliceSpy:
+    """Counts os.splice calls; optionally refuses them all with EINVAL (a socket without splice)."""
+
+    def __init__(self, monkeypatch, refuse: bool = False) -> None:
+        self.calls, self.real, self.refuse = 0, os.splice, refuse
+        monkeypatch.setattr(os, "splice", self)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.refuse:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return self.real(*args, **kwargs)
+
+
+async def _pair(family: int):
+    """(our far end socket, the relay-side asyncio streams) for one connection of ``family``."""
+    if family == socket.AF_INET:
+        accepted: asyncio.Future = asyncio.get_running_loop().create_future()
+        server = await asyncio.start_server(lambda r, w: accepted.set_result((r, w)), "127.0.0.1", 0)
+        far = socket.create_connection(server.sockets[0].getsockname()[:2])
+        streams = await accepted
+        server.close()
+    else:
+        far, near = socket.socketpair()
+        streams = await asyncio.open_connection(sock=near)
+    far.setblocking(False)
+    return far, streams
+
+
+async def _send_all_then_eof(far: socket.socket, data: bytes) -> None:
+    await asyncio.get_running_loop().sock_sendall(far, data)
+    far.shutdown(socket.SHUT_WR)
+
+
+async def _receive_to_eof(far: socket.socket) -> bytes:
+    loop, chunks = asyncio.get_running_loop(), []
+    while chunk := await loop.sock_recv(far, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _exchange(a_family: int, b_family: int, a_to_b: bytes, b_to_a: bytes, early: bytes = b""):
+    (a_far, (a_reader, a_writer)), (b_far, (b_reader, b_writer)) = await _pair(a_family), await _pair(b_family)
+    if early:  # bytes the relay-side stream has already buffered when the relay starts
+        await asyncio.get_running_loop().sock_sendall(a_far, early)
+        while len(getattr(a_reader, "_buffer", b"")) < len(early):
+            await asyncio.sleep(0.01)
+    outcome = asyncio.create_task(relay.relay(a_reader, a_writer, b_reader, b_writer, idle_timeout=30))
+    got_b, got_a, *_ = await asyncio.wait_for(asyncio.gather(
+        _receive_to_eof(b_far), _receive_to_eof(a_far),
+        _send_all_then_eof(a_far, a_to_b), _send_all_then_eof(b_far, b_to_a)), 60)
+    result = await asyncio.wait_for(outcome, 10)
+    for far, writer in ((a_far, a_writer), (b_far, b_writer)):
+        writer.close()
+        far.close()
+    return got_b, got_a, result
+
+
+PAIRS = [(socket.AF_UNIX, socket.AF_INET), (socket.AF_INET, socket.AF_UNIX), (socket.AF_INET, socket.AF_INET)]
+
+
+@pytest.mark.parametrize("a_family, b_family", PAIRS, ids=["unix-tcp", "tcp-unix", "tcp-tcp"])
+def test_large_transfers_both_ways_are_spliced_byte_exact(monkeypatch, a_family, b_family):
+    spy = SpliceSpy(monkeypatch)
+    up, down = os.urandom(48 << 20), os.urandom(5 << 20) + b"tail"
+    got_b, got_a, outcome = asyncio.run(_exchange(a_family, b_family, up, down))
+    assert hashlib.sha256(got_b).digest() == hashlib.sha256(up).digest() and len(got_b) == len(up)
+    assert got_a == down
+    assert outcome == "closed"
+    assert spy.calls > 0
+
+
+def test_half_close_one_way_then_the_other_way_still_flows(monkeypatch):
+    SpliceSpy(monkeypatch)
+
+    async def scenario():
+        (a_far, (a_reader, a_writer)), (b_far, (b_reader, b_writer)) = (await _pair(socket.AF_UNIX),
+                                                                        await _pair(socket.AF_INET))
+        loop = asyncio.get_running_loop()
+        outcome = asyncio.create_task(relay.relay(a_reader, a_writer, b_reader, b_writer, idle_timeout=30))
+        await _send_all_then_eof(a_far, b"request")
+        assert await asyncio.wait_for(_receive_to_eof(b_far), 10) == b"request"     # EOF passed on
+        await asyncio.sleep(0.05)
+        assert not outcome.done()                                                  # the other way is open
+        await loop.sock_sendall(b_far, b"answer after the half-close")
+        b_far.shutdown(socket.SHUT_WR)
+        assert await asyncio.wait_for(_receive_to_eof(a_far), 10) == b"answer after the half-close"
+        assert await asyncio.wait_for(outcome, 10) == "closed"
+        for far, writer in ((a_far, a_writer), (b_far, b_writer)):
+            writer.close()
+            far.close()
+
+    asyncio.run(scenario())
+
+
+def test_bytes_already_buffered_come_first(monkeypatch):
+    SpliceSpy(monkeypatch)
+    got_b, got_a, outcome = asyncio.run(_exchange(socket.AF_UNIX, socket.AF_INET, b"then the rest" * 1000, b"ok",
+                                                  early=b"header already read|"))
+    assert got_b == b"header already read|" + b"then the rest" * 1000
+    assert (got_a, outcome) == (b"ok", "closed")
+
+
+def test_a_socket_the_kernel_cannot_splice_falls_back_to_copying(monkeypatch):
+    spy = SpliceSpy(monkeypatch, refuse=True)
+    up = os.urandom(8 << 20)
+    got_b, got_a, outcome = asyncio.run(_exchange(socket.AF_UNIX, socket.AF_INET, up, b"down"))
+    assert (got_b == up, got_a, outcome) == (True, b"down", "closed")
+    assert spy.calls >= 2  # each direction tried once, then copied
+
+
+def test_a_reset_connection_ends_the_relay_with_an_error(monkeypatch):
+    SpliceSpy(monkeypatch)
+
+    async def scenario():
+        (a_far, (a_reader, a_writer)), (b_far, (b_reader, b_writer)) = (await _pair(socket.AF_INET),
+                                                                        await _pair(socket.AF_INET))
+        outcome = asyncio.create_task(relay.relay(a_reader, a_writer, b_reader, b_writer, idle_timeout=30))
+        await asyncio.sleep(0.05)
+        b_far.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        b_far.close()  # RST
+        sending = asyncio.create_task(asyncio.get_running_loop().sock_sendall(a_far, b"x" * (4 << 20)))
+        result = await asyncio.wait_for(outcome, 10)
+        sending.cancel()
+        a_writer.close()
+        b_writer.close()
+        a_far.close()
+        return result
+
+    assert asyncio.run(scenario()).startswith("error:")
