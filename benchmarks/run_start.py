@@ -36,9 +36,11 @@ import sys
 import tarfile
 import tempfile
 import time
+from pathlib import Path
 
 from qtbuild.convert.pipeline import ConvertOptions, convert
 from qtbuild.runtime.enclave import Manager, RunOptions
+from qtbuild.runtime.enclave.state import RuntimeDir
 
 from helpers.imagefactory import default_config, write_oci_layout
 
@@ -175,6 +177,9 @@ def main() -> None:
                   "api_time_over_interpreter": statistics.median(a / b for a, b in zip(api, bare, strict=True))}
         print("ratios: " + json.dumps(ratios, sort_keys=True))
     finally:
+        if not args.keep:
+            # as root the runtime mounts a small tmpfs for the parent's vsock listeners: leave none behind
+            RuntimeDir(Path(workdir) / "rt").unmount()
         if not args.keep and not args.dir:
             shutil.rmtree(workdir, ignore_errors=True)
 

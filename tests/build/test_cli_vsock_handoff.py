@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from qtbuild.runtime.enclave.state import RuntimeDir
 from qtbuild.runtime.qtsm.device import SecurityModule
 from qtbuild.runtime.qtsm.pki import LocalPki
 from qtbuild.runtime.sdk import HandoffError, parse_attestation, receive_job, vsock
@@ -150,6 +151,7 @@ def test_transport_emulated_alone_means_the_local_runtime_root(tmp_path):
     finally:
         if listener.poll() is None:
             listener.kill()
+        RuntimeDir(runtime / "run").unmount()  # as root, the parent's vsock directory is a tmpfs
         shutil.rmtree(runtime, ignore_errors=True)
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from qtbuild.runtime.enclave.state import RuntimeDir
+
 REPO = Path(__file__).resolve().parents[2]
 WALKTHROUGH = REPO / "docs" / "first-enclave-app.md"
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
@@ -53,6 +55,7 @@ def test_the_walkthrough_has_its_parts():
 def workdir():
     path = Path(tempfile.mkdtemp(prefix="walk", dir="/tmp"))  # vsock socket paths must stay short
     yield path
+    RuntimeDir(path / "run").unmount()  # as root the runtime mounts a tmpfs for the parent's listeners
     shutil.rmtree(path, ignore_errors=True)
 
 
