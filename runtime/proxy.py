@@ -401,33 +401,25 @@ class Proxy:
 
     async def _handle(self, route: Route, reader, writer, peer: tuple[int, int]) -> None:
         label = f"cid {peer[0]} port {peer[1]} -> vsock {route.vsock_port} -> {route.host}:{route.port}"
-        if self._closing or len(self._handlers) >= self.config.max_connections:
-            reason = "shutting down" if self._closing else f"max_connections ({self.config.max_connections}) reached"
-            log.warning("%s: refused, %s", label, reason)
-            writer.close()
-            return
-        task = asyncio.current_task()
-        assert task is not None  # a handler runs as a task of the server
-        self._handlers.add(task)
-        activity = self._activity[task] = Activity()
-        try:
-            await self._forward(route, reader, writer, label, activity)
-        finally:
-            self._handlers.discard(task)
-            self._activity.pop(task, None)
-            writer.close()
+        await self._serve(label, reader, writer, lambda: self._open_upstream(route, label))
 
     async def _handle_inbound(self, route: InboundRoute, reader, writer) -> None:
         peer = writer.get_extra_info("peername") or ("?", 0)
         label = (f"tcp {peer[0]}:{peer[1]} -> {route.listen_host}:{route.tcp_port} -> cid {route.cid} "
                  f"port {route.vsock_port}")
-        if self._closing or len(self._handlers) >= self.config.max_connections:
-            log.warning("%s: refused, %s", label, "shutting down" if self._closing else "max_connections reached")
-            writer.close()
-            return
         allowlist = self.config.inbound_allowlist
         if allowlist is not None and InboundAllow(route.cid, route.vsock_port) not in allowlist:
             log.warning("%s: refused, enclave port not in the inbound allowlist", label)
+            writer.close()
+            return
+        await self._serve(label, reader, writer, lambda: self._open_enclave(route, label))
+
+    async def _serve(self, label: str, reader, writer, open_upstream) -> None:
+        """Admit one connection (both directions), track it for shutdown, and relay it to what
+        ``open_upstream()`` opens (None: refused or unreachable, already logged)."""
+        if self._closing or len(self._handlers) >= self.config.max_connections:
+            reason = "shutting down" if self._closing else f"max_connections ({self.config.max_connections}) reached"
+            log.warning("%s: refused, %s", label, reason)
             writer.close()
             return
         task = asyncio.current_task()
@@ -435,13 +427,11 @@ class Proxy:
         self._handlers.add(task)
         activity = self._activity[task] = Activity()
         try:
-            try:
-                async with asyncio.timeout(self.config.connect_timeout):
-                    up_reader, up_writer = await vsock.open_connection(route.cid, route.vsock_port,
-                                                                       config=self.vsock_config)
-            except (OSError, TimeoutError) as exc:
-                log.warning("%s: enclave unreachable (%s); closed this connection", label, exc or "timed out")
+            upstream = await open_upstream()
+            if upstream is None:
                 return
+            up_reader, up_writer = upstream
+            log.debug("%s: open", label)
             try:
                 outcome = await relay(reader, writer, up_reader, up_writer, self.config.idle_timeout, activity)
             finally:
@@ -452,17 +442,14 @@ class Proxy:
             self._activity.pop(task, None)
             writer.close()
 
-    async def _forward(self, route: Route, reader, writer, label: str, activity: Activity) -> None:
-        upstream = await self._open_upstream(route, label)
-        if upstream is None:
-            return
-        up_reader, up_writer = upstream
-        log.debug("%s: open", label)
+    async def _open_enclave(self, route: InboundRoute, label: str):
+        """(reader, writer) to the enclave's vsock port, or None (logged) when it cannot be reached."""
         try:
-            outcome = await relay(reader, writer, up_reader, up_writer, self.config.idle_timeout, activity)
-        finally:
-            up_writer.close()
-        (log.info if outcome == "idle" else log.debug)("%s: %s", label, outcome)
+            async with asyncio.timeout(self.config.connect_timeout):
+                return await vsock.open_connection(route.cid, route.vsock_port, config=self.vsock_config)
+        except (OSError, TimeoutError) as exc:
+            log.warning("%s: enclave unreachable (%s); closed this connection", label, exc or "timed out")
+            return None
 
     async def _open_upstream(self, route: Route, label: str):
         try:
