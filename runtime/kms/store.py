@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -269,14 +270,22 @@ class Store:
 
     def backup_to(self, path: str | Path) -> None:
         """A consistent copy of the database at ``path`` (SQLite's online backup API: writers
-        may go on meanwhile).  Sealed material stays sealed: the master key is not in it."""
-        target = sqlite3.connect(str(path))
+        may go on meanwhile), written beside it and renamed into place.  Sealed material stays sealed: the master key is not in it."""
+        final = Path(path)
+        temporary = final.with_name(f".{final.name}.{os.getpid()}.tmp")  # never a half-written backup
         try:
-            with self._connection() as db:
-                db.backup(target)
-            target.execute("PRAGMA journal_mode=DELETE")
+            target = sqlite3.connect(str(temporary))
+            try:
+                with self._connection() as db:
+                    db.backup(target)
+                target.execute("PRAGMA journal_mode=DELETE")
+            finally:
+                target.close()
+            os.replace(temporary, final)
+        except sqlite3.Error as exc:
+            raise StoreError(f"backup to {final} failed: {exc}") from None
         finally:
-            target.close()
+            temporary.unlink(missing_ok=True)
 
     def restore_from(self, path: str | Path) -> None:
         """Replace this database's content with that of the KMS database at ``path`` (a

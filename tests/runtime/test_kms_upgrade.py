@@ -5,6 +5,7 @@ holds in kms-v1.json) opens, migrates in place and serves its keys; ``qtbuild km
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -138,3 +139,25 @@ def test_restore_refuses_a_backup_of_another_state(tmp_path):
     result = CliRunner().invoke(kms_cli.command, ["restore", str(tmp_path / "missing.sqlite"), "--state-dir",
                                                   str(second.directory)])
     assert result.exit_code == 2
+
+
+def test_a_failed_backup_leaves_no_file_behind(tmp_path, monkeypatch):
+    """Regression: the backup was written in place, so a failure (full disk, Ctrl-C) left a
+    half-written database at the target; it is now renamed into place only when complete."""
+    paths = StatePaths.under(tmp_path / "kms")
+    store = open_state(paths).env.store
+    try:
+        store.backup_to(tmp_path / "good.sqlite")
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["good.sqlite", "kms"]
+
+        class FullDisk:  # the live database as the backup API sees it, failing half-way
+            def backup(self, target):
+                target.execute("CREATE TABLE partial (x)")
+                raise sqlite3.OperationalError("database or disk is full")
+
+        monkeypatch.setattr(store, "_connection", lambda: contextlib.nullcontext(FullDisk()))
+        with pytest.raises(StoreError, match="backup to .*bad.sqlite failed: database or disk is full"):
+            store.backup_to(tmp_path / "bad.sqlite")
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["good.sqlite", "kms"]
+    finally:
+        store.close()
