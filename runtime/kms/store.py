@@ -270,7 +270,8 @@ class Store:
 
     def backup_to(self, path: str | Path) -> None:
         """A consistent copy of the database at ``path`` (SQLite's online backup API: writers
-        may go on meanwhile), written beside it and renamed into place.  Sealed material stays sealed: the master key is not in it."""
+        may go on meanwhile), written beside it and renamed into place.  Sealed material stays
+        sealed: the master key is not in it."""
         final = Path(path)
         temporary = final.with_name(f".{final.name}.{os.getpid()}.tmp")  # never a half-written backup
         try:
