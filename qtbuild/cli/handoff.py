@@ -9,7 +9,6 @@ refused (the failed check on stderr; the enclave is told why), 2 usage or input 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
@@ -18,6 +17,7 @@ from qtbuild.cli.errors import CheckFailed, InputError
 from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json, say
 from qtbuild.cli.proxy import _vsock_config as parent_vsock_config
+from qtbuild.runtime.files import write_atomically
 from qtbuild.runtime.sdk import vsock
 from qtbuild.runtime.sdk.handoff import DEFAULT_PORT, HandoffError
 
@@ -72,7 +72,7 @@ def command(cid, job_path, credentials_path, port, pcr0, measurements, root_path
     except HandoffError as error:
         raise CheckFailed(f"enclave {cid}: hand-off failed: {error}") from None
     if document_path:
-        Path(document_path).write_bytes(outcome.document_bytes)
+        write_atomically(document_path, outcome.document_bytes, 0o644)
     say(f"qtbuild handoff: enclave {cid} attested (PCR0 {outcome.document.pcrs[0].hex()[:16]}…) and answered")
     if credentials_path and _long_lived(job):
         say(f"qtbuild handoff: warning: {credentials_path} held long-lived credentials; hand an enclave short-lived "

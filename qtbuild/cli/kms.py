@@ -317,7 +317,7 @@ def encrypt(key_id, input_path, aad, output_path, credentials_path, endpoint) ->
         body["additional_authenticated_data"] = aad
     reply = _call(_client(credentials_path, endpoint), "encrypt-data", body)
     if output_path:
-        Path(output_path).write_text(reply["cipher_text"] + "\n")
+        write_atomically(output_path, (reply["cipher_text"] + "\n").encode(), 0o644)
     else:
         emit_json(reply)
 

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives import serialization
 
 from qtbuild.cli.command import QtbuildGroup
 from qtbuild.cli.output import emit_json, say
+from qtbuild.runtime.files import write_atomically
 from qtbuild.runtime.qtsm.clouds import CLOUDS, DEFAULT_CLOUD
 from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
 from qtbuild.runtime.qtsm.pki import LocalPki
@@ -79,12 +80,7 @@ def export_root(state_dir: str | None, output: str | None, der: bool) -> None:
     pki = LocalPki.load(state_dir)
     encoding = serialization.Encoding.DER if der else serialization.Encoding.PEM
     data = pki.root_certificate.public_bytes(encoding)
-    if output is None:
-        click.echo(data, nl=False)  # click writes bytes to the binary stdout
-        return
-    with open(output, "wb") as handle:
-        handle.write(data)
-    say(f"root certificate written to {output}")
+    _emit(data, output, "root certificate")
 
 
 @command.command("export-tls-ca")
@@ -95,12 +91,16 @@ def export_tls_ca(state_dir: str | None, output: str | None) -> None:
     """Write the local TLS CA's certificate (PEM; created on first use) for clients of local
     HTTPS services (`qtbuild kms serve --tls`) to trust.  Not the attestation root."""
     data = LocalTlsCa.open(state_dir).certificate_pem
+    _emit(data, output, "TLS CA certificate")
+
+
+def _emit(data: bytes, output: str | None, what: str) -> None:
+    """``data`` on stdout, or written atomically to ``output``."""
     if output is None:
-        click.echo(data, nl=False)
+        click.echo(data, nl=False)  # click writes bytes to the binary stdout
         return
-    with open(output, "wb") as handle:
-        handle.write(data)
-    say(f"TLS CA certificate written to {output}")
+    write_atomically(output, data, 0o644)
+    say(f"{what} written to {output}")
 
 
 def _describe(cert: x509.Certificate) -> dict:

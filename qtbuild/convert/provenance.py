@@ -19,15 +19,14 @@ DSSE envelope signed with it (deterministic ECDSA, :mod:`qtbuild.formats.dsse`).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import secrets
 
 from qtbuild import __version__
 from qtbuild.formats.dsse import sign_envelope
 from qtbuild.formats.launch_record import LAUNCH_LAYOUT_VERSION
+from qtbuild.runtime.files import write_atomically
 from qtbuild.sources.base import Image
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -98,14 +97,4 @@ def write_provenance(path: str | os.PathLike, statement: dict, private_key=None)
     data = statement_bytes(statement)
     if private_key is not None:
         data = sign_envelope(data, private_key).to_json()
-    target = os.path.abspath(os.fspath(path))
-    temporary = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.{secrets.token_hex(8)}.tmp")
-    try:
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)  # umask applies
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    write_atomically(path, data, 0o644)
