@@ -382,11 +382,9 @@ def _seconds(text: str, option: str) -> int:
 
 def _write_temporary(path: Path, endpoint: str, credential: dict, project_id: str) -> None:
     """A credentials file with the security token and expiry besides the usual fields."""
-    data = json.dumps({"endpoint": endpoint, "access_key": credential["access"],
-                       "secret_key": credential["secret"], "project_id": project_id,
-                       "security_token": credential["securitytoken"],
-                       "expires_at": credential["expires_at"]}, indent=2).encode() + b"\n"
-    write_atomically(path, data, 0o600)
+    credentials = Credentials(credential["access"], credential["secret"], project_id,
+                              security_token=credential["securitytoken"])
+    write_credentials(path, endpoint, credentials, expires_at=credential["expires_at"])
 
 
 @command.group("token")

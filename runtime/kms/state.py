@@ -122,12 +122,16 @@ def admin_credentials(env: Environment, project_id: str) -> Credentials:
     return Credentials(record.access_key, secret, project_id)
 
 
-def write_credentials(path: Path, endpoint: str, credentials: Credentials) -> None:
-    """Atomically replace ``path`` (mode 0600) with the endpoint and credentials."""
-    data = json.dumps({"endpoint": endpoint, "access_key": credentials.access_key,
-                       "secret_key": credentials.secret_key,
-                       "project_id": credentials.project_id}, indent=2).encode() + b"\n"
-    write_atomically(path, data, 0o600)
+def write_credentials(path: Path, endpoint: str, credentials: Credentials, *, expires_at: str | None = None) -> None:
+    """Atomically replace ``path`` (mode 0600) with the endpoint and credentials (temporary ones
+    with their security token and expiry, which :func:`read_credentials` keeps)."""
+    document = {"endpoint": endpoint, "access_key": credentials.access_key, "secret_key": credentials.secret_key,
+                "project_id": credentials.project_id}
+    if credentials.security_token:
+        document["security_token"] = credentials.security_token
+    if expires_at:
+        document["expires_at"] = expires_at
+    write_atomically(path, json.dumps(document, indent=2).encode() + b"\n", 0o600)
 
 
 def read_credentials(path: str | os.PathLike) -> tuple[str, Credentials]:
