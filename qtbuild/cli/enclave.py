@@ -17,7 +17,6 @@ exit 2 for refused requests (rules, bad image), 1 when a check or the enclave fa
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import threading
@@ -26,7 +25,9 @@ import click
 
 from qtbuild.cli.command import QtbuildCommand, QtbuildGroup
 from qtbuild.cli.errors import EXIT_CHECK_FAILED, CheckFailed, InputError, Interrupted
+from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json
+from qtbuild.formats.bounded_input import load_json_object
 from qtbuild.runtime.enclave import EnclaveError, Manager, RunOptions, shapes
 from qtbuild.runtime.enclave.errors import E_INVALID_ARGUMENT
 from qtbuild.runtime.enclave.rules import DEFAULT_CPUS, DEFAULT_MEMORY_MIB
@@ -35,6 +36,8 @@ from qtbuild.runtime.qtsm.clouds import CLOUDS, DEFAULT_CLOUD
 __all__ = ["enclave_group", "run_command"]
 
 _COPY_CHUNK = 64 * 1024
+#: nitro-cli run-enclave --config files larger than this are not one.
+MAX_CONFIG_FILE = 64 * 1024
 
 
 def _errors(function):
@@ -228,13 +231,8 @@ def _from_config(ctx: click.Context, options: dict) -> dict:
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
     if given:
         raise InputError(f"--config replaces the run options: drop --{given[0].replace('_', '-')}")
-    try:
-        with open(path, "rb") as handle:
-            document = json.loads(handle.read(64 * 1024 + 1))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"--config {path}: not a JSON run-enclave configuration ({exc})") from None
-    if not isinstance(document, dict):
-        raise InputError(f"--config {path}: not a JSON object")
+    data = read_bounded(path, MAX_CONFIG_FILE, "not a run-enclave configuration")
+    document = load_json_object(data, what=f"--config {path}", error=InputError)
     unknown = sorted(set(document) - set(_CONFIG_KEYS))
     if unknown:
         raise InputError(f"--config {path}: unknown key {unknown[0]!r} (known: {', '.join(_CONFIG_KEYS)})")

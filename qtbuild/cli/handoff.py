@@ -8,8 +8,6 @@ refused (the failed check on stderr; the enclave is told why), 2 usage or input 
 
 from __future__ import annotations
 
-import json
-
 import click
 
 from qtbuild.cli.command import QtbuildCommand
@@ -17,6 +15,7 @@ from qtbuild.cli.errors import CheckFailed, InputError
 from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json, say
 from qtbuild.cli.proxy import _vsock_config as parent_vsock_config
+from qtbuild.formats.bounded_input import load_json_object
 from qtbuild.runtime.files import write_atomically
 from qtbuild.runtime.sdk import vsock
 from qtbuild.runtime.sdk.handoff import DEFAULT_PORT, HandoffError
@@ -82,12 +81,7 @@ def command(cid, job_path, credentials_path, port, pcr0, measurements, root_path
 
 def _job(path: str, credentials_path: str | None) -> dict:
     data = read_bounded(path, MAX_JOB_FILE, f"a job is at most {MAX_JOB_FILE} bytes of JSON")
-    try:
-        job = json.loads(data)
-    except ValueError as exc:
-        raise InputError(f"{path}: not JSON: {exc}") from None
-    if not isinstance(job, dict):
-        raise InputError(f"{path}: a job is a JSON object")
+    job = load_json_object(data, what=f"{path}: the job", error=InputError)
     if credentials_path:
         from qtbuild.runtime.kms.state import read_credentials
 
