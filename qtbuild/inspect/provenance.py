@@ -20,6 +20,7 @@ import os
 from cryptography import x509
 
 from qtbuild.convert.provenance import PCR_NAMES, PREDICATE_TYPE, STATEMENT_TYPE, file_digests
+from qtbuild.formats.bounded_input import load_json_object
 from qtbuild.formats.dsse import IN_TOTO_PAYLOAD_TYPE, is_envelope, parse_envelope, verify_envelope
 from qtbuild.formats.errors import FormatError, SignatureError
 from qtbuild.inspect.verify import Check
@@ -30,13 +31,7 @@ MAX_PROVENANCE_FILE = 4 << 20
 def parse_provenance(raw: bytes, what: str) -> dict:
     """The decoded JSON of a provenance file read by the caller (at most MAX_PROVENANCE_FILE
     bytes); FormatError naming ``what`` when it is not a JSON object."""
-    try:
-        document = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise FormatError(f"{what}: not valid JSON ({exc})") from None
-    if not isinstance(document, dict):
-        raise FormatError(f"{what}: not a JSON object (an in-toto statement or a DSSE envelope)")
-    return document
+    return load_json_object(raw, what=f"{what} (an in-toto statement or a DSSE envelope)", error=FormatError)
 
 
 def check_provenance(eif_path: str | os.PathLike, document: dict, pcrs: dict[str, str], *,
