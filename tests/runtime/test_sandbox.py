@@ -368,7 +368,11 @@ def test_cleanup_leaves_no_cgroup_or_mount(root):
     directories = sandbox.cgroup.directories()
     assert sandbox.wait(10).code == 3
     assert not any(os.path.exists(path) for path in directories)
-    assert mountinfo() == before and str(root) not in before
+    # Compare only what concerns this test's directory: other processes on the host (parallel test
+    # runs, enclaves) may mount and unmount elsewhere meanwhile.
+    added = set(mountinfo().splitlines()) - set(before.splitlines())
+    assert not [line for line in added if str(root.parent) in line]
+    assert str(root.parent) not in mountinfo()
 
 
 def test_missing_cgroups_is_an_error_unless_no_limits(root, tmp_path):
