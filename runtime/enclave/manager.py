@@ -127,6 +127,8 @@ class Manager:
     def start(self, options: RunOptions) -> Started:
         eif = os.path.abspath(options.eif)
         rules.check_resources(options.cpus, options.memory_mib, _file_size(eif), rules.available_cpus())
+        if options.cpu_ids is not None:
+            rules.check_cpu_ids(options.cpu_ids, os.sched_getaffinity(0))
         rules.check_cid_range(options.cid)
         try:
             cloud_profile(options.cloud).check_instance_id(options.instance_id)

@@ -13,7 +13,8 @@ Inside the sandbox:
   ``QTBUILD_VSOCK_TRANSPORT=emulated`` (replacing any the image sets);
 * memory: the cgroup limit is ``--mem``; the unpacked image is charged to the same cgroup
   (it occupies enclave memory as an initramfs does on hardware), as is anything the enclave
-  writes to its vsock directory; CPUs: a quota of ``--cpus``; pids: the sandbox default.
+  writes to its vsock directory; CPUs: a quota of ``--cpus``, pinned to ``--cpu-ids`` when given
+  (a cpuset the application cannot widen); pids: the sandbox default.
 """
 
 from __future__ import annotations
@@ -46,7 +47,12 @@ def enclave_env(image_env: list[str], cid: int) -> list[str]:
 
 def cgroup_limits(record: EnclaveRecord) -> Limits:
     """The enclave's limits: ``--mem`` (image included), ``--cpus``, the sandbox's pids cap."""
-    return Limits(memory_bytes=record.memory_mib << 20, cpus=record.cpus, pids_max=SandboxSpec.pids_max)
+    return Limits(memory_bytes=record.memory_mib << 20, cpus=record.cpus, pids_max=SandboxSpec.pids_max,
+                  cpu_ids=_cpu_ids(record))
+
+
+def _cpu_ids(record: EnclaveRecord) -> tuple[int, ...] | None:
+    return tuple(record.cpu_ids) if record.cpu_ids is not None else None
 
 
 def sandbox_spec(record: EnclaveRecord, image: LoadedImage, directory: EnclaveDir, vsock_root: Path, *,
@@ -60,6 +66,6 @@ def sandbox_spec(record: EnclaveRecord, image: LoadedImage, directory: EnclaveDi
     return SandboxSpec(
         root=image.rootfs, argv=launch.argv, env=enclave_env(launch.env, record.cid), cwd=launch.cwd,
         uid=launch.uid, gid=launch.gid, groups=launch.groups,
-        memory_bytes=record.memory_mib << 20, cpus=record.cpus,
+        memory_bytes=record.memory_mib << 20, cpus=record.cpus, cpu_ids=_cpu_ids(record),
         binds=binds, stdout=output_fd, stderr=output_fd, no_limits=record.no_limits, name=record.sandbox_name,
     )

@@ -62,6 +62,18 @@ def check_resources(cpus: int, memory_mib: int, eif_size: int, cpus_available: i
                            code=E_INVALID_ARGUMENT)
 
 
+def check_cpu_ids(cpu_ids: tuple[int, ...], allowed: set[int]) -> None:
+    """``--cpu-ids`` must name distinct CPUs this process may run on (its affinity mask): the
+    enclave is pinned to them."""
+    duplicates = sorted({cpu for cpu in cpu_ids if cpu_ids.count(cpu) > 1})
+    if duplicates:
+        raise EnclaveError(f"--cpu-ids: CPU {duplicates[0]} is given twice", code=E_INVALID_ARGUMENT)
+    missing = sorted(set(cpu_ids) - allowed)
+    if missing:
+        raise EnclaveError(f"--cpu-ids: CPU {missing[0]} is not available to this process (available: "
+                           f"{','.join(map(str, sorted(allowed)))})", code=E_INVALID_ARGUMENT)
+
+
 def check_cid_range(requested: int | None) -> None:
     """The range rule alone (no state needed), so bad input is refused before anything is set up."""
     if requested is not None and not FIRST_CID <= requested <= MAX_CID:

@@ -15,8 +15,8 @@ nitro (``nitro-cli``, ``src/common/json_output.rs``)
     terminate-enclave  ``{"EnclaveName", "EnclaveID", "Terminated": true}``
 
 The nitro ``EnclaveID`` is the enclave's module id (``i-<17 hex>-enc<16 hex>``), as on Nitro.
-``CPUIDs`` are the ``--cpu-ids`` given (the local runtime applies a CPU quota, it does not pin
-CPUs), else empty.  Error codes: qt's numbers (``[E43]``), or for nitro the nitro-cli codes of
+``CPUIDs`` are the ``--cpu-ids`` given (the local runtime pins the enclave to them with a
+cpuset), else empty.  Error codes: qt's numbers (``[E43]``), or for nitro the nitro-cli codes of
 the same failures (:data:`NITRO_ERROR_CODES`), in the one ``[Exx]`` format.
 """
 

@@ -11,8 +11,11 @@ Placement:
 
 Limits: ``memory.max``/``memory.limit_in_bytes`` with swap off (``memory.swap.max=0`` /
 ``memory.memsw.limit_in_bytes``), ``cpu.max``/``cpu.cfs_quota_us`` (``cpus`` × 100 ms per
-100 ms), ``pids.max``.  The ``pids`` controller is always used (it also tracks the sandbox's
-processes), ``memory`` when ``memory_bytes`` is set, ``cpu`` when ``cpus`` is.
+100 ms), ``cpuset.cpus`` (the sandbox runs only on ``cpu_ids``, which it cannot widen as it could
+its own affinity mask), ``pids.max``.  The ``pids`` controller is always used (it also tracks the
+sandbox's processes), ``memory`` when ``memory_bytes`` is set, ``cpu`` when ``cpus`` is,
+``cpuset`` when ``cpu_ids`` is.  On v1 a new cpuset starts empty, so each directory created
+there first inherits its parent's ``cpuset.cpus`` and ``cpuset.mems``.
 
 Contract: :func:`create` raises :class:`SandboxError` naming the controller or file and the
 fix when it cannot apply a limit; :meth:`Cgroup.remove` kills what is left and removes the
@@ -44,6 +47,7 @@ class Limits:
     memory_bytes: int | None
     cpus: int | None
     pids_max: int | None
+    cpu_ids: tuple[int, ...] | None = None
 
     def controllers(self) -> list[str]:
         needed = ["pids"]
@@ -51,6 +55,8 @@ class Limits:
             needed.append("memory")
         if self.cpus is not None:
             needed.append("cpu")
+        if self.cpu_ids is not None:
+            needed.append("cpuset")
         return needed
 
 
@@ -182,6 +188,9 @@ def _create_v1(name: str, needed: list[str], hierarchies: dict[str, str]) -> Cgr
             _mkdir(parent, exist_ok=True, parents=True)
             paths[controller] = os.path.join(parent, name)
             _mkdir(paths[controller], exist_ok=False)
+            if controller == "cpuset":
+                _inherit_cpuset(parent)
+                _inherit_cpuset(paths[controller])
     except BaseException:
         Cgroup(1, {c: p for c, p in paths.items() if os.path.isdir(p)}).remove()
         raise
@@ -203,7 +212,19 @@ def _apply(cgroup: Cgroup, limits: Limits) -> None:
         else:
             _write(os.path.join(cpu, "cpu.cfs_period_us"), str(_PERIOD_US))
             _write(os.path.join(cpu, "cpu.cfs_quota_us"), str(limits.cpus * _PERIOD_US))
+    if limits.cpu_ids is not None:
+        _write(os.path.join(cgroup.paths["cpuset"], "cpuset.cpus"), ",".join(map(str, sorted(limits.cpu_ids))))
     _write(os.path.join(cgroup.paths["pids"], "pids.max"), str(limits.pids_max) if limits.pids_max else "max")
+
+
+def _inherit_cpuset(path: str) -> None:
+    """Give an empty v1 cpuset its parent's CPUs and memory nodes (no task can join it before)."""
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        with open(os.path.join(path, name)) as handle:
+            if handle.read().strip():
+                continue
+        with open(os.path.join(os.path.dirname(path), name)) as handle:
+            _write(os.path.join(path, name), handle.read().strip())
 
 
 def _own_cgroup(controller: str) -> str:

@@ -55,7 +55,7 @@ def start_sandbox(spec: SandboxSpec, cgroup: Cgroup | None = None) -> Sandbox:
             cgroup.remove()
         raise
     if cgroup is None and not spec.no_limits:
-        cgroup = create(spec.name, Limits(spec.memory_bytes, spec.cpus, spec.pids_max), spec.cgroup_root)
+        cgroup = create(spec.name, Limits(spec.memory_bytes, spec.cpus, spec.pids_max, spec.cpu_ids), spec.cgroup_root)
     try:
         helper, status = _spawn_helper(spec, cgroup)
     except BaseException:

@@ -59,6 +59,7 @@ class SandboxSpec:
     hostname: str = "enclave"
     memory_bytes: int | None = None
     cpus: int | None = None
+    cpu_ids: tuple[int, ...] | None = None
     pids_max: int | None = 1024
     binds: list[Bind] = field(default_factory=list)
     stdin: int | None = None
@@ -93,6 +94,9 @@ class SandboxSpec:
         for label, limit in limits:
             if limit is not None and (not isinstance(limit, int) or limit <= 0):
                 raise SandboxError(f"{label}: {limit!r} must be a positive integer or None")
+        if self.cpu_ids is not None and (not self.cpu_ids or any(
+                not isinstance(cpu, int) or isinstance(cpu, bool) or cpu < 0 for cpu in self.cpu_ids)):
+            raise SandboxError(f"cpu_ids: {self.cpu_ids!r} must be a non-empty list of CPU numbers or None")
         if not _NAME.fullmatch(self.name):
             raise SandboxError(f"name: {self.name!r} must be 1-64 of [A-Za-z0-9_.-], not starting with '.' or '-'")
         for bind in self.binds:
@@ -103,7 +107,7 @@ class SandboxSpec:
     def to_plan(self) -> dict:
         """The JSON-able part the helper process needs (host fds and cgroup settings stay here)."""
         plan = asdict(self)
-        for key in ("stdin", "stdout", "stderr", "memory_bytes", "cpus", "pids_max", "no_limits", "name",
+        for key in ("stdin", "stdout", "stderr", "memory_bytes", "cpus", "cpu_ids", "pids_max", "no_limits", "name",
                     "cgroup_root"):
             del plan[key]
         return plan

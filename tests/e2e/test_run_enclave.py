@@ -625,6 +625,8 @@ def test_an_expired_signing_certificate_is_refused(make_eif, runtime_dir):
     (["--mem", "64"], "[E10] --mem 64 MiB is too small"),
     (["--cpus", "3"], "[E02] --cpus 3"),
     (["--cpus", "4096"], "[E02] --cpus 4096: only"),
+    (["--cpu-ids", "0,4095"], "[E02] --cpu-ids: CPU 4095 is not available to this process"),
+    (["--cpu-ids", "0,0"], "[E02] --cpu-ids: CPU 0 is given twice"),
 ])
 def test_platform_rules_are_enforced(make_eif, runtime_dir, options, message):
     done = qtbuild("run", make_eif("rules", "echo hi"), *options)

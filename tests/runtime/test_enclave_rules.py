@@ -10,6 +10,7 @@ from qtbuild.runtime.enclave.rules import (
     MAX_CID,
     check_capacity,
     check_console,
+    check_cpu_ids,
     check_resources,
     choose_cid,
     max_enclaves,
@@ -38,6 +39,15 @@ def test_memory_needs_128_mib_and_four_times_the_image():
 @pytest.mark.parametrize("cpus", [0, 1, 3, -2])
 def test_cpu_count_must_be_even_and_positive(cpus):
     assert code_of(check_resources, cpus, 1024, 1, 8) == 2
+
+
+def test_cpu_ids_must_be_distinct_and_available():
+    check_cpu_ids((1, 3), {0, 1, 2, 3})
+    assert code_of(check_cpu_ids, (1, 5), {0, 1, 2, 3}) == 2
+    with pytest.raises(EnclaveError, match=r"CPU 5 is not available to this process \(available: 0,1,2,3\)"):
+        check_cpu_ids((1, 5), {0, 1, 2, 3})
+    with pytest.raises(EnclaveError, match="CPU 1 is given twice"):
+        check_cpu_ids((1, 1), {0, 1})
 
 
 def test_cpu_count_is_bounded_by_the_available_cpus():

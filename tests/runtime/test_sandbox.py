@@ -203,6 +203,21 @@ def test_limits_are_written_to_the_cgroup(root):
         sandbox.kill()
 
 
+def test_cpu_ids_pin_the_sandbox_to_those_cpus(root):
+    """--cpu-ids: the application runs only on the CPUs named (a cpuset it cannot widen: asking
+    the kernel for every CPU leaves it on the one it was given)."""
+    pinned = max(os.sched_getaffinity(0))
+    script = ("grep Cpus_allowed_list /proc/self/status; taskset -p ffffffff $$ >/dev/null 2>&1; "
+              "grep Cpus_allowed_list /proc/self/status")
+    run = sh(root, script, cpus=1, cpu_ids=(pinned,))
+    assert run.stdout.split() == ["Cpus_allowed_list:", str(pinned)] * 2, run.stdout
+
+
+def test_cpu_ids_are_validated(root):
+    with pytest.raises(SandboxError, match=r"cpu_ids: \(\) must be a non-empty list"):
+        start_sandbox(make_spec(root, "true", cpu_ids=()))
+
+
 # -- isolation ----------------------------------------------------------------------------------------
 
 def test_no_capabilities_no_new_privs_seccomp(root):
