@@ -37,13 +37,18 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, acti
         writer.write_eof()
 
 
-async def _splice_or_copy(ends, source: int, activity: Activity, copy) -> None:
-    """One direction zero-copy; if the kernel refuses these sockets before a byte moved, by copying."""
+async def _splice_or_copy(spliced: asyncio.Future, source: splice.SpliceEnd, target: splice.SpliceEnd,
+                          copy) -> None:
+    """One direction zero-copy, then its EOF passed on; if the kernel refuses these sockets
+    before a byte moved, by copying."""
     try:
-        await splice.splice_pump(ends[source], ends[1 - source], activity.touch)
+        await spliced
     except splice.SpliceUnsupported:
-        splice.resume(ends[source])
+        splice.resume(source)
         await copy()
+        return
+    if target.writer.can_write_eof():
+        target.writer.write_eof()
 
 
 async def relay(a_reader, a_writer, b_reader, b_writer, idle_timeout: float,
@@ -54,12 +59,20 @@ async def relay(a_reader, a_writer, b_reader, b_writer, idle_timeout: float,
     tell a quiet connection from a busy one."""
     activity = activity or Activity()
     ends = await splice.splice_ends(a_reader, a_writer, b_reader, b_writer)
+    pair = None
     if ends is None:
         pumps = {asyncio.create_task(_pump(a_reader, b_writer, activity)),
                  asyncio.create_task(_pump(b_reader, a_writer, activity))}
     else:
-        pumps = {asyncio.create_task(_splice_or_copy(ends, 0, activity, lambda: _pump(a_reader, b_writer, activity))),
-                 asyncio.create_task(_splice_or_copy(ends, 1, activity, lambda: _pump(b_reader, a_writer, activity)))}
+        a, b = ends
+        try:
+            pair = splice.splicer().add(a, b, activity)
+        except BaseException:
+            a.close()
+            b.close()
+            raise
+        pumps = {asyncio.create_task(_splice_or_copy(pair.forward, a, b, lambda: _pump(a_reader, b_writer, activity))),
+                 asyncio.create_task(_splice_or_copy(pair.backward, b, a, lambda: _pump(b_reader, a_writer, activity)))}
     pending = set(pumps)
     try:
         while pending:
@@ -75,5 +88,7 @@ async def relay(a_reader, a_writer, b_reader, b_writer, idle_timeout: float,
         for task in pumps:
             task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
+        if pair is not None:
+            splice.splicer().remove(pair)
         for end in ends or ():
             end.close()
