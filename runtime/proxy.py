@@ -64,6 +64,7 @@ import asyncio
 import contextlib
 import errno
 import functools
+import ipaddress
 import logging
 import signal
 import socket
@@ -283,7 +284,13 @@ def _limit(value, where: str, kind: type):
 # --- destination checks --------------------------------------------------------------------------
 
 async def resolve(host: str, port: int) -> list[str]:
-    """The addresses ``host`` resolves to now (duplicates removed, resolver order kept)."""
+    """The addresses ``host`` resolves to now (duplicates removed, resolver order kept).
+
+    A canonical IPv4 literal is its own resolution, as the resolver would say, without its
+    round trip through the executor's threads (a visible part of a new connection's latency)."""
+    with contextlib.suppress(ValueError):
+        if str(ipaddress.IPv4Address(host)) == host:
+            return [host]
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
