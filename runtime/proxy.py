@@ -73,7 +73,7 @@ import tomllib
 from dataclasses import dataclass
 
 from qtbuild.runtime.sdk import vsock
-from qtbuild.runtime.sdk.relay import CHUNK, Activity, relay
+from qtbuild.runtime.sdk.relay import CHUNK, Activity, hold, relay
 
 log = logging.getLogger("qtbuild.proxy")
 
@@ -433,6 +433,7 @@ class Proxy:
         assert task is not None  # a connection handler always runs in a task
         self._handlers.add(task)
         activity = self._activity[task] = Activity()
+        hold(writer)
         try:
             upstream = await open_upstream()
             if upstream is None:

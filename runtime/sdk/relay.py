@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 
 from . import splice
 
@@ -26,6 +27,28 @@ class Activity:
 
     def remaining(self, timeout: float) -> float:
         return max(0.0, self.last + timeout - time.monotonic())
+
+
+_held: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+
+
+def hold(writer: asyncio.StreamWriter) -> None:
+    """Stop reading a freshly accepted stream until :func:`relay` takes it over: what the peer
+    sends meanwhile (while the other side is being connected) waits in the kernel, to be spliced
+    rather than copied through Python; relay reads it again if it ends up copying."""
+    transport = writer.transport
+    if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing() and transport.is_reading():
+        transport.pause_reading()
+        _held.add(transport)
+
+
+def _release(*writers: asyncio.StreamWriter) -> None:
+    for writer in writers:
+        transport = writer.transport
+        if transport in _held:
+            _held.discard(transport)
+            if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
+                transport.resume_reading()
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, activity: Activity) -> None:
@@ -61,9 +84,11 @@ async def relay(a_reader, a_writer, b_reader, b_writer, idle_timeout: float,
     ends = await splice.splice_ends(a_reader, a_writer, b_reader, b_writer)
     pair = None
     if ends is None:
+        _release(a_writer, b_writer)
         pumps = {asyncio.create_task(_pump(a_reader, b_writer, activity)),
                  asyncio.create_task(_pump(b_reader, a_writer, activity))}
     else:
+        _held.difference_update((a_writer.transport, b_writer.transport))
         a, b = ends
         try:
             pair = splice.splicer().add(a, b, activity)

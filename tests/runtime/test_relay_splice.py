@@ -225,3 +225,33 @@ def test_a_cut_relay_releases_its_pipes_and_sockets(monkeypatch):
     before, during, after = asyncio.run(scenario())
     assert during >= before + 2 + 2 + 2 * 2  # far ends, the relay's sockets and their copies, 2 pipes
     assert after == before
+
+
+@pytest.mark.parametrize("path", ["spliced", "refused", "no splice"])
+def test_a_held_stream_keeps_early_bytes_in_the_kernel_and_relays_them(monkeypatch, path):
+    """hold() at accept time: bytes sent while the other side is being connected are not read
+    into Python (nothing to copy), and the relay still delivers them — by splicing, or by
+    reading the stream again when it copies."""
+    SpliceSpy(monkeypatch, refuse=path == "refused")
+    if path == "no splice":
+        monkeypatch.setattr(splice, "available", lambda: False)
+
+    async def scenario():
+        (a_far, (a_reader, a_writer)), (b_far, (b_reader, b_writer)) = (await _pair(socket.AF_UNIX),
+                                                                        await _pair(socket.AF_INET))
+        relay.hold(a_writer)
+        early = os.urandom(100_000)
+        await asyncio.get_running_loop().sock_sendall(a_far, early)
+        await asyncio.sleep(0.1)
+        unread = len(getattr(a_reader, "_buffer", b"x")) == 0
+        outcome = asyncio.create_task(relay.relay(a_reader, a_writer, b_reader, b_writer, idle_timeout=30))
+        a_far.shutdown(socket.SHUT_WR)
+        b_far.shutdown(socket.SHUT_WR)
+        got = await asyncio.wait_for(_receive_to_eof(b_far), 10)
+        result = await asyncio.wait_for(outcome, 10)
+        for far, writer in ((a_far, a_writer), (b_far, b_writer)):
+            writer.close()
+            far.close()
+        return unread, got == early, result
+
+    assert asyncio.run(scenario()) == (True, True, "closed")
