@@ -3,8 +3,9 @@ and TCP connections from the parent's network to enclaves' vsock ports (inbound)
 
 Each route listens on a vsock port of this process's CID (3 on a parent) through
 ``qtbuild.runtime.sdk.vsock`` and forwards every connection to ``host:port`` over TCP.  asyncio, one handler
-task per connection plus one pump task per direction — no worker pool, so no fixed cap on
-concurrency (unlike nitro's vsock-proxy, issue #413).
+task per connection; the bytes move zero-copy on one splicing thread for all connections
+(``qtbuild.runtime.sdk.splice``; copied by two pump tasks where the kernel cannot splice) — no
+worker pool, so no fixed cap on concurrency (unlike nitro's vsock-proxy, issue #413).
 
 Per connection
     1. Refused (closed at once, logged) when ``max_connections`` connections are already open
@@ -16,7 +17,7 @@ Per connection
        allowlist, the configured routes are trusted as they are.
     3. The permitted addresses are tried in order within ``connect_timeout``; an unreachable
        upstream closes that client connection and logs a warning — the proxy keeps serving.
-    4. Bytes are copied both ways; EOF is passed on as a half-close.  A connection on which no
+    4. Bytes are relayed both ways; EOF is passed on as a half-close.  A connection on which no
        byte moved in either direction for ``idle_timeout`` seconds is closed.
 
 Shutdown (``Proxy.shutdown``; SIGTERM/SIGINT in ``run``): stop accepting and remove the socket
