@@ -251,7 +251,7 @@ class Splicer:
             try:
                 if flow.run(self.BUDGET):
                     pair.activity.last = now
-            except (SpliceUnsupported, OSError) as error:
+            except Exception as error:  # noqa: BLE001 - the relay reports it; the thread serves on
                 self._finish(pair, flow, error)
                 continue
             if flow.eof and not flow.held:

@@ -255,3 +255,26 @@ def test_a_held_stream_keeps_early_bytes_in_the_kernel_and_relays_them(monkeypat
         return unread, got == early, result
 
     assert asyncio.run(scenario()) == (True, True, "closed")
+
+
+def test_an_unexpected_failure_ends_only_its_relay_and_the_splicer_serves_on(monkeypatch):
+    spy = SpliceSpy(monkeypatch)
+    real = spy.real
+
+    def failing_once(*args, **kwargs):
+        spy.real = real
+        raise RuntimeError("unexpected")
+
+    async def failing_relay():
+        (a_far, (a_reader, a_writer)), (b_far, (b_reader, b_writer)) = (await _pair(socket.AF_UNIX),
+                                                                        await _pair(socket.AF_INET))
+        spy.real = failing_once
+        outcome = await asyncio.wait_for(relay.relay(a_reader, a_writer, b_reader, b_writer, idle_timeout=30), 10)
+        for far, writer in ((a_far, a_writer), (b_far, b_writer)):
+            writer.close()
+            far.close()
+        return outcome
+
+    assert asyncio.run(failing_relay()) == "error: RuntimeError('unexpected')"
+    got_b, got_a, outcome = asyncio.run(_exchange(socket.AF_UNIX, socket.AF_INET, b"up" * 50_000, b"down"))
+    assert (got_b == b"up" * 50_000, got_a, outcome) == (True, b"down", "closed")
