@@ -188,8 +188,8 @@ class Splicer:
     asyncio loop, whose thread stays free for accepting and connecting.  ``os.splice`` and
     ``epoll_wait`` release the GIL."""
 
-    #: Bytes one direction may move before the others get their turn (fairness).
-    BUDGET = 4 << 20
+    #: Bytes one direction may move before the others get their turn (fairness): a pipeful.
+    BUDGET = PIPE_SIZE
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
@@ -231,32 +231,39 @@ class Splicer:
         pending: list[_Flow] = []
         while True:
             events = self._epoll.poll(0 if pending else -1)
-            with self._lock:
-                pending = self._turn(events, pending)
+            pending = self._turn(events, pending)
 
     def _turn(self, events: list[tuple[int, int]], pending: list[_Flow]) -> list[_Flow]:
-        ready = set(flow for flow in pending if not flow.finished)
-        for fd, mask in events:
-            for flow, is_source in self._flows.get(fd, ()):
-                if is_source and mask & _READABLE:
-                    flow.readable = True
-                elif not is_source and mask & _WRITABLE:
-                    flow.writable = True
-                ready.add(flow)
+        """One round: mark what the events made ready, then run each ready flow once.  The lock
+        is taken per flow, so ``add``/``remove`` (on an event loop's thread) wait for at most
+        one flow's budget, not a whole round."""
+        with self._lock:
+            ready = {flow for flow in pending if not flow.finished}
+            for fd, mask in events:
+                for flow, is_source in self._flows.get(fd, ()):
+                    if is_source and mask & _READABLE:
+                        flow.readable = True
+                    elif not is_source and mask & _WRITABLE:
+                        flow.writable = True
+                    ready.add(flow)
         now = time.monotonic()
         for flow in ready:
-            pair = self._pairs.get(id(flow))
-            if pair is None or flow.finished:
-                continue
-            try:
-                if flow.run(self.BUDGET):
-                    pair.activity.last = now
-            except Exception as error:  # noqa: BLE001 - the relay reports it; the thread serves on
-                self._finish(pair, flow, error)
-                continue
-            if flow.eof and not flow.held:
-                self._finish(pair, flow, None)
+            with self._lock:
+                self._step(flow, now)
         return [flow for flow in ready if flow.runnable]
+
+    def _step(self, flow: _Flow, now: float) -> None:
+        pair = self._pairs.get(id(flow))
+        if pair is None or flow.finished:
+            return
+        try:
+            if flow.run(self.BUDGET):
+                pair.activity.last = now
+        except Exception as error:  # noqa: BLE001 - the relay reports it; the thread serves on
+            self._finish(pair, flow, error)
+            return
+        if flow.eof and not flow.held:
+            self._finish(pair, flow, None)
 
     @staticmethod
     def _finish(pair: SplicePair, flow: _Flow, error: BaseException | None) -> None:
