@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 
 from . import vsock
-from .relay import CHUNK, relay
+from .relay import CHUNK, hold, relay
 
 log = logging.getLogger("qtbuild_sdk.proxy")
 IDLE_TIMEOUT = 300.0
@@ -80,6 +80,7 @@ class EnclaveProxy:
                         ", ".join(map(str, sorted(self.allowed_peers))))
             writer.close()
             return
+        hold(writer)
         try:
             upstream = await asyncio.open_connection("127.0.0.1", mapping.tcp_port, limit=CHUNK)
         except OSError as exc:
@@ -89,6 +90,7 @@ class EnclaveProxy:
         await self._relay(reader, writer, *upstream)
 
     async def _outbound(self, mapping: Mapping, reader, writer) -> None:
+        hold(writer)
         try:
             upstream = await vsock.open_connection(self.parent_cid, mapping.vsock_port, timeout=10,
                                                    config=self.config, limit=CHUNK)

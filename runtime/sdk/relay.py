@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 
 from . import splice
 
@@ -28,6 +29,28 @@ class Activity:
         return max(0.0, self.last + timeout - time.monotonic())
 
 
+_held: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
+
+
+def hold(writer: asyncio.StreamWriter) -> None:
+    """Stop reading a freshly accepted stream until :func:`relay` takes it over: what the peer
+    sends meanwhile (while the other side is being connected) waits in the kernel, to be spliced
+    rather than copied through Python; relay reads it again if it ends up copying."""
+    transport = writer.transport
+    if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing() and transport.is_reading():
+        transport.pause_reading()
+        _held.add(transport)
+
+
+def _release(*writers: asyncio.StreamWriter) -> None:
+    for writer in writers:
+        transport = writer.transport
+        if transport in _held:
+            _held.discard(transport)
+            if isinstance(transport, asyncio.ReadTransport) and not transport.is_closing():
+                transport.resume_reading()
+
+
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, activity: Activity) -> None:
     while data := await reader.read(CHUNK):
         activity.touch()
@@ -37,13 +60,18 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, acti
         writer.write_eof()
 
 
-async def _splice_or_copy(ends, source: int, activity: Activity, copy) -> None:
-    """One direction zero-copy; if the kernel refuses these sockets before a byte moved, by copying."""
+async def _splice_or_copy(spliced: asyncio.Future, source: splice.SpliceEnd, target: splice.SpliceEnd,
+                          copy) -> None:
+    """One direction zero-copy, then its EOF passed on; if the kernel refuses these sockets
+    before a byte moved, by copying."""
     try:
-        await splice.splice_pump(ends[source], ends[1 - source], activity.touch)
+        await spliced
     except splice.SpliceUnsupported:
-        splice.resume(ends[source])
+        splice.resume(source)
         await copy()
+        return
+    if target.writer.can_write_eof():
+        target.writer.write_eof()
 
 
 async def relay(a_reader, a_writer, b_reader, b_writer, idle_timeout: float,
@@ -54,12 +82,22 @@ async def relay(a_reader, a_writer, b_reader, b_writer, idle_timeout: float,
     tell a quiet connection from a busy one."""
     activity = activity or Activity()
     ends = await splice.splice_ends(a_reader, a_writer, b_reader, b_writer)
+    pair = None
     if ends is None:
+        _release(a_writer, b_writer)
         pumps = {asyncio.create_task(_pump(a_reader, b_writer, activity)),
                  asyncio.create_task(_pump(b_reader, a_writer, activity))}
     else:
-        pumps = {asyncio.create_task(_splice_or_copy(ends, 0, activity, lambda: _pump(a_reader, b_writer, activity))),
-                 asyncio.create_task(_splice_or_copy(ends, 1, activity, lambda: _pump(b_reader, a_writer, activity)))}
+        _held.difference_update((a_writer.transport, b_writer.transport))
+        a, b = ends
+        try:
+            pair = splice.splicer().add(a, b, activity)
+        except BaseException:
+            a.close()
+            b.close()
+            raise
+        pumps = {asyncio.create_task(_splice_or_copy(pair.forward, a, b, lambda: _pump(a_reader, b_writer, activity))),
+                 asyncio.create_task(_splice_or_copy(pair.backward, b, a, lambda: _pump(b_reader, a_writer, activity)))}
     pending = set(pumps)
     try:
         while pending:
@@ -75,5 +113,7 @@ async def relay(a_reader, a_writer, b_reader, b_writer, idle_timeout: float,
         for task in pumps:
             task.cancel()
         await asyncio.gather(*pumps, return_exceptions=True)
+        if pair is not None:
+            splice.splicer().remove(pair)
         for end in ends or ():
             end.close()

@@ -1,12 +1,13 @@
-"""Zero-copy forwarding of one direction of a socket pair with ``os.splice`` (Linux).
+"""Zero-copy forwarding of a socket pair with ``os.splice`` (Linux).
 
 Bytes move socket → pipe → socket inside the kernel: never copied into Python objects, no
-Python call per chunk beyond two ``splice`` system calls.  It applies when both ends are plain
+Python call per chunk beyond the ``splice`` system calls.  It applies when both ends are plain
 stream sockets served by asyncio's selector transports (TCP, AF_UNIX — the emulated vsock);
 :func:`splice_ends` says whether a pair of asyncio streams qualifies and prepares it, and
-:func:`splice_pump` moves one direction.  Where the kernel cannot splice a socket (``EINVAL``:
-e.g. a socket family without splice support) nothing has moved yet and the caller falls back to
-copying.  Standard library only (the enclave SDK uses it too).
+``splicer().add(a, b, activity)`` moves both directions on the process's splicing thread (one
+edge-triggered epoll set for all pairs: see :class:`Splicer`).  Where the kernel cannot splice a
+socket (``EINVAL``: e.g. a socket family without splice support) nothing has moved yet and the
+caller falls back to copying.  Standard library only (the enclave SDK uses it too).
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import sys
-from collections.abc import Callable
+import threading
+import time
 
 #: Bytes a pipe holds between the two splices (fs.pipe-max-size permitting; else the default 64 KiB).
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
@@ -37,17 +41,15 @@ class SpliceEnd:
     """One stream's socket, taken over from its asyncio transport for splicing.
 
     The transport stays the socket's owner (its writer still half-closes and closes it); its
-    reading is paused, so bytes stay in the kernel until a pump splices them.  ``fd`` is a
-    duplicate of the socket's descriptor: the event loop refuses to watch a transport's own."""
+    reading is paused, so bytes stay in the kernel until the splicer moves them.  ``fd`` is a
+    duplicate of the socket's descriptor, the splicer's own: it stays valid (and its epoll
+    registration stays the splicer's) whatever the transport does with its descriptor."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
         self.fd = os.dup(writer.get_extra_info("socket").fileno())
 
     def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self.fd)
-        loop.remove_writer(self.fd)
         os.close(self.fd)
 
 
@@ -93,87 +95,203 @@ def resume(end: SpliceEnd) -> None:
         transport.resume_reading()
 
 
-async def _ready(fd: int, write: bool) -> None:
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-    add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
-    add(fd, _waker(future))
-    try:
-        await future
-    finally:
-        remove(fd)
+class _Flow:
+    """One direction of a spliced pair: source socket → pipe → target socket.  Touched by the
+    splicer's thread only (under its lock)."""
 
+    __slots__ = ("source", "target", "pipe_out", "pipe_in", "capacity", "held", "eof", "moved",
+                 "readable", "writable", "future", "finished")
 
-def _waker(future: asyncio.Future) -> Callable[[], None]:
-    def wake() -> None:
-        if not future.done():
-            future.set_result(None)
-
-    return wake
-
-
-async def _either_ready(read_fd: int, write_fd: int) -> None:
-    loop = asyncio.get_running_loop()
-    future = loop.create_future()
-    wake = _waker(future)
-    loop.add_reader(read_fd, wake)
-    loop.add_writer(write_fd, wake)
-    try:
-        await future
-    finally:
-        loop.remove_reader(read_fd)
-        loop.remove_writer(write_fd)
-
-
-async def splice_pump(source: SpliceEnd, target: SpliceEnd, touch: Callable[[], None]) -> None:
-    """Move source's bytes to target until source's EOF, then half-close target.
-
-    Raises :class:`SpliceUnsupported` if the very first splice is refused (nothing moved),
-    ``OSError`` for a failed connection."""
-    pipe_out, pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
+    def __init__(self, source: int, target: int, future: asyncio.Future) -> None:
+        self.source, self.target, self.future = source, target, future
+        self.pipe_out, self.pipe_in = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         with contextlib.suppress(OSError):
-            fcntl.fcntl(pipe_in, _F_SETPIPE_SZ, PIPE_SIZE)
-        capacity = fcntl.fcntl(pipe_in, getattr(fcntl, "F_GETPIPE_SZ", 1032))
-        held, eof, moved, turns = 0, False, False, 0
-        while not eof or held:
+            fcntl.fcntl(self.pipe_in, _F_SETPIPE_SZ, PIPE_SIZE)
+        self.capacity = fcntl.fcntl(self.pipe_in, _F_GETPIPE_SZ)
+        self.held, self.eof, self.moved, self.finished = 0, False, False, False
+        self.readable = self.writable = True  # until a splice says otherwise (EAGAIN)
+
+    def close(self) -> None:
+        os.close(self.pipe_out)
+        os.close(self.pipe_in)
+
+    def run(self, budget: int) -> int:
+        """Splice until both ends would block, EOF has been passed through or ``budget`` bytes
+        have moved; returns the bytes moved.  Raises SpliceUnsupported / OSError."""
+        splice = os.splice  # looked up per call: tests may wrap it
+        moved = 0
+        while moved < budget:
             progress = False
-            turns += 1
-            if turns % 16 == 0:
-                await asyncio.sleep(0)  # a connection that never blocks must not starve the others
-            if not eof and held < capacity:
+            while self.readable and not self.eof and self.held < self.capacity:  # fill, then one big send
                 try:
-                    got = os.splice(source.fd, pipe_in, capacity - held, flags=_FLAGS)
+                    got = splice(self.source, self.pipe_in, self.capacity - self.held, flags=_FLAGS)
                 except BlockingIOError:
-                    got = -1
+                    self.readable = False  # (or the pipe is full in pages: draining sets it again)
                 except OSError as error:
-                    if not moved and error.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    if not self.moved and error.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                         raise SpliceUnsupported(str(error)) from error
                     raise
-                if got == 0:
-                    eof = progress = True
-                elif got > 0:
-                    held, moved, progress = held + got, True, True
-                    touch()
-            if held:
+                else:
+                    if got == 0:
+                        self.eof = True
+                    self.held += got
+                    self.moved = progress = True
+            if self.held and self.writable:
                 try:
-                    sent = os.splice(pipe_out, target.fd, held, flags=_FLAGS)
+                    sent = splice(self.pipe_out, self.target, self.held, flags=_FLAGS)
                 except BlockingIOError:
-                    sent = 0
-                if sent:
-                    held -= sent
-                    progress = True
-                    touch()
-            if progress:
-                continue
-            if held and (eof or held >= capacity):
-                await _ready(target.fd, write=True)
-            elif held:
-                await _either_ready(source.fd, target.fd)
-            else:
-                await _ready(source.fd, write=False)
-    finally:
-        os.close(pipe_out)
-        os.close(pipe_in)
-    if target.writer.can_write_eof():
-        target.writer.write_eof()
+                    self.writable = False
+                else:
+                    self.held -= sent
+                    moved += sent
+                    progress = self.readable = True
+            if not progress or (self.eof and not self.held):
+                return moved
+        return moved
+
+    @property
+    def runnable(self) -> bool:
+        return not self.finished and ((self.readable and not self.eof and self.held < self.capacity)
+                                      or (self.writable and self.held > 0) or (self.eof and not self.held))
+
+
+class SplicePair:
+    """Both directions of one relayed connection, spliced by the :class:`Splicer`'s thread.
+
+    ``forward`` (a → b) and ``backward`` (b → a) are futures of the relay's event loop: None once
+    the direction's EOF has been passed through the pipe (the caller then half-closes the
+    target), :class:`SpliceUnsupported` if the kernel refused the very first splice, ``OSError``
+    for a failed connection.  ``activity.last`` is set to ``time.monotonic()`` whenever bytes move."""
+
+    __slots__ = ("a", "b", "loop", "activity", "flows", "forward", "backward")
+
+    def __init__(self, a: SpliceEnd, b: SpliceEnd, activity) -> None:
+        self.a, self.b, self.activity = a, b, activity
+        self.loop = asyncio.get_running_loop()
+        self.forward, self.backward = self.loop.create_future(), self.loop.create_future()
+        self.flows = (_Flow(a.fd, b.fd, self.forward), _Flow(b.fd, a.fd, self.backward))
+
+
+def _settle(future: asyncio.Future, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+class Splicer:
+    """One thread splicing every registered pair, driven by one edge-triggered epoll set: each
+    socket is registered once for its whole life, and a round of events costs one ``epoll_wait``
+    plus the splices themselves — no per-chunk futures, tasks or (un)registrations on the
+    asyncio loop, whose thread stays free for accepting and connecting.  ``os.splice`` and
+    ``epoll_wait`` release the GIL."""
+
+    #: Bytes one direction may move before the others get their turn (fairness): a pipeful.
+    BUDGET = PIPE_SIZE
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._lock = threading.Lock()
+        self._flows: dict[int, list[tuple[_Flow, bool]]] = {}  # fd → [(flow, fd is its source)]
+        self._pairs: dict[int, SplicePair] = {}  # by id: the pair of each flow
+        self._thread = threading.Thread(target=self._serve, name="qtbuild-splice", daemon=True)
+        self._thread.start()
+
+    def add(self, a: SpliceEnd, b: SpliceEnd, activity) -> SplicePair:
+        """Start splicing a ↔ b (both ends' transports already paused)."""
+        pair = SplicePair(a, b, activity)
+        with self._lock:
+            self._pairs[id(pair.flows[0])] = self._pairs[id(pair.flows[1])] = pair
+            for flow in pair.flows:
+                self._flows.setdefault(flow.source, []).append((flow, True))
+                self._flows.setdefault(flow.target, []).append((flow, False))
+        try:
+            for fd in (a.fd, b.fd):
+                self._epoll.register(fd, _EVENTS)  # the thread's next epoll_wait sees them
+        except BaseException:
+            self.remove(pair)
+            raise
+        return pair
+
+    def remove(self, pair: SplicePair) -> None:
+        """Stop splicing ``pair``; once this returns the thread no longer touches its sockets."""
+        with self._lock:
+            for fd in (pair.a.fd, pair.b.fd):
+                with contextlib.suppress(OSError, ValueError):
+                    self._epoll.unregister(fd)
+                self._flows.pop(fd, None)
+            for flow in pair.flows:
+                self._pairs.pop(id(flow), None)
+                flow.finished = True
+                flow.close()
+
+    def _serve(self) -> None:
+        pending: list[_Flow] = []
+        while True:
+            events = self._epoll.poll(0 if pending else -1)
+            pending = self._turn(events, pending)
+
+    def _turn(self, events: list[tuple[int, int]], pending: list[_Flow]) -> list[_Flow]:
+        """One round: mark what the events made ready, then run each ready flow once.  The lock
+        is taken per flow, so ``add``/``remove`` (on an event loop's thread) wait for at most
+        one flow's budget, not a whole round."""
+        with self._lock:
+            ready = {flow for flow in pending if not flow.finished}
+            for fd, mask in events:
+                for flow, is_source in self._flows.get(fd, ()):
+                    if is_source and mask & _READABLE:
+                        flow.readable = True
+                    elif not is_source and mask & _WRITABLE:
+                        flow.writable = True
+                    ready.add(flow)
+        now = time.monotonic()
+        for flow in ready:
+            with self._lock:
+                self._step(flow, now)
+        return [flow for flow in ready if flow.runnable]
+
+    def _step(self, flow: _Flow, now: float) -> None:
+        pair = self._pairs.get(id(flow))
+        if pair is None or flow.finished:
+            return
+        try:
+            if flow.run(self.BUDGET):
+                pair.activity.last = now
+        except Exception as error:  # noqa: BLE001 - the relay reports it; the thread serves on
+            self._finish(pair, flow, error)
+            return
+        if flow.eof and not flow.held:
+            self._finish(pair, flow, None)
+
+    @staticmethod
+    def _finish(pair: SplicePair, flow: _Flow, error: BaseException | None) -> None:
+        flow.finished = True
+        with contextlib.suppress(RuntimeError):  # the relay's loop is closed: nobody is waiting
+            pair.loop.call_soon_threadsafe(_settle, flow.future, error)
+
+
+_EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
+_READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_splicer: Splicer | None = None
+_splicer_lock = threading.Lock()
+
+
+def splicer() -> Splicer:
+    """This process's splicer (started on first use)."""
+    global _splicer
+    with _splicer_lock:
+        if _splicer is None:
+            _splicer = Splicer()
+        return _splicer
+
+
+def _forget_splicer() -> None:
+    global _splicer, _splicer_lock
+    _splicer, _splicer_lock = None, threading.Lock()  # the thread did not survive the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_splicer)

@@ -98,6 +98,9 @@ PARENT_CID = 3
 VMADDR_CID_ANY = 0xFFFFFFFF
 VMADDR_PORT_ANY = 0xFFFFFFFF
 FIRST_EPHEMERAL_PORT = 1024
+#: Send buffer of an emulated socket, in payload bytes: a virtio-vsock socket's default buffer
+#: (Linux ``VIRTIO_VSOCK_DEFAULT_BUF_SIZE``, 256 KiB; the kernel doubles SO_SNDBUF for overhead).
+EMULATED_BUFFER = 256 * 1024
 
 HEARTBEAT_PORT = 9000
 HEARTBEAT_BYTE = b"\xb7"
@@ -228,8 +231,18 @@ def _root(cfg: VsockConfig) -> str:
 
 
 def _new_socket(cfg: VsockConfig) -> socket.socket:
-    family = socket.AF_VSOCK if cfg.transport == NATIVE else socket.AF_UNIX
-    return socket.socket(family, socket.SOCK_STREAM)
+    if cfg.transport == NATIVE:
+        return socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    return _sized(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+
+
+def _sized(sock: socket.socket) -> socket.socket:
+    """An emulated socket may have as many bytes in flight as a virtio-vsock one (see
+    EMULATED_BUFFER); the Unix default (net.core.wmem_default, ~208 KiB including each
+    buffer's overhead) made every large write wait for the reader several times."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, EMULATED_BUFFER)
+    return sock
 
 
 def _hello(cfg: VsockConfig) -> bytes:
@@ -456,6 +469,8 @@ class Listener:
         while True:
             self.socket.settimeout(_remaining(deadline))
             conn, address = self.socket.accept()
+            if self.config.transport == EMULATED:
+                _sized(conn)
             peer = self._identify(conn, address, deadline)
             if peer is not None:
                 conn.settimeout(None)
@@ -550,6 +565,7 @@ async def start_server(callback, listener: Listener, **kwargs) -> asyncio.Server
 async def _identify_async(listener: Listener, reader, writer) -> Address | None:
     if listener.config.transport == NATIVE:
         return tuple(writer.get_extra_info("peername"))
+    _sized(writer.get_extra_info("socket"))
     try:
         data = await asyncio.wait_for(reader.readexactly(_HEADER.size), listener.header_timeout)
     except (asyncio.IncompleteReadError, TimeoutError, OSError):

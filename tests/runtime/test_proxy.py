@@ -477,3 +477,29 @@ def test_shutdown_cuts_quiet_kept_alive_connections_at_once(root):
     elapsed, idle_cut = run(scenario())
     # the busy stream (about 1.2 s of traffic) was drained; the idle one did not hold the stop
     assert idle_cut and 1.0 < elapsed < 3
+
+
+def test_an_ipv4_literal_resolves_to_itself_without_the_resolver(monkeypatch):
+    """The route of nearly every local proxy is 127.0.0.1: no executor round trip per connection,
+    and the same answer the resolver gives (so allowlist matching is unchanged)."""
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        asked = []
+        real = loop.getaddrinfo
+
+        async def counting(host, *args, **kwargs):
+            asked.append(host)
+            return await real(host, *args, **kwargs)
+
+        monkeypatch.setattr(loop, "getaddrinfo", counting)
+        literal = [await proxy_module.resolve(host, 443) for host in ("127.0.0.1", "10.1.2.3")]
+        named = await proxy_module.resolve("localhost", 443)
+        odd = await proxy_module.resolve("127.1", 443)  # not canonical: the resolver decides
+        return literal, named, odd, asked
+
+    literal, named, odd, asked = run(scenario())
+    assert literal == [["127.0.0.1"], ["10.1.2.3"]]
+    for host in ("127.0.0.1", "10.1.2.3"):
+        assert {info[4][0] for info in socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)} == {host}
+    assert "127.0.0.1" in named and odd == ["127.0.0.1"]
+    assert asked == ["localhost", "127.1"]

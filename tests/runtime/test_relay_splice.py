@@ -147,3 +147,134 @@ def test_a_reset_connection_ends_the_relay_with_an_error(monkeypatch):
         return result
 
     assert asyncio.run(scenario()).startswith("error:")
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_many_small_writes_do_not_stall_a_pipe_full_of_pages(monkeypatch):
+    """Each small write is its own socket buffer and takes a pipe page of its own: the pipe fills
+    long before its byte capacity, and the splicer must drain it and read on (not wait for a
+    readiness edge that already came)."""
+    SpliceSpy(monkeypatch)
+
+    async def scenario():
+        (a_far, (a_reader, a_writer)), (b_far, (b_reader, b_writer)) = (await _pair(socket.AF_UNIX),
+                                                                        await _pair(socket.AF_INET))
+        messages = [b"%015d\n" % i for i in range(3000)]
+        a_far.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 << 20)
+        for message in messages[:400]:  # queued before the relay starts: more than the pipe has pages
+            a_far.send(message)
+        outcome = asyncio.create_task(relay.relay(a_reader, a_writer, b_reader, b_writer, idle_timeout=30))
+        loop = asyncio.get_running_loop()
+        for message in messages[400:]:
+            await loop.sock_sendall(a_far, message)
+        a_far.shutdown(socket.SHUT_WR)
+        got = await asyncio.wait_for(_receive_to_eof(b_far), 20)
+        b_far.shutdown(socket.SHUT_WR)
+        result = await asyncio.wait_for(outcome, 10)
+        for far, writer in ((a_far, a_writer), (b_far, b_writer)):
+            writer.close()
+            far.close()
+        return got == b"".join(messages), result
+
+    assert asyncio.run(scenario()) == (True, "closed")
+
+
+def test_concurrent_relays_are_each_byte_exact(monkeypatch):
+    SpliceSpy(monkeypatch)
+
+    async def scenario():
+        return await asyncio.gather(*(_exchange(socket.AF_UNIX, socket.AF_INET, bytes([i]) * (i * 70001),
+                                                b"back %d" % i) for i in range(1, 21)))
+
+    for i, (got_b, got_a, outcome) in enumerate(asyncio.run(scenario()), start=1):
+        assert (got_b == bytes([i]) * (i * 70001), got_a, outcome) == (True, b"back %d" % i, "closed")
+
+
+def test_a_cut_relay_releases_its_pipes_and_sockets(monkeypatch):
+    """Cancelling the relay (shutdown, idle) while bytes are in flight stops the splicing at once
+    and closes every descriptor it opened; the far ends see the connection end."""
+    SpliceSpy(monkeypatch)
+    splice.splicer()  # its own epoll descriptor is not the relay's
+
+    async def scenario():
+        before = _open_fds()
+        (a_far, (a_reader, a_writer)), (b_far, (b_reader, b_writer)) = (await _pair(socket.AF_UNIX),
+                                                                        await _pair(socket.AF_INET))
+        outcome = asyncio.create_task(relay.relay(a_reader, a_writer, b_reader, b_writer, idle_timeout=30))
+        sending = asyncio.create_task(asyncio.get_running_loop().sock_sendall(a_far, b"x" * (64 << 20)))
+        await asyncio.sleep(0.2)  # b_far reads nothing: the pipe and both socket buffers are full
+        during = _open_fds()
+        outcome.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await outcome
+        a_writer.close()
+        b_writer.close()
+        await asyncio.sleep(0.05)
+        b_far.setblocking(True)
+        b_far.settimeout(10)
+        while b_far.recv(1 << 20):  # everything the relay had passed on, then the end
+            pass
+        sending.cancel()
+        a_far.close()
+        b_far.close()
+        return before, during, _open_fds()
+
+    before, during, after = asyncio.run(scenario())
+    assert during >= before + 2 + 2 + 2 * 2  # far ends, the relay's sockets and their copies, 2 pipes
+    assert after == before
+
+
+@pytest.mark.parametrize("path", ["spliced", "refused", "no splice"])
+def test_a_held_stream_keeps_early_bytes_in_the_kernel_and_relays_them(monkeypatch, path):
+    """hold() at accept time: bytes sent while the other side is being connected are not read
+    into Python (nothing to copy), and the relay still delivers them — by splicing, or by
+    reading the stream again when it copies."""
+    SpliceSpy(monkeypatch, refuse=path == "refused")
+    if path == "no splice":
+        monkeypatch.setattr(splice, "available", lambda: False)
+
+    async def scenario():
+        (a_far, (a_reader, a_writer)), (b_far, (b_reader, b_writer)) = (await _pair(socket.AF_UNIX),
+                                                                        await _pair(socket.AF_INET))
+        relay.hold(a_writer)
+        early = os.urandom(100_000)
+        await asyncio.get_running_loop().sock_sendall(a_far, early)
+        await asyncio.sleep(0.1)
+        unread = len(getattr(a_reader, "_buffer", b"x")) == 0
+        outcome = asyncio.create_task(relay.relay(a_reader, a_writer, b_reader, b_writer, idle_timeout=30))
+        a_far.shutdown(socket.SHUT_WR)
+        b_far.shutdown(socket.SHUT_WR)
+        got = await asyncio.wait_for(_receive_to_eof(b_far), 10)
+        result = await asyncio.wait_for(outcome, 10)
+        for far, writer in ((a_far, a_writer), (b_far, b_writer)):
+            writer.close()
+            far.close()
+        return unread, got == early, result
+
+    assert asyncio.run(scenario()) == (True, True, "closed")
+
+
+def test_an_unexpected_failure_ends_only_its_relay_and_the_splicer_serves_on(monkeypatch):
+    spy = SpliceSpy(monkeypatch)
+    real = spy.real
+
+    def failing_once(*args, **kwargs):
+        spy.real = real
+        raise RuntimeError("unexpected")
+
+    async def failing_relay():
+        (a_far, (a_reader, a_writer)), (b_far, (b_reader, b_writer)) = (await _pair(socket.AF_UNIX),
+                                                                        await _pair(socket.AF_INET))
+        spy.real = failing_once
+        outcome = await asyncio.wait_for(relay.relay(a_reader, a_writer, b_reader, b_writer, idle_timeout=30), 10)
+        for far, writer in ((a_far, a_writer), (b_far, b_writer)):
+            writer.close()
+            far.close()
+        return outcome
+
+    assert asyncio.run(failing_relay()) == "error: RuntimeError('unexpected')"
+    got_b, got_a, outcome = asyncio.run(_exchange(socket.AF_UNIX, socket.AF_INET, b"up" * 50_000, b"down"))
+    assert (got_b == b"up" * 50_000, got_a, outcome) == (True, b"down", "closed")

@@ -243,6 +243,42 @@ def test_asyncio_server_and_connection_report_the_peer(root):
     assert (peer_cid, text) == (b"6", b"hello") and int(peer_port) >= vsock.FIRST_EPHEMERAL_PORT
 
 
+def test_emulated_sockets_hold_a_virtio_vsock_buffer_in_flight(root):
+    """Both ends, blocking and asyncio: a large write is not split into many waits for the reader
+    by the Unix default send buffer (the kernel reports SO_SNDBUF doubled, for overhead)."""
+    def send_buffer(sock) -> int:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+    with vsock.listen(5000, config=cid(root, 3)) as listener:
+        joined = in_thread(listener.accept, timeout=5)
+        client = vsock.connect(3, 5000, config=cid(root, 4), timeout=5)
+        accepted, _peer = joined()
+        sizes = [send_buffer(client), send_buffer(accepted)]
+        client.close()
+        accepted.close()
+
+    async def scenario():
+        listener = vsock.listen(5001, config=cid(root, 3))
+        served: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        async def report(reader, writer, peer):
+            served.set_result(send_buffer(writer.get_extra_info("socket")))
+            writer.close()
+
+        server = await vsock.start_server(report, listener)
+        try:
+            _reader, writer = await vsock.open_connection(3, 5001, config=cid(root, 4), timeout=5)
+            sizes.extend([send_buffer(writer.get_extra_info("socket")), await asyncio.wait_for(served, 5)])
+            writer.close()
+        finally:
+            server.close()
+            listener.close()
+
+    asyncio.run(scenario())
+    with open("/proc/sys/net/core/wmem_max") as limit:  # the kernel caps SO_SNDBUF there
+        assert sizes == [2 * min(vsock.EMULATED_BUFFER, int(limit.read()))] * 4
+
+
 def test_asyncio_connection_refused_and_timeout(root):
     async def refused():
         await vsock.open_connection(3, 5000, config=cid(root, 4), timeout=1)
