@@ -20,8 +20,32 @@ parent-side tools (``qtbuild proxy``) reach enclaves with ``QTBUILD_VSOCK_DIR`` 
 ``QTBUILD_VSOCK_TRANSPORT=emulated``.
 """
 
-from .errors import EnclaveError
-from .manager import Manager, RunOptions, Started
-from .state import EnclaveRecord, RuntimeDir
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .errors import EnclaveError
+    from .manager import Manager, RunOptions, Started
+    from .state import EnclaveRecord, RuntimeDir
+
+#: Imported on first use (PEP 562): ``python -m qtbuild.runtime.enclave.supervisor`` imports
+#: this package first, and the supervisor does not need the manager's imports.
+_EXPORTS = {"EnclaveError": "errors", "Manager": "manager", "RunOptions": "manager", "Started": "manager",
+            "EnclaveRecord": "state", "RuntimeDir": "state"}
 
 __all__ = ["EnclaveError", "EnclaveRecord", "Manager", "RunOptions", "RuntimeDir", "Started"]
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -40,10 +40,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
-from qtbuild.runtime.qtsm.pki import LocalPki, PkiError, default_state_dir
+from qtbuild.runtime.qtsm.pki_location import default_state_dir, is_initialised
 from qtbuild.runtime.sandbox.host import helper_env
 
 from . import resources, rules
@@ -141,15 +142,20 @@ class Manager:
 
     def _ensure_pki(self) -> str:
         state_dir = default_state_dir()
+        if not is_initialised(state_dir):
+            self._create_pki(state_dir)
+        return os.fspath(state_dir)
+
+    def _create_pki(self, state_dir: Path) -> None:
+        from qtbuild.runtime.qtsm.pki import LocalPki, PkiError  # x509 & co.: only when creating it, once
+
         try:
-            if not LocalPki.is_initialised(state_dir):
-                with self.runtime.locked():
-                    pki = LocalPki.init(state_dir)
-                self.notify(f"created the local attestation PKI in {state_dir}; verifiers pin its root "
-                            f"(SHA-256 {pki.root_fingerprint()})")
+            with self.runtime.locked():
+                pki = LocalPki.init(state_dir)
         except PkiError as exc:
             raise EnclaveError(str(exc)) from None
-        return os.fspath(state_dir)
+        self.notify(f"created the local attestation PKI in {state_dir}; verifiers pin its root "
+                    f"(SHA-256 {pki.root_fingerprint()})")
 
     def _reserve(self, options: RunOptions, eif: str, pki_dir: str) -> tuple[EnclaveDir, int]:
         """Choose id and CID, create the enclave directory with its Starting record, and hold

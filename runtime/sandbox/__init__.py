@@ -17,8 +17,32 @@ helper process: the straight-line setup), :mod:`.namespaces`, :mod:`.mounts`,
 :mod:`.proctitle` (PID 1's name).
 """
 
-from .host import Sandbox, start_sandbox
-from .probe import probe
-from .spec import Bind, SandboxError, SandboxExit, SandboxSpec
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .host import Sandbox, start_sandbox
+    from .probe import probe
+    from .spec import Bind, SandboxError, SandboxExit, SandboxSpec
+
+#: Imported on first use (PEP 562): the helper (``python -m qtbuild.runtime.sandbox.helper``)
+#: imports this package first and needs none of the host side; the enclave supervisor needs no probe.
+_EXPORTS = {"Sandbox": "host", "start_sandbox": "host", "probe": "probe", "Bind": "spec", "SandboxError": "spec",
+            "SandboxExit": "spec", "SandboxSpec": "spec"}
 
 __all__ = ["Bind", "Sandbox", "SandboxError", "SandboxExit", "SandboxSpec", "probe", "start_sandbox"]
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
