@@ -21,7 +21,8 @@ Each enclave is stopped before the next.  Each cli run is paired with a bare int
 (``python -P -c pass``, the floor of any CLI); the last line, ``ratios: {json}`` (the median of
 the per-pair ratios cli / bare interpreter, and api / bare interpreter), is what the regression
 check reads (tests/test_benchmarks.py, benchmarks/baseline.json).  Prints median, min and max per
-mode; target (issue 16): cli median ≤ 0.3 s for the hello sample.  Needs root (tmpfs, cgroups; rootless: add --no-limits) and busybox-static.
+mode; target (issue 16): cli median ≤ 0.3 s for the hello sample.  Needs root (tmpfs, cgroups;
+rootless: add --no-limits) and busybox-static.
 A temporary runtime and state directory are used, so the host's enclaves are not touched.
 """
 

@@ -31,7 +31,7 @@ from qtbuild.formats.bounded_input import load_json_object
 from qtbuild.runtime.enclave import EnclaveError, Manager, RunOptions, shapes
 from qtbuild.runtime.enclave.errors import E_INVALID_ARGUMENT
 from qtbuild.runtime.enclave.rules import DEFAULT_CPUS, DEFAULT_MEMORY_MIB
-from qtbuild.runtime.qtsm.clouds import CLOUDS, DEFAULT_CLOUD
+from qtbuild.runtime.qtsm.cloud_names import CLOUDS, DEFAULT_CLOUD
 
 __all__ = ["enclave_group", "run_command"]
 

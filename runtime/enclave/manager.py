@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
+from qtbuild.runtime.qtsm.cloud_names import CLOUDS
 from qtbuild.runtime.qtsm.pki_location import default_state_dir, is_initialised
 from qtbuild.runtime.sandbox.host import helper_env
 
@@ -129,10 +129,8 @@ class Manager:
         eif = os.path.abspath(options.eif)
         rules.check_resources(options.cpus, options.memory_mib, _file_size(eif), rules.available_cpus())
         rules.check_cid_range(options.cid)
-        try:
-            cloud_profile(options.cloud).check_instance_id(options.instance_id)
-        except ValueError as exc:
-            raise EnclaveError(f"--instance-id: {exc}", code=E_INVALID_ARGUMENT) from None
+        if options.instance_id is not None or options.cloud not in CLOUDS:
+            _check_cloud(options.cloud, options.instance_id)
         pki_dir = self._ensure_pki()
         directory, lock_fd = self._reserve(options, eif, pki_dir)
         try:
@@ -291,6 +289,16 @@ def _start_supervisor(directory: EnclaveDir, lock_fd: int, status_fd: int, conso
     with open(directory.log, "ab") as log:
         return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                                 pass_fds=passed, env=helper_env(), cwd="/", start_new_session=True)
+
+
+def _check_cloud(cloud: str, instance_id: str | None) -> None:
+    """EnclaveError unless ``instance_id`` has ``cloud``'s shape (and ``cloud`` is one)."""
+    from qtbuild.runtime.qtsm.clouds import profile as cloud_profile  # x509 & co.: not for a plain `run`
+
+    try:
+        cloud_profile(cloud).check_instance_id(instance_id)
+    except ValueError as exc:
+        raise EnclaveError(f"--instance-id: {exc}", code=E_INVALID_ARGUMENT) from None
 
 
 def _close(*fds: int | None) -> None:
