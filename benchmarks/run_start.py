@@ -164,6 +164,18 @@ def time_api(eif: str, no_limits: bool, phases: dict[str, list[float]], first_li
         manager.stop_all()
 
 
+def warn_if_not_precompiled() -> None:
+    """Say so when the runtime's bytecode is not cached: every interpreter `run` starts would
+    compile it again, and that, not the start-up, is then what is measured."""
+    import importlib.util
+
+    from qtbuild.runtime.enclave import supervisor
+
+    if not os.path.exists(importlib.util.cache_from_source(supervisor.__file__)):
+        print("run_start: note: qtbuild's modules have no cached bytecode (an editable install with "
+              "PYTHONDONTWRITEBYTECODE); scripts/install.sh precompiles them", file=sys.stderr)
+
+
 def report(name: str, samples: list[float]) -> None:
     print(f"{name:4}  median {statistics.median(samples):6.3f} s   min {min(samples):6.3f} s   "
           f"max {max(samples):6.3f} s   ({len(samples)} runs)")
@@ -178,6 +190,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--no-limits", action="store_true", help="rootless hosts without cgroup delegation")
     args = parser.parse_args()
+    warn_if_not_precompiled()
     workdir = args.dir or tempfile.mkdtemp(prefix="qtb-run-", dir="/tmp")
     os.environ["QTBUILD_RUNTIME_DIR"] = os.path.join(workdir, "rt")
     os.environ["QTBUILD_STATE_DIR"] = os.path.join(workdir, "state")
