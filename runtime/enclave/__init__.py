@@ -22,8 +22,9 @@ parent-side tools (``qtbuild proxy``) reach enclaves with ``QTBUILD_VSOCK_DIR`` 
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from qtbuild.runtime.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from .errors import EnclaveError
@@ -38,14 +39,8 @@ _EXPORTS = {"EnclaveError": "errors", "Manager": "manager", "RunOptions": "manag
 __all__ = ["EnclaveError", "EnclaveRecord", "Manager", "RunOptions", "RuntimeDir", "Started"]
 
 
-def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+_resolve, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+def __getattr__(name: str) -> object:  # a def, so type checkers still see the submodules
+    return _resolve(name)

@@ -19,8 +19,9 @@ helper process: the straight-line setup), :mod:`.namespaces`, :mod:`.mounts`,
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from qtbuild.runtime.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
     from .host import Sandbox, start_sandbox
@@ -35,14 +36,8 @@ _EXPORTS = {"Sandbox": "host", "start_sandbox": "host", "probe": "probe", "Bind"
 __all__ = ["Bind", "Sandbox", "SandboxError", "SandboxExit", "SandboxSpec", "probe", "start_sandbox"]
 
 
-def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
+_resolve, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+def __getattr__(name: str) -> object:  # a def, so type checkers still see the submodules
+    return _resolve(name)
