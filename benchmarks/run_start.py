@@ -138,7 +138,12 @@ def time_interpreter() -> float:
     return time.perf_counter() - started
 
 
-#: The supervisor's start phases (Started.phases), in order, each measured from the previous end.
+#: The supervisor's start phases (Started.phases), in order, each measured from the previous end:
+#: supervisor_imports (from Manager.start: checks, reservation, the supervisor's interpreter and
+#: imports), host_setup (ids, vsock tmpfs, mount namespace, cgroup, spawning the sandbox helper),
+#: verify_unpack (the loader child's single pass; meanwhile the security module's imports and the
+#: PKI load), security_module (serving it; console), sandbox_exec (the helper's namespaces,
+#: mounts, seccomp, execve), ready (record, heartbeat, vsock registration).
 PHASES = ("supervisor_imports", "host_setup", "verify_unpack", "security_module", "sandbox_exec", "ready")
 
 
