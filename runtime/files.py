@@ -1,4 +1,5 @@
-"""The one atomic, durable file writer (PKI keys, KMS credentials and master key, enclave records)."""
+"""The one atomic file writer: durable for PKI keys, KMS credentials and master key; atomic only for
+enclave records (runtime state)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 _ATTEMPTS = 100
 
 
-def write_atomically(path: str | os.PathLike, data: bytes, mode: int = 0o600, *, exclusive: bool = False) -> None:
+def write_atomically(path: str | os.PathLike, data: bytes, mode: int = 0o600, *, exclusive: bool = False,
+                     durable: bool = True) -> None:
     """Make ``path`` hold ``data``, atomically and durably.
 
     The bytes go to a new temporary file beside ``path``, created with ``mode`` — narrowed by the
@@ -17,7 +19,9 @@ def write_atomically(path: str | os.PathLike, data: bytes, mode: int = 0o600, *,
     0640 under umask 027; the umask itself is never changed — then fsynced and renamed over
     ``path`` (with ``exclusive``: linked to ``path``, FileExistsError if it exists), and the
     directory is fsynced.  A reader sees the old content or the new, never a mix or an empty
-    file; nothing is left behind on error.
+    file; nothing is left behind on error.  ``durable=False`` skips both fsyncs (still atomic for
+    every reader): for state that means nothing after the machine restarts, such as an enclave's
+    record, where each fsync costs milliseconds on a disk-backed runtime directory.
     """
     path = Path(path)
     descriptor, temporary = _create_beside(path, mode)
@@ -25,7 +29,8 @@ def write_atomically(path: str | os.PathLike, data: bytes, mode: int = 0o600, *,
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                os.fsync(handle.fileno())
         if exclusive:
             os.link(temporary, path)
             temporary.unlink()
@@ -34,7 +39,8 @@ def write_atomically(path: str | os.PathLike, data: bytes, mode: int = 0o600, *,
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    fsync_directory(path.parent)
+    if durable:
+        fsync_directory(path.parent)
 
 
 def fsync_directory(directory: str | os.PathLike) -> None:

@@ -23,15 +23,16 @@ import threading
 
 import click
 
+import qtbuild.runtime.enclave.shapes as shapes  # a submodule (the package resolves its own names lazily)
 from qtbuild.cli.command import QtbuildCommand, QtbuildGroup
 from qtbuild.cli.errors import EXIT_CHECK_FAILED, CheckFailed, InputError, Interrupted
 from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json
 from qtbuild.formats.bounded_input import load_json_object
-from qtbuild.runtime.enclave import EnclaveError, Manager, RunOptions, shapes
+from qtbuild.runtime.enclave import EnclaveError, Manager, RunOptions
 from qtbuild.runtime.enclave.errors import E_INVALID_ARGUMENT
 from qtbuild.runtime.enclave.rules import DEFAULT_CPUS, DEFAULT_MEMORY_MIB
-from qtbuild.runtime.qtsm.clouds import CLOUDS, DEFAULT_CLOUD
+from qtbuild.runtime.qtsm.cloud_names import CLOUDS, DEFAULT_CLOUD
 
 __all__ = ["enclave_group", "run_command"]
 

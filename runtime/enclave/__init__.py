@@ -20,8 +20,27 @@ parent-side tools (``qtbuild proxy``) reach enclaves with ``QTBUILD_VSOCK_DIR`` 
 ``QTBUILD_VSOCK_TRANSPORT=emulated``.
 """
 
-from .errors import EnclaveError
-from .manager import Manager, RunOptions, Started
-from .state import EnclaveRecord, RuntimeDir
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qtbuild.runtime.lazy_exports import lazy_exports
+
+if TYPE_CHECKING:
+    from .errors import EnclaveError
+    from .manager import Manager, RunOptions, Started
+    from .state import EnclaveRecord, RuntimeDir
+
+#: Imported on first use (PEP 562): ``python -m qtbuild.runtime.enclave.supervisor`` imports
+#: this package first, and the supervisor does not need the manager's imports.
+_EXPORTS = {"EnclaveError": "errors", "Manager": "manager", "RunOptions": "manager", "Started": "manager",
+            "EnclaveRecord": "state", "RuntimeDir": "state"}
 
 __all__ = ["EnclaveError", "EnclaveRecord", "Manager", "RunOptions", "RuntimeDir", "Started"]
+
+
+_resolve, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+
+def __getattr__(name: str) -> object:  # a def, so type checkers still see the submodules
+    return _resolve(name)

@@ -12,6 +12,9 @@ Contract: the caller must be single-threaded (the child is forked, not exec'd) a
 namespace the image is loaded into (the child shares it).  Returns ``load()``'s result; an
 :class:`EnclaveError` raised by ``load`` is raised again here; a child killed by the OOM
 killer becomes an ``E_MEMORY`` error; any other failure an :class:`EnclaveError` naming it.
+``meanwhile()``, if given, runs in the caller while the child loads (start-up work that does not
+depend on the image, on the other CPU); if it raises, the child is killed and waited for and the
+exception propagates.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ T = TypeVar("T")
 _TOO_BIG = "the unpacked image does not fit in the enclave memory; give more --mem"
 
 
-def load_charged(cgroup: Cgroup | None, load: Callable[[], T]) -> T:
+def load_charged(cgroup: Cgroup | None, load: Callable[[], T], meanwhile: Callable[[], None] | None = None) -> T:
     """``load()`` run in a child that joined ``cgroup`` (None: no cgroup, e.g. --no-limits)."""
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
@@ -41,6 +44,13 @@ def load_charged(cgroup: Cgroup | None, load: Callable[[], T]) -> T:
         _child(cgroup, load, write_end)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as handle:
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except BaseException:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise
         data = handle.read()
     _, wait_status = os.waitpid(pid, 0)
     if data:

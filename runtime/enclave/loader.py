@@ -35,12 +35,10 @@ import zlib
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-
-from cryptography.hazmat.primitives import serialization
+from typing import TYPE_CHECKING
 
 from qtbuild.formats.crc32 import crc32_combine
 from qtbuild.formats.eif import CRC_OFFSET, MAX_SIGNATURE_SIZE, EifReader, Section, SectionType
-from qtbuild.formats.eif_signature import SignatureInfo, load_signature, verify_signature
 from qtbuild.formats.eif_stream import SectionStreamDigest
 from qtbuild.formats.errors import FormatError, SignatureError
 from qtbuild.formats.launch_record import Launch
@@ -52,6 +50,9 @@ from qtbuild.runtime.unpack import unpack_archive
 from .errors import E_FILE, E_MEMORY, EnclaveError
 from .launch_reader import read_launch
 from .resources import prepare_memory, release_memory
+
+if TYPE_CHECKING:
+    from qtbuild.formats.eif_signature import SignatureInfo
 
 __all__ = ["LoadedImage", "load_image"]
 
@@ -118,6 +119,9 @@ def _load_signature(reader: EifReader) -> SignatureInfo | None:
     section = reader.signature_section
     if section is None:
         return None
+    # x509, COSE: imported only for a signed image (most local runs are not), off `run`'s start path
+    from qtbuild.formats.eif_signature import load_signature
+
     try:
         return load_signature(reader.read_section(section, max_size=MAX_SIGNATURE_SIZE))
     except FormatError as exc:
@@ -129,6 +133,8 @@ def _unpack_measured(reader: EifReader, dest: Path, signature: SignatureInfo | N
     """One pass over all sections (step 4); returns the PCRs, raises on a CRC mismatch."""
     certificate_der = None
     if signature is not None:
+        from cryptography.hazmat.primitives import serialization  # loaded with the signature already
+
         certificate_der = signature.certificate.public_bytes(serialization.Encoding.DER)
     with SectionStreamDigest() as digest:
         for section in reader.sections:
@@ -183,6 +189,8 @@ class _Measured(io.RawIOBase):
 
 
 def _verify(signature: SignatureInfo, measurements: Measurements, at: datetime | None) -> None:
+    from qtbuild.formats.eif_signature import verify_signature
+
     try:
         verify_signature(signature, measurements.pcr0, at=at)
     except SignatureError as exc:

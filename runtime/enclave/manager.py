@@ -40,10 +40,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
-from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
-from qtbuild.runtime.qtsm.pki import LocalPki, PkiError, default_state_dir
+from qtbuild.runtime.qtsm.cloud_names import CLOUDS
+from qtbuild.runtime.qtsm.pki_location import default_state_dir, is_initialised
 from qtbuild.runtime.sandbox.host import helper_env
 
 from . import resources, rules
@@ -130,10 +131,8 @@ class Manager:
         if options.cpu_ids is not None:
             rules.check_cpu_ids(options.cpu_ids, os.sched_getaffinity(0))
         rules.check_cid_range(options.cid)
-        try:
-            cloud_profile(options.cloud).check_instance_id(options.instance_id)
-        except ValueError as exc:
-            raise EnclaveError(f"--instance-id: {exc}", code=E_INVALID_ARGUMENT) from None
+        if options.instance_id is not None or options.cloud not in CLOUDS:
+            _check_cloud(options.cloud, options.instance_id)
         pki_dir = self._ensure_pki()
         directory, lock_fd = self._reserve(options, eif, pki_dir)
         try:
@@ -143,15 +142,20 @@ class Manager:
 
     def _ensure_pki(self) -> str:
         state_dir = default_state_dir()
+        if not is_initialised(state_dir):
+            self._create_pki(state_dir)
+        return os.fspath(state_dir)
+
+    def _create_pki(self, state_dir: Path) -> None:
+        from qtbuild.runtime.qtsm.pki import LocalPki, PkiError  # x509 & co.: only when creating it, once
+
         try:
-            if not LocalPki.is_initialised(state_dir):
-                with self.runtime.locked():
-                    pki = LocalPki.init(state_dir)
-                self.notify(f"created the local attestation PKI in {state_dir}; verifiers pin its root "
-                            f"(SHA-256 {pki.root_fingerprint()})")
+            with self.runtime.locked():
+                pki = LocalPki.init(state_dir)
         except PkiError as exc:
             raise EnclaveError(str(exc)) from None
-        return os.fspath(state_dir)
+        self.notify(f"created the local attestation PKI in {state_dir}; verifiers pin its root "
+                    f"(SHA-256 {pki.root_fingerprint()})")
 
     def _reserve(self, options: RunOptions, eif: str, pki_dir: str) -> tuple[EnclaveDir, int]:
         """Choose id and CID, create the enclave directory with its Starting record, and hold
@@ -287,6 +291,16 @@ def _start_supervisor(directory: EnclaveDir, lock_fd: int, status_fd: int, conso
     with open(directory.log, "ab") as log:
         return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                                 pass_fds=passed, env=helper_env(), cwd="/", start_new_session=True)
+
+
+def _check_cloud(cloud: str, instance_id: str | None) -> None:
+    """EnclaveError unless ``instance_id`` has ``cloud``'s shape (and ``cloud`` is one)."""
+    from qtbuild.runtime.qtsm.clouds import profile as cloud_profile  # x509 & co.: not for a plain `run`
+
+    try:
+        cloud_profile(cloud).check_instance_id(instance_id)
+    except ValueError as exc:
+        raise EnclaveError(f"--instance-id: {exc}", code=E_INVALID_ARGUMENT) from None
 
 
 def _close(*fds: int | None) -> None:

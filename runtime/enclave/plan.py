@@ -22,8 +22,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from qtbuild.runtime.qtsm.clouds import PROFILES
-from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
 from qtbuild.runtime.sandbox import Bind, SandboxSpec
 from qtbuild.runtime.sandbox.cgroups import Limits
 from qtbuild.runtime.sdk import vsock
@@ -31,10 +29,9 @@ from qtbuild.runtime.sdk import vsock
 from .loader import LoadedImage
 from .state import EnclaveDir, EnclaveRecord
 
-__all__ = ["QTSM_TARGETS", "VSOCK_MOUNT", "cgroup_limits", "enclave_env", "sandbox_spec"]
+__all__ = ["VSOCK_MOUNT", "cgroup_limits", "enclave_env", "sandbox_spec"]
 
 VSOCK_MOUNT = "/run/vsock"
-QTSM_TARGETS = tuple(profile.device_path for profile in PROFILES.values())
 _VSOCK_VARIABLES = (vsock.ENV_DIR, vsock.ENV_CID, vsock.ENV_TRANSPORT)
 
 
@@ -59,6 +56,9 @@ def sandbox_spec(record: EnclaveRecord, image: LoadedImage, directory: EnclaveDi
                  output_fd: int | None) -> SandboxSpec:
     """The spec for ``record``'s application; ``output_fd`` receives its stdout and stderr
     (None: /dev/null)."""
+    # imported here: the supervisor loads the image before it pays for the cloud profiles' imports
+    from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
+
     launch = image.launch
     binds = [Bind(os.fspath(directory.qtsm_socket), cloud_profile(record.cloud).device_path)]
     binds.append(Bind(os.fspath(vsock_root / str(vsock.PARENT_CID)), f"{VSOCK_MOUNT}/{vsock.PARENT_CID}"))

@@ -26,7 +26,6 @@ import shutil
 import signal
 from pathlib import Path
 
-from qtbuild.runtime.qtsm.pki import LocalPki, PkiError
 from qtbuild.runtime.sandbox import SandboxError
 from qtbuild.runtime.sandbox.cgroups import Cgroup
 from qtbuild.runtime.sandbox.syscalls import mount, setns, umount2
@@ -172,6 +171,8 @@ def in_mount_namespace(namespace_fd: int, action, *args) -> None:
 
 
 def _forget_leaf(state_dir: str, leaf_name: str) -> None:
+    from qtbuild.runtime.qtsm.pki import LocalPki, PkiError  # x509 & co.: not on the supervisor's start path
+
     with contextlib.suppress(PkiError):  # the PKI is gone: nothing to forget
         LocalPki.load(state_dir).forget_leaf(leaf_name)
 

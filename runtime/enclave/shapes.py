@@ -22,9 +22,6 @@ the same failures (:data:`NITRO_ERROR_CODES`), in the one ``[Exx]`` format.
 
 from __future__ import annotations
 
-from qtbuild.runtime.qtsm.clouds import machine_seed
-from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
-
 from .errors import E_CID_IN_USE, E_FILE, E_INVALID_ARGUMENT, E_MEMORY, E_NOT_DEBUG, E_NOT_RUNNING, EnclaveError
 from .state import LIVE_STATUSES, EnclaveRecord
 
@@ -39,6 +36,10 @@ NITRO_ERROR_CODES = {E_INVALID_ARGUMENT: 3, E_FILE: 19, E_MEMORY: 26, E_NOT_RUNN
 
 def nitro_enclave_id(record: EnclaveRecord) -> str:
     """The nitro-cli ``EnclaveID`` of ``record``: its module id under the nitro profile."""
+    # imported here: qt's shapes (the default) need no profile, and `run` prints one on its way to the console
+    from qtbuild.runtime.qtsm.clouds import machine_seed
+    from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
+
     nitro = cloud_profile("nitro")
     return nitro.module_id(record.leaf_name or str(record.enclave_id), nitro.parent_id(record.instance_id,
                                                                                        machine_seed()))

@@ -270,9 +270,10 @@ class EnclaveRecord:
 
 
 def write_record(directory: EnclaveDir, record: EnclaveRecord) -> None:
-    """Replace the record atomically."""
+    """Replace the record atomically (not durably: no enclave outlives the machine's uptime, and
+    `run` writes the record six times before the application is reported running)."""
     data = json.dumps(asdict(record), sort_keys=True).encode() + b"\n"
-    write_atomically(directory.record, data, 0o644)
+    write_atomically(directory.record, data, 0o644, durable=False)
 
 
 def read_record(directory: EnclaveDir) -> EnclaveRecord | None:

@@ -12,7 +12,9 @@ The supervisor plays the hypervisor and the enclave's init:
    then enter a private mount namespace (the enclave memory then vanishes with it); create the
    enclave's cgroup;
 2. load the image (:mod:`qtbuild.runtime.enclave.loader`: checks, PCRs, unpack into memory) from
-   inside that cgroup (:mod:`.charged`), files owned by the enclave's subordinate ids;
+   inside that cgroup (:mod:`.charged`), files owned by the enclave's subordinate ids; meanwhile,
+   on the other CPU, import the security module's stack and load the local PKI (none of it
+   depends on the image: this module imports only what steps 1-2 need, for a short start);
 3. serve the security module on ``D/qtsm.sock`` (the cloud profile's boot PCRs from the image,
    ``--parent-role``, ``--instance-id``; zeros in debug mode; its chain of the local PKI) and, in
    debug mode, the
@@ -45,15 +47,14 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from qtbuild.runtime.qtsm.clouds import machine_seed
-from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
-from qtbuild.runtime.qtsm.device import SecurityModule
-from qtbuild.runtime.qtsm.pki import LocalPki
-from qtbuild.runtime.qtsm.server import Server, serve_device
+from qtbuild.formats.measure import Measurements
 from qtbuild.runtime.sandbox import Sandbox, SandboxError, SandboxExit, cgroups, start_sandbox
 from qtbuild.runtime.sandbox.cgroups import Cgroup
+from qtbuild.runtime.sandbox.host import Helper, spawn_helper
 from qtbuild.runtime.sandbox.spec import DEFAULT_CGROUP_ROOT
 from qtbuild.runtime.sandbox.subids import IdRange, enclave_ids
 from qtbuild.runtime.sandbox.syscalls import mount, unshare
@@ -74,6 +75,10 @@ from .state import (
     read_record,
     write_record,
 )
+
+if TYPE_CHECKING:
+    from qtbuild.runtime.qtsm.device import SecurityModule
+    from qtbuild.runtime.qtsm.server import Server
 
 #: When this module's imports were done (CLOCK_MONOTONIC is system-wide: the CLI compares it with
 #: its own clock to tell the supervisor's start-up from the phases below).
@@ -116,11 +121,17 @@ class Supervisor:
         self.as_root = os.geteuid() == 0
         self.stop_requested = threading.Event()
         self.sandbox: Sandbox | None = None
+        self.helper: Helper | None = None
+        #: the console pipe (debug mode): the application's stdout/stderr, and the end the pump reads
+        self.output_fd: int | None = None
+        self.console_read: int | None = None
         self.cgroup: Cgroup | None = None
         self.ids: IdRange | None = None
         self.host_namespace: int | None = None
         self.vsock_dir = self.vsock_root / str(record.cid)
         self.qtsm: Server | None = None
+        #: the security module, but for the image's PCRs (:meth:`_prepare_security_module`)
+        self.make_device: Callable[[Measurements], SecurityModule] | None = None
         self.console: ConsoleServer | None = None
         #: time.monotonic() at the end of each start phase, reported with "ready" (benchmarks/run_start.py)
         self.phases: dict[str, float] = {"supervisor_imports": _IMPORTED}
@@ -139,13 +150,16 @@ class Supervisor:
             else:
                 self.vsock_dir = resources.prepare_vsock(self.vsock_root, self.record.cid)
             self._create_cgroup()
+            self.output_fd = self._console_pipe() if self.record.debug else None
+            self.helper = spawn_helper(None, self.output_fd, self.output_fd)  # its start overlaps the load
             self.phases["host_setup"] = time.monotonic()
             image = self._load()
             self.phases["verify_unpack"] = time.monotonic()
             self._serve_security_module(image)
-            output_fd = self._open_console() if self.record.debug else None
+            if self.record.debug:
+                self._open_console()
             self.phases["security_module"] = time.monotonic()
-            self._start_sandbox(image, output_fd)
+            self._start_sandbox(image)
             self.phases["sandbox_exec"] = time.monotonic()
             self._record_sandbox()
             self._heartbeat()
@@ -175,7 +189,8 @@ class Supervisor:
         record = self.record
         image = load_charged(self.cgroup, functools.partial(
             load_image, record.eif_path, self.directory.root, memory_bytes=record.memory_mib << 20,
-            use_tmpfs=self.as_root, preserve_owner=self.as_root, ids=self.ids))
+            use_tmpfs=self.as_root, preserve_owner=self.as_root, ids=self.ids),
+            meanwhile=self._prepare_security_module)
         record.measurements = image.measurements.nitro()["Measurements"]
         if image.boot == HARDWARE_BOOT:
             record.notes.append(HARDWARE_NOTE)
@@ -189,44 +204,69 @@ class Supervisor:
             return uid, gid
         return self.ids.host_uid(uid), self.ids.host_gid(gid)
 
-    def _serve_security_module(self, image: LoadedImage) -> None:
+    def _prepare_security_module(self) -> None:
+        """Everything of the security module that does not depend on the image — its imports
+        (x509, COSE, CBOR: the bulk of a supervisor's imports) and the local PKI — done while
+        the loader child unpacks (:func:`.charged.load_charged`'s ``meanwhile``)."""
+        from qtbuild.runtime.qtsm.clouds import machine_seed
+        from qtbuild.runtime.qtsm.clouds import profile as cloud_profile
+        from qtbuild.runtime.qtsm.device import SecurityModule
+        from qtbuild.runtime.qtsm.pki import LocalPki
+
         record = self.record
         pki = LocalPki.load(record.pki_state_dir)
         cloud = cloud_profile(record.cloud)
         parent_id = cloud.parent_id(record.instance_id, machine_seed())
-        pcrs = cloud.boot_pcrs(image.measurements, parent_id=parent_id, parent_role=record.parent_role)
-        device = SecurityModule(pcrs, debug=record.debug, signer=pki.signer(record.leaf_name, cloud.name),
-                                module_id=cloud.module_id(record.leaf_name, parent_id), profile=cloud)
-        self.qtsm = serve_device(device, self.directory.qtsm_socket)
+        signer = pki.signer(record.leaf_name, cloud.name)
+        module_id = cloud.module_id(record.leaf_name, parent_id)
+
+        def make_device(measurements: Measurements) -> SecurityModule:
+            pcrs = cloud.boot_pcrs(measurements, parent_id=parent_id, parent_role=record.parent_role)
+            return SecurityModule(pcrs, debug=record.debug, signer=signer, module_id=module_id, profile=cloud)
+
+        self.make_device = make_device
+
+    def _serve_security_module(self, image: LoadedImage) -> None:
+        from qtbuild.runtime.qtsm.server import serve_device
+
+        assert self.make_device is not None, "prepared while the image loaded"
+        self.qtsm = serve_device(self.make_device(image.measurements), self.directory.qtsm_socket)
         if self.as_root:  # the application's user must be able to connect (the path is ours alone)
             os.chown(self.directory.qtsm_socket, *self._host_ids(image.launch.uid, image.launch.gid))
 
-    def _open_console(self) -> int:
-        """Ring buffer, its socket server and (attach mode) the copy to the CLI; returns the
-        write end the application's output goes to."""
+    def _console_pipe(self) -> int:
+        """The pipe the application's output goes to; returns its write end (the read end is
+        :meth:`_open_console`'s, once the image is loaded: no thread may run before that fork)."""
+        self.console_read, write_end = os.pipe2(os.O_CLOEXEC)
+        return write_end
+
+    def _open_console(self) -> None:
+        """Ring buffer, its socket server and (attach mode) the copy to the CLI, fed from
+        :meth:`_console_pipe`."""
         ring = RingBuffer()
-        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        read_end, self.console_read = self.console_read, None
+        assert read_end is not None, "the console pipe is made first"
         self._thread(pump, read_end, ring)
         self.console = ConsoleServer(ring, self.directory.console_socket)
         if self.console_fd is not None:
             self._thread(_copy_to_fd, ring, self.console_fd)
             self.console_fd = None
-        return write_end
 
-    def _start_sandbox(self, image: LoadedImage, output_fd: int | None) -> None:
+    def _start_sandbox(self, image: LoadedImage) -> None:
+        output_fd = self.output_fd
         try:
             if self.stop_requested.is_set():
                 raise EnclaveError("stopped while starting")
             spec = sandbox_spec(self.record, image, self.directory, self.vsock_root, output_fd=output_fd)
             spec.ids = self.ids
             cgroup, self.cgroup = self.cgroup, None  # the sandbox owns it from here on
-            self.sandbox = start_sandbox(spec, cgroup)
+            helper, self.helper = self.helper, None  # and the helper
+            self.sandbox = start_sandbox(spec, cgroup, helper)
         except SandboxError as exc:
             reason = str(exc).replace("no_limits=True", "--no-limits")
             raise EnclaveError(f"the enclave's sandbox could not start: {reason}", check_failed=True) from None
         finally:
-            if output_fd is not None:
-                os.close(output_fd)  # the sandbox holds its own copy: EOF comes when it ends
+            self._close_output()  # the sandbox holds its own copy: EOF comes when it ends
         if self.stop_requested.is_set():
             self._kill_async()
 
@@ -277,6 +317,13 @@ class Supervisor:
 
     def release(self) -> None:
         """Release everything this supervisor holds (idempotent)."""
+        if self.helper is not None:  # spawned, but no sandbox took it
+            self.helper.discard()
+            self.helper = None
+        self._close_output()
+        if self.console_read is not None:
+            os.close(self.console_read)
+            self.console_read = None
         if self.sandbox is not None:
             self.sandbox.cleanup()
         if self.cgroup is not None:  # created, but no sandbox took it
@@ -304,6 +351,11 @@ class Supervisor:
         return {"status": record.status, "code": record.exit_code, "signal": record.exit_signal}
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _close_output(self) -> None:
+        if self.output_fd is not None:
+            os.close(self.output_fd)
+            self.output_fd = None
 
     def _vsock_config(self, cid: int) -> vsock.VsockConfig:
         return vsock.VsockConfig(vsock.EMULATED, cid, os.fspath(self.vsock_root))

@@ -33,8 +33,8 @@ from datetime import timedelta
 from qtbuild.formats.attestation import NITRO_LIMITS, QINGTIAN_LIMITS, SyntaxLimits
 from qtbuild.formats.attestation_encoding import NITRO, QINGTIAN, DocumentEncoding
 from qtbuild.formats.measure import Measurements, extend
+from qtbuild.runtime.qtsm.cloud_names import CLOUDS, DEFAULT_CLOUD
 
-DEFAULT_CLOUD = "qingtian"
 _NITRO_INSTANCE = re.compile(r"i-[0-9a-f]{17}")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 #: Namespace for parent UUIDs derived from a non-UUID instance id or a machine id.
@@ -151,7 +151,6 @@ NITRO_PROFILE = CloudProfile(
     output_format="nitro",
 )
 PROFILES = {profile.name: profile for profile in (QINGTIAN_PROFILE, NITRO_PROFILE)}
-CLOUDS = tuple(PROFILES)
 
 
 def machine_seed() -> bytes:

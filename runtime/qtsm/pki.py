@@ -43,6 +43,8 @@ from cryptography.x509.oid import NameOID
 from qtbuild.runtime.files import write_atomically
 from qtbuild.runtime.qtsm.clouds import DEFAULT_CLOUD, PROFILES, CloudProfile
 from qtbuild.runtime.qtsm.device import Signer
+from qtbuild.runtime.qtsm.pki_location import default_state_dir as default_state_dir  # callers import it from here
+from qtbuild.runtime.qtsm.pki_location import is_initialised, pki_directory
 from qtbuild.runtime.verifier.attestation import fingerprint
 
 ROOT_VALIDITY = timedelta(days=30 * 365)
@@ -56,15 +58,6 @@ _ENCLAVE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 class PkiError(Exception):
     """The PKI state is missing, incomplete or inconsistent, or a request is invalid."""
-
-
-def default_state_dir() -> Path:
-    """``$QTBUILD_STATE_DIR``, else /var/lib/qtbuild for root, else ~/.local/share/qtbuild."""
-    if os.environ.get("QTBUILD_STATE_DIR"):
-        return Path(os.environ["QTBUILD_STATE_DIR"])
-    if os.geteuid() == 0:
-        return Path("/var/lib/qtbuild")
-    return Path.home() / ".local" / "share" / "qtbuild"
 
 
 @dataclass(frozen=True)
@@ -113,8 +106,7 @@ class LocalPki:
     @staticmethod
     def is_initialised(state_dir: str | os.PathLike | None = None) -> bool:
         """Whether the root key and certificate exist under ``state_dir``."""
-        directory = _pki_dir(state_dir)
-        return all((directory / f"root.{suffix}").exists() for suffix in ("key", "crt"))
+        return is_initialised(state_dir)
 
     @classmethod
     def load(cls, state_dir: str | os.PathLike | None = None, *,
@@ -332,7 +324,7 @@ def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
 
 
 def _pki_dir(state_dir: str | os.PathLike | None) -> Path:
-    return Path(state_dir if state_dir is not None else default_state_dir()) / "pki"
+    return pki_directory(state_dir)
 
 
 def _der(certificate: x509.Certificate) -> bytes:

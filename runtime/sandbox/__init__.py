@@ -17,8 +17,27 @@ helper process: the straight-line setup), :mod:`.namespaces`, :mod:`.mounts`,
 :mod:`.proctitle` (PID 1's name).
 """
 
-from .host import Sandbox, start_sandbox
-from .probe import probe
-from .spec import Bind, SandboxError, SandboxExit, SandboxSpec
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qtbuild.runtime.lazy_exports import lazy_exports
+
+if TYPE_CHECKING:
+    from .host import Sandbox, start_sandbox
+    from .probe import probe
+    from .spec import Bind, SandboxError, SandboxExit, SandboxSpec
+
+#: Imported on first use (PEP 562): the helper (``python -m qtbuild.runtime.sandbox.helper``)
+#: imports this package first and needs none of the host side; the enclave supervisor needs no probe.
+_EXPORTS = {"Sandbox": "host", "start_sandbox": "host", "probe": "probe", "Bind": "spec", "SandboxError": "spec",
+            "SandboxExit": "spec", "SandboxSpec": "spec"}
 
 __all__ = ["Bind", "Sandbox", "SandboxError", "SandboxExit", "SandboxSpec", "probe", "start_sandbox"]
+
+
+_resolve, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+
+def __getattr__(name: str) -> object:  # a def, so type checkers still see the submodules
+    return _resolve(name)

@@ -7,6 +7,11 @@ after undoing everything.  It is safe to call from a multithreaded process: the 
 built by a freshly exec'd helper (:mod:`qtbuild.runtime.sandbox.helper`), never by a forked copy of
 the caller.
 
+Contract of :func:`spawn_helper`: it starts that helper ahead of time (the interpreter's start
+and imports are most of a sandbox's start-up), for the caller to do other work meanwhile; the
+helper waits for its plan, so nothing is set up until :func:`start_sandbox` gets it with the
+same stdio, and :meth:`Helper.discard` ends an unused one.
+
 Contract of :class:`Sandbox`: ``wait()`` returns the application's :class:`SandboxExit` (or
 ``None`` on timeout) and then cleans up; ``kill()`` SIGKILLs the sandbox's PID 1 — the kernel
 then kills every process in its PID namespace — and cleans up; ``cleanup()`` kills if still
@@ -31,19 +36,22 @@ from .cgroups import Cgroup, Limits, create
 from .spec import SandboxError, SandboxExit, SandboxSpec
 from .subids import enclave_ids
 
-__all__ = ["Sandbox", "start_sandbox"]
+__all__ = ["Helper", "Sandbox", "spawn_helper", "start_sandbox"]
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(qtbuild.__file__)))
 
 
-def start_sandbox(spec: SandboxSpec, cgroup: Cgroup | None = None) -> Sandbox:
+def start_sandbox(spec: SandboxSpec, cgroup: Cgroup | None = None, helper: Helper | None = None) -> Sandbox:
     """Build the sandbox described by ``spec`` and start its application in it.
 
     ``cgroup``: an existing cgroup to run in, its limits already applied (e.g. one the caller
     has charged the sandbox's root filesystem to); the spec's limits are then not applied
     again, and the cgroup belongs to the sandbox from here on (removed by its cleanup, also
-    when starting fails)."""
+    when starting fails).  ``helper``: one :func:`spawn_helper` started with the spec's stdio
+    (it belongs to the sandbox from here on; a new one is started otherwise)."""
     try:
+        if helper is not None and helper.stdio != (spec.stdin, spec.stdout, spec.stderr):
+            raise ValueError("the helper was spawned with other stdio than the spec's")
         if os.geteuid() == 0 and spec.ids is None:
             spec = dataclasses.replace(spec, ids=enclave_ids())
         spec.validate()
@@ -53,16 +61,23 @@ def start_sandbox(spec: SandboxSpec, cgroup: Cgroup | None = None) -> Sandbox:
     except BaseException:
         if cgroup is not None:
             cgroup.remove()
+        if helper is not None:
+            helper.discard()
         raise
-    if cgroup is None and not spec.no_limits:
-        cgroup = create(spec.name, Limits(spec.memory_bytes, spec.cpus, spec.pids_max, spec.cpu_ids), spec.cgroup_root)
     try:
-        helper, status = _spawn_helper(spec, cgroup)
+        if cgroup is None and not spec.no_limits:
+            limits = Limits(spec.memory_bytes, spec.cpus, spec.pids_max, spec.cpu_ids)
+            cgroup = create(spec.name, limits, spec.cgroup_root)
+        if helper is None:
+            helper = spawn_helper(spec.stdin, spec.stdout, spec.stderr)
+        helper.send_plan(spec, cgroup)
     except BaseException:
         if cgroup is not None:
             cgroup.remove()
+        if helper is not None:
+            helper.discard()
         raise
-    sandbox = Sandbox(helper, status, cgroup)
+    sandbox = Sandbox(helper.process, helper.status, cgroup)
     try:
         sandbox._await_start()
     except BaseException:
@@ -82,15 +97,41 @@ def helper_env() -> dict[str, str]:
     return {"PYTHONPATH": _PACKAGE_PARENT, "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def _spawn_helper(spec: SandboxSpec, cgroup: Cgroup | None) -> tuple[subprocess.Popen, object]:
-    plan = spec.to_plan()
-    plan["cgroup_procs"] = cgroup.procs_files() if cgroup else []
+class Helper:
+    """A started sandbox helper waiting for its plan (see :func:`spawn_helper`)."""
+
+    def __init__(self, process: subprocess.Popen, plan_fd: int, status, stdio: tuple[int | None, ...]) -> None:
+        self.process, self.status, self.stdio = process, status, stdio
+        self._plan_fd: int | None = plan_fd
+
+    def send_plan(self, spec: SandboxSpec, cgroup: Cgroup | None) -> None:
+        """Hand the helper its plan (it then builds the sandbox); once only."""
+        assert self._plan_fd is not None, "the plan was sent already"
+        plan = spec.to_plan()
+        plan["cgroup_procs"] = cgroup.procs_files() if cgroup else []
+        fd, self._plan_fd = self._plan_fd, None
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(json.dumps(plan).encode())
+
+    def discard(self) -> None:
+        """End a helper that will build no sandbox (idempotent)."""
+        if self._plan_fd is not None:
+            os.close(self._plan_fd)
+            self._plan_fd = None
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.status.close()
+
+
+def spawn_helper(stdin: int | None, stdout: int | None, stderr: int | None) -> Helper:
+    """Start a helper that will give the application these fds as 0/1/2 (None: /dev/null)."""
     plan_read, plan_write = os.pipe()
     status_read, status_write = os.pipe()
     try:
-        helper = subprocess.Popen(
+        process = subprocess.Popen(
             command("--plan-fd", str(plan_read), "--status-fd", str(status_write)),
-            stdin=_stdio(spec.stdin), stdout=_stdio(spec.stdout), stderr=_stdio(spec.stderr),
+            stdin=_stdio(stdin), stdout=_stdio(stdout), stderr=_stdio(stderr),
             pass_fds=(plan_read, status_write), env=helper_env(), cwd="/", start_new_session=True, close_fds=True)
     except BaseException:
         for fd in (plan_read, plan_write, status_read, status_write):
@@ -98,9 +139,7 @@ def _spawn_helper(spec: SandboxSpec, cgroup: Cgroup | None) -> tuple[subprocess.
         raise
     os.close(plan_read)
     os.close(status_write)
-    with os.fdopen(plan_write, "wb") as handle:
-        handle.write(json.dumps(plan).encode())
-    return helper, os.fdopen(status_read, "rb")
+    return Helper(process, plan_write, os.fdopen(status_read, "rb"), (stdin, stdout, stderr))
 
 
 def _stdio(fd: int | None) -> int:

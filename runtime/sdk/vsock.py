@@ -72,7 +72,6 @@ Boot heartbeat
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import itertools
@@ -83,7 +82,10 @@ import stat
 import struct
 import time
 from dataclasses import dataclass
-from typing import overload
+from typing import TYPE_CHECKING, overload
+
+if TYPE_CHECKING:
+    import asyncio  # imported where used: blocking users (the enclave supervisor) need not load it
 
 ENV_DIR = "QTBUILD_VSOCK_DIR"
 ENV_CID = "QTBUILD_VSOCK_CID"
@@ -326,6 +328,8 @@ async def open_connection(cid: int, port: int, *, timeout: float | None = None,
     """asyncio ``(reader, writer)`` connected to (cid, port); ``timeout`` bounds connecting only.
 
     Extra keyword arguments go to ``asyncio.open_connection`` (e.g. ``limit``)."""
+    import asyncio
+
     cfg = _config(config)
     _check_cid(cid)
     _check_port(port)
@@ -546,6 +550,7 @@ async def start_server(callback, listener: Listener, **kwargs) -> asyncio.Server
 
     Closing the returned server stops accepting; ``listener.close()`` also removes the socket
     file.  Extra keyword arguments go to ``asyncio.start_server`` (e.g. ``limit``)."""
+    import asyncio
 
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -563,6 +568,8 @@ async def start_server(callback, listener: Listener, **kwargs) -> asyncio.Server
 
 
 async def _identify_async(listener: Listener, reader, writer) -> Address | None:
+    import asyncio
+
     if listener.config.transport == NATIVE:
         return tuple(writer.get_extra_info("peername"))
     _sized(writer.get_extra_info("socket"))

@@ -84,3 +84,10 @@ def test_the_eif_writer_and_extract_set_modes_without_touching_the_umask(tmp_pat
     with EifReader.open(eif) as reader:
         extract_eif(reader, tmp_path / "out", unpack=False)
     assert mode_of(tmp_path / "out") == 0o750
+
+
+def test_a_non_durable_write_is_atomic_without_fsync(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "fsync", lambda descriptor: pytest.fail("fsync in a non-durable write"))
+    write_atomically(tmp_path / "record.json", b"old", durable=False)
+    write_atomically(tmp_path / "record.json", b"new", durable=False)
+    assert (tmp_path / "record.json").read_bytes() == b"new" and os.listdir(tmp_path) == ["record.json"]

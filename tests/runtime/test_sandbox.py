@@ -27,7 +27,7 @@ from qtbuild.runtime.sandbox import (
     seccomp,
     start_sandbox,
 )
-from qtbuild.runtime.sandbox.host import helper_env
+from qtbuild.runtime.sandbox.host import helper_env, spawn_helper
 from qtbuild.runtime.sandbox.subids import enclave_ids
 
 from helpers.sandbox_helpers import (
@@ -609,3 +609,34 @@ def test_step_names_the_protection_in_os_errors():
         raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
     with pytest.raises(ValueError), step("not an OS error"):
         raise ValueError("passes through")
+
+
+# -- a helper spawned ahead of its plan --------------------------------------------------------------
+
+def test_a_helper_spawned_ahead_runs_the_sandbox_it_is_given(root):
+    with tempfile.TemporaryFile() as out:
+        helper = spawn_helper(None, out.fileno(), out.fileno())
+        time.sleep(0.2)  # it waits for its plan: nothing is set up yet
+        assert helper.process.poll() is None
+        spec = make_spec(root, "sh", "-c", "echo from a spawned helper; exit 4", stdout=out.fileno(),
+                         stderr=out.fileno())
+        sandbox = start_sandbox(spec, helper=helper)
+        result = sandbox.wait(30)
+        out.seek(0)
+        assert out.read() == b"from a spawned helper\n"
+    assert result is not None and result.code == 4
+    assert not any(os.path.exists(path) for path in sandbox.cgroup.directories())
+
+
+def test_a_helper_spawned_with_other_stdio_is_refused_and_ended(root):
+    helper = spawn_helper(None, None, None)
+    with tempfile.TemporaryFile() as out, pytest.raises(ValueError, match="other stdio"):
+        start_sandbox(make_spec(root, "true", stdout=out.fileno()), helper=helper)
+    assert helper.process.returncode is not None
+
+
+def test_an_unused_helper_is_discarded_without_a_trace():
+    helper = spawn_helper(None, None, None)
+    helper.discard()
+    helper.discard()  # idempotent
+    assert helper.process.returncode is not None and helper.status.closed
