@@ -594,17 +594,16 @@ def imported_image(docker_client):
     docker_client.images.remove(f"{repository}:imported", force=True)
 
 
-def test_daemon_image_matches_the_loaded_content(loaded_image):
+def test_daemon_image_matches_the_loaded_content(loaded_image, tmp_path):
     from qtbuild.sources.daemon import DaemonImage
 
     tag, written = loaded_image
-    with DaemonImage(tag) as image:
+    with DaemonImage(tag, scratch_dir=str(tmp_path)) as image:
         config_bytes, diff_ids, layers = contents(image)
-        temp = image.path
         assert image.reference == f"docker://{tag}"
         assert image.image_id == written.config_digest
     assert (config_bytes, diff_ids, layers) == (written.config_bytes, written.diff_ids, LAYERS)
-    assert not os.path.exists(temp)  # temporary archive removed on close
+    assert not os.listdir(tmp_path)  # the scratch file is gone once the image is closed
 
 
 @pytest.mark.skipif(shutil.which("docker") is None, reason="docker CLI not installed")
