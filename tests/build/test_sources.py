@@ -622,6 +622,34 @@ def test_daemon_image_agrees_with_docker_save(request, which, tmp_path):
         assert ours[2] == [LAYER_A]
 
 
+@pytest.mark.skipif(shutil.which("docker") is None, reason="docker CLI not installed")
+def test_daemon_convert_streams_beside_the_output_and_matches_the_saved_archive(loaded_image, tmp_path):
+    """qtbuild convert docker://TAG: the same EIF as docker-archive: of `docker save TAG`, with
+    nothing written to $TMPDIR and nothing but the EIF left in the output directory."""
+    import sys
+
+    tag, _ = loaded_image
+    temp, out = tmp_path / "tmpdir", tmp_path / "out"
+    temp.mkdir()
+    out.mkdir()
+    subprocess.run(["docker", "save", "-o", str(tmp_path / "saved.tar"), tag], check=True, timeout=60)
+
+    def convert(source: str, output) -> None:
+        command = [sys.executable, "-c", "from qtbuild.cli import main; main()", "convert", source, "-o", str(output),
+                   "-q"]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "TMPDIR": str(temp)})
+        while process.poll() is None:  # watched while it runs: a temporary file removed at the end counts too
+            assert not os.listdir(temp), f"{source} wrote to $TMPDIR"
+        assert process.wait(timeout=120) == 0, process.stderr.read() if process.stderr else ""
+
+    convert(f"docker://{tag}", out / "daemon.eif")
+    convert(f"docker-archive:{tmp_path / 'saved.tar'}", tmp_path / "archive.eif")
+    assert (out / "daemon.eif").read_bytes() == (tmp_path / "archive.eif").read_bytes()
+    assert os.listdir(out) == ["daemon.eif"]
+    assert not os.listdir(temp)
+
+
 def daemon_image_id(tag: str) -> str:
     return subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", tag], check=True,
                           capture_output=True, text=True, timeout=30).stdout.strip()
