@@ -46,7 +46,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from qtbuild.convert.tarscan import parse_pax_records
 from qtbuild.errors import ImageError, naming_path
@@ -82,14 +82,20 @@ class _ChunkReader:
         self.recording: bytearray | None = bytearray()  # everything read, until the layout is known
 
     def read(self, n: int) -> bytes:
-        """Up to ``n`` bytes (fewer only at the end of the stream)."""
-        if not self._buffer:
-            chunk = next(self._chunks, b"")
-            if not chunk:
-                return b""
-            self._buffer = memoryview(chunk)
-        data = bytes(self._buffer[:n])
-        self._buffer = self._buffer[len(data):]
+        """``n`` bytes, fewer only at the end of the stream (the HTTP chunks are small: gathering
+        them makes one copy and saves a hash update and a write call per chunk downstream)."""
+        parts, size = [], 0
+        while size < n:
+            if not self._buffer:
+                chunk = next(self._chunks, b"")
+                if not chunk:
+                    break
+                self._buffer = memoryview(chunk)
+            part = self._buffer[:n - size]
+            self._buffer = self._buffer[len(part):]
+            parts.append(part)
+            size += len(part)
+        data = b"".join(parts)
         self.consumed += len(data)
         if self.consumed > MAX_STREAM_BYTES:
             raise ImageError(f"{self._what}: the save stream exceeds {MAX_STREAM_BYTES} bytes")
@@ -461,7 +467,7 @@ class SaveStreamImage(Image):
         return directory
 
     def _open_live(self, index: int, member: _Member) -> BinaryIO:
-        return io.BufferedReader(_LiveLayer(self, index, member), CHUNK)
+        return cast(BinaryIO, _LiveLayer(self, index, member))  # a RawIOBase whose read() copies nothing
 
     def _live_finished(self, index: int, size: int) -> None:
         self._live = None
@@ -526,15 +532,21 @@ class _LiveLayer(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
         if self._done:
-            return 0
-        data = self._image._tar.read(min(len(buffer), self._left)) if self._left else b""
+            return b""
+        data = self._image._tar.read(min(size, self._left)) if self._left else b""
         if not data:
             self._finish()
-            return 0
+            return b""
         self._hash.update(data)
         self._left -= len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
         buffer[:len(data)] = data
         return len(data)
 
