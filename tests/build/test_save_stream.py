@@ -23,7 +23,15 @@ from qtbuild.sources import save_stream
 from qtbuild.sources.archive import ArchiveImage
 from qtbuild.sources.save_stream import SaveStreamImage
 
-from helpers.imagefactory import default_config, directory, file, make_layer, symlink, write_docker_archive
+from helpers.imagefactory import (
+    default_config,
+    directory,
+    file,
+    image_contents,
+    make_layer,
+    symlink,
+    write_docker_archive,
+)
 
 BOTTOM = make_layer([directory("etc"), file("etc/hostname", b"enclave\n"), file("etc/remove-me", b"x")])
 MIDDLE = make_layer([file("data/big", bytes(range(256)) * 1200), symlink("data/link", "big"),
@@ -121,12 +129,7 @@ def open_stream(data: bytes, image_id: str, out, chunks=None, **kwargs) -> SaveS
                            reference="docker://app:1", scratch_dir=str(out), **kwargs)
 
 
-def contents(image) -> tuple[bytes, list[str], list[bytes]]:
-    layers = []
-    for layer in image.layers():
-        with layer.open_uncompressed() as stream:
-            layers.append(stream.read())
-    return image.config_bytes(), [layer.diff_id for layer in image.layers()], layers
+contents = image_contents
 
 
 def flattened(image, spill_dir) -> list[tuple]:

@@ -28,6 +28,7 @@ from helpers.imagefactory import (
     directory,
     file,
     hardlink,
+    image_contents,
     make_layer,
     make_tar,
     sha256_digest,
@@ -46,13 +47,7 @@ ARM64 = Platform.parse("linux/arm64")
 AMD64 = Platform.parse("linux/amd64")
 
 
-def contents(image) -> tuple[bytes, list[str], list[bytes]]:
-    """(config bytes, diff_ids, decompressed layers), reading every layer to EOF (verifying it)."""
-    layers = []
-    for layer in image.layers():
-        with layer.open_uncompressed() as stream:
-            layers.append(stream.read())
-    return image.config_bytes(), [layer.diff_id for layer in image.layers()], layers
+contents = image_contents
 
 
 def read_all(image) -> None:
