@@ -331,8 +331,13 @@ class SaveStreamImage(Image):
         recorded, self._reader.recording = bytes(self._reader.recording or b""), None
         scratch = self._scratch = _Scratch(self.scratch_dir, keep_name=True)
         scratch.append(recorded)
+        tail = recorded[-2 * BLOCK:]
         for data in self._reader.rest():
             scratch.append(data)
+            tail = (tail + data)[-2 * BLOCK:]
+        if tail != bytes(2 * BLOCK):  # a tar stream ends with two zero blocks; a cut one (almost) never does
+            raise ImageError(f"{self.reference}: the save stream ended early (after {self._reader.consumed} bytes, "
+                             "with no end-of-archive marker); the daemon stopped sending — is it still running?")
         self._archive = ArchiveImage(scratch.path, platform=platform, reference=self.reference)
 
     @property

@@ -302,3 +302,21 @@ def test_member_count_and_header_sizes_are_capped(tmp_path, out, monkeypatch):
     with pytest.raises(ImageError, match="tar header payload over"):
         open_stream(huge, image_id, out)
     assert not os.listdir(out)
+
+
+def test_truncated_oci_layout_stream_leaves_nothing(tmp_path, out):
+    path = tmp_path / "saved.tar"
+    written = write_docker_archive(path, LAYERS, CONFIG, layout="oci", repo_tags=["app:1"])
+    data = path.read_bytes()
+    with pytest.raises(ImageError, match="the save stream ended early .* no end-of-archive marker"):
+        open_stream(data[:len(data) // 2], written.config_digest, out)
+    assert not os.listdir(out)
+
+
+def test_config_whose_bytes_do_not_match_its_name_is_refused(tmp_path, out):
+    data, image_id = save_stream_bytes(tmp_path, "on-time")
+    start = data.index(b'"architecture"')
+    tampered = data[:start] + b'"Architecture"' + data[start + len(b'"architecture"'):]
+    with pytest.raises(ImageError, match=f"json has digest sha256:[0-9a-f]{{64}}, not the image ID {image_id}"):
+        open_stream(tampered, image_id, out)
+    assert not os.listdir(out)
