@@ -40,12 +40,17 @@ SMALL = [
     pytest.param("proxy.py", ["--streams", "8", "--mib", "8", "--round-trips", "50", "--repeat", "5"], "latency",
                  id="proxy"),
     pytest.param("convert.py", ["--size-mib", "24", "--files", "400", "--repeat", "3"], "x the floor", id="convert"),
+    pytest.param("convert_daemon.py", ["--size-mib", "24", "--files", "400", "--repeat", "3"], "x docker save",
+                 id="convert_daemon"),
     pytest.param("run_start.py", ["--size-mib", "2", "--repeat", "3"], "cli   median", id="run_start",
                  marks=pytest.mark.root),
 ]
 
 #: Programs a benchmark shells out to (scripts/install-system.sh installs them).
-NEEDS = {"convert.py": ["gzip", "sha384sum", "umoci", "cpio"], "run_start.py": ["busybox"]}
+NEEDS = {"convert.py": ["gzip", "sha384sum", "umoci", "cpio"], "run_start.py": ["busybox"],
+         "convert_daemon.py": ["docker"]}
+#: Benchmarks that talk to the Docker daemon (skipped when none answers, except under CI).
+NEEDS_DAEMON = {"convert_daemon.py"}
 
 
 def measured_ratios(stdout: str) -> dict[str, float]:
@@ -89,6 +94,8 @@ def _update_baseline(script: str, args: list[str], ratios: dict[str, float]) -> 
 @pytest.mark.parametrize("script, args, expected", SMALL)
 def test_benchmark_small_mode(script, args, expected):
     missing = [tool for tool in NEEDS.get(script, []) if shutil.which(tool) is None]
+    if not missing and script in NEEDS_DAEMON and subprocess.run(["docker", "info"], capture_output=True).returncode:
+        missing = ["a running Docker daemon"]
     if missing:
         message = f"{script} needs {', '.join(missing)} (bash scripts/install-system.sh)"
         if os.environ.get("CI"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -134,8 +135,9 @@ def convert_command(output, expected, provenance_path, **params) -> None:
             raise InputError(f"-o {output} is the --check reference {expected}: writing it would destroy the "
                              "reference; write the rebuild elsewhere (or omit -o)")
         validate_reference(expected)
-    with tempfile.TemporaryDirectory(prefix="qtbuild-check-") as scratch:
-        target = output or os.path.join(scratch, "rebuilt.eif")
+    # a directory in $TMPDIR only for a --check rebuild with no -o: a convert to -o writes nothing there
+    with contextlib.nullcontext(None) if output else tempfile.TemporaryDirectory(prefix="qtbuild-check-") as scratch:
+        target = output or os.path.join(str(scratch), "rebuilt.eif")
         source, options = _options(params, target)
         result = _convert(source, options)
         _print(result, params["style"])

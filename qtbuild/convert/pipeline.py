@@ -14,6 +14,7 @@ between a registry pull and a saved tarball of the same image.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +32,7 @@ from qtbuild.errors import ImageError
 from qtbuild.formats.eif_writer import Signer, WriteResult, write_eif
 from qtbuild.sources.base import Image, Platform
 from qtbuild.sources.open import open_image
+from qtbuild.sources.save_stream import SaveStreamImage
 
 
 @dataclass
@@ -69,7 +71,8 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
     clamp = source_date_epoch()
     platform = enclave_platform(options.platform) if options.platform else None
     custom = load_custom_metadata(options.metadata_path)
-    with open_image(source, platform=platform) as image:
+    output_dir = os.path.dirname(os.path.abspath(options.output)) if options.output else None
+    with open_image(source, platform=platform, scratch_dir=output_dir) as image:
         config = image.config()
         arch = _image_arch(config, platform)
         profile = load_profile(options.blobs, arch)
@@ -84,7 +87,8 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
         )
         with _progress("layers", options.quiet) as bar:
             clamp_mtime = int(clamp.timestamp()) if clamp else None
-            tree = flatten(image.layers(), spill_dir=options.spill_dir, clamp_mtime=clamp_mtime, progress=bar.update)
+            tree = flatten(image.layers(), spill_dir=_spill_dir(image, options), clamp_mtime=clamp_mtime,
+                           progress=bar.update)
         with tree:
             read_file = tree_file_reader(tree)
             launch = resolve_launch(config, read_file, semantics=options.cmd_semantics)
@@ -104,6 +108,14 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
                 )
             return ConvertResult(result, image.image_id, arch, launch, profile.name, warnings,
                                  image_dependencies(image))
+
+
+def _spill_dir(image: Image, options: ConvertOptions) -> str | None:
+    """Where flatten spills layer data: ``options.spill_dir``, else, for a save stream, beside its scratch file
+    (the output's directory: the image's bytes are not duplicated into ``$TMPDIR``), else the temp dir."""
+    if options.spill_dir is None and isinstance(image, SaveStreamImage):
+        return image.scratch_dir
+    return options.spill_dir
 
 
 def enclave_platform(text: str) -> Platform:

@@ -2,23 +2,23 @@
 
 The daemon is reached the way the docker CLI does it (``docker.from_env()``: ``DOCKER_HOST``,
 ``DOCKER_TLS_VERIFY``, ``DOCKER_CERT_PATH``).  The image is inspected, then saved by its ID
-(``GET /images/{id}/get``, what ``docker save`` does; never ``docker run``/``export``) in 1 MiB
-chunks into a temporary file (in ``TMPDIR``), which is read as a docker-archive
-(:class:`ArchiveImage`) and removed on :meth:`close`.  Saving by ID rather than by name means a tag
+(``GET /images/{id}/get``, what ``docker save`` does; never ``docker run``/``export``) and the
+stream is read in 1 MiB chunks as it arrives (:class:`~qtbuild.sources.save_stream.SaveStreamImage`):
+layers are handed to the converter while the daemon is still sending, and only what arrives before
+its turn goes to a scratch file next to the output.  Saving by ID rather than by name means a tag
 moved meanwhile cannot swap the image.  With Engine API ≥ 1.48 a requested platform is passed to the save; with older
 daemons the saved image's config is checked against it instead.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
+from collections.abc import Iterator
 
-from qtbuild.errors import ImageError, naming_path
-from qtbuild.sources.archive import ArchiveImage
+from qtbuild.errors import ImageError
 from qtbuild.sources.base import KNOWN_PREFIXES, Platform
+from qtbuild.sources.save_stream import SaveStreamImage
 
 CHUNK = 1 << 20
 PLATFORM_SAVE_API = (1, 48)
@@ -79,50 +79,35 @@ def _save_chunks(client, image_id: str, platform: Platform | None):
     return api._stream_raw_result(response, CHUNK, False)
 
 
-def _save_to_temp(client, image_id: str, ref: str, platform: Platform | None) -> str:
+def _daemon_chunks(client, image_id: str, ref: str, platform: Platform | None) -> Iterator[bytes]:
+    """The save stream's chunks; a daemon or connection error while it flows is an ImageError."""
     import docker
     import requests
+    import urllib3
 
-    with naming_path(tempfile.gettempdir()):
-        fd, path = tempfile.mkstemp(prefix="qtbuild-daemon-", suffix=".tar")
     try:
-        with naming_path(path), os.fdopen(fd, "wb") as out:
-            for chunk in _save_chunks(client, image_id, platform):
-                out.write(chunk)
-    except (docker.errors.DockerException, requests.RequestException) as exc:
-        os.unlink(path)
+        yield from _save_chunks(client, image_id, platform)
+    except (docker.errors.DockerException, requests.RequestException, urllib3.exceptions.HTTPError) as exc:
         raise ImageError(f"Docker daemon failed to save {ref!r}: {_daemon_reason(exc)}") from None
-    except BaseException:
-        os.unlink(path)
-        raise
-    return path
+    finally:
+        client.close()
 
 
-class DaemonImage(ArchiveImage):
-    """An image held by the Docker daemon, saved to a temporary archive for the duration."""
+class DaemonImage(SaveStreamImage):
+    """An image held by the Docker daemon, read from its save stream as the daemon sends it.
 
-    def __init__(self, ref: str, *, platform: Platform | None = None):
+    ``scratch_dir`` receives the scratch file for layers that arrive before their turn (the
+    output's directory when converting; default: the system temp dir).
+    """
+
+    def __init__(self, ref: str, *, platform: Platform | None = None, scratch_dir: str | None = None):
         client = _connect()
         try:
             image = _inspect(client, ref)
-            self._inspect = image.attrs
-            saved = _save_to_temp(client, image.id, ref, platform)
-            self._temp_path: str | None = saved
-        finally:
-            client.close()
-        try:
-            super().__init__(saved, platform=platform, reference=f"docker://{ref}")
         except BaseException:
-            self.close()
+            client.close()
             raise
-
-    @property
-    def repo_digests(self) -> list[str]:
-        return list(self._inspect.get("RepoDigests") or [])
-
-    def close(self) -> None:
-        path = getattr(self, "_temp_path", None)
-        self._temp_path = None
-        if path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        self._inspect = image.attrs
+        super().__init__(_daemon_chunks(client, image.id, ref, platform), image_id=image.id,
+                         reference=f"docker://{ref}", scratch_dir=scratch_dir, platform=platform,
+                         repo_digests=list(self._inspect.get("RepoDigests") or []))

@@ -52,11 +52,15 @@ def daemon_reference(source: str) -> str | None:
     return source if _REFERENCE.fullmatch(source) else None
 
 
-def open_image(source: str, *, platform: Platform | None) -> Image:
-    """Open ``source`` (see the module docstring); the caller closes the returned image."""
+def open_image(source: str, *, platform: Platform | None, scratch_dir: str | None = None) -> Image:
+    """Open ``source`` (see the module docstring); the caller closes the returned image.
+
+    ``scratch_dir``: where a daemon source spills layers that arrive before their turn (the
+    output's directory when converting; default: the system temp dir).
+    """
     for prefix in _DAEMON_PREFIXES:
         if source.startswith(prefix):
-            return _daemon(source[len(prefix):], platform)
+            return _daemon(source[len(prefix):], platform, scratch_dir)
     if source.startswith("docker-archive:"):
         from qtbuild.sources.archive import ArchiveImage
 
@@ -86,7 +90,7 @@ def open_image(source: str, *, platform: Platform | None) -> Image:
     if os.path.isfile(source) or os.path.isfile(os.path.join(source, "oci-layout")):
         raise ImageError(f"{source!r} is a local path, not an image name; write docker-archive:{source} "
                          f"or oci:{source} (or docker://{source} for a daemon image of that name)")
-    return _daemon(source, platform)
+    return _daemon(source, platform, scratch_dir)
 
 
 SOURCE_PREFIXES = {"daemon": "docker://", "archive": "docker-archive:", "oci": "oci:", "oci-archive": "oci-archive:",
@@ -113,7 +117,7 @@ def _required(source: str, prefix: str) -> str:
     return rest
 
 
-def _daemon(ref: str, platform: Platform | None) -> Image:
+def _daemon(ref: str, platform: Platform | None, scratch_dir: str | None) -> Image:
     from qtbuild.sources.daemon import DaemonImage
 
     if not ref:
@@ -122,4 +126,4 @@ def _daemon(ref: str, platform: Platform | None) -> Image:
         prefix = ref.partition(":")[0]
         raise ImageError(f"{ref!r} is not an image reference (and {prefix}: is not a source prefix); "
                          f"use {KNOWN_PREFIXES}, or an image name such as app:1.0")
-    return DaemonImage(ref, platform=platform)
+    return DaemonImage(ref, platform=platform, scratch_dir=scratch_dir)

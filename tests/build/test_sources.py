@@ -28,6 +28,7 @@ from helpers.imagefactory import (
     directory,
     file,
     hardlink,
+    image_contents,
     make_layer,
     make_tar,
     sha256_digest,
@@ -46,13 +47,7 @@ ARM64 = Platform.parse("linux/arm64")
 AMD64 = Platform.parse("linux/amd64")
 
 
-def contents(image) -> tuple[bytes, list[str], list[bytes]]:
-    """(config bytes, diff_ids, decompressed layers), reading every layer to EOF (verifying it)."""
-    layers = []
-    for layer in image.layers():
-        with layer.open_uncompressed() as stream:
-            layers.append(stream.read())
-    return image.config_bytes(), [layer.diff_id for layer in image.layers()], layers
+contents = image_contents
 
 
 def read_all(image) -> None:
@@ -594,17 +589,16 @@ def imported_image(docker_client):
     docker_client.images.remove(f"{repository}:imported", force=True)
 
 
-def test_daemon_image_matches_the_loaded_content(loaded_image):
+def test_daemon_image_matches_the_loaded_content(loaded_image, tmp_path):
     from qtbuild.sources.daemon import DaemonImage
 
     tag, written = loaded_image
-    with DaemonImage(tag) as image:
+    with DaemonImage(tag, scratch_dir=str(tmp_path)) as image:
         config_bytes, diff_ids, layers = contents(image)
-        temp = image.path
         assert image.reference == f"docker://{tag}"
         assert image.image_id == written.config_digest
     assert (config_bytes, diff_ids, layers) == (written.config_bytes, written.diff_ids, LAYERS)
-    assert not os.path.exists(temp)  # temporary archive removed on close
+    assert not os.listdir(tmp_path)  # the scratch file is gone once the image is closed
 
 
 @pytest.mark.skipif(shutil.which("docker") is None, reason="docker CLI not installed")
@@ -621,6 +615,34 @@ def test_daemon_image_agrees_with_docker_save(request, which, tmp_path):
         assert daemon.image_id == daemon_image_id(tag)
     if which == "imported":
         assert ours[2] == [LAYER_A]
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="docker CLI not installed")
+def test_daemon_convert_streams_beside_the_output_and_matches_the_saved_archive(loaded_image, tmp_path):
+    """qtbuild convert docker://TAG: the same EIF as docker-archive: of `docker save TAG`, with
+    nothing written to $TMPDIR and nothing but the EIF left in the output directory."""
+    import sys
+
+    tag, _ = loaded_image
+    temp, out = tmp_path / "tmpdir", tmp_path / "out"
+    temp.mkdir()
+    out.mkdir()
+    subprocess.run(["docker", "save", "-o", str(tmp_path / "saved.tar"), tag], check=True, timeout=60)
+
+    def convert(source: str, output) -> None:
+        command = [sys.executable, "-c", "from qtbuild.cli import main; main()", "convert", source, "-o", str(output),
+                   "-q"]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "TMPDIR": str(temp)})
+        while process.poll() is None:  # watched while it runs: a temporary file removed at the end counts too
+            assert not os.listdir(temp), f"{source} wrote to $TMPDIR"
+        assert process.wait(timeout=120) == 0, process.stderr.read() if process.stderr else ""
+
+    convert(f"docker://{tag}", out / "daemon.eif")
+    convert(f"docker-archive:{tmp_path / 'saved.tar'}", tmp_path / "archive.eif")
+    assert (out / "daemon.eif").read_bytes() == (tmp_path / "archive.eif").read_bytes()
+    assert os.listdir(out) == ["daemon.eif"]
+    assert not os.listdir(temp)
 
 
 def daemon_image_id(tag: str) -> str:

@@ -26,7 +26,8 @@ API
   ``platforms`` (multi-platform index), ``nested`` (index.json → index → manifests),
   ``attestation``; ``mutate_manifest`` / ``mutate_index`` hooks edit documents before they are
   hashed (for hostile-input tests).  Calling it again on the same directory adds to index.json.
-- Every writer returns a :class:`WrittenImage` with the bytes and digests a source must yield.
+- Every writer returns a :class:`WrittenImage` with the bytes and digests a source must yield;
+  :func:`image_contents` reads what an opened source yields, for comparing with it.
 """
 
 from __future__ import annotations
@@ -422,3 +423,13 @@ def _oci_archive(images, _symlink_duplicates):
 
 def _containerd_archive(images, _symlink_duplicates):
     return _oci_archive_common(images, "gzip", containerd=True)
+
+
+def image_contents(image) -> tuple[bytes, list[str], list[bytes]]:
+    """(config bytes, diff_ids, decompressed layers) of an opened image source, reading every
+    layer to EOF (which verifies it)."""
+    layers = []
+    for layer in image.layers():
+        with layer.open_uncompressed() as stream:
+            layers.append(stream.read())
+    return image.config_bytes(), [layer.diff_id for layer in image.layers()], layers
