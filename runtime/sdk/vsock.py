@@ -389,28 +389,48 @@ def _listen_emulated(cfg: VsockConfig, port: int, backlog: int, header_timeout: 
     os.makedirs(os.path.dirname(path), exist_ok=True)
     sock = _new_socket(cfg)
     try:
-        _bind_reclaiming(sock, path)
-        _open_to_all(path)
-        sock.listen(backlog)
+        _bind_listening(sock, path, backlog)
     except BaseException:
         sock.close()
         raise
     return Listener(sock, cfg, port, path, header_timeout)
 
 
-def _bind_reclaiming(sock: socket.socket, path: str) -> None:
-    """Bind ``path``, first removing it if it is a socket file nobody accepts on."""
+def _bind_listening(sock: socket.socket, path: str, backlog: int) -> None:
+    """Make ``path`` a socket that already listens: bind a private name in the same directory,
+    open it to all and listen, then hard-link it to ``path``.  Binding ``path`` itself would leave
+    a moment where the file exists but refuses connections, so a client connecting then, or a
+    second listener probing whether the port is stale, would take a live port for a dead one.
+    ``path`` is first removed only if it is a socket file nobody accepts on."""
+    private = _bind_private(sock, os.path.dirname(path))
     try:
-        sock.bind(path)
-        return
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
-    if not _is_stale(path):
-        raise OSError(errno.EADDRINUSE, "vsock port already in use", path)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    sock.bind(path)
+        _open_to_all(private)
+        sock.listen(backlog)
+        try:
+            os.link(private, path)
+        except FileExistsError:
+            if not _is_stale(path):
+                raise OSError(errno.EADDRINUSE, "vsock port already in use", path) from None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            os.link(private, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(private)
+
+
+def _bind_private(sock: socket.socket, directory: str) -> str:
+    """Bind a fresh ``.xxxx`` name in ``directory`` (no longer than the shortest port name, so
+    it fits wherever ``<port>.sock`` does) and return it."""
+    for _ in range(64):
+        private = os.path.join(directory, f".{random.getrandbits(16):04x}")
+        try:
+            sock.bind(private)
+            return private
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+    raise OSError(errno.EADDRINUSE, "no free temporary name for the listening socket", directory)
 
 
 def _open_to_all(path: str) -> None:

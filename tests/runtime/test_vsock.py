@@ -204,6 +204,25 @@ def test_listen_refuses_a_live_listener_and_non_socket_files(root):
         assert handle.read() == "precious"
 
 
+def test_the_port_file_appears_only_once_it_listens(root, monkeypatch):
+    """A client (or a second listener probing for a stale file) never finds the port's file
+    refusing connections: it is linked into place after listen().  Bound in place, the file
+    existed between bind() and listen(), and a connect then was refused."""
+    seen = []
+    real_listen = socket.socket.listen
+
+    def listen_and_look(sock, *args):
+        seen.append(os.path.exists(vsock.socket_path(root, 3, 5000)))
+        return real_listen(sock, *args)
+
+    monkeypatch.setattr(socket.socket, "listen", listen_and_look)
+    with vsock.listen(5000, config=cid(root, 3)) as listener:
+        assert seen == [False]
+        assert os.listdir(os.path.dirname(listener.path)) == ["5000.sock"]
+        with vsock.connect(3, 5000, config=cid(root, 4), timeout=5):
+            assert listener.accept(timeout=5)[1][0] == 4
+
+
 def test_listen_on_any_port_picks_an_ephemeral_one(root):
     with vsock.listen(vsock.VMADDR_PORT_ANY, config=cid(root, 3)) as listener:
         assert vsock.FIRST_EPHEMERAL_PORT <= listener.port < vsock.VMADDR_PORT_ANY
