@@ -31,6 +31,8 @@ from qtbuild.runtime.sdk.recipient import RecipientKey
 
 PCRS = {index: bytes([index + 0x61]) * 48 for index in range(16)}
 OTHER = {index: bytes([index + 0x11]) * 48 for index in range(16)}
+#: ContentInfo, [0] and EnvelopedData with indefinite lengths (tests/runtime/test_kms_cms_ber.py)
+AWS_BER_HEAD = bytes.fromhex("308006092a864886f70d010703a0803080020102")
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +104,7 @@ def test_recipient_flow_under_aws_condition_keys(kms, admin, key_id):
     private, document = recipient(pki)
     reply = client.decrypt(CiphertextBlob=sealed, Recipient=document)
     assert "Plaintext" not in reply
+    assert reply["CiphertextForRecipient"].startswith(AWS_BER_HEAD)     # BER as AWS KMS writes it
     assert open_envelope(reply["CiphertextForRecipient"], private.private_key) == b"seed secret"
     data_key = client.generate_data_key(KeyId=key_id, KeySpec="AES_256", Recipient=document)
     plain = open_envelope(data_key["CiphertextForRecipient"], private.private_key)
