@@ -603,7 +603,7 @@ def _recipient_context(document_path, root_paths, allow_debug) -> tuple[dict, st
         recipient = verifier.verify({"attestation_document": text})
     except KmsError as error:
         return {}, f"the KMS refuses the document: {error.code} {error.message}"
-    return recipient.conditions(), None
+    return dict(recipient.conditions()), None
 
 
 _AGE_NOT_CHECKED = 100 * 365 * 86400

@@ -43,7 +43,7 @@ from __future__ import annotations
 import hashlib
 import os
 
-from cryptography.hazmat.primitives import hashes, padding, serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding as asymmetric_padding
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -109,7 +109,6 @@ def _length(size: int) -> bytes:
 
 
 def _encrypt_content(key: bytes, iv: bytes, plaintext: bytes) -> bytes:
-    padder = padding.PKCS7(128).padder()
-    padded = padder.update(plaintext) + padder.finalize()
+    pad = IV_SIZE - len(plaintext) % IV_SIZE        # PKCS#7 to the AES block (= IV) size
     encryptor = Cipher(algorithms.AES(key), modes.CBC(iv)).encryptor()
-    return encryptor.update(padded) + encryptor.finalize()
+    return encryptor.update(plaintext + bytes([pad]) * pad) + encryptor.finalize()

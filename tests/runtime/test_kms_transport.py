@@ -237,6 +237,27 @@ def test_slow_body_gets_408(served):
     assert 1.5 < time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize("close", [False, True])
+def test_head_and_body_leave_in_one_write(served, monkeypatch, close):
+    """uvicorn writes a response's head and body separately; the server joins them (one TCP
+    segment), also when the response closes the connection."""
+    import asyncio.selector_events
+
+    writes: list[bytes] = []
+    original = asyncio.selector_events._SelectorSocketTransport.write
+
+    def recording(transport, data):
+        writes.append(bytes(data))
+        return original(transport, data)
+
+    monkeypatch.setattr(asyncio.selector_events._SelectorSocketTransport, "write", recording)
+    headers = "Connection: close\r\n" if close else ""
+    answer = exchange(served.port, f"POST {served.path('list-keys')} HTTP/1.1\r\nHost: a\r\n{headers}"
+                                   "Content-Length: 2\r\n\r\n{}".encode())
+    assert status_of(answer) == 401 and answer.endswith(b"}")
+    assert writes == [answer]
+
+
 def test_keep_alive_serves_several_requests_on_one_connection(served):
     with connect(served.port) as sock:
         for _ in range(3):
