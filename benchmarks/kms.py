@@ -204,11 +204,15 @@ def measure(job: dict, client_loop, latencies: list[float], results) -> None:
 
 
 class EchoService:
-    """The transport's counterpart of a KMS that does nothing: answers the JSON body back."""
+    """The transport's counterpart of a KMS that does nothing: answers the JSON body back, on
+    the event loop like the KMS's data-plane APIs."""
 
-    def serve(self, request):
+    def runs_inline(self, request) -> bool:
+        return True
+
+    def handle(self, request):
         from qtbuild.runtime.kms.service import Response
-        return Response(200, json.loads(request.body), "echo")
+        return Response(200, json.loads(request.body), "echo"), None
 
     def count_refusal(self, error, remote) -> None:
         pass

@@ -193,12 +193,12 @@ _SIGNING = {"RSA_2048": _RSA_SIGNING, "RSA_3072": _RSA_SIGNING, "RSA_4096": _RSA
 
 def create_key(call: Call, body: dict, verify) -> dict:
     spec = body.get("KeySpec") or body.get("CustomerMasterKeySpec") or "SYMMETRIC_DEFAULT"
-    if spec not in _KEY_SPECS:
+    if not isinstance(spec, str) or spec not in _KEY_SPECS:
         raise invalid("KeySpec", f"one of {', '.join(_KEY_SPECS)}")
     usages = ("ENCRYPT_DECRYPT", "SIGN_VERIFY") if spec.startswith("RSA_") else \
         ("SIGN_VERIFY",) if spec.startswith("ECC_") else ("ENCRYPT_DECRYPT",)
     usage = body.get("KeyUsage") or usages[0]
-    if usage not in usages:
+    if not isinstance(usage, str) or usage not in usages:
         raise invalid("KeyUsage", f"a {spec} key is for {' or '.join(usages)}")
     description = body.get("Description") or ""
     alias = f"aws-{secrets.token_hex(10)}"      # Huawei-shaped keys need a name; AWS keys have none
