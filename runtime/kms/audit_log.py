@@ -91,7 +91,10 @@ class AuditLog:
                 for _, future in batch:
                     future.set_exception(OSError(f"audit record not written: {error}"))
                 continue
-            self._account(records)
+            try:
+                self._account(records)
+            except Exception:       # the records stay in the table: nothing is lost
+                log.exception("audit rotation failed")
             for _, future in batch:
                 future.set_result(None)
 
@@ -101,10 +104,7 @@ class AuditLog:
             return
         self._live_bytes += sum(_size(record) for record in records)
         if self._live_bytes > self.max_bytes:
-            try:
-                self.rotate()
-            except OSError as error:    # the records stay in the table: nothing is lost
-                log.error("audit rotation failed: %s", error)
+            self.rotate()
 
     def rotate(self) -> Path | None:
         """Move every live record into a new archive; the archive written (None if empty)."""
