@@ -112,7 +112,7 @@ def command() -> None:
 @click.option("--body-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
               help="Seconds a request body may take to arrive (then 408).")
 @click.option("--threads", type=click.IntRange(1, 256), default=16, show_default=True,
-              help="Threads running requests (SQLite, cryptography).")
+              help="Threads running the requests other than the data-plane cryptographic ones (on the event loop).")
 @click.option("--audit-max-bytes", type=click.IntRange(min=4096), default=DEFAULT_MAX_BYTES, show_default=True,
               help="Rotate the live audit records into an archive past this size (JSON bytes).")
 @click.option("--audit-keep", type=click.IntRange(min=0), default=DEFAULT_KEEP, show_default=True,
@@ -603,7 +603,7 @@ def _recipient_context(document_path, root_paths, allow_debug) -> tuple[dict, st
         recipient = verifier.verify({"attestation_document": text})
     except KmsError as error:
         return {}, f"the KMS refuses the document: {error.code} {error.message}"
-    return recipient.conditions(), None
+    return dict(recipient.conditions()), None
 
 
 _AGE_NOT_CHECKED = 100 * 365 * 86400

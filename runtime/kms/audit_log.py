@@ -1,6 +1,7 @@
 """The audit log with a size bound: live records in the store, older ones in numbered archives.
 
-Records are written to the store's ``audit`` table (fsynced before the reply is sent).  When
+Records are written to the store's ``audit`` table (fsynced before the reply is sent: the
+service waits for :meth:`AuditLog.submit`'s future, or calls the blocking :meth:`AuditLog.add`).  When
 the live records exceed ``max_bytes`` (their JSON size, tracked as they are added), the oldest
 ones move to an archive file ``<directory>/audit-<first id>-<last id>.jsonl`` — one JSON object
 per line, the ``admin/list-audit`` record shape — written and fsynced before they are deleted
@@ -16,6 +17,7 @@ import logging
 import re
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, wait
 from pathlib import Path
 
 from qtbuild.runtime.files import write_atomically
@@ -25,6 +27,7 @@ log = logging.getLogger("qtbuild.kms")
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_KEEP = 10
+_IDLE = 10.0        # seconds the writer thread waits for records before it ends
 _ARCHIVE = re.compile(r"audit-(\d{12})-(\d{12})\.jsonl")
 
 
@@ -33,64 +36,75 @@ def _size(record: AuditRecord) -> int:
 
 
 class AuditLog:
-    """Thread-safe.  Without a ``directory`` it never rotates (the table grows)."""
+    """Thread-safe.  Without a ``directory`` it never rotates (the table grows).
+
+    Records are written by one writer thread (started on demand, gone after ``_IDLE`` seconds
+    without records): it takes every record queued while it was committing the previous batch
+    and commits them in one transaction, one fsync (group commit)."""
 
     def __init__(self, store: Store, directory: Path | None = None, *, max_bytes: int = DEFAULT_MAX_BYTES,
                  keep: int = DEFAULT_KEEP) -> None:
         self.store, self.directory, self.max_bytes, self.keep = store, directory, max_bytes, keep
-        self._lock = threading.Lock()
-        self._rotating = threading.Lock()
-        # group commit: records queued by concurrent requests are written in one transaction
         self._queue_lock = threading.Condition()
-        self._queue: list[AuditRecord] = []
-        self._queued = self._committed = 0
-        self._writing = False
-        self._failed: tuple[int, int, BaseException] | None = None   # (first, last, error) of a lost batch
+        self._queue: list[tuple[AuditRecord, Future[None]]] = []
+        self._writer: threading.Thread | None = None
+        self._last: Future[None] | None = None
         self._live_bytes = sum(_size(record) for record in self._table(0)) if directory else 0
 
     def add(self, record: AuditRecord) -> None:
-        """Record durably (fsynced) before returning; rotate when the live records outgrow
-        ``max_bytes``.  Concurrent callers share commits: whoever finds no write in progress
-        writes every queued record in one transaction while the others wait for it."""
-        self._commit(record)
+        """Record durably (fsynced) before returning — OSError when the commit failed; rotate
+        when the live records outgrow ``max_bytes``."""
+        self.submit(record).result()
+
+    def submit(self, record: AuditRecord) -> Future[None]:
+        """Queue ``record``; the future completes once it is durable (and any rotation it made
+        due is done), or fails with OSError when its batch could not be committed."""
+        future: Future[None] = Future()
+        with self._queue_lock:
+            self._queue.append((record, future))
+            self._last = future
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_batches, name="kms-audit", daemon=True)
+                self._writer.start()
+            self._queue_lock.notify()
+        return future
+
+    def flush(self) -> None:
+        """Wait until every record submitted so far is written (or its batch failed)."""
+        with self._queue_lock:
+            last = self._last
+        if last is not None:
+            wait([last])
+
+    def _write_batches(self) -> None:
+        while True:
+            with self._queue_lock:
+                while not self._queue:
+                    if not self._queue_lock.wait(_IDLE) and not self._queue:
+                        self._writer = None
+                        return
+                batch, self._queue = self._queue, []
+            records = [record for record, _ in batch]
+            try:
+                self.store.add_audits(records)
+            except Exception as error:      # every record of this batch learns it was lost
+                for _, future in batch:
+                    future.set_exception(OSError(f"audit record not written: {error}"))
+                continue
+            try:
+                self._account(records)
+            except Exception:       # the records stay in the table: nothing is lost
+                log.exception("audit rotation failed")
+            for _, future in batch:
+                future.set_result(None)
+
+    def _account(self, records: list[AuditRecord]) -> None:
+        """Count the records' size; rotate when the live records outgrow ``max_bytes``."""
         if self.directory is None:
             return
-        with self._lock:
-            self._live_bytes += _size(record)
-            due = self._live_bytes > self.max_bytes
-        if due and self._rotating.acquire(blocking=False):
-            try:
-                self.rotate()
-            except OSError as error:    # the records stay in the table: nothing is lost
-                log.error("audit rotation failed: %s", error)
-            finally:
-                self._rotating.release()
-
-    def _commit(self, record: AuditRecord) -> None:
-        with self._queue_lock:
-            self._queue.append(record)
-            self._queued += 1
-            mine = self._queued
-            while self._committed < mine:
-                if self._writing:
-                    self._queue_lock.wait()
-                    continue
-                batch, self._queue, last = self._queue, [], self._queued
-                self._writing = True
-                self._queue_lock.release()
-                failure = None
-                try:
-                    self.store.add_audits(batch)
-                except Exception as error:      # every caller of this batch learns it was lost
-                    failure = error
-                finally:
-                    self._queue_lock.acquire()
-                    self._writing = False
-                    self._committed = last
-                    self._failed = (last - len(batch) + 1, last, failure) if failure else self._failed
-                    self._queue_lock.notify_all()
-            if self._failed is not None and self._failed[0] <= mine <= self._failed[1]:
-                raise OSError(f"audit record not written: {self._failed[2]}")
+        self._live_bytes += sum(_size(record) for record in records)
+        if self._live_bytes > self.max_bytes:
+            self.rotate()
 
     def rotate(self) -> Path | None:
         """Move every live record into a new archive; the archive written (None if empty)."""
@@ -105,8 +119,7 @@ class AuditLog:
         last = records[-1].id
         assert last is not None  # records read back from the store carry their row id
         self.store.delete_audit_through(last)
-        with self._lock:
-            self._live_bytes = max(0, self._live_bytes - len(data))
+        self._live_bytes = max(0, self._live_bytes - len(data))
         for old in self.archives()[:-self.keep] if self.keep else self.archives():
             old.unlink(missing_ok=True)
         return path

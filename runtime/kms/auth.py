@@ -20,7 +20,6 @@ from datetime import UTC, datetime, timedelta
 from qtbuild.runtime.kms.errors import KmsError
 from qtbuild.runtime.sdk.kms_client import (
     ALGORITHM,
-    DATE_FORMAT,
     canonical_request,
     signature,
     string_to_sign,
@@ -28,6 +27,7 @@ from qtbuild.runtime.sdk.kms_client import (
 
 WINDOW = timedelta(minutes=15)
 REQUIRED_SIGNED = ("host", "x-sdk-date")
+_DATE = re.compile(r"(\d{4})(\d{2})(\d{2})T(\d{2})(\d{2})(\d{2})Z", re.ASCII)     # X-Sdk-Date, DATE_FORMAT
 _AUTHORIZATION = re.compile(
     rf"{ALGORITHM} Access=([A-Za-z0-9]{{1,64}}), ?SignedHeaders=([a-z0-9;_-]{{1,512}}), ?"
     r"Signature=([0-9a-f]{64})"
@@ -78,8 +78,12 @@ def authenticate(method: str, path: str, query: str, headers: Mapping[str, str],
 
 
 def _check_date(text: str, now: datetime) -> None:
+    match = _DATE.fullmatch(text)       # DATE_FORMAT (strptime costs ~10 times as much)
     try:
-        date = datetime.strptime(text, DATE_FORMAT).replace(tzinfo=UTC)
+        if match is None:
+            raise ValueError(text)
+        year, month, day, hour, minute, second = map(int, match.groups())
+        date = datetime(year, month, day, hour, minute, second, tzinfo=UTC)
     except ValueError:
         raise KmsError("KMS.0301", "X-Sdk-Date is missing or not YYYYMMDDTHHMMSSZ.") from None
     if abs(now - date) > WINDOW:

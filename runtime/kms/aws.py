@@ -4,7 +4,8 @@ shapes by translating to the Huawei-shaped operations (same keys, policies, audi
 
 Operations: Encrypt, Decrypt, GenerateDataKey, GenerateRandom (the last three with
 ``Recipient {AttestationDocument, KeyEncryptionAlgorithm: RSAES_OAEP_SHA_256}`` → the reply's
-``CiphertextForRecipient``, a CMS EnvelopedData), CreateKey, ListKeys, CreateAlias.  Key ids
+``CiphertextForRecipient``, a CMS EnvelopedData), CreateKey (symmetric, RSA_2048/3072/4096,
+ECC_NIST_P256/P384), DescribeKey, GetPublicKey, Sign, ListKeys, CreateAlias.  Key ids
 may be ids, key ARNs or ``alias/…`` names.  ``EncryptionContext`` becomes the AAD (its
 canonical JSON).  Policies may name AWS actions (``kms:Decrypt`` …) as well as Huawei's, and
 AWS's condition keys (``kms:RecipientAttestation:ImageSha384``, ``:PCR<n>``).  Errors are
@@ -18,10 +19,13 @@ import json
 import secrets
 from collections.abc import Callable
 
+from cryptography.hazmat.primitives import serialization
+
 from qtbuild.runtime.kms import crypto
 from qtbuild.runtime.kms.errors import KmsError, invalid
 from qtbuild.runtime.kms.fields import Fields
 from qtbuild.runtime.kms.operations import APIS, Call
+from qtbuild.runtime.kms.store import KeyRecord
 
 TARGET_PREFIX = "TrentService."
 ACCOUNT = "000000000000"
@@ -176,21 +180,83 @@ def generate_random(call: Call, body: dict, verify) -> dict:
     return _plaintext_or_envelope(reply, plain, {})
 
 
+#: AWS KeySpec → the Huawei key_spec of the same key
+_KEY_SPECS = {"SYMMETRIC_DEFAULT": "AES_256", "RSA_2048": "RSA_2048", "RSA_3072": "RSA_3072",
+              "RSA_4096": "RSA_4096", "ECC_NIST_P256": "EC_P256", "ECC_NIST_P384": "EC_P384"}
+_AWS_SPECS = {huawei: aws_name for aws_name, huawei in _KEY_SPECS.items()}
+_KEY_STATES = {"2": "Enabled", "3": "Disabled", "4": "PendingDeletion"}
+#: AWS's signing algorithms per key spec (an ECC key signs with the hash of its curve's size)
+_RSA_SIGNING = [f"{family}_SHA_{bits}" for family in ("RSASSA_PSS", "RSASSA_PKCS1_V1_5") for bits in (256, 384, 512)]
+_SIGNING = {"RSA_2048": _RSA_SIGNING, "RSA_3072": _RSA_SIGNING, "RSA_4096": _RSA_SIGNING,
+            "EC_P256": ["ECDSA_SHA_256"], "EC_P384": ["ECDSA_SHA_384"]}
+
+
 def create_key(call: Call, body: dict, verify) -> dict:
     spec = body.get("KeySpec") or body.get("CustomerMasterKeySpec") or "SYMMETRIC_DEFAULT"
-    if spec != "SYMMETRIC_DEFAULT" or body.get("KeyUsage", "ENCRYPT_DECRYPT") != "ENCRYPT_DECRYPT":
-        raise invalid("KeySpec", "only SYMMETRIC_DEFAULT ENCRYPT_DECRYPT keys on the AWS protocol")
+    if not isinstance(spec, str) or spec not in _KEY_SPECS:
+        raise invalid("KeySpec", f"one of {', '.join(_KEY_SPECS)}")
+    usages = ("ENCRYPT_DECRYPT", "SIGN_VERIFY") if spec.startswith("RSA_") else \
+        ("SIGN_VERIFY",) if spec.startswith("ECC_") else ("ENCRYPT_DECRYPT",)
+    usage = body.get("KeyUsage") or usages[0]
+    if not isinstance(usage, str) or usage not in usages:
+        raise invalid("KeyUsage", f"a {spec} key is for {' or '.join(usages)}")
     description = body.get("Description") or ""
     alias = f"aws-{secrets.token_hex(10)}"      # Huawei-shaped keys need a name; AWS keys have none
-    fields = {"key_alias": alias, "key_description": description if isinstance(description, str) else None}
+    fields = {"key_alias": alias, "key_description": description if isinstance(description, str) else None,
+              "key_spec": _KEY_SPECS[spec], "key_usage": usage}
     reply = _run(call, "create-key", fields, ("kms:CreateKey",), verify)
-    key_id = reply["key_info"]["key_id"]
+    return {"KeyMetadata": _metadata(call, call.key(reply["key_info"]["key_id"]))}
+
+
+def describe_key(call: Call, body: dict, verify) -> dict:
+    key_id = _key_ref(call, body)
+    reply = _run(call, "describe-key", {"key_id": key_id}, ("kms:DescribeKey",), verify)
+    return {"KeyMetadata": _metadata(call, call.key(reply["key_info"]["key_id"]))}
+
+
+def get_public_key(call: Call, body: dict, verify) -> dict:
+    key_id = _key_ref(call, body)
+    reply = _run(call, "get-publickey", {"key_id": key_id}, ("kms:GetPublicKey",), verify)
     record = call.key(key_id)
-    return {"KeyMetadata": {
-        "AWSAccountId": ACCOUNT, "KeyId": key_id, "Arn": arn(call, key_id), "CreationDate": record.created_ms / 1000,
-        "Enabled": True, "Description": description, "KeyUsage": "ENCRYPT_DECRYPT", "KeyState": "Enabled",
-        "Origin": "AWS_KMS", "KeyManager": "CUSTOMER", "CustomerMasterKeySpec": "SYMMETRIC_DEFAULT",
-        "KeySpec": "SYMMETRIC_DEFAULT", "EncryptionAlgorithms": ["SYMMETRIC_DEFAULT"], "MultiRegion": False}}
+    der = serialization.load_pem_public_key(reply["public_key"].encode("ascii")).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    metadata = _metadata(call, record)
+    return {"KeyId": metadata["Arn"], "PublicKey": base64.b64encode(der).decode("ascii"),
+            **{name: metadata[name] for name in ("CustomerMasterKeySpec", "KeySpec", "KeyUsage",
+                                                 "SigningAlgorithms", "EncryptionAlgorithms") if name in metadata}}
+
+
+def sign(call: Call, body: dict, verify) -> dict:
+    key_id = _key_ref(call, body)
+    algorithm, message_type = body.get("SigningAlgorithm"), body.get("MessageType") or "RAW"
+    if not isinstance(algorithm, str) or algorithm not in {name for names in _SIGNING.values() for name in names}:
+        raise invalid("SigningAlgorithm", "an AWS signing algorithm (RSASSA_PSS_SHA_256, ECDSA_SHA_256 …)")
+    reply = _run(call, "sign", {"key_id": key_id, "message": body.get("Message"), "signing_algorithm": algorithm,
+                                "message_type": message_type}, ("kms:Sign",), verify)
+    spec = call.key(key_id).key_spec        # checked once authorized, as the Huawei API checks its own rules
+    if algorithm not in _SIGNING.get(spec, ()):
+        raise invalid("SigningAlgorithm", f"{algorithm} does not apply to a {_AWS_SPECS.get(spec, spec)} key")
+    return {"KeyId": arn(call, key_id), "Signature": reply["signature"], "SigningAlgorithm": algorithm}
+
+
+def _metadata(call: Call, record: KeyRecord) -> dict:
+    """AWS's KeyMetadata of a key."""
+    spec = _AWS_SPECS.get(record.key_spec, record.key_spec)
+    metadata = {
+        "AWSAccountId": ACCOUNT, "KeyId": record.key_id, "Arn": arn(call, record.key_id),
+        "CreationDate": record.created_ms / 1000, "Enabled": record.state == "2",
+        "Description": record.description, "KeyUsage": record.key_usage,
+        "KeyState": _KEY_STATES.get(record.state, "Unavailable"), "Origin": "AWS_KMS", "KeyManager": "CUSTOMER",
+        "CustomerMasterKeySpec": spec, "KeySpec": spec, "MultiRegion": False}
+    if record.deletion_ms is not None:
+        metadata["DeletionDate"] = record.deletion_ms / 1000
+    if record.key_usage == "SIGN_VERIFY":
+        metadata["SigningAlgorithms"] = _SIGNING.get(record.key_spec, [])
+    elif spec == "SYMMETRIC_DEFAULT":
+        metadata["EncryptionAlgorithms"] = ["SYMMETRIC_DEFAULT"]
+    else:
+        metadata["EncryptionAlgorithms"] = ["RSAES_OAEP_SHA_1", "RSAES_OAEP_SHA_256"]
+    return metadata
 
 
 def list_keys(call: Call, body: dict, verify) -> dict:
@@ -215,10 +281,11 @@ def create_alias(call: Call, body: dict, verify) -> dict:
 OPERATIONS: dict[str, Callable] = {
     "Encrypt": encrypt, "Decrypt": decrypt, "GenerateDataKey": generate_data_key,
     "GenerateRandom": generate_random, "CreateKey": create_key, "ListKeys": list_keys,
-    "CreateAlias": create_alias,
+    "CreateAlias": create_alias, "DescribeKey": describe_key, "GetPublicKey": get_public_key, "Sign": sign,
 }
 
 #: the Huawei API each operation runs (for the audit log)
 API_NAMES = {"Encrypt": "encrypt-data", "Decrypt": "decrypt-data", "GenerateDataKey": "create-datakey",
              "GenerateRandom": "gen-random", "CreateKey": "create-key", "ListKeys": "list-keys",
-             "CreateAlias": "create-alias"}
+             "CreateAlias": "create-alias", "DescribeKey": "describe-key", "GetPublicKey": "get-publickey",
+             "Sign": "sign"}

@@ -27,6 +27,7 @@ Decision
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 VERSIONS = ("1.1", "5.0", "2012-10-17")     # Huawei IAM; AWS IAM (for the AWS protocol)
@@ -38,7 +39,7 @@ MAX_STRING = 512
 _STATEMENT_KEYS = {"Effect", "Action", "Resource", "Condition", "Sid"}
 _DOCUMENT_KEYS = {"Version", "Statement"}
 
-Context = dict[str, "str | bool"]
+Context = Mapping[str, "str | bool"]
 
 
 class PolicyError(ValueError):

@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -60,16 +63,21 @@ class Recipient:
         value = self.document.pcrs.get(index)
         return None if value is None else value.hex()
 
-    def conditions(self) -> dict[str, str | bool]:
+    def conditions(self) -> Mapping[str, str | bool]:
         """Policy condition keys: Huawei ``kms:RecipientAttestation/PCR<n>``, AWS
-        ``kms:RecipientAttestation:PCR<n>`` and ``:ImageSha384`` (= PCR0), lower-case hex."""
+        ``kms:RecipientAttestation:PCR<n>`` and ``:ImageSha384`` (= PCR0), lower-case hex.
+        Computed once per recipient (a cached one serves many requests): read-only."""
+        return self._conditions
+
+    @functools.cached_property
+    def _conditions(self) -> Mapping[str, str | bool]:
         context: dict[str, str | bool] = {}
         for index, value in self.document.pcrs.items():
             context[f"kms:RecipientAttestation/PCR{index}"] = value.hex()
             context[f"kms:RecipientAttestation:PCR{index}"] = value.hex()
         if 0 in self.document.pcrs:
             context["kms:RecipientAttestation:ImageSha384"] = self.document.pcrs[0].hex()
-        return context
+        return MappingProxyType(context)
 
     def seal(self, plaintext: bytes) -> str:
         """``ciphertext_recipient``: base64 of the CMS envelope of ``plaintext``."""

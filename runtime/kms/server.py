@@ -23,7 +23,11 @@ bodies → 400; an over-long URL → 414.
 5xx only for the server's own conditions (503 overload, 500 unexpected).  Every refusal of the
 transport is reported to ``KmsService.count_refusal`` (counted and sampled in the audit log).
 
-The KMS work itself (SQLite, fsync, RSA) runs on a thread pool of ``threads`` threads.
+The KMS work runs on a thread pool of ``threads`` threads, except the data-plane cryptographic
+APIs (``KmsService.runs_inline``: store reads and ~0.3 ms of CPU), which run on the event loop
+itself — handing them to a thread cost more CPU than the work.  Either way the reply is sent
+only once the request's audit record is committed (fsynced) by the audit log's writer thread,
+which the loop awaits without blocking.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from qtbuild.runtime.kms.errors import KmsError
-from qtbuild.runtime.kms.service import KmsService, Request, Response
+from qtbuild.runtime.kms.service import KmsService, Request
 
 log = logging.getLogger("qtbuild.kms")
 
@@ -94,6 +98,7 @@ class _KmsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        self.transport = _CoalescingTransport(transport)  # type: ignore[assignment]  # the cycles write to it
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -164,7 +169,7 @@ class _KmsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm_deadline()
-        self.scope["extensions"] = {"qtbuild.socket": self.transport.get_extra_info("socket")}
+        self.scope["extensions"] = {"qtbuild.transport": self.transport}  # type: ignore[dict-item]  # for _send
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
@@ -199,9 +204,15 @@ class KmsApp:
             return
         request = Request(scope["method"], scope["path"], scope["query_string"].decode("latin-1"),
                           _headers(scope), body, _remote(scope.get("client")))
-        loop = asyncio.get_running_loop()
-        response: Response = await loop.run_in_executor(self.server.executor, self.server.service.serve,
-                                                        request)
+        service = self.server.service
+        if service.runs_inline(request):    # quick: a thread hand-off would cost more than the work
+            response, durable = service.handle(request)
+        else:
+            response, durable = await asyncio.get_running_loop().run_in_executor(
+                self.server.executor, service.handle, request)
+        if durable is not None:     # the audit record is durable before the reply leaves
+            with contextlib.suppress(Exception):    # (a lost record is logged; the reply stands)
+                await asyncio.wrap_future(durable)
         data = json.dumps(response.body, separators=(",", ":")).encode()
         await _send(send, scope, response.status, data, extra=((b"x-request-id", response.request_id.encode()),))
 
@@ -252,32 +263,57 @@ async def _read_body(receive) -> bytes:
 
 
 async def _send(send, scope, status: int, data: bytes, *, close: bool = False, extra: tuple = ()) -> None:
-    """One response; head and body leave in one TCP segment (uvicorn writes them separately:
-    a client would see a 200 head without its body if the process died between the two)."""
+    """One response; head and body leave in one write, so in one TCP segment (uvicorn writes
+    them separately: a client would see a 200 head without its body if the process died
+    between the two)."""
     headers = [_JSON, (b"content-length", str(len(data)).encode()), *extra]
     if close:
         headers.append((b"connection", b"close"))
-    sock = scope.get("extensions", {}).get("qtbuild.socket")
-    with _corked(sock):
+    transport = scope["extensions"]["qtbuild.transport"]      # _KmsProtocol.on_headers_complete
+    transport.hold()
+    try:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": data})
-
-
-@contextlib.contextmanager
-def _corked(sock):
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        yield
-        return
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-    except OSError:     # the client is gone: nothing to coalesce
-        yield
-        return
-    try:
-        yield
     finally:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+        transport.release()
+
+
+class _CoalescingTransport:
+    """A connection's transport whose writes (and a close) between :meth:`hold` and
+    :meth:`release` take effect at the release, the writes as one.  (It replaced TCP_CORK:
+    uncorking sends the data inside ``setsockopt``, which holds the GIL, while a transport's
+    ``send`` releases it.)  Everything else is the transport's."""
+
+    def __init__(self, transport) -> None:
+        self._transport = transport
+        self._held: list[bytes] | None = None
+        self._close_held = False
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def write(self, data) -> None:
+        if self._held is None:
+            self._transport.write(data)
+        else:
+            self._held.append(bytes(data))
+
+    def close(self) -> None:
+        if self._held is None:
+            self._transport.close()
+        else:
+            self._close_held = True
+
+    def hold(self) -> None:
+        self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held, None
+        if held:
+            self._transport.write(b"".join(held))
+        if self._close_held:
+            self._close_held = False
+            self._transport.close()
 
 
 async def _lifespan(receive, send) -> None:

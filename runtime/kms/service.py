@@ -17,10 +17,12 @@ Paths: ``POST /v1.0/{project_id}/kms/{api}`` with the APIs of ``qtbuild.runtime.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 import uuid
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
@@ -62,9 +64,20 @@ class KmsService:
 
     def __init__(self, env: Environment, verifier: RecipientVerifier) -> None:
         self.env, self.verifier = env, verifier
-        self.refusals = RefusalSampler(env.audit().add)
+        self.audit_log = env.audit()
+        self.refusals = RefusalSampler(self._write_sample)
 
     def serve(self, request: Request) -> Response:
+        """The response, once the request's audit record is durable."""
+        response, durable = self.handle(request)
+        if durable is not None:
+            wait([durable])     # a failure was logged (_audit); the reply stands
+        return response
+
+    def handle(self, request: Request) -> tuple[Response, Future[None] | None]:
+        """The response and the future of its audit record's commit: the caller sends the
+        response only once that future is done (None: nothing to wait for — unauthenticated
+        refusals are only sampled)."""
         request_id = uuid.uuid4().hex
         trace = _Trace(api=None, principal=None, call=None)
         error: KmsError | None = None
@@ -76,13 +89,21 @@ class KmsService:
         except Exception:  # a service answers; details go to the log only
             log.exception("request %s failed", request_id)
             error = KmsError("KMS.0101")
-        self._audit(request, request_id, trace, error)
+        durable = self._audit(request, request_id, trace, error)
         if error is not None and amazon:
             status, body = aws.error_body(error)
-            return Response(status, body, request_id)
+            return Response(status, body, request_id), durable
         if error is not None:
-            return Response(error.status, error.body(request_id), request_id)
-        return Response(200, body, request_id)
+            return Response(error.status, error.body(request_id), request_id), durable
+        return Response(200, body, request_id), durable
+
+    def runs_inline(self, request: Request) -> bool:
+        """Whether serving ``request`` is quick CPU work and store reads only (no store write
+        but its audit record, no key-pair generation): a data-plane cryptographic API.  An
+        event-loop transport may then call :meth:`handle` on its loop instead of a thread."""
+        if aws.is_aws(request.path, request.headers):
+            return request.headers["x-amz-target"][len(aws.TARGET_PREFIX):] in _INLINE_AWS
+        return request.method == "POST" and request.path.rpartition("/kms/")[2] in _INLINE_APIS
 
     def count_refusal(self, error: KmsError, remote: str | None) -> None:
         """Count (and sample into the audit log) a request the transport refused unread."""
@@ -90,8 +111,10 @@ class KmsService:
         self._audit(request, uuid.uuid4().hex, _Trace(None, None, None), error)
 
     def flush(self) -> None:
-        """Write the audit sample still pending (the server is stopping)."""
+        """Write the audit sample still pending and wait for every queued record (the server
+        is stopping)."""
         self.refusals.flush()
+        self.audit_log.flush()
 
     # ------------------------------------------------------------------ the pipeline
 
@@ -190,7 +213,12 @@ class KmsService:
         if not self.env.store.claim_nonce(signature, now_ms + 2 * int(WINDOW.total_seconds() * 1000), now_ms):
             raise KmsError("KMS.0304")
 
-    def _audit(self, request: Request, request_id: str, trace: _Trace, error: KmsError | None) -> None:
+    def _write_sample(self, record: AuditRecord) -> None:
+        """A refusal sample: written without waiting for it (its loss is logged)."""
+        self.audit_log.submit(record).add_done_callback(functools.partial(_log_if_lost, record))
+
+    def _audit(self, request: Request, request_id: str, trace: _Trace, error: KmsError | None,
+               ) -> Future[None] | None:
         call = trace.call
         recipient = call.recipient if call else None
         record = AuditRecord(
@@ -204,11 +232,23 @@ class KmsService:
         )
         if trace.principal is None:
             self.refusals.add(record)
-            return
-        try:
-            self.env.audit().add(record)
-        except Exception:  # the reply stands; the log says what the audit lost
-            log.exception("audit record lost: %s", record)
+            return None
+        durable = self.audit_log.submit(record)
+        durable.add_done_callback(functools.partial(_log_if_lost, record))
+        return durable
+
+
+def _log_if_lost(record: AuditRecord, durable: Future[None]) -> None:
+    """The reply stands when its audit record could not be written; the log says what was lost."""
+    error = durable.exception()
+    if error is not None:
+        log.error("audit record lost (%s): %s", error, record)
+
+
+#: data-plane APIs: store reads and cryptography only (KmsService.runs_inline)
+_INLINE_APIS = frozenset({"encrypt-data", "decrypt-data", "create-datakey", "create-datakey-without-plaintext",
+                          "encrypt-datakey", "decrypt-datakey", "gen-random"})
+_INLINE_AWS = frozenset({"Encrypt", "Decrypt", "GenerateDataKey", "GenerateRandom"})
 
 
 @dataclass

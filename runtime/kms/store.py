@@ -15,11 +15,11 @@ plaintext key material.  Key states use Huawei's codes: "2" enabled, "3" disable
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
 import os
-import queue
 import sqlite3
 import threading
 from dataclasses import dataclass
@@ -190,7 +190,8 @@ class Store:
 
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self._pool: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
+        # idle connections, most recently used last (deque append/pop are atomic: no lock needed)
+        self._pool: collections.deque[sqlite3.Connection] = collections.deque()
         self._writer = threading.Lock()
         try:
             with self._write() as db:
@@ -201,8 +202,8 @@ class Store:
     def close(self) -> None:
         while True:
             try:
-                self._pool.get_nowait().close()
-            except queue.Empty:
+                self._pool.pop().close()
+            except IndexError:
                 return
 
     # ------------------------------------------------------------------ connections
@@ -218,14 +219,14 @@ class Store:
     @contextlib.contextmanager
     def _connection(self):
         try:
-            db = self._pool.get_nowait()
-        except queue.Empty:
+            db = self._pool.pop()
+        except IndexError:
             db = self._open()
         try:
             yield db
         finally:
-            if self._pool.qsize() < _POOL_SIZE:
-                self._pool.put(db)
+            if len(self._pool) < _POOL_SIZE:
+                self._pool.append(db)
             else:
                 db.close()
 

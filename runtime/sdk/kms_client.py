@@ -57,6 +57,7 @@ import hmac
 import http.client
 import json
 import os
+import re
 import socket
 import ssl
 import threading
@@ -74,6 +75,7 @@ DATE_HEADER = "X-Sdk-Date"
 DATE_FORMAT = "%Y%m%dT%H%M%SZ"
 KEY_ENCRYPTION_ALGORITHM = "RSAES_OAEP_SHA_256"
 API_PREFIX = "/v1.0/{project_id}/kms/"
+_UNRESERVED_PATH = re.compile(r"[A-Za-z0-9._~/-]*")     # characters quote() leaves as they are
 MAX_RESPONSE_SIZE = 1024 * 1024
 DEFAULT_TIMEOUT = 30.0
 #: Data-key ciphertexts end in a trailer of this many bytes (``runtime/kms/crypto.py``); the
@@ -114,7 +116,10 @@ class KmsProtocolError(Exception):
 
 def canonical_uri(path: str) -> str:
     """The path with each segment percent-encoded and a trailing "/" (Huawei's signer)."""
-    encoded = "/".join(quote(segment, safe="~") for segment in unquote(path).split("/"))
+    if _UNRESERVED_PATH.fullmatch(path):      # nothing to decode or encode (the usual case)
+        encoded = path
+    else:
+        encoded = "/".join(quote(segment, safe="~") for segment in unquote(path).split("/"))
     return encoded if encoded.endswith("/") else encoded + "/"
 
 

@@ -119,3 +119,17 @@ def test_a_failed_commit_reaches_every_caller_in_its_batch(tmp_path, monkeypatch
     for thread in threads:
         thread.join()
     assert len(failures) == 6 and all("disk I/O error" in failure for failure in failures)
+
+
+def test_a_failed_rotation_loses_nothing_and_blocks_no_caller(tmp_path, monkeypatch, caplog):
+    store = Store(tmp_path / "kms.sqlite")
+    audit = AuditLog(store, tmp_path / "audit", max_bytes=500, keep=3)
+
+    def broken(last_id):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(store, "delete_audit_through", broken)
+    for index in range(20):
+        audit.submit(record(index)).result(timeout=10)      # done although every rotation fails
+    assert "audit rotation failed" in caplog.text
+    assert [item.time_ms for item in store.audit(limit=100)] == list(range(20))     # all still in the table

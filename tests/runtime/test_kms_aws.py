@@ -1,7 +1,7 @@
 """AWS KMS's JSON protocol on the local KMS, driven by boto3's ``kms`` client unchanged over
 plain HTTP on loopback: SigV4, Encrypt/Decrypt/GenerateDataKey/GenerateRandom (with
-``Recipient`` → ``CiphertextForRecipient``), CreateKey/ListKeys/CreateAlias, AWS actions and
-condition keys in policies, AWS-shaped errors."""
+``Recipient`` → ``CiphertextForRecipient``), CreateKey (symmetric and asymmetric)/DescribeKey/
+GetPublicKey/Sign/ListKeys/CreateAlias, AWS actions and condition keys in policies, AWS-shaped errors."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ from qtbuild.runtime.sdk.recipient import RecipientKey
 
 PCRS = {index: bytes([index + 0x61]) * 48 for index in range(16)}
 OTHER = {index: bytes([index + 0x11]) * 48 for index in range(16)}
+#: ContentInfo, [0] and EnvelopedData with indefinite lengths (tests/runtime/test_kms_cms_ber.py)
+AWS_BER_HEAD = bytes.fromhex("308006092a864886f70d010703a0803080020102")
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +104,7 @@ def test_recipient_flow_under_aws_condition_keys(kms, admin, key_id):
     private, document = recipient(pki)
     reply = client.decrypt(CiphertextBlob=sealed, Recipient=document)
     assert "Plaintext" not in reply
+    assert reply["CiphertextForRecipient"].startswith(AWS_BER_HEAD)     # BER as AWS KMS writes it
     assert open_envelope(reply["CiphertextForRecipient"], private.private_key) == b"seed secret"
     data_key = client.generate_data_key(KeyId=key_id, KeySpec="AES_256", Recipient=document)
     plain = open_envelope(data_key["CiphertextForRecipient"], private.private_key)
@@ -138,13 +141,13 @@ def test_wrong_secret_and_unknown_operation(kms):
         boto(port, state.admin.access_key, "y" * 40).list_keys()
     assert caught.value.response["Error"]["Code"] == "InvalidSignatureException"
     with pytest.raises(ClientError) as caught:
-        boto(port, state.admin.access_key, state.admin.secret_key).describe_key(KeyId="x")
+        boto(port, state.admin.access_key, state.admin.secret_key).get_key_rotation_status(KeyId="x")
     assert caught.value.response["Error"]["Code"] == "UnknownOperationException"
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(["Encrypt", "Decrypt", "GenerateDataKey", "GenerateRandom", "CreateKey", "ListKeys",
-                        "CreateAlias", "Nope"]),
+                        "CreateAlias", "DescribeKey", "GetPublicKey", "Sign", "Nope"]),
        st.dictionaries(st.sampled_from(["KeyId", "Plaintext", "CiphertextBlob", "Recipient", "NumberOfBytes",
                                         "KeySpec", "EncryptionContext", "AliasName", "TargetKeyId", "Limit"]),
                        st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=30),
@@ -179,3 +182,64 @@ def test_temporary_credentials_as_an_aws_session(kms, key_id):
     with pytest.raises(ClientError) as caught:
         without.list_keys()
     assert caught.value.response["Error"]["Code"] == "UnrecognizedClientException"
+
+
+def test_describe_key(admin, key_id):
+    metadata = admin.describe_key(KeyId=key_id)["KeyMetadata"]
+    assert (metadata["KeyId"], metadata["KeyState"], metadata["KeySpec"], metadata["KeyUsage"]) == (
+        key_id, "Enabled", "SYMMETRIC_DEFAULT", "ENCRYPT_DECRYPT")
+    assert metadata["EncryptionAlgorithms"] == ["SYMMETRIC_DEFAULT"] and "SigningAlgorithms" not in metadata
+    with pytest.raises(ClientError) as caught:
+        admin.describe_key(KeyId="00000000-0000-4000-8000-000000000000")
+    assert caught.value.response["Error"]["Code"] == "NotFoundException"
+
+
+@pytest.mark.parametrize("spec, algorithm, curve", [
+    ("RSA_2048", "RSASSA_PSS_SHA_256", None), ("RSA_3072", "RSASSA_PKCS1_V1_5_SHA_384", None),
+    ("ECC_NIST_P256", "ECDSA_SHA_256", "secp256r1"), ("ECC_NIST_P384", "ECDSA_SHA_384", "secp384r1")])
+def test_sign_and_get_public_key(admin, spec, algorithm, curve):
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+    metadata = admin.create_key(KeySpec=spec, KeyUsage="SIGN_VERIFY")["KeyMetadata"]
+    assert (metadata["KeySpec"], metadata["KeyUsage"]) == (spec, "SIGN_VERIFY")
+    assert algorithm in metadata["SigningAlgorithms"]
+    described = admin.describe_key(KeyId=metadata["Arn"])["KeyMetadata"]
+    assert described["SigningAlgorithms"] == metadata["SigningAlgorithms"]
+    public = admin.get_public_key(KeyId=metadata["KeyId"])
+    assert (public["KeySpec"], public["KeyUsage"], public["KeyId"]) == (spec, "SIGN_VERIFY", metadata["Arn"])
+    key = serialization.load_der_public_key(public["PublicKey"])
+    digest = hashes.SHA256() if algorithm.endswith("256") else hashes.SHA384()
+    signed = admin.sign(KeyId=metadata["KeyId"], Message=b"release v1", MessageType="RAW", SigningAlgorithm=algorithm)
+    assert signed["SigningAlgorithm"] == algorithm and signed["KeyId"] == metadata["Arn"]
+    if curve:
+        assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == curve
+        key.verify(signed["Signature"], b"release v1", ec.ECDSA(digest))
+    elif algorithm.startswith("RSASSA_PSS"):
+        key.verify(signed["Signature"], b"release v1", padding.PSS(padding.MGF1(digest), digest.digest_size), digest)
+    else:
+        key.verify(signed["Signature"], b"release v1", padding.PKCS1v15(), digest)
+    hashed = hashes.Hash(digest)
+    hashed.update(b"release v1")
+    by_digest = admin.sign(KeyId=metadata["KeyId"], Message=hashed.finalize(), MessageType="DIGEST",
+                           SigningAlgorithm=algorithm)["Signature"]
+    assert by_digest     # (signatures are randomized, except PKCS#1 v1.5's)
+    wrong = "ECDSA_SHA_512" if curve else "ECDSA_SHA_256"
+    with pytest.raises(ClientError) as caught:
+        admin.sign(KeyId=metadata["KeyId"], Message=b"x", SigningAlgorithm=wrong)
+    assert caught.value.response["Error"]["Code"] == "ValidationException"
+
+
+def test_sign_needs_a_signing_key_and_the_right_to_sign(kms, admin, key_id):
+    _, port, _, enclave = kms
+    with pytest.raises(ClientError) as caught:
+        admin.sign(KeyId=key_id, Message=b"x", SigningAlgorithm="RSASSA_PSS_SHA_256")
+    assert caught.value.response["Error"]["Code"] == "ValidationException"
+    with pytest.raises(ClientError) as caught:
+        admin.create_key(KeySpec="ECC_NIST_P256", KeyUsage="ENCRYPT_DECRYPT")
+    assert caught.value.response["Error"]["Code"] == "ValidationException"
+    signing = admin.create_key(KeySpec="ECC_NIST_P256", KeyUsage="SIGN_VERIFY")["KeyMetadata"]["KeyId"]
+    client = boto(port, enclave["access_key"], enclave["secret_key"])   # its policy grants no kms:Sign
+    with pytest.raises(ClientError) as caught:
+        client.sign(KeyId=signing, Message=b"x", SigningAlgorithm="ECDSA_SHA_256")
+    assert caught.value.response["Error"]["Code"] == "AccessDeniedException"

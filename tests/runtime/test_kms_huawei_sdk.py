@@ -309,7 +309,9 @@ def test_recipient_flow_signed_by_the_sdk_core(local, sdk, key_id, api, body, fi
         "key_encryption_algorithm": "RSAES_OAEP_SHA_256"}})
     assert status == 200, reply
     assert field not in reply                                # plaintext only inside the envelope
-    opened = open_envelope(base64.b64decode(reply["ciphertext_recipient"]), recipient_key.private_key)
+    envelope = base64.b64decode(reply["ciphertext_recipient"])
+    assert envelope.startswith(bytes.fromhex("308006092a864886f70d010703a080"))     # BER, AWS's shape
+    opened = open_envelope(envelope, recipient_key.private_key)
     assert len(opened) == 32 if expected is None else opened == expected
 
 

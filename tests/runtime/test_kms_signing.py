@@ -51,6 +51,15 @@ def test_canonical_forms():
                     + hashlib.sha256(b"").hexdigest())
 
 
+@pytest.mark.parametrize("path", ["/v1.0/0123abcd/kms/decrypt-data", "/a.b_c~d-e/", "/", "", "/a%41/", "/a+b/",
+                                  "/ä/", "/a%7e/", "/a//b"])
+def test_canonical_uri_fast_path_agrees_with_the_encoder(path):
+    from urllib.parse import quote, unquote
+
+    encoded = "/".join(quote(segment, safe="~") for segment in unquote(path).split("/"))
+    assert canonical_uri(path) == (encoded if encoded.endswith("/") else encoded + "/")
+
+
 def test_signature_is_hmac_of_the_string_to_sign():
     headers = signed()
     assert headers["x-sdk-date"] == "20260301T120000Z"

@@ -237,6 +237,27 @@ def test_slow_body_gets_408(served):
     assert 1.5 < time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize("close", [False, True])
+def test_head_and_body_leave_in_one_write(served, monkeypatch, close):
+    """uvicorn writes a response's head and body separately; the server joins them (one TCP
+    segment), also when the response closes the connection."""
+    import asyncio.selector_events
+
+    writes: list[bytes] = []
+    original = asyncio.selector_events._SelectorSocketTransport.write
+
+    def recording(transport, data):
+        writes.append(bytes(data))
+        return original(transport, data)
+
+    monkeypatch.setattr(asyncio.selector_events._SelectorSocketTransport, "write", recording)
+    headers = "Connection: close\r\n" if close else ""
+    answer = exchange(served.port, f"POST {served.path('list-keys')} HTTP/1.1\r\nHost: a\r\n{headers}"
+                                   "Content-Length: 2\r\n\r\n{}".encode())
+    assert status_of(answer) == 401 and answer.endswith(b"}")
+    assert writes == [answer]
+
+
 def test_keep_alive_serves_several_requests_on_one_connection(served):
     with connect(served.port) as sock:
         for _ in range(3):
@@ -352,3 +373,33 @@ def test_replayed_admin_request_is_refused_even_by_another_process(tmp_path):
     finally:
         first.close()
         second.close()
+
+
+@pytest.mark.parametrize("api, body", [("list-keys", {}), ("gen-random", {"random_data_length": "64"})])
+def test_no_reply_leaves_before_its_audit_record_is_committed(served, monkeypatch, api, body):
+    """On a thread (list-keys) or on the event loop (gen-random: a data-plane API), the reply
+    waits for the audit log's commit."""
+    assert served.server.service.runs_inline(
+        type("R", (), {"path": served.path(api), "method": "POST", "headers": {}})()) == (api == "gen-random")
+    store = served.state.env.store
+    release, entered = threading.Event(), threading.Event()
+    original = store.add_audits
+
+    def held_commit(records):
+        entered.set()
+        release.wait(10)
+        original(records)
+
+    monkeypatch.setattr(store, "add_audits", held_commit)
+    replies: list[dict] = []
+    client = served.admin()
+    caller = threading.Thread(target=lambda: replies.append(client.call(api, body)))
+    caller.start()
+    assert entered.wait(10)
+    time.sleep(0.3)
+    assert replies == []                        # held back while the record is not durable
+    release.set()
+    caller.join(10)
+    assert len(replies) == 1
+    assert store.audit(after=0, limit=1000)[-1].api == api
+    client.close()
