@@ -15,7 +15,7 @@ times and keep, per ratio, the worst of the three (benchmarks/baseline.json reco
 done so); a quiet machine gives a tighter baseline, say in the commit which it was.
 Benchmarks run as a user runs them: a fresh interpreter with -P on the installed package, and
 tests/ on PYTHONPATH for run_start.py's image factory (its documented invocation).  The 10 GB and
-1,000,000-file modes (convert.py --many-files) stay out of CI.
+1,000,000-file modes (scale.py's defaults, convert.py --many-files) stay out of CI.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ SMALL = [
     pytest.param("convert.py", ["--size-mib", "24", "--files", "400", "--repeat", "3"], "x the floor", id="convert"),
     pytest.param("convert_daemon.py", ["--size-mib", "24", "--files", "400", "--repeat", "3"], "x docker save",
                  id="convert_daemon"),
+    pytest.param("scale.py", ["--small"], "time per 100k files", id="scale"),
     pytest.param("run_start.py", ["--size-mib", "2", "--repeat", "3"], "cli   median", id="run_start",
                  marks=pytest.mark.root),
 ]
