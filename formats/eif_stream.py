@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from qtbuild.formats.crc32 import crc32
 from qtbuild.formats.measure import Measurements, PcrHashers
 
 SECTION_HEADER = struct.Struct(">HHQ")
@@ -123,7 +123,7 @@ class SectionStreamDigest:
         first.update(view)
         for hasher in others:
             hasher.update(view)
-        self._crc = zlib.crc32(view, self._crc)
+        self._crc = crc32(view, self._crc)
         self.length += len(view)
 
     def _worker_part(self, hasher, view: memoryview) -> None:
@@ -132,7 +132,7 @@ class SectionStreamDigest:
             self._sink(view)
 
     def _feed_unmeasured(self, data) -> None:
-        self._crc = zlib.crc32(data, self._crc)
+        self._crc = crc32(data, self._crc)
         self.length += len(data)
         if self._sink is not None:
             self._sink(memoryview(data))

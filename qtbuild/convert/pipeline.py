@@ -84,7 +84,9 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
         )
         with _progress("layers", options.quiet) as bar:
             clamp_mtime = int(clamp.timestamp()) if clamp else None
-            tree = flatten(image.layers(), spill_dir=options.spill_dir, clamp_mtime=clamp_mtime, progress=bar.update)
+            # measure keeps nothing: compressed local layers are inflated again rather than spilled
+            tree = flatten(image.layers(), spill_dir=options.spill_dir, clamp_mtime=clamp_mtime, progress=bar.update,
+                           reread=options.output is None)
         with tree:
             read_file = tree_file_reader(tree)
             launch = resolve_launch(config, read_file, semantics=options.cmd_semantics)
@@ -102,6 +104,7 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
                     signer=options.signer,
                     progress=bar.update,
                 )
+            tree.verify_rereads()
             return ConvertResult(result, image.image_id, arch, launch, profile.name, warnings,
                                  image_dependencies(image))
 

@@ -108,6 +108,13 @@ class Layer(abc.ABC):
     def open_uncompressed(self) -> BinaryIO:
         """The layer's tar stream, decompressed; reading to EOF verifies blob digest and diff_id."""
 
+    def reread_opener(self):
+        """For a blob stored in a local file, whatever its compression: a callable returning the
+        decompressed tar stream afresh (its blob digest is verified again at EOF; the diff_id is
+        not), so file data can be re-read instead of spilled.  None (the default) otherwise.
+        Use it only for a layer already read to the end through :meth:`open_uncompressed`."""
+        return None
+
 
 class Image(abc.ABC):
     """A single-platform container image."""
