@@ -13,9 +13,9 @@ decompression of the blob instead.  gzip cannot seek, so:
   (offset, size) of every file the tree can output) is kept in a *stash* of at most
   32 MiB in memory (:class:`Stash`), so a member archived after its bytewise successors (``lib-x`` after
   ``lib/…``) costs no re-inflation;
-* the bytes inflated are counted; once they exceed :data:`REINFLATE_FACTOR` times the layer plus
-  64 MiB (an adversarial member order), the layer is decompressed once more into ``spill`` and
-  served from there — the old behaviour, paid only by such layers.
+* the bytes inflated are counted; once they exceed :data:`REINFLATE_FACTOR` times the layer
+  plus :data:`REINFLATE_ALLOWANCE` (an adversarial member order), the layer is decompressed once
+  more into ``spill`` and served from there — the old behaviour, paid only by such layers.
 
 Ranges served are the bytes of the layer's tar stream, whose blob digest the first pass verified;
 the re-read streams verify it again when read to the end (:meth:`close` finishes them and
@@ -36,6 +36,7 @@ from qtbuild.errors import ImageError
 
 MAX_CURSORS = 3
 REINFLATE_FACTOR = 4
+REINFLATE_ALLOWANCE = 64 << 20
 CHUNK = 1 << 20
 
 
@@ -129,7 +130,7 @@ class LayerRereader:
         kept = self._stash.take(self, offset, size)
         if kept is not None:
             return cast(BinaryIO, io.BytesIO(kept))
-        if self.inflated > REINFLATE_FACTOR * self._size + (64 << 20):
+        if self.inflated > REINFLATE_FACTOR * self._size + REINFLATE_ALLOWANCE:
             self._spill_layer()
             return self._spill.open_range(cast(int, self._spill_base) + offset, size)
         cursor = self._cursor_for(offset)
