@@ -317,7 +317,7 @@ def main() -> None:
                                      ("measure", "measure (oci)", 0.7)):
             faster = (f", {results['by hand'][0] / results[name][0]:.2f} x faster than by hand"
                       if "by hand" in results else "")
-            print(f"{name}: {ratios[f'{source}_time_over_floor']:.2f} x the gzip floor (median of rounds; "
+            print(f"{name}: {ratios[f'{source}_time_over_floor']:.2f} x the floor (gzip; median of rounds; "
                   f"target <= {target}){faster}")
         print(f"load average {' '.join(f'{load:.2f}' for load in os.getloadavg())}")
         print("ratios: " + json.dumps(ratios, sort_keys=True))
