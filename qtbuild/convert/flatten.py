@@ -36,8 +36,10 @@ Semantics (docs/images.md, "Applying layers" and "Hostile input")
   surviving entries with ``security.capability`` get one warning each, other xattrs one warning
   per name (warnings are capped at :data:`MAX_WARNINGS` lines).
 * File data is never held in memory: it is read in place from the blob when
-  ``layer.range_opener()`` is available, else from the spill store (:mod:`qtbuild.convert.spill`), to
-  which the whole decompressed tar stream of such layers is copied while it is scanned.
+  ``layer.range_opener()`` is available (the blob is then verified on a worker thread,
+  :mod:`qtbuild.convert.verify_ahead`), with ``reread`` from a fresh decompression of a local
+  blob (:mod:`qtbuild.convert.reread`), else from the spill store (:mod:`qtbuild.convert.spill`),
+  to which the whole decompressed tar stream of such layers is copied while it is scanned.
 * Caps (:class:`FlattenLimits`): members + synthesised directories across all layers, total
   uncompressed tar bytes read, PAX and GNU long-name header sizes, and the path components walked
   while resolving (40 hops of 2048-component symlink targets cost ~80k steps per member; the cap

@@ -1,10 +1,10 @@
 """The convert pipeline: image source → flattened tree → ramdisks → EIF (streamed, atomic).
 
 One pass over the layers builds the in-memory tree (file data stays in the source blobs or the
-spill store); one pass writes the EIF, streaming the customer ramdisk straight from that data into
-the writer, which hashes and checksums it on the way.  Same image content gives the same bytes
-whatever the source: nothing here depends on the source's reference, the wall clock, the
-environment or temp paths.
+spill store; ``measure`` spills nothing for local blobs but inflates them again); one pass writes
+the EIF, streaming the customer ramdisk straight from that data into the writer, which hashes and
+checksums it on the way.  Same image content gives the same bytes whatever the source: nothing
+here depends on the source's reference, the wall clock, the environment or temp paths.
 
 Metadata defaults are content-derived for that reason: ImageName ``enclave`` (or ``--name``),
 ImageVersion the image ID (or ``--version``), BuildTime SOURCE_DATE_EPOCH else the image's
