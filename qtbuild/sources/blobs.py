@@ -352,14 +352,34 @@ def open_file_range(path: str | os.PathLike, start: int, size: int) -> BinaryIO:
 RangeOpener = Callable[[int, int], BinaryIO]
 
 
+class _SharedDescriptor:
+    """One read-only descriptor on a file, closed when the last window and opener drop it.
+
+    The windows of a range opener share it: an ``open(2)`` per file of the image cost as much as
+    reading small files.  Windows read it with ``preadv`` (no shared offset), from any thread.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 -- closed in __del__, when no window needs it
+
+    def fileno(self) -> int:
+        return self._file.fileno()
+
+    def __del__(self):
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
+
+
 def file_range_opener(path: str | os.PathLike, start: int, size: int) -> RangeOpener:
     """A ``(offset, length) -> stream`` callable over the blob stored at ``[start, start+size)`` of
-    ``path``; ranges outside the blob raise ImageError."""
+    ``path``; ranges outside the blob raise ImageError.  Its streams share one descriptor."""
+    shared = _SharedDescriptor(path)
 
     def open_range(offset: int, length: int) -> BinaryIO:
         if offset < 0 or length < 0 or offset + length > size:
             raise ImageError(f"range {offset}+{length} lies outside a blob of {size} bytes")
-        return open_file_range(path, start + offset, length)
+        return FileWindow.buffered(shared, start + offset, length)
 
     return open_range
 
