@@ -396,31 +396,33 @@ class CpioStream:
             yield _Planned(entry, group.ino, group.count, entry.size if group.written == group.count else 0)
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        """Yield the archive in pieces of ``chunk_size`` bytes (the last may be shorter).
+        """Yield the archive in pieces of at most ``chunk_size`` bytes (never empty).
 
-        File data is read from ``data`` streams ``chunk_size`` bytes at a time, so memory stays
-        bounded by about two chunks whatever the file sizes.
+        Member headers, padding and small file data are gathered into pieces of about
+        ``chunk_size``; file data read in pieces of at least :data:`DIRECT_PIECE` bytes is yielded
+        as read, without being copied into a gathering buffer (that copy cost as much as hashing
+        the data once).  File data is read ``chunk_size`` bytes at a time, so memory stays
+        bounded by about two chunks whatever the file sizes.  Pieces are immutable ``bytes``.
         """
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
-        buffer = bytearray()
-        written = 0
+        gather = _Gatherer(chunk_size)
+        direct = min(DIRECT_PIECE, chunk_size)
         for member in self._planned():
-            buffer += _member_bytes(member.header_values(), member.entry.path)
+            yield from gather.add(_member_bytes(member.header_values(), member.entry.path))
             for piece in _member_data(member, chunk_size):
-                buffer += piece
-                while len(buffer) >= chunk_size:
-                    written += chunk_size
-                    yield bytes(buffer[:chunk_size])
-                    del buffer[:chunk_size]
-            buffer += b"\0" * _pad4(member.filesize)
-        buffer += _member_bytes((0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, len(TRAILER_NAME) + 1, 0), TRAILER_NAME)
-        if written + len(buffer) != self.size:
-            raise CpioFormatError(f"the entries changed between passes: {written + len(buffer)} bytes, "
+                if len(piece) >= direct:
+                    yield from gather.flush()
+                    gather.written += len(piece)
+                    yield piece
+                else:
+                    yield from gather.add(piece)
+            yield from gather.add(b"\0" * _pad4(member.filesize))
+        yield from gather.add(_member_bytes((0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, len(TRAILER_NAME) + 1, 0), TRAILER_NAME))
+        yield from gather.flush()
+        if gather.written != self.size:
+            raise CpioFormatError(f"the entries changed between passes: {gather.written} bytes, "
                                   f"planned {self.size}")
-        while buffer:
-            yield bytes(buffer[:chunk_size])
-            del buffer[:chunk_size]
 
     def write_to(self, fileobj) -> int:
         """Write the whole archive to ``fileobj``; return the number of bytes written (== size)."""
@@ -429,6 +431,38 @@ class CpioStream:
             fileobj.write(chunk)
             written += len(chunk)
         return written
+
+
+#: File data read in pieces at least this large is yielded as read rather than gathered (a hash
+#: worker then takes it whole: see formats/eif_stream.py's PARALLEL_THRESHOLD).
+DIRECT_PIECE = 256 * 1024
+
+
+class _Gatherer:
+    """Gathers small byte strings into pieces of at most ``chunk_size`` bytes; counts what it gave."""
+
+    def __init__(self, chunk_size: int):
+        self._size = chunk_size
+        self._buffer = bytearray()
+        self.written = 0
+
+    def add(self, data: bytes) -> Iterator[bytes]:
+        if len(self._buffer) + len(data) > self._size:
+            yield from self.flush()
+        if len(data) > self._size:
+            for start in range(0, len(data), self._size):
+                piece = bytes(data[start:start + self._size])
+                self.written += len(piece)
+                yield piece
+            return
+        self._buffer += data
+
+    def flush(self) -> Iterator[bytes]:
+        if self._buffer:
+            piece = bytes(self._buffer)
+            self._buffer.clear()
+            self.written += len(piece)
+            yield piece
 
 
 class CpioArchive(CpioStream):

@@ -1,4 +1,4 @@
-"""CRC-32/IEEE helpers beyond :func:`zlib.crc32`.
+"""CRC-32/IEEE: :func:`crc32` (zlib's, accelerated by python-isal when available) and helpers.
 
 The EIF CRC covers the header first, but the header holds the signature section's size, which is
 only known once the whole image has been hashed and signed.  :func:`crc32_combine` lets the
@@ -7,6 +7,13 @@ instead of reading the multi-gigabyte file a second time.
 """
 
 from __future__ import annotations
+
+try:
+    # python-isal's CRC-32 (same polynomial and result as zlib's) runs ~3.5x faster: it matters
+    # when every byte of a multi-gigabyte ramdisk is checksummed.
+    from isal.isal_zlib import crc32 as crc32
+except ImportError:  # pragma: no cover -- platforms without isal wheels: zlib, identical output
+    from zlib import crc32 as crc32
 
 _POLY_REFLECTED = 0xEDB88320
 

@@ -3,21 +3,21 @@
 Shared by the writer (which also writes each chunk) and the reader (which only checks).  A
 ramdisk byte is hashed twice (PCR0 and PCR1 or PCR2) and checksummed once; hashlib and zlib both
 release the GIL on large buffers, so large chunks are split over two threads: this thread hashes
-PCR0 and updates the CRC while a worker hashes the second PCR and runs the caller's ``sink``
-(e.g. the file write), which balances the two threads' work.  The worker's share of a chunk may
-still be running when :meth:`update` returns, so the caller can fetch the next chunk meanwhile: a
-chunk must stay unchanged until the chunk after the next one is passed in (sources alternate two
-buffers).
+PCR0 (while its caller also produces the data) while a worker hashes the second PCR, updates the
+CRC and runs the caller's ``sink`` (e.g. the file write), which balances the two threads' work.
+The worker's share of a chunk may still be running when :meth:`update` returns, so the caller
+can fetch the next chunk meanwhile: a chunk must stay unchanged until the chunk after the next
+one is passed in (sources alternate two buffers).
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
-import zlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from qtbuild.formats.crc32 import crc32
 from qtbuild.formats.measure import Measurements, PcrHashers
 
 SECTION_HEADER = struct.Struct(">HHQ")
@@ -119,20 +119,21 @@ class SectionStreamDigest:
             self._feed_unmeasured(view)
             return
         first, second, *others = self._targets
+        self.length += len(view)
         self._pending = self._pool.submit(self._worker_part, second, view)
         first.update(view)
         for hasher in others:
             hasher.update(view)
-        self._crc = zlib.crc32(view, self._crc)
-        self.length += len(view)
 
     def _worker_part(self, hasher, view: memoryview) -> None:
+        # The CRC is ordered: only the worker touches it until the caller's next _drain().
         hasher.update(view)
+        self._crc = crc32(view, self._crc)
         if self._sink is not None:
             self._sink(view)
 
     def _feed_unmeasured(self, data) -> None:
-        self._crc = zlib.crc32(data, self._crc)
+        self._crc = crc32(data, self._crc)
         self.length += len(data)
         if self._sink is not None:
             self._sink(memoryview(data))

@@ -14,8 +14,6 @@ from qtbuild.cli.command import QtbuildCommand
 from qtbuild.cli.errors import EXIT_CHECK_FAILED, InputError
 from qtbuild.cli.output import emit_json, say
 from qtbuild.cli.signing_options import KEY_METAVAR, kms_credentials_option
-from qtbuild.inspect.check import check_rebuild, is_same_file, validate_reference
-from qtbuild.signing_keys import load_signer
 
 if TYPE_CHECKING:  # pragma: no cover
     from qtbuild.convert.pipeline import ConvertOptions
@@ -79,8 +77,11 @@ def _options(params: dict, output: str | None) -> tuple[str, ConvertOptions]:
     private_key, certificate = params["private_key"], params["signing_certificate"]
     if (private_key is None) != (certificate is None):
         raise InputError("--private-key and --signing-certificate go together: give both to sign, or neither")
-    signer = (load_signer(private_key, certificate, kms_credentials=params["kms_credentials"])
-              if private_key else None)
+    signer = None
+    if private_key:
+        from qtbuild.signing_keys import load_signer  # deferred, like the imports below: start-up time
+
+        signer = load_signer(private_key, certificate, kms_credentials=params["kms_credentials"])
     from qtbuild.convert.pipeline import ConvertOptions  # deferred: keeps `qtbuild --help` fast
     from qtbuild.sources.open import with_source_kind
 
@@ -128,6 +129,9 @@ def convert_command(output, expected, provenance_path, **params) -> None:
         raise InputError("no output file: add -o app.eif (or use `qtbuild measure` to only compute PCRs)")
     if provenance_path and not output:
         raise InputError("--provenance describes the written EIF: add -o app.eif")
+    # deferred: inspect.check pulls in cryptography.x509, a tenth of a second of every convert
+    from qtbuild.inspect.check import check_rebuild, is_same_file, validate_reference
+
     if provenance_path and any(is_same_file(provenance_path, other) for other in (output, expected) if other):
         raise InputError(f"--provenance {provenance_path} would overwrite the EIF or the --check reference")
     if expected:

@@ -36,8 +36,10 @@ Semantics (docs/images.md, "Applying layers" and "Hostile input")
   surviving entries with ``security.capability`` get one warning each, other xattrs one warning
   per name (warnings are capped at :data:`MAX_WARNINGS` lines).
 * File data is never held in memory: it is read in place from the blob when
-  ``layer.range_opener()`` is available, else from the spill store (:mod:`qtbuild.convert.spill`), to
-  which the whole decompressed tar stream of such layers is copied while it is scanned.
+  ``layer.range_opener()`` is available (the blob is then verified on a worker thread,
+  :mod:`qtbuild.convert.verify_ahead`), with ``reread`` from a fresh decompression of a local
+  blob (:mod:`qtbuild.convert.reread`), else from the spill store (:mod:`qtbuild.convert.spill`),
+  to which the whole decompressed tar stream of such layers is copied while it is scanned.
 * Caps (:class:`FlattenLimits`): members + synthesised directories across all layers, total
   uncompressed tar bytes read, PAX and GNU long-name header sizes, and the path components walked
   while resolving (40 hops of 2048-component symlink targets cost ~80k steps per member; the cap
@@ -55,6 +57,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, cast
 
 from qtbuild.convert.readahead import ReadAhead
+from qtbuild.convert.reread import LayerRereader, Stash
 from qtbuild.convert.spill import SpillStore
 from qtbuild.convert.tarscan import (
     BLOCK_DEVICE,
@@ -71,6 +74,7 @@ from qtbuild.convert.tarscan import (
     TarMember,
     TarScanner,
 )
+from qtbuild.convert.verify_ahead import VerifyAhead
 from qtbuild.errors import ImageError
 from qtbuild.formats.cpio import CpioEntry
 from qtbuild.sources.base import Layer
@@ -450,6 +454,16 @@ class _TreeBuilder:
                     state[inode] += 1
         return state.translate(_LINKED_STATE)
 
+    def data_ranges(self, layers: set[int]) -> dict[int, set[tuple[int, int]]]:
+        """``(offset, size)`` of the data of every regular file in the tree from ``layers``."""
+        ranges: dict[int, set[tuple[int, int]]] = {}
+        for _name, node in self._walk_unsorted():
+            inode = self._inode(node)
+            layer = self._layer_of[inode]
+            if layer in layers and self._size[inode] and stat.S_ISREG(self._mode[inode]):
+                ranges.setdefault(layer, set()).add((self._offset[inode], self._size[inode]))
+        return ranges
+
     def _walk_unsorted(self) -> Iterator[tuple[bytes, int]]:
         children = self._children
         stack = [_ROOT]
@@ -499,8 +513,10 @@ class FlatTree:
     :meth:`close`).  Use as a context manager.
     """
 
-    def __init__(self, builder: _TreeBuilder, range_openers: list, spill: SpillStore, clamp_mtime: int | None):
+    def __init__(self, builder: _TreeBuilder, range_openers: list, spill: SpillStore, clamp_mtime: int | None,
+                 rereaders: Sequence[LayerRereader] = ()):
         self._builder = builder
+        self._rereaders = list(rereaders)
         self._openers = [opener or spill.open_range for opener in range_openers]
         self._clamp_mtime = clamp_mtime
         self._spill = spill
@@ -546,8 +562,17 @@ class FlatTree:
         """Bytes held in the spill store (0 when every layer was read in place)."""
         return self._spill.size
 
+    def verify_rereads(self) -> None:
+        """Check that layers re-read from their blobs (``flatten(reread=True)``) still have the
+        digest the first pass verified, by reading them to the end (ImageError if not).  Call it
+        after the data was read, before trusting what was computed from it."""
+        for rereader in self._rereaders:
+            rereader.finish()
+
     def close(self) -> None:
         """Remove the spill store (idempotent); entry data can no longer be read."""
+        for rereader in self._rereaders:
+            rereader.close_cursors()
         self._spill.close()
 
     def __enter__(self) -> FlatTree:
@@ -604,6 +629,18 @@ class _Warnings:
         return lines
 
 
+def _rereaders(builder: _TreeBuilder, layers: Sequence[Layer], reopeners: dict, lengths: dict[int, int],
+               spill: SpillStore) -> dict[int, LayerRereader]:
+    """A :class:`LayerRereader` per re-read layer, told which of its files the tree can output."""
+    if not reopeners:
+        return {}
+    needed = builder.data_ranges(set(reopeners))
+    stash = Stash()
+    return {index: LayerRereader(reopen, lengths[index], sorted(needed.get(index, ())), stash, spill,
+                                 _layer_label(index, layers[index]))
+            for index, reopen in reopeners.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
@@ -615,17 +652,28 @@ def _layer_label(index: int, layer: Layer) -> str:
     return f"layer {index + 1} ({short})"
 
 
-def _apply_layer(builder: _TreeBuilder, index: int, layer: Layer, spill: SpillStore,
-                 limits: FlattenLimits, budget: ByteBudget, progress) -> object:
-    """Scan one layer into the tree; return its range opener (None: data is in the spill store)."""
+def _apply_layer(builder: _TreeBuilder, index: int, layer: Layer, opener, spill: SpillStore,
+                 verifier: VerifyAhead, limits: FlattenLimits, budget: ByteBudget, progress) -> int:
+    """Scan one layer into the tree; return the length of its tar stream (up to its end marker).
+
+    A layer with a range ``opener`` is scanned straight from its blob while ``verifier`` checks
+    it on another thread; any other layer is read through its verifying stream, and spilled
+    unless ``opener`` is :data:`_REREAD` (its data will be re-read from the blob).
+    """
     label = _layer_label(index, layer)
-    opener = layer.range_opener()
     tar_limits = TarLimits(max_long_name=limits.max_long_name, max_pax_header=limits.max_pax_header)
     builder.begin_layer(index, 0 if opener is not None else spill.size)
-    stream = ReadAhead(layer.open_uncompressed())
+    in_place = index in verifier
+    stream = opener(0, layer.descriptor.size) if in_place else ReadAhead(layer.open_uncompressed())
+    length = 0
+
+    def count(chunk: bytes) -> None:
+        nonlocal length
+        length += len(chunk)
+
     try:
         scanner = TarScanner(cast(BinaryIO, stream), limits=tar_limits,  # ReadAhead: a RawIOBase
-                             tee=None if opener is not None else spill.append,
+                             tee=spill.append if opener is None else count,
                              budget=budget, progress=progress)
         for member in scanner:
             try:
@@ -634,24 +682,37 @@ def _apply_layer(builder: _TreeBuilder, index: int, layer: Layer, spill: SpillSt
                 name = member.name[:200].decode("utf-8", "backslashreplace")
                 raise ImageError(f"{label}: member {name!r}: {exc}") from None
         scanner.drain()
-    except TarFormatError as exc:
-        raise ImageError(f"{label}: {exc}") from None
+    except ImageError as exc:
+        # A blob that fails verification is reported as such, not as whatever its bytes parse to.
+        failure = verifier.failed(index) if in_place else None
+        if failure is not None:
+            raise failure from None
+        if isinstance(exc, TarFormatError):
+            raise ImageError(f"{label}: {exc}") from None
+        raise
     finally:
         stream.close()
     builder.end_layer()
-    return opener
+    return length
+
+
+#: The opener of a layer whose data is re-read from its blob (flatten's ``reread``).
+_REREAD = object()
 
 
 def flatten(layers: Sequence[Layer], *, spill_dir: str | None = None,
             limits: FlattenLimits = FlattenLimits(), clamp_mtime: int | None = None,
-            progress: Callable[[int], object] | None = None) -> FlatTree:
+            progress: Callable[[int], object] | None = None, reread: bool = False) -> FlatTree:
     """Apply ``layers`` bottom to top and return the resulting tree (see the module docstring).
 
     ``spill_dir``: where the spill store's private directory goes (default: the system temp dir).
     ``clamp_mtime``: SOURCE_DATE_EPOCH; every mtime becomes ``min(mtime, clamp_mtime)`` and
     synthesised directories get ``clamp_mtime`` (else 0).  ``progress`` is called with the byte
-    count of every chunk of uncompressed tar read.  Raises :class:`ImageError`; the caller must
-    :meth:`FlatTree.close` the result.
+    count of every chunk of uncompressed tar read.  ``reread``: compressed layers whose blob is a
+    local file are not spilled; their data is inflated again when read
+    (:mod:`qtbuild.convert.reread`: costs CPU, saves the disk — for ``measure``).  Raises
+    :class:`ImageError`; the caller must :meth:`FlatTree.close` the result (and should call
+    :meth:`FlatTree.verify_rereads` once the data was read).
     """
     if clamp_mtime is not None and not 0 <= clamp_mtime <= U32_MAX:
         raise ValueError(f"clamp_mtime {clamp_mtime} is outside 0..{U32_MAX}")
@@ -659,10 +720,28 @@ def flatten(layers: Sequence[Layer], *, spill_dir: str | None = None,
     try:
         builder = _TreeBuilder(limits, clamp_mtime if clamp_mtime is not None else 0)
         budget = ByteBudget(limits.max_total_bytes)
-        openers = [_apply_layer(builder, index, layer, spill, limits, budget, progress)
-                   for index, layer in enumerate(layers)]
+        # A layer read in stream order is located only when its turn comes (in the loop below).
+        openers: list = [None if layer.in_stream_order else layer.range_opener() for layer in layers]
+        in_place = {index: layer for index, layer in enumerate(layers)
+                    if openers[index] is not None and getattr(layer, "descriptor", None) is not None}
+        reopeners = {index: layer.reread_opener() for index, layer in enumerate(layers)
+                     if reread and openers[index] is None and not layer.in_stream_order}
+        reopeners = {index: reopen for index, reopen in reopeners.items() if reopen is not None}
+        lengths: dict[int, int] = {}
+        with VerifyAhead(in_place) as verifier:
+            for index, layer in enumerate(layers):
+                if layer.in_stream_order:
+                    openers[index] = layer.range_opener()
+                opener = _REREAD if index in reopeners else openers[index]
+                lengths[index] = _apply_layer(builder, index, layer, opener, spill, verifier, limits, budget,
+                                              progress)
+            for index in in_place:
+                verifier.result(index)
         spill.flush()
-        return FlatTree(builder, openers, spill, clamp_mtime)
+        rereaders = _rereaders(builder, layers, reopeners, lengths, spill)
+        for index, rereader in rereaders.items():
+            openers[index] = rereader.open_range
+        return FlatTree(builder, openers, spill, clamp_mtime, rereaders=list(rereaders.values()))
     except BaseException:
         spill.close()
         raise

@@ -1,10 +1,10 @@
 """The convert pipeline: image source → flattened tree → ramdisks → EIF (streamed, atomic).
 
 One pass over the layers builds the in-memory tree (file data stays in the source blobs or the
-spill store); one pass writes the EIF, streaming the customer ramdisk straight from that data into
-the writer, which hashes and checksums it on the way.  Same image content gives the same bytes
-whatever the source: nothing here depends on the source's reference, the wall clock, the
-environment or temp paths.
+spill store; ``measure`` spills nothing for local blobs but inflates them again); one pass writes
+the EIF, streaming the customer ramdisk straight from that data into the writer, which hashes and
+checksums it on the way.  Same image content gives the same bytes whatever the source: nothing
+here depends on the source's reference, the wall clock, the environment or temp paths.
 
 Metadata defaults are content-derived for that reason: ImageName ``enclave`` (or ``--name``),
 ImageVersion the image ID (or ``--version``), BuildTime SOURCE_DATE_EPOCH else the image's
@@ -87,8 +87,9 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
         )
         with _progress("layers", options.quiet) as bar:
             clamp_mtime = int(clamp.timestamp()) if clamp else None
+            # measure keeps nothing: compressed local layers are inflated again rather than spilled
             tree = flatten(image.layers(), spill_dir=_spill_dir(image, options), clamp_mtime=clamp_mtime,
-                           progress=bar.update)
+                           progress=bar.update, reread=options.output is None)
         with tree:
             read_file = tree_file_reader(tree)
             launch = resolve_launch(config, read_file, semantics=options.cmd_semantics)
@@ -106,6 +107,7 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
                     signer=options.signer,
                     progress=bar.update,
                 )
+            tree.verify_rereads()
             return ConvertResult(result, image.image_id, arch, launch, profile.name, warnings,
                                  image_dependencies(image))
 

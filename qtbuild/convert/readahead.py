@@ -56,18 +56,35 @@ class ReadAhead(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def _next(self) -> bool:
+        """Make the next chunk pending; False at the end (re-raises the source's error)."""
+        if self._finished:
+            return False
+        item = self._queue.get()
+        if item is _END:
+            self._finished = True
+            return False
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        self._pending = memoryview(item)
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        """As ``RawIOBase.read``, but a whole pending chunk that fits is returned without a copy."""
+        if size is None or size < 0:
+            return self.readall()
+        if not self._pending and not self._next():
+            return b""
+        pending = self._pending
+        if len(pending) <= size and isinstance(pending.obj, bytes) and len(pending) == len(pending.obj):
+            self._pending = memoryview(b"")
+            return pending.obj
+        return super().read(size) or b""
+
     def readinto(self, buffer) -> int:
-        if not self._pending:
-            if self._finished:
-                return 0
-            item = self._queue.get()
-            if item is _END:
-                self._finished = True
-                return 0
-            if isinstance(item, BaseException):
-                self._finished = True
-                raise item
-            self._pending = memoryview(item)
+        if not self._pending and not self._next():
+            return 0
         size = min(len(buffer), len(self._pending))
         buffer[:size] = self._pending[:size]
         self._pending = self._pending[size:]

@@ -92,6 +92,10 @@ class Layer(abc.ABC):
 
     descriptor: Descriptor
     diff_id: str
+    #: True when the layer's bytes come from one stream shared with the image's other layers (a
+    #: daemon's save stream): its methods may then be called only when its turn comes, bottom to
+    #: top, since even :meth:`range_opener` reads the stream up to the layer.
+    in_stream_order: bool = False
 
     @abc.abstractmethod
     def open_blob(self) -> BinaryIO:
@@ -107,6 +111,13 @@ class Layer(abc.ABC):
     @abc.abstractmethod
     def open_uncompressed(self) -> BinaryIO:
         """The layer's tar stream, decompressed; reading to EOF verifies blob digest and diff_id."""
+
+    def reread_opener(self):
+        """For a blob stored in a local file, whatever its compression: a callable returning the
+        decompressed tar stream afresh (its blob digest is verified again at EOF; the diff_id is
+        not), so file data can be re-read instead of spilled.  None (the default) otherwise.
+        Use it only for a layer already read to the end through :meth:`open_uncompressed`."""
+        return None
 
 
 class Image(abc.ABC):

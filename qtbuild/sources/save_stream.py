@@ -568,6 +568,8 @@ class _LiveLayer(io.RawIOBase):
 class _StreamedLayer(Layer):
     """Layer ``index`` of a :class:`SaveStreamImage`: live from the stream or from the scratch file."""
 
+    in_stream_order = True
+
     def __init__(self, image: SaveStreamImage, index: int, diff_id: str):
         self._image = image
         self._index = index

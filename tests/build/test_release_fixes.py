@@ -350,10 +350,28 @@ def test_full_tmpdir_while_spilling_layers_names_the_path(tmp_path, full_tmpdir)
 
     layer = make_tar([file("data/blob", os.urandom(512 * 1024))])  # gzip: read through the spill store
     write_oci_layout(tmp_path / "big", [layer], default_config(cmd=["/bin/app"]), compression="gzip")
-    result = run_cli("measure", f"oci:{tmp_path / 'big'}", "-q", env={"TMPDIR": str(full_tmpdir)})
+    result = run_cli("convert", f"oci:{tmp_path / 'big'}", "-q", "-o", str(tmp_path / "big.eif"),
+                     env={"TMPDIR": str(full_tmpdir)})
     assert result.returncode == 2
     assert f"No space left on device: {full_tmpdir}/qtbuild-spill-" in result.stderr
     assert os.listdir(full_tmpdir) == []
+    assert not (tmp_path / "big.eif").exists()
+
+
+def test_measure_of_gzip_layers_needs_no_scratch_space(tmp_path, full_tmpdir):
+    """measure inflates local gzip layers again instead of spilling them: a full TMPDIR does not
+    matter, and the PCRs are convert's."""
+    from helpers.imagefactory import default_config, file, make_tar, write_oci_layout
+
+    layers = [make_tar([file("data/blob", os.urandom(512 * 1024)), file("etc/passwd", b"root:x:0:0::/root:/bin/sh\n")]),
+              make_tar([file("data/other", os.urandom(300 * 1024)), file("data/blob", b"replaced")])]
+    write_oci_layout(tmp_path / "big", layers, default_config(cmd=["/bin/app"]), compression="gzip")
+    measured = run_cli("measure", f"oci:{tmp_path / 'big'}", "-q", env={"TMPDIR": str(full_tmpdir)})
+    assert measured.returncode == 0, measured.stderr
+    assert os.listdir(full_tmpdir) == []
+    converted = run_cli("convert", f"oci:{tmp_path / 'big'}", "-q", "-o", str(tmp_path / "big.eif"))
+    assert converted.returncode == 0, converted.stderr
+    assert json.loads(measured.stdout) == json.loads(converted.stdout)
 
 
 def test_full_tmpdir_while_saving_from_the_daemon_names_the_path(full_tmpdir):

@@ -81,6 +81,17 @@ def test_all_sources_give_identical_bytes(image, tmp_path):
     assert len({json.dumps(m, sort_keys=True) for m in measurements.values()}) == 1
 
 
+def test_measure_prints_convert_pcrs_from_every_source(image, tmp_path):
+    """measure reads file data differently (local gzip layers are inflated again, not spilled):
+    its PCRs must still be convert's, from every source."""
+    expected = convert(image["archive"], tmp_path / "app.eif")
+    for name, source in image.items():
+        result = subprocess.run([sys.executable, "-c", "from qtbuild.cli import main; main()", "measure", source, "-q"],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == expected, name
+
+
 def test_environment_does_not_change_the_bytes(image, tmp_path):
     convert(image["layout"], tmp_path / "plain.eif")
     odd_tmp = tmp_path / "elsewhere"

@@ -1,0 +1,67 @@
+"""Verify layers read in place on worker threads, while their tar headers are scanned.
+
+A layer stored uncompressed in a local file (``Layer.range_opener()``) is read twice anyway: its
+tar headers when the tree is built, its file data when the ramdisk is written.  Its verification
+(size and SHA-256 of the blob, the diff_id, the bomb caps: everything
+``Layer.open_uncompressed()`` checks when read to the end) needs every byte hashed, which on one
+thread costs far more than parsing the headers.  :class:`VerifyAhead` runs those reads on a small
+pool, several layers at once, so the scan only reads the blob and the hashing uses every core.
+
+Contract: :meth:`result` waits for one layer's verification and re-raises its error (an
+:class:`~qtbuild.errors.ImageError`); the tree built from a layer may only be used once its
+:meth:`result` returned.  :meth:`close` stops the workers between chunks (on error paths) and
+waits for them; it is idempotent.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from qtbuild.sources.base import Layer
+
+CHUNK = 1 << 20
+
+
+class VerifyAhead:
+    """Reads ``layers`` (index → layer) to the end through ``open_uncompressed()`` on worker threads."""
+
+    def __init__(self, layers: Mapping[int, Layer], *, workers: int | None = None):
+        self._stop = threading.Event()
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: dict[int, Future[None]] = {}
+        if layers:
+            count = workers or min(len(layers), os.cpu_count() or 1, 4)
+            self._pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="verify-layer")
+            self._futures = {index: self._pool.submit(self._verify, layer) for index, layer in layers.items()}
+
+    def _verify(self, layer: Layer) -> None:
+        with layer.open_uncompressed() as stream:
+            while not self._stop.is_set():
+                if not stream.read(CHUNK):
+                    return
+
+    def __contains__(self, index: int) -> bool:
+        return index in self._futures
+
+    def result(self, index: int) -> None:
+        """Wait for layer ``index``'s verification; re-raise its error."""
+        self._futures[index].result()
+
+    def failed(self, index: int) -> BaseException | None:
+        """Layer ``index``'s verification error once it finished (waiting for it), else None."""
+        return self._futures[index].exception() if index in self._futures else None
+
+    def close(self) -> None:
+        self._stop.set()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> VerifyAhead:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,145 @@
+"""Re-reading compressed layers instead of spilling them (measure): same bytes, bounded cost."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+
+from qtbuild.convert import reread
+from qtbuild.convert.flatten import flatten
+from qtbuild.convert.reread import LayerRereader, Stash
+from qtbuild.convert.spill import SpillStore
+from qtbuild.errors import ImageError
+from qtbuild.formats.cpio import CpioStream
+from qtbuild.sources.open import open_image
+
+
+class _Source:
+    """A layer stream to re-read: counts how often it was opened."""
+
+    def __init__(self, data: bytes):
+        self.data, self.opened = data, 0
+
+    def __call__(self):
+        self.opened += 1
+        return io.BytesIO(self.data)
+
+
+def _reader(source: _Source, needed, tmp_path, stash_limit: int = 32 << 20) -> LayerRereader:
+    return LayerRereader(source, len(source.data), sorted(needed), Stash(stash_limit), SpillStore(str(tmp_path)),
+                         "layer 1")
+
+
+def _read(reader: LayerRereader, offset: int, size: int) -> bytes:
+    with reader.open_range(offset, size) as stream:
+        return stream.read(size + 1)
+
+
+def test_out_of_order_files_come_from_the_stash_without_reopening(tmp_path):
+    data = os.urandom(3 << 20)
+    files = [(0, 1000), (1 << 20, 5000), (2 << 20, 7000)]
+    source = _Source(data)
+    reader = _reader(source, files, tmp_path)
+    for offset, size in (files[2], files[0], files[1]):  # a member archived after its successors
+        assert _read(reader, offset, size) == data[offset:offset + size]
+    assert source.opened == 1
+    reader.finish()
+
+
+def test_a_file_behind_every_cursor_opens_a_new_one_when_not_stashed(tmp_path):
+    data = os.urandom(2 << 20)
+    source = _Source(data)
+    reader = _reader(source, [(100, 10), (1 << 20, 10)], tmp_path, stash_limit=0)
+    assert _read(reader, 1 << 20, 10) == data[1 << 20:(1 << 20) + 10]
+    assert _read(reader, 100, 10) == data[100:110]  # nothing stashed (no room): a second decompression
+    assert source.opened == 2
+    reader.close_cursors()
+
+
+def test_an_adversarial_order_falls_back_to_the_spill_store(tmp_path, monkeypatch):
+    monkeypatch.setattr(reread, "REINFLATE_FACTOR", 1)
+    monkeypatch.setattr(reread, "REINFLATE_ALLOWANCE", 0)
+    data = os.urandom(4 << 20)
+    files = [(i << 19, 100) for i in range(8)]
+    source = _Source(data)
+    spill = SpillStore(str(tmp_path))
+    reader = LayerRereader(source, len(data), files, Stash(0), spill, "layer 1")
+    for offset, size in reversed(files * 40):
+        assert _read(reader, offset, size) == data[offset:offset + size]
+    assert spill.size == len(data)  # spilled once, then served from there
+    assert source.opened <= 3
+    spill.close()
+
+
+def test_a_blob_shorter_on_the_second_read_is_an_error(tmp_path):
+    source = _Source(os.urandom(1000))
+    reader = _reader(source, [], tmp_path)
+    source.data = source.data[:500]
+    with pytest.raises(ImageError, match="second read of the layer ended at 500"):
+        reader.open_range(800, 100)
+
+
+def _ramdisk(tree) -> bytes:
+    return b"".join(CpioStream(tree.iter_entries).chunks())
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_reread_gives_the_bytes_the_spill_gives(tmp_path, compression):
+    """Members archived out of bytewise order, a whiteout, a hardlink, a replaced file."""
+    from helpers.imagefactory import default_config, file, hardlink, make_tar, write_oci_layout
+
+    big = os.urandom(3 << 20)
+    lower = make_tar([file("usr/lib/python3/x.py", b"x" * 5000), file("usr/lib/python3-dev/y", big),
+                      file("usr/lib/python3.11", b"z" * 100), file("etc/passwd", b"root:x:0:0::/:/bin/sh\n"),
+                      file("gone", b"g" * 70000)])
+    upper = make_tar([file("usr/lib/python3/x.py", b"new"), file(".wh.gone"), hardlink("link", "etc/passwd"),
+                      file("b", os.urandom(300_000)), file("a", os.urandom(200_000))])
+    write_oci_layout(tmp_path / "img", [lower, upper], default_config(), compression=compression)
+    with open_image(f"oci:{tmp_path / 'img'}", platform=None) as image:
+        with flatten(image.layers(), spill_dir=str(tmp_path)) as spilled:
+            assert spilled.spill_bytes > 0
+            expected = _ramdisk(spilled)
+        with flatten(image.layers(), spill_dir=str(tmp_path), reread=True) as reread_tree:
+            assert reread_tree.spill_bytes == 0
+            assert _ramdisk(reread_tree) == expected
+            assert _ramdisk(reread_tree) == expected  # a second pass re-reads again
+            reread_tree.verify_rereads()
+    assert os.listdir(tmp_path) == ["img"]
+
+
+def test_a_blob_changed_after_the_first_pass_fails_verify_rereads(tmp_path):
+    from helpers.imagefactory import default_config, file, make_tar, write_oci_layout
+
+    layer = make_tar([file("a", os.urandom(100_000)), file("z", os.urandom(100_000))])
+    write_oci_layout(tmp_path / "img", [layer], default_config(), compression="gzip")
+    with open_image(f"oci:{tmp_path / 'img'}", platform=None) as image:
+        [stored] = image.layers()
+        with flatten([stored], reread=True) as tree:
+            blob = tmp_path / "img" / "blobs" / "sha256" / stored.descriptor.digest.split(":")[1]
+            content = bytearray(blob.read_bytes())
+            content[-9] ^= 1  # the gzip trailer: the data still inflates, the digest differs
+            blob.write_bytes(bytes(content))
+            with pytest.raises(ImageError, match="digest mismatch"):  # during the pass or after it
+                _ramdisk(tree)
+                tree.verify_rereads()
+
+
+@pytest.mark.parametrize("where", ["data", "header"])
+def test_a_layer_read_in_place_is_still_verified(tmp_path, where):
+    """Uncompressed layers are scanned from the blob while a worker verifies them: a tampered blob
+    fails with its digest error, also when the tampering breaks the tar headers first."""
+    from helpers.imagefactory import default_config, file, make_tar, write_oci_layout
+
+    layer = make_tar([file("a", b"A" * 4096), file("b", b"B" * 4096)])
+    write_oci_layout(tmp_path / "img", [layer, make_tar([file("c", b"c")])], default_config(), compression=None)
+    with open_image(f"oci:{tmp_path / 'img'}", platform=None) as image:
+        stored = image.layers()[0]
+        assert stored.range_opener() is not None
+        blob = tmp_path / "img" / "blobs" / "sha256" / stored.descriptor.digest.split(":")[1]
+        content = bytearray(blob.read_bytes())
+        content[1024 if where == "data" else 4608] ^= 1  # a's data, or b's name (its header checksum)
+        blob.write_bytes(bytes(content))
+        with pytest.raises(ImageError, match="digest mismatch"):
+            flatten(image.layers())
