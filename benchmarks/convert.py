@@ -2,6 +2,7 @@
 """Benchmark: `qtbuild convert` against the decompression floor and the by-hand pipeline.
 
 Usage: python benchmarks/convert.py [--size-mib 1024] [--files 21000] [--dir DIR] [--keep]
+                                   [--reference-python OTHER/.venv/bin/python]
        python benchmarks/convert.py --many-files [--dir DIR]
 
 Generates a synthetic image (≈ --size-mib of file data over 3 gzip layers, --files files:
@@ -269,6 +270,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each command; the best is reported")
     parser.add_argument("--many-files", action="store_true", help="memory against file count and path length")
     parser.add_argument("--without-by-hand", action="store_true", help="skip the umoci + GNU cpio pipeline")
+    parser.add_argument("--reference-python", default=None,
+                        help="also time the qtbuild commands with this interpreter (e.g. another checkout's "
+                             ".venv/bin/python), interleaved, and report each as a ratio to it")
     options = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="qtbuild-bench-", dir=options.dir)
     if options.many_files:
@@ -282,7 +286,7 @@ def main() -> None:
         paths = generate(workdir, options.size_mib * MIB, options.files)
         print(f"generated {options.size_mib} MiB / {options.files} files in {time.perf_counter() - start:.1f} s "
               f"under {workdir}")
-        qtbuild = f"{sys.executable} -c 'from qtbuild.cli import main; main()'"
+        qtbuild = f"{sys.executable} -P -c 'from qtbuild.cli import main; main()'"
         rootfs = os.path.join(workdir, "umoci-rootfs")
         commands = {
             "convert (oci)": f"{qtbuild} convert -q oci:{paths['layout']}:bench -o {workdir}/oci.eif",
@@ -294,6 +298,10 @@ def main() -> None:
         }
         if options.without_by_hand:
             del commands["by hand"]
+        if options.reference_python:
+            reference = f"{options.reference_python} -P -c 'from qtbuild.cli import main; main()'"
+            for name in ("convert (oci)", "convert (archive)", "measure (oci)"):
+                commands[f"{name} ref"] = commands[name].replace(qtbuild, reference)
         results = {name: (float("inf"), 0.0) for name in commands}
         rounds: dict[str, list[float]] = {name: [] for name in commands}
         for _ in range(options.repeat):  # interleaved, so machine noise hits every command alike
@@ -319,6 +327,10 @@ def main() -> None:
                       if "by hand" in results else "")
             print(f"{name}: {ratios[f'{source}_time_over_floor']:.2f} x the floor (gzip; median of rounds; "
                   f"target <= {target}){faster}")
+        if options.reference_python:
+            for name in ("convert (oci)", "convert (archive)", "measure (oci)"):
+                ratio = statistics.median(t / r for t, r in zip(rounds[name], rounds[f"{name} ref"], strict=True))
+                print(f"{name}: {ratio:.2f} x the reference (median of rounds)")
         print(f"load average {' '.join(f'{load:.2f}' for load in os.getloadavg())}")
         print("ratios: " + json.dumps(ratios, sort_keys=True))
     finally:

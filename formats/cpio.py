@@ -434,7 +434,7 @@ class CpioStream:
 
 
 #: File data read in pieces at least this large is yielded as read rather than gathered (a hash
-#: worker then takes it whole: see formats/eif_stream.py's PARALLEL_THRESHOLD).
+#: worker then takes it whole: see formats/eif_stream.py).
 DIRECT_PIECE = 256 * 1024
 
 

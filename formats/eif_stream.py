@@ -1,19 +1,24 @@
 """One streaming pass over an EIF's sections: PCR hashers and CRC-32 fed chunk by chunk.
 
 Shared by the writer (which also writes each chunk) and the reader (which only checks).  A
-ramdisk byte is hashed twice (PCR0 and PCR1 or PCR2) and checksummed once; hashlib and zlib both
-release the GIL on large buffers, so large chunks are split over two threads: this thread hashes
-PCR0 (while its caller also produces the data) while a worker hashes the second PCR, updates the
-CRC and runs the caller's ``sink`` (e.g. the file write), which balances the two threads' work.
-The worker's share of a chunk may still be running when :meth:`update` returns, so the caller
-can fetch the next chunk meanwhile: a chunk must stay unchanged until the chunk after the next
-one is passed in (sources alternate two buffers).
+ramdisk byte is hashed twice (PCR0 and PCR1 or PCR2) and checksummed once: two SHA-384 passes
+cost far more than producing the data (reading it, building the cpio archive).  hashlib, zlib
+and file writes release the GIL on large buffers, so every chunk goes to two worker "lanes":
+one hashes the first PCR and updates the CRC, the other hashes the second PCR and runs the
+caller's ``sink`` (e.g. the file write).  The caller's thread only produces data, a few chunks
+ahead of the lanes, so on two cores both stay busy with hashing the whole time.
+
+Chunk lifetime (the contract of :class:`~qtbuild.formats.eif_writer.SectionSource`): a chunk in
+a reused buffer (anything but ``bytes``) must stay unchanged until the chunk after the next one
+is passed in (sources alternate two buffers); immutable ``bytes`` chunks are queued up to
+:data:`DEPTH` deep.  :meth:`update` may return before the lanes processed the chunk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -21,8 +26,10 @@ from qtbuild.formats.crc32 import crc32
 from qtbuild.formats.measure import Measurements, PcrHashers
 
 SECTION_HEADER = struct.Struct(">HHQ")
-#: Below this a chunk is processed inline: handing it to the worker would cost more than it saves.
-PARALLEL_THRESHOLD = 256 * 1024
+#: Chunks queued for the lanes at most: the caller runs this far ahead of the hashing.
+DEPTH = 4
+#: A chunk in a reused buffer below this size is copied, so it can be queued like ``bytes``.
+COPY_BELOW = 256 * 1024
 
 
 class SectionStreamDigest:
@@ -49,8 +56,11 @@ class SectionStreamDigest:
         self._crc = 0
         self._sink = sink
         self._targets: list = []
-        self._pending: Future[None] | None = None
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eif-digest")
+        #: (futures of both lanes, whether the chunk is in a reused buffer), oldest first
+        self._inflight: deque[tuple[tuple[Future[None], Future[None]], bool]] = deque()
+        # One thread per lane: each lane runs its work in the order submitted.
+        self._lanes = (ThreadPoolExecutor(max_workers=1, thread_name_prefix="eif-digest-a"),
+                       ThreadPoolExecutor(max_workers=1, thread_name_prefix="eif-digest-b"))
 
     @property
     def crc(self) -> int:
@@ -67,13 +77,20 @@ class SectionStreamDigest:
         try:
             self._drain()
         finally:
-            self._pool.shutdown(wait=True)
+            for lane in self._lanes:
+                lane.shutdown(wait=True, cancel_futures=True)
 
     def _drain(self) -> None:
-        """Wait for the worker's share of the previous chunk (re-raising its error)."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+        """Wait for the lanes to finish every chunk passed in (re-raising their first error)."""
+        while self._inflight:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        futures, _ = self._inflight.popleft()
+        try:
+            futures[0].result()
+        finally:
+            futures[1].result()
 
     def begin_section(self, kind: str, type_code: int, size: int, flags: int = 0) -> bytes:
         """Start a section; returns (and feeds to the CRC and sink) its 12-byte header."""
@@ -108,27 +125,33 @@ class SectionStreamDigest:
         return list(self._digests)
 
     def update(self, chunk) -> None:
-        """Feed one chunk of the current section's data."""
+        """Feed one chunk of the current section's data (see the module docstring for its lifetime)."""
         view = memoryview(chunk).cast("B")
         if not view:
             return
-        self._drain()
-        if len(view) < PARALLEL_THRESHOLD or len(self._targets) < 2:
-            for hasher in self._targets:
-                hasher.update(view)
-            self._feed_unmeasured(view)
-            return
-        first, second, *others = self._targets
+        reused = not isinstance(view.obj, bytes)
+        if reused and len(view) < COPY_BELOW:
+            view, reused = memoryview(bytes(view)), False
+        while len(self._inflight) >= DEPTH:
+            self._wait_oldest()
+        first, second, others = self._targets[:1], self._targets[1:2], self._targets[2:]
         self.length += len(view)
-        self._pending = self._pool.submit(self._worker_part, second, view)
-        first.update(view)
-        for hasher in others:
-            hasher.update(view)
+        futures = (self._lanes[0].submit(self._lane_a, first + others, view),
+                   self._lanes[1].submit(self._lane_b, second, view))
+        self._inflight.append((futures, reused))
+        # The source refills a reused buffer once this returns: only the newest chunk may still be in one.
+        while len(self._inflight) > 1 and any(older for _, older in list(self._inflight)[:-1]):
+            self._wait_oldest()
 
-    def _worker_part(self, hasher, view: memoryview) -> None:
-        # The CRC is ordered: only the worker touches it until the caller's next _drain().
-        hasher.update(view)
+    def _lane_a(self, hashers: list, view: memoryview) -> None:
+        # The CRC is ordered: only this lane touches it until the caller's next _drain().
+        for hasher in hashers:
+            hasher.update(view)
         self._crc = crc32(view, self._crc)
+
+    def _lane_b(self, hashers: list, view: memoryview) -> None:
+        for hasher in hashers:
+            hasher.update(view)
         if self._sink is not None:
             self._sink(view)
 

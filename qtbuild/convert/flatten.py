@@ -654,7 +654,8 @@ def _layer_label(index: int, layer: Layer) -> str:
 
 def _apply_layer(builder: _TreeBuilder, index: int, layer: Layer, opener, spill: SpillStore,
                  verifier: VerifyAhead, limits: FlattenLimits, budget: ByteBudget, progress) -> int:
-    """Scan one layer into the tree; return the length of its tar stream (up to its end marker).
+    """Scan one layer into the tree; return the length of its tar stream (up to its end marker;
+    unknown, 0, for a layer read in place).
 
     A layer with a range ``opener`` is scanned straight from its blob while ``verifier`` checks
     it on another thread; any other layer is read through its verifying stream, and spilled
@@ -672,9 +673,10 @@ def _apply_layer(builder: _TreeBuilder, index: int, layer: Layer, opener, spill:
         length += len(chunk)
 
     try:
+        # In place, file data is seeked over: the verifier reads the blob anyway, the ramdisk later.
         scanner = TarScanner(cast(BinaryIO, stream), limits=tar_limits,  # ReadAhead: a RawIOBase
-                             tee=spill.append if opener is None else count,
-                             budget=budget, progress=progress)
+                             tee=None if in_place else spill.append if opener is None else count,
+                             budget=budget, progress=progress, seek_over_data=in_place)
         for member in scanner:
             try:
                 builder.apply(member)

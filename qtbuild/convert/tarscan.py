@@ -11,7 +11,10 @@ Contract
   ``g``, GNU ``L``/``K``) are folded into the member they describe.  Each member's data is
   consumed (skipped, and passed to ``tee`` with everything else read) when the iterator advances;
   the caller only keeps :attr:`TarMember.data_offset` and :attr:`TarMember.size`.
-* Reads use 1 MiB chunks; memory is bounded by one chunk plus the capped meta headers.
+* Reads use 1 MiB chunks; memory is bounded by one chunk plus the capped meta headers.  With
+  ``seek_over_data`` (a seekable stream, no ``tee``) reads are 64 KiB and member data beyond them
+  is seeked over, not read: for a blob read in place whose bytes another reader verifies anyway.
+  A member that extends beyond the stream's end is still refused as truncation.
 * End of archive: two zero blocks, a zero block followed by EOF, or EOF at a header boundary.
   A zero block followed by a non-zero block is an error (as in Go).  Whatever follows the end is
   ignored; :meth:`TarScanner.drain` reads it to EOF (so the source can verify its digest) without
@@ -54,6 +57,8 @@ __all__ = [
 
 BLOCK_SIZE = 512
 CHUNK_SIZE = 1 << 20
+#: Read size when member data is seeked over: headers and small files in one read, larger files skipped.
+SEEK_CHUNK_SIZE = 64 << 10
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 U32_MAX = 0xFFFFFFFF
 
@@ -139,7 +144,7 @@ class TarMember:
 class _Input:
     """The tar stream: 1 MiB reads, absolute offsets, tee, budget and progress accounting."""
 
-    def __init__(self, stream: BinaryIO, tee, budget: ByteBudget | None, progress):
+    def __init__(self, stream: BinaryIO, tee, budget: ByteBudget | None, progress, seek_over_data: bool = False):
         self._stream = stream
         self.tee: Callable[[bytes], object] | None = tee
         self._budget = budget
@@ -147,6 +152,15 @@ class _Input:
         self._buf = b""
         self._pos = 0
         self._base = 0  # stream offset of _buf[0]
+        self._end: int | None = None  # the stream's length, when data is seeked over
+        self._chunk = CHUNK_SIZE
+        if seek_over_data:
+            if tee is not None or not stream.seekable():
+                raise ValueError("seek_over_data needs a seekable stream and no tee")
+            start = stream.tell()
+            self._end = stream.seek(0, 2) - start
+            stream.seek(start)
+            self._chunk = SEEK_CHUNK_SIZE
 
     @property
     def offset(self) -> int:
@@ -154,15 +168,12 @@ class _Input:
 
     def _fill(self) -> bool:
         """Append one chunk from the stream to the unread buffer; False at EOF."""
-        chunk = self._stream.read(CHUNK_SIZE)
+        chunk = self._stream.read(self._chunk)
         if not chunk:
             return False
-        if self._budget is not None:
-            self._budget.charge(len(chunk))
+        self._account(len(chunk))
         if self.tee is not None:
             self.tee(chunk)
-        if self._progress is not None:
-            self._progress(len(chunk))
         rest = self._buf[self._pos:]
         self._base += self._pos
         self._buf = rest + chunk if rest else chunk
@@ -189,19 +200,45 @@ class _Input:
             raise TarFormatError(f"truncated archive: {what} at offset {self.offset} is missing")
         return data
 
+    def _account(self, n: int) -> None:
+        if self._budget is not None:
+            self._budget.charge(n)
+        if self._progress is not None:
+            self._progress(n)
+
     def skip(self, n: int, what: str) -> None:
-        """Consume ``n`` bytes (they still go to ``tee``)."""
+        """Consume ``n`` bytes (they still go to ``tee``; seeked over with ``seek_over_data``)."""
         while True:
             take = min(n, len(self._buf) - self._pos)
             self._pos += take
             n -= take
             if not n:
                 return
+            if self._end is not None:
+                self._seek_over(n, what)
+                return
             if not self._fill():
                 raise TarFormatError(f"truncated archive: {what} ends early at offset {self.offset}")
 
+    def _seek_over(self, n: int, what: str) -> None:
+        """Skip ``n`` bytes beyond the (fully consumed) buffer without reading them."""
+        assert self._end is not None
+        self._base += len(self._buf)
+        self._buf, self._pos = b"", 0
+        if self._base + n > self._end:
+            raise TarFormatError(f"truncated archive: {what} ends early at offset {self._end}")
+        self._stream.seek(n, 1)
+        self._base += n
+        self._account(n)
+
     def drain(self) -> None:
-        """Read the stream to EOF without tee-ing it."""
+        """Read the stream to EOF without tee-ing it (seeked over with ``seek_over_data``)."""
+        if self._end is not None:
+            self._base += len(self._buf)
+            self._buf, self._pos = b"", 0
+            if self._end > self._base:
+                self._seek_over(self._end - self._base, "trailing data")
+            return
         self.tee = None
         self._base += len(self._buf)
         self._buf, self._pos = b"", 0
@@ -366,12 +403,14 @@ class TarScanner:
 
     ``tee`` receives every chunk read until the end of the archive (use it to spill the stream),
     ``budget`` caps the bytes read, ``progress`` is called with the size of every chunk read.
+    ``seek_over_data``: seek over member data instead of reading it (a seekable stream without
+    ``tee``; the bytes skipped still count for ``budget`` and ``progress``).
     """
 
     def __init__(self, stream: BinaryIO, *, limits: TarLimits = TarLimits(),
                  tee: Callable[[bytes], object] | None = None, budget: ByteBudget | None = None,
-                 progress: Callable[[int], object] | None = None):
-        self._input = _Input(stream, tee, budget, progress)
+                 progress: Callable[[int], object] | None = None, seek_over_data: bool = False):
+        self._input = _Input(stream, tee, budget, progress, seek_over_data)
         self._limits = limits
         self._budget = budget
 
