@@ -141,7 +141,7 @@ class _TreeBuilder:
     The tree is stored in columns indexed by node id, not as one object per node: arrays of
     machine integers for the attributes, one ``{name: id}`` dict per directory, and side tables
     for the few nodes that need more (symlink targets, device numbers, xattrs).  A file costs
-    about 130 bytes plus its name, whatever its path length; full paths exist only while the
+    about 110 bytes plus its name, whatever its path length; full paths exist only while the
     output is streamed.  Nodes unlinked by later members stay in the columns (they are counted by
     ``max_entries`` anyway).  A hardlink is a node of its own whose attributes are those of its
     target's node (the ``_inode_of`` column; other nodes are their own inode), so replacing the
