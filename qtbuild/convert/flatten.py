@@ -29,8 +29,9 @@ Semantics (docs/images.md, "Applying layers" and "Hostile input")
   and not be a directory; the target path may not be absolute or contain ``..`` and its parents
   resolve like member parents.  As with ``link(2)``, the link member's own mode/owner/mtime are
   ignored.  Replacing the target later leaves existing links on the old node.  In the output,
-  regular files with several paths share a ``hardlink_key``; other hardlinked kinds (symlinks,
-  devices, fifos) become independent copies, since newc hardlinks only carry regular files.
+  regular files with several paths share a ``hardlink_key`` (a dense group number below
+  ``FlatTree.hardlink_groups``); other hardlinked kinds (symlinks, devices, fifos) become
+  independent copies, since newc hardlinks only carry regular files.
 * Kept verbatim: numeric uid/gid, the 12 permission bits, device numbers, symlink targets.  mtime
   is brought into 0..2**32-1, then clamped to ``clamp_mtime``.  xattrs cannot travel in newc:
   surviving entries with ``security.capability`` get one warning each, other xattrs one warning
@@ -132,8 +133,6 @@ def _mtime(value: int) -> int:
 
 
 _ROOT = 0
-#: linked_inode_flags: a reachability state of 3 (reached under two paths or more) becomes 1, others 0.
-_LINKED_STATE = bytes(1 if state == 3 else 0 for state in range(256))
 
 
 class _TreeBuilder:
@@ -141,12 +140,13 @@ class _TreeBuilder:
 
     The tree is stored in columns indexed by node id, not as one object per node: arrays of
     machine integers for the attributes, one ``{name: id}`` dict per directory, and side tables
-    for the few nodes that need more (symlink targets, device numbers, xattrs, hardlinks).  A
-    file costs about 150 bytes plus its name, whatever its path length; full paths exist only
-    while the output is streamed.  Nodes unlinked by later members stay in the columns (they are
-    counted by ``max_entries`` anyway).  A hardlink is a node of its own whose attributes are
-    those of its target's node (``_inode_of``), so replacing the target later leaves the link on
-    the old node, as with ``link(2)``.
+    for the few nodes that need more (symlink targets, device numbers, xattrs).  A file costs
+    about 110 bytes plus its name, whatever its path length; full paths exist only while the
+    output is streamed.  Nodes unlinked by later members stay in the columns (they are counted by
+    ``max_entries`` anyway).  A hardlink is a node of its own whose attributes are those of its
+    target's node (the ``_inode_of`` column; other nodes are their own inode), so replacing the
+    target later leaves the link on the old node, as with ``link(2)``.  A column, not a dict of
+    the links: in an image whose files are half hardlinks the dict cost 26 bytes a file.
     """
 
     def __init__(self, limits: FlattenLimits, implicit_mtime: int):
@@ -163,7 +163,8 @@ class _TreeBuilder:
         self._targets: dict[int, bytes] = {}
         self._rdev: dict[int, tuple[int, int]] = {}
         self._xattrs: dict[int, tuple[str, ...]] = {}
-        self._inode_of: dict[int, int] = {}
+        self._inode_of = array("I")
+        self._links = 0  # hardlink nodes created
         self._new_dir(stat.S_IFDIR | 0o755, 0, 0, implicit_mtime, ())
 
     # -- nodes -----------------------------------------------------------------------------
@@ -178,6 +179,7 @@ class _TreeBuilder:
         self._offset.append(0)
         self._layer_of.append(-1)
         self._placed.append(self._layer)
+        self._inode_of.append(node)
         if xattrs:
             self._xattrs[node] = xattrs
         return node
@@ -191,7 +193,7 @@ class _TreeBuilder:
         return stat.S_ISDIR(self._mode[node])
 
     def _inode(self, node: int) -> int:
-        return self._inode_of.get(node, node)
+        return self._inode_of[node]
 
     def begin_layer(self, index: int, data_base: int) -> None:
         """Start applying layer ``index``; its data offsets are shifted by ``data_base``."""
@@ -322,6 +324,7 @@ class _TreeBuilder:
         if inode is not None:
             node = self._new_node(self._mode[inode], 0, 0, 0, ())
             self._inode_of[node] = inode
+            self._links += 1
             siblings[base] = node
             return
         siblings[base] = self._file_node(member)
@@ -436,23 +439,32 @@ class _TreeBuilder:
         keys.sort()
         return iter(keys)
 
-    def linked_inode_flags(self) -> bytearray:
-        """One byte per node: 1 for the inodes of regular files reachable under more than one path.
+    def hardlink_groups(self) -> tuple[array, int]:
+        """The hardlink groups, numbered densely: per node, the group number of its inode (-1 for
+        none), and the number of groups.  A group is the inode of a regular file reachable under
+        more than one path.  With no hardlink in the tree, the array is empty.
 
-        Flags, not a set of node ids: an image whose files are half hardlinks has one group per two
-        files, and a set (with the counter that built it) cost ~370 bytes a group at the peak.
+        Numbers in an array, not a set or dict of node ids: an image whose files are half hardlinks
+        has one group per two files, and a set (with the counter that built it) cost ~370 bytes a
+        group at the peak; the dense numbers also let the archive writer keep its per-group
+        records in arrays (:class:`~qtbuild.formats.cpio.CpioStream`'s ``hardlink_groups``).
         """
-        state = bytearray(len(self._mode))  # 0 not a link target, 1 target not reached yet, 2 reached once, 3 more
-        for inode in self._inode_of.values():
-            if stat.S_ISREG(self._mode[inode]):
-                state[inode] = 1
-        if self._inode_of:
-            inode_of = self._inode_of
-            for _name, node in self._walk_unsorted():
-                inode = inode_of.get(node, node)
-                if 0 < state[inode] < 3:
-                    state[inode] += 1
-        return state.translate(_LINKED_STATE)
+        numbers = array("i")
+        if not self._links:
+            return numbers, 0
+        reached = bytearray(len(self._mode))  # per inode: reached under 0, 1, or 2 paths or more
+        inode_of = self._inode_of
+        for _name, node in self._walk_unsorted():
+            inode = inode_of[node]
+            if reached[inode] < 2:
+                reached[inode] += 1
+        numbers = array("i", [-1]) * len(reached)
+        count, inode, mode = 0, reached.find(2), self._mode
+        while inode >= 0:
+            if stat.S_ISREG(mode[inode]):
+                numbers[inode], count = count, count + 1
+            inode = reached.find(2, inode + 1)
+        return numbers, count
 
     def data_ranges(self, layers: set[int]) -> dict[int, set[tuple[int, int]]]:
         """``(offset, size)`` of the data of every regular file in the tree from ``layers``."""
@@ -520,7 +532,7 @@ class FlatTree:
         self._openers = [opener or spill.open_range for opener in range_openers]
         self._clamp_mtime = clamp_mtime
         self._spill = spill
-        self._linked = builder.linked_inode_flags()
+        self._group_of, self.hardlink_groups = builder.hardlink_groups()
         self.warnings = self._xattr_warnings()
 
     def iter_entries(self, prefix: bytes = b"") -> Iterator[CpioEntry]:
@@ -540,8 +552,9 @@ class FlatTree:
 
     def _entry(self, path: bytes, node: int) -> CpioEntry:
         inode = self._builder.inode(node)
+        group = self._group_of[inode] if self._group_of else -1
         return self._builder.entry(path, node, clamp_mtime=self._clamp_mtime, openers=self._openers,
-                                   hardlink_key=inode if self._linked[inode] else None)
+                                   hardlink_key=group if group >= 0 else None)
 
     def _xattr_warnings(self) -> list[str]:
         warnings = _Warnings()
@@ -553,7 +566,7 @@ class FlatTree:
             inode = self._builder.inode(node)
             if names and inode not in warned_links:
                 warnings.xattrs(path, names)
-                if self._linked[inode]:
+                if self._group_of and self._group_of[inode] >= 0:
                     warned_links.add(inode)
         return warnings.lines()
 

@@ -60,13 +60,15 @@ def _mount_point(path: bytes) -> CpioEntry:
 
 
 def customer_ramdisk(image_entries: Iterable[CpioEntry] | Callable[[bytes], Iterable[CpioEntry]],
-                     launch: Launch) -> CpioStream:
+                     launch: Launch, *, hardlink_groups: int | None = None) -> CpioStream:
     """The customer ramdisk as a streamable archive of known size.
 
     ``image_entries``: a callable that, given the path prefix ``b"rootfs/"``, returns the image's
     entries under it in bytewise path order, afresh on each call (``FlatTree.iter_entries``: the
     archive is then streamed, never held whole in memory); or any iterable of the image's
-    entries (sorted and prefixed here).
+    entries (sorted and prefixed here).  ``hardlink_groups``: ``FlatTree.hardlink_groups`` when the
+    entries come from a tree (their hardlink keys are then dense group numbers; see
+    :class:`~qtbuild.formats.cpio.CpioStream`).
     """
     prefix = ROOTFS + b"/"
     if callable(image_entries):
@@ -75,4 +77,4 @@ def customer_ramdisk(image_entries: Iterable[CpioEntry] | Callable[[bytes], Iter
         ordered = sorted((dataclasses.replace(entry, path=prefix + entry.path) for entry in image_entries),
                          key=lambda entry: entry.path)
         source = lambda _prefix: iter(ordered)  # noqa: E731
-    return CpioStream(lambda: customer_entries(source(prefix), launch))
+    return CpioStream(lambda: customer_entries(source(prefix), launch), hardlink_groups=hardlink_groups)
