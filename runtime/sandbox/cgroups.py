@@ -220,11 +220,16 @@ def _apply(cgroup: Cgroup, limits: Limits) -> None:
 def _inherit_cpuset(path: str) -> None:
     """Give an empty v1 cpuset its parent's CPUs and memory nodes (no task can join it before)."""
     for name in ("cpuset.cpus", "cpuset.mems"):
-        with open(os.path.join(path, name)) as handle:
-            if handle.read().strip():
-                continue
-        with open(os.path.join(os.path.dirname(path), name)) as handle:
-            _write(os.path.join(path, name), handle.read().strip())
+        if not _read(os.path.join(path, name)):
+            _write(os.path.join(path, name), _read(os.path.join(os.path.dirname(path), name)))
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as handle:
+            return handle.read().strip()
+    except OSError as exc:
+        raise SandboxError(f"resource limits: cannot read {path}: {exc.strerror}; {_FIX}") from exc
 
 
 def _own_cgroup(controller: str) -> str:

@@ -58,13 +58,6 @@ def start_sandbox(spec: SandboxSpec, cgroup: Cgroup | None = None, helper: Helpe
         if os.geteuid() != 0 and spec.groups:
             raise SandboxError("groups: supplementary groups need root (an unprivileged user namespace maps one "
                                "uid and one gid and denies setgroups)")
-    except BaseException:
-        if cgroup is not None:
-            cgroup.remove()
-        if helper is not None:
-            helper.discard()
-        raise
-    try:
         if cgroup is None and not spec.no_limits:
             limits = Limits(spec.memory_bytes, spec.cpus, spec.pids_max, spec.cpu_ids)
             cgroup = create(spec.name, limits, spec.cgroup_root)
