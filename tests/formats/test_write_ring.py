@@ -14,11 +14,12 @@ import time
 
 import pytest
 
-from qtbuild.formats.cpio import CpioArchive, CpioEntry, _check_entry_fully, _plainly_valid
+from qtbuild.formats import cpio
+from qtbuild.formats.cpio import CpioArchive, CpioEntry, CpioStream, _check_entry_fully, _plainly_valid
 from qtbuild.formats.eif import SectionType
 from qtbuild.formats.eif_stream import SectionStreamDigest
 from qtbuild.formats.eif_writer import write_eif
-from qtbuild.formats.errors import CpioFormatError
+from qtbuild.formats.errors import CpioFormatError, EifFormatError
 
 REG, DIR, LNK = stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
 
@@ -215,3 +216,29 @@ def test_an_archive_of_edge_entries_is_refused_as_before():
         with pytest.raises(CpioFormatError):
             CpioArchive([entry])
     assert hashlib.sha256(b"".join(CpioArchive([]).chunks())).hexdigest()  # the empty archive still builds
+
+
+# -- a tree that changes between the sizing pass and the writing pass ------------------------------
+
+
+def _changing_stream(monkeypatch) -> CpioStream:
+    monkeypatch.setattr(cpio, "ENTRY_CACHE_BYTES", 0)  # the writing pass asks for the entries again
+    calls = itertools.count()
+
+    def entries():
+        data = b"xy" if next(calls) == 0 else b"xyzzy"  # 4 + 8 bytes with padding
+        return iter([CpioEntry(b"a", REG | 0o644, size=len(data), data=data)])
+
+    return CpioStream(entries)
+
+
+def test_entries_that_change_between_passes_are_refused(monkeypatch):
+    with pytest.raises(CpioFormatError, match="entries changed between passes"):
+        list(_changing_stream(monkeypatch).ring_chunks(4, 64))
+
+
+def test_an_eif_from_entries_that_changed_is_not_written(monkeypatch, tmp_path):
+    with pytest.raises((CpioFormatError, EifFormatError)):
+        write_eif(tmp_path / "x.eif", kernel=b"k", cmdline="c", ramdisks=[b"b", _changing_stream(monkeypatch)],
+                  metadata=b"{}")
+    assert list(tmp_path.iterdir()) == []
