@@ -92,9 +92,6 @@ MAX_PATH_BYTES = PATH_MAX - 1
 MAX_LINK_TARGET_BYTES = PATH_MAX - 1
 U32_MAX = 0xFFFFFFFF
 CHUNK_SIZE = 1 << 20
-#: Buffers :meth:`CpioStream.ring_chunks` takes in turn by default: up to three chunks are then
-#: hashed on other threads while the fourth is filled.
-RING_BUFFERS = 4
 
 _FIELDS = (
     "c_ino", "c_mode", "c_uid", "c_gid", "c_nlink", "c_mtime", "c_filesize",
@@ -477,7 +474,7 @@ class CpioStream:
             count = groups.count[group]
             yield entry, groups.ino[group], count, entry.size if groups.written[group] == count else 0
 
-    def ring_chunks(self, buffers: int = RING_BUFFERS, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
+    def ring_chunks(self, buffers: int, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
         """Yield the archive as views of ``chunk_size`` bytes (the last may be shorter, none is
         empty) into a ring of ``buffers`` buffers taken in turn.
 

@@ -71,7 +71,8 @@ class RingSource(SectionSource, Protocol):
     def ring_chunks(self, buffers: int) -> Iterator[memoryview]: ...
 
 
-#: Buffers a :class:`RingSource` is asked to take in turn (each holds one 1 MiB chunk).
+#: Buffers a :class:`RingSource` is asked to take in turn (each holds one 1 MiB chunk): up to
+#: three chunks are then in the hashing lanes while the fourth is filled.
 RING_BUFFERS = 4
 
 
