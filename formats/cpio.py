@@ -61,6 +61,7 @@ Reader (:func:`iter_archive`) contract
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import re
@@ -125,14 +126,18 @@ def path_problem(path: bytes) -> str | None:
     return None
 
 
-def _encode_header(values: tuple[int, ...]) -> bytes:
-    return MAGIC_NEWC + b"".join(b"%08X" % value for value in values)
+#: A member's header, name, NUL and padding in one format operation: the 13 fields, the name,
+#: then the NUL and padding as one of :data:`_NULS` (the writer formats one per member).
+_MEMBER_HEAD = MAGIC_NEWC + b"%08X" * len(_FIELDS) + b"%s%s"
+#: 1 to 4 NULs: a name's terminating NUL plus the padding that aligns header + name to 4 bytes.
+_NULS = (b"", b"\0", b"\0\0", b"\0\0\0", b"\0\0\0\0")
+#: NUL padding that aligns data of length n to 4 bytes, indexed by n % 4.
+_DATA_PADS = (b"", b"\0\0\0", b"\0\0", b"\0")
 
 
 def _member_bytes(header_values: tuple[int, ...], name: bytes) -> bytes:
     """Header, name, NUL and padding: everything before a member's data."""
-    head = _encode_header(header_values) + name + b"\0"
-    return head + b"\0" * _pad4(len(head))
+    return _MEMBER_HEAD % (*header_values, name, _NULS[1 + _pad4(HEADER_SIZE + len(name) + 1)])
 
 
 def _member_size(name: bytes, filesize: int) -> int:
@@ -163,21 +168,6 @@ class CpioEntry:
     @property
     def file_type(self) -> int:
         return stat.S_IFMT(self.mode)
-
-
-@dataclass(frozen=True)
-class _Planned:
-    """One member as it will be written."""
-
-    entry: CpioEntry  # metadata (and, for regular files with filesize > 0, the data)
-    ino: int
-    nlink: int
-    filesize: int
-
-    def header_values(self) -> tuple[int, ...]:
-        e = self.entry
-        return (self.ino, e.mode, e.uid, e.gid, self.nlink, e.mtime, self.filesize,
-                0, 0, e.rdev[0], e.rdev[1], len(e.path) + 1, 0)
 
 
 def _refuse(path: bytes, problem: str) -> CpioFormatError:
@@ -237,8 +227,46 @@ def _check_symlink(entry: CpioEntry) -> None:
         raise _refuse(entry.path, f"link_target of {len(target)} bytes exceeds {MAX_LINK_TARGET_BYTES}")
 
 
+def _plainly_valid(entry: CpioEntry) -> bool:
+    """Whether ``entry`` passes :func:`_check_entry`, tested in a few C-level operations for the
+    common case (the scan of a large tree spends most of its time validating).
+
+    True only for entries the full checks accept; False for every entry they refuse and for a
+    few odd ones they accept (int subclasses, bytearray data), which they then examine.
+    """
+    if type(entry) is not CpioEntry:
+        return False
+    path, mode, uid, gid, mtime, rdev = entry.path, entry.mode, entry.uid, entry.gid, entry.mtime, entry.rdev
+    if (type(path) is not bytes or not 0 < len(path) <= MAX_PATH_BYTES or path[0] == 0x2F or b"\0" in path
+            or type(mode) is not int or type(uid) is not int or type(gid) is not int or type(mtime) is not int
+            or type(rdev) is not tuple or len(rdev) != 2 or type(rdev[0]) is not int or type(rdev[1]) is not int
+            or not (0 <= mode <= 0o177777 and 0 <= uid <= U32_MAX and 0 <= gid <= U32_MAX
+                    and 0 <= mtime <= U32_MAX and 0 <= rdev[0] <= U32_MAX and 0 <= rdev[1] <= U32_MAX)):
+        return False
+    components = path.split(b"/")
+    if b"" in components or b"." in components or b".." in components or max(map(len, components)) > NAME_MAX:
+        return False
+    file_type, data, target = mode & 0o170000, entry.data, entry.link_target
+    if file_type == stat.S_IFREG:
+        size = entry.size
+        return (target is None and type(size) is int and 0 <= size <= U32_MAX
+                and (size == 0 if data is None else type(data) is not bytes and callable(data)
+                     or type(data) is bytes and len(data) == size))
+    if data is not None or entry.hardlink_key is not None:
+        return False
+    if file_type == stat.S_IFLNK:
+        return type(target) is bytes and 0 < len(target) <= MAX_LINK_TARGET_BYTES and b"\0" not in target
+    return target is None and file_type in _FILE_TYPES
+
+
 def _check_entry(entry: CpioEntry) -> None:
     """Refuse everything about one entry that does not depend on the other entries."""
+    if not _plainly_valid(entry):
+        _check_entry_fully(entry)
+
+
+def _check_entry_fully(entry: CpioEntry) -> None:
+    """:func:`_check_entry` one check at a time, each naming what it refuses."""
     if not isinstance(entry, CpioEntry):
         raise CpioFormatError(f"expected CpioEntry, got {type(entry).__name__}")
     _check_path(entry)
@@ -373,6 +401,7 @@ class CpioStream:
         """First pass: validate, count subdirectories and hardlinks, number inodes, sum sizes."""
         subdirs, groups = self._subdirs, self._groups
         previous: bytes | None = None
+        last_parent, parent_digest = b"", b""
         size, next_ino = _member_size(TRAILER_NAME, 0), self._inode_start
         cache, cached_bytes = self._cache, 0
         for entry in self._entries():
@@ -390,10 +419,11 @@ class CpioStream:
                               f"entries are not in bytewise path order (after {previous!r})")
             previous = path
             parent = path.rpartition(b"/")[0]
-            if parent:
+            if parent and parent != last_parent:  # siblings come in a row: check their parent once
                 parent_digest = _digest(parent)
                 if parent_digest not in subdirs:
                     raise _refuse(path, f"parent directory {parent!r} is not an entry of the archive")
+                last_parent = parent
             if entry.file_type == stat.S_IFDIR:
                 subdirs[_digest(path)] = 0
                 if parent:
@@ -422,93 +452,146 @@ class CpioStream:
         """The path of the first entry with ``key`` (for an error message: it is not kept)."""
         return next(entry.path for entry in self._entries() if entry.hardlink_key == key)
 
-    def _planned(self) -> Iterator[_Planned]:
-        """Second pass: every member with its inode number, link count and data size."""
+    def _planned(self) -> Iterator[tuple[CpioEntry, int, int, int]]:
+        """Second pass: every member as ``(entry, inode number, link count, data size)``."""
         groups = self._groups
         groups.rewind()
         next_ino = self._inode_start
+        subdirs = self._subdirs
         for entry in self._entries() if self._cache is None else self._cache:
             key = entry.hardlink_key
             if key is None:
                 ino, next_ino = next_ino, next_ino + 1
-                nlink = 2 + self._subdirs[_digest(entry.path)] if entry.file_type == stat.S_IFDIR else 1
-                yield _Planned(entry, ino, nlink, _plain_filesize(entry))
+                if entry.file_type == stat.S_IFDIR:
+                    yield entry, ino, 2 + subdirs[_digest(entry.path)], 0
+                else:
+                    yield entry, ino, 1, _plain_filesize(entry)
                 continue
             group = groups.known(key)
             if not groups.written[group]:
                 groups.ino[group], next_ino = next_ino, next_ino + 1
             groups.written[group] += 1
             count = groups.count[group]
-            yield _Planned(entry, groups.ino[group], count, entry.size if groups.written[group] == count else 0)
+            yield entry, groups.ino[group], count, entry.size if groups.written[group] == count else 0
+
+    def ring_chunks(self, buffers: int, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
+        """Yield the archive as views of ``chunk_size`` bytes (the last may be shorter, none is
+        empty) into a ring of ``buffers`` buffers taken in turn.
+
+        A view stays unchanged until ``buffers - 1`` more views have been requested; then its
+        buffer is refilled (the contract of :class:`~qtbuild.formats.eif_writer.RingSource`).
+        Headers and file data are written straight into the buffers — file data with the
+        stream's ``readinto`` — so every byte is copied once, and a consumer on other threads
+        gets few, large chunks whatever the file sizes.  Memory: ``buffers * chunk_size``.
+        """
+        if chunk_size <= 0 or buffers < 1:
+            raise ValueError("chunk_size and buffers must be positive")
+        ring = _Ring(buffers, chunk_size)
+        for entry, ino, nlink, filesize in self._planned():
+            path = entry.path
+            rdev = entry.rdev
+            head = _MEMBER_HEAD % (ino, entry.mode, entry.uid, entry.gid, nlink, entry.mtime, filesize, 0, 0,
+                                   rdev[0], rdev[1], len(path) + 1, 0, path, _NULS[1 + (-len(path) - 111) % 4])
+            yield from ring.put(head)
+            if filesize:
+                if entry.link_target is not None:
+                    yield from ring.put(entry.link_target)
+                else:
+                    yield from ring.read_from(entry, filesize)
+                yield from ring.put(_DATA_PADS[filesize % 4])
+        yield from ring.put(_member_bytes((0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, len(TRAILER_NAME) + 1, 0), TRAILER_NAME))
+        if ring.pos:
+            yield ring.take()
+        if ring.written != self.size:
+            raise CpioFormatError(f"the entries changed between passes: {ring.written} bytes, "
+                                  f"planned {self.size}")
 
     def chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-        """Yield the archive in pieces of at most ``chunk_size`` bytes (never empty).
-
-        Member headers, padding and small file data are gathered into pieces of about
-        ``chunk_size``; file data read in pieces of at least :data:`DIRECT_PIECE` bytes is yielded
-        as read, without being copied into a gathering buffer (that copy cost as much as hashing
-        the data once).  File data is read ``chunk_size`` bytes at a time, so memory stays
-        bounded by about two chunks whatever the file sizes.  Pieces are immutable ``bytes``.
-        """
-        if chunk_size <= 0:
-            raise ValueError("chunk_size must be positive")
-        gather = _Gatherer(chunk_size)
-        direct = min(DIRECT_PIECE, chunk_size)
-        for member in self._planned():
-            yield from gather.add(_member_bytes(member.header_values(), member.entry.path))
-            for piece in _member_data(member, chunk_size):
-                if len(piece) >= direct:
-                    yield from gather.flush()
-                    gather.written += len(piece)
-                    yield piece
-                else:
-                    yield from gather.add(piece)
-            yield from gather.add(b"\0" * _pad4(member.filesize))
-        yield from gather.add(_member_bytes((0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, len(TRAILER_NAME) + 1, 0), TRAILER_NAME))
-        yield from gather.flush()
-        if gather.written != self.size:
-            raise CpioFormatError(f"the entries changed between passes: {gather.written} bytes, "
-                                  f"planned {self.size}")
+        """Yield the archive in immutable pieces of at most ``chunk_size`` bytes (never empty),
+        which may be kept; file data is read ``chunk_size`` bytes at a time, so memory stays
+        bounded by about two chunks whatever the file sizes.  (:meth:`ring_chunks` saves the copy.)"""
+        for view in self.ring_chunks(1, chunk_size):
+            yield bytes(view)
 
     def write_to(self, fileobj) -> int:
         """Write the whole archive to ``fileobj``; return the number of bytes written (== size)."""
         written = 0
-        for chunk in self.chunks():
+        for chunk in self.ring_chunks(1):
             fileobj.write(chunk)
             written += len(chunk)
         return written
 
 
-#: File data read in pieces at least this large is yielded as read rather than gathered (a hash
-#: worker then takes it whole: see formats/eif_stream.py).
-DIRECT_PIECE = 256 * 1024
+class _Ring:
+    """The writer's buffers, filled in turn: ``pos`` bytes of ``view`` are filled so far.
 
+    Its generator methods yield each buffer (as a view of its filled bytes) the moment it is full.
+    """
 
-class _Gatherer:
-    """Gathers small byte strings into pieces of at most ``chunk_size`` bytes; counts what it gave."""
+    def __init__(self, buffers: int, size: int):
+        self._views = [memoryview(bytearray(size)) for _ in range(buffers)]
+        self._turn = 0
+        self.view = self._views[0]
+        self.size = size
+        self.pos = 0
+        self.written = 0  # bytes of the buffers yielded so far
 
-    def __init__(self, chunk_size: int):
-        self._size = chunk_size
-        self._buffer = bytearray()
-        self.written = 0
+    def take(self) -> memoryview:
+        """The filled part of the current buffer; the next buffer becomes current."""
+        filled = self.view[:self.pos]
+        self.written += self.pos
+        self._turn = (self._turn + 1) % len(self._views)
+        self.view, self.pos = self._views[self._turn], 0
+        return filled
 
-    def add(self, data: bytes) -> Iterator[bytes]:
-        if len(self._buffer) + len(data) > self._size:
-            yield from self.flush()
-        if len(data) > self._size:
-            for start in range(0, len(data), self._size):
-                piece = bytes(data[start:start + self._size])
-                self.written += len(piece)
-                yield piece
+    def put(self, data: bytes) -> Iterator[memoryview]:
+        """Copy ``data`` in."""
+        pos, end = self.pos, self.pos + len(data)
+        if end < self.size:
+            self.view[pos:end] = data
+            self.pos = end
             return
-        self._buffer += data
+        done = 0
+        while done < len(data):
+            step = min(len(data) - done, self.size - self.pos)
+            self.view[self.pos:self.pos + step] = data[done:done + step]
+            self.pos += step
+            done += step
+            if self.pos == self.size:
+                yield self.take()
 
-    def flush(self) -> Iterator[bytes]:
-        if self._buffer:
-            piece = bytes(self._buffer)
-            self._buffer.clear()
-            self.written += len(piece)
-            yield piece
+    def read_from(self, entry: CpioEntry, filesize: int) -> Iterator[memoryview]:
+        """Read ``entry``'s data straight in, checking its stream yields exactly ``filesize`` bytes."""
+        stream = _open_data(entry)
+        try:
+            readinto = getattr(stream, "readinto", None) or functools.partial(_read_into, stream)
+            remaining = filesize
+            while remaining:
+                pos = self.pos
+                want = min(remaining, self.size - pos)
+                got = readinto(self.view[pos:pos + want])
+                if not got:
+                    raise _refuse(entry.path, f"data stream ended after {filesize - remaining} bytes, "
+                                              f"size is {filesize}")
+                if got > want:
+                    raise _refuse(entry.path, f"data stream yielded more than size {filesize} bytes")
+                remaining -= got
+                self.pos = pos + got
+                if self.pos == self.size:
+                    yield self.take()
+            if stream.read(1):
+                raise _refuse(entry.path, f"data stream yielded more than size {filesize} bytes")
+        finally:
+            stream.close()
+
+
+def _read_into(stream: BinaryIO, target: memoryview) -> int:
+    """``readinto`` for a stream that only has ``read``; more bytes than fit count as too many."""
+    piece = stream.read(len(target))
+    if len(piece) > len(target):
+        return len(target) + 1
+    target[:len(piece)] = piece
+    return len(piece)
 
 
 class CpioArchive(CpioStream):
@@ -542,32 +625,6 @@ def _open_data(entry: CpioEntry) -> BinaryIO:
         return io.BytesIO(entry.data)
     return entry.data()
 
-
-def _member_data(member: _Planned, chunk_size: int) -> Iterator[bytes]:
-    """The member's data in chunks, checking the source yields exactly ``filesize`` bytes."""
-    entry = member.entry
-    if entry.file_type == stat.S_IFLNK:
-        assert entry.link_target is not None  # _check_entry: a symlink has one
-        yield entry.link_target
-        return
-    if member.filesize == 0:
-        return  # directories, devices, empty files, non-final hardlinks: the stream is not opened
-    stream = _open_data(entry)
-    try:
-        remaining = member.filesize
-        while remaining:
-            piece = stream.read(min(chunk_size, remaining))
-            if not piece:
-                raise _refuse(entry.path, f"data stream ended after {member.filesize - remaining} "
-                                          f"bytes, size is {member.filesize}")
-            if len(piece) > remaining:
-                raise _refuse(entry.path, f"data stream yielded more than size {member.filesize} bytes")
-            remaining -= len(piece)
-            yield piece
-        if stream.read(1):
-            raise _refuse(entry.path, f"data stream yielded more than size {member.filesize} bytes")
-    finally:
-        stream.close()
 
 
 # --------------------------------------------------------------------------------------------

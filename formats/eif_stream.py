@@ -9,9 +9,11 @@ caller's ``sink`` (e.g. the file write).  The caller's thread only produces data
 ahead of the lanes, so on two cores both stay busy with hashing the whole time.
 
 Chunk lifetime (the contract of :class:`~qtbuild.formats.eif_writer.SectionSource`): a chunk in
-a reused buffer (anything but ``bytes``) must stay unchanged until the chunk after the next one
-is passed in (sources alternate two buffers); immutable ``bytes`` chunks are queued up to
-:data:`DEPTH` deep.  :meth:`update` may return before the lanes processed the chunk.
+a reused buffer (anything but ``bytes``) must stay unchanged until ``buffers - 1`` more chunks
+have been passed in, ``buffers`` being the number of buffers the section's source takes in turn
+(:meth:`SectionStreamDigest.begin_section`; 2 by default, a ring of more lets the source run
+further ahead); immutable ``bytes`` chunks are queued up to :data:`DEPTH` deep.  :meth:`update`
+may return before the lanes processed the chunk.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from qtbuild.formats.measure import Measurements, PcrHashers
 
 SECTION_HEADER = struct.Struct(">HHQ")
 #: Chunks queued for the lanes at most: the caller runs this far ahead of the hashing.
-DEPTH = 4
+DEPTH = 8
 #: A chunk in a reused buffer below this size is copied, so it can be queued like ``bytes``.
 COPY_BELOW = 256 * 1024
 
@@ -56,6 +58,8 @@ class SectionStreamDigest:
         self._crc = 0
         self._sink = sink
         self._targets: list = []
+        self._buffers = 2  # buffers the current section's source takes in turn
+        self._reused_inflight = 0
         #: (futures of both lanes, whether the chunk is in a reused buffer), oldest first
         self._inflight: deque[tuple[tuple[Future[None], Future[None]], bool]] = deque()
         # One thread per lane: each lane runs its work in the order submitted.
@@ -86,16 +90,23 @@ class SectionStreamDigest:
             self._wait_oldest()
 
     def _wait_oldest(self) -> None:
-        futures, _ = self._inflight.popleft()
+        futures, reused = self._inflight.popleft()
+        self._reused_inflight -= reused
         try:
             futures[0].result()
         finally:
             futures[1].result()
 
-    def begin_section(self, kind: str, type_code: int, size: int, flags: int = 0) -> bytes:
-        """Start a section; returns (and feeds to the CRC and sink) its 12-byte header."""
+    def begin_section(self, kind: str, type_code: int, size: int, flags: int = 0, *, buffers: int = 2) -> bytes:
+        """Start a section; returns (and feeds to the CRC and sink) its 12-byte header.
+
+        ``buffers``: how many buffers the section's chunks (those not ``bytes``) are taken from
+        in turn, so how many of them may be in the lanes at once (``buffers - 1``)."""
+        if buffers < 2:
+            raise ValueError("a source whose chunks share one buffer cannot run ahead of the lanes")
         header = SECTION_HEADER.pack(type_code, flags, size)
         self._drain()
+        self._buffers = buffers
         self._feed_unmeasured(header)
         self._targets = self.pcrs.targets(kind)
         if self._track_sections:
@@ -139,8 +150,10 @@ class SectionStreamDigest:
         futures = (self._lanes[0].submit(self._lane_a, first + others, view),
                    self._lanes[1].submit(self._lane_b, second, view))
         self._inflight.append((futures, reused))
-        # The source refills a reused buffer once this returns: only the newest chunk may still be in one.
-        while len(self._inflight) > 1 and any(older for _, older in list(self._inflight)[:-1]):
+        self._reused_inflight += reused
+        # Once this returns the source refills the buffer of the chunk ``buffers - 1`` back: at
+        # most the newest ``buffers - 1`` reused chunks may still be in the lanes.
+        while self._reused_inflight > self._buffers - 1:
             self._wait_oldest()
 
     def _lane_a(self, hashers: list, view: memoryview) -> None:

@@ -59,6 +59,23 @@ class SectionSource(Protocol):
     def chunks(self) -> Iterator[bytes | bytearray | memoryview]: ...
 
 
+class RingSource(SectionSource, Protocol):
+    """A section source that can also yield its data from a ring of more than two buffers, so
+    it runs further ahead of the hashing threads (:class:`~qtbuild.formats.cpio.CpioStream`).
+
+    ``ring_chunks(buffers)`` yields exactly ``size`` bytes as views into ``buffers`` buffers taken
+    in turn: a view must stay unchanged until ``buffers - 1`` more views have been requested.
+    The writer prefers it to ``chunks()``.
+    """
+
+    def ring_chunks(self, buffers: int) -> Iterator[memoryview]: ...
+
+
+#: Buffers a :class:`RingSource` is asked to take in turn (each holds one 1 MiB chunk): up to
+#: three chunks are then in the hashing lanes while the fourth is filled.
+RING_BUFFERS = 4
+
+
 class BytesSource:
     """Section data held in memory (kernel, cmdline, metadata, small ramdisks)."""
 
@@ -261,9 +278,15 @@ def _write_body(out, planned, signer, fields: HeaderFields, progress) -> WriteRe
 
 
 def _stream_section(digest: SectionStreamDigest, section_type: SectionType, source: SectionSource) -> None:
-    digest.begin_section(section_type.label, section_type, source.size)
+    ring_chunks = getattr(source, "ring_chunks", None)
+    if ring_chunks is not None:
+        digest.begin_section(section_type.label, section_type, source.size, buffers=RING_BUFFERS)
+        chunks = ring_chunks(RING_BUFFERS)
+    else:
+        digest.begin_section(section_type.label, section_type, source.size)
+        chunks = source.chunks()
     produced = 0
-    for chunk in source.chunks():
+    for chunk in chunks:
         produced += len(chunk)
         if produced > source.size:
             break

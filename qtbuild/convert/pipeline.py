@@ -93,7 +93,7 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
         with tree:
             read_file = tree_file_reader(tree)
             launch = resolve_launch(config, read_file, semantics=options.cmd_semantics)
-            paths = (entry.path.decode("utf-8", "replace") for entry in tree.iter_entries())
+            paths = (path.decode("utf-8", "replace") for path in tree.iter_paths())
             warnings = list(tree.warnings) + credential_warnings(config, paths, read_file)
             ramdisk = customer_ramdisk(tree.iter_entries, launch, hardlink_groups=tree.hardlink_groups)
             with _progress("ramdisk", options.quiet, total=ramdisk.size + profile.bootstrap.size) as bar:

@@ -110,6 +110,7 @@ def read(entry) -> bytes:
 def tree_of(tree: FlatTree) -> dict[str, object]:
     """path → ('dir', mode) | ('file', mode, content) | ('symlink', target) | (kind, rdev)."""
     result = {}
+    assert list(tree.iter_paths(b"p/")) == [b"p/" + e.path for e in tree.entries()]  # the cheaper walk agrees
     for e in tree.entries():
         path = e.path.decode()
         kind = stat.S_IFMT(e.mode)

@@ -172,6 +172,10 @@ def test_callable_data_is_opened_lazily_streamed_and_closed():
             reads.append(n)
             return super().read(n)
 
+        def readinto(self, buffer):
+            reads.append(len(buffer))
+            return super().readinto(buffer)
+
     payload = os.urandom(300_000)
 
     def opener():
@@ -184,7 +188,7 @@ def test_callable_data_is_opened_lazily_streamed_and_closed():
     chunks = list(archive.chunks(chunk_size=4096))
     assert len(opened) == 1 and opened[0].closed
     assert all(0 < len(c) <= 4096 for c in chunks)
-    assert max(n for n in reads) <= 4096
+    assert max(n for n in reads) <= 4096 and sum(reads) > len(payload)
     assert sum(map(len, chunks)) == archive.size
     [(member, data)] = read_all(io.BytesIO(b"".join(chunks)))
     assert data == payload

@@ -1,0 +1,244 @@
+"""The EIF write phase's producer: cpio archives written into a ring of reused buffers
+(``CpioStream.ring_chunks``), the digest lanes honouring that ring, and the scan's quick
+validation agreeing with the full checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import itertools
+import random
+import stat
+import time
+
+import pytest
+
+from qtbuild.formats import cpio
+from qtbuild.formats.cpio import CpioArchive, CpioEntry, CpioStream, _check_entry_fully, _plainly_valid
+from qtbuild.formats.eif import SectionType
+from qtbuild.formats.eif_stream import SectionStreamDigest
+from qtbuild.formats.eif_writer import write_eif
+from qtbuild.formats.errors import CpioFormatError, EifFormatError
+
+REG, DIR, LNK = stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK
+
+
+def _archive() -> CpioArchive:
+    rng = random.Random(7)
+    entries = [CpioEntry(b"d", DIR | 0o755), CpioEntry(b"d/sub", DIR | 0o700),
+               CpioEntry(b"d/link", LNK | 0o777, link_target=b"sub/" + b"x" * 300)]
+    for index in range(40):  # small files: many members per buffer, members across buffer ends
+        data = rng.randbytes(rng.randrange(0, 700))
+        entries.append(CpioEntry(b"d/sub/f%02d" % index, REG | 0o644, size=len(data), data=data))
+    big = rng.randbytes(5000)  # spans several buffers, read through readinto
+    entries.append(CpioEntry(b"d/big", REG | 0o600, size=len(big), data=lambda: io.BytesIO(big)))
+    for name in (b"d/h1", b"d/h2"):  # a hardlink group: data on the last link only
+        entries.append(CpioEntry(name, REG | 0o644, size=3, data=b"abc", hardlink_key="h"))
+    return CpioArchive(entries)
+
+
+@pytest.mark.parametrize("buffers, chunk_size", [(1, 4096), (2, 1000), (3, 997), (4, 64)])
+def test_ring_chunks_write_the_same_bytes_and_keep_each_view_for_the_ring(buffers, chunk_size):
+    archive = _archive()
+    expected = b"".join(archive.chunks())
+    seen: list[tuple[memoryview, bytes]] = []
+    for view in archive.ring_chunks(buffers, chunk_size):
+        assert 0 < len(view) <= chunk_size
+        seen.append((view, bytes(view)))
+        # every view of the last buffers - 1 requests (this one included) is still unchanged
+        for kept, content in seen[-buffers:]:
+            assert bytes(kept) == content
+    assert all(len(view) == chunk_size for view, _ in seen[:-1])  # few, full chunks
+    assert b"".join(content for _, content in seen) == expected
+    assert len(expected) == archive.size
+
+
+def test_write_to_and_chunks_use_readinto_in_bounded_pieces():
+    reads: list[int] = []
+
+    class Source(io.BytesIO):
+        def readinto(self, buffer):
+            reads.append(len(buffer))
+            return super().readinto(buffer)
+
+    payload = bytes(range(256)) * 1000
+    archive = CpioArchive([CpioEntry(b"big", REG | 0o600, size=len(payload), data=lambda: Source(payload))])
+    out = io.BytesIO()
+    assert archive.write_to(out) == archive.size
+    assert max(reads) <= 1 << 20 and sum(reads) == len(payload)
+    assert b"".join(archive.chunks(chunk_size=4096)) == out.getvalue()
+
+
+class _ReadOnly(io.RawIOBase):
+    """A data stream with ``read`` but no ``readinto`` of its own, yielding at most 7 bytes a call."""
+
+    def __init__(self, data: bytes):
+        self._data = io.BytesIO(data)
+
+    def read(self, n=-1):
+        return self._data.read(min(n, 7) if n >= 0 else 7)
+
+    readinto = None  # type: ignore[assignment]
+
+
+def test_streams_without_readinto_are_read_with_read():
+    data = bytes(range(100))
+    archive = CpioArchive([CpioEntry(b"f", REG | 0o644, size=len(data), data=lambda: _ReadOnly(data))])
+    by_bytes = CpioArchive([CpioEntry(b"f", REG | 0o644, size=len(data), data=data)])
+    assert b"".join(archive.chunks()) == b"".join(by_bytes.chunks())
+
+
+@pytest.mark.parametrize("actual", [b"short", b"much too long!!"])
+def test_a_stream_of_the_wrong_length_is_refused_in_the_ring_too(actual):
+    archive = CpioArchive([CpioEntry(b"f", REG | 0o644, size=10, data=lambda: _ReadOnly(actual))])
+    with pytest.raises(CpioFormatError, match="b'f'.*data stream"):
+        list(archive.ring_chunks(4, 3))
+
+
+class _RingOfMarkedChunks:
+    """A ring source whose chunk i is filled with byte i % 251; it refills a buffer as soon as the
+    contract allows, so a digest that let it run further ahead would hash overwritten bytes."""
+
+    def __init__(self, count: int, chunk: int):
+        self.size, self._count, self._chunk = count * chunk, count, chunk
+
+    def data(self) -> bytes:
+        return b"".join(bytes([i % 251]) * self._chunk for i in range(self._count))
+
+    def chunks(self):
+        raise AssertionError("the writer must prefer ring_chunks")
+
+    def ring_chunks(self, buffers: int):
+        ring = [bytearray(self._chunk) for _ in range(buffers)]
+        for index in range(self._count):
+            buffer = ring[index % buffers]
+            buffer[:] = bytes([index % 251]) * self._chunk
+            yield memoryview(buffer)
+
+
+def test_the_digest_keeps_ring_chunks_until_both_lanes_are_done():
+    source = _RingOfMarkedChunks(count=24, chunk=4096)
+    seen: list[int] = []
+
+    def slow_sink(view: memoryview) -> None:
+        if len(view) == 4096:
+            time.sleep(0.002)  # the producer would lap this lane if the digest did not wait
+            content = bytes(view)
+            seen.append(content[0] if content.count(content[0]) == len(content) else -1)
+
+    with SectionStreamDigest(sink=slow_sink) as digest:
+        digest.begin_section(SectionType.RAMDISK.label, SectionType.RAMDISK, source.size, buffers=4)
+        for chunk in source.ring_chunks(4):
+            digest.update(chunk)
+        ring_pcrs = digest.measurements()
+    with SectionStreamDigest() as digest:
+        digest.begin_section(SectionType.RAMDISK.label, SectionType.RAMDISK, source.size)
+        digest.update(source.data())
+        assert ring_pcrs == digest.measurements()
+    assert seen == [i % 251 for i in range(24)]
+
+
+def test_the_writer_streams_a_ring_source(tmp_path):
+    source = _RingOfMarkedChunks(count=9, chunk=300_000)
+    from_ring = write_eif(tmp_path / "ring.eif", kernel=b"k", cmdline="c", ramdisks=[b"b", source], metadata=b"{}")
+    from_bytes = write_eif(tmp_path / "bytes.eif", kernel=b"k", cmdline="c", ramdisks=[b"b", source.data()],
+                           metadata=b"{}")
+    assert from_ring == from_bytes
+    assert (tmp_path / "ring.eif").read_bytes() == (tmp_path / "bytes.eif").read_bytes()
+
+
+def test_a_source_with_one_buffer_cannot_be_queued():
+    with SectionStreamDigest() as digest, pytest.raises(ValueError):
+        digest.begin_section(SectionType.RAMDISK.label, SectionType.RAMDISK, 1, buffers=1)
+
+
+# -- the scan's quick validation -----------------------------------------------------------------
+
+_PATHS = [b"a", b"a/b", b"", b"/a", b"a//b", b"a/./b", b"a/..", b"a\0b", b"x" * 256, b"x" * 255,
+          b"a/" * 2047 + b"a", b"a/" * 2048 + b"a", bytearray(b"a"), "a"]
+_INTS = [0, 1, 0xFFFFFFFF, 0x100000000, -1, True, 1.0, stat.S_IFREG]
+_MODES = [REG | 0o644, DIR | 0o755, LNK | 0o777, stat.S_IFCHR | 0o600, stat.S_IFIFO | 0o644, stat.S_IFSOCK,
+          stat.S_IFBLK | 0o7777, 0o170000 | 0o644, 0o644, REG | 0o10000, REG | 0o200000, -1, 0x100000000, True]
+_RDEVS = [(0, 0), (1, 3), (0,), [0, 0], (0, -1), (0, 0x100000000), (True, 0)]
+_DATA = [None, b"", b"xyz", bytearray(b"xyz"), lambda: io.BytesIO(b"xyz"), 5]
+_TARGETS = [None, b"t", b"", b"t\0", b"t" * 4095, b"t" * 4096, "t"]
+_KEYS = [None, 1, "k"]
+
+
+_POOLS = {"path": _PATHS, "mode": _MODES, "uid": _INTS, "gid": _INTS, "mtime": _INTS,
+          "size": [0, 3, 0x100000000, -1, True], "link_target": _TARGETS, "rdev": _RDEVS, "data": _DATA,
+          "hardlink_key": _KEYS}
+_BASES = [
+    CpioEntry(b"etc", DIR | 0o755, uid=1000, gid=1000, mtime=1700000000),
+    CpioEntry(b"etc/passwd", REG | 0o644, size=3, data=b"abc"),
+    CpioEntry(b"etc/big", REG | 0o600, size=3, data=lambda: io.BytesIO(b"abc"), hardlink_key=4),
+    CpioEntry(b"etc/empty", REG | 0o644),
+    CpioEntry(b"bin/sh", LNK | 0o777, link_target=b"/bin/busybox"),
+    CpioEntry(b"dev/null", stat.S_IFCHR | 0o666, rdev=(1, 3)),
+    CpioEntry(b"x" * 255 + b"/y", stat.S_IFIFO | 0o644),
+]
+
+
+def _variants(seed: int, count: int):
+    """Ordinary entries with one to three fields replaced by edge values, valid or not."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        changes = {name: rng.choice(_POOLS[name]) for name in rng.sample(sorted(_POOLS), rng.randint(1, 3))}
+        yield dataclasses.replace(rng.choice(_BASES), **changes)
+
+
+def _fully_valid(entry) -> bool:
+    try:
+        _check_entry_fully(entry)
+    except CpioFormatError:
+        return False
+    return True
+
+
+def test_quick_validation_accepts_only_what_the_full_checks_accept():
+    accepted = 0
+    for entry in itertools.chain(_variants(1, 20_000), [object(), None]):
+        if _plainly_valid(entry):
+            accepted += 1
+            assert _fully_valid(entry), entry
+    assert accepted > 2000  # the variants do reach the quick path
+
+
+@pytest.mark.parametrize("entry", _BASES)
+def test_ordinary_entries_take_the_quick_path(entry):
+    assert _plainly_valid(entry) and _fully_valid(entry)
+
+
+def test_an_archive_of_edge_entries_is_refused_as_before():
+    refused = [entry for entry in _variants(2, 3000) if not _fully_valid(entry)]
+    for entry in refused[:200]:
+        with pytest.raises(CpioFormatError):
+            CpioArchive([entry])
+    assert hashlib.sha256(b"".join(CpioArchive([]).chunks())).hexdigest()  # the empty archive still builds
+
+
+# -- a tree that changes between the sizing pass and the writing pass ------------------------------
+
+
+def _changing_stream(monkeypatch) -> CpioStream:
+    monkeypatch.setattr(cpio, "ENTRY_CACHE_BYTES", 0)  # the writing pass asks for the entries again
+    calls = itertools.count()
+
+    def entries():
+        data = b"xy" if next(calls) == 0 else b"xyzzy"  # 4 + 8 bytes with padding
+        return iter([CpioEntry(b"a", REG | 0o644, size=len(data), data=data)])
+
+    return CpioStream(entries)
+
+
+def test_entries_that_change_between_passes_are_refused(monkeypatch):
+    with pytest.raises(CpioFormatError, match="entries changed between passes"):
+        list(_changing_stream(monkeypatch).ring_chunks(4, 64))
+
+
+def test_an_eif_from_entries_that_changed_is_not_written(monkeypatch, tmp_path):
+    with pytest.raises((CpioFormatError, EifFormatError)):
+        write_eif(tmp_path / "x.eif", kernel=b"k", cmdline="c", ramdisks=[b"b", _changing_stream(monkeypatch)],
+                  metadata=b"{}")
+    assert list(tmp_path.iterdir()) == []
