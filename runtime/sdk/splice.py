@@ -30,6 +30,7 @@ _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 _FIONREAD = getattr(termios, "FIONREAD", 0x541B)
 _INT_ZERO = bytes(4)
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class SpliceUnsupported(Exception):
@@ -110,7 +111,7 @@ class _Flow:
     socket (many small socket buffers fill every page of the pipe before its bytes): the socket
     says how many bytes it still holds (``FIONREAD``)."""
 
-    __slots__ = ("source", "target", "pipe_out", "pipe_in", "capacity", "held", "eof", "moved",
+    __slots__ = ("source", "target", "pipe_out", "pipe_in", "capacity", "pages", "held", "eof", "moved",
                  "readable", "writable", "hangup", "pipe_blocked", "future", "finished")
 
     def __init__(self, source: int, target: int, future: asyncio.Future) -> None:
@@ -119,6 +120,7 @@ class _Flow:
         with contextlib.suppress(OSError):
             fcntl.fcntl(self.pipe_in, _F_SETPIPE_SZ, PIPE_SIZE)
         self.capacity = fcntl.fcntl(self.pipe_in, _F_GETPIPE_SZ)
+        self.pages = self.capacity // _PAGE
         self.held, self.eof, self.moved, self.finished = 0, False, False, False
         self.readable = self.writable = True  # until a splice says otherwise
         self.hangup = self.pipe_blocked = False
@@ -167,7 +169,9 @@ class _Flow:
         if got == 0:
             self.eof = True
         elif got < room and not self.hangup:
-            self.readable = _unread(self.source) != 0
+            # Short: the socket is empty — unless the pipe's pages ran out first, which cannot be
+            # when it started empty and took fewer bytes than it has pages (a page holds ≥ 1 byte).
+            self.readable = not (self.held == 0 and got < self.pages) and _unread(self.source) != 0
         self.held += got
         return True
 
@@ -224,7 +228,7 @@ class Splicer:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._lock = threading.Lock()
-        self._flows: dict[int, list[tuple[_Flow, bool]]] = {}  # fd → [(flow, fd is its source)]
+        self._ends: dict[int, tuple[_Flow, _Flow]] = {}  # fd → (the flow reading it, the flow writing it)
         self._pairs: dict[int, SplicePair] = {}  # by id: the pair of each flow
         self._thread = threading.Thread(target=self._serve, name="qtbuild-splice", daemon=True)
         self._thread.start()
@@ -233,10 +237,9 @@ class Splicer:
         """Start splicing a ↔ b (both ends' transports already paused)."""
         pair = SplicePair(a, b, activity)
         with self._lock:
-            self._pairs[id(pair.flows[0])] = self._pairs[id(pair.flows[1])] = pair
-            for flow in pair.flows:
-                self._flows.setdefault(flow.source, []).append((flow, True))
-                self._flows.setdefault(flow.target, []).append((flow, False))
+            forward, backward = pair.flows
+            self._pairs[id(forward)] = self._pairs[id(backward)] = pair
+            self._ends[a.fd], self._ends[b.fd] = (forward, backward), (backward, forward)
         try:
             for fd in (a.fd, b.fd):
                 self._epoll.register(fd, _EVENTS)  # the thread's next epoll_wait sees them
@@ -251,7 +254,7 @@ class Splicer:
             for fd in (pair.a.fd, pair.b.fd):
                 with contextlib.suppress(OSError, ValueError):
                     self._epoll.unregister(fd)
-                self._flows.pop(fd, None)
+                self._ends.pop(fd, None)
             for flow in pair.flows:
                 self._pairs.pop(id(flow), None)
                 flow.finished = True
@@ -270,13 +273,19 @@ class Splicer:
         with self._lock:
             ready = {flow for flow in pending if not flow.finished}
             for fd, mask in events:
-                for flow, is_source in self._flows.get(fd, ()):
-                    if is_source and mask & _READABLE:
-                        flow.readable = True
-                        flow.hangup = flow.hangup or bool(mask & _HANGUP)
-                    elif not is_source and mask & _WRITABLE:
-                        flow.writable = True
-                    ready.add(flow)
+                ends = self._ends.get(fd)
+                if ends is None:
+                    continue
+                reading, writing = ends
+                if mask & _READABLE:
+                    reading.readable = True
+                    if mask & _HANGUP:
+                        reading.hangup = True
+                    ready.add(reading)
+                if mask & _WRITABLE:
+                    writing.writable = True
+                    if writing.held:  # room to send into matters only with bytes to send
+                        ready.add(writing)
         now = time.monotonic()
         for flow in ready:
             with self._lock:

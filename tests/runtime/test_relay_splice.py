@@ -345,6 +345,7 @@ def test_an_unexpected_failure_ends_only_its_relay_and_the_splicer_serves_on(mon
         (a_far, (a_reader, a_writer)), (b_far, (b_reader, b_writer)) = (await _pair(socket.AF_UNIX),
                                                                         await _pair(socket.AF_INET))
         spy.real = failing_once
+        a_far.send(b"the first byte makes the splicer call os.splice")
         outcome = await asyncio.wait_for(relay.relay(a_reader, a_writer, b_reader, b_writer, idle_timeout=30), 10)
         for far, writer in ((a_far, a_writer), (b_far, b_writer)):
             writer.close()
