@@ -140,7 +140,7 @@ class _Flow:
                 progress = self._fill(splice)
             if self.held and self.writable:
                 try:
-                    sent = splice(self.pipe_out, self.target, self.held, flags=_FLAGS)
+                    sent = splice(self.pipe_out, self.target, self.held, None, None, _FLAGS)
                 except BlockingIOError:
                     self.writable = False
                 else:
@@ -149,7 +149,7 @@ class _Flow:
                     progress = True
                     if self.pipe_blocked:  # pages freed: the read the full pipe refused
                         self.readable, self.pipe_blocked = True, False
-            if not progress or (self.eof and not self.held):
+            if not progress or not (self.held or self.readable) or (self.eof and not self.held):
                 return moved
         return moved
 
@@ -157,7 +157,7 @@ class _Flow:
         """One read into the pipe; whether bytes (or the EOF) came."""
         room = self.capacity - self.held
         try:
-            got = splice(self.source, self.pipe_in, room, flags=_FLAGS)
+            got = splice(self.source, self.pipe_in, room, None, None, _FLAGS)
         except BlockingIOError:  # an empty socket, or a pipe whose pages are all taken
             self.readable, self.pipe_blocked = False, self.held > 0
             return False
