@@ -67,6 +67,15 @@ async def _receive_to_eof(far: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
+async def _closed_after(outcome: asyncio.Task, *ends) -> str:
+    """The relay's outcome, once it ends; then each (far socket, relay-side writer) closed."""
+    result = await asyncio.wait_for(outcome, 10)
+    for far, writer in ends:
+        writer.close()
+        far.close()
+    return result
+
+
 async def _exchange(a_family: int, b_family: int, a_to_b: bytes, b_to_a: bytes, early: bytes = b""):
     (a_far, (a_reader, a_writer)), (b_far, (b_reader, b_writer)) = await _pair(a_family), await _pair(b_family)
     if early:  # bytes the relay-side stream has already buffered when the relay starts
@@ -127,11 +136,7 @@ def test_bytes_and_half_close_that_arrive_together_pass_both_on(monkeypatch, a_f
         outcome = asyncio.create_task(relay.relay(a_reader, a_writer, b_reader, b_writer, idle_timeout=30))
         got = await asyncio.wait_for(_receive_to_eof(b_far), 10)
         b_far.shutdown(socket.SHUT_WR)
-        result = await asyncio.wait_for(outcome, 10)
-        for far, writer in ((a_far, a_writer), (b_far, b_writer)):
-            writer.close()
-            far.close()
-        return got, result
+        return got, await _closed_after(outcome, (a_far, a_writer), (b_far, b_writer))
 
     assert asyncio.run(scenario()) == (b"last words", "closed")
 
@@ -249,11 +254,7 @@ def test_small_writes_beyond_the_pipes_pages_arrive_without_more_traffic(monkeyp
             got += await asyncio.wait_for(loop.sock_recv(b_far, 1 << 20), 5)
         a_far.shutdown(socket.SHUT_WR)
         b_far.shutdown(socket.SHUT_WR)
-        result = await asyncio.wait_for(outcome, 10)
-        for far, writer in ((a_far, a_writer), (b_far, b_writer)):
-            writer.close()
-            far.close()
-        return got == messages, result
+        return got == messages, await _closed_after(outcome, (a_far, a_writer), (b_far, b_writer))
 
     assert asyncio.run(scenario()) == (True, "closed")
 
