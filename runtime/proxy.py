@@ -67,6 +67,7 @@ import errno
 import functools
 import ipaddress
 import logging
+import select
 import signal
 import socket
 import time
@@ -314,10 +315,45 @@ async def _connect_first(addresses: list[str], port: int):
     error = OSError(errno.EDESTADDRREQ, "no address to connect to")
     for address in addresses:
         try:
-            return await asyncio.open_connection(address, port, limit=CHUNK)
+            return await _open_tcp(address, port)
         except OSError as exc:
             error = exc
     raise error
+
+
+async def _open_tcp(address: str, port: int):
+    """asyncio streams over a new TCP connection to the numeric ``address``.
+
+    A connection to this host is usually established before ``connect()`` returns (it still
+    says ``EINPROGRESS``): a zero-timeout poll takes it at once instead of waiting a round of the
+    event loop for the writable event, a visible part of a new connection's latency."""
+    family, kind, proto, _name, target = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM,
+                                                            flags=socket.AI_NUMERICHOST)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        try:
+            sock.connect(target)
+        except BlockingIOError:
+            if not _connected(sock, target):
+                await asyncio.get_running_loop().sock_connect(sock, target)
+        return await asyncio.open_connection(sock=sock, limit=CHUNK)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _connected(sock: socket.socket, target) -> bool:
+    """Whether a non-blocking connect to ``target`` has finished by now; the OSError asyncio's
+    ``sock_connect`` would raise (same message) if it failed."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    if not poller.poll(0):
+        return False
+    failure = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if failure:
+        raise OSError(failure, f"Connect call failed {target}")
+    return True
 
 
 # --- the proxy -----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import fcntl
 import os
 import select
 import sys
+import termios
 import threading
 import time
 
@@ -27,6 +28,9 @@ PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_FIONREAD = getattr(termios, "FIONREAD", 0x541B)
+_INT_ZERO = bytes(4)
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class SpliceUnsupported(Exception):
@@ -97,10 +101,18 @@ def resume(end: SpliceEnd) -> None:
 
 class _Flow:
     """One direction of a spliced pair: source socket → pipe → target socket.  Touched by the
-    splicer's thread only (under its lock)."""
+    splicer's thread only (under its lock).
 
-    __slots__ = ("source", "target", "pipe_out", "pipe_in", "capacity", "held", "eof", "moved",
-                 "readable", "writable", "future", "finished")
+    ``readable``: the source may hold bytes we have not taken.  A read that comes back short
+    (the socket had fewer bytes than the pipe has room for) clears it without the read that
+    would only say ``EAGAIN``: with edge-triggered epoll every later arrival, and the peer's
+    half-close, is an event of its own.  Two cases keep it set: the peer has half-closed
+    (``hangup``: read on to the EOF) and a short read that the pipe's pages cut short, not the
+    socket (many small socket buffers fill every page of the pipe before its bytes): the socket
+    says how many bytes it still holds (``FIONREAD``)."""
+
+    __slots__ = ("source", "target", "pipe_out", "pipe_in", "capacity", "pages", "held", "eof", "moved",
+                 "readable", "writable", "hangup", "pipe_blocked", "future", "finished")
 
     def __init__(self, source: int, target: int, future: asyncio.Future) -> None:
         self.source, self.target, self.future = source, target, future
@@ -108,8 +120,10 @@ class _Flow:
         with contextlib.suppress(OSError):
             fcntl.fcntl(self.pipe_in, _F_SETPIPE_SZ, PIPE_SIZE)
         self.capacity = fcntl.fcntl(self.pipe_in, _F_GETPIPE_SZ)
+        self.pages = self.capacity // _PAGE
         self.held, self.eof, self.moved, self.finished = 0, False, False, False
-        self.readable = self.writable = True  # until a splice says otherwise (EAGAIN)
+        self.readable = self.writable = True  # until a splice says otherwise
+        self.hangup = self.pipe_blocked = False
 
     def close(self) -> None:
         os.close(self.pipe_out)
@@ -122,37 +136,57 @@ class _Flow:
         moved = 0
         while moved < budget:
             progress = False
-            while self.readable and not self.eof and self.held < self.capacity:  # fill, then one big send
-                try:
-                    got = splice(self.source, self.pipe_in, self.capacity - self.held, flags=_FLAGS)
-                except BlockingIOError:
-                    self.readable = False  # (or the pipe is full in pages: draining sets it again)
-                except OSError as error:
-                    if not self.moved and error.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-                        raise SpliceUnsupported(str(error)) from error
-                    raise
-                else:
-                    if got == 0:
-                        self.eof = True
-                    self.held += got
-                    self.moved = progress = True
+            if self.readable and not self.eof and self.held < self.capacity:  # fill, then one big send
+                progress = self._fill(splice)
             if self.held and self.writable:
                 try:
-                    sent = splice(self.pipe_out, self.target, self.held, flags=_FLAGS)
+                    sent = splice(self.pipe_out, self.target, self.held, None, None, _FLAGS)
                 except BlockingIOError:
                     self.writable = False
                 else:
                     self.held -= sent
                     moved += sent
-                    progress = self.readable = True
-            if not progress or (self.eof and not self.held):
+                    progress = True
+                    if self.pipe_blocked:  # pages freed: the read the full pipe refused
+                        self.readable, self.pipe_blocked = True, False
+            if not progress or not (self.held or self.readable) or (self.eof and not self.held):
                 return moved
         return moved
+
+    def _fill(self, splice) -> bool:
+        """One read into the pipe; whether bytes (or the EOF) came."""
+        room = self.capacity - self.held
+        try:
+            got = splice(self.source, self.pipe_in, room, None, None, _FLAGS)
+        except BlockingIOError:  # an empty socket, or a pipe whose pages are all taken
+            self.readable, self.pipe_blocked = False, self.held > 0
+            return False
+        except OSError as error:
+            if not self.moved and error.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise SpliceUnsupported(str(error)) from error
+            raise
+        self.moved = True
+        if got == 0:
+            self.eof = True
+        elif got < room and not self.hangup:
+            # Short: the socket is empty — unless the pipe's pages ran out first, which cannot be
+            # when it started empty and took fewer bytes than it has pages (a page holds ≥ 1 byte).
+            self.readable = not (self.held == 0 and got < self.pages) and _unread(self.source) != 0
+        self.held += got
+        return True
 
     @property
     def runnable(self) -> bool:
         return not self.finished and ((self.readable and not self.eof and self.held < self.capacity)
                                       or (self.writable and self.held > 0) or (self.eof and not self.held))
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in a socket's receive queue (``FIONREAD``; -1 if it cannot say: read on)."""
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, _FIONREAD, _INT_ZERO), sys.byteorder, signed=True)
+    except OSError:
+        return -1
 
 
 class SplicePair:
@@ -194,7 +228,7 @@ class Splicer:
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._lock = threading.Lock()
-        self._flows: dict[int, list[tuple[_Flow, bool]]] = {}  # fd → [(flow, fd is its source)]
+        self._ends: dict[int, tuple[_Flow, _Flow]] = {}  # fd → (the flow reading it, the flow writing it)
         self._pairs: dict[int, SplicePair] = {}  # by id: the pair of each flow
         self._thread = threading.Thread(target=self._serve, name="qtbuild-splice", daemon=True)
         self._thread.start()
@@ -203,10 +237,9 @@ class Splicer:
         """Start splicing a ↔ b (both ends' transports already paused)."""
         pair = SplicePair(a, b, activity)
         with self._lock:
-            self._pairs[id(pair.flows[0])] = self._pairs[id(pair.flows[1])] = pair
-            for flow in pair.flows:
-                self._flows.setdefault(flow.source, []).append((flow, True))
-                self._flows.setdefault(flow.target, []).append((flow, False))
+            forward, backward = pair.flows
+            self._pairs[id(forward)] = self._pairs[id(backward)] = pair
+            self._ends[a.fd], self._ends[b.fd] = (forward, backward), (backward, forward)
         try:
             for fd in (a.fd, b.fd):
                 self._epoll.register(fd, _EVENTS)  # the thread's next epoll_wait sees them
@@ -221,7 +254,7 @@ class Splicer:
             for fd in (pair.a.fd, pair.b.fd):
                 with contextlib.suppress(OSError, ValueError):
                     self._epoll.unregister(fd)
-                self._flows.pop(fd, None)
+                self._ends.pop(fd, None)
             for flow in pair.flows:
                 self._pairs.pop(id(flow), None)
                 flow.finished = True
@@ -240,12 +273,19 @@ class Splicer:
         with self._lock:
             ready = {flow for flow in pending if not flow.finished}
             for fd, mask in events:
-                for flow, is_source in self._flows.get(fd, ()):
-                    if is_source and mask & _READABLE:
-                        flow.readable = True
-                    elif not is_source and mask & _WRITABLE:
-                        flow.writable = True
-                    ready.add(flow)
+                ends = self._ends.get(fd)
+                if ends is None:
+                    continue
+                reading, writing = ends
+                if mask & _READABLE:
+                    reading.readable = True
+                    if mask & _HANGUP:
+                        reading.hangup = True
+                    ready.add(reading)
+                if mask & _WRITABLE:
+                    writing.writable = True
+                    if writing.held:  # room to send into matters only with bytes to send
+                        ready.add(writing)
         now = time.monotonic()
         for flow in ready:
             with self._lock:
@@ -274,6 +314,7 @@ class Splicer:
 
 _EVENTS = select.EPOLLIN | select.EPOLLOUT | select.EPOLLRDHUP | select.EPOLLET
 _READABLE = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+_HANGUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _WRITABLE = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
 _splicer: Splicer | None = None
 _splicer_lock = threading.Lock()

@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import os
 import random
@@ -568,36 +569,83 @@ async def start_server(callback, listener: Listener, **kwargs) -> asyncio.Server
     """An asyncio server on ``listener`` calling ``await callback(reader, writer, (cid, port))``
     per connection, after the source header (emulated) has been read and checked.
 
-    Closing the returned server stops accepting; ``listener.close()`` also removes the socket
-    file.  Extra keyword arguments go to ``asyncio.start_server`` (e.g. ``limit``)."""
+    The emulated header is read exactly (12 bytes, no more): what the client sends after it stays
+    in the kernel until the callback's stream reads it, so a callback that pauses the stream's
+    reading at once (``relay.hold``) gets every byte of it still unread — to be spliced, not
+    copied.  Closing the returned server stops accepting; ``listener.close()`` also removes the
+    socket file.  Extra keyword arguments go to ``asyncio.start_server`` (e.g. ``limit``)."""
     import asyncio
 
-    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Address) -> None:
         try:
-            peer = await _identify_async(listener, reader, writer)
-            if peer is None:
-                writer.close()
-                return
             await callback(reader, writer, peer)
         except asyncio.CancelledError:
             # Cut (e.g. on shutdown).  Ending normally avoids Python 3.11 logging the cancelled
             # client task as "Exception in callback" (fixed in 3.12).
             writer.close()
 
-    return await asyncio.start_server(on_connection, sock=listener.socket, **kwargs)
+    if listener.config.transport == NATIVE:
+        def on_native(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+            return on_connection(reader, writer, tuple(writer.get_extra_info("peername")))
+
+        return await asyncio.start_server(on_native, sock=listener.socket, **kwargs)
+    loop = asyncio.get_running_loop()
+    limit = kwargs.pop("limit", 2 ** 16)  # asyncio's own default
+    handshake = _handshake_protocol()
+    return await loop.create_server(lambda: handshake(listener, on_connection, limit), sock=listener.socket, **kwargs)
 
 
-async def _identify_async(listener: Listener, reader, writer) -> Address | None:
+@functools.cache
+def _handshake_protocol():
+    """The class of :func:`start_server`'s per-connection protocol (asyncio is imported lazily)."""
     import asyncio
 
-    if listener.config.transport == NATIVE:
-        return tuple(writer.get_extra_info("peername"))
-    _sized(writer.get_extra_info("socket"))
-    try:
-        data = await asyncio.wait_for(reader.readexactly(_HEADER.size), listener.header_timeout)
-    except (asyncio.IncompleteReadError, TimeoutError, OSError):
-        return None
-    return listener.checked_peer(writer.get_extra_info("socket"), decode_header(data))
+    class Handshake(asyncio.BufferedProtocol):
+        """Reads an emulated connection's source header into a buffer of exactly its size (the
+        transport cannot read past it), checks it, then hands the transport over to an asyncio
+        stream for ``on_connection``.  A connection that sends no valid header within the
+        listener's ``header_timeout`` is closed silently."""
+
+        def __init__(self, listener: Listener, on_connection, limit: int) -> None:
+            self.listener, self.on_connection, self.limit = listener, on_connection, limit
+            self.header, self.got = bytearray(_HEADER.size), 0
+            self.transport: asyncio.Transport | None = None
+            self.timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            self.transport = transport
+            _sized(transport.get_extra_info("socket"))
+            self.timer = asyncio.get_running_loop().call_later(self.listener.header_timeout, transport.close)
+
+        def get_buffer(self, sizehint: int) -> memoryview:
+            return memoryview(self.header)[self.got:]
+
+        def buffer_updated(self, nbytes: int) -> None:
+            self.got += nbytes
+            if self.got < len(self.header) or self.transport is None:
+                return
+            transport, self.transport = self.transport, None
+            self.connection_lost(None)
+            peer = self.listener.checked_peer(transport.get_extra_info("socket"), decode_header(bytes(self.header)))
+            if peer is None:
+                transport.close()
+                return
+            loop = asyncio.get_running_loop()
+            reader = asyncio.StreamReader(limit=self.limit, loop=loop)
+            streams = asyncio.StreamReaderProtocol(
+                reader, lambda r, w: self.on_connection(r, w, peer), loop=loop)
+            transport.set_protocol(streams)
+            streams.connection_made(transport)
+
+        def eof_received(self) -> bool:
+            return False  # closed before its header: the transport closes
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+
+    return Handshake
 
 
 # --- peer identity (emulated) --------------------------------------------------------------------

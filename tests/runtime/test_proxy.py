@@ -440,6 +440,16 @@ def test_cli_reports_a_port_in_use(root, tcp_echo):
     assert err.startswith("qtbuild: error: ") and "already in use" in err and "Traceback" not in err
 
 
+def test_a_refused_upstream_fails_as_asyncio_says_it():
+    """The proxy connects upstream itself (taking an already established loopback connection
+    without a round of the event loop); a refusal still reads as asyncio's, in the log too."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nobody listens there
+    with pytest.raises(ConnectionRefusedError, match=rf"Connect call failed \('127.0.0.1', {port}\)"):
+        asyncio.run(proxy_module._connect_first(["127.0.0.1"], port))
+
+
 def test_connecting_to_no_address_is_an_os_error():
     # Was `raise None` (TypeError), which the upstream handler does not catch.
     with pytest.raises(OSError, match="no address to connect to"):

@@ -9,6 +9,7 @@ import errno
 import hashlib
 import os
 import socket
+import stat
 
 import pytest
 
@@ -18,17 +19,25 @@ pytestmark = pytest.mark.skipif(not splice.available(), reason="os.splice is Lin
 
 
 class SpliceSpy:
-    """Counts os.splice calls; optionally refuses them all with EINVAL (a socket without splice)."""
+    """Counts os.splice calls, and the reads from a socket that found it empty (EAGAIN);
+    optionally refuses them all with EINVAL (a socket without splice)."""
 
     def __init__(self, monkeypatch, refuse: bool = False) -> None:
         self.calls, self.real, self.refuse = 0, os.splice, refuse
+        self.reads = self.empty_reads = 0
         monkeypatch.setattr(os, "splice", self)
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
         if self.refuse:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return self.real(*args, **kwargs)
+        reading = not stat.S_ISFIFO(os.fstat(args[0]).st_mode)
+        self.reads += reading
+        try:
+            return self.real(*args, **kwargs)
+        except BlockingIOError:
+            self.empty_reads += reading
+            raise
 
 
 async def _pair(family: int):
@@ -56,6 +65,15 @@ async def _receive_to_eof(far: socket.socket) -> bytes:
     while chunk := await loop.sock_recv(far, 1 << 20):
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def _closed_after(outcome: asyncio.Task, *ends) -> str:
+    """The relay's outcome, once it ends; then each (far socket, relay-side writer) closed."""
+    result = await asyncio.wait_for(outcome, 10)
+    for far, writer in ends:
+        writer.close()
+        far.close()
+    return result
 
 
 async def _exchange(a_family: int, b_family: int, a_to_b: bytes, b_to_a: bytes, early: bytes = b""):
@@ -87,6 +105,40 @@ def test_large_transfers_both_ways_are_spliced_byte_exact(monkeypatch, a_family,
     assert got_a == down
     assert outcome == "closed"
     assert spy.calls > 0
+
+
+def test_a_short_read_is_not_followed_by_a_read_that_finds_the_socket_empty(monkeypatch):
+    """A read that returns fewer bytes than the pipe has room for emptied the socket: the next
+    bytes are a readiness event of their own, so no splice is spent on learning EAGAIN (the old
+    loop made two such calls per chunk: a syscall and a Python exception each)."""
+    spy = SpliceSpy(monkeypatch)
+    up = os.urandom(32 << 20)
+    got_b, got_a, outcome = asyncio.run(_exchange(socket.AF_UNIX, socket.AF_INET, up, b"down"))
+    assert (got_b == up, got_a, outcome) == (True, b"down", "closed")
+    assert spy.reads > 0
+    assert spy.empty_reads <= spy.reads // 10, (spy.empty_reads, spy.reads)
+
+
+@pytest.mark.parametrize("a_family", [socket.AF_UNIX, socket.AF_INET], ids=["unix", "tcp"])
+def test_bytes_and_half_close_that_arrive_together_pass_both_on(monkeypatch, a_family):
+    """The last bytes and the peer's half-close queued before the splicer first reads: the short
+    read that takes the bytes must not be taken for an empty socket — the EOF came with no
+    readiness event of its own after it."""
+    SpliceSpy(monkeypatch)
+
+    async def scenario():
+        (a_far, (a_reader, a_writer)), (b_far, (b_reader, b_writer)) = (await _pair(a_family),
+                                                                        await _pair(socket.AF_INET))
+        relay.hold(a_writer)
+        a_far.sendall(b"last words")
+        a_far.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.05)
+        outcome = asyncio.create_task(relay.relay(a_reader, a_writer, b_reader, b_writer, idle_timeout=30))
+        got = await asyncio.wait_for(_receive_to_eof(b_far), 10)
+        b_far.shutdown(socket.SHUT_WR)
+        return got, await _closed_after(outcome, (a_far, a_writer), (b_far, b_writer))
+
+    assert asyncio.run(scenario()) == (b"last words", "closed")
 
 
 def test_half_close_one_way_then_the_other_way_still_flows(monkeypatch):
@@ -182,6 +234,31 @@ def test_many_small_writes_do_not_stall_a_pipe_full_of_pages(monkeypatch):
     assert asyncio.run(scenario()) == (True, "closed")
 
 
+def test_small_writes_beyond_the_pipes_pages_arrive_without_more_traffic(monkeypatch):
+    """More small socket buffers queued than the pipe has pages, and then silence (a request
+    waiting for its answer): the read the pipe's pages cut short is no sign of an empty socket,
+    so the splicer reads on once the pipe drains instead of waiting for an event that will not
+    come."""
+    SpliceSpy(monkeypatch)
+
+    async def scenario():
+        (a_far, (a_reader, a_writer)), (b_far, (b_reader, b_writer)) = (await _pair(socket.AF_UNIX),
+                                                                        await _pair(socket.AF_INET))
+        messages = b"".join(b"%015d\n" % i for i in range(600))
+        a_far.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2 << 20)
+        for offset in range(0, len(messages), 16):
+            a_far.send(messages[offset:offset + 16])
+        outcome = asyncio.create_task(relay.relay(a_reader, a_writer, b_reader, b_writer, idle_timeout=30))
+        loop, got = asyncio.get_running_loop(), b""
+        while len(got) < len(messages):
+            got += await asyncio.wait_for(loop.sock_recv(b_far, 1 << 20), 5)
+        a_far.shutdown(socket.SHUT_WR)
+        b_far.shutdown(socket.SHUT_WR)
+        return got == messages, await _closed_after(outcome, (a_far, a_writer), (b_far, b_writer))
+
+    assert asyncio.run(scenario()) == (True, "closed")
+
+
 def test_concurrent_relays_are_each_byte_exact(monkeypatch):
     SpliceSpy(monkeypatch)
 
@@ -269,6 +346,7 @@ def test_an_unexpected_failure_ends_only_its_relay_and_the_splicer_serves_on(mon
         (a_far, (a_reader, a_writer)), (b_far, (b_reader, b_writer)) = (await _pair(socket.AF_UNIX),
                                                                         await _pair(socket.AF_INET))
         spy.real = failing_once
+        a_far.send(b"the first byte makes the splicer call os.splice")
         outcome = await asyncio.wait_for(relay.relay(a_reader, a_writer, b_reader, b_writer, idle_timeout=30), 10)
         for far, writer in ((a_far, a_writer), (b_far, b_writer)):
             writer.close()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
+import hashlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import termios
 import threading
 import time
 
@@ -163,6 +166,41 @@ def test_silent_or_malformed_clients_are_dropped_not_returned(root):
         garbage.close()
 
 
+def test_asyncio_server_drops_silent_short_or_malformed_clients(root):
+    """start_server: a client silent past header_timeout, one that closes mid-header and one with
+    a wrong magic are closed without reaching the callback; a valid client after them is served."""
+    async def scenario():
+        listener = vsock.listen(5000, header_timeout=0.2, config=cid(root, 3))
+        peers = []
+
+        async def served(reader, writer, peer):
+            peers.append(peer)
+            writer.close()
+
+        server = await vsock.start_server(served, listener)
+        loop = asyncio.get_running_loop()
+        clients = [socket.socket(socket.AF_UNIX) for _ in range(3)]
+        try:
+            for client in clients:
+                client.setblocking(False)
+                await loop.sock_connect(client, listener.path)
+            clients[1].sendall(b"QTv1\0\0")  # half a header, then EOF
+            clients[1].shutdown(socket.SHUT_WR)
+            clients[2].sendall(b"GET / HTTP/1")  # header-sized, wrong magic
+            ends = [await asyncio.wait_for(loop.sock_recv(client, 1), 5) for client in clients]
+            _reader, writer = await vsock.open_connection(3, 5000, config=cid(root, 9), timeout=5)
+            await asyncio.wait_for(_reader.read(), 5)
+            writer.close()
+        finally:
+            for client in clients:
+                client.close()
+            server.close()
+            listener.close()
+        return ends, [peer[0] for peer in peers]
+
+    assert asyncio.run(scenario()) == ([b"", b"", b""], [9])
+
+
 def test_close_unlinks_the_socket_file(root):
     listener = vsock.listen(5000, config=cid(root, 3))
     assert os.path.exists(listener.path)
@@ -260,6 +298,41 @@ def test_asyncio_server_and_connection_report_the_peer(root):
 
     peer_cid, peer_port, text = asyncio.run(scenario()).split()
     assert (peer_cid, text) == (b"6", b"hello") and int(peer_port) >= vsock.FIRST_EPHEMERAL_PORT
+
+
+def test_asyncio_server_reads_no_byte_past_the_header(root):
+    """What a client sends right after its header stays in the kernel until the callback's stream
+    reads it: a callback that pauses reading at once (the proxy's relay.hold, to splice rather
+    than copy) finds every byte still unread, then reads them all in order."""
+    payload = os.urandom(100_000)
+
+    async def scenario():
+        listener = vsock.listen(5002, config=cid(root, 3))
+
+        async def held(reader, writer, peer):
+            writer.transport.pause_reading()
+            await asyncio.sleep(0.05)
+            sock = writer.get_extra_info("socket")
+            unread = int.from_bytes(fcntl.ioctl(sock.fileno(), termios.FIONREAD, bytes(4)), sys.byteorder)
+            writer.transport.resume_reading()
+            writer.write(b"%d " % unread + hashlib.sha256(await reader.readexactly(len(payload))).digest())
+            await writer.drain()
+            writer.close()
+
+        server = await vsock.start_server(held, listener)
+        client = vsock.connect(3, 5002, config=cid(root, 4), timeout=5)
+        try:
+            client.sendall(payload)  # header and payload queued before the server accepts
+            client.setblocking(False)
+            reply = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(client, 1024), 5)
+        finally:
+            client.close()
+            server.close()
+            listener.close()
+        return reply
+
+    unread, digest = asyncio.run(scenario()).split(b" ", 1)
+    assert (int(unread), digest) == (len(payload), hashlib.sha256(payload).digest())
 
 
 def test_emulated_sockets_hold_a_virtio_vsock_buffer_in_flight(root):
@@ -407,6 +480,7 @@ def test_native_loopback():
 
 CLIENT = """
 import sys
+import termios
 from qtbuild.runtime.sdk import vsock
 config = vsock.VsockConfig("emulated", int(sys.argv[2]), sys.argv[1])
 print("ready", flush=True)
