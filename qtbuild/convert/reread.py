@@ -25,102 +25,247 @@ the cpio writer reads files one after another.
 
 from __future__ import annotations
 
-import bisect
 import io
+import queue
+import threading
 from collections.abc import Callable, Sequence
-from typing import BinaryIO, cast
+from typing import BinaryIO, Protocol, cast
 
-from qtbuild.convert.readahead import ReadAhead
+from qtbuild.convert.reinflate import BlobTarStream
 from qtbuild.convert.spill import SpillStore
 from qtbuild.errors import ImageError
+from qtbuild.sources.local_blob import LocalBlob
 
 MAX_CURSORS = 3
 REINFLATE_FACTOR = 4
 REINFLATE_ALLOWANCE = 64 << 20
 CHUNK = 1 << 20
+#: A cursor's worker hands pieces over in batches of about this many bytes ...
+BATCH = 1 << 20
+#: ... and runs at most this many batches ahead of the reader.
+DEPTH = 3
+
+_END = object()
+
+
+class _TarSource(Protocol):
+    """A layer's tar stream as a cursor's worker reads it."""
+
+    def read(self, n: int) -> bytes:
+        """1..n bytes, or b"" at the end."""
+
+    def finish(self) -> None:
+        """Prove the stream the bytes the first pass verified (ImageError if not); may read on."""
+
+    def close(self) -> None:
+        ...
+
+
+class _VerifiedStream:
+    """A :data:`_TarSource` over a stream that verifies itself when read to its end."""
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+
+    def read(self, n: int) -> bytes:
+        return self._stream.read(n)
+
+    def finish(self) -> None:
+        while self._stream.read(CHUNK):
+            pass
+
+    def close(self) -> None:
+        self._stream.close()
 
 
 class _Cursor:
-    """One forward decompression of the layer."""
+    """One forward decompression of the layer, on a worker thread.
 
-    def __init__(self, stream: io.RawIOBase):
-        self.stream = stream
-        self.pos = 0
+    The worker reads the tar stream and hands over, in order, the data of ``ranges[first:]`` as
+    ``(range index, piece)`` pairs (pieces of at most :data:`CHUNK` bytes, immutable ``bytes``;
+    a decompressed chunk lying inside one range is handed over without a copy); everything else is
+    dropped.  After the last range it runs ``source.finish()`` (its error, like any other, reaches
+    the reader where it is).  ``next`` is the index of the range the reader takes next;
+    ``torn``: a range whose rest, left by a stream closed early, is still queued.
+    """
+
+    def __init__(self, source: _TarSource, ranges: Sequence[tuple[int, int]], first: int, what: str):
+        self._source, self._ranges, self.what = source, ranges, what
+        self.next = first
+        self.torn = -1
         self.busy = False
-        self._scratch = bytearray(CHUNK)
+        self.finished = False  # the worker's source.finish() passed and everything was taken
+        self.inflated = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=DEPTH)
+        self._batch: list[tuple[int, bytes]] = []
+        self._taken = 0
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._run, args=(first,), name="reread", daemon=True)
+        self._worker.start()
 
-    def readinto(self, view: memoryview) -> int:
-        got = self.stream.readinto(view) or 0
-        self.pos += got
-        return got
+    # -- worker side ------------------------------------------------------------------------
+    def _run(self, index: int) -> None:
+        try:
+            self._produce(index)
+            if not self._stop.is_set():
+                self._source.finish()
+            self._put(_END)
+        except BaseException as exc:  # handed to the reader, raised there
+            self._put(exc)
 
-    def read_exact(self, n: int) -> bytes:
-        data = bytearray(n)
-        view, done = memoryview(data), 0
-        while done < n and (got := self.readinto(view[done:])):
-            done += got
-        return bytes(view[:done])
+    def _produce(self, index: int) -> None:
+        ranges, read = self._ranges, self._source.read
+        position = 0
+        batch: list[tuple[int, bytes]] = []
+        batched = 0
+        while index < len(ranges) and not self._stop.is_set():
+            chunk = read(CHUNK)
+            if not chunk:
+                raise ImageError(f"{self.what}: a second read of the layer ended at {position} bytes, before "
+                                 f"offset {ranges[index][0]} (the blob changed?)")
+            end = position + len(chunk)
+            while index < len(ranges):
+                offset, size = ranges[index]
+                if offset >= end:
+                    break
+                low, high = max(offset, position), min(offset + size, end)
+                batch.append((index, chunk if high - low == len(chunk) else chunk[low - position:high - position]))
+                batched += high - low
+                if high < offset + size:
+                    break
+                index += 1
+            self.inflated = end
+            position = end
+            if batched >= BATCH or index == len(ranges):
+                self._put(batch)
+                batch, batched = [], 0
 
-    def skip(self, n: int) -> int:
-        """Discard ``n`` bytes; return how many there were (fewer at the end)."""
-        view = memoryview(self._scratch)
-        done = 0
-        while done < n:
-            got = self.stream.readinto(view[:min(CHUNK, n - done)])
-            if not got:
-                break
-            done += got
-        self.pos += done
-        return done
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
-    def finish(self) -> None:
-        """Read to the end (the stream's checks run there)."""
-        while self.skip(CHUNK):
-            pass
+    # -- reader side ------------------------------------------------------------------------
+    def _fill(self) -> bool:
+        """Make the next batch current; False at the end (re-raises the worker's error)."""
+        if self.finished:
+            return False
+        item = self._queue.get()
+        if item is _END:
+            self.finished = True
+            return False
+        if isinstance(item, BaseException):
+            self._queue.put(item)  # every later take fails the same way
+            raise item
+        self._batch, self._taken = item, 0
+        return True
+
+    def peek(self) -> int:
+        """The range index of the next piece (``len(ranges)`` at the end)."""
+        while self._taken == len(self._batch):
+            if not self._fill():
+                return len(self._ranges)
+        return self._batch[self._taken][0]
+
+    def take(self) -> bytes:
+        """The next piece (after :meth:`peek` said which range it belongs to)."""
+        piece = self._batch[self._taken][1]
+        self._taken += 1
+        return piece
+
+    def drain(self) -> None:
+        """Take everything up to the end (so ``source.finish()`` ran: ImageError if it failed)."""
+        while self.peek() < len(self._ranges):
+            self.take()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._worker.join()
+        self._source.close()
 
 
 class _RangeStream(io.RawIOBase):
-    """``size`` bytes read from a cursor; releases it when closed."""
+    """The data of range ``index`` of a cursor (``size`` bytes); releases the cursor when closed.
 
-    def __init__(self, cursor: _Cursor, size: int):
+    ``read(n)`` with ``n`` at least the pending piece returns that piece itself (no copy)."""
+
+    def __init__(self, cursor: _Cursor, index: int, size: int, on_close: Callable[[], None] | None = None):
         super().__init__()
-        self._cursor, self._left = cursor, size
+        self._cursor, self._index, self._left = cursor, index, size
+        self._piece, self._at = b"", 0  # the piece being read, and how far
+        self._on_close = on_close
         cursor.busy = True
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer) -> int:
+    def _next_piece(self) -> None:
+        cursor = self._cursor
+        if cursor.peek() != self._index:
+            raise ImageError(f"{cursor.what}: a second read of the layer lost the data of a file")
+        self._piece, self._at = cursor.take(), 0
+
+    def read(self, size: int | None = -1) -> bytes:
         if not self._left:
-            return 0
-        view = memoryview(buffer).cast("B")
-        got = self._cursor.readinto(view[:min(len(view), self._left)])
-        self._left -= got
-        return got
+            return b""
+        if self._at == len(self._piece):
+            self._next_piece()
+        piece, at = self._piece, self._at
+        if size is None or size < 0 or size >= len(piece) - at:
+            data = piece if at == 0 else piece[at:]
+        else:
+            data = piece[at:at + size]
+        self._at += len(data)
+        self._left -= len(data)
+        return data
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(memoryview(buffer)))
+        memoryview(buffer).cast("B")[:len(data)] = data
+        return len(data)
 
     def close(self) -> None:
-        self._cursor.busy = False
+        if not self.closed:
+            cursor = self._cursor
+            cursor.busy = False
+            if self._left:
+                cursor.torn = self._index
+            cursor.next = self._index + 1
+            if self._on_close is not None:
+                self._on_close()
         super().close()
 
 
 class LayerRereader:
     """Range access to a layer's tar stream by re-decompression; see the module docstring.
 
-    ``reopen()`` returns the layer's decompressed stream afresh; ``size`` is the stream's length
-    (as the first pass measured it); ``needed`` lists ``(offset, size)`` of the files that will
-    be read, sorted by offset; ``stash`` is shared between the layers of one image.
+    ``reopen()`` returns the layer's decompressed stream afresh (verified when read to its end);
+    when it is a :class:`LocalBlob`, cursors read the blob file directly instead
+    (:mod:`qtbuild.convert.reinflate`: no second SHA-256 of a settled blob).  ``size`` is the
+    stream's length (as the first pass measured it); ``needed`` lists ``(offset, size)`` of the
+    files that will be read, sorted by offset; ``stash`` is shared between the layers of one image.
     """
 
     def __init__(self, reopen: Callable[[], BinaryIO], size: int, needed: Sequence[tuple[int, int]],
                  stash: Stash, spill: SpillStore, what: str):
         self._reopen, self._size, self._what = reopen, size, what
         self._needed = needed
-        self._needed_offsets = [offset for offset, _ in needed]
+        self._index_of = {offset: index for index, (offset, _) in enumerate(needed)}
         self._stash = stash
         self._spill = spill
         self._spill_base: int | None = None
         self._cursors: list[_Cursor] = []
-        self.inflated = 0
+        self._closed_inflated = 0
+        self._served = False
+        self._verified = False
+
+    @property
+    def inflated(self) -> int:
+        """Bytes of the tar stream decompressed so far by this reader's cursors (workers included)."""
+        return self._closed_inflated + sum(cursor.inflated for cursor in self._cursors)
 
     def open_range(self, offset: int, size: int) -> BinaryIO:
         if offset < 0 or size < 0 or offset + size > self._size:
@@ -130,45 +275,67 @@ class LayerRereader:
         kept = self._stash.take(self, offset, size)
         if kept is not None:
             return cast(BinaryIO, io.BytesIO(kept))
+        if not size:
+            return cast(BinaryIO, io.BytesIO(b""))
         if self.inflated > REINFLATE_FACTOR * self._size + REINFLATE_ALLOWANCE:
             self._spill_layer()
             return self._spill.open_range(cast(int, self._spill_base) + offset, size)
-        cursor = self._cursor_for(offset)
-        self._advance(cursor, offset)
-        return cast(BinaryIO, _RangeStream(cursor, size))
+        self._served = True
+        index = self._index_of.get(offset)
+        if index is None or self._needed[index][1] != size:
+            return self._open_unlisted(offset, size)
+        cursor = self._cursor_for(index)
+        self._advance(cursor, index)
+        return cast(BinaryIO, _RangeStream(cursor, index, size))
 
-    def _cursor_for(self, offset: int) -> _Cursor:
-        usable = [c for c in self._cursors if c.pos <= offset and not c.busy]
+    def _open_unlisted(self, offset: int, size: int) -> BinaryIO:
+        """A range that is no file's data: a decompression of its own, closed with the stream."""
+        cursor = _Cursor(self._source(), [(offset, size)], 0, self._what)
+
+        def close() -> None:
+            self._closed_inflated += cursor.inflated
+            cursor.close()
+
+        try:
+            cursor.peek()
+        except BaseException:
+            close()
+            raise
+        return cast(BinaryIO, _RangeStream(cursor, 0, size, on_close=close))
+
+    def _source(self) -> _TarSource:
+        if isinstance(self._reopen, LocalBlob):
+            return BlobTarStream(self._reopen)
+        return _VerifiedStream(self._reopen())
+
+    def _cursor_for(self, index: int) -> _Cursor:
+        usable = [c for c in self._cursors if c.next <= index and not c.busy]
         if usable:
-            cursor = max(usable, key=lambda c: c.pos)
+            cursor = max(usable, key=lambda c: c.next)
             self._cursors.remove(cursor)
         else:
             if len(self._cursors) >= MAX_CURSORS:
-                self._cursors.pop(0).stream.close()
-            cursor = _Cursor(ReadAhead(self._reopen()))
+                self._close_cursor(self._cursors.pop(0))
+            cursor = _Cursor(self._source(), self._needed, 0, self._what)
         self._cursors.append(cursor)  # most recently used last
         return cursor
 
-    def _advance(self, cursor: _Cursor, offset: int) -> None:
-        """Skip ``cursor`` to ``offset``, stashing needed files on the way."""
-        start = cursor.pos
-        index = bisect.bisect_left(self._needed_offsets, start)
-        while cursor.pos < offset:
-            if index < len(self._needed) and self._needed[index][0] < offset:
-                file_offset, file_size = self._needed[index]
-                index += 1
-                if file_offset < cursor.pos or file_offset + file_size > offset:
-                    continue
-                cursor.skip(file_offset - cursor.pos)
-                if self._stash.room(file_size):
-                    self._stash.put(self, file_offset, cursor.read_exact(file_size))
-                continue
-            cursor.skip(offset - cursor.pos)
-            break
-        self.inflated += cursor.pos - start
-        if cursor.pos != offset:
-            raise ImageError(f"{self._what}: a second read of the layer ended at {cursor.pos} bytes, "
-                             f"before offset {offset} (the blob changed?)")
+    def _close_cursor(self, cursor: _Cursor) -> None:
+        self._closed_inflated += cursor.inflated
+        cursor.close()
+
+    def _advance(self, cursor: _Cursor, index: int) -> None:
+        """Take ``cursor``'s pieces up to range ``index``, stashing whole files that fit on the way."""
+        while (ahead := cursor.peek()) < index:
+            pieces = []
+            while cursor.peek() == ahead:
+                pieces.append(cursor.take())
+            offset, size = self._needed[ahead]
+            if ahead != cursor.torn and self._stash.room(size):
+                self._stash.put(self, offset, b"".join(pieces))
+        if cursor.peek() != index:
+            raise ImageError(f"{self._what}: a second read of the layer lost the data of a file")
+        cursor.next = index
 
     def _spill_layer(self) -> None:
         """Decompress the whole layer into the spill store (adversarial member order)."""
@@ -177,19 +344,34 @@ class LayerRereader:
             while chunk := stream.read(CHUNK):
                 self._spill.append(chunk)
         self._spill.flush()
+        self._verified = True
         self.close_cursors()
 
     def close_cursors(self) -> None:
         for cursor in self._cursors:
-            cursor.stream.close()
+            self._close_cursor(cursor)
         self._cursors = []
 
     def finish(self) -> None:
-        """Read every cursor to its end, so the blob's digest is checked again (ImageError if not)."""
-        for cursor in self._cursors:
-            if not cursor.busy:
-                cursor.finish()
-        self.close_cursors()
+        """Prove that what was served came from the blob the first pass verified (ImageError if
+        not): a settled :class:`LocalBlob` by its file identity, anything else by reading a cursor
+        (or a new decompression) to its end."""
+        try:
+            if isinstance(self._reopen, LocalBlob) and self._reopen.settled:
+                self._reopen.check()
+                return
+            for cursor in self._cursors:
+                if not cursor.busy:
+                    cursor.drain()
+                    self._verified = True
+            if self._served and not self._verified:
+                source = self._source()
+                try:
+                    source.finish()
+                finally:
+                    source.close()
+        finally:
+            self.close_cursors()
 
 
 class Stash:
