@@ -10,28 +10,39 @@ The first pass over a layer verified its blob's SHA-256.  A second decompression
 * any other blob is hashed again as it is read; :meth:`finish` reads (without decompressing)
   what is left of it and compares the digest.
 
-The compressed bytes are read with ``pread`` in :data:`INPUT_CHUNK` pieces: smaller than the
-decompressed chunks asked for, so a piece is usually consumed whole by one inflate call (a
-leftover input tail is copied at every call).  Decoding (gzip members, zstd frames, corrupt data
-as ImageError) is :mod:`qtbuild.sources.blobs`'s.
+``read(n)`` returns exactly ``n`` bytes (fewer only at the end), so a reader asking for a file's
+data a chunk at a time gets each chunk as one fresh ``bytes`` object, with no copy to join or
+slice it.  gzip is read through isal's ``GzipFile`` (its C reader keeps the compressed input in
+its own buffer: reads of any size cost no copy of it; the standard library's without isal); zstd
+through :mod:`qtbuild.sources.blobs`'s decoder.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import zlib
 from collections.abc import Callable
+from typing import cast
+
+try:
+    from isal import isal_zlib as _inflate
+    from isal.igzip import IGzipFile as GzipFile
+except ImportError:  # pragma: no cover -- platforms without isal wheels
+    import zlib as _inflate  # type: ignore[no-redef]
+    from gzip import GzipFile  # type: ignore[assignment]
 
 from qtbuild.errors import ImageError
-from qtbuild.sources.blobs import _GzipDecoder, _zstd_decoder, sniff_compression
+from qtbuild.sources.blobs import _zstd_decoder, sniff_compression
 from qtbuild.sources.local_blob import LocalBlob
 
 INPUT_CHUNK = 256 * 1024
+_GZIP_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error,
+                                                  cast(type[BaseException], _inflate.error))
 
 
-class BlobTarStream:
-    """``read(n)``: 1..n bytes of the blob's tar stream (gzip, zstd or plain), ``b""`` at the end.
-    Not thread-safe; :meth:`close` it."""
+class _BlobFile:
+    """The blob's compressed bytes read with ``pread``, hashed unless the blob is settled."""
 
     def __init__(self, blob: LocalBlob):
         self._blob = blob
@@ -41,21 +52,18 @@ class BlobTarStream:
             raise ImageError(f"{blob.what}: cannot open {blob.path}: {exc.strerror or exc}") from None
         self._position, self._end = blob.start, blob.start + blob.size
         self._hash = None if blob.settled else hashlib.sha256()
-        try:
-            if blob.settled:
+        if blob.settled:
+            try:
                 blob.check(os.fstat(self._fd))
-            kind = sniff_compression(os.pread(self._fd, 4, self._position))
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self._decode: Callable[[int], bytes] = self._read_input  # a plain tar
-        if kind == "gzip":
-            self._decode = _GzipDecoder(self._read_input, blob.what).read
-        elif kind == "zstd":
-            self._decode = _zstd_decoder(self._read_input, blob.what)
+            except BaseException:
+                self.close()
+                raise
 
-    def _read_input(self, n: int) -> bytes:
-        size = min(n, INPUT_CHUNK, self._end - self._position)
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        size = self._end - self._position if n < 0 else min(n, self._end - self._position)
         if size <= 0:
             return b""
         chunk = os.pread(self._fd, size, self._position)
@@ -67,15 +75,17 @@ class BlobTarStream:
             self._hash.update(chunk)
         return chunk
 
-    def read(self, n: int) -> bytes:
-        return self._decode(n)
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        chunk = self.read(len(view))
+        view[:len(chunk)] = chunk
+        return len(chunk)
 
     def finish(self) -> None:
-        """Prove the blob unchanged since its first pass (ImageError if not); see the module docstring."""
         if self._hash is None:
             self._blob.check(os.fstat(self._fd))
             return
-        while self._read_input(INPUT_CHUNK):
+        while self.read(INPUT_CHUNK):
             pass
         if "sha256:" + self._hash.hexdigest() != self._blob.digest:
             raise ImageError(f"{self._blob.what}: digest mismatch on the second read, expected "
@@ -86,3 +96,41 @@ class BlobTarStream:
             os.close(self._fd)
             self._fd = -1
 
+
+class BlobTarStream:
+    """``read(n)``: ``n`` bytes of the blob's tar stream (gzip, zstd or plain), fewer only at
+    its end.  Not thread-safe; :meth:`close` it."""
+
+    def __init__(self, blob: LocalBlob):
+        self._what = blob.what
+        self._file = _BlobFile(blob)
+        self._gzip: GzipFile | None = None
+        try:
+            kind = sniff_compression(os.pread(self._file._fd, 4, blob.start))
+            if kind == "gzip":
+                self._gzip = GzipFile(fileobj=self._file, mode="rb")
+                self._decode: Callable[[int], bytes] = self._gzip.read
+            elif kind == "zstd":
+                self._decode = _zstd_decoder(lambda n: self._file.read(min(n, INPUT_CHUNK)), blob.what)
+            else:
+                self._decode = self._file.read
+        except BaseException:
+            self._file.close()
+            raise
+
+    def read(self, n: int) -> bytes:
+        try:
+            data = self._decode(n)
+        except _GZIP_ERRORS as exc:
+            raise ImageError(f"{self._what}: corrupt gzip data on the second read: {exc} "
+                             f"(the blob changed between the passes over it?)") from None
+        while 0 < len(data) < n and (more := self._decode(n - len(data))):  # zstd may stop at a frame
+            data += more
+        return data
+
+    def finish(self) -> None:
+        """Prove the blob unchanged since its first pass (ImageError if not); see the module docstring."""
+        self._file.finish()
+
+    def close(self) -> None:
+        self._file.close()

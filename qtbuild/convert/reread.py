@@ -48,11 +48,15 @@ DEPTH = 3
 _END = object()
 
 
+class _Stopped(Exception):
+    """The cursor was closed: its worker ends."""
+
+
 class _TarSource(Protocol):
     """A layer's tar stream as a cursor's worker reads it."""
 
     def read(self, n: int) -> bytes:
-        """1..n bytes, or b"" at the end."""
+        """``n`` bytes, fewer only at the end (``b""`` there)."""
 
     def finish(self) -> None:
         """Prove the stream the bytes the first pass verified (ImageError if not); may read on."""
@@ -82,9 +86,9 @@ class _Cursor:
     """One forward decompression of the layer, on a worker thread.
 
     The worker reads the tar stream and hands over, in order, the data of ``ranges[first:]`` as
-    ``(range index, piece)`` pairs (pieces of at most :data:`CHUNK` bytes, immutable ``bytes``;
-    a decompressed chunk lying inside one range is handed over without a copy); everything else is
-    dropped.  After the last range it runs ``source.finish()`` (its error, like any other, reaches
+    ``(range index, piece)`` pairs, in batches: a range comes in pieces of exactly
+    ``min(CHUNK, rest of the range)`` bytes, each a ``bytes`` object read as such (no copy);
+    everything else is dropped.  After the last range it runs ``source.finish()`` (its error, like any other, reaches
     the reader where it is).  ``next`` is the index of the range the reader takes next;
     ``torn``: a range whose rest, left by a stream closed early, is still queued.
     """
@@ -107,38 +111,44 @@ class _Cursor:
     def _run(self, index: int) -> None:
         try:
             self._produce(index)
-            if not self._stop.is_set():
-                self._source.finish()
+            self._source.finish()
             self._put(_END)
+        except _Stopped:
+            pass
         except BaseException as exc:  # handed to the reader, raised there
             self._put(exc)
 
     def _produce(self, index: int) -> None:
-        ranges, read = self._ranges, self._source.read
+        ranges = self._ranges
         position = 0
         batch: list[tuple[int, bytes]] = []
         batched = 0
-        while index < len(ranges) and not self._stop.is_set():
-            chunk = read(CHUNK)
-            if not chunk:
-                raise ImageError(f"{self.what}: a second read of the layer ended at {position} bytes, before "
-                                 f"offset {ranges[index][0]} (the blob changed?)")
-            end = position + len(chunk)
-            while index < len(ranges):
-                offset, size = ranges[index]
-                if offset >= end:
-                    break
-                low, high = max(offset, position), min(offset + size, end)
-                batch.append((index, chunk if high - low == len(chunk) else chunk[low - position:high - position]))
-                batched += high - low
-                if high < offset + size:
-                    break
-                index += 1
-            self.inflated = end
-            position = end
-            if batched >= BATCH or index == len(ranges):
-                self._put(batch)
-                batch, batched = [], 0
+        while index < len(ranges):
+            offset, size = ranges[index]
+            while position < offset:  # data no one asked for: inflated and dropped
+                position += len(self._read(min(CHUNK, offset - position), position, offset))
+            end = offset + size
+            while position < end:
+                piece = self._read(min(CHUNK, end - position), position, end)
+                batch.append((index, piece))
+                batched += len(piece)
+                position += len(piece)
+                if batched >= BATCH:
+                    self._put(batch)
+                    batch, batched = [], 0
+            index += 1
+        if batch:
+            self._put(batch)
+
+    def _read(self, n: int, position: int, target: int) -> bytes:
+        if self._stop.is_set():
+            raise _Stopped
+        data = self._source.read(n)
+        if not data:
+            raise ImageError(f"{self.what}: a second read of the layer ended at {position} bytes, before "
+                             f"offset {target} (the blob changed?)")
+        self.inflated = position + len(data)
+        return data
 
     def _put(self, item) -> None:
         while not self._stop.is_set():
@@ -217,19 +227,30 @@ class _RangeStream:
         self._piece, self._at = cursor.take(), 0
 
     def read(self, size: int | None = -1) -> bytes:
+        """``size`` bytes (all that is left if None or negative), fewer only at the end."""
         if not self._left:
             if self.closed:
                 raise ValueError("read of a closed file")
             return b""
-        if size is None or size < 0:
-            return b"".join(iter(lambda: self.read(CHUNK), b""))
+        size = self._left if size is None or size < 0 else min(size, self._left)
         if self._at == len(self._piece):
             self._next_piece()
         piece, at = self._piece, self._at
-        data = piece if at == 0 and size >= len(piece) else piece[at:at + size]
-        self._at += len(data)
-        self._left -= len(data)
-        return data
+        self._left -= size
+        if at == 0 and size == len(piece):  # the usual case: asked for pieces as the worker cut them
+            self._at = size
+            return piece
+        if size <= len(piece) - at:
+            self._at = at + size
+            return piece[at:at + size]
+        parts, wanted = [piece[at:]], size - (len(piece) - at)
+        while wanted:
+            self._next_piece()
+            part = self._piece[:wanted]
+            parts.append(part)
+            wanted -= len(part)
+            self._at = len(part)
+        return b"".join(parts)
 
     def readinto(self, buffer) -> int:
         view = memoryview(buffer).cast("B")
