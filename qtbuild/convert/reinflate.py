@@ -81,12 +81,13 @@ class _BlobFile:
         view[:len(chunk)] = chunk
         return len(chunk)
 
-    def finish(self) -> None:
+    def finish(self, stopped: Callable[[], bool]) -> None:
         if self._hash is None:
             self._blob.check(os.fstat(self._fd))
             return
         while self.read(INPUT_CHUNK):
-            pass
+            if stopped():
+                return
         if "sha256:" + self._hash.hexdigest() != self._blob.digest:
             raise ImageError(f"{self._blob.what}: digest mismatch on the second read, expected "
                              f"{self._blob.digest} (the blob changed between the passes over it)")
@@ -128,9 +129,10 @@ class BlobTarStream:
             data += more
         return data
 
-    def finish(self) -> None:
-        """Prove the blob unchanged since its first pass (ImageError if not); see the module docstring."""
-        self._file.finish()
+    def finish(self, stopped: Callable[[], bool]) -> None:
+        """Prove the blob unchanged since its first pass (ImageError if not; see the module
+        docstring), unless ``stopped()`` turns true while the rest of an unsettled blob is hashed."""
+        self._file.finish(stopped)
 
     def close(self) -> None:
         self._file.close()

@@ -5,22 +5,26 @@ spill store) only to read it back once is wasted I/O and disk space.  For a laye
 a local file, :class:`LayerRereader` answers ``open_range(offset, size)`` from a fresh
 decompression of the blob instead.  gzip cannot seek, so:
 
-* a *cursor* is one decompression of the layer read forward (on a read-ahead thread, so
-  inflating overlaps hashing); a request is served by the cursor furthest along that has not
-  passed its offset, skipping forward to it; a request behind every cursor opens a new one from
-  the start (at most :data:`MAX_CURSORS`, least recently used closed first);
-* while a cursor skips forward, the data of files that will still be asked for (``needed``: the
-  (offset, size) of every file the tree can output) is kept in a *stash* of at most
-  32 MiB in memory (:class:`Stash`), so a member archived after its bytewise successors (``lib-x`` after
+* a *cursor* is one decompression of the layer read forward by a worker thread, which hands
+  the reader only the data of the files that will be asked for (``needed``: the (offset, size)
+  of every file the tree can output), cut in pieces of ``min(1 MiB, rest of the file)`` and
+  batched, at most :data:`DEPTH` batches ahead (inflating overlaps hashing; the reader's thread
+  only passes ready ``bytes`` on); a request is served by the cursor furthest along that has not
+  passed its file, skipping forward to it; a request behind every cursor opens a new one from the
+  start (at most :data:`MAX_CURSORS`, least recently used closed first);
+* while a cursor skips forward, the files it passes are kept in a *stash* of at most 32 MiB in
+  memory (:class:`Stash`), so a member archived after its bytewise successors (``lib-x`` after
   ``lib/…``) costs no re-inflation;
 * the bytes inflated are counted; once they exceed :data:`REINFLATE_FACTOR` times the layer
   plus :data:`REINFLATE_ALLOWANCE` (an adversarial member order), the layer is decompressed once
   more into ``spill`` and served from there — the old behaviour, paid only by such layers.
 
-Ranges served are the bytes of the layer's tar stream, whose blob digest the first pass verified;
-the re-read streams verify it again when read to the end (:meth:`close` finishes them and
-re-raises a mismatch, e.g. a blob changed in between).  Not thread-safe: one reader at a time, as
-the cpio writer reads files one after another.
+Ranges served are the bytes of the layer's tar stream, whose blob digest the first pass verified.
+:meth:`LayerRereader.finish` proves they still were: for a blob in a local file
+(:class:`~qtbuild.sources.local_blob.LocalBlob`) that has settled, by the file's identity, with no
+second hash (:mod:`qtbuild.convert.reinflate`); for any other, by reading a cursor to its end,
+which verifies the digest again (a mismatch, e.g. a blob changed in between, is an ImageError).
+Not thread-safe: one reader at a time, as the cpio writer reads files one after another.
 """
 
 from __future__ import annotations
@@ -58,8 +62,9 @@ class _TarSource(Protocol):
     def read(self, n: int) -> bytes:
         """``n`` bytes, fewer only at the end (``b""`` there)."""
 
-    def finish(self) -> None:
-        """Prove the stream the bytes the first pass verified (ImageError if not); may read on."""
+    def finish(self, stopped: Callable[[], bool]) -> None:
+        """Prove the stream the bytes the first pass verified (ImageError if not); may read on,
+        unless ``stopped()`` turns true (then it returns, proving nothing)."""
 
     def close(self) -> None:
         ...
@@ -74,8 +79,8 @@ class _VerifiedStream:
     def read(self, n: int) -> bytes:
         return self._stream.read(n)
 
-    def finish(self) -> None:
-        while self._stream.read(CHUNK):
+    def finish(self, stopped: Callable[[], bool]) -> None:
+        while not stopped() and self._stream.read(CHUNK):
             pass
 
     def close(self) -> None:
@@ -85,42 +90,42 @@ class _VerifiedStream:
 class _Cursor:
     """One forward decompression of the layer, on a worker thread.
 
-    The worker reads the tar stream and hands over, in order, the data of ``ranges[first:]`` as
+    The worker reads the tar stream and hands over, in order, the data of ``ranges`` as
     ``(range index, piece)`` pairs, in batches: a range comes in pieces of exactly
     ``min(CHUNK, rest of the range)`` bytes, each a ``bytes`` object read as such (no copy);
-    everything else is dropped.  After the last range it runs ``source.finish()`` (its error, like any other, reaches
-    the reader where it is).  ``next`` is the index of the range the reader takes next;
-    ``torn``: a range whose rest, left by a stream closed early, is still queued.
+    everything else is dropped.  After the last range it runs ``source.finish()``; its error,
+    like any other, reaches the reader where it is.  ``next`` is the index of the range the
+    reader takes next; ``torn``: a range whose rest, left by a stream closed early, is queued.
     """
 
-    def __init__(self, source: _TarSource, ranges: Sequence[tuple[int, int]], first: int, what: str):
+    def __init__(self, source: _TarSource, ranges: Sequence[tuple[int, int]], what: str):
         self._source, self._ranges, self.what = source, ranges, what
-        self.next = first
+        self.next = 0
         self.torn = -1
         self.busy = False
-        self.finished = False  # the worker's source.finish() passed and everything was taken
+        self.finished = False  # everything taken, and the worker's source.finish() passed
         self.inflated = 0
         self._queue: queue.Queue = queue.Queue(maxsize=DEPTH)
         self._batch: list[tuple[int, bytes]] = []
         self._taken = 0
         self._stop = threading.Event()
-        self._worker = threading.Thread(target=self._run, args=(first,), name="reread", daemon=True)
+        self._worker = threading.Thread(target=self._run, name="reread", daemon=True)
         self._worker.start()
 
     # -- worker side ------------------------------------------------------------------------
-    def _run(self, index: int) -> None:
+    def _run(self) -> None:
         try:
-            self._produce(index)
-            self._source.finish()
+            self._produce()
+            self._source.finish(self._stop.is_set)
             self._put(_END)
         except _Stopped:
             pass
         except BaseException as exc:  # handed to the reader, raised there
             self._put(exc)
 
-    def _produce(self, index: int) -> None:
+    def _produce(self) -> None:
         ranges = self._ranges
-        position = 0
+        index = position = 0
         batch: list[tuple[int, bytes]] = []
         batched = 0
         while index < len(ranges):
@@ -335,7 +340,7 @@ class LayerRereader:
 
     def _open_unlisted(self, offset: int, size: int) -> BinaryIO:
         """A range that is no file's data: a decompression of its own, closed with the stream."""
-        cursor = _Cursor(self._source(), [(offset, size)], 0, self._what)
+        cursor = _Cursor(self._source(), [(offset, size)], self._what)
 
         def close() -> None:
             self._closed_inflated += cursor.inflated
@@ -365,7 +370,7 @@ class LayerRereader:
                 return None
             if len(self._cursors) >= MAX_CURSORS:
                 self._close_cursor(self._cursors.pop(0))
-            cursor = _Cursor(self._source(), self._needed, 0, self._what)
+            cursor = _Cursor(self._source(), self._needed, self._what)
         self._cursors.append(cursor)  # most recently used last
         return cursor
 
@@ -416,7 +421,7 @@ class LayerRereader:
             if self._served and not self._verified:
                 source = self._source()
                 try:
-                    source.finish()
+                    source.finish(lambda: False)
                 finally:
                     source.close()
         finally:
