@@ -30,11 +30,11 @@ Not thread-safe: one reader at a time, as the cpio writer reads files one after 
 from __future__ import annotations
 
 import io
-import queue
 import threading
 from collections.abc import Callable, Sequence
 from typing import BinaryIO, Protocol, cast
 
+from qtbuild.convert.handoff import Handoff
 from qtbuild.convert.reinflate import BlobTarStream
 from qtbuild.convert.spill import SpillStore
 from qtbuild.errors import ImageError
@@ -48,9 +48,6 @@ CHUNK = 1 << 20
 BATCH = 1 << 20
 #: ... and runs at most this many batches ahead of the reader.
 DEPTH = 3
-
-_END = object()
-
 
 class _Stopped(Exception):
     """The cursor was closed: its worker ends."""
@@ -103,12 +100,10 @@ class _Cursor:
         self.next = 0
         self.torn = -1
         self.busy = False
-        self.finished = False  # everything taken, and the worker's source.finish() passed
         self.inflated = 0
-        self._queue: queue.Queue = queue.Queue(maxsize=DEPTH)
+        self._handoff: Handoff[list[tuple[int, bytes]]] = Handoff(DEPTH)
         self._batch: list[tuple[int, bytes]] = []
         self._taken = 0
-        self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="reread", daemon=True)
         self._worker.start()
 
@@ -116,12 +111,12 @@ class _Cursor:
     def _run(self) -> None:
         try:
             self._produce()
-            self._source.finish(self._stop.is_set)
-            self._put(_END)
+            self._source.finish(lambda: self._handoff.stopped)
+            self._handoff.end()
         except _Stopped:
             pass
         except BaseException as exc:  # handed to the reader, raised there
-            self._put(exc)
+            self._handoff.fail(exc)
 
     def _produce(self) -> None:
         ranges = self._ranges
@@ -139,14 +134,14 @@ class _Cursor:
                 batched += len(piece)
                 position += len(piece)
                 if batched >= BATCH:
-                    self._put(batch)
+                    self._handoff.put(batch)
                     batch, batched = [], 0
             index += 1
         if batch:
-            self._put(batch)
+            self._handoff.put(batch)
 
     def _read(self, n: int, position: int, target: int) -> bytes:
-        if self._stop.is_set():
+        if self._handoff.stopped:
             raise _Stopped
         data = self._source.read(n)
         if not data:
@@ -155,27 +150,13 @@ class _Cursor:
         self.inflated = position + len(data)
         return data
 
-    def _put(self, item) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
-
     # -- reader side ------------------------------------------------------------------------
     def _fill(self) -> bool:
         """Make the next batch current; False at the end (re-raises the worker's error)."""
-        if self.finished:
+        batch = self._handoff.get()
+        if batch is None:
             return False
-        item = self._queue.get()
-        if item is _END:
-            self.finished = True
-            return False
-        if isinstance(item, BaseException):
-            self._queue.put(item)  # every later take fails the same way
-            raise item
-        self._batch, self._taken = item, 0
+        self._batch, self._taken = batch, 0
         return True
 
     def peek(self) -> int:
@@ -197,7 +178,7 @@ class _Cursor:
             self.take()
 
     def close(self) -> None:
-        self._stop.set()
+        self._handoff.stop()
         self._worker.join()
         self._source.close()
 
