@@ -286,3 +286,33 @@ def test_one_read_returns_the_whole_file_however_it_was_cut(tmp_path):
     with pytest.raises(ValueError):
         stream.read(1)
     reader.finish()
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", None])
+@pytest.mark.parametrize("is_settled", [True, False])
+def test_a_blob_inside_a_bigger_file_reads_as_its_tar_stream(tmp_path, monkeypatch, compression, is_settled):
+    """As in a docker-archive: the blob lies at an offset of the file (multi-member gzip here)."""
+    import hashlib
+
+    from qtbuild.convert.reinflate import BlobTarStream
+    from qtbuild.sources import local_blob
+    from qtbuild.sources.local_blob import LocalBlob
+
+    from helpers.imagefactory import compress
+
+    monkeypatch.setattr(local_blob, "SETTLE_NS", -(10**12) if is_settled else 10**12)
+    tar = os.urandom(3 << 20)
+    blob = compress(tar, compression, parts=2)
+    path = tmp_path / "archive.tar"
+    path.write_bytes(b"h" * 1536 + blob + b"t" * 1024)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    stamped = LocalBlob(str(path), 1536, len(blob), digest, "layer 1", lambda: io.BytesIO(tar))
+    assert stamped.settled is is_settled
+    stream = BlobTarStream(stamped)
+    try:
+        assert stream.read(100) == tar[:100]
+        assert stream.read(5 << 20) == tar[100:]
+        assert stream.read(1) == b""
+        stream.finish(lambda: False)
+    finally:
+        stream.close()
