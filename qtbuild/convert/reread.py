@@ -44,9 +44,11 @@ MAX_CURSORS = 3
 REINFLATE_FACTOR = 4
 REINFLATE_ALLOWANCE = 64 << 20
 CHUNK = 1 << 20
-#: A cursor's worker hands pieces over in batches of about this many bytes ...
-BATCH = 1 << 20
-#: ... and runs at most this many batches ahead of the reader.
+#: A cursor's worker hands pieces (up to CHUNK bytes) over in batches of at least this many bytes
+#: (or the last ones) ...
+BATCH = 512 << 10
+#: ... and runs at most this many batches ahead of the reader: with the batch being filled and the
+#: one being read, at most about 7 MiB a cursor, 5 MiB when files are large (main's read-ahead: 6).
 DEPTH = 3
 
 class _Stopped(Exception):
