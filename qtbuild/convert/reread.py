@@ -297,7 +297,7 @@ class LayerRereader:
         index = self._index_of.get(offset)
         cursor = self._cursors[-1] if self._cursors else None
         if (cursor is not None and index is not None and cursor.next == index and not cursor.busy
-                and self._needed[index][1] == size and cursor.peek() == index):
+                and not self._stash and self._needed[index][1] == size and cursor.peek() == index):
             return cast(BinaryIO, _RangeStream(cursor, index, size))  # the usual case: the file after the last one
         return self._open_range(offset, size, index)
 
@@ -418,6 +418,9 @@ class Stash:
         self._limit = limit
         self._used = 0
         self._data: dict[tuple[int, int], bytes] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._data)
 
     def room(self, size: int) -> bool:
         return self._used + size <= self._limit
