@@ -241,10 +241,24 @@ class _RangeStream:
         return b"".join(parts)
 
     def readinto(self, buffer) -> int:
+        """Fill ``buffer`` as far as the file's data allows (copied from the pieces, no join)."""
         view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[:len(data)] = data
-        return len(data)
+        size = min(len(view), self._left)
+        if not size:
+            if self.closed:
+                raise ValueError("readinto of a closed file")
+            return 0
+        filled = 0
+        while filled < size:
+            if self._at == len(self._piece):
+                self._next_piece()
+            piece, at = self._piece, self._at
+            step = min(size - filled, len(piece) - at)
+            view[filled:filled + step] = piece if step == len(piece) else memoryview(piece)[at:at + step]
+            self._at = at + step
+            filled += step
+        self._left -= size
+        return size
 
     def close(self) -> None:
         if not self.closed:

@@ -316,3 +316,18 @@ def test_a_blob_inside_a_bigger_file_reads_as_its_tar_stream(tmp_path, monkeypat
         stream.finish(lambda: False)
     finally:
         stream.close()
+
+
+def test_readinto_fills_buffers_of_any_size_across_pieces(tmp_path):
+    """How the cpio writer reads: readinto slices of a ring buffer, not aligned to the pieces."""
+    data = os.urandom(4 << 20)
+    files = [(1000, (2 << 20) + 500_000), ((3 << 20), 12345)]
+    reader = _reader(_Source(data), files, tmp_path)
+    for offset, size in files:
+        out = bytearray()
+        buffer = memoryview(bytearray(700_001))
+        with reader.open_range(offset, size) as stream:
+            while got := stream.readinto(buffer[:700_001 - len(out) % 3]):
+                out += buffer[:got]
+        assert bytes(out) == data[offset:offset + size]
+    reader.finish()
