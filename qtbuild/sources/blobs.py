@@ -35,6 +35,7 @@ from qtbuild.errors import ImageError
 from qtbuild.formats.file_window import FileWindow
 from qtbuild.sources.base import MAX_JSON_DOCUMENT, Descriptor, Layer
 from qtbuild.sources.hash_behind import HashBehind
+from qtbuild.sources.local_blob import LocalBlob
 
 CHUNK = 1 << 20
 #: Default cap on one layer's uncompressed size.
@@ -436,12 +437,16 @@ class StoredLayer(Layer):
                 return None
         return file_range_opener(path, start, size)
 
-    def reread_opener(self) -> Callable[[], BinaryIO] | None:
-        """See :meth:`Layer.reread_opener`: for blobs the store keeps in a local file."""
-        if self._store.local_range(self.descriptor) is None:
+    def reread_opener(self) -> LocalBlob | None:
+        """See :meth:`Layer.reread_opener`: for blobs the store keeps in a local file (a
+        :class:`~qtbuild.sources.local_blob.LocalBlob`: stamped now, before a first pass reads it)."""
+        location = self._store.local_range(self.descriptor)
+        if location is None:
             return None
         what = f"layer {self.descriptor.digest}"
-        return lambda: open_uncompressed(self.open_blob(), diff_id=None, what=what)
+        path, start, _ = location
+        return LocalBlob(path, start, self.descriptor.size, self.descriptor.digest, what,
+                         lambda: open_uncompressed(self.open_blob(), diff_id=None, what=what))
 
     def __repr__(self) -> str:
         return f"StoredLayer({self.descriptor.digest}, diff_id={self.diff_id})"

@@ -143,3 +143,191 @@ def test_a_layer_read_in_place_is_still_verified(tmp_path, where):
         blob.write_bytes(bytes(content))
         with pytest.raises(ImageError, match="digest mismatch"):
             flatten(image.layers())
+
+
+# -- local blobs: re-inflated by a worker, proven unchanged by the file's identity when settled ---------
+
+
+def _gzip_layout(tmp_path, files):
+    from helpers.imagefactory import default_config, file, make_tar, write_oci_layout
+
+    write_oci_layout(tmp_path / "img", [make_tar([file(name, data) for name, data in files])], default_config(),
+                     compression="gzip")
+    return f"oci:{tmp_path / 'img'}"
+
+
+def _blob_path(tmp_path, layer):
+    return tmp_path / "img" / "blobs" / "sha256" / layer.descriptor.digest.split(":")[1]
+
+
+@pytest.fixture
+def settled(monkeypatch):
+    """Blobs count as settled however recently written (the tests write them just before)."""
+    from qtbuild.sources import local_blob
+
+    monkeypatch.setattr(local_blob, "SETTLE_NS", -(10**12))
+
+
+def test_a_settled_blob_is_read_again_without_hashing_it(tmp_path, settled, monkeypatch):
+    from qtbuild.convert import reinflate
+
+    data = {"a": os.urandom(300_000), "b": os.urandom(200_000)}
+    source = _gzip_layout(tmp_path, data.items())
+
+    def no_sha256(*args):
+        raise AssertionError("a settled blob was hashed again")
+
+    with open_image(source, platform=None) as image:
+        [layer] = image.layers()
+        with flatten([layer], reread=True) as tree:
+            monkeypatch.setattr(reinflate.hashlib, "sha256", no_sha256)
+            for name, content in data.items():
+                with tree.get(name.encode()).data() as stream:
+                    assert stream.read(len(content) + 1) == content
+            tree.verify_rereads()
+
+
+@pytest.mark.parametrize("change", ["rewrite", "replace", "chmod"])
+def test_a_settled_blob_changed_between_the_passes_is_an_error(tmp_path, settled, change):
+    """In place, by rename, or only its metadata: the file is no longer the one the first pass
+    verified, and nothing hashes it again to tell (ImageError from the read or from verify_rereads)."""
+    source = _gzip_layout(tmp_path, [("a", os.urandom(100_000)), ("z", os.urandom(100_000))])
+    with open_image(source, platform=None) as image:
+        [layer] = image.layers()
+        with flatten([layer], reread=True) as tree:
+            blob = _blob_path(tmp_path, layer)
+            content = blob.read_bytes()
+            if change == "rewrite":
+                blob.write_bytes(content)  # the same bytes: still a write
+            elif change == "replace":
+                (tmp_path / "copy").write_bytes(content)
+                os.replace(tmp_path / "copy", blob)
+            else:
+                blob.chmod(0o600)
+            with pytest.raises(ImageError, match="was modified or replaced between the passes"):
+                _ramdisk(tree)
+                tree.verify_rereads()
+
+
+def test_a_blob_changed_during_the_second_pass_fails_verify_rereads(tmp_path, settled):
+    source = _gzip_layout(tmp_path, [("a", os.urandom(100_000)), ("z", os.urandom(100_000))])
+    with open_image(source, platform=None) as image:
+        [layer] = image.layers()
+        with flatten([layer], reread=True) as tree:
+            with tree.get(b"a").data() as stream:
+                stream.read()
+            blob = _blob_path(tmp_path, layer)
+            blob.write_bytes(blob.read_bytes())
+            with pytest.raises(ImageError, match="was modified or replaced between the passes"):
+                tree.verify_rereads()
+
+
+def test_an_unsettled_blob_is_hashed_again_and_its_corruption_reported(tmp_path):
+    """A blob changed within a timestamp tick of the stamp could keep its identity: it is hashed."""
+    source = _gzip_layout(tmp_path, [("a", os.urandom(100_000)), ("z", os.urandom(100_000))])
+    with open_image(source, platform=None) as image:
+        [layer] = image.layers()
+        with flatten([layer], reread=True) as tree:
+            assert not layer.reread_opener().settled  # written just now
+            blob = _blob_path(tmp_path, layer)
+            content = bytearray(blob.read_bytes())
+            content[len(content) // 2] ^= 0xFF  # inside the deflate data
+            blob.write_bytes(bytes(content))
+            with pytest.raises(ImageError, match="corrupt gzip data|digest mismatch"):
+                _ramdisk(tree)
+                tree.verify_rereads()
+
+
+def test_the_worker_runs_a_bounded_distance_ahead(tmp_path):
+    """However big the layer, a cursor's worker inflates at most DEPTH batches ahead of the reader."""
+    data = os.urandom(64 << 20)
+    files = [(i << 20, 1 << 20) for i in range(64)]
+    reader = _reader(_Source(data), files, tmp_path, stash_limit=0)
+    with reader.open_range(0, 1 << 20) as stream:
+        assert stream.read(10) == data[:10]
+        import time
+        time.sleep(0.3)
+        assert reader.inflated <= (reread.DEPTH + 2) * max(reread.BATCH, reread.CHUNK)
+    reader.close_cursors()
+
+
+def test_a_stream_closed_early_leaves_the_next_files_intact(tmp_path):
+    data = os.urandom(3 << 20)
+    files = [(0, 2 << 20), ((2 << 20) + 512, 4096), ((2 << 20) + 8192, 100_000)]
+    source = _Source(data)
+    reader = _reader(source, files, tmp_path, stash_limit=0)
+    with reader.open_range(*files[0]) as stream:
+        assert stream.read(5) == data[:5]  # the rest of this file is left unread
+    buffer = bytearray(4096)
+    with reader.open_range(*files[1]) as stream:
+        assert stream.readinto(buffer) == 4096
+    assert bytes(buffer) == data[files[1][0]:files[1][0] + 4096]
+    with reader.open_range(*files[2]) as stream:
+        assert stream.read() == data[files[2][0]:files[2][0] + 100_000]
+        assert stream.read(1) == b""
+    assert source.opened == 1
+    assert _read(reader, *files[0]) == data[:2 << 20]  # read again: a new decompression
+    assert source.opened == 2
+    reader.finish()
+
+
+def test_one_read_returns_the_whole_file_however_it_was_cut(tmp_path):
+    """read(n) is not short before the end (launch_config reads /etc/passwd with one read): a file
+    larger than the worker's pieces is joined, a smaller request is cut."""
+    data = os.urandom(3 << 20)
+    files = [(512, (2 << 20) + 4096), ((2 << 20) + 5120, 70_000)]
+    reader = _reader(_Source(data), files, tmp_path)
+    with reader.open_range(*files[0]) as stream:
+        assert stream.read(100) == data[512:612]
+        assert stream.read((2 << 20) + 4096) == data[612:512 + (2 << 20) + 4096]
+        assert stream.read(1) == b""
+    with reader.open_range(*files[1]) as stream:
+        assert stream.read(None) == data[files[1][0]:files[1][0] + 70_000]
+    with pytest.raises(ValueError):
+        stream.read(1)
+    reader.finish()
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd", None])
+@pytest.mark.parametrize("is_settled", [True, False])
+def test_a_blob_inside_a_bigger_file_reads_as_its_tar_stream(tmp_path, monkeypatch, compression, is_settled):
+    """As in a docker-archive: the blob lies at an offset of the file (multi-member gzip here)."""
+    import hashlib
+
+    from qtbuild.convert.reinflate import BlobTarStream
+    from qtbuild.sources import local_blob
+    from qtbuild.sources.local_blob import LocalBlob
+
+    from helpers.imagefactory import compress
+
+    monkeypatch.setattr(local_blob, "SETTLE_NS", -(10**12) if is_settled else 10**12)
+    tar = os.urandom(3 << 20)
+    blob = compress(tar, compression, parts=2)
+    path = tmp_path / "archive.tar"
+    path.write_bytes(b"h" * 1536 + blob + b"t" * 1024)
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    stamped = LocalBlob(str(path), 1536, len(blob), digest, "layer 1", lambda: io.BytesIO(tar))
+    assert stamped.settled is is_settled
+    stream = BlobTarStream(stamped)
+    try:
+        assert stream.read(100) == tar[:100]
+        assert stream.read(5 << 20) == tar[100:]
+        assert stream.read(1) == b""
+        stream.finish(lambda: False)
+    finally:
+        stream.close()
+
+
+def test_readinto_fills_buffers_of_any_size_across_pieces(tmp_path):
+    """How the cpio writer reads: readinto slices of a ring buffer, not aligned to the pieces."""
+    data = os.urandom(4 << 20)
+    files = [(1000, (2 << 20) + 500_000), ((3 << 20), 12345)]
+    reader = _reader(_Source(data), files, tmp_path)
+    for offset, size in files:
+        out = bytearray()
+        buffer = memoryview(bytearray(700_001))
+        with reader.open_range(offset, size) as stream:
+            while got := stream.readinto(buffer[:700_001 - len(out) % 3]):
+                out += buffer[:got]
+        assert bytes(out) == data[offset:offset + size]
+    reader.finish()
