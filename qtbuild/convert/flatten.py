@@ -57,9 +57,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, cast
 
+from qtbuild.convert.layer_scan import LayerScan
 from qtbuild.convert.readahead import ReadAhead
 from qtbuild.convert.reread import LayerRereader, Stash
-from qtbuild.convert.spill import SpillStore
+from qtbuild.convert.spill import SpillFile, SpillStore
 from qtbuild.convert.tarscan import (
     BLOCK_DEVICE,
     CHAR_DEVICE,
@@ -73,7 +74,6 @@ from qtbuild.convert.tarscan import (
     TarFormatError,
     TarLimits,
     TarMember,
-    TarScanner,
 )
 from qtbuild.convert.verify_ahead import VerifyAhead
 from qtbuild.errors import ImageError
@@ -573,7 +573,7 @@ class FlatTree:
     @property
     def spill_bytes(self) -> int:
         """Bytes held in the spill store (0 when every layer was read in place)."""
-        return self._spill.size
+        return self._spill.total_size
 
     def verify_rereads(self) -> None:
         """Check that layers re-read from their blobs (``flatten(reread=True)``) still have the
@@ -608,6 +608,17 @@ class _DataRef:
 
     def __call__(self) -> BinaryIO:
         return self._open(self._offset, self._size)
+
+
+class _Scans(dict[int, tuple[LayerScan, object]]):
+    """The layer scans started (index → (scan, data opener)); closes them all on exit."""
+
+    def __enter__(self) -> _Scans:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for scan, _opener in self.values():
+            scan.close()
 
 
 class _Warnings:
@@ -665,50 +676,62 @@ def _layer_label(index: int, layer: Layer) -> str:
     return f"layer {index + 1} ({short})"
 
 
-def _apply_layer(builder: _TreeBuilder, index: int, layer: Layer, opener, spill: SpillStore,
-                 verifier: VerifyAhead, limits: FlattenLimits, budget: ByteBudget, progress) -> int:
-    """Scan one layer into the tree; return the length of its tar stream (up to its end marker;
-    unknown, 0, for a layer read in place).
+#: Layers scanned at once (the one being applied included): the next layers are inflated, hashed
+#: and parsed while the tree is built.  Each costs a few MiB (read-ahead, hash and batch queues).
+LOOKAHEAD = 3
+
+
+def _start_scan(index: int, layer: Layer, opener, spill: SpillStore, verifier: VerifyAhead,
+                limits: FlattenLimits, budget: ByteBudget) -> tuple[LayerScan, object]:
+    """Start scanning layer ``index`` on a worker thread; return the scan and the layer's data
+    opener once scanned (the spill segment's for a spilled layer, else ``opener``).
 
     A layer with a range ``opener`` is scanned straight from its blob while ``verifier`` checks
-    it on another thread; any other layer is read through its verifying stream, and spilled
-    unless ``opener`` is :data:`_REREAD` (its data will be re-read from the blob).
+    it on another thread; any other layer is read through its verifying stream, and spilled into
+    a segment of its own unless it has an ``opener`` (:data:`_REREAD`: its data will be re-read
+    from the blob).
     """
-    label = _layer_label(index, layer)
     tar_limits = TarLimits(max_long_name=limits.max_long_name, max_pax_header=limits.max_pax_header)
-    builder.begin_layer(index, 0 if opener is not None else spill.size)
-    in_place = index in verifier
-    stream = opener(0, layer.descriptor.size) if in_place else ReadAhead(layer.open_uncompressed())
-    length = 0
-
-    def count(chunk: bytes) -> None:
-        nonlocal length
-        length += len(chunk)
-
-    try:
+    name = f"scan-layer-{index + 1}"
+    if index in verifier:
         # In place, file data is seeked over: the verifier reads the blob anyway, the ramdisk later.
-        scanner = TarScanner(cast(BinaryIO, stream), limits=tar_limits,  # ReadAhead: a RawIOBase
-                             tee=None if in_place else spill.append if opener is None else count,
-                             budget=budget, progress=progress, seek_over_data=in_place)
-        for member in scanner:
-            try:
-                builder.apply(member)
-            except _Refusal as exc:
-                name = member.name[:200].decode("utf-8", "backslashreplace")
-                raise ImageError(f"{label}: member {name!r}: {exc}") from None
-        scanner.drain()
+        size = layer.descriptor.size
+        return LayerScan(lambda: opener(0, size), limits=tar_limits, budget=budget, seek_over_data=True,
+                         name=name), opener
+
+    segment = spill.segment() if opener is None else None
+
+    def open_stream() -> BinaryIO:
+        stream = ReadAhead(layer.open_uncompressed(), tee=None if segment is None else segment.append)
+        return cast(BinaryIO, stream)  # a RawIOBase: it reads as BinaryIO
+
+    return LayerScan(open_stream, limits=tar_limits, budget=budget, name=name), segment or opener
+
+
+def _apply_layer(builder: _TreeBuilder, index: int, layer: Layer, scan: LayerScan, verifier: VerifyAhead,
+                 progress) -> None:
+    """Apply the members of layer ``index``, as ``scan`` hands them over, to the tree."""
+    label = _layer_label(index, layer)
+    builder.begin_layer(index, 0)
+    try:
+        for members, read in scan.batches():
+            for member in members:
+                try:
+                    builder.apply(member)
+                except _Refusal as exc:
+                    name = member.name[:200].decode("utf-8", "backslashreplace")
+                    raise ImageError(f"{label}: member {name!r}: {exc}") from None
+            if progress is not None and read:
+                progress(read)
     except ImageError as exc:
         # A blob that fails verification is reported as such, not as whatever its bytes parse to.
-        failure = verifier.failed(index) if in_place else None
+        failure = verifier.failed(index) if index in verifier else None
         if failure is not None:
             raise failure from None
         if isinstance(exc, TarFormatError):
             raise ImageError(f"{label}: {exc}") from None
         raise
-    finally:
-        stream.close()
     builder.end_layer()
-    return length
 
 
 #: The opener of a layer whose data is re-read from its blob (flatten's ``reread``).
@@ -743,13 +766,21 @@ def flatten(layers: Sequence[Layer], *, spill_dir: str | None = None,
                      if reread and openers[index] is None and not layer.in_stream_order}
         reopeners = {index: reopen for index, reopen in reopeners.items() if reopen is not None}
         lengths: dict[int, int] = {}
-        with VerifyAhead(in_place) as verifier:
+        with VerifyAhead(in_place) as verifier, _Scans() as scans:
             for index, layer in enumerate(layers):
                 if layer.in_stream_order:
                     openers[index] = layer.range_opener()
-                opener = _REREAD if index in reopeners else openers[index]
-                lengths[index] = _apply_layer(builder, index, layer, opener, spill, verifier, limits, budget,
-                                              progress)
+                for ahead in range(index, min(index + LOOKAHEAD, len(layers))):
+                    # A layer read in stream order may only be opened once the layers below it were read.
+                    if ahead not in scans and (ahead == index or not layers[ahead].in_stream_order):
+                        opener = _REREAD if ahead in reopeners else openers[ahead]
+                        scans[ahead] = _start_scan(ahead, layers[ahead], opener, spill, verifier, limits, budget)
+                scan, data_opener = scans[index]
+                _apply_layer(builder, index, layer, scan, verifier, progress)
+                lengths[index] = scan.length
+                if isinstance(data_opener, SpillFile):
+                    data_opener.flush()
+                    openers[index] = data_opener.open_range
             for index in in_place:
                 verifier.result(index)
         spill.flush()

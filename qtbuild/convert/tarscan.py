@@ -43,6 +43,7 @@ Contract
 
 from __future__ import annotations
 
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -96,11 +97,15 @@ class TarLimits:
 
 
 class ByteBudget:
-    """A shared cap on stream bytes read across layers (against tar and decompression bombs)."""
+    """A shared cap on stream bytes read across layers (against tar and decompression bombs).
+
+    Layers may be scanned on several threads at once: charges are taken under a lock.
+    """
 
     def __init__(self, limit: int):
         self.limit = limit
         self.used = 0
+        self._lock = threading.Lock()
 
     def check(self, n: int, what: str) -> None:
         """Refuse before reading ``n`` more bytes that would exceed the budget."""
@@ -110,8 +115,10 @@ class ByteBudget:
 
     def charge(self, n: int) -> None:
         """Account for ``n`` bytes read; raise once the budget is exceeded."""
-        self.used += n
-        if self.used > self.limit:
+        with self._lock:
+            self.used += n
+            used = self.used
+        if used > self.limit:
             raise TarFormatError(f"more than {self.limit} bytes of uncompressed layer data "
                                  f"(possible tar bomb)")
 
