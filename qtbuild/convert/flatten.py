@@ -122,7 +122,9 @@ def _split(name: bytes, what: str) -> list[bytes]:
         raise _Refusal(f"empty {what}")
     if name.startswith(b"/"):
         raise _Refusal(f"absolute {what} (archives must be relative to the image root)")
-    components = [c for c in name.split(b"/") if c and c != b"."]
+    components = name.split(b"/")
+    if b"" in components or b"." in components:
+        components = [c for c in components if c and c != b"."]
     if b".." in components:
         raise _Refusal(f"'..' component in {what} (it would escape the image root)")
     return components
@@ -133,6 +135,8 @@ def _mtime(value: int) -> int:
 
 
 _ROOT = 0
+_S_IFMT = 0o170000
+_NO_RDEV = (0, 0)
 
 
 class _TreeBuilder:
@@ -165,6 +169,9 @@ class _TreeBuilder:
         self._xattrs: dict[int, tuple[str, ...]] = {}
         self._inode_of = array("I")
         self._links = 0  # hardlink nodes created
+        self._last_parents: list[bytes] | None = None  # _walk_parents' shortcut
+        self._last_walk = (_ROOT, 0)
+        self._last_steps = 0
         self._new_dir(stat.S_IFDIR | 0o755, 0, 0, implicit_mtime, ())
 
     # -- nodes -----------------------------------------------------------------------------
@@ -280,34 +287,61 @@ class _TreeBuilder:
     def apply(self, member: TarMember) -> None:
         """Apply one member of the current layer."""
         self._count()
-        components = _split(member.name, "member name")
+        name = member.name
+        components = _split(name, "member name")
         if not components:
             if member.kind != DIRECTORY:
                 raise _Refusal(f"the root entry is a {member.kind}, not a directory")
             return  # the image root: its attributes are not part of the output
         base, parents = components[-1], components[:-1]
-        for component in parents:
-            if component.startswith(WHITEOUT_META_PREFIX):
-                return  # aufs metadata directories (.wh..wh.plnk, .wh..wh.orph)
-            if component.startswith(WHITEOUT_PREFIX):
-                raise _Refusal("a whiteout name is used as a directory")
-        if base.startswith(WHITEOUT_PREFIX):
-            self._whiteout(parents, base)
-            return
-        for component in components:
-            if len(component) > MAX_COMPONENT:
-                raise _Refusal(f"path component of {len(component)} bytes exceeds {MAX_COMPONENT}")
+        if WHITEOUT_PREFIX in name:
+            for component in parents:
+                if component.startswith(WHITEOUT_META_PREFIX):
+                    return  # aufs metadata directories (.wh..wh.plnk, .wh..wh.orph)
+                if component.startswith(WHITEOUT_PREFIX):
+                    raise _Refusal("a whiteout name is used as a directory")
+            if base.startswith(WHITEOUT_PREFIX):
+                self._whiteout(parents, base)
+                return
+        if len(name) > MAX_COMPONENT:  # else no component can be longer
+            for component in components:
+                if len(component) > MAX_COMPONENT:
+                    raise _Refusal(f"path component of {len(component)} bytes exceeds {MAX_COMPONENT}")
         inode = self._hardlink_target(member) if member.kind == HARDLINK else None
-        walked = self._walk(parents, create=True)
-        assert walked is not None  # create=True never answers None
-        parent, names = walked
-        if sum(map(len, names)) + len(names) + len(base) > MAX_PATH:
+        parent, parent_length = self._walk_parents(parents)
+        if parent_length + len(base) > MAX_PATH:
             raise _Refusal(f"resolved path exceeds {MAX_PATH} bytes")
         self._place(parent, base, member, inode)
+
+    def _walk_parents(self, parents: list[bytes]) -> tuple[int, int]:
+        """:meth:`_walk` (creating) for a member's parent ``parents``: the directory and the length
+        of its resolved path plus one (for the ``/`` before the member's name).
+
+        Members come directory by directory, so the last answer is kept: it stays true until a
+        member replaces or removes an entry (which could be one of the directories or symlinks
+        it went through; see :meth:`_forget_walk`).  A repeated walk is charged the steps it took
+        the first time, so ``max_path_steps`` counts exactly as without the shortcut.
+        """
+        if parents == self._last_parents:
+            self._charge_steps(self._last_steps)
+            return self._last_walk
+        before = self._steps
+        walked = self._walk(parents, create=True)
+        assert walked is not None  # create=True never answers None
+        directory, names = walked
+        self._last_walk = directory, sum(map(len, names)) + len(names)
+        self._last_parents, self._last_steps = parents, self._steps - before
+        return self._last_walk
+
+    def _forget_walk(self) -> None:
+        """An entry was replaced or removed: the last walk may have gone through it."""
+        self._last_parents = None
 
     def _place(self, parent: int, base: bytes, member: TarMember, inode: int | None) -> None:
         siblings = self._children[parent]
         existing = siblings.get(base)
+        if existing is not None and not (member.kind == DIRECTORY and existing in self._children):
+            self._forget_walk()  # replaced below
         if member.kind == DIRECTORY:
             if existing is not None and existing in self._children:
                 self._mode[existing] = stat.S_IFDIR | member.mode
@@ -380,6 +414,7 @@ class _TreeBuilder:
         Iterative post-order walk: non-directories not placed by this layer are removed; a
         directory not placed by this layer is removed if nothing placed by this layer remains in it.
         """
+        self._forget_walk()
         children, placed, layer = self._children, self._placed, self._layer
         stack: list[tuple[int, bytes, bool]] = [(parent, name, False)]
         while stack:
@@ -485,19 +520,24 @@ class _TreeBuilder:
                 if node in children:
                     stack.append(node)
 
-    def entry(self, path: bytes, node: int, *, clamp_mtime: int | None, openers: list,
-              hardlink_key: int | None) -> CpioEntry:
-        """The archive entry for ``node`` at ``path``."""
-        inode = self._inode(node)
+    def entry(self, path: bytes, node: int, clamp_mtime: int | None, openers: list, group_of: array) -> CpioEntry:
+        """The archive entry for ``node`` at ``path``; ``group_of``: see :meth:`hardlink_groups`.
+
+        Called once per output file (twice per ``convert``): attribute lookups are kept inline.
+        """
+        inode = self._inode_of[node]
         mode = self._mode[inode]
-        mtime = self._mtime[inode] if clamp_mtime is None else min(self._mtime[inode], clamp_mtime)
-        if stat.S_ISDIR(mode):
+        mtime = self._mtime[inode]
+        if clamp_mtime is not None and mtime > clamp_mtime:
+            mtime = clamp_mtime
+        if mode & _S_IFMT == stat.S_IFDIR:
             return CpioEntry(path, mode, self._uid[inode], self._gid[inode], mtime)
         size = self._size[inode]
         data = _DataRef(openers[self._layer_of[inode]], self._offset[inode], size) if size else None
+        group = group_of[inode] if group_of else -1
         return CpioEntry(path, mode, self._uid[inode], self._gid[inode], mtime, size=size,
-                         link_target=self._targets.get(inode), rdev=self._rdev.get(inode, (0, 0)), data=data,
-                         hardlink_key=hardlink_key)
+                         link_target=self._targets.get(inode), rdev=self._rdev.get(inode, _NO_RDEV), data=data,
+                         hardlink_key=group if group >= 0 else None)
 
     def xattrs(self, node: int) -> tuple[str, ...]:
         return self._xattrs.get(self._inode(node), ())
@@ -538,8 +578,9 @@ class FlatTree:
     def iter_entries(self, prefix: bytes = b"") -> Iterator[CpioEntry]:
         """Every entry, sorted bytewise by path (the root directory is not one), each path
         starting with ``prefix``; each call walks the tree again and yields the same entries."""
+        entry, clamp_mtime, openers, group_of = self._builder.entry, self._clamp_mtime, self._openers, self._group_of
         for path, node in self._builder.walk_sorted(prefix):
-            yield self._entry(path, node)
+            yield entry(path, node, clamp_mtime, openers, group_of)
 
     def entries(self) -> list[CpioEntry]:
         """:meth:`iter_entries` as a list (for small trees: it holds every path)."""
@@ -551,10 +592,7 @@ class FlatTree:
         return None if node is None else self._entry(path.strip(b"/"), node)
 
     def _entry(self, path: bytes, node: int) -> CpioEntry:
-        inode = self._builder.inode(node)
-        group = self._group_of[inode] if self._group_of else -1
-        return self._builder.entry(path, node, clamp_mtime=self._clamp_mtime, openers=self._openers,
-                                   hardlink_key=group if group >= 0 else None)
+        return self._builder.entry(path, node, self._clamp_mtime, self._openers, self._group_of)
 
     def _xattr_warnings(self) -> list[str]:
         warnings = _Warnings()
@@ -617,6 +655,8 @@ class _Scans(dict[int, tuple[LayerScan, object]]):
         return self
 
     def __exit__(self, *exc) -> None:
+        for scan, _opener in self.values():
+            scan.stop()
         for scan, _opener in self.values():
             scan.close()
 
@@ -696,8 +736,8 @@ def _start_scan(index: int, layer: Layer, opener, spill: SpillStore, verifier: V
     if index in verifier:
         # In place, file data is seeked over: the verifier reads the blob anyway, the ramdisk later.
         size = layer.descriptor.size
-        return LayerScan(lambda: opener(0, size), limits=tar_limits, budget=budget, seek_over_data=True,
-                         name=name), opener
+        return LayerScan(lambda: opener(0, size), limits=tar_limits, budget=budget.share(index),
+                         seek_over_data=True, name=name), opener
 
     segment = spill.segment() if opener is None else None
 
@@ -705,7 +745,7 @@ def _start_scan(index: int, layer: Layer, opener, spill: SpillStore, verifier: V
         stream = ReadAhead(layer.open_uncompressed(), tee=None if segment is None else segment.append)
         return cast(BinaryIO, stream)  # a RawIOBase: it reads as BinaryIO
 
-    return LayerScan(open_stream, limits=tar_limits, budget=budget, name=name), segment or opener
+    return LayerScan(open_stream, limits=tar_limits, budget=budget.share(index), name=name), segment or opener
 
 
 def _apply_layer(builder: _TreeBuilder, index: int, layer: Layer, scan: LayerScan, verifier: VerifyAhead,

@@ -31,7 +31,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
-from qtbuild.convert.tarscan import ByteBudget, TarLimits, TarMember, TarScanner
+from qtbuild.convert.tarscan import BudgetShare, TarLimits, TarMember, TarScanner
 
 __all__ = ["BATCH_BYTES", "BATCH_MEMBERS", "LayerScan"]
 
@@ -47,7 +47,7 @@ class _Stopped(Exception):
 class LayerScan:
     """One layer's tar scan on a worker thread (see the module docstring)."""
 
-    def __init__(self, open_stream: Callable[[], BinaryIO], *, limits: TarLimits, budget: ByteBudget,
+    def __init__(self, open_stream: Callable[[], BinaryIO], *, limits: TarLimits, budget: BudgetShare,
                  tee: Callable[[bytes], object] | None = None, seek_over_data: bool = False,
                  depth: int = 32, name: str = "layer-scan"):
         self._open_stream = open_stream
@@ -57,6 +57,7 @@ class LayerScan:
         self._seek_over_data = seek_over_data
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        self._batch: list[TarMember] = []  # members not handed over yet
         self._read = 0  # stream bytes read since the last batch was handed over
         self.length = 0
         self._worker = threading.Thread(target=self._run, name=name, daemon=True)
@@ -67,16 +68,22 @@ class LayerScan:
     def _run(self) -> None:
         item: object = _END
         try:
-            stream = self._open_stream()
             try:
-                self._scan(stream)
-            finally:
-                stream.close()
+                stream = self._open_stream()
+                try:
+                    self._scan(stream)
+                finally:
+                    stream.close()
+            except BaseException:
+                self._budget.finish(read=False)  # higher layers waiting on this one's count go on
+                raise
         except _Stopped:
             return
-        except BaseException as exc:  # handed to the consumer, raised there
+        except BaseException as exc:  # handed to the consumer after the members before it
             item = exc
         with contextlib.suppress(_Stopped):
+            if self._batch:
+                self._hand_over()
             self._put(item)
 
     def _scan(self, stream: BinaryIO) -> None:
@@ -85,17 +92,16 @@ class LayerScan:
             tee = self._count
         scanner = TarScanner(stream, limits=self._limits, tee=tee, budget=self._budget, progress=self._progress,
                              seek_over_data=self._seek_over_data)
-        batch: list[TarMember] = []
         stop = self._stop
         for member in scanner:
-            batch.append(member)
-            if len(batch) >= BATCH_MEMBERS or self._read >= BATCH_BYTES:
-                self._hand_over(batch)
-                batch = []
+            self._batch.append(member)
+            if len(self._batch) >= BATCH_MEMBERS or self._read >= BATCH_BYTES:
+                self._hand_over()
             if stop.is_set():
                 raise _Stopped
         scanner.drain()
-        self._hand_over(batch)
+        self._budget.finish(read=True)  # before the last batch: the layer may still be refused
+        self._hand_over()
 
     def _count(self, chunk: bytes) -> None:
         self.length += len(chunk)
@@ -103,7 +109,8 @@ class LayerScan:
     def _progress(self, n: int) -> None:
         self._read += n
 
-    def _hand_over(self, batch: list[TarMember]) -> None:
+    def _hand_over(self) -> None:
+        batch, self._batch = self._batch, []
         read, self._read = self._read, 0
         self._put((batch, read))
 
@@ -131,7 +138,12 @@ class LayerScan:
                 raise item
             yield item
 
-    def close(self) -> None:
-        """Stop the worker and wait for it (idempotent)."""
+    def stop(self) -> None:
+        """Ask the worker to stop, without waiting (see :meth:`close`)."""
         self._stop.set()  # a worker waiting to hand a batch over sees it within 0.1 s
+
+    def close(self) -> None:
+        """Stop the worker and wait for it (idempotent).  Stop every scan of an image before
+        waiting for one: a layer's worker may wait for the byte counts of the layers below it."""
+        self._stop.set()
         self._worker.join()
