@@ -10,11 +10,13 @@ import time
 
 import pytest
 from test_flatten import BytesLayer, M, build_tar, flat
+from test_hostile_layers import END, header
 
 from qtbuild.convert.flatten import FlattenLimits, flatten
 from qtbuild.convert.layer_scan import BATCH_MEMBERS, LayerScan
 from qtbuild.convert.spill import SpillStore
-from qtbuild.convert.tarscan import ByteBudget, TarFormatError, TarLimits
+from qtbuild.convert.tarscan import ByteBudget, TarFormatError, TarLimits, TarScanner, _byte_sum
+from qtbuild.convert.verify_ahead import VerifyAhead
 from qtbuild.errors import ImageError
 
 # --------------------------------------------------------------------------------------------
@@ -184,3 +186,49 @@ def test_a_parent_replaced_by_a_file_is_not_a_directory_any_more():
 def test_a_parent_removed_by_a_whiteout_is_created_again():
     tree = flat([M("d/old", data=b"0")], [M("d/.wh..wh..opq"), M("d/new", data=b"1")])
     assert "d/old" not in tree and tree["d/new"] == ("file", 0o644, b"1")
+
+
+def test_layers_read_in_place_are_verified_largest_first():
+    opened = []
+
+    class Recording(BytesLayer):
+        def open_uncompressed(self):
+            opened.append(len(self._tar))
+            return super().open_uncompressed()
+
+    layers = {index: Recording(build_tar([M("f", data=bytes(size))])) for index, size in enumerate([10, 50000, 3000])}
+    with VerifyAhead(layers, workers=1) as verifier:
+        for index in layers:
+            verifier.result(index)
+    assert opened == sorted(opened, reverse=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Header fast paths refuse exactly what the general rules refuse
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", [b"0 00644\0", b"+0000644", b"0000_644", b"0o000644", b"00006\t44", b"000064 4"])
+def test_octal_fields_with_anything_but_padded_digits_are_refused(field):
+    block = bytearray(header(b"a"))
+    block[100:108] = field  # mode
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    with pytest.raises(TarFormatError, match="field mode is not an octal number"):
+        list(TarScanner(io.BytesIO(bytes(block) + END)))
+
+
+@pytest.mark.parametrize("field, value", [(b"0000644\0", 0o644), (b"  644 \0\0", 0o644), (b"\0\0\0\0\0\0\0\0", 0),
+                                          (b"\x80\0\0\0\0\0\x01\xa4", 0o644)])
+def test_octal_and_base_256_fields_accepted(field, value):
+    block = bytearray(header(b"a"))
+    block[100:108] = field
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    (member,) = TarScanner(io.BytesIO(bytes(block) + END))
+    assert member.mode == value & 0o7777
+
+
+def test_the_header_byte_sum_is_exact_for_any_bytes():
+    for block in [bytes(512), b"\xff" * 512, os.urandom(512), bytes(range(256)) * 2]:
+        assert _byte_sum(block) == sum(block)
