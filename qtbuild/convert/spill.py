@@ -32,6 +32,11 @@ from typing import BinaryIO
 from qtbuild.errors import naming_path
 from qtbuild.formats.file_window import FileWindow
 
+#: Bytes before offset 0 of a spill file.  Appending 1 MiB chunks at page-aligned offsets makes
+#: the page cache take 1 MiB folios, which on the VMs measured (fresh guest memory) cost twice the
+#: system time of the small folios that unaligned appends get (0.45 vs 0.22 s per GiB).
+LEAD = 512
+
 
 class SpillFile:
     """One append-only file of a spill directory, read back by range through one descriptor."""
@@ -67,6 +72,7 @@ class SpillFile:
         path = self._file
         self._writer = open(path, "xb", buffering=1 << 20)  # noqa: SIM115 -- the store owns it; close() closes it
         self._read_fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._writer.write(bytes(LEAD))
         return self._writer
 
     def flush(self) -> None:
@@ -79,7 +85,7 @@ class SpillFile:
         """A stream of ``size`` bytes starting at ``offset``."""
         if offset < 0 or size < 0 or offset + size > self._size:
             raise ValueError(f"range {offset}+{size} outside the spill store of {self._size} bytes")
-        return FileWindow.buffered(self, offset, size)
+        return FileWindow.buffered(self, LEAD + offset, size)
 
     def opener(self, offset: int, size: int) -> Callable[[], BinaryIO]:
         """A callable opening :meth:`open_range` ``(offset, size)`` (for ``CpioEntry.data``)."""
