@@ -49,7 +49,7 @@ class LayerScan:
 
     def __init__(self, open_stream: Callable[[], BinaryIO], *, limits: TarLimits, budget: BudgetShare,
                  tee: Callable[[bytes], object] | None = None, seek_over_data: bool = False,
-                 depth: int = 32, name: str = "layer-scan"):
+                 depth: int = 8, name: str = "layer-scan"):
         self._open_stream = open_stream
         self._limits = limits
         self._budget = budget
