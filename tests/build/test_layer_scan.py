@@ -122,6 +122,9 @@ def test_tee_gets_the_stream_and_close_stops_a_worker_nobody_reads_from():
     tar = build_tar([M(f"d/f{i}", data=os.urandom(100)) for i in range(BATCH_MEMBERS * 40)])
     copied = bytearray()
     scan = _scan(tar, tee=copied.extend, depth=1)
+    deadline = time.monotonic() + 10
+    while not copied and time.monotonic() < deadline:
+        time.sleep(0.01)
     time.sleep(0.2)  # the worker fills its queue and waits
     scan.close()
     assert not scan._worker.is_alive()
