@@ -235,3 +235,23 @@ def test_octal_and_base_256_fields_accepted(field, value):
 def test_the_header_byte_sum_is_exact_for_any_bytes():
     for block in [bytes(512), b"\xff" * 512, os.urandom(512), bytes(range(256)) * 2]:
         assert _byte_sum(block) == sum(block)
+
+
+# The tree builder reuses the last parent walk while members share their parent path; a member
+# that replaces or removes an entry on that walk (here the symlink d/s -> ".", walked through by
+# d/s/...) must make the next member walk again.
+
+
+def test_a_symlink_on_the_parent_walk_replaced_by_a_directory():
+    tree = flat([M("d/"), M("d/s", kind="symlink", target="."), M("d/s/a", data=b"1"),
+                 M("d/s/s/"), M("d/s/z", data=b"2")])
+    assert tree["d/a"] == ("file", 0o644, b"1")  # through the symlink, before it was replaced
+    assert tree["d/s"] == ("dir", 0o755) and tree["d/s/z"] == ("file", 0o644, b"2")
+    assert "d/z" not in tree
+
+
+def test_a_symlink_on_the_parent_walk_removed_by_a_whiteout():
+    tree = flat([M("d/"), M("d/s", kind="symlink", target=".")],
+                [M("d/s/a", data=b"1"), M("d/s/.wh.s"), M("d/s/z", data=b"2")])
+    assert tree["d/a"] == ("file", 0o644, b"1")
+    assert tree["d/s"] == ("dir", 0o755) and tree["d/s/z"] == ("file", 0o644, b"2")
