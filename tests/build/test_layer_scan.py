@@ -39,29 +39,30 @@ def _in_thread(call) -> tuple[threading.Thread, list]:
     return thread, outcome
 
 
-def test_a_higher_layer_over_the_limit_waits_for_the_lower_layers_then_fails():
+def _higher_waits_then_fails(higher_call, lower_bytes: int) -> None:
+    """``higher_call(higher)`` must wait while layer 1 is being read, and fail once layer 1 was
+    read with ``lower_bytes`` (under the limit of 100 on its own: never layer 1's fault)."""
     budget = ByteBudget(100)
     lower, higher = budget.share(0), budget.share(1)
-    thread, outcome = _in_thread(lambda: higher.charge(150))
+    thread, outcome = _in_thread(lambda: higher_call(higher))
     time.sleep(0.2)
     assert outcome == []  # the lower layer may still fail first: wait for it
-    lower.charge(10)  # the lower layer's own count (10) is under the limit: never its fault
+    lower.charge(lower_bytes)
     lower.finish(read=True)
     thread.join(5)
     assert outcome and "more than 100 bytes" in outcome[0]
+
+
+def test_a_higher_layer_over_the_limit_waits_for_the_lower_layers_then_fails():
+    _higher_waits_then_fails(lambda higher: higher.charge(150), 10)
 
 
 def test_a_higher_layer_read_early_is_refused_at_its_end_when_the_lower_layers_grow():
-    budget = ByteBudget(100)
-    lower, higher = budget.share(0), budget.share(1)
-    higher.charge(60)  # 60 of 100 so far: passes
-    thread, outcome = _in_thread(lambda: higher.finish(read=True))
-    time.sleep(0.2)
-    assert outcome == []
-    lower.charge(50)  # layers 1..2 hold 110 bytes: layer 2 must be refused, as one after another
-    lower.finish(read=True)
-    thread.join(5)
-    assert outcome and "more than 100 bytes" in outcome[0]
+    def read_early(higher):
+        higher.charge(60)  # 60 of 100 so far: passes
+        higher.finish(read=True)  # layers 1..2 end with 110 bytes: refused, as one after another
+
+    _higher_waits_then_fails(read_early, 50)
 
 
 def test_a_failed_lower_layer_releases_the_higher_ones():
