@@ -742,10 +742,10 @@ def _start_scan(index: int, layer: Layer, opener, spill: SpillStore, verifier: V
     segment = spill.segment() if opener is None else None
 
     def open_stream() -> BinaryIO:
-        stream = ReadAhead(layer.open_uncompressed(), tee=None if segment is None else segment.append)
-        return cast(BinaryIO, stream)  # a RawIOBase: it reads as BinaryIO
+        return cast(BinaryIO, ReadAhead(layer.open_uncompressed()))  # a RawIOBase: it reads as BinaryIO
 
-    return LayerScan(open_stream, limits=tar_limits, budget=budget.share(index), name=name), segment or opener
+    return LayerScan(open_stream, limits=tar_limits, budget=budget.share(index), name=name,
+                     tee=None if segment is None else segment.append), segment or opener
 
 
 def _apply_layer(builder: _TreeBuilder, index: int, layer: Layer, scan: LayerScan, verifier: VerifyAhead,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import queue
 import threading
-from collections.abc import Callable
 from typing import BinaryIO
 
 _END = object()
@@ -24,11 +23,9 @@ class ReadAhead(io.RawIOBase):
     ``source``.
     """
 
-    def __init__(self, source: BinaryIO, *, chunk_size: int = 1 << 20, depth: int = 4,
-                 tee: Callable[[bytes], object] | None = None) -> None:
+    def __init__(self, source: BinaryIO, *, chunk_size: int = 1 << 20, depth: int = 4) -> None:
         super().__init__()
         self._source = source
-        self._tee = tee
         self._chunk_size = chunk_size
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
@@ -43,8 +40,6 @@ class ReadAhead(io.RawIOBase):
                 chunk = self._source.read(self._chunk_size)
                 if not chunk:
                     break
-                if self._tee is not None:
-                    self._tee(chunk)
                 self._put(chunk)
             self._put(_END)
         except BaseException as exc:  # handed to the reader, raised there
