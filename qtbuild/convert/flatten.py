@@ -57,9 +57,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, cast
 
+from qtbuild.convert.layer_scan import LayerScan
 from qtbuild.convert.readahead import ReadAhead
 from qtbuild.convert.reread import LayerRereader, Stash
-from qtbuild.convert.spill import SpillStore
+from qtbuild.convert.spill import SpillFile, SpillStore
 from qtbuild.convert.tarscan import (
     BLOCK_DEVICE,
     CHAR_DEVICE,
@@ -73,7 +74,6 @@ from qtbuild.convert.tarscan import (
     TarFormatError,
     TarLimits,
     TarMember,
-    TarScanner,
 )
 from qtbuild.convert.verify_ahead import VerifyAhead
 from qtbuild.errors import ImageError
@@ -122,7 +122,9 @@ def _split(name: bytes, what: str) -> list[bytes]:
         raise _Refusal(f"empty {what}")
     if name.startswith(b"/"):
         raise _Refusal(f"absolute {what} (archives must be relative to the image root)")
-    components = [c for c in name.split(b"/") if c and c != b"."]
+    components = name.split(b"/")
+    if b"" in components or b"." in components:
+        components = [c for c in components if c and c != b"."]
     if b".." in components:
         raise _Refusal(f"'..' component in {what} (it would escape the image root)")
     return components
@@ -133,6 +135,8 @@ def _mtime(value: int) -> int:
 
 
 _ROOT = 0
+_S_IFMT = 0o170000
+_NO_RDEV = (0, 0)
 
 
 class _TreeBuilder:
@@ -165,6 +169,9 @@ class _TreeBuilder:
         self._xattrs: dict[int, tuple[str, ...]] = {}
         self._inode_of = array("I")
         self._links = 0  # hardlink nodes created
+        self._last_parents: list[bytes] | None = None  # _walk_parents' shortcut
+        self._last_walk = (_ROOT, 0)
+        self._last_steps = 0
         self._new_dir(stat.S_IFDIR | 0o755, 0, 0, implicit_mtime, ())
 
     # -- nodes -----------------------------------------------------------------------------
@@ -280,34 +287,61 @@ class _TreeBuilder:
     def apply(self, member: TarMember) -> None:
         """Apply one member of the current layer."""
         self._count()
-        components = _split(member.name, "member name")
+        name = member.name
+        components = _split(name, "member name")
         if not components:
             if member.kind != DIRECTORY:
                 raise _Refusal(f"the root entry is a {member.kind}, not a directory")
             return  # the image root: its attributes are not part of the output
         base, parents = components[-1], components[:-1]
-        for component in parents:
-            if component.startswith(WHITEOUT_META_PREFIX):
-                return  # aufs metadata directories (.wh..wh.plnk, .wh..wh.orph)
-            if component.startswith(WHITEOUT_PREFIX):
-                raise _Refusal("a whiteout name is used as a directory")
-        if base.startswith(WHITEOUT_PREFIX):
-            self._whiteout(parents, base)
-            return
-        for component in components:
-            if len(component) > MAX_COMPONENT:
-                raise _Refusal(f"path component of {len(component)} bytes exceeds {MAX_COMPONENT}")
+        if WHITEOUT_PREFIX in name:
+            for component in parents:
+                if component.startswith(WHITEOUT_META_PREFIX):
+                    return  # aufs metadata directories (.wh..wh.plnk, .wh..wh.orph)
+                if component.startswith(WHITEOUT_PREFIX):
+                    raise _Refusal("a whiteout name is used as a directory")
+            if base.startswith(WHITEOUT_PREFIX):
+                self._whiteout(parents, base)
+                return
+        if len(name) > MAX_COMPONENT:  # else no component can be longer
+            for component in components:
+                if len(component) > MAX_COMPONENT:
+                    raise _Refusal(f"path component of {len(component)} bytes exceeds {MAX_COMPONENT}")
         inode = self._hardlink_target(member) if member.kind == HARDLINK else None
-        walked = self._walk(parents, create=True)
-        assert walked is not None  # create=True never answers None
-        parent, names = walked
-        if sum(map(len, names)) + len(names) + len(base) > MAX_PATH:
+        parent, parent_length = self._walk_parents(parents)
+        if parent_length + len(base) > MAX_PATH:
             raise _Refusal(f"resolved path exceeds {MAX_PATH} bytes")
         self._place(parent, base, member, inode)
+
+    def _walk_parents(self, parents: list[bytes]) -> tuple[int, int]:
+        """:meth:`_walk` (creating) for a member's parent ``parents``: the directory and the length
+        of its resolved path plus one (for the ``/`` before the member's name).
+
+        Members come directory by directory, so the last answer is kept: it stays true until a
+        member replaces or removes an entry (which could be one of the directories or symlinks
+        it went through; see :meth:`_forget_walk`).  A repeated walk is charged the steps it took
+        the first time, so ``max_path_steps`` counts exactly as without the shortcut.
+        """
+        if parents == self._last_parents:
+            self._charge_steps(self._last_steps)
+            return self._last_walk
+        before = self._steps
+        walked = self._walk(parents, create=True)
+        assert walked is not None  # create=True never answers None
+        directory, names = walked
+        self._last_walk = directory, sum(map(len, names)) + len(names)
+        self._last_parents, self._last_steps = parents, self._steps - before
+        return self._last_walk
+
+    def _forget_walk(self) -> None:
+        """An entry was replaced or removed: the last walk may have gone through it."""
+        self._last_parents = None
 
     def _place(self, parent: int, base: bytes, member: TarMember, inode: int | None) -> None:
         siblings = self._children[parent]
         existing = siblings.get(base)
+        if existing is not None and not (member.kind == DIRECTORY and existing in self._children):
+            self._forget_walk()  # replaced below
         if member.kind == DIRECTORY:
             if existing is not None and existing in self._children:
                 self._mode[existing] = stat.S_IFDIR | member.mode
@@ -380,6 +414,7 @@ class _TreeBuilder:
         Iterative post-order walk: non-directories not placed by this layer are removed; a
         directory not placed by this layer is removed if nothing placed by this layer remains in it.
         """
+        self._forget_walk()
         children, placed, layer = self._children, self._placed, self._layer
         stack: list[tuple[int, bytes, bool]] = [(parent, name, False)]
         while stack:
@@ -485,19 +520,24 @@ class _TreeBuilder:
                 if node in children:
                     stack.append(node)
 
-    def entry(self, path: bytes, node: int, *, clamp_mtime: int | None, openers: list,
-              hardlink_key: int | None) -> CpioEntry:
-        """The archive entry for ``node`` at ``path``."""
-        inode = self._inode(node)
+    def entry(self, path: bytes, node: int, clamp_mtime: int | None, openers: list, group_of: array) -> CpioEntry:
+        """The archive entry for ``node`` at ``path``; ``group_of``: see :meth:`hardlink_groups`.
+
+        Called once per output file (twice per ``convert``): attribute lookups are kept inline.
+        """
+        inode = self._inode_of[node]
         mode = self._mode[inode]
-        mtime = self._mtime[inode] if clamp_mtime is None else min(self._mtime[inode], clamp_mtime)
-        if stat.S_ISDIR(mode):
+        mtime = self._mtime[inode]
+        if clamp_mtime is not None and mtime > clamp_mtime:
+            mtime = clamp_mtime
+        if mode & _S_IFMT == stat.S_IFDIR:
             return CpioEntry(path, mode, self._uid[inode], self._gid[inode], mtime)
         size = self._size[inode]
         data = _DataRef(openers[self._layer_of[inode]], self._offset[inode], size) if size else None
+        group = group_of[inode] if group_of else -1
         return CpioEntry(path, mode, self._uid[inode], self._gid[inode], mtime, size=size,
-                         link_target=self._targets.get(inode), rdev=self._rdev.get(inode, (0, 0)), data=data,
-                         hardlink_key=hardlink_key)
+                         link_target=self._targets.get(inode), rdev=self._rdev.get(inode, _NO_RDEV), data=data,
+                         hardlink_key=group if group >= 0 else None)
 
     def xattrs(self, node: int) -> tuple[str, ...]:
         return self._xattrs.get(self._inode(node), ())
@@ -538,8 +578,9 @@ class FlatTree:
     def iter_entries(self, prefix: bytes = b"") -> Iterator[CpioEntry]:
         """Every entry, sorted bytewise by path (the root directory is not one), each path
         starting with ``prefix``; each call walks the tree again and yields the same entries."""
+        entry, clamp_mtime, openers, group_of = self._builder.entry, self._clamp_mtime, self._openers, self._group_of
         for path, node in self._builder.walk_sorted(prefix):
-            yield self._entry(path, node)
+            yield entry(path, node, clamp_mtime, openers, group_of)
 
     def iter_paths(self, prefix: bytes = b"") -> Iterator[bytes]:
         """The paths of :meth:`iter_entries`, in the same order, without building the entries
@@ -557,10 +598,7 @@ class FlatTree:
         return None if node is None else self._entry(path.strip(b"/"), node)
 
     def _entry(self, path: bytes, node: int) -> CpioEntry:
-        inode = self._builder.inode(node)
-        group = self._group_of[inode] if self._group_of else -1
-        return self._builder.entry(path, node, clamp_mtime=self._clamp_mtime, openers=self._openers,
-                                   hardlink_key=group if group >= 0 else None)
+        return self._builder.entry(path, node, self._clamp_mtime, self._openers, self._group_of)
 
     def _xattr_warnings(self) -> list[str]:
         warnings = _Warnings()
@@ -579,7 +617,7 @@ class FlatTree:
     @property
     def spill_bytes(self) -> int:
         """Bytes held in the spill store (0 when every layer was read in place)."""
-        return self._spill.size
+        return self._spill.total_size
 
     def verify_rereads(self) -> None:
         """Check that layers re-read from their blobs (``flatten(reread=True)``) still have the
@@ -614,6 +652,19 @@ class _DataRef:
 
     def __call__(self) -> BinaryIO:
         return self._open(self._offset, self._size)
+
+
+class _Scans(dict[int, tuple[LayerScan, object]]):
+    """The layer scans started (index → (scan, data opener)); closes them all on exit."""
+
+    def __enter__(self) -> _Scans:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for scan, _opener in self.values():
+            scan.stop()
+        for scan, _opener in self.values():
+            scan.close()
 
 
 class _Warnings:
@@ -671,50 +722,62 @@ def _layer_label(index: int, layer: Layer) -> str:
     return f"layer {index + 1} ({short})"
 
 
-def _apply_layer(builder: _TreeBuilder, index: int, layer: Layer, opener, spill: SpillStore,
-                 verifier: VerifyAhead, limits: FlattenLimits, budget: ByteBudget, progress) -> int:
-    """Scan one layer into the tree; return the length of its tar stream (up to its end marker;
-    unknown, 0, for a layer read in place).
+#: Layers scanned at once (the one being applied included): the next layers are inflated, hashed
+#: and parsed while the tree is built.  Each costs a few MiB (read-ahead, hash and batch queues).
+LOOKAHEAD = 3
+
+
+def _start_scan(index: int, layer: Layer, opener, spill: SpillStore, verifier: VerifyAhead,
+                limits: FlattenLimits, budget: ByteBudget) -> tuple[LayerScan, object]:
+    """Start scanning layer ``index`` on a worker thread; return the scan and the layer's data
+    opener once scanned (the spill segment's for a spilled layer, else ``opener``).
 
     A layer with a range ``opener`` is scanned straight from its blob while ``verifier`` checks
-    it on another thread; any other layer is read through its verifying stream, and spilled
-    unless ``opener`` is :data:`_REREAD` (its data will be re-read from the blob).
+    it on another thread; any other layer is read through its verifying stream, and spilled into
+    a segment of its own unless it has an ``opener`` (:data:`_REREAD`: its data will be re-read
+    from the blob).
     """
-    label = _layer_label(index, layer)
     tar_limits = TarLimits(max_long_name=limits.max_long_name, max_pax_header=limits.max_pax_header)
-    builder.begin_layer(index, 0 if opener is not None else spill.size)
-    in_place = index in verifier
-    stream = opener(0, layer.descriptor.size) if in_place else ReadAhead(layer.open_uncompressed())
-    length = 0
-
-    def count(chunk: bytes) -> None:
-        nonlocal length
-        length += len(chunk)
-
-    try:
+    name = f"scan-layer-{index + 1}"
+    if index in verifier:
         # In place, file data is seeked over: the verifier reads the blob anyway, the ramdisk later.
-        scanner = TarScanner(cast(BinaryIO, stream), limits=tar_limits,  # ReadAhead: a RawIOBase
-                             tee=None if in_place else spill.append if opener is None else count,
-                             budget=budget, progress=progress, seek_over_data=in_place)
-        for member in scanner:
-            try:
-                builder.apply(member)
-            except _Refusal as exc:
-                name = member.name[:200].decode("utf-8", "backslashreplace")
-                raise ImageError(f"{label}: member {name!r}: {exc}") from None
-        scanner.drain()
+        size = layer.descriptor.size
+        return LayerScan(lambda: opener(0, size), limits=tar_limits, budget=budget.share(index),
+                         seek_over_data=True, name=name), opener
+
+    segment = spill.segment() if opener is None else None
+
+    def open_stream() -> BinaryIO:
+        return cast(BinaryIO, ReadAhead(layer.open_uncompressed()))  # a RawIOBase: it reads as BinaryIO
+
+    return LayerScan(open_stream, limits=tar_limits, budget=budget.share(index), name=name,
+                     tee=None if segment is None else segment.append), segment or opener
+
+
+def _apply_layer(builder: _TreeBuilder, index: int, layer: Layer, scan: LayerScan, verifier: VerifyAhead,
+                 progress) -> None:
+    """Apply the members of layer ``index``, as ``scan`` hands them over, to the tree."""
+    label = _layer_label(index, layer)
+    builder.begin_layer(index, 0)
+    try:
+        for members, read in scan.batches():
+            for member in members:
+                try:
+                    builder.apply(member)
+                except _Refusal as exc:
+                    name = member.name[:200].decode("utf-8", "backslashreplace")
+                    raise ImageError(f"{label}: member {name!r}: {exc}") from None
+            if progress is not None and read:
+                progress(read)
     except ImageError as exc:
         # A blob that fails verification is reported as such, not as whatever its bytes parse to.
-        failure = verifier.failed(index) if in_place else None
+        failure = verifier.failed(index) if index in verifier else None
         if failure is not None:
             raise failure from None
         if isinstance(exc, TarFormatError):
             raise ImageError(f"{label}: {exc}") from None
         raise
-    finally:
-        stream.close()
     builder.end_layer()
-    return length
 
 
 #: The opener of a layer whose data is re-read from its blob (flatten's ``reread``).
@@ -749,13 +812,21 @@ def flatten(layers: Sequence[Layer], *, spill_dir: str | None = None,
                      if reread and openers[index] is None and not layer.in_stream_order}
         reopeners = {index: reopen for index, reopen in reopeners.items() if reopen is not None}
         lengths: dict[int, int] = {}
-        with VerifyAhead(in_place) as verifier:
+        with VerifyAhead(in_place) as verifier, _Scans() as scans:
             for index, layer in enumerate(layers):
                 if layer.in_stream_order:
                     openers[index] = layer.range_opener()
-                opener = _REREAD if index in reopeners else openers[index]
-                lengths[index] = _apply_layer(builder, index, layer, opener, spill, verifier, limits, budget,
-                                              progress)
+                for ahead in range(index, min(index + LOOKAHEAD, len(layers))):
+                    # A layer read in stream order may only be opened once the layers below it were read.
+                    if ahead not in scans and (ahead == index or not layers[ahead].in_stream_order):
+                        opener = _REREAD if ahead in reopeners else openers[ahead]
+                        scans[ahead] = _start_scan(ahead, layers[ahead], opener, spill, verifier, limits, budget)
+                scan, data_opener = scans[index]
+                _apply_layer(builder, index, layer, scan, verifier, progress)
+                lengths[index] = scan.length
+                if isinstance(data_opener, SpillFile):
+                    data_opener.flush()
+                    openers[index] = data_opener.open_range
             for index in in_place:
                 verifier.result(index)
         spill.flush()

@@ -43,16 +43,19 @@ Contract
 
 from __future__ import annotations
 
+import struct
+import threading
 import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
+from zlib import adler32
 
 from qtbuild.errors import ImageError
 
 __all__ = [
     "BLOCK_DEVICE", "CHAR_DEVICE", "DIRECTORY", "FIFO", "HARDLINK", "REGULAR", "SYMLINK",
-    "ByteBudget", "TarFormatError", "TarLimits", "TarMember", "TarScanner",
+    "BudgetShare", "ByteBudget", "TarFormatError", "TarLimits", "TarMember", "TarScanner",
 ]
 
 BLOCK_SIZE = 512
@@ -96,34 +99,121 @@ class TarLimits:
 
 
 class ByteBudget:
-    """A shared cap on stream bytes read across layers (against tar and decompression bombs)."""
+    """A shared cap on stream bytes read across layers (against tar and decompression bombs).
+
+    Used directly, it counts streams read one after another.  Layers read at once each count
+    through their :meth:`share`, and layer ``i`` is held to the bytes of layers ``0..i`` — what
+    reading them one after another would have counted — so the layer refused does not depend on
+    thread timing: a layer over the limit while a lower one is still being read waits for the
+    lower layers (which may be refused first) and only then fails.  Since lower layers can still
+    grow after a higher one was read, :meth:`BudgetShare.finish` checks once more at its end.
+    While lower layers are being read a higher layer may pass a ``check`` that one-after-another
+    reading would have failed; it is then refused by a later charge or at its end instead.
+    """
 
     def __init__(self, limit: int):
         self.limit = limit
-        self.used = 0
+        self._cond = threading.Condition()
+        self._used: dict[int, int] = {}  # per layer index (0 when used directly)
+        self._total = 0  # of _used: while it leaves room, no layer is over
+        self._open: set[int] = set()  # shares not finished
+
+    @property
+    def used(self) -> int:
+        with self._cond:
+            return sum(self._used.values())
+
+    def share(self, index: int) -> BudgetShare:
+        """The budget of layer ``index`` (0 = bottom), to be finished when the layer was read."""
+        with self._cond:
+            self._used.setdefault(index, 0)
+            self._open.add(index)
+        return BudgetShare(self, index)
 
     def check(self, n: int, what: str) -> None:
         """Refuse before reading ``n`` more bytes that would exceed the budget."""
-        if self.used + n > self.limit:
-            raise TarFormatError(f"{what} of {n} bytes would exceed the limit of {self.limit} bytes "
-                                 f"of uncompressed layer data (possible tar bomb)")
+        self._check(0, n, what)
+
+    def fits(self, n: int) -> bool:
+        """True when ``n`` more bytes certainly pass :meth:`check` (cheap: no lock, no message)."""
+        return self._total + n <= self.limit
 
     def charge(self, n: int) -> None:
         """Account for ``n`` bytes read; raise once the budget is exceeded."""
-        self.used += n
-        if self.used > self.limit:
+        self._charge(0, n)
+
+    def _check(self, index: int, n: int, what: str) -> None:
+        if self._over_once_settled(index, n):
+            raise TarFormatError(f"{what} of {n} bytes would exceed the limit of {self.limit} bytes "
+                                 f"of uncompressed layer data (possible tar bomb)")
+
+    def _charge(self, index: int, n: int) -> None:
+        with self._cond:
+            self._used[index] = self._used.get(index, 0) + n
+            self._total += n
+        if self._total > self.limit:
+            self._refuse_if_over(index)
+
+    def _refuse_if_over(self, index: int, *, settled: bool = False) -> None:
+        if self._over_once_settled(index, 0, settled=settled):
             raise TarFormatError(f"more than {self.limit} bytes of uncompressed layer data "
                                  f"(possible tar bomb)")
 
+    def _over_once_settled(self, index: int, n: int, *, settled: bool = False) -> bool:
+        """Whether layers ``0..index`` plus ``n`` bytes exceed the limit, waiting for the lower
+        layers still being read when they do (they only grow, and may fail first) — or, with
+        ``settled``, in any case."""
+        with self._cond:
+            while True:
+                over = sum(used for layer, used in self._used.items() if layer <= index) + n > self.limit
+                if not (over or settled) or not any(layer < index for layer in self._open):
+                    return over
+                self._cond.wait()
 
-@dataclass(frozen=True, slots=True)
-class TarMember:
+    def _finish(self, index: int) -> None:
+        with self._cond:
+            self._open.discard(index)
+            self._cond.notify_all()
+
+
+class BudgetShare:
+    """One layer's view of a :class:`ByteBudget` (see :meth:`ByteBudget.share`)."""
+
+    def __init__(self, budget: ByteBudget, index: int):
+        self._budget = budget
+        self._index = index
+        self._finished = False
+
+    def check(self, n: int, what: str) -> None:
+        self._budget._check(self._index, n, what)
+
+    def fits(self, n: int) -> bool:
+        return self._budget.fits(n)
+
+    def charge(self, n: int) -> None:
+        self._budget._charge(self._index, n)
+
+    def finish(self, *, read: bool) -> None:
+        """The layer's reading ended (``read``: to its end, so check its total once the lower
+        layers are read too; else it failed or was stopped).  Later calls do nothing."""
+        if self._finished:
+            return
+        self._finished = True
+        try:
+            if read:
+                self._budget._refuse_if_over(self._index, settled=True)
+        finally:
+            self._budget._finish(self._index)
+
+
+class TarMember(NamedTuple):
     """One member as declared by its headers (name not normalised).
 
     ``kind`` is one of the module's type constants.  ``mode`` holds the 12 permission bits only.
     ``size`` is the number of data bytes stored after the header (0 for header-only kinds).
     ``header_offset`` is where the member's first header (meta headers included) starts in the
     stream, ``data_offset`` where its data starts.  ``xattrs`` lists extended attribute names.
+    A named tuple: immutable, and built in a tenth of a frozen dataclass's time (one per member).
     """
 
     name: bytes
@@ -144,7 +234,8 @@ class TarMember:
 class _Input:
     """The tar stream: 1 MiB reads, absolute offsets, tee, budget and progress accounting."""
 
-    def __init__(self, stream: BinaryIO, tee, budget: ByteBudget | None, progress, seek_over_data: bool = False):
+    def __init__(self, stream: BinaryIO, tee, budget: ByteBudget | BudgetShare | None, progress,
+                 seek_over_data: bool = False):
         self._stream = stream
         self.tee: Callable[[bytes], object] | None = tee
         self._budget = budget
@@ -220,6 +311,14 @@ class _Input:
             if not self._fill():
                 raise TarFormatError(f"truncated archive: {what} ends early at offset {self.offset}")
 
+    def skip_data(self, n: int, header_offset: int) -> None:
+        """:meth:`skip` for the data of the member whose headers start at ``header_offset``."""
+        pos = self._pos + n
+        if pos <= len(self._buf):
+            self._pos = pos
+        else:
+            self.skip(n, f"data of member at offset {header_offset}")
+
     def _seek_over(self, n: int, what: str) -> None:
         """Skip ``n`` bytes beyond the (fully consumed) buffer without reading them."""
         assert self._end is not None
@@ -251,11 +350,6 @@ def _padding(size: int) -> int:
     return -size % BLOCK_SIZE
 
 
-def _cstr(field: bytes) -> bytes:
-    """A NUL-terminated header string field."""
-    return field.split(b"\0", 1)[0]
-
-
 def _number(field: bytes, what: str, offset: int, *, signed: bool = False) -> int:
     """An octal or base-256 numeric header field (Go's rules: trim spaces and NULs, digits only)."""
     if field and field[0] & 0x80:
@@ -270,9 +364,14 @@ def _number(field: bytes, what: str, offset: int, *, signed: bool = False) -> in
     return int(text, 8) if text else 0
 
 
-def _verify_checksum(block: bytes, offset: int) -> None:
-    stored = _number(block[148:156], "chksum", offset)
-    unsigned = sum(block) - sum(block[148:156]) + 8 * 32
+def _byte_sum(block: bytes) -> int:
+    """``sum(block)`` for a 512-byte block, in C: Adler-32's low half is 1 + the byte sum modulo
+    65521, exact for 256 bytes (at most 65280)."""
+    return (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
+
+
+def _verify_checksum(block: bytes, stored: int, offset: int) -> None:
+    unsigned = _byte_sum(block) - sum(block[148:156]) + 8 * 32
     if stored == unsigned:
         return
     high = sum(1 for b in block[:148] + block[156:] if b > 127)
@@ -281,8 +380,7 @@ def _verify_checksum(block: bytes, offset: int) -> None:
                              f"or corrupt)")
 
 
-@dataclass
-class _Header:
+class _Header(NamedTuple):
     """The fields of one 512-byte header."""
 
     typeflag: bytes
@@ -297,30 +395,45 @@ class _Header:
     devminor: int
 
 
+#: name mode uid gid size mtime chksum typeflag linkname magic+version uname gname devmajor devminor prefix
+_LAYOUT = struct.Struct("100s8s8s8s12s12s8sc100s8s32s32s8s8s155s12x")
+#: Bytes a plain octal field may hold (digits, padded with spaces and NULs).
+_OCTAL_FIELD_BYTES = b"01234567 \0"
+
+
+def _numbers(fields: tuple[bytes, ...], what: tuple[str, ...], offset: int) -> list[int]:
+    """Octal/base-256 fields; the common case (plain octal) without a call per field."""
+    try:
+        if not b"".join(fields).translate(None, _OCTAL_FIELD_BYTES):
+            # int() refuses what strip() leaves inside (spaces, NULs); signs, "_" and "0o" cannot occur.
+            return [int(field.strip(b" \0") or b"0", 8) for field in fields]
+    except ValueError:
+        pass
+    return [_number(field, name, offset, signed=name == "mtime") for field, name in zip(fields, what, strict=True)]
+
+
+_FIELD_NAMES = ("mode", "uid", "gid", "size", "mtime")
+_DEVICE_FIELD_NAMES = ("devmajor", "devminor")
+
+
 def _parse_header(block: bytes, offset: int) -> _Header:
-    _verify_checksum(block, offset)
-    magic = block[257:265]
-    name = _cstr(block[0:100])
+    (name, mode, uid, gid, size, mtime, chksum, typeflag, linkname, magic, _uname, _gname,
+     devmajor, devminor, prefix) = _LAYOUT.unpack(block)
+    _verify_checksum(block, _number(chksum, "chksum", offset), offset)
+    mode_n, uid_n, gid_n, size_n, mtime_n = _numbers((mode, uid, gid, size, mtime), _FIELD_NAMES, offset)
+    name = name.partition(b"\0")[0]
     if magic == _MAGIC_POSIX:
-        prefix = _cstr(block[345:500])
+        prefix = prefix.partition(b"\0")[0]
         if prefix:
             name = prefix + b"/" + name
-    elif magic != _MAGIC_GNU and block[345:500].strip(b"\0"):
+    elif magic != _MAGIC_GNU and prefix.strip(b"\0"):
         raise TarFormatError(f"header at offset {offset}: non-empty prefix field in a non-ustar header "
                              f"(readers disagree on whether it is part of the name)")
-    has_devices = magic in (_MAGIC_POSIX, _MAGIC_GNU)
-    return _Header(
-        typeflag=block[156:157],
-        name=name,
-        linkname=_cstr(block[157:257]),
-        mode=_number(block[100:108], "mode", offset) & 0o7777,
-        uid=_number(block[108:116], "uid", offset),
-        gid=_number(block[116:124], "gid", offset),
-        size=_number(block[124:136], "size", offset),
-        mtime=_number(block[136:148], "mtime", offset, signed=True),
-        devmajor=_number(block[329:337], "devmajor", offset) if has_devices else 0,
-        devminor=_number(block[337:345], "devminor", offset) if has_devices else 0,
-    )
+    major = minor = 0
+    if magic in (_MAGIC_POSIX, _MAGIC_GNU):
+        major, minor = _numbers((devmajor, devminor), _DEVICE_FIELD_NAMES, offset)
+    return _Header(typeflag, name, linkname.partition(b"\0")[0], mode_n & 0o7777, uid_n, gid_n, size_n, mtime_n,
+                   major, minor)
 
 
 def parse_pax_records(data: bytes, offset: int) -> dict[bytes, bytes]:
@@ -398,6 +511,10 @@ class _Pending:
         return self.pax is None and self.long_name is None and self.long_link is None
 
 
+#: A member's pending meta headers until it has some (never filled).
+_NO_META = _Pending(-1)
+
+
 class TarScanner:
     """Iterate the members of an untrusted tar stream; see the module docstring for the contract.
 
@@ -408,7 +525,7 @@ class TarScanner:
     """
 
     def __init__(self, stream: BinaryIO, *, limits: TarLimits = TarLimits(),
-                 tee: Callable[[bytes], object] | None = None, budget: ByteBudget | None = None,
+                 tee: Callable[[bytes], object] | None = None, budget: ByteBudget | BudgetShare | None = None,
                  progress: Callable[[int], object] | None = None, seek_over_data: bool = False):
         self._input = _Input(stream, tee, budget, progress, seek_over_data)
         self._limits = limits
@@ -425,7 +542,7 @@ class TarScanner:
             if member is None:
                 return
             yield member
-            self._input.skip(member.size + _padding(member.size), f"data of member at offset {member.header_offset}")
+            self._input.skip_data(member.size + _padding(member.size), member.header_offset)
 
     def drain(self) -> None:
         """Read whatever follows the end of the archive to EOF (not tee-d)."""
@@ -434,10 +551,12 @@ class TarScanner:
     # -- headers -----------------------------------------------------------------------------
 
     def _next_member(self) -> TarMember | None:
-        pending = _Pending(self.offset)
+        read_exact = self._input.read_exact
+        start = self.offset
+        pending = _NO_META  # replaced on the first meta header (most members have none)
         while True:
             offset = self.offset
-            block = self._input.read_exact(BLOCK_SIZE, "header")
+            block = read_exact(BLOCK_SIZE, "header")
             if block is None or block == ZERO_BLOCK:
                 if not pending.empty:
                     raise TarFormatError(f"archive ends at offset {offset} right after extended headers")
@@ -446,8 +565,12 @@ class TarScanner:
                 return None
             header = _parse_header(block, offset)
             if header.typeflag in _META_TYPES:
+                if pending is _NO_META:
+                    pending = _Pending(start)
                 self._read_meta(header, pending, offset)
                 continue
+            if pending.empty:
+                return self._plain_member(header, start)
             return self._member(header, pending)
 
     def _expect_end(self, offset: int) -> None:
@@ -497,6 +620,24 @@ class TarScanner:
                                      f"readers disagree on whether it applies to later members")
 
     # -- members -----------------------------------------------------------------------------
+
+    def _plain_member(self, header: _Header, start: int) -> TarMember:
+        """A member without meta headers: :meth:`_member`'s rules with nothing to fold in."""
+        name, linkname, size = header.name, header.linkname, header.size
+        kind = _TYPEFLAGS.get(header.typeflag)
+        if header.typeflag == b"\0" and name.endswith(b"/"):
+            kind = DIRECTORY  # old V7 directories (Go and tarfile agree)
+        max_name = self._limits.max_name
+        is_link = kind is HARDLINK or kind is SYMLINK
+        if (kind is None or (kind is not REGULAR and size) or size > self._limits.max_file_size
+                or len(name) > max_name or b"\0" in name
+                or (is_link and (len(linkname) > max_name or b"\0" in linkname))
+                or max(header.uid, header.gid, header.devmajor, header.devminor) > U32_MAX):
+            return self._member(header, _Pending(start))  # the general path names the problem
+        if self._budget is not None and size and not self._budget.fits(size):
+            self._budget.check(size, f"member {_show(name)} at offset {start}")
+        return TarMember(name, kind, header.mode, header.uid, header.gid, header.mtime, size, linkname,
+                         header.devmajor, header.devminor, (), start, self.offset)
 
     def _member(self, header: _Header, pending: _Pending) -> TarMember:
         records = pending.pax or {}
@@ -569,7 +710,7 @@ class TarScanner:
         if size > self._limits.max_file_size:
             raise TarFormatError(f"{where}: file of {size} bytes is too large (the limit is "
                                  f"{self._limits.max_file_size}; cpio newc sizes have 32 bits)")
-        if self._budget is not None:
+        if self._budget is not None and not self._budget.fits(size):
             self._budget.check(size, where)
         return size
 

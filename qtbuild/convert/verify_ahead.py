@@ -9,8 +9,8 @@ pool, several layers at once, so the scan only reads the blob and the hashing us
 
 Contract: :meth:`result` waits for one layer's verification and re-raises its error (an
 :class:`~qtbuild.errors.ImageError`); the tree built from a layer may only be used once its
-:meth:`result` returned.  :meth:`close` stops the workers between chunks (on error paths) and
-waits for them; it is idempotent.
+:meth:`result` returned.  Layers are verified largest first.  :meth:`close` stops the workers
+between chunks (on error paths) and waits for them; it is idempotent.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ from qtbuild.sources.base import Layer
 CHUNK = 1 << 20
 
 
+def _size(layer: Layer) -> int:
+    descriptor = getattr(layer, "descriptor", None)
+    return getattr(descriptor, "size", 0) or 0
+
+
 class VerifyAhead:
     """Reads ``layers`` (index → layer) to the end through ``open_uncompressed()`` on worker threads."""
 
@@ -35,7 +40,9 @@ class VerifyAhead:
         if layers:
             count = workers or min(len(layers), os.cpu_count() or 1, 4)
             self._pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="verify-layer")
-            self._futures = {index: self._pool.submit(self._verify, layer) for index, layer in layers.items()}
+            # Largest first: one layer's hash cannot be split, so the biggest bounds the wall time.
+            largest_first = sorted(layers.items(), key=lambda item: -_size(item[1]))
+            self._futures = {index: self._pool.submit(self._verify, layer) for index, layer in largest_first}
 
     def _verify(self, layer: Layer) -> None:
         with layer.open_uncompressed() as stream:
