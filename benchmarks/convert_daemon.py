@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shutil
 import statistics
@@ -40,6 +41,8 @@ import uuid
 from pathlib import Path
 
 MIB = 1 << 20
+#: The name benchmarks/convert.py's archive gives the image.
+ARCHIVE_TAG = "bench:latest"
 
 
 def _convert_benchmark():
@@ -52,13 +55,25 @@ def _convert_benchmark():
     return module
 
 
+def _image_id(reference: str) -> str | None:
+    found = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", reference], capture_output=True,
+                           text=True)
+    return found.stdout.strip() if found.returncode == 0 else None
+
+
 def load_image(workdir: str, total: int, files: int, tag: str) -> None:
-    """Generate the image (convert.py's, as a legacy docker-archive) and load it into the daemon as ``tag``."""
+    """Generate the image (convert.py's, as a legacy docker-archive) and load it into the daemon as ``tag``.
+
+    The archive names the image ``bench:latest``; a ``bench:latest`` someone else has in the daemon
+    is left (or put back) as it was, not untagged."""
     archive = _convert_benchmark().generate(workdir, total, files)["archive"]
-    loaded = subprocess.run(["docker", "load", "-q", "-i", archive], check=True, capture_output=True, text=True)
-    archive_tag = loaded.stdout.strip().rpartition(" ")[2]  # "Loaded image: bench:latest"
-    subprocess.run(["docker", "tag", archive_tag, tag], check=True, capture_output=True)
-    subprocess.run(["docker", "rmi", archive_tag], capture_output=True)  # untags it; the image stays as `tag`
+    before = _image_id(ARCHIVE_TAG)
+    subprocess.run(["docker", "load", "-q", "-i", archive], check=True, capture_output=True, text=True)
+    subprocess.run(["docker", "tag", ARCHIVE_TAG, tag], check=True, capture_output=True)
+    if before is None:
+        subprocess.run(["docker", "rmi", ARCHIVE_TAG], capture_output=True)  # untags it; the image stays as `tag`
+    elif _image_id(ARCHIVE_TAG) != before:
+        subprocess.run(["docker", "tag", before, ARCHIVE_TAG], check=True, capture_output=True)
     shutil.rmtree(os.path.join(workdir, "layout"), ignore_errors=True)
     os.unlink(archive)
 
@@ -105,7 +120,8 @@ def timed_convert(python: str, tag: str, output: str, marks_file: str) -> dict[s
 
 
 def _median(runs: list[dict[str, float]], key: str) -> float:
-    return statistics.median(run[key] for run in runs)
+    """The median of ``key`` over the runs (NaN when a run lacks it: an older qtbuild without that step)."""
+    return statistics.median(run.get(key, math.nan) for run in runs)
 
 
 def report(rounds: dict[str, list[dict[str, float]]]) -> float:
@@ -123,7 +139,8 @@ def report(rounds: dict[str, list[dict[str, float]]]) -> float:
             ratio = statistics.median(c["total"] / s["total"] for c, s in zip(runs, saves, strict=True))
             print(f"{name} docker:// = {ratio:.2f} x docker save (target <= 1.15)")
     save, first, last = (_median(saves, key) for key in ("total", "first byte", "last byte"))
-    write = statistics.median(r["write end"] - r["write start"] for r in rounds["convert"])
+    write = statistics.median(r.get("write end", math.nan) - r.get("write start", math.nan)
+                              for r in rounds["convert"])
     print(f"docker save: {first:.2f} s of {save:.2f} s before its first byte (the daemon's export into a temp "
           f"dir, {first / save:.0%}: no client can overlap it), {last - first:.2f} s streaming")
     print(f"floor via the save API: (save's last byte + the EIF write, which needs every layer) / save = "

@@ -8,17 +8,20 @@ Legacy layout (Docker < 25 and podman's Docker API: ``<id>/layer.tar`` or ``<dif
 ``<config hex>.json``, ``manifest.json``; see docs/images.md, "Sources"), the fast path:
 
 - The stream is parsed member by member (a minimal sequential tar reader: bounded header payloads,
-  bounded member count, bounded total size).  The constructor reads up to the config member (kept
-  in memory, verified against the image ID); layer members met before it are spilled.
+  bounded member count, bounded total size).  Given the diff_ids the daemon reported before the
+  save (its image inspect), the constructor reads only the first member, layers are served at
+  once and the config (kept in memory, verified against the image ID) is taken when it passes or
+  when asked for; its ``rootfs.diff_ids`` must equal the reported ones.  Without them the
+  constructor reads up to the config member; layer members met before it are spilled.
 - A layer member is *live* when it is the next layer the consumer needs and its diff_id occurs
-  once in the config: its bytes go straight to the reader of :meth:`Layer.open_uncompressed`
+  once in the image's list: its bytes go straight to the reader of :meth:`Layer.open_uncompressed`
   (which hashes them and checks the diff_id at the end).  Which layer a member is, is known before
   its data: ``<diff_id hex>.tar`` names it; for ``<id>/layer.tar`` the ``<id>/json`` member, which
   Docker writes just before it, names the parent layer's ``<id>`` (the chain of parents gives the
   order).  Anything else with layer data is *spilled*: copied to a private scratch file while its
   SHA-256 is computed, and served from there (in place, through :meth:`Layer.range_opener`) when
-  its turn comes, matched by that SHA-256 — so a member is only ever trusted for the diff_id its
-  own bytes hash to.
+  its turn comes, matched by that SHA-256 (hashed on a worker thread while this one writes) — so a
+  member is only ever trusted for the diff_id its own bytes hash to.
 - After the top layer, the rest of the stream is read (no more spilling): its end must be a
   proper end of archive and ``manifest.json`` must name the config and as many layers.
 - The manifest is synthesised exactly as :class:`~qtbuild.sources.archive.ArchiveImage` does for a
