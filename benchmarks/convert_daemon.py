@@ -127,6 +127,11 @@ def _median(runs: list[dict[str, float]], key: str) -> float:
 def report(rounds: dict[str, list[dict[str, float]]]) -> float:
     """Print the per-command medians and the floor arithmetic; return the convert/save ratio."""
     saves = rounds["docker save"]
+    for index, save_run in enumerate(saves):
+        print(f"round {index + 1}: " + ", ".join(
+            f"{name} {runs[index]['total']:.2f} s" + ("" if name == "docker save" else
+                                                       f" ({runs[index]['total'] / save_run['total']:.2f} x)")
+            for name, runs in rounds.items()))
     for name, runs in rounds.items():
         line = (f"{name:12s} median {_median(runs, 'total'):6.2f} s (best {min(r['total'] for r in runs):6.2f}); "
                 f"first byte {_median(runs, 'first byte'):5.2f} s, last byte {_median(runs, 'last byte'):5.2f} s")
