@@ -136,6 +136,7 @@ def report(rounds: dict[str, list[dict[str, float]]]) -> float:
         line = (f"{name:12s} median {_median(runs, 'total'):6.2f} s (best {min(r['total'] for r in runs):6.2f}); "
                 f"first byte {_median(runs, 'first byte'):5.2f} s, last byte {_median(runs, 'last byte'):5.2f} s")
         if name != "docker save":
+            line = line.replace("; first byte", f"; request sent {_median(runs, 'request'):5.2f} s, first byte")
             line += (f"; EIF write {_median(runs, 'write start'):5.2f}-{_median(runs, 'write end'):5.2f} s; "
                      f"after the last byte {_median(runs, 'after last byte'):5.2f} s")
         print(line)
@@ -181,8 +182,9 @@ def main() -> None:
         if options.reference_python:
             pythons["reference"] = options.reference_python
         rounds: dict[str, list[dict[str, float]]] = {name: [] for name in ("docker save", *pythons)}
-        for _ in range(options.repeat):  # interleaved, so machine noise hits all alike
-            for name in rounds:
+        for index in range(options.repeat):  # interleaved, so machine noise hits all alike
+            converts = list(pythons)[::-1 if index % 2 else 1]  # alternating: no one always runs right after the save
+            for name in ("docker save", *converts):
                 if os.path.exists(output):
                     os.unlink(output)
                 os.sync()  # no earlier run's dirty pages in flight

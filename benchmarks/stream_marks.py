@@ -1,13 +1,14 @@
 """Instrumentation for benchmarks/convert_daemon.py, run (``exec``) at the start of a timed convert process.
 
 It records, in seconds since ``$QTBUILD_BENCH_T0`` (the benchmark's ``time.time()`` just before it
-started the process), when the daemon's save stream delivered its first and its last chunk to
-qtbuild and when the EIF write began and ended, and writes them as JSON to
-``$QTBUILD_BENCH_MARKS`` at exit.  It imports nothing of qtbuild itself: the modules are patched
-as the process imports them (a ``sys.meta_path`` finder), so the process keeps its own import
-order and timing.  The patched names — ``SaveStreamImage(chunks, ...)`` and the pipeline's
-``write_eif`` — exist in every qtbuild version the benchmark compares, so the reference
-interpreter is instrumented alike.
+started the process), when the save request was sent (the Docker SDK's ``get_image``), when the
+daemon's save stream delivered its first and its last chunk to qtbuild and when the EIF write
+began and ended, and writes them as JSON to ``$QTBUILD_BENCH_MARKS`` at exit.  It imports nothing
+of qtbuild or the SDK itself: the modules are patched as the process imports them (a
+``sys.meta_path`` finder), so the process keeps its own import order and timing.  The patched
+names — ``SaveStreamImage(chunks, ...)``, the pipeline's ``write_eif`` and the SDK's
+``ImageApiMixin.get_image`` — exist in every qtbuild version the benchmark compares, so the
+reference interpreter is instrumented alike.
 """
 
 import atexit
@@ -62,7 +63,18 @@ def _patch_pipeline(module) -> None:
     module.write_eif = timed_write_eif
 
 
-_PATCHES = {"qtbuild.sources.save_stream": _patch_save_stream, "qtbuild.convert.pipeline": _patch_pipeline}
+def _patch_docker_images(module) -> None:
+    get_image = module.ImageApiMixin.get_image
+
+    def timed_get_image(self, *args, **kwargs):
+        _MARKS.setdefault("request", _now())  # the save request leaves now (the SDK sends, then waits)
+        return get_image(self, *args, **kwargs)
+
+    module.ImageApiMixin.get_image = timed_get_image
+
+
+_PATCHES = {"qtbuild.sources.save_stream": _patch_save_stream, "qtbuild.convert.pipeline": _patch_pipeline,
+            "docker.api.image": _patch_docker_images}
 
 
 class _Patcher:
