@@ -61,16 +61,17 @@ class SaveRequest:
         #: Whether the save names ``platform`` (Engine API >= 1.48): the daemon then picks that platform's image,
         #: which the inspect (of the default platform's) may not describe.
         self.platform_in_save = platform is not None and _api_version(self._client) >= PLATFORM_SAVE_API
-        threading.Thread(target=self._save, name="docker-save", daemon=True).start()
+        threading.Thread(target=self._save, args=(self._client,), name="docker-save", daemon=True).start()
 
     def _fail(self, error: ImageError) -> None:
         self._error = error
         self._answered.set()
         self.close()
 
-    def _save(self) -> None:
-        """On the worker: send the save and wait for its first chunk (the daemon's export time)."""
-        chunks = _daemon_chunks(self._client, self._attrs["Id"], self.ref, self.platform)
+    def _save(self, client) -> None:
+        """On the worker: send the save and wait for its first chunk (the daemon's export time).
+        ``client`` is closed by the chunks, also when :meth:`close` came first."""
+        chunks = _daemon_chunks(client, self._attrs["Id"], self.ref, self.platform)
         try:
             first = next(chunks, b"")
         except ImageError as exc:
