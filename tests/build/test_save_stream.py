@@ -146,19 +146,25 @@ def flattened(image, spill_dir) -> list[tuple]:
         return entries
 
 
+#: The diff_ids of LAYERS as the daemon's image inspect reports them (RootFS.Layers), before the save.
+INSPECTED = ["sha256:" + hashlib.sha256(layer).hexdigest() for layer in LAYERS]
+
+
+@pytest.mark.parametrize("inspected", [None, INSPECTED], ids=["config-first", "inspected-diff-ids"])
 @pytest.mark.parametrize("order", ["written", "on-time", "sorted", "reversed", "config-last", "podman"])
-def test_stream_gives_what_the_archive_gives(tmp_path, out, order):
+def test_stream_gives_what_the_archive_gives(tmp_path, out, order, inspected):
     data, image_id = save_stream_bytes(tmp_path, order)
     (tmp_path / "saved.tar").write_bytes(data)
     with ArchiveImage(tmp_path / "saved.tar") as archive:
         expected = contents(archive), archive.manifest_bytes(), flattened(archive, tmp_path)
-    with open_stream(data, image_id, out) as image:
+    with open_stream(data, image_id, out, diff_ids=inspected) as image:
         assert contents(image) == expected[0]
         assert image.manifest_bytes() == expected[1]
         assert image.manifest_synthesised
-    with open_stream(data, image_id, out) as image:
+    with open_stream(data, image_id, out, diff_ids=inspected) as image:
         assert flattened(image, out) == expected[2]
         assert image.manifest_bytes() == expected[1]
+        assert image.config_bytes() == expected[0][0]
     assert not os.listdir(out)
 
 
@@ -171,25 +177,6 @@ def test_layers_on_time_are_not_spilled_and_late_ones_are(tmp_path, out):
     with open_stream(data, image_id, out) as image:
         flattened(image, out)
         assert image._scratch is not None and image._scratch.size == len(BOTTOM) + len(MIDDLE)
-
-
-#: The diff_ids of LAYERS as the daemon's image inspect reports them (RootFS.Layers), before the save.
-INSPECTED = ["sha256:" + hashlib.sha256(layer).hexdigest() for layer in LAYERS]
-
-
-@pytest.mark.parametrize("order", ["written", "on-time", "sorted", "reversed", "config-last", "podman"])
-def test_with_the_inspected_diff_ids_the_stream_gives_what_the_archive_gives(tmp_path, out, order):
-    data, image_id = save_stream_bytes(tmp_path, order)
-    (tmp_path / "saved.tar").write_bytes(data)
-    with ArchiveImage(tmp_path / "saved.tar") as archive:
-        expected = contents(archive), archive.manifest_bytes(), flattened(archive, tmp_path)
-    with open_stream(data, image_id, out, diff_ids=INSPECTED) as image:
-        assert contents(image) == expected[0]
-        assert image.manifest_bytes() == expected[1]
-    with open_stream(data, image_id, out, diff_ids=INSPECTED) as image:
-        assert flattened(image, out) == expected[2]
-        assert image.config_bytes() == expected[0][0]
-    assert not os.listdir(out)
 
 
 def test_with_the_inspected_diff_ids_layers_before_the_config_are_not_spilled(tmp_path, out):
