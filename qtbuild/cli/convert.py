@@ -129,29 +129,48 @@ def convert_command(output, expected, provenance_path, **params) -> None:
         raise InputError("no output file: add -o app.eif (or use `qtbuild measure` to only compute PCRs)")
     if provenance_path and not output:
         raise InputError("--provenance describes the written EIF: add -o app.eif")
-    # deferred: inspect.check pulls in cryptography.x509, a tenth of a second of every convert
-    from qtbuild.inspect.check import check_rebuild, is_same_file, validate_reference
+    with _save_sent_early(params):
+        # deferred: inspect.check pulls in cryptography.x509, a tenth of a second of every convert
+        from qtbuild.inspect.check import check_rebuild, is_same_file, validate_reference
 
-    if provenance_path and any(is_same_file(provenance_path, other) for other in (output, expected) if other):
-        raise InputError(f"--provenance {provenance_path} would overwrite the EIF or the --check reference")
-    if expected:
-        if output and is_same_file(output, expected):
-            raise InputError(f"-o {output} is the --check reference {expected}: writing it would destroy the "
-                             "reference; write the rebuild elsewhere (or omit -o)")
-        validate_reference(expected)
-    # a directory in $TMPDIR only for a --check rebuild with no -o: a convert to -o writes nothing there
-    with contextlib.nullcontext(None) if output else tempfile.TemporaryDirectory(prefix="qtbuild-check-") as scratch:
-        target = output or os.path.join(str(scratch), "rebuilt.eif")
-        source, options = _options(params, target)
-        result = _convert(source, options)
-        _print(result, params["style"])
-        _summary(source, result, params["quiet"], output)
-        if provenance_path:
-            _write_provenance(provenance_path, target, source, options, result)
-            say(f"wrote provenance {provenance_path}" + (" (DSSE, signed)" if options.signer else ""),
-                quiet=params["quiet"])
-        if expected and not check_rebuild(target, expected):
-            sys.exit(EXIT_CHECK_FAILED)
+        if provenance_path and any(is_same_file(provenance_path, other) for other in (output, expected) if other):
+            raise InputError(f"--provenance {provenance_path} would overwrite the EIF or the --check reference")
+        if expected:
+            if output and is_same_file(output, expected):
+                raise InputError(f"-o {output} is the --check reference {expected}: writing it would destroy the "
+                                 "reference; write the rebuild elsewhere (or omit -o)")
+            validate_reference(expected)
+        # a directory in $TMPDIR only for a --check rebuild with no -o: a convert to -o writes nothing there
+        with contextlib.nullcontext(None) if output else tempfile.TemporaryDirectory(prefix="qtbuild-check-") as tmp:
+            target = output or os.path.join(str(tmp), "rebuilt.eif")
+            source, options = _options(params, target)
+            result = _convert(source, options)
+            _print(result, params["style"])
+            _summary(source, result, params["quiet"], output)
+            if provenance_path:
+                _write_provenance(provenance_path, target, source, options, result)
+                say(f"wrote provenance {provenance_path}" + (" (DSSE, signed)" if options.signer else ""),
+                    quiet=params["quiet"])
+            if expected and not check_rebuild(target, expected):
+                sys.exit(EXIT_CHECK_FAILED)
+
+
+def _save_sent_early(params: dict) -> contextlib.AbstractContextManager:
+    """For an image in the Docker daemon: its save requested now, before the convert pipeline is imported
+    (the daemon exports the image for seconds before it sends a byte; see qtbuild.sources.daemon_request),
+    and dropped at the end of the block if the convert never got to it.  A null context for other sources,
+    and for --docker-dir and --platform (their request goes out when the image is opened, as before)."""
+    source = params["source"] or params["docker_uri"]
+    if not source or params["docker_dir"] or params["platform"] or params["source_kind"] not in (None, "daemon"):
+        return contextlib.nullcontext()
+    from qtbuild.sources.open import daemon_source_reference
+
+    ref = daemon_source_reference(source)
+    if ref is None:
+        return contextlib.nullcontext()
+    from qtbuild.sources.daemon_request import sent_early
+
+    return sent_early(ref)
 
 
 def _write_provenance(path: str, eif: str, source: str, options: ConvertOptions, result) -> None:
@@ -181,10 +200,11 @@ def _convert(source, options):
 @_image_options
 def measure_command(**params) -> None:
     """Print the measurements `convert` would produce, without writing a file."""
-    source, options = _options(params, None)
-    result = _convert(source, options)
-    _print(result, params["style"])
-    _summary(source, result, params["quiet"])
+    with _save_sent_early(params):
+        source, options = _options(params, None)
+        result = _convert(source, options)
+        _print(result, params["style"])
+        _summary(source, result, params["quiet"])
 
 
 def _summary(source: str, result, quiet: bool, output: str | None = None) -> None:

@@ -14,6 +14,7 @@ between a registry pull and a saved tarball of the same image.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from tqdm import tqdm
 
 from qtbuild.convert.boot_profiles import load_profile, normalise_arch
 from qtbuild.convert.credential_scan import credential_warnings
-from qtbuild.convert.flatten import flatten
+from qtbuild.convert.flatten import FlatTree, flatten
 from qtbuild.convert.launch_config import Launch, resolve_launch, tree_file_reader
 from qtbuild.convert.metadata import load_custom_metadata, make_metadata, source_date_epoch
 from qtbuild.convert.provenance import image_dependencies
@@ -72,7 +73,9 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
     platform = enclave_platform(options.platform) if options.platform else None
     custom = load_custom_metadata(options.metadata_path)
     output_dir = os.path.dirname(os.path.abspath(options.output)) if options.output else None
-    with open_image(source, platform=platform, scratch_dir=output_dir) as image:
+    with open_image(source, platform=platform, scratch_dir=output_dir) as image, contextlib.ExitStack() as early:
+        # A save stream's layers are flattened as they arrive; its config may come after them.
+        tree = early.enter_context(_flatten(image, options, clamp)) if isinstance(image, SaveStreamImage) else None
         config = image.config()
         arch = _image_arch(config, platform)
         profile = load_profile(options.blobs, arch)
@@ -85,11 +88,8 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
             custom=custom,
             time_fallback=None if clamp else _created(config),
         )
-        with _progress("layers", options.quiet) as bar:
-            clamp_mtime = int(clamp.timestamp()) if clamp else None
-            # measure keeps nothing: compressed local layers are inflated again rather than spilled
-            tree = flatten(image.layers(), spill_dir=_spill_dir(image, options), clamp_mtime=clamp_mtime,
-                           progress=bar.update, reread=options.output is None)
+        if tree is None:
+            tree = _flatten(image, options, clamp)
         with tree:
             read_file = tree_file_reader(tree)
             launch = resolve_launch(config, read_file, semantics=options.cmd_semantics)
@@ -110,6 +110,14 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
             tree.verify_rereads()
             return ConvertResult(result, image.image_id, arch, launch, profile.name, warnings,
                                  image_dependencies(image))
+
+
+def _flatten(image: Image, options: ConvertOptions, clamp: datetime | None) -> FlatTree:
+    with _progress("layers", options.quiet) as bar:
+        clamp_mtime = int(clamp.timestamp()) if clamp else None
+        # measure keeps nothing: compressed local layers are inflated again rather than spilled
+        return flatten(image.layers(), spill_dir=_spill_dir(image, options), clamp_mtime=clamp_mtime,
+                       progress=bar.update, reread=options.output is None)
 
 
 def _spill_dir(image: Image, options: ConvertOptions) -> str | None:

@@ -18,7 +18,7 @@ def build_image(directory: str | os.PathLike, tag: str, *, log: Callable[[str], 
     """Build ``directory`` (which holds a Dockerfile) as ``tag`` in the daemon; returns the image ID."""
     import docker
 
-    from qtbuild.sources.daemon import _connect, _daemon_reason
+    from qtbuild.sources.daemon_request import _connect, _daemon_reason
 
     directory = os.fspath(directory)
     if not os.path.isfile(os.path.join(directory, "Dockerfile")):

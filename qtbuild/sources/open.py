@@ -52,6 +52,19 @@ def daemon_reference(source: str) -> str | None:
     return source if _REFERENCE.fullmatch(source) else None
 
 
+def daemon_source_reference(source: str) -> str | None:
+    """The reference :func:`open_image` hands the Docker daemon for ``source``; None when it opens another
+    source or refuses ``source``."""
+    for prefix in _DAEMON_PREFIXES:
+        if source.startswith(prefix):
+            named = source[len(prefix):]
+            return named if _REFERENCE.fullmatch(named) else None
+    ref = daemon_reference(source)
+    if ref is None or os.path.isfile(source) or os.path.isfile(os.path.join(source, "oci-layout")):
+        return None
+    return ref
+
+
 def open_image(source: str, *, platform: Platform | None, scratch_dir: str | None = None) -> Image:
     """Open ``source`` (see the module docstring); the caller closes the returned image.
 

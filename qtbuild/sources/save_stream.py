@@ -8,17 +8,20 @@ Legacy layout (Docker < 25 and podman's Docker API: ``<id>/layer.tar`` or ``<dif
 ``<config hex>.json``, ``manifest.json``; see docs/images.md, "Sources"), the fast path:
 
 - The stream is parsed member by member (a minimal sequential tar reader: bounded header payloads,
-  bounded member count, bounded total size).  The constructor reads up to the config member (kept
-  in memory, verified against the image ID); layer members met before it are spilled.
+  bounded member count, bounded total size).  Given the diff_ids the daemon reported before the
+  save (its image inspect), the constructor reads only the first member, layers are served at
+  once and the config (kept in memory, verified against the image ID) is taken when it passes or
+  when asked for; its ``rootfs.diff_ids`` must equal the reported ones.  Without them the
+  constructor reads up to the config member; layer members met before it are spilled.
 - A layer member is *live* when it is the next layer the consumer needs and its diff_id occurs
-  once in the config: its bytes go straight to the reader of :meth:`Layer.open_uncompressed`
+  once in the image's list: its bytes go straight to the reader of :meth:`Layer.open_uncompressed`
   (which hashes them and checks the diff_id at the end).  Which layer a member is, is known before
   its data: ``<diff_id hex>.tar`` names it; for ``<id>/layer.tar`` the ``<id>/json`` member, which
   Docker writes just before it, names the parent layer's ``<id>`` (the chain of parents gives the
   order).  Anything else with layer data is *spilled*: copied to a private scratch file while its
   SHA-256 is computed, and served from there (in place, through :meth:`Layer.range_opener`) when
-  its turn comes, matched by that SHA-256 — so a member is only ever trusted for the diff_id its
-  own bytes hash to.
+  its turn comes, matched by that SHA-256 (hashed on a worker thread while this one writes) — so a
+  member is only ever trusted for the diff_id its own bytes hash to.
 - After the top layer, the rest of the stream is read (no more spilling): its end must be a
   proper end of archive and ``manifest.json`` must name the config and as many layers.
 - The manifest is synthesised exactly as :class:`~qtbuild.sources.archive.ArchiveImage` does for a
@@ -54,6 +57,7 @@ from qtbuild.formats.bounded_input import load_json
 from qtbuild.formats.file_window import FileWindow
 from qtbuild.sources.archive import MAX_HEADER_READ, MAX_IMAGES, MAX_MEMBERS, ArchiveImage, clean_member_path
 from qtbuild.sources.base import MAX_JSON_DOCUMENT, Descriptor, Image, Layer, Platform, check_digest
+from qtbuild.sources.hash_behind import HashBehind
 from qtbuild.sources.select import (
     MAX_LAYERS,
     OCI_CONFIG,
@@ -239,12 +243,16 @@ class SaveStreamImage(Image):
     """An image read from a ``docker save`` stream as it arrives (see the module docstring).
 
     ``image_id`` is the config digest the daemon reported; ``scratch_dir`` is where out-of-order
-    layers are spilled (default: the system temp dir).  The caller must :meth:`close` it (which
-    closes ``chunks`` if it is a generator).
+    layers are spilled (default: the system temp dir).  ``diff_ids``: the layers' diff_ids as the
+    daemon reported them before the save (its image inspect's ``RootFS.Layers``); with them a legacy
+    stream's layers are served before its config arrived, which must then list the same diff_ids
+    (else the config is read first and layers before it are spilled).  The caller must
+    :meth:`close` it (which closes ``chunks`` if it is a generator).
     """
 
     def __init__(self, chunks: Iterator[bytes], *, image_id: str, reference: str, scratch_dir: str | None = None,
-                 platform: Platform | None = None, repo_digests: list[str] | None = None):
+                 platform: Platform | None = None, repo_digests: list[str] | None = None,
+                 diff_ids: list[str] | None = None):
         self.reference = reference
         self._chunks = chunks
         self._image_id = check_digest(image_id, f"{reference}: image ID")
@@ -264,6 +272,9 @@ class SaveStreamImage(Image):
         self._layers: list[Layer] = []
         self._next = 0  # the lowest layer not yet handed out
         self._live: tuple[int, _Member] | None = None
+        self._platform = platform
+        self._reported_diff_ids = diff_ids
+        self._unhandled: _Member | None = None  # the first member, read to tell the layout, not yet handled
         try:
             self._start(platform)
         except BaseException:
@@ -284,7 +295,10 @@ class SaveStreamImage(Image):
     def config_bytes(self) -> bytes:
         if self._archive is not None:
             return self._archive.config_bytes()
-        assert self._config is not None
+        while self._config is None:  # layers on the way are spilled: read the config after the layers
+            if self._live is not None:
+                raise ImageError(f"{self.reference}: layer {self._live[0] + 1} is being read")
+            self._take(self._next_member())
         return self._config
 
     def layers(self) -> list[Layer]:
@@ -311,20 +325,37 @@ class SaveStreamImage(Image):
             return
         self._reader.recording = None
         self.manifest_synthesised = True
-        member = first
-        while True:  # up to the config: what comes before it is spilled
-            if member is None:
-                raise ImageError(f"{self.reference}: the save stream has no config {self._config_name}")
+        if first is None:
+            raise ImageError(f"{self.reference}: the save stream has no config {self._config_name}")
+        if self._reported_diff_ids is not None:  # layers can go live at once; the config is checked when it comes
+            self._diff_ids = list(self._reported_diff_ids)
+            self._layers = [_StreamedLayer(self, i, d) for i, d in enumerate(self._diff_ids)]
+            self._unhandled = first
+            return
+        member: _Member | None = first
+        while member is not None:  # up to the config: what comes before it is spilled
             self._take(member)
             if self._config is not None:
-                break
+                return
             member = self._next_member()
+        raise ImageError(f"{self.reference}: the save stream has no config {self._config_name}")
+
+    def _accept_config(self) -> None:
+        """The config just read: its platform and diff_ids (which must be the ones the layers are served by)."""
+        assert self._config is not None
         config = load_json(self._config, what=f"{self.reference}: image config", error=ImageError)
         if not isinstance(config, dict):
             raise ImageError(f"{self.reference}: image config is not a JSON object")
-        check_config_platform(config, platform, self.reference)
-        self._diff_ids = _diff_ids(config, self.reference)
-        self._layers = [_StreamedLayer(self, i, d) for i, d in enumerate(self._diff_ids)]
+        check_config_platform(config, self._platform, self.reference)
+        diff_ids = _diff_ids(config, self.reference)
+        if self._reported_diff_ids is None:
+            self._diff_ids = diff_ids
+            self._layers = [_StreamedLayer(self, i, d) for i, d in enumerate(self._diff_ids)]
+        elif diff_ids != self._diff_ids:
+            raise ImageError(f"{self.reference}: the saved config's rootfs.diff_ids are not the layers the daemon's "
+                             f"image inspect reported ({len(diff_ids)} and {len(self._diff_ids)} layers, "
+                             f"{sum(a != b for a, b in zip(diff_ids, self._diff_ids, strict=False))} differing); "
+                             "the daemon saved another image than it described: convert again")
 
     def _copy_whole(self, platform: Platform | None) -> None:
         """OCI layout: the whole stream into the scratch file, read as a docker-archive."""
@@ -345,6 +376,9 @@ class SaveStreamImage(Image):
         return self._image_id.removeprefix("sha256:") + ".json"
 
     def _next_member(self) -> _Member | None:
+        unhandled, self._unhandled = self._unhandled, None
+        if unhandled is not None:
+            return unhandled
         member = self._tar.next()
         if member is None:
             self._check_end()
@@ -361,6 +395,7 @@ class SaveStreamImage(Image):
             if actual != self._image_id:
                 raise ImageError(f"{self.reference}: config {name} has digest {actual}, not the image ID "
                                  f"{self._image_id} the daemon reported")
+            self._accept_config()
         elif name == "manifest.json":
             self._manifest_json = self._read_document(member, "manifest.json")
         elif _layer_directory(name, "json") is not None:
@@ -394,10 +429,14 @@ class SaveStreamImage(Image):
     def _spill(self, member: _Member) -> None:
         if self._scratch is None:
             self._scratch = _Scratch(self.scratch_dir, keep_name=False)
-        scratch, digest, start = self._scratch, hashlib.sha256(), self._scratch.size
-        while data := self._tar.read(CHUNK):
-            digest.update(data)
-            scratch.append(data)
+        # hashed on a worker while this thread receives and writes: the spill keeps up with the daemon
+        scratch, digest, start = self._scratch, HashBehind("sha256"), self._scratch.size
+        try:
+            while data := self._tar.read(CHUNK):
+                digest.update(data)
+                scratch.append(data)
+        finally:
+            digest.close()
         self._spilled.setdefault("sha256:" + digest.hexdigest(), (start, member.size))
 
     def _check_end(self) -> None:
@@ -411,6 +450,8 @@ class SaveStreamImage(Image):
         entry = document[0]
         if len(document) != 1 or not isinstance(entry, dict) or entry.get("Config") != self._config_name:
             raise ImageError(f"{what} does not describe the one image {self._image_id} that was saved")
+        if self._config is None:
+            raise ImageError(f"{self.reference}: the save stream has no config {self._config_name}")
         if entry.get("LayerSources"):
             raise ImageError(f"{what}: foreign layers (LayerSources) refused")
         layers = entry.get("Layers")

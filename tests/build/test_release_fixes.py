@@ -271,7 +271,7 @@ def test_unknown_source_prefix_never_reaches_the_daemon(source, message):
 def test_daemon_errors_carry_no_request_url():
     """The real daemon's 400 for a malformed reference, met without the reference check."""
     from qtbuild.errors import ImageError
-    from qtbuild.sources import daemon
+    from qtbuild.sources import daemon_request as daemon
 
     client = daemon._connect()
     try:

@@ -14,6 +14,7 @@ import io
 import os
 import tarfile
 import tempfile
+import threading
 
 import pytest
 
@@ -145,19 +146,25 @@ def flattened(image, spill_dir) -> list[tuple]:
         return entries
 
 
+#: The diff_ids of LAYERS as the daemon's image inspect reports them (RootFS.Layers), before the save.
+INSPECTED = ["sha256:" + hashlib.sha256(layer).hexdigest() for layer in LAYERS]
+
+
+@pytest.mark.parametrize("inspected", [None, INSPECTED], ids=["config-first", "inspected-diff-ids"])
 @pytest.mark.parametrize("order", ["written", "on-time", "sorted", "reversed", "config-last", "podman"])
-def test_stream_gives_what_the_archive_gives(tmp_path, out, order):
+def test_stream_gives_what_the_archive_gives(tmp_path, out, order, inspected):
     data, image_id = save_stream_bytes(tmp_path, order)
     (tmp_path / "saved.tar").write_bytes(data)
     with ArchiveImage(tmp_path / "saved.tar") as archive:
         expected = contents(archive), archive.manifest_bytes(), flattened(archive, tmp_path)
-    with open_stream(data, image_id, out) as image:
+    with open_stream(data, image_id, out, diff_ids=inspected) as image:
         assert contents(image) == expected[0]
         assert image.manifest_bytes() == expected[1]
         assert image.manifest_synthesised
-    with open_stream(data, image_id, out) as image:
+    with open_stream(data, image_id, out, diff_ids=inspected) as image:
         assert flattened(image, out) == expected[2]
         assert image.manifest_bytes() == expected[1]
+        assert image.config_bytes() == expected[0][0]
     assert not os.listdir(out)
 
 
@@ -170,6 +177,39 @@ def test_layers_on_time_are_not_spilled_and_late_ones_are(tmp_path, out):
     with open_stream(data, image_id, out) as image:
         flattened(image, out)
         assert image._scratch is not None and image._scratch.size == len(BOTTOM) + len(MIDDLE)
+
+
+def test_with_the_inspected_diff_ids_layers_before_the_config_are_not_spilled(tmp_path, out):
+    data, image_id = save_stream_bytes(tmp_path, "written")  # the layers bottom to top, then the config
+    with open_stream(data, image_id, out, diff_ids=INSPECTED) as image:
+        flattened(image, out)
+        assert image._scratch is None
+    with open_stream(data, image_id, out) as image:  # without them, all comes before the config: all spilled
+        flattened(image, out)
+        assert image._scratch is not None and image._scratch.size == sum(map(len, LAYERS))
+
+
+@pytest.mark.parametrize("inspected, message", [
+    (INSPECTED[:2], "the saved config's rootfs.diff_ids are not the layers the daemon's image inspect reported "
+                    "\\(3 and 2 layers, 0 differing\\)"),
+    (INSPECTED[:2] + INSPECTED[1:2], "the saved config's rootfs.diff_ids are not the layers the daemon's image "
+                                     "inspect reported \\(3 and 3 layers, 1 differing\\)"),
+])
+def test_config_disagreeing_with_the_inspected_diff_ids_is_refused(tmp_path, out, inspected, message):
+    data, image_id = save_stream_bytes(tmp_path, "written")
+    with pytest.raises(ImageError, match=message), open_stream(data, image_id, out, diff_ids=inspected) as image:
+        flattened(image, out)
+    assert not os.listdir(out)
+
+
+def test_a_stream_without_its_config_is_refused_after_its_layers(tmp_path, out):
+    data, image_id = save_stream_bytes(tmp_path, "written")
+    config = image_id.removeprefix("sha256:") + ".json"
+    members = [(info, body) for info, body in members_of(data) if info.name != config]
+    with pytest.raises(ImageError, match=f"the save stream has no config {config}"), \
+            open_stream(tar_of(members), image_id, out, diff_ids=INSPECTED) as image:
+        flattened(image, out)
+    assert not os.listdir(out)
 
 
 def test_repeated_layer_is_served_each_time(tmp_path, out):
@@ -232,7 +272,7 @@ def test_daemon_error_mid_stream_is_reported_and_leaves_nothing(tmp_path, out):
 def test_daemon_errors_while_streaming_become_image_errors():
     from urllib3.exceptions import ProtocolError
 
-    from qtbuild.sources.daemon import _daemon_chunks
+    from qtbuild.sources.daemon_request import _daemon_chunks
 
     class Api:
         api_version = "1.41"
@@ -254,6 +294,63 @@ def test_daemon_errors_while_streaming_become_image_errors():
     with pytest.raises(ImageError, match="Docker daemon failed to save 'app:1': ProtocolError"):
         next(chunks)
     assert client.closed
+
+
+class _SlowDaemon:
+    """A Docker client whose save answers (``stream``, or raises ``error``) once ``release`` is set."""
+
+    api_version = "1.41"
+
+    def __init__(self, stream=None, error: Exception | None = None):
+        self.api = self
+        self.release = threading.Event()
+        self.closed = threading.Event()
+        self._stream, self._error = stream, error
+
+    def get_image(self, image_id, chunk_size):
+        assert self.release.wait(10)
+        if self._error is not None:
+            raise self._error
+        return self._stream
+
+    def close(self):
+        self.closed.set()
+
+
+def _send(monkeypatch, daemon: _SlowDaemon):
+    from qtbuild.sources import daemon_request
+
+    monkeypatch.setattr(daemon_request, "_connect", lambda: daemon)
+    monkeypatch.setattr(daemon_request, "_inspect", lambda client, ref: {"Id": "sha256:" + "1" * 64})
+    return daemon_request.SaveRequest("app:1")
+
+
+def test_a_save_failing_on_the_request_thread_is_raised_where_the_chunks_are_read(monkeypatch):
+    import docker
+
+    daemon = _SlowDaemon(error=docker.errors.APIError("500 Server Error", explanation="layer does not exist"))
+    chunks = _send(monkeypatch, daemon).chunks()
+    daemon.release.set()
+    with pytest.raises(ImageError, match="^Docker daemon failed to save 'app:1': layer does not exist$"):
+        next(chunks)
+    assert daemon.closed.is_set()
+
+
+def test_a_save_request_closed_before_the_daemon_answers_drops_the_answer(monkeypatch):
+    dropped = threading.Event()
+
+    def stream():
+        try:
+            yield b"x" * 10
+            yield b"y" * 10
+        finally:
+            dropped.set()
+
+    daemon = _SlowDaemon(stream=stream())
+    request = _send(monkeypatch, daemon)
+    request.close()
+    daemon.release.set()
+    assert dropped.wait(10) and daemon.closed.wait(10)
 
 
 @pytest.mark.parametrize("interrupt_in", ["a spilled layer", "a live layer"])

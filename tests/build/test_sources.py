@@ -673,6 +673,65 @@ def test_daemon_unreachable(monkeypatch, tmp_path):
         DaemonImage("busybox")
 
 
+def test_save_sent_early_is_taken_by_the_image_opened_for_it(loaded_image, tmp_path):
+    from qtbuild.sources import daemon_request
+    from qtbuild.sources.daemon import DaemonImage
+
+    tag, written = loaded_image
+    with daemon_request.sent_early(tag):
+        request = daemon_request._EARLY[(tag, None)]
+        with DaemonImage(tag, scratch_dir=str(tmp_path)) as image:
+            assert daemon_request.take_early(tag, None) is None  # taken, once
+            assert contents(image) == (written.config_bytes, written.diff_ids, LAYERS)
+        assert request._closed
+    assert not daemon_request._EARLY and not os.listdir(tmp_path)
+
+
+def test_save_sent_early_and_never_taken_is_dropped(loaded_image):
+    from qtbuild.sources import daemon_request
+
+    tag, _ = loaded_image
+    with daemon_request.sent_early(tag):
+        request = daemon_request._EARLY[(tag, None)]
+        assert daemon_request.take_early(tag, ARM64) is None  # another platform's image is not this request's
+    assert request._closed and not daemon_request._EARLY
+
+
+def test_errors_of_a_save_sent_early_are_raised_when_the_image_is_opened(docker_client, monkeypatch, tmp_path):
+    from qtbuild.sources.daemon import DaemonImage
+    from qtbuild.sources.daemon_request import sent_early
+
+    missing = f"qtbuild-test/absent-{uuid.uuid4().hex[:8]}:none"
+    with sent_early(missing), pytest.raises(ImageError, match="not found in the Docker daemon"):
+        DaemonImage(missing)
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-docker.sock")
+    with sent_early("busybox"), pytest.raises(ImageError, match="is dockerd running\\? set DOCKER_HOST"):
+        DaemonImage("busybox")
+
+
+def test_convert_requests_the_save_before_it_imports_the_pipeline(loaded_image, tmp_path):
+    """The daemon exports the image for seconds before its first byte: the request leaves first."""
+    import sys
+
+    tag, _ = loaded_image
+    code = """if True:
+        import sys
+        from qtbuild.sources import daemon_request
+        send = daemon_request.SaveRequest.__init__
+        def watched(self, *args, **kwargs):
+            print("save requested; pipeline imported:", "qtbuild.convert.pipeline" in sys.modules, file=sys.stderr)
+            send(self, *args, **kwargs)
+        daemon_request.SaveRequest.__init__ = watched
+        from qtbuild.cli import main
+        main()
+    """
+    result = subprocess.run([sys.executable, "-c", code, "convert", f"docker://{tag}", "-o", str(tmp_path / "a.eif")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("save requested; pipeline imported: False") == 1, result.stderr
+    assert os.listdir(tmp_path) == ["a.eif"]
+
+
 @pytest.mark.parametrize("name", ["../l/layer.tar", "/l/layer.tar", "x/../l/layer.tar"])
 def test_archive_members_with_escaping_names_are_never_used(tmp_path, name):
     members = [file("c.json", config_for(LAYER_A)), file(name, LAYER_A)]
