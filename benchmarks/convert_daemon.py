@@ -17,7 +17,7 @@ The save writes to /dev/null, so the ratio charges convert for everything it doe
 daemon's export: reading the stream, verifying diff_ids, flattening, writing the EIF (on the disk
 of DIR).  Target: convert <= 1.15 x docker save.  Besides the totals it reports when the first and
 the last byte of the save arrived (for docker save at the pipe; for convert as qtbuild read them,
-through benchmarks/stream_marks.py), when the EIF write ran, convert's time after the last byte,
+through benchmarks/instrument/stream_marks.py), when the EIF write ran, convert's time after the last byte,
 and the floor of the ratio through the save API: (the save's last byte + the EIF write, which
 needs every layer) / the save.  The last line, ``ratios: {json}`` (the median of the per-round
 ratios), is what tests/test_benchmarks.py checks against benchmarks/baseline.json.  A generated
@@ -104,8 +104,8 @@ def timed_save(tag: str) -> dict[str, float]:
 
 def timed_convert(python: str, tag: str, output: str, marks_file: str) -> dict[str, float]:
     """``qtbuild convert -q docker://TAG -o OUTPUT`` run by ``python``, with the stream marks of
-    benchmarks/stream_marks.py (first/last byte of the save stream, EIF write start/end)."""
-    hook = Path(__file__).with_name("stream_marks.py")
+    benchmarks/instrument/stream_marks.py (first/last byte of the save stream, EIF write start/end)."""
+    hook = Path(__file__).with_name("instrument") / "stream_marks.py"
     code = f"exec(open({str(hook)!r}).read()); from qtbuild.cli import main; main()"
     start = time.time()
     environment = {**_environment(), "QTBUILD_BENCH_T0": repr(start), "QTBUILD_BENCH_MARKS": marks_file}
