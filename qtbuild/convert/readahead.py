@@ -8,11 +8,10 @@ over gzip layers.  Memory is bounded by ``depth × chunk_size``.
 from __future__ import annotations
 
 import io
-import queue
 import threading
 from typing import BinaryIO
 
-_END = object()
+from qtbuild.convert.handoff import Handoff
 
 
 class ReadAhead(io.RawIOBase):
@@ -27,47 +26,29 @@ class ReadAhead(io.RawIOBase):
         super().__init__()
         self._source = source
         self._chunk_size = chunk_size
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
+        self._handoff: Handoff[bytes] = Handoff(depth)
         self._pending = memoryview(b"")
-        self._finished = False
         self._worker = threading.Thread(target=self._fill, name="readahead", daemon=True)
         self._worker.start()
 
     def _fill(self) -> None:
         try:
-            while not self._stop.is_set():
-                chunk = self._source.read(self._chunk_size)
-                if not chunk:
-                    break
-                self._put(chunk)
-            self._put(_END)
+            while chunk := self._source.read(self._chunk_size):
+                if not self._handoff.put(chunk):
+                    return  # the reader closed the stream
+            self._handoff.end()
         except BaseException as exc:  # handed to the reader, raised there
-            self._put(exc)
-
-    def _put(self, item) -> None:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+            self._handoff.fail(exc)
 
     def readable(self) -> bool:
         return True
 
     def _next(self) -> bool:
         """Make the next chunk pending; False at the end (re-raises the source's error)."""
-        if self._finished:
+        chunk = self._handoff.get()
+        if chunk is None:
             return False
-        item = self._queue.get()
-        if item is _END:
-            self._finished = True
-            return False
-        if isinstance(item, BaseException):
-            self._finished = True
-            raise item
-        self._pending = memoryview(item)
+        self._pending = memoryview(chunk)
         return True
 
     def read(self, size: int | None = -1) -> bytes:
@@ -92,7 +73,7 @@ class ReadAhead(io.RawIOBase):
 
     def close(self) -> None:
         if not self.closed:
-            self._stop.set()
+            self._handoff.stop()
             self._worker.join()
             self._source.close()
         super().close()
