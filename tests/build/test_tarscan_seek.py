@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import io
-import tarfile
 
 import pytest
 
 from qtbuild.convert.tarscan import ByteBudget, TarFormatError, TarScanner
 
+from helpers.imagefactory import file, make_tar
+
 
 def _tar(files: dict[str, bytes]) -> bytes:
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return out.getvalue()
+    return make_tar(file(name, data) for name, data in files.items())
 
 
 class _CountingReads(io.BytesIO):
