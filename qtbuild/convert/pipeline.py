@@ -73,9 +73,9 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
     platform = enclave_platform(options.platform) if options.platform else None
     custom = load_custom_metadata(options.metadata_path)
     output_dir = os.path.dirname(os.path.abspath(options.output)) if options.output else None
-    with open_image(source, platform=platform, scratch_dir=output_dir) as image, contextlib.ExitStack() as early:
+    with open_image(source, platform=platform, scratch_dir=output_dir) as image, contextlib.ExitStack() as owned:
         # A save stream's layers are flattened as they arrive; its config may come after them.
-        tree = early.enter_context(_flatten(image, options, clamp)) if isinstance(image, SaveStreamImage) else None
+        tree = owned.enter_context(_flatten(image, options, clamp)) if isinstance(image, SaveStreamImage) else None
         config = image.config()
         arch = _image_arch(config, platform)
         profile = load_profile(options.blobs, arch)
@@ -89,27 +89,26 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
             time_fallback=None if clamp else _created(config),
         )
         if tree is None:
-            tree = _flatten(image, options, clamp)
-        with tree:
-            read_file = tree_file_reader(tree)
-            launch = resolve_launch(config, read_file, semantics=options.cmd_semantics)
-            paths = (path.decode("utf-8", "replace") for path in tree.iter_paths())
-            warnings = list(tree.warnings) + credential_warnings(config, paths, read_file)
-            ramdisk = customer_ramdisk(tree.iter_entries, launch, hardlink_groups=tree.hardlink_groups)
-            with _progress("ramdisk", options.quiet, total=ramdisk.size + profile.bootstrap.size) as bar:
-                result = write_eif(
-                    options.output,
-                    kernel=profile.kernel,
-                    cmdline=options.cmdline or profile.cmdline,
-                    ramdisks=[profile.bootstrap, ramdisk],
-                    metadata=metadata,
-                    arch=arch,
-                    signer=options.signer,
-                    progress=bar.update,
-                )
-            tree.verify_rereads()
-            return ConvertResult(result, image.image_id, arch, launch, profile.name, warnings,
-                                 image_dependencies(image))
+            tree = owned.enter_context(_flatten(image, options, clamp))
+        read_file = tree_file_reader(tree)
+        launch = resolve_launch(config, read_file, semantics=options.cmd_semantics)
+        paths = (path.decode("utf-8", "replace") for path in tree.iter_paths())
+        warnings = list(tree.warnings) + credential_warnings(config, paths, read_file)
+        ramdisk = customer_ramdisk(tree.iter_entries, launch, hardlink_groups=tree.hardlink_groups)
+        with _progress("ramdisk", options.quiet, total=ramdisk.size + profile.bootstrap.size) as bar:
+            result = write_eif(
+                options.output,
+                kernel=profile.kernel,
+                cmdline=options.cmdline or profile.cmdline,
+                ramdisks=[profile.bootstrap, ramdisk],
+                metadata=metadata,
+                arch=arch,
+                signer=options.signer,
+                progress=bar.update,
+            )
+        tree.verify_rereads()
+        return ConvertResult(result, image.image_id, arch, launch, profile.name, warnings,
+                             image_dependencies(image))
 
 
 def _flatten(image: Image, options: ConvertOptions, clamp: datetime | None) -> FlatTree:
