@@ -26,18 +26,17 @@ Contract
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
+from qtbuild.convert.handoff import Handoff
 from qtbuild.convert.tarscan import BudgetShare, TarLimits, TarMember, TarScanner
 
 __all__ = ["BATCH_BYTES", "BATCH_MEMBERS", "LayerScan"]
 
 BATCH_MEMBERS = 512
 BATCH_BYTES = 4 << 20
-_END = object()
 
 
 class _Stopped(Exception):
@@ -55,8 +54,7 @@ class LayerScan:
         self._budget = budget
         self._tee = tee
         self._seek_over_data = seek_over_data
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
+        self._handoff: Handoff[tuple[list[TarMember], int]] = Handoff(depth)
         self._batch: list[TarMember] = []  # members not handed over yet
         self._read = 0  # stream bytes read since the last batch was handed over
         self.length = 0
@@ -66,7 +64,7 @@ class LayerScan:
     # -- worker ------------------------------------------------------------------------------
 
     def _run(self) -> None:
-        item: object = _END
+        error: BaseException | None = None
         try:
             try:
                 stream = self._open_stream()
@@ -80,11 +78,14 @@ class LayerScan:
         except _Stopped:
             return
         except BaseException as exc:  # handed to the consumer after the members before it
-            item = exc
+            error = exc
         with contextlib.suppress(_Stopped):
             if self._batch:
                 self._hand_over()
-            self._put(item)
+            if error is None:
+                self._handoff.end()
+            else:
+                self._handoff.fail(error)
 
     def _scan(self, stream: BinaryIO) -> None:
         tee = self._tee
@@ -92,12 +93,12 @@ class LayerScan:
             tee = self._count
         scanner = TarScanner(stream, limits=self._limits, tee=tee, budget=self._budget, progress=self._progress,
                              seek_over_data=self._seek_over_data)
-        stop = self._stop
+        handoff = self._handoff
         for member in scanner:
             self._batch.append(member)
             if len(self._batch) >= BATCH_MEMBERS or self._read >= BATCH_BYTES:
                 self._hand_over()
-            if stop.is_set():
+            if handoff.stopped:
                 raise _Stopped
         scanner.drain()
         self._budget.finish(read=True)  # before the last batch: the layer may still be refused
@@ -112,38 +113,30 @@ class LayerScan:
     def _hand_over(self) -> None:
         batch, self._batch = self._batch, []
         read, self._read = self._read, 0
-        self._put((batch, read))
-
-    def _put(self, item: object) -> None:
-        while True:
-            if self._stop.is_set():
-                raise _Stopped
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        if not self._handoff.put((batch, read)):
+            raise _Stopped
 
     # -- consumer ----------------------------------------------------------------------------
 
     def batches(self) -> Iterator[tuple[list[TarMember], int]]:
         """``(members, stream bytes read)`` in stream order; raises the worker's error."""
         while True:
-            item = self._queue.get()
-            if item is _END:
+            try:
+                item = self._handoff.get()
+            except BaseException:
+                self._worker.join()
+                raise
+            if item is None:
                 self._worker.join()
                 return
-            if isinstance(item, BaseException):
-                self._worker.join()
-                raise item
             yield item
 
     def stop(self) -> None:
         """Ask the worker to stop, without waiting (see :meth:`close`)."""
-        self._stop.set()  # a worker waiting to hand a batch over sees it within 0.1 s
+        self._handoff.stop()  # a worker waiting to hand a batch over sees it within 0.1 s
 
     def close(self) -> None:
         """Stop the worker and wait for it (idempotent).  Stop every scan of an image before
         waiting for one: a layer's worker may wait for the byte counts of the layers below it."""
-        self._stop.set()
+        self._handoff.stop()
         self._worker.join()
