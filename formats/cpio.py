@@ -21,7 +21,9 @@ Writer (:class:`CpioArchive`) contract
   earlier links have ``c_filesize`` 0.  All links of a group must agree on mode, uid, gid, mtime
   and size; the data written is the last link's ``data``.
 * Directories get nlink = 2 + number of direct subdirectories, other entries 1 (hardlinks: the
-  group size).
+  group size).  :class:`CpioStream` writes in one pass, so it takes these counts from the
+  entries (``CpioEntry.nlink``) and checks them against the archive as it goes;
+  :class:`CpioArchive` counts them itself.
 * The trailer is ``TRAILER!!!`` with nlink 1 and every other field 0 (as GNU cpio writes it).
   Unlike GNU cpio and ``gen_init_cpio`` the archive is NOT padded to a 512-byte block after the
   trailer: its size is exactly the sum of its 4-aligned members, which is what :attr:`size` says.
@@ -39,7 +41,9 @@ Writer (:class:`CpioArchive`) contract
   - duplicate paths; entries whose parent path is not a directory entry of the same archive;
   - ``hardlink_key`` on a non-regular entry, or a hardlink group with inconsistent metadata;
   - ``data`` on non-regular entries, ``link_target`` on non-symlinks, ``bytes`` data whose length
-    differs from ``size``, or no data with a non-zero size.
+    differs from ``size``, or no data with a non-zero size;
+  - a declared ``nlink`` that disagrees with the archive (a directory's subdirectories, a
+    hardlink group's links), is below 2 on a directory, or is not 1 on any other non-hardlink.
 
   A ``data`` stream yielding more or fewer bytes than ``size`` at write time also raises
   :class:`CpioFormatError` (the archive is then incomplete, never silently corrupt).
@@ -62,14 +66,13 @@ Reader (:func:`iter_archive`) contract
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import re
 import stat
 from array import array
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 from qtbuild.formats.errors import CpioFormatError
 
@@ -150,9 +153,18 @@ def _member_size(name: bytes, filesize: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class CpioEntry:
-    """One file to archive; see the module docstring for what :class:`CpioArchive` accepts."""
+class CpioEntry(NamedTuple):
+    """One file to archive; see the module docstring for what :class:`CpioArchive` accepts.
+
+    A named tuple, not a frozen dataclass: immutable all the same, and built in a third of the
+    time (one is built per file of every image converted).  Change a field with ``_replace``.
+
+    ``nlink``: the member's link count, which :class:`CpioStream` writes before it has seen the
+    entries that decide it: a directory's 2 + its direct subdirectories, a hardlink's number of
+    links in its group.  :class:`CpioStream` needs it on every directory and hardlink;
+    :class:`CpioArchive` counts it when it is None.  Other entries have None (or 1).  A declared
+    count is checked against the archive as it is written.
+    """
 
     path: bytes
     mode: int
@@ -164,6 +176,7 @@ class CpioEntry:
     rdev: tuple[int, int] = (0, 0)
     data: bytes | Callable[[], BinaryIO] | None = None
     hardlink_key: Hashable | None = None
+    nlink: int | None = None
 
     @property
     def file_type(self) -> int:
@@ -246,13 +259,19 @@ def _plainly_valid(entry: CpioEntry) -> bool:
     components = path.split(b"/")
     if b"" in components or b"." in components or b".." in components or max(map(len, components)) > NAME_MAX:
         return False
-    file_type, data, target = mode & 0o170000, entry.data, entry.link_target
+    file_type, data, target, nlink = mode & 0o170000, entry.data, entry.link_target, entry.nlink
     if file_type == stat.S_IFREG:
         size = entry.size
         return (target is None and type(size) is int and 0 <= size <= U32_MAX
                 and (size == 0 if data is None else type(data) is not bytes and callable(data)
-                     or type(data) is bytes and len(data) == size))
+                     or type(data) is bytes and len(data) == size)
+                and (nlink is None or type(nlink) is int and (nlink == 1 or entry.hardlink_key is not None
+                                                              and 0 < nlink <= U32_MAX)))
     if data is not None or entry.hardlink_key is not None:
+        return False
+    if file_type == stat.S_IFDIR:
+        return target is None and (nlink is None or type(nlink) is int and 2 <= nlink <= U32_MAX)
+    if nlink is not None and (type(nlink) is not int or nlink != 1):
         return False
     if file_type == stat.S_IFLNK:
         return type(target) is bytes and 0 < len(target) <= MAX_LINK_TARGET_BYTES and b"\0" not in target
@@ -288,40 +307,44 @@ def _check_entry_fully(entry: CpioEntry) -> None:
         _check_regular(entry)
     elif is_lnk:
         _check_symlink(entry)
+    if entry.nlink is not None:
+        _check_nlink(entry)
 
 
-#: Entries kept between CpioStream's passes while their estimated size stays below this.
-ENTRY_CACHE_BYTES = 16 << 20
-_CACHED_ENTRY_OVERHEAD = 300  # a CpioEntry, its data callable and ints, roughly
-
-
-def _digest(path: bytes) -> bytes:
-    """A fixed-size stand-in for a directory path in the writer's per-directory tables, so their
-    memory does not grow with path length (16-byte BLAKE2b: collisions are not a concern)."""
-    return hashlib.blake2b(path, digest_size=16).digest()
+def _check_nlink(entry: CpioEntry) -> None:
+    _check_u32(entry, "nlink", entry.nlink)
+    if entry.file_type == stat.S_IFDIR:
+        if entry.nlink < 2:  # type: ignore[operator]
+            raise _refuse(entry.path, f"nlink {entry.nlink} of a directory is below 2 (itself and its . entry)")
+    elif entry.hardlink_key is not None:
+        if entry.nlink < 1:  # type: ignore[operator]
+            raise _refuse(entry.path, "nlink 0 of a hardlink")
+    elif entry.nlink != 1:
+        raise _refuse(entry.path, f"nlink {entry.nlink} on an entry that is neither a directory nor a hardlink")
 
 
 _LINK_FIELDS = ("mode", "uid", "gid", "mtime", "size")
 
 
 class _Groups:
-    """The hardlink groups as the first pass saw them, in columns of machine integers.
+    """The hardlink groups one writing pass has seen so far, in columns of machine integers.
 
-    Per group: its link count, the attributes of its first link (mode, uid, gid, mtime, size:
-    all checked to fit 32 bits before they get here), and for the writing pass its inode number
-    and the links written so far — 32 bytes, not a Python object per group (an image where half
-    the files are hardlinks has one group per two files).  Groups are numbered densely: by the
-    caller when it declares ``dense`` groups (every key then is an int in ``range(dense)``), else
-    here in order of first appearance, through a key → number dict.  The first link's path is
-    not kept: the rare error that names it finds it by reading the entries again.
+    Per group: the links seen so far, its nlink and the attributes of its first link (mode, uid,
+    gid, mtime, size: all checked to fit 32 bits before they get here) and its inode number — 32
+    bytes, not a Python object per group (an image where half the files are hardlinks has one
+    group per two files).  Groups are numbered densely: by the caller when it declares ``dense``
+    groups (every key then is an int in ``range(dense)``), else here in order of first
+    appearance, through a key → number dict.  The first link's path is not kept: the rare error
+    that names it finds it by reading the entries again.
     """
 
     def __init__(self, dense: int | None):
         self._numbers: dict[Hashable, int] | None = None if dense is not None else {}
         self._dense = dense or 0
-        self.count = array("I", [0]) * self._dense
+        self.seen = array("I", [0]) * self._dense
+        self.nlink = array("I", [0]) * self._dense
         self.attributes = array("I", [0]) * (len(_LINK_FIELDS) * self._dense)
-        self.ino, self.written = array("I"), array("I")
+        self.ino = array("I", [0]) * self._dense
 
     def number(self, key: Hashable, path: bytes) -> int:
         """The group number of ``key``, creating its (empty) group on first sight."""
@@ -334,48 +357,83 @@ class _Groups:
         number = numbers.get(key)
         if number is None:
             number = numbers[key] = len(numbers)
-            self.count.append(0)
+            self.seen.append(0)
+            self.nlink.append(0)
             self.attributes.extend([0] * len(_LINK_FIELDS))
+            self.ino.append(0)
         return number
 
-    def known(self, key: Hashable) -> int:
-        """The group number of a key the first pass saw."""
-        return key if self._numbers is None else self._numbers[key]  # type: ignore[return-value]
+    def key(self, number: int) -> Hashable:
+        """The key of group ``number`` (for an error message)."""
+        if self._numbers is None:
+            return number
+        return next(key for key, value in self._numbers.items() if value == number)
 
-    def start(self, number: int, entry: CpioEntry) -> None:
-        """Record the first link of group ``number``."""
+    def start(self, number: int, entry: CpioEntry, ino: int) -> None:
+        """Record the first link of group ``number`` and the group's inode number."""
         base = number * len(_LINK_FIELDS)
         self.attributes[base:base + len(_LINK_FIELDS)] = array("I", _link_attributes(entry))
+        self.nlink[number] = entry.nlink  # type: ignore[assignment]
+        self.ino[number] = ino
 
     def differing_field(self, number: int, entry: CpioEntry) -> str | None:
-        """The first of mode, uid, gid, mtime, size in which ``entry`` differs from the group's first link."""
+        """The first of mode, uid, gid, mtime, size, nlink in which ``entry`` differs from the
+        group's first link."""
         base = number * len(_LINK_FIELDS)
         for offset, value in enumerate(_link_attributes(entry)):
             if self.attributes[base + offset] != value:
                 return _LINK_FIELDS[offset]
-        return None
+        return "nlink" if self.nlink[number] != entry.nlink else None
 
-    def rewind(self) -> None:
-        """Before a writing pass: no inode numbers given, no links written."""
-        self.ino = array("I", [0]) * len(self.count)
-        self.written = array("I", [0]) * len(self.count)
+    def incomplete(self) -> int | None:
+        """The first group with fewer links than its nlink, or None (once every entry was seen)."""
+        if self.nlink == self.seen:
+            return None
+        return next(number for number, links in enumerate(self.nlink) if links != self.seen[number])
 
 
 def _link_attributes(entry: CpioEntry) -> tuple[int, int, int, int, int]:
     return entry.mode, entry.uid, entry.gid, entry.mtime, entry.size
 
 
-class CpioStream:
-    """A deterministic newc archive streamed from entries already in archive order.
+def _find_directory(open_directories: list[list], path: bytes) -> list | None:
+    """The record of directory ``path`` among the open directories (prefixes of the current path,
+    shortest first), or None."""
+    for record in reversed(open_directories):
+        if record[0] == path:
+            return record
+        if len(record[0]) < len(path):
+            return None
+    return None
 
-    ``entries`` is called once to validate and size the archive (here) and once more for each
-    :meth:`chunks`/:meth:`write_to`; every call must yield the same entries, sorted bytewise by
-    path.  Between passes only one 16-byte digest per directory (for nlink and the parent
-    check) and one record per hardlink group are kept, plus the entries themselves while they
-    fit in :data:`ENTRY_CACHE_BYTES` (then the second pass does not call ``entries`` again), so
-    an archive of millions of files needs neither its entry list nor its paths in memory.  Same
-    contract as :class:`CpioArchive` (which is this over a sorted list); out-of-order entries
-    are refused.
+
+def _close_directory(record: list) -> None:
+    """Refuse a directory whose subtree has been passed with a different count than it declared."""
+    path, nlink, subdirectories = record
+    if nlink != 2 + subdirectories:
+        raise _refuse(path, f"nlink {nlink} declared, but the directory has {subdirectories} "
+                            f"subdirectories (nlink {2 + subdirectories})")
+
+
+class CpioStream:
+    """A deterministic newc archive written in one pass from entries already in archive order.
+
+    ``entries`` is called once for each :meth:`ring_chunks`/:meth:`chunks`/:meth:`write_to`;
+    every call must yield the same entries, sorted bytewise by path.  Same contract as
+    :class:`CpioArchive` (which is this over a sorted list), except:
+
+    * Each entry is validated as it is written, against the entries before it, so a refused
+      entry raises :class:`CpioFormatError` part-way through the output: a caller writing a file
+      must then discard it (the EIF writer does).  Out-of-order entries are refused.
+    * Every directory and hardlink must declare its ``nlink`` (its header is written before the
+      entries that decide it).  The count is checked against the entries: a directory's once its
+      subtree has been passed, a hardlink group's when the archive ends.
+    * :attr:`size` is None until a pass has completed, then the archive's size; a later pass
+      that writes a different size is refused.
+
+    Between entries the writer keeps only the directories that are prefixes of the current path
+    (their subtrees may still come) and one record per hardlink group, so an archive of millions
+    of files needs neither its entry list nor its paths in memory.
 
     ``hardlink_groups``: when the caller numbers its hardlink groups densely, their count; every
     ``hardlink_key`` must then be an int in ``range(hardlink_groups)`` (others are refused), and a
@@ -391,88 +449,90 @@ class CpioStream:
             raise CpioFormatError(f"hardlink_groups {hardlink_groups!r} must be a non-negative integer")
         self._entries = entries
         self._inode_start = inode_start
+        self._hardlink_groups = hardlink_groups
         self._checked = _checked
-        self._subdirs: dict[bytes, int] = {}  # directory digest -> number of direct subdirectories
-        self._groups = _Groups(hardlink_groups)
-        self._cache: list[CpioEntry] | None = []
-        self.size: int = self._scan()
+        self.size: int | None = None
 
-    def _scan(self) -> int:
-        """First pass: validate, count subdirectories and hardlinks, number inodes, sum sizes."""
-        subdirs, groups = self._subdirs, self._groups
+    def _members(self) -> Iterator[tuple[CpioEntry, int, int, int]]:
+        """One pass: every member as ``(entry, inode number, link count, data size)``, each entry
+        validated against those before it; declared link counts are checked as their directory's
+        subtree, or the archive, ends."""
+        checked, groups = self._checked, _Groups(self._hardlink_groups)
+        # [path, nlink, subdirectories seen] of each directory whose subtree may still come: all
+        # prefixes of the previous path, each followed there by "/" or a byte below it.
+        open_directories: list[list] = []
         previous: bytes | None = None
-        last_parent, parent_digest = b"", b""
-        size, next_ino = _member_size(TRAILER_NAME, 0), self._inode_start
-        cache, cached_bytes = self._cache, 0
+        last_parent, parent_record = b"", None
+        next_ino = self._inode_start
         for entry in self._entries():
-            if not self._checked:
+            if not checked:
                 _check_entry(entry)
             path = entry.path
-            if cache is not None:
-                cached_bytes += len(path) + _CACHED_ENTRY_OVERHEAD
-                if cached_bytes > ENTRY_CACHE_BYTES:
-                    cache = self._cache = None
-                else:
-                    cache.append(entry)
             if previous is not None and path <= previous:
                 raise _refuse(path, "duplicate path" if path == previous else
                               f"entries are not in bytewise path order (after {previous!r})")
             previous = path
+            while open_directories:
+                top = open_directories[-1][0]
+                if path.startswith(top) and path[len(top)] <= 0x2F:  # top/... may still follow
+                    break
+                _close_directory(open_directories.pop())
             parent = path.rpartition(b"/")[0]
-            if parent and parent != last_parent:  # siblings come in a row: check their parent once
-                parent_digest = _digest(parent)
-                if parent_digest not in subdirs:
+            if parent and parent != last_parent:  # siblings come in a row: find their parent once
+                parent_record = _find_directory(open_directories, parent)
+                if parent_record is None:
                     raise _refuse(path, f"parent directory {parent!r} is not an entry of the archive")
                 last_parent = parent
-            if entry.file_type == stat.S_IFDIR:
-                subdirs[_digest(path)] = 0
-                if parent:
-                    subdirs[parent_digest] += 1
             key = entry.hardlink_key
-            group = groups.number(key, path) if key is not None else None
-            if group is None or not groups.count[group]:
+            if key is None:
                 if next_ino > U32_MAX:
                     raise _refuse(path, f"inode number {next_ino} does not fit 32 bits")
+                ino, next_ino = next_ino, next_ino + 1
+                if entry.mode & 0o170000 != stat.S_IFDIR:
+                    yield entry, ino, 1, _plain_filesize(entry)
+                    continue
+                nlink = entry.nlink
+                if nlink is None:
+                    raise _refuse(path, "directory without nlink (written in one pass, a directory must "
+                                        "declare its link count: 2 + its subdirectories)")
+                if parent:
+                    parent_record[2] += 1  # type: ignore[index]
+                open_directories.append([path, nlink, 0])
+                yield entry, ino, nlink, 0
+                continue
+            nlink = entry.nlink
+            if nlink is None:
+                raise _refuse(path, "hardlink without nlink (written in one pass, a hardlink must "
+                                    "declare its group's link count)")
+            group = groups.number(key, path)
+            seen = groups.seen[group]
+            if not seen:
+                if next_ino > U32_MAX:
+                    raise _refuse(path, f"inode number {next_ino} does not fit 32 bits")
+                groups.start(group, entry, next_ino)
                 next_ino += 1
-                if group is not None:
-                    groups.start(group, entry)
-                    size += entry.size + _pad4(entry.size)  # the data, written once (on the last link)
             else:
                 field = groups.differing_field(group, entry)
                 if field is not None:
                     raise _refuse(path, f"hardlink of {self._first_link(key)!r} with a different {field}")
-            if group is not None:
-                groups.count[group] += 1
-                size += _member_size(path, 0)
-            else:
-                size += _member_size(path, _plain_filesize(entry))
-        return size
+            seen += 1
+            if seen > nlink:
+                raise _refuse(path, f"hardlink of {self._first_link(key)!r}: the group has more links "
+                                    f"than its nlink {nlink}")
+            groups.seen[group] = seen
+            # Like GNU cpio, the data goes with the last link; the others have c_filesize 0.
+            yield entry, groups.ino[group], nlink, entry.size if seen == nlink else 0
+        while open_directories:
+            _close_directory(open_directories.pop())
+        short = groups.incomplete()
+        if short is not None:
+            first = self._first_link(groups.key(short))
+            raise _refuse(first, f"hardlink group has {groups.seen[short]} links, "
+                                 f"its nlink says {groups.nlink[short]}")
 
     def _first_link(self, key: Hashable) -> bytes:
         """The path of the first entry with ``key`` (for an error message: it is not kept)."""
         return next(entry.path for entry in self._entries() if entry.hardlink_key == key)
-
-    def _planned(self) -> Iterator[tuple[CpioEntry, int, int, int]]:
-        """Second pass: every member as ``(entry, inode number, link count, data size)``."""
-        groups = self._groups
-        groups.rewind()
-        next_ino = self._inode_start
-        subdirs = self._subdirs
-        for entry in self._entries() if self._cache is None else self._cache:
-            key = entry.hardlink_key
-            if key is None:
-                ino, next_ino = next_ino, next_ino + 1
-                if entry.file_type == stat.S_IFDIR:
-                    yield entry, ino, 2 + subdirs[_digest(entry.path)], 0
-                else:
-                    yield entry, ino, 1, _plain_filesize(entry)
-                continue
-            group = groups.known(key)
-            if not groups.written[group]:
-                groups.ino[group], next_ino = next_ino, next_ino + 1
-            groups.written[group] += 1
-            count = groups.count[group]
-            yield entry, groups.ino[group], count, entry.size if groups.written[group] == count else 0
 
     def ring_chunks(self, buffers: int, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
         """Yield the archive as views of ``chunk_size`` bytes (the last may be shorter, none is
@@ -487,7 +547,7 @@ class CpioStream:
         if chunk_size <= 0 or buffers < 1:
             raise ValueError("chunk_size and buffers must be positive")
         ring = _Ring(buffers, chunk_size)
-        for entry, ino, nlink, filesize in self._planned():
+        for entry, ino, nlink, filesize in self._members():
             path = entry.path
             rdev = entry.rdev
             head = _MEMBER_HEAD % (ino, entry.mode, entry.uid, entry.gid, nlink, entry.mtime, filesize, 0, 0,
@@ -502,7 +562,9 @@ class CpioStream:
         yield from ring.put(_member_bytes((0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, len(TRAILER_NAME) + 1, 0), TRAILER_NAME))
         if ring.pos:
             yield ring.take()
-        if ring.written != self.size:
+        if self.size is None:
+            self.size = ring.written
+        elif ring.written != self.size:
             raise CpioFormatError(f"the entries changed between passes: {ring.written} bytes, "
                                   f"planned {self.size}")
 
@@ -598,8 +660,10 @@ class CpioArchive(CpioStream):
     """A deterministic newc archive planned from entries in any order; its exact byte size is
     known before writing.
 
-    All validation happens here (see the module docstring); ``chunks``/``write_to`` only fail if a
-    ``data`` stream does not yield exactly ``size`` bytes (or raises itself).
+    All validation happens here (see the module docstring): the entries are checked, sorted,
+    their undeclared link counts counted, then passed through the writer once without writing.
+    ``chunks``/``write_to`` only fail if a ``data`` stream does not yield exactly ``size`` bytes
+    (or raises itself).
     """
 
     def __init__(self, entries: Iterable[CpioEntry], *, inode_start: int = 1):
@@ -607,7 +671,31 @@ class CpioArchive(CpioStream):
         for entry in ordered:
             _check_entry(entry)
         ordered.sort(key=lambda e: e.path)
-        super().__init__(lambda: iter(ordered), inode_start=inode_start, _checked=True)
+        counted = _with_link_counts(ordered)
+        super().__init__(lambda: iter(counted), inode_start=inode_start, _checked=True)
+        self.size = sum(_member_size(entry.path, filesize) for entry, _ino, _nlink, filesize in self._members()) \
+            + _member_size(TRAILER_NAME, 0)
+
+
+def _with_link_counts(ordered: list[CpioEntry]) -> list[CpioEntry]:
+    """``ordered`` with the nlink of each directory and hardlink that did not declare one counted:
+    2 + a directory's direct subdirectories, a hardlink group's number of links."""
+    subdirectories: dict[bytes, int] = {}
+    links: dict[Hashable, int] = {}
+    for entry in ordered:
+        if entry.file_type == stat.S_IFDIR:
+            parent = entry.path.rpartition(b"/")[0]
+            subdirectories[parent] = subdirectories.get(parent, 0) + 1
+        elif entry.hardlink_key is not None:
+            links[entry.hardlink_key] = links.get(entry.hardlink_key, 0) + 1
+    counted = []
+    for entry in ordered:
+        if entry.nlink is None and entry.file_type == stat.S_IFDIR:
+            entry = entry._replace(nlink=2 + subdirectories.get(entry.path, 0))
+        elif entry.nlink is None and entry.hardlink_key is not None:
+            entry = entry._replace(nlink=links[entry.hardlink_key])
+        counted.append(entry)
+    return counted
 
 
 def _plain_filesize(entry: CpioEntry) -> int:

@@ -60,3 +60,19 @@ def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
         if not len2:
             break
     return crc1 ^ crc2
+
+
+def crc32_replace(crc: int, length: int, offset: int, old: bytes, new: bytes) -> int:
+    """CRC-32 of a ``length``-byte message whose CRC-32 is ``crc`` once the bytes ``old`` at
+    ``offset`` are replaced by ``new`` (of the same length), without reading the message.
+
+    The CRC is affine in the message: two messages of one length differ in CRC by the linear
+    CRC of their XOR, here ``crc32(old) ^ crc32(new)`` shifted over the bytes after them, which
+    :func:`crc32_combine` does with a zero CRC for those bytes.  The EIF writer patches a section
+    header whose size was only known once the section was written.
+    """
+    if len(old) != len(new):
+        raise ValueError("old and new must have the same length")
+    if offset < 0 or offset + len(old) > length:
+        raise ValueError("the replaced bytes must lie inside the message")
+    return crc ^ crc32_combine(crc32(old) ^ crc32(new), 0, length - offset - len(old))

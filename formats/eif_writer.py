@@ -2,10 +2,13 @@
 
 Sections are written in nitro-cli's order: kernel, cmdline, metadata, ramdisks in the order given
 (bootstrap first, then customer), and the signature last when a signer is given.  Section data is
-given as :class:`SectionSource` objects of known size, so a multi-gigabyte ramdisk (a file, or a
-cpio archive generated on the fly) passes through once: each chunk is written, hashed into the
-PCRs and checksummed, never held whole in memory.  The header, which holds the signature's size
-and the CRC, is written last; its CRC is joined to the section stream's with ``crc32_combine``.
+given as :class:`SectionSource` objects, so a multi-gigabyte ramdisk (a file, or a cpio archive
+generated on the fly) passes through once: each chunk is written, hashed into the PCRs and
+checksummed, never held whole in memory.  A source may not know its size before it is produced
+(a cpio archive written in one pass): its section header is then written with size 0 and
+rewritten once the section ends, and the stream's CRC corrected with ``crc32_replace`` (the PCRs
+hash section data only, so they need no correction).  The header, which holds every section's
+size and the CRC, is written last; its CRC is joined to the section stream's with ``crc32_combine``.
 
 The output appears atomically: data goes to a temporary file beside the target, which is renamed
 over it only when complete; on any error (or KeyboardInterrupt) the temporary file is removed and
@@ -24,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from qtbuild.formats.crc32 import crc32_combine
+from qtbuild.formats.crc32 import crc32_combine, crc32_replace
 from qtbuild.formats.double_buffer import double_buffered_chunks
 from qtbuild.formats.eif import (
     CHUNK_SIZE,
@@ -40,21 +43,22 @@ from qtbuild.formats.eif import (
     SectionType,
     flags_for_arch,
 )
-from qtbuild.formats.eif_stream import SectionStreamDigest
+from qtbuild.formats.eif_stream import SECTION_HEADER, SectionStreamDigest
 from qtbuild.formats.errors import EifFormatError
 from qtbuild.formats.measure import Measurements
 
 
 class SectionSource(Protocol):
-    """Section data of known size, produced as a stream of chunks.
+    """Section data produced as a stream of chunks.
 
     ``chunks()`` may reuse buffers, but a chunk must stay unchanged until the chunk after the next
     one has been requested (alternate two buffers): the digest's worker thread may still be
-    hashing it.  It must yield exactly ``size`` bytes in total.
+    hashing it.  It must yield exactly ``size`` bytes in total; ``size`` None means the size is
+    known only once the chunks end (the writer then rewrites the section header).
     """
 
     @property
-    def size(self) -> int: ...
+    def size(self) -> int | None: ...
 
     def chunks(self) -> Iterator[bytes | bytearray | memoryview]: ...
 
@@ -247,11 +251,15 @@ def _write_body(out, planned, signer, fields: HeaderFields, progress) -> WriteRe
         if progress is not None:
             progress(len(view))
 
+    rewrites: list[tuple[int, bytes, bytes]] = []  # (file offset, section header written, true header)
     with SectionStreamDigest(sink=sink) as digest:
         for section_type, source in planned:
-            written.append(WrittenSection(section_type, position, source.size))
-            _stream_section(digest, section_type, source)
-            position += SECTION_HEADER_SIZE + source.size
+            declared = source.size
+            placeholder, size = _stream_section(digest, section_type, source)
+            if declared is None:
+                rewrites.append((position, placeholder, SECTION_HEADER.pack(section_type, 0, size)))
+            written.append(WrittenSection(section_type, position, size))
+            position += SECTION_HEADER_SIZE + size
         certificate_der = None
         if signer is not None:
             pcr0 = digest.measurements().pcr0
@@ -264,6 +272,10 @@ def _write_body(out, planned, signer, fields: HeaderFields, progress) -> WriteRe
             certificate_der = signer.certificate_der
         measurements = digest.measurements(certificate_der)
         stream_crc, stream_length = digest.crc, digest.length
+    for offset, placeholder, section_header in rewrites:  # the lanes are done: every chunk is written
+        stream_crc = crc32_replace(stream_crc, stream_length, offset - HEADER_SIZE, placeholder, section_header)
+        out.seek(offset)
+        out.write(section_header)
 
     offsets = [section.offset for section in written] + [0] * (MAX_SECTIONS - len(written))
     sizes = [section.size for section in written] + [0] * (MAX_SECTIONS - len(written))
@@ -277,24 +289,29 @@ def _write_body(out, planned, signer, fields: HeaderFields, progress) -> WriteRe
     return WriteResult(measurements, crc, position, written)
 
 
-def _stream_section(digest: SectionStreamDigest, section_type: SectionType, source: SectionSource) -> None:
+def _stream_section(digest: SectionStreamDigest, section_type: SectionType,
+                    source: SectionSource) -> tuple[bytes, int]:
+    """Feed one section; return the section header fed (size 0 when the source did not know its
+    size) and the section's size."""
+    declared = source.size
     ring_chunks = getattr(source, "ring_chunks", None)
     if ring_chunks is not None:
-        digest.begin_section(section_type.label, section_type, source.size, buffers=RING_BUFFERS)
+        header = digest.begin_section(section_type.label, section_type, declared or 0, buffers=RING_BUFFERS)
         chunks = ring_chunks(RING_BUFFERS)
     else:
-        digest.begin_section(section_type.label, section_type, source.size)
+        header = digest.begin_section(section_type.label, section_type, declared or 0)
         chunks = source.chunks()
     produced = 0
     for chunk in chunks:
         produced += len(chunk)
-        if produced > source.size:
+        if declared is not None and produced > declared:
             break
         digest.update(chunk)
-    if produced != source.size:
+    if declared is not None and produced != declared:
         raise EifFormatError(
-            f"{section_type.label} section source produced {produced} bytes but declared {source.size}"
+            f"{section_type.label} section source produced {produced} bytes but declared {declared}"
         )
+    return header, produced
 
 
 def _write_atomically(path: str | os.PathLike, body):

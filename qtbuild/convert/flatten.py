@@ -501,6 +501,23 @@ class _TreeBuilder:
             inode = reached.find(2, inode + 1)
         return numbers, count
 
+    def link_counts(self, group_of: array, groups: int) -> array:
+        """Per hardlink group of :meth:`hardlink_groups` (``group_of``, ``groups``): its number of
+        paths, the nlink its links carry in the archive."""
+        counts = array("I", [0]) * groups
+        if groups:
+            inode_of = self._inode_of
+            for _name, node in self._walk_unsorted():
+                group = group_of[inode_of[node]]
+                if group >= 0:
+                    counts[group] += 1
+        return counts
+
+    def subdirectory_count(self, node: int) -> int:
+        """How many of directory ``node``'s children are directories (its nlink is 2 more)."""
+        children = self._children
+        return sum(map(children.__contains__, children[node].values()))
+
     def data_ranges(self, layers: set[int]) -> dict[int, set[tuple[int, int]]]:
         """``(offset, size)`` of the data of every regular file in the tree from ``layers``."""
         ranges: dict[int, set[tuple[int, int]]] = {}
@@ -520,8 +537,10 @@ class _TreeBuilder:
                 if node in children:
                     stack.append(node)
 
-    def entry(self, path: bytes, node: int, clamp_mtime: int | None, openers: list, group_of: array) -> CpioEntry:
-        """The archive entry for ``node`` at ``path``; ``group_of``: see :meth:`hardlink_groups`.
+    def entry(self, path: bytes, node: int, clamp_mtime: int | None, openers: list, group_of: array,
+              link_counts: array) -> CpioEntry:
+        """The archive entry for ``node`` at ``path``; ``group_of``: see :meth:`hardlink_groups`,
+        ``link_counts``: :meth:`link_counts`.  Directories and hardlinks carry their nlink.
 
         Called once per output file (twice per ``convert``): attribute lookups are kept inline.
         """
@@ -531,13 +550,14 @@ class _TreeBuilder:
         if clamp_mtime is not None and mtime > clamp_mtime:
             mtime = clamp_mtime
         if mode & _S_IFMT == stat.S_IFDIR:
-            return CpioEntry(path, mode, self._uid[inode], self._gid[inode], mtime)
+            return CpioEntry(path, mode, self._uid[inode], self._gid[inode], mtime,
+                             nlink=2 + self.subdirectory_count(node))
         size = self._size[inode]
         data = _DataRef(openers[self._layer_of[inode]], self._offset[inode], size) if size else None
         group = group_of[inode] if group_of else -1
         return CpioEntry(path, mode, self._uid[inode], self._gid[inode], mtime, size=size,
                          link_target=self._targets.get(inode), rdev=self._rdev.get(inode, _NO_RDEV), data=data,
-                         hardlink_key=group if group >= 0 else None)
+                         hardlink_key=group if group >= 0 else None, nlink=link_counts[group] if group >= 0 else None)
 
     def xattrs(self, node: int) -> tuple[str, ...]:
         return self._xattrs.get(self._inode(node), ())
@@ -573,14 +593,20 @@ class FlatTree:
         self._clamp_mtime = clamp_mtime
         self._spill = spill
         self._group_of, self.hardlink_groups = builder.hardlink_groups()
+        self._link_counts = builder.link_counts(self._group_of, self.hardlink_groups)
         self.warnings = self._xattr_warnings()
 
     def iter_entries(self, prefix: bytes = b"") -> Iterator[CpioEntry]:
         """Every entry, sorted bytewise by path (the root directory is not one), each path
         starting with ``prefix``; each call walks the tree again and yields the same entries."""
         entry, clamp_mtime, openers, group_of = self._builder.entry, self._clamp_mtime, self._openers, self._group_of
+        link_counts = self._link_counts
         for path, node in self._builder.walk_sorted(prefix):
-            yield entry(path, node, clamp_mtime, openers, group_of)
+            yield entry(path, node, clamp_mtime, openers, group_of, link_counts)
+
+    def top_directories(self) -> int:
+        """How many directories the tree's root holds (the root is not an entry, so no entry says)."""
+        return self._builder.subdirectory_count(_ROOT)
 
     def iter_paths(self, prefix: bytes = b"") -> Iterator[bytes]:
         """The paths of :meth:`iter_entries`, in the same order, without building the entries
@@ -598,7 +624,7 @@ class FlatTree:
         return None if node is None else self._entry(path.strip(b"/"), node)
 
     def _entry(self, path: bytes, node: int) -> CpioEntry:
-        return self._builder.entry(path, node, self._clamp_mtime, self._openers, self._group_of)
+        return self._builder.entry(path, node, self._clamp_mtime, self._openers, self._group_of, self._link_counts)
 
     def _xattr_warnings(self) -> list[str]:
         warnings = _Warnings()

@@ -94,8 +94,8 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
         launch = resolve_launch(config, read_file, semantics=options.cmd_semantics)
         paths = (path.decode("utf-8", "replace") for path in tree.iter_paths())
         warnings = list(tree.warnings) + credential_warnings(config, paths, read_file)
-        ramdisk = customer_ramdisk(tree.iter_entries, launch, hardlink_groups=tree.hardlink_groups)
-        with _progress("ramdisk", options.quiet, total=ramdisk.size + profile.bootstrap.size) as bar:
+        ramdisk = customer_ramdisk(tree, launch)  # written in one pass: its size is known at the end
+        with _progress("ramdisk", options.quiet) as bar:
             result = write_eif(
                 options.output,
                 kernel=profile.kernel,

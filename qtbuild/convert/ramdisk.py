@@ -13,11 +13,11 @@ written in bytewise path order and inodes numbered in that order.
 
 from __future__ import annotations
 
-import dataclasses
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Protocol, runtime_checkable
 
-from qtbuild.formats.cpio import CpioEntry, CpioStream
+from qtbuild.formats.cpio import CpioArchive, CpioEntry, CpioStream
 from qtbuild.formats.launch_record import Launch
 
 ROOTFS = b"rootfs"
@@ -25,12 +25,25 @@ ROOTFS = b"rootfs"
 MOUNT_POINTS = {b"dev": 0o755, b"proc": 0o555, b"run": 0o755, b"sys": 0o555, b"tmp": 0o1777, b"var": 0o755}
 
 
+@runtime_checkable
+class ImageTree(Protocol):
+    """What the customer ramdisk reads of a flattened image (:class:`~qtbuild.convert.flatten.FlatTree`)."""
+
+    hardlink_groups: int
+
+    def iter_entries(self, prefix: bytes = b"") -> Iterator[CpioEntry]: ...
+
+    def get(self, path: bytes) -> CpioEntry | None: ...
+
+    def top_directories(self) -> int: ...
+
+
 def _file(path: bytes, data: bytes, mode: int = 0o644) -> CpioEntry:
     return CpioEntry(path, stat.S_IFREG | mode, size=len(data), data=data)
 
 
-def _dir(path: bytes, mode: int = 0o755) -> CpioEntry:
-    return CpioEntry(path, stat.S_IFDIR | mode)
+def _dir(path: bytes, mode: int = 0o755, nlink: int | None = None) -> CpioEntry:
+    return CpioEntry(path, stat.S_IFDIR | mode, nlink=nlink)
 
 
 def launch_files(launch: Launch) -> list[CpioEntry]:
@@ -38,12 +51,14 @@ def launch_files(launch: Launch) -> list[CpioEntry]:
     return [_file(b"cmd", launch.cmd_file()), _file(b"env", launch.env_file()), _file(b"launch.json", launch.to_json())]
 
 
-def customer_entries(image_entries: Iterable[CpioEntry], launch: Launch) -> Iterator[CpioEntry]:
+def customer_entries(image_entries: Iterable[CpioEntry], launch: Launch, *,
+                     rootfs_nlink: int | None = None) -> Iterator[CpioEntry]:
     """The launch files, ``rootfs/``, and the image's entries — given in bytewise path order,
     paths already under ``rootfs/`` — with the missing mount points merged in: the archive's
-    order, streamed."""
+    order, streamed.  ``rootfs_nlink``: the nlink of ``rootfs`` (None: left for
+    :class:`~qtbuild.formats.cpio.CpioArchive` to count)."""
     yield from launch_files(launch)
-    yield _dir(ROOTFS)
+    yield _dir(ROOTFS, nlink=rootfs_nlink)
     missing = [ROOTFS + b"/" + name for name in sorted(MOUNT_POINTS)]
     for entry in image_entries:
         while missing and missing[0] < entry.path:
@@ -56,25 +71,23 @@ def customer_entries(image_entries: Iterable[CpioEntry], launch: Launch) -> Iter
 
 
 def _mount_point(path: bytes) -> CpioEntry:
-    return _dir(path, MOUNT_POINTS[path.rpartition(b"/")[2]])
+    return _dir(path, MOUNT_POINTS[path.rpartition(b"/")[2]], nlink=2)
 
 
-def customer_ramdisk(image_entries: Iterable[CpioEntry] | Callable[[bytes], Iterable[CpioEntry]],
-                     launch: Launch, *, hardlink_groups: int | None = None) -> CpioStream:
-    """The customer ramdisk as a streamable archive of known size.
+def customer_ramdisk(image: ImageTree | Iterable[CpioEntry], launch: Launch) -> CpioStream:
+    """The customer ramdisk as a streamable archive.
 
-    ``image_entries``: a callable that, given the path prefix ``b"rootfs/"``, returns the image's
-    entries under it in bytewise path order, afresh on each call (``FlatTree.iter_entries``: the
-    archive is then streamed, never held whole in memory); or any iterable of the image's
-    entries (sorted and prefixed here).  ``hardlink_groups``: ``FlatTree.hardlink_groups`` when the
-    entries come from a tree (their hardlink keys are then dense group numbers; see
-    :class:`~qtbuild.formats.cpio.CpioStream`).
+    ``image``: the flattened tree (the archive is then streamed from it in one pass, never held
+    whole in memory, its size known once written; the tree's hardlink keys are dense group
+    numbers, see :class:`~qtbuild.formats.cpio.CpioStream`), or any iterable of the image's
+    entries (sorted, prefixed and sized here, as a :class:`~qtbuild.formats.cpio.CpioArchive`).
     """
     prefix = ROOTFS + b"/"
-    if callable(image_entries):
-        source = image_entries
-    else:
-        ordered = sorted((dataclasses.replace(entry, path=prefix + entry.path) for entry in image_entries),
-                         key=lambda entry: entry.path)
-        source = lambda _prefix: iter(ordered)  # noqa: E731
-    return CpioStream(lambda: customer_entries(source(prefix), launch), hardlink_groups=hardlink_groups)
+    if not isinstance(image, ImageTree):
+        ordered = sorted((entry._replace(path=prefix + entry.path) for entry in image), key=lambda entry: entry.path)
+        return CpioArchive(customer_entries(ordered, launch))
+    tree = image
+    added = sum(tree.get(name) is None for name in MOUNT_POINTS)  # each a directory more in rootfs
+    rootfs_nlink = 2 + tree.top_directories() + added
+    return CpioStream(lambda: customer_entries(tree.iter_entries(prefix), launch, rootfs_nlink=rootfs_nlink),
+                      hardlink_groups=tree.hardlink_groups)

@@ -4,7 +4,6 @@ validation agreeing with the full checks."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import itertools
@@ -14,7 +13,6 @@ import time
 
 import pytest
 
-from qtbuild.formats import cpio
 from qtbuild.formats.cpio import CpioArchive, CpioEntry, CpioStream, _check_entry_fully, _plainly_valid
 from qtbuild.formats.eif import SectionType
 from qtbuild.formats.eif_stream import SectionStreamDigest
@@ -164,11 +162,12 @@ _RDEVS = [(0, 0), (1, 3), (0,), [0, 0], (0, -1), (0, 0x100000000), (True, 0)]
 _DATA = [None, b"", b"xyz", bytearray(b"xyz"), lambda: io.BytesIO(b"xyz"), 5]
 _TARGETS = [None, b"t", b"", b"t\0", b"t" * 4095, b"t" * 4096, "t"]
 _KEYS = [None, 1, "k"]
+_NLINKS = [None, 0, 1, 2, 3, 0xFFFFFFFF, 0x100000000, -1, True, 2.0]
 
 
 _POOLS = {"path": _PATHS, "mode": _MODES, "uid": _INTS, "gid": _INTS, "mtime": _INTS,
           "size": [0, 3, 0x100000000, -1, True], "link_target": _TARGETS, "rdev": _RDEVS, "data": _DATA,
-          "hardlink_key": _KEYS}
+          "hardlink_key": _KEYS, "nlink": _NLINKS}
 _BASES = [
     CpioEntry(b"etc", DIR | 0o755, uid=1000, gid=1000, mtime=1700000000),
     CpioEntry(b"etc/passwd", REG | 0o644, size=3, data=b"abc"),
@@ -185,7 +184,7 @@ def _variants(seed: int, count: int):
     rng = random.Random(seed)
     for _ in range(count):
         changes = {name: rng.choice(_POOLS[name]) for name in rng.sample(sorted(_POOLS), rng.randint(1, 3))}
-        yield dataclasses.replace(rng.choice(_BASES), **changes)
+        yield rng.choice(_BASES)._replace(**changes)
 
 
 def _fully_valid(entry) -> bool:
@@ -218,27 +217,30 @@ def test_an_archive_of_edge_entries_is_refused_as_before():
     assert hashlib.sha256(b"".join(CpioArchive([]).chunks())).hexdigest()  # the empty archive still builds
 
 
-# -- a tree that changes between the sizing pass and the writing pass ------------------------------
+# -- a tree that changes between two passes ----------------------------------------------------------
 
 
-def _changing_stream(monkeypatch) -> CpioStream:
-    monkeypatch.setattr(cpio, "ENTRY_CACHE_BYTES", 0)  # the writing pass asks for the entries again
+def _changing_stream() -> CpioStream:
+    """A stream whose entries change after the first pass (which gives it its size)."""
     calls = itertools.count()
 
     def entries():
         data = b"xy" if next(calls) == 0 else b"xyzzy"  # 4 + 8 bytes with padding
         return iter([CpioEntry(b"a", REG | 0o644, size=len(data), data=data)])
 
-    return CpioStream(entries)
+    stream = CpioStream(entries)
+    assert stream.size is None
+    assert len(b"".join(stream.chunks())) == stream.size
+    return stream
 
 
-def test_entries_that_change_between_passes_are_refused(monkeypatch):
+def test_entries_that_change_between_passes_are_refused():
     with pytest.raises(CpioFormatError, match="entries changed between passes"):
-        list(_changing_stream(monkeypatch).ring_chunks(4, 64))
+        list(_changing_stream().ring_chunks(4, 64))
 
 
-def test_an_eif_from_entries_that_changed_is_not_written(monkeypatch, tmp_path):
+def test_an_eif_from_entries_that_changed_is_not_written(tmp_path):
     with pytest.raises((CpioFormatError, EifFormatError)):
-        write_eif(tmp_path / "x.eif", kernel=b"k", cmdline="c", ramdisks=[b"b", _changing_stream(monkeypatch)],
+        write_eif(tmp_path / "x.eif", kernel=b"k", cmdline="c", ramdisks=[b"b", _changing_stream()],
                   metadata=b"{}")
     assert list(tmp_path.iterdir()) == []
