@@ -240,7 +240,7 @@ class _Decompressed(_Stream):
             )
 
     def _finish(self) -> None:
-        if self._raw.read(1):  # decoders stop at the end of the input; anything left is an error
+        if self._input.read(1):  # decoders stop at the end of the input; anything left is an error
             raise ImageError(f"{self._what}: unexpected data after the end of the compressed stream")
         if self._hash is not None:
             actual = "sha256:" + self._hash.hexdigest()

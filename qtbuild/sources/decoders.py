@@ -11,7 +11,9 @@ of the stream (``b""`` then).  It reads its compressed input from a :class:`Comp
   it keeps the compressed input in one buffer of its own, refilled with the source's
   ``readinto`` (no copy of the leftover input per call, no new input buffer per call), fills the
   caller's ``n`` bytes across input refills and member boundaries with the GIL released, and
-  checks every member's CRC-32 and length.  On the benchmark image it inflates the three gzip
+  checks every member's CRC-32 and length.  A member header (its name and comment end only at a
+  zero byte) may not outgrow that buffer (512 KiB): python-isal 1.9.1 refuses it instead of
+  growing the buffer without bound (python-isal issue 250).  On the benchmark image it inflates the three gzip
   layers in 0.62 CPU-s where ``decompressobj`` with ``max_length`` took 0.86 (copies of the
   unconsumed input and a fresh buffer for each).  Without isal the standard library's
   ``GzipFile`` (zlib) does the same, more slowly.
@@ -90,7 +92,7 @@ def gzip_decoder(source: CompressedSource, what: str) -> Decode:
         except EOFError:
             raise CorruptCompressedData(f"{what}: truncated gzip stream (or followed by fewer than 10 bytes "
                                         f"that are not a gzip member)") from None
-        except _INFLATE_ERRORS as exc:
+        except (*_INFLATE_ERRORS, OverflowError) as exc:  # OverflowError: a header larger than isal's buffer
             raise CorruptCompressedData(f"{what}: corrupt gzip data: {exc}") from None
 
     return decode

@@ -152,6 +152,18 @@ def test_isal_reader_refills_its_own_buffer_with_readinto():
     assert len(source.sizes) < 10 and min(source.sizes[:1]) >= 64 * 1024
 
 
+def test_an_endless_member_header_is_refused_in_bounded_memory():
+    """FNAME ends only at a zero byte: isal's reader refuses a header larger than its buffer
+    instead of growing it with the blob (python-isal issue 250)."""
+    import resource
+
+    blob = b"\x1f\x8b\x08\x08" + bytes(6) + b"a" * (64 << 20)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(CorruptCompressedData, match="^layer L: corrupt gzip data: .*header"):
+        decode_all(blob)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 32 << 10  # KiB: far below the 64 MiB
+
+
 def test_zstd_corrupt():
     blob = compress(DATA, "zstd") + b"garbage!"
     with pytest.raises(CorruptCompressedData, match="^layer L: corrupt zstd data"):
