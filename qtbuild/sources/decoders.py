@@ -53,7 +53,9 @@ INPUT_CHUNK = 1 << 20
 #: ``decode(n)``: up to ``n`` bytes of output, exactly ``n`` unless the stream ends; ``b""`` at its end.
 Decode = Callable[[int], bytes]
 
-_INFLATE_ERRORS: tuple[type[BaseException], ...] = (zlib.error, cast(type[BaseException], _inflate.error))
+#: OverflowError: isal's reader refuses a member header larger than its buffer.
+_INFLATE_ERRORS: tuple[type[BaseException], ...] = (zlib.error, cast(type[BaseException], _inflate.error),
+                                                     OverflowError)
 
 
 class CompressedSource(Protocol):
@@ -92,7 +94,7 @@ def gzip_decoder(source: CompressedSource, what: str) -> Decode:
         except EOFError:
             raise CorruptCompressedData(f"{what}: truncated gzip stream (or followed by fewer than 10 bytes "
                                         f"that are not a gzip member)") from None
-        except (*_INFLATE_ERRORS, OverflowError) as exc:  # OverflowError: a header larger than isal's buffer
+        except _INFLATE_ERRORS as exc:
             raise CorruptCompressedData(f"{what}: corrupt gzip data: {exc}") from None
 
     return decode
