@@ -12,33 +12,23 @@ The first pass over a layer verified its blob's SHA-256.  A second decompression
 
 ``read(n)`` returns exactly ``n`` bytes (fewer only at the end), so a reader asking for a file's
 data a chunk at a time gets each chunk as one fresh ``bytes`` object, with no copy to join or
-slice it.  gzip is read through isal's ``GzipFile`` (its C reader keeps the compressed input in
-its own buffer: reads of any size cost no copy of it; the standard library's without isal); zstd
-through :mod:`qtbuild.sources.blobs`'s decoder.
+slice it.  The blob is decoded by :mod:`qtbuild.sources.decoders`, as on the first pass; the gzip
+reader there refills its buffer with :meth:`_BlobFile.readinto`, which reads the file straight
+into it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import zlib
 from collections.abc import Callable
-from typing import cast
-
-try:
-    from isal import isal_zlib as _inflate
-    from isal.igzip import IGzipFile as GzipFile
-except ImportError:  # pragma: no cover -- platforms without isal wheels
-    import zlib as _inflate  # type: ignore[no-redef]
-    from gzip import GzipFile  # type: ignore[assignment]
 
 from qtbuild.errors import ImageError
-from qtbuild.sources.blobs import _zstd_decoder, sniff_compression
+from qtbuild.sources.blobs import sniff_compression
+from qtbuild.sources.decoders import CorruptCompressedData, open_decoder
 from qtbuild.sources.local_blob import LocalBlob
 
 INPUT_CHUNK = 256 * 1024
-_GZIP_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error,
-                                                  cast(type[BaseException], _inflate.error))
 
 
 class _BlobFile:
@@ -67,19 +57,26 @@ class _BlobFile:
         if size <= 0:
             return b""
         chunk = os.pread(self._fd, size, self._position)
-        if not chunk:
-            raise ImageError(f"{self._blob.what}: its blob file is shorter than on the first pass over it "
-                             f"(modified in between?)")
-        self._position += len(chunk)
+        self._advance(len(chunk))
         if self._hash is not None:
             self._hash.update(chunk)
         return chunk
 
     def readinto(self, buffer) -> int:
-        view = memoryview(buffer).cast("B")
-        chunk = self.read(len(view))
-        view[:len(chunk)] = chunk
-        return len(chunk)
+        view = memoryview(buffer).cast("B")[:max(self._end - self._position, 0)]
+        if not view:
+            return 0
+        size = os.preadv(self._fd, [view], self._position)
+        self._advance(size)
+        if self._hash is not None:
+            self._hash.update(view[:size])
+        return size
+
+    def _advance(self, size: int) -> None:
+        if not size:
+            raise ImageError(f"{self._blob.what}: its blob file is shorter than on the first pass over it "
+                             f"(modified in between?)")
+        self._position += size
 
     def finish(self, stopped: Callable[[], bool]) -> None:
         if self._hash is None:
@@ -103,31 +100,25 @@ class BlobTarStream:
     its end.  Not thread-safe; :meth:`close` it."""
 
     def __init__(self, blob: LocalBlob):
-        self._what = blob.what
         self._file = _BlobFile(blob)
-        self._gzip: GzipFile | None = None
         try:
             kind = sniff_compression(os.pread(self._file._fd, 4, blob.start))
-            if kind == "gzip":
-                self._gzip = GzipFile(fileobj=self._file, mode="rb")
-                self._decode: Callable[[int], bytes] = self._gzip.read
-            elif kind == "zstd":
-                self._decode = _zstd_decoder(lambda n: self._file.read(min(n, INPUT_CHUNK)), blob.what)
-            else:
-                self._decode = self._file.read
+            self._decode = open_decoder(kind, self._file, blob.what)
         except BaseException:
             self._file.close()
             raise
 
     def read(self, n: int) -> bytes:
-        try:
-            data = self._decode(n)
-        except _GZIP_ERRORS as exc:
-            raise ImageError(f"{self._what}: corrupt gzip data on the second read: {exc} "
-                             f"(the blob changed between the passes over it?)") from None
-        while 0 < len(data) < n and (more := self._decode(n - len(data))):  # zstd may stop at a frame
+        data = self._decode_some(n)
+        while 0 < len(data) < n and (more := self._decode_some(n - len(data))):  # a plain blob's pread may be short
             data += more
         return data
+
+    def _decode_some(self, n: int) -> bytes:
+        try:
+            return self._decode(n)
+        except CorruptCompressedData as exc:
+            raise ImageError(f"{exc}, on the second read (the blob changed between the passes over it?)") from None
 
     def finish(self, stopped: Callable[[], bool]) -> None:
         """Prove the blob unchanged since its first pass (ImageError if not; see the module

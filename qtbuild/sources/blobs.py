@@ -3,9 +3,9 @@
 - :class:`VerifyingReader` wraps a stored blob and checks its size and SHA-256 against the
   descriptor when the stream reaches its end (and refuses bytes beyond the expected size).
 - :func:`open_uncompressed` sniffs the compression of a layer blob (gzip, possibly multi-member;
-  zstd, possibly multi-frame; or a plain tar), decompresses it as a stream, caps the output
-  against decompression bombs and checks the SHA-256 of the output against the layer's
-  ``diff_id`` at the end.
+  zstd, possibly multi-frame; or a plain tar), decompresses it as a stream
+  (:mod:`qtbuild.sources.decoders`), caps the output against decompression bombs and checks the
+  SHA-256 of the output against the layer's ``diff_id`` at the end.
 - :func:`read_document` reads a small verified blob (manifest, index, config) into memory.
 - :class:`BlobStore` / :class:`StoredLayer`: the small interface a source implements to serve
   blobs by descriptor, and the :class:`~qtbuild.sources.base.Layer` built on it.
@@ -21,19 +21,13 @@ from __future__ import annotations
 import abc
 import io
 import os
-import zlib
 from collections.abc import Callable
 from typing import BinaryIO, cast
-
-try:
-    # python-isal inflates with zlib's API about 2.3x faster (345 vs 790 MB/s measured here).
-    from isal import isal_zlib as _inflate
-except ImportError:  # pragma: no cover -- platforms without isal wheels: zlib, identical output
-    _inflate = zlib  # type: ignore[misc]
 
 from qtbuild.errors import ImageError
 from qtbuild.formats.file_window import FileWindow
 from qtbuild.sources.base import MAX_JSON_DOCUMENT, Descriptor, Layer
+from qtbuild.sources.decoders import open_decoder
 from qtbuild.sources.hash_behind import HashBehind
 from qtbuild.sources.local_blob import LocalBlob
 
@@ -160,6 +154,46 @@ class VerifyingReader(_Stream):
         super().close()
 
 
+class _CompressedInput(io.RawIOBase):
+    """The compressed side of a :class:`_Decompressed`: the sniffed head, then ``raw``.
+
+    ``bytes_read`` counts what was taken from ``raw`` (for the ratio cap).  ``readinto`` (how
+    the gzip reader refills its own buffer) copies from the last chunk read, which stays an
+    immutable ``bytes``: a :class:`VerifyingReader` may still be hashing it on its worker.
+    """
+
+    def __init__(self, raw: BinaryIO, head: bytes):
+        super().__init__()
+        self._raw = raw
+        self._chunk, self._offset = head, 0  # the bytes of self._chunk before the offset are handed out
+        self.bytes_read = len(head)
+
+    def readable(self) -> bool:
+        return True
+
+    def _fetch(self, n: int) -> None:
+        if self._offset == len(self._chunk):
+            self._chunk, self._offset = self._raw.read(n), 0
+            self.bytes_read += len(self._chunk)
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes: the rest of the last chunk, or a new chunk returned whole (no copy)."""
+        if size < 0:
+            return self.readall()
+        self._fetch(size)
+        chunk, start = self._chunk, self._offset
+        self._offset = min(len(chunk), start + size)
+        return chunk if start == 0 and self._offset == len(chunk) else chunk[start:self._offset]
+
+    def readinto(self, buffer) -> int:
+        self._fetch(CHUNK)
+        start = self._offset
+        size = min(len(buffer), len(self._chunk) - start)
+        buffer[:size] = memoryview(self._chunk)[start:start + size]
+        self._offset = start + size
+        return size
+
+
 class _Decompressed(_Stream):
     """Decompressed output of ``raw`` with bomb caps and a final SHA-256 check (see open_uncompressed)."""
 
@@ -167,34 +201,20 @@ class _Decompressed(_Stream):
                  max_bytes: int, max_ratio: float, ratio_grace: int):
         super().__init__()
         self._raw = raw
-        self._head = head
+        self._input = _CompressedInput(raw, head)
         self._diff_id = diff_id
         self._what = what
         self._max_bytes = max_bytes
         self._max_ratio = max_ratio
         self._ratio_grace = ratio_grace
         self._hash = HashBehind("sha256") if diff_id else None
-        self.compressed_bytes = 0
         self.uncompressed_bytes = 0
         self._done = False
-        self._decode = self._decoder(sniff_compression(head))
+        self._decode = open_decoder(sniff_compression(head), self._input, what)
 
-    # -- input side -------------------------------------------------------------------------
-    def _read_input(self, n: int) -> bytes:
-        if self._head:
-            chunk, self._head = self._head, b""
-        else:
-            chunk = self._raw.read(n)
-        self.compressed_bytes += len(chunk)
-        return chunk
-
-    # -- decoders: callables (n) -> up to n output bytes, b"" at the end of the input ---------
-    def _decoder(self, kind: str | None) -> Callable[[int], bytes]:
-        if kind == "gzip":
-            return _GzipDecoder(self._read_input, self._what).read
-        if kind == "zstd":
-            return _zstd_decoder(self._read_input, self._what)
-        return self._read_input
+    @property
+    def compressed_bytes(self) -> int:
+        return self._input.bytes_read
 
     def _read_some(self, n: int) -> bytes:
         if self._done:
@@ -220,7 +240,7 @@ class _Decompressed(_Stream):
             )
 
     def _finish(self) -> None:
-        if self._raw.read(1):  # decoders stop at the end of the input; anything left is an error
+        if self._input.read(1):  # decoders stop at the end of the input; anything left is an error
             raise ImageError(f"{self._what}: unexpected data after the end of the compressed stream")
         if self._hash is not None:
             actual = "sha256:" + self._hash.hexdigest()
@@ -237,74 +257,6 @@ class _Decompressed(_Stream):
                 self._hash.close()
             self._raw.close()
         super().close()
-
-
-class _GzipDecoder:
-    """gzip, all members (zlib's decompressobj stops after the first one), output bounded per call."""
-
-    def __init__(self, read_input: Callable[[int], bytes], what: str):
-        self._read_input = read_input
-        self._what = what
-        self._z = _inflate.decompressobj(16 + zlib.MAX_WBITS)
-        self._pending = b""  # compressed bytes not yet given to self._z
-        self._input_done = False
-
-    def read(self, n: int) -> bytes:
-        while True:
-            if self._z.eof and not self._start_next_member():
-                return b""
-            data = self._z.unconsumed_tail
-            if not data:
-                data, self._pending = self._pending or self._fill(), b""
-                if not data:
-                    raise ImageError(f"{self._what}: truncated gzip stream")
-            try:
-                out = self._z.decompress(data, n)
-            except (zlib.error, _inflate.error) as exc:  # type: ignore[misc]  # isal's stub: error is a class
-                raise ImageError(f"{self._what}: corrupt gzip data: {exc}") from None
-            if out:
-                return out
-
-    def _fill(self) -> bytes:
-        if self._input_done:
-            return b""
-        data = self._read_input(CHUNK)
-        self._input_done = not data
-        return data
-
-    def _start_next_member(self) -> bool:
-        """After a member ended: begin the next one, or return False at the end of the input."""
-        rest = self._z.unused_data + self._pending
-        while len(rest) < 2 and (more := self._fill()):
-            rest += more
-        if not rest:
-            return False
-        if not rest.startswith(GZIP_MAGIC):
-            raise ImageError(f"{self._what}: unexpected data after the end of the gzip stream")
-        self._z = _inflate.decompressobj(16 + zlib.MAX_WBITS)
-        self._pending = rest
-        return True
-
-
-def _zstd_decoder(read_input: Callable[[int], bytes], what: str) -> Callable[[int], bytes]:
-    """zstd, all frames, through python-zstandard's bounded stream reader."""
-    import zstandard
-
-    class _Source:
-        def read(self, n: int) -> bytes:
-            return read_input(n)
-
-    reader = zstandard.ZstdDecompressor().stream_reader(
-        cast(BinaryIO, _Source()), read_size=CHUNK, read_across_frames=True, closefd=False
-    )
-
-    def read(n: int) -> bytes:
-        try:
-            return reader.read(n)
-        except zstandard.ZstdError as exc:
-            raise ImageError(f"{what}: corrupt zstd data: {exc}") from None
-
-    return read
 
 
 def open_uncompressed(raw: BinaryIO, *, diff_id: str | None, what: str,

@@ -155,9 +155,12 @@ def test_truncated_compressed_stream(compression):
 
 
 @pytest.mark.parametrize("compression", ["gzip", "zstd"])
-def test_trailing_garbage_is_refused(compression):
-    blob = compress(DATA, compression) + b"garbage!"
-    with pytest.raises(ImageError, match="layer L: (unexpected data after|corrupt zstd)"):
+@pytest.mark.parametrize("garbage", [b"garbage!", b"garbage after the stream"])
+def test_trailing_garbage_is_refused(compression, garbage):
+    # isal's gzip reader reads a member header as 10 bytes: fewer look like a truncated one
+    expected = "unexpected data after" if len(garbage) >= 10 else "truncated gzip stream .or followed by fewer"
+    blob = compress(DATA, compression) + garbage
+    with pytest.raises(ImageError, match=f"layer L: ({expected}|corrupt zstd)"):
         drain(open_uncompressed(io.BytesIO(blob), diff_id=sha256_digest(DATA), what="layer L"))
 
 

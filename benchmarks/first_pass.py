@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Benchmark: the first pass over gzip layers alone (inflate, blob SHA-256, diff_id SHA-256).
+
+Usage: python benchmarks/first_pass.py [--layout DIR[:TAG]] [--size-mib 32] [--repeat 3]
+                                      [--reference-python OTHER/.venv/bin/python]
+
+Reads every gzip layer of an OCI layout (default: a synthetic one of --size-mib, one layer)
+through ``qtbuild.sources.blobs.open_uncompressed`` exactly as convert's first pass does (a
+``VerifyingReader`` over the blob file, the diff_id checked, read in 1 MiB pieces), with no tar
+parsing.  Each run is a child process that reports the CPU time of all its threads and its wall
+time after its imports.  Beside it, the floor: the same work done with the libraries directly on
+one thread (python-isal's gzip reader into one reused buffer, ``hashlib`` over the blob and over
+the output).  With --reference-python the same qtbuild code path also runs under that
+interpreter (another checkout's venv), interleaved round by round.
+
+Reported per round and as medians of the per-round ratios: CPU over the floor's CPU, and with a
+reference, CPU and wall over the reference's.  The last line, ``ratios: {json}``, is what
+tests/test_benchmarks.py reads.  On the issue-16 image:
+``python -P benchmarks/first_pass.py --layout /work/bench/qtbuild-bench-2qw16a4q/layout:bench
+--reference-python /work/wt/ref/.venv/bin/python``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+REF_NAME = "org.opencontainers.image.ref.name"
+GZIP_TYPES = ("application/vnd.oci.image.layer.v1.tar+gzip", "application/vnd.docker.image.rootfs.diff.tar.gzip")
+
+#: One child: read every layer as convert's first pass does, print {"cpu", "wall", "bytes"}.
+QTBUILD_PASS = r"""
+import json, os, resource, sys, time
+from qtbuild.sources.blobs import VerifyingReader, open_uncompressed
+
+layers = json.loads(sys.argv[1])
+usage = resource.getrusage(resource.RUSAGE_SELF)
+cpu0, wall0, total = usage.ru_utime + usage.ru_stime, time.perf_counter(), 0
+for path, size, digest, diff_id in layers:
+    raw = VerifyingReader(open(path, "rb", buffering=0), size=size, digest=digest, what=path)
+    with open_uncompressed(raw, diff_id=diff_id, what=path) as stream:
+        while chunk := stream.read(1 << 20):
+            total += len(chunk)
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"cpu": usage.ru_utime + usage.ru_stime - cpu0, "wall": time.perf_counter() - wall0, "bytes": total}))
+"""
+
+#: The floor: the same three jobs with the libraries directly, on one thread, no verification logic.
+FLOOR = r"""
+import hashlib, json, resource, sys, time
+from isal.igzip import IGzipFile
+
+class Hashed:
+    def __init__(self, file):
+        self.file, self.hash = file, hashlib.sha256()
+    def readinto(self, buffer):
+        n = self.file.readinto(buffer)
+        self.hash.update(memoryview(buffer)[:n])
+        return n
+    def read(self, n):
+        data = self.file.read(n)
+        self.hash.update(data)
+        return data
+
+layers = json.loads(sys.argv[1])
+usage = resource.getrusage(resource.RUSAGE_SELF)
+cpu0, wall0, total = usage.ru_utime + usage.ru_stime, time.perf_counter(), 0
+buffer = bytearray(1 << 20)
+for path, size, digest, diff_id in layers:
+    with open(path, "rb", buffering=0) as file:
+        blob = Hashed(file)
+        reader, out = IGzipFile(fileobj=blob, mode="rb"), hashlib.sha256()
+        while n := reader.readinto(buffer):
+            out.update(memoryview(buffer)[:n])
+            total += n
+        assert "sha256:" + blob.hash.hexdigest() == digest and "sha256:" + out.hexdigest() == diff_id
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"cpu": usage.ru_utime + usage.ru_stime - cpu0, "wall": time.perf_counter() - wall0, "bytes": total}))
+"""
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def layers_of(layout: str) -> list[tuple[str, int, str, str]]:
+    """``(path, size, digest, diff_id)`` of the gzip layers of the layout's image (TAG or the first)."""
+    layout, _, tag = layout.partition(":")
+    blobs = os.path.join(layout, "blobs", "sha256")
+
+    def document(digest: str) -> dict:
+        with open(os.path.join(blobs, digest.split(":", 1)[1]), "rb") as file:
+            return json.load(file)
+
+    with open(os.path.join(layout, "index.json"), "rb") as file:
+        manifests = json.load(file)["manifests"]
+    chosen = [m for m in manifests if not tag or m.get("annotations", {}).get(REF_NAME) == tag]
+    manifest = document(chosen[0]["digest"])
+    diff_ids = document(manifest["config"]["digest"])["rootfs"]["diff_ids"]
+    return [(os.path.join(blobs, layer["digest"].split(":", 1)[1]), layer["size"], layer["digest"], diff_id)
+            for layer, diff_id in zip(manifest["layers"], diff_ids, strict=True) if layer["mediaType"] in GZIP_TYPES]
+
+
+def synthetic_layer(workdir: str, size: int) -> list[tuple[str, int, str, str]]:
+    """One gzip layer of ``size`` bytes: incompressible and compressible stretches, like a tar of files."""
+    from isal import isal_zlib
+
+    rng = __import__("random").Random(16)
+    data = b"".join(rng.randbytes(1 << 16) + bytes(1 << 16) + b"text line %d\n" % i * 3000
+                    for i in range(max(1, size // ((1 << 17) + 39_000))))
+    compressor = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 31)
+    blob = compressor.compress(data) + compressor.flush()
+    path = os.path.join(workdir, "layer.tar.gz")
+    with open(path, "wb") as file:
+        file.write(blob)
+    return [(path, len(blob), _sha256(path), "sha256:" + hashlib.sha256(data).hexdigest())]
+
+
+def run(python: str, code: str, layers) -> dict:
+    out = subprocess.run([python, "-P", "-c", code, json.dumps(layers)], capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"{python}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--layout", help="an OCI layout DIR[:TAG] (default: a synthetic gzip layer)")
+    parser.add_argument("--size-mib", type=int, default=32, help="size of the synthetic layer")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--reference-python", help="also run the qtbuild pass with this interpreter")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="qtbuild-first-pass-") as workdir:
+        layers = layers_of(args.layout) if args.layout else synthetic_layer(workdir, args.size_mib << 20)
+        print(f"{len(layers)} gzip layers, {sum(layer[1] for layer in layers) / 1e6:.0f} MB compressed; "
+              f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+        over_floor, over_ref_cpu, over_ref_wall = [], [], []
+        for round_ in range(args.repeat):
+            floor = run(sys.executable, FLOOR, layers)
+            ours = run(sys.executable, QTBUILD_PASS, layers)
+            assert ours["bytes"] == floor["bytes"]
+            line = (f"round {round_ + 1}: {ours['bytes'] / 1e6:.0f} MB out; floor {floor['cpu']:.3f} CPU-s; "
+                    f"qtbuild {ours['cpu']:.3f} CPU-s {ours['wall']:.3f} s")
+            over_floor.append(ours["cpu"] / floor["cpu"])
+            if args.reference_python:
+                ref = run(args.reference_python, QTBUILD_PASS, layers)
+                line += f"; reference {ref['cpu']:.3f} CPU-s {ref['wall']:.3f} s"
+                over_ref_cpu.append(ours["cpu"] / ref["cpu"])
+                over_ref_wall.append(ours["wall"] / ref["wall"])
+            print(line, flush=True)
+        ratios = {"first_pass_cpu_time_over_floor": statistics.median(over_floor)}
+        if args.reference_python:
+            ratios["first_pass_cpu_time_over_reference"] = statistics.median(over_ref_cpu)
+            ratios["first_pass_time_over_reference"] = statistics.median(over_ref_wall)
+        print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print("medians of the per-round ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+        print("ratios: " + json.dumps({k: round(v, 4) for k, v in ratios.items()}))
+
+
+if __name__ == "__main__":
+    main()
