@@ -29,6 +29,7 @@ from qtbuild.convert.launch_config import Launch, resolve_launch, tree_file_read
 from qtbuild.convert.metadata import load_custom_metadata, make_metadata, source_date_epoch
 from qtbuild.convert.provenance import image_dependencies
 from qtbuild.convert.ramdisk import customer_ramdisk
+from qtbuild.convert.verify_gate import deferred_verification
 from qtbuild.errors import ImageError
 from qtbuild.formats.eif_writer import Signer, WriteResult, write_eif
 from qtbuild.sources.base import Image, Platform
@@ -74,6 +75,8 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
     custom = load_custom_metadata(options.metadata_path)
     output_dir = os.path.dirname(os.path.abspath(options.output)) if options.output else None
     with open_image(source, platform=platform, scratch_dir=output_dir) as image, contextlib.ExitStack() as owned:
+        # Layers read in place are still being verified while the EIF is written: the ramdisk's gate holds the commit.
+        verification = owned.enter_context(deferred_verification())
         # A save stream's layers are flattened as they arrive; its config may come after them.
         tree = owned.enter_context(_flatten(image, options, clamp)) if isinstance(image, SaveStreamImage) else None
         config = image.config()
@@ -100,7 +103,7 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
                 options.output,
                 kernel=profile.kernel,
                 cmdline=options.cmdline or profile.cmdline,
-                ramdisks=[profile.bootstrap, ramdisk],
+                ramdisks=[profile.bootstrap, verification.gate(ramdisk)],
                 metadata=metadata,
                 arch=arch,
                 signer=options.signer,
