@@ -16,7 +16,8 @@ Inside :func:`~qtbuild.convert.verify_gate.deferred_verification` (created there
 thread) the verification may outlast the tree: :meth:`result` raises only a failure already
 known, and a ``with`` block that ends without error hands the running verifications to the
 block's :class:`~qtbuild.convert.verify_gate.Deferral` instead of stopping them; the data of such
-layers may then only go into output the deferral gates.
+layers may then only go into output the deferral gates.  The pool then leaves one CPU to the tree
+(the Python that builds it is the critical path; the hashes may finish during the write).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class VerifyAhead:
         self._futures: dict[int, Future[None]] = {}
         self._deferral = current_deferral()
         if layers:
-            count = workers or min(len(layers), os.cpu_count() or 1, 4)
+            cpus = os.cpu_count() or 1
+            # Under a deferral the tree need not wait for the hashes: leave it a CPU of its own.
+            count = workers or min(len(layers), cpus if self._deferral is None else max(cpus - 1, 1), 4)
             self._pool = ThreadPoolExecutor(max_workers=count, thread_name_prefix="verify-layer")
             # Largest first: one layer's hash cannot be split, so the biggest bounds the wall time.
             largest_first = sorted(layers.items(), key=lambda item: -_size(item[1]))

@@ -6,8 +6,10 @@ file (nor the temporary one), the one-line error of the verification, exit code 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -16,7 +18,7 @@ from test_flatten import BytesLayer, M, build_tar
 from qtbuild.cli.app import cli
 from qtbuild.convert import pipeline
 from qtbuild.convert.verify_ahead import VerifyAhead
-from qtbuild.convert.verify_gate import deferred_verification
+from qtbuild.convert.verify_gate import current_deferral, deferred_verification
 from qtbuild.errors import ImageError
 from qtbuild.formats.eif_writer import BytesSource
 
@@ -203,6 +205,41 @@ def test_a_verify_ahead_block_left_by_an_error_stops_its_verifications_even_unde
     with pytest.raises(RuntimeError, match="stopped"):
         verifier.first_failure()
     assert deferral.first_failure() is None  # nothing was handed over
+
+
+class CountingLayer(BytesLayer):
+    """A layer whose verification records that it started, then waits for ``release``."""
+
+    def __init__(self, tar: bytes, started: list, release: threading.Event):
+        super().__init__(tar)
+        self._started, self._release = started, release
+
+    def open_uncompressed(self):
+        self._started.append(self)
+        assert self._release.wait(timeout=10)
+        return super().open_uncompressed()
+
+
+@pytest.mark.parametrize("deferred, at_once", [(False, 2), (True, 1)])
+def test_under_a_deferral_the_verifications_leave_one_cpu_to_the_tree(monkeypatch, deferred, at_once):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    started: list = []
+    release = threading.Event()
+    layers = {index: CountingLayer(build_tar([M(f"f{index}", data=b"x" * (index + 1))]), started, release)
+              for index in range(3)}
+    with deferred_verification() if deferred else contextlib.nullcontext():
+        with VerifyAhead(layers) as verifier:
+            deadline = time.monotonic() + 10
+            while len(started) < at_once and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)  # a second worker, if there were one, would have started by now
+            assert len(started) == at_once
+            release.set()
+            for index in layers:
+                verifier.result(index)
+        if deferred:
+            current_deferral().finish()
+    assert len(started) == 3
 
 
 class ChunkSource:
