@@ -75,8 +75,6 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
     custom = load_custom_metadata(options.metadata_path)
     output_dir = os.path.dirname(os.path.abspath(options.output)) if options.output else None
     with open_image(source, platform=platform, scratch_dir=output_dir) as image, contextlib.ExitStack() as owned:
-        # Layers read in place are still being verified while the EIF is written: the ramdisk's gate holds the commit.
-        verification = owned.enter_context(deferred_verification())
         # A save stream's layers are flattened as they arrive; its config may come after them.
         tree = owned.enter_context(_flatten(image, options, clamp)) if isinstance(image, SaveStreamImage) else None
         config = image.config()
@@ -91,6 +89,9 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
             custom=custom,
             time_fallback=None if clamp else _created(config),
         )
+        # Layers read in place (never a save stream's) are still being verified while the EIF is written: the
+        # ramdisk's gate holds the commit.
+        verification = owned.enter_context(deferred_verification())
         if tree is None:
             tree = owned.enter_context(_flatten(image, options, clamp))
         read_file = tree_file_reader(tree)

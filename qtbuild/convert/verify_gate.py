@@ -86,7 +86,7 @@ class _Gated:
         self._source, self._deferral = source, deferral
 
     @property
-    def size(self) -> int:
+    def size(self):  # untyped on purpose: whatever the wrapped source declares, the writer reads
         return self._source.size
 
     def chunks(self) -> Iterator[bytes | bytearray | memoryview]:
