@@ -196,6 +196,16 @@ def test_under_a_deferral_the_tree_does_not_wait_and_the_deferral_does():
         assert deferral.failed.is_set()
 
 
+def test_under_a_deferral_a_failure_already_known_is_raised_by_result():
+    release = threading.Event()
+    release.set()
+    layers = {0: HeldLayer(build_tar([M("a", data=b"1")]), release, error="layer 1: digest mismatch")}
+    with (deferred_verification() as deferral, pytest.raises(ImageError, match="layer 1: digest mismatch"),
+          VerifyAhead(layers) as verifier):
+        assert deferral.failed.wait(timeout=10)
+        verifier.result(0)
+
+
 def test_a_verify_ahead_block_left_by_an_error_stops_its_verifications_even_under_a_deferral():
     release = threading.Event()
     layers = {0: HeldLayer(build_tar([M("a", data=b"1")]), release)}
