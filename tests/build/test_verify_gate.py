@@ -22,7 +22,7 @@ from qtbuild.convert.verify_gate import current_deferral, deferred_verification
 from qtbuild.errors import ImageError
 from qtbuild.formats.eif_writer import BytesSource
 
-from helpers.imagefactory import default_config, file, make_layer, write_docker_archive
+from helpers.imagefactory import default_config, file, make_layer, write_docker_archive, write_oci_layout
 
 ORIGINAL = b"original file data, " * 4000
 LAYERS = [
@@ -32,13 +32,20 @@ LAYERS = [
 CONFIG = default_config(cmd=["/bin/app"])
 
 
-def tampered_archive(path) -> None:
-    """A docker-archive (uncompressed layers, read in place) whose second layer's file data was
-    changed after it was saved: its tar headers still parse, only its digest tells."""
-    write_docker_archive(path, LAYERS, CONFIG, layout="legacy")
+def tampered_image(tmp_path, kind: str) -> str:
+    """A docker-archive or an OCI layout with uncompressed layers (read in place) whose second
+    layer's file data was changed after it was written: its tar headers still parse, only its
+    digest tells.  Returns the source reference."""
+    if kind == "docker-archive":
+        path = tmp_path / "image.tar"
+        write_docker_archive(path, LAYERS, CONFIG, layout="legacy")
+    else:
+        written = write_oci_layout(tmp_path / "layout", LAYERS, CONFIG, compression=None)
+        path = tmp_path / "layout" / "blobs" / "sha256" / written.layer_digests[1].split(":")[1]
     data = path.read_bytes()
     at = data.index(ORIGINAL)
     path.write_bytes(data[:at] + b"X" + data[at + 1:])
+    return f"docker-archive:{path}" if kind == "docker-archive" else f"oci:{tmp_path / 'layout'}"
 
 
 def convert(source: str, output) -> object:
@@ -67,15 +74,16 @@ def verification_held_until_the_write(monkeypatch):
     return started_late
 
 
-@pytest.mark.parametrize("existing", [None, b"an older image\n"])
+@pytest.mark.parametrize("kind, existing", [("docker-archive", None), ("docker-archive", b"an older image\n"),
+                                            ("oci", None)])
 def test_a_tampered_layer_discovered_during_the_write_leaves_no_output(tmp_path, verification_held_until_the_write,
-                                                                        existing):
-    tampered_archive(tmp_path / "image.tar")
+                                                                        kind, existing):
+    source = tampered_image(tmp_path, kind)
     output = tmp_path / "out" / "app.eif"
     output.parent.mkdir()
     if existing is not None:
         output.write_bytes(existing)
-    result = convert(f"docker-archive:{tmp_path / 'image.tar'}", output)
+    result = convert(source, output)
     assert verification_held_until_the_write and all(verification_held_until_the_write)  # discovered late
     assert result.exit_code == 2, result.output
     lines = result.output.strip().splitlines()
