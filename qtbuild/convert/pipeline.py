@@ -29,6 +29,7 @@ from qtbuild.convert.launch_config import Launch, resolve_launch, tree_file_read
 from qtbuild.convert.metadata import load_custom_metadata, make_metadata, source_date_epoch
 from qtbuild.convert.provenance import image_dependencies
 from qtbuild.convert.ramdisk import customer_ramdisk
+from qtbuild.convert.verify_gate import deferred_verification
 from qtbuild.errors import ImageError
 from qtbuild.formats.eif_writer import Signer, WriteResult, write_eif
 from qtbuild.sources.base import Image, Platform
@@ -88,6 +89,9 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
             custom=custom,
             time_fallback=None if clamp else _created(config),
         )
+        # Layers read in place (never a save stream's) are still being verified while the EIF is written: the
+        # ramdisk's gate holds the commit.
+        verification = owned.enter_context(deferred_verification())
         if tree is None:
             tree = owned.enter_context(_flatten(image, options, clamp))
         read_file = tree_file_reader(tree)
@@ -100,7 +104,7 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
                 options.output,
                 kernel=profile.kernel,
                 cmdline=options.cmdline or profile.cmdline,
-                ramdisks=[profile.bootstrap, ramdisk],
+                ramdisks=[profile.bootstrap, verification.gate(ramdisk)],
                 metadata=metadata,
                 arch=arch,
                 signer=options.signer,
