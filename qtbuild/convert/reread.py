@@ -98,9 +98,10 @@ class _Cursor:
     ``min(CHUNK, rest of the range)`` bytes, each a ``bytes`` object read as such (no copy), but
     a range smaller than :data:`SMALL` (or inside the block read with one) is cut out of a block
     of :data:`BLOCK` bytes read with its neighbours, and a large range starting in such a block
-    has its first piece joined; everything else is dropped.  After the last range it runs ``source.finish()``; its error,
-    like any other, reaches the reader where it is.  ``next`` is the index of the range the
-    reader takes next; ``torn``: a range whose rest, left by a stream closed early, is queued.
+    has its first piece joined; everything else is dropped.  After the last range it runs
+    ``source.finish()``; its error, like any other, reaches the reader where it is.  ``next`` is
+    the index of the range the reader takes next; ``torn``: a range whose rest, left by a stream
+    closed early, is queued.
     """
 
     def __init__(self, source: _TarSource, ranges: Sequence[tuple[int, int]], what: str):
