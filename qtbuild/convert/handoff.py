@@ -1,10 +1,11 @@
 """Items passed from one worker thread to one reader, a bounded number ahead, with the worker's end
 and errors passed the same way.
 
-The worker :meth:`Handoff.put`\\ s items, then :meth:`Handoff.end` or :meth:`Handoff.fail`; the
-reader :meth:`Handoff.get`\\ s them: None after the end, the worker's exception raised where it
-happened in the sequence (and again on every later ``get``).  :meth:`Handoff.stop` (the reader
-gives up) makes the worker's blocked or later ``put`` return False, so it can wind up.
+The worker :meth:`Handoff.put`\\ s items (or :meth:`Handoff.offer`\\ s them: only if there is room),
+then :meth:`Handoff.end` or :meth:`Handoff.fail`; the reader :meth:`Handoff.get`\\ s them: None
+after the end, the worker's exception raised where it happened in the sequence (and again on every
+later ``get``).  :meth:`Handoff.stop` (the reader gives up) makes the worker's blocked or later
+``put`` return False, so it can wind up.
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ class Handoff(Generic[T]):
     def put(self, item: T) -> bool:
         """Queue ``item``, waiting for room; False (item dropped) once the reader stopped."""
         return self._put(item)
+
+    def offer(self, item: T) -> bool:
+        """Queue ``item`` only if there is room now (never waits); False when it was not queued."""
+        if self._stop.is_set():
+            return False
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            return False
+        return True
 
     def end(self) -> None:
         self._put(_END)

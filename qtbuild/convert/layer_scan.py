@@ -14,9 +14,11 @@ Contract
   ``(members, bytes_read)`` pairs, then returns once the stream was drained and verified; the
   worker's error (an :class:`~qtbuild.errors.ImageError`, a digest mismatch, …) is raised from
   :meth:`batches` after every member scanned before it was yielded.
-* Memory is bounded: at most ``depth`` batches wait, each of at most :data:`BATCH_MEMBERS` members
-  (a batch is also handed over once :data:`BATCH_BYTES` stream bytes were read, so progress stays
-  smooth over large files); the worker blocks when the consumer is behind.
+* Memory is bounded: at most ``depth`` batches wait, each of at most :data:`BATCH_MEMBERS` members;
+  the worker blocks when it has a full batch and the consumer is behind.  A batch is also handed
+  over once :data:`BATCH_BYTES` stream bytes were read, so progress stays smooth over large files,
+  but only if the queue has room: a layer of large files above the one being applied is read
+  (inflated, hashed) to its end meanwhile, not stopped by its own progress reports.
 * ``length``: for a scan without ``tee`` nor ``seek_over_data``, the tar stream's length up to its
   end marker, valid once :meth:`batches` is done (else 0).
 * :meth:`close` stops the worker (between members, or while it waits to hand a batch over),
@@ -37,6 +39,9 @@ __all__ = ["BATCH_BYTES", "BATCH_MEMBERS", "LayerScan"]
 
 BATCH_MEMBERS = 512
 BATCH_BYTES = 4 << 20
+#: Batches a layer's worker may be ahead by: 16k members (a few MiB), so the layers above a large
+#: bottom layer are read to their end (or nearly) while it is applied, not stopped after 4k members.
+DEPTH = 32
 
 
 class _Stopped(Exception):
@@ -48,7 +53,7 @@ class LayerScan:
 
     def __init__(self, open_stream: Callable[[], BinaryIO], *, limits: TarLimits, budget: BudgetShare,
                  tee: Callable[[bytes], object] | None = None, seek_over_data: bool = False,
-                 depth: int = 8, name: str = "layer-scan"):
+                 depth: int = DEPTH, name: str = "layer-scan"):
         self._open_stream = open_stream
         self._limits = limits
         self._budget = budget
@@ -94,10 +99,15 @@ class LayerScan:
         scanner = TarScanner(stream, limits=self._limits, tee=tee, budget=self._budget, progress=self._progress,
                              seek_over_data=self._seek_over_data)
         handoff = self._handoff
+        batch = self._batch
         for member in scanner:
-            self._batch.append(member)
-            if len(self._batch) >= BATCH_MEMBERS or self._read >= BATCH_BYTES:
+            batch.append(member)
+            if len(batch) >= BATCH_MEMBERS:
                 self._hand_over()
+                batch = self._batch
+            elif self._read >= BATCH_BYTES and handoff.offer((batch, self._read)):
+                batch = self._batch = []
+                self._read = 0
             if handoff.stopped:
                 raise _Stopped
         scanner.drain()

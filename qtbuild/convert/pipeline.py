@@ -25,6 +25,7 @@ from tqdm import tqdm
 from qtbuild.convert.boot_profiles import load_profile, normalise_arch
 from qtbuild.convert.credential_scan import credential_warnings
 from qtbuild.convert.flatten import FlatTree, flatten
+from qtbuild.convert.gil import short_gil_switches
 from qtbuild.convert.launch_config import Launch, resolve_launch, tree_file_reader
 from qtbuild.convert.metadata import load_custom_metadata, make_metadata, source_date_epoch
 from qtbuild.convert.provenance import image_dependencies
@@ -75,6 +76,7 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
     custom = load_custom_metadata(options.metadata_path)
     output_dir = os.path.dirname(os.path.abspath(options.output)) if options.output else None
     with open_image(source, platform=platform, scratch_dir=output_dir) as image, contextlib.ExitStack() as owned:
+        owned.enter_context(short_gil_switches())  # threads back from C code get the GIL sooner
         # A save stream's layers are flattened as they arrive; its config may come after them.
         tree = owned.enter_context(_flatten(image, options, clamp)) if isinstance(image, SaveStreamImage) else None
         config = image.config()

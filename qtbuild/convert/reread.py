@@ -50,6 +50,10 @@ BATCH = 512 << 10
 #: ... and runs at most this many batches ahead of the reader: with the batch being filled and the
 #: one being read, at most about 7 MiB a cursor, 5 MiB when files are large (main's read-ahead: 6).
 DEPTH = 3
+#: Files smaller than this are cut out of blocks of BLOCK bytes read at once (their headers and
+#: neighbours with them), not read one by one: one source read for dozens of small files.
+SMALL = 64 << 10
+BLOCK = 256 << 10
 
 class _Stopped(Exception):
     """The cursor was closed: its worker ends."""
@@ -91,10 +95,13 @@ class _Cursor:
 
     The worker reads the tar stream and hands over, in order, the data of ``ranges`` as
     ``(range index, piece)`` pairs, in batches: a range comes in pieces of exactly
-    ``min(CHUNK, rest of the range)`` bytes, each a ``bytes`` object read as such (no copy);
-    everything else is dropped.  After the last range it runs ``source.finish()``; its error,
-    like any other, reaches the reader where it is.  ``next`` is the index of the range the
-    reader takes next; ``torn``: a range whose rest, left by a stream closed early, is queued.
+    ``min(CHUNK, rest of the range)`` bytes, each a ``bytes`` object read as such (no copy), but
+    a range smaller than :data:`SMALL` (or inside the block read with one) is cut out of a block
+    of :data:`BLOCK` bytes read with its neighbours, and a large range starting in such a block
+    has its first piece joined; everything else is dropped.  After the last range it runs
+    ``source.finish()``; its error, like any other, reaches the reader where it is.  ``next`` is
+    the index of the range the reader takes next; ``torn``: a range whose rest, left by a stream
+    closed early, is queued.
     """
 
     def __init__(self, source: _TarSource, ranges: Sequence[tuple[int, int]], what: str):
@@ -106,6 +113,9 @@ class _Cursor:
         self._handoff: Handoff[list[tuple[int, bytes]]] = Handoff(DEPTH)
         self._batch: list[tuple[int, bytes]] = []
         self._taken = 0
+        self._batch_out: list[tuple[int, bytes]] = []  # the worker's batch being filled, and its bytes
+        self._batched = 0
+        self._block, self._block_start = b"", 0
         self._worker = threading.Thread(target=self._run, name="reread", daemon=True)
         self._worker.start()
 
@@ -121,36 +131,80 @@ class _Cursor:
             self._handoff.fail(exc)
 
     def _produce(self) -> None:
-        ranges = self._ranges
-        index = position = 0
-        batch: list[tuple[int, bytes]] = []
-        batched = 0
-        while index < len(ranges):
-            offset, size = ranges[index]
-            while position < offset:  # data no one asked for: inflated and dropped
-                position += len(self._read(min(CHUNK, offset - position), position, offset))
+        position = 0  # stream offset of the next byte the source gives
+        block, start = b"", 0  # bytes read ahead, from stream offset start (up to position)
+        queue = self._queue
+        for index, (offset, size) in enumerate(self._ranges):
             end = offset + size
-            while position < end:
-                piece = self._read(min(CHUNK, end - position), position, end)
-                batch.append((index, piece))
-                batched += len(piece)
-                position += len(piece)
-                if batched >= BATCH:
-                    self._handoff.put(batch)
-                    batch, batched = [], 0
-            index += 1
-        if batch:
-            self._handoff.put(batch)
+            if end <= position:  # in the block read ahead
+                queue(index, block[offset - start:end - start])
+            elif size < SMALL:
+                queue(index, self._small_range(offset, end, block, start, position))
+                block, start = self._block, self._block_start
+                position = start + len(block)
+            else:
+                self._large_range(index, offset, end, block, start, position)
+                block, start, position = b"", end, end
+        if self._batch_out:
+            self._handoff.put(self._batch_out)
+
+    def _queue(self, index: int, piece: bytes) -> None:
+        """Add a piece to the batch being filled; hand the batch over once it holds :data:`BATCH` bytes."""
+        self._batch_out.append((index, piece))
+        self._batched += len(piece)
+        if self._batched >= BATCH:
+            self._handoff.put(self._batch_out)
+            self._batch_out, self._batched = [], 0
+
+    def _small_range(self, offset: int, end: int, block: bytes, start: int, position: int) -> bytes:
+        """The bytes of a small range ending beyond ``position``, read with the next block (kept in
+        ``self._block``, from ``self._block_start``); the part in ``block`` (from ``start``) is joined to it."""
+        if offset - position >= BLOCK:
+            position = self._skip(position, offset)
+        self._block_start = position
+        self._block = ahead = self._read(max(BLOCK, end - position), position, end)
+        if position + len(ahead) < end:
+            self._ended(position + len(ahead), end)
+        if offset < position:  # it starts in the block before
+            return block[offset - start:] + ahead[:end - position]
+        return ahead[offset - position:end - position]
+
+    def _large_range(self, index: int, offset: int, end: int, block: bytes, start: int, position: int) -> None:
+        """Queue the pieces of a large range ending beyond ``position``, each read as such (the first
+        one completed from the source when the range starts in ``block``, from ``start``)."""
+        if offset < position:
+            head = block[offset - start:]
+            rest = min(CHUNK, end - offset) - len(head)
+            piece = self._read(rest, position, end)
+            if len(piece) < rest:
+                self._ended(position + len(piece), end)
+            self._queue(index, head + piece)
+            position += rest
+        else:
+            position = self._skip(position, offset)
+        while position < end:
+            piece = self._read(min(CHUNK, end - position), position, end)
+            self._queue(index, piece)
+            position += len(piece)
+
+    def _skip(self, position: int, offset: int) -> int:
+        """Inflate and drop the data from ``position`` up to ``offset`` (no one asked for it)."""
+        while position < offset:
+            position += len(self._read(min(CHUNK, offset - position), position, offset))
+        return position
 
     def _read(self, n: int, position: int, target: int) -> bytes:
         if self._handoff.stopped:
             raise _Stopped
         data = self._source.read(n)
         if not data:
-            raise ImageError(f"{self.what}: a second read of the layer ended at {position} bytes, before "
-                             f"offset {target} (the blob changed?)")
+            self._ended(position, target)
         self.inflated = position + len(data)
         return data
+
+    def _ended(self, position: int, target: int) -> None:
+        raise ImageError(f"{self.what}: a second read of the layer ended at {position} bytes, before "
+                         f"offset {target} (the blob changed?)")
 
     # -- reader side ------------------------------------------------------------------------
     def _fill(self) -> bool:

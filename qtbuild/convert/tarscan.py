@@ -497,6 +497,56 @@ def _pax_xattrs(records: dict[bytes, bytes]) -> tuple[str, ...]:
     return tuple(names)
 
 
+_NUL_TO_SPACE = bytes.maketrans(b"\0", b" ")
+#: Typeflags :func:`_quick_member` takes (``\0`` and ``7`` go the general way: V7 directories, rarity).
+_QUICK_KINDS = {b"0": REGULAR, b"5": DIRECTORY, b"2": SYMLINK, b"1": HARDLINK}
+_new_member = tuple.__new__
+_EMPTY_FIELD = b" " * 8  # devmajor or devminor left empty (NULs), as many writers do for non-devices
+
+
+def _quick_member(block: bytes, offset: int, max_name: int, max_file_size: int) -> TarMember | None:
+    """The member of a plain ustar or GNU header at ``offset``, if it is one that every rule of
+    :class:`TarScanner` plainly accepts; else None, and the general path parses ``block`` again
+    (and names the problem, if there is one).
+
+    The common case in one call, on one thread per layer for every member: the fields are sliced
+    out (no :class:`_Header`), NULs become spaces so that ``int()`` takes the octal fields as they
+    are (it strips spaces; anything but digits and padding was refused first, so it cannot
+    accept a sign or ``_``; padding inside a field makes it fail: the general path).  The
+    caller still checks the byte budget.
+    """
+    kind = _QUICK_KINDS.get(block[156:157])
+    magic = block[257:265]
+    if kind is None or (magic != _MAGIC_POSIX and magic != _MAGIC_GNU):
+        return None
+    numbers = block[100:156].translate(_NUL_TO_SPACE)  # mode uid gid size mtime chksum
+    devices = block[329:345].translate(_NUL_TO_SPACE)
+    if numbers.translate(None, b"01234567 ") or devices.translate(None, b"01234567 "):
+        return None
+    try:
+        size = int(numbers[24:36], 8)
+        stored = int(numbers[48:56], 8)
+        uid, gid, mtime = int(numbers[8:16], 8), int(numbers[16:24], 8), int(numbers[36:48], 8)
+        major = int(devices[:8], 8) if devices[:8] != _EMPTY_FIELD else 0
+        minor = int(devices[8:], 8) if devices[8:] != _EMPTY_FIELD else 0
+        mode = int(numbers[:8], 8) & 0o7777
+    except ValueError:  # an empty field, or padding inside one
+        return None
+    if stored != _byte_sum(block) - sum(block[148:156]) + 8 * 32:
+        return None
+    name = block[:100].partition(b"\0")[0]
+    if magic == _MAGIC_POSIX:
+        prefix = block[345:500].partition(b"\0")[0]
+        if prefix:
+            name = prefix + b"/" + name
+    linkname = block[157:257].partition(b"\0")[0]
+    if ((size and kind is not REGULAR) or size > max_file_size or len(name) > max_name
+            or len(linkname) > max_name or max(uid, gid, major, minor) > U32_MAX):
+        return None
+    return _new_member(TarMember, (name, kind, mode, uid, gid, mtime, size, linkname, major, minor, (),
+                                   offset, offset + BLOCK_SIZE))
+
+
 @dataclass
 class _Pending:
     """Meta headers collected for the next member."""
@@ -537,12 +587,19 @@ class TarScanner:
         return self._input.offset
 
     def __iter__(self) -> Iterator[TarMember]:
+        read_exact, skip_data = self._input.read_exact, self._input.skip_data
+        limits, budget = self._limits, self._budget
+        max_name, max_file_size = limits.max_name, limits.max_file_size
         while True:
-            member = self._next_member()
-            if member is None:
-                return
+            offset = self._input.offset
+            block = read_exact(BLOCK_SIZE, "header")
+            member = None if block is None else _quick_member(block, offset, max_name, max_file_size)
+            if member is None or (budget is not None and member.size and not budget.fits(member.size)):
+                member = self._next_member(block, offset)
+                if member is None:
+                    return
             yield member
-            self._input.skip_data(member.size + _padding(member.size), member.header_offset)
+            skip_data(member.size + _padding(member.size), member.header_offset)
 
     def drain(self) -> None:
         """Read whatever follows the end of the archive to EOF (not tee-d)."""
@@ -550,13 +607,14 @@ class TarScanner:
 
     # -- headers -----------------------------------------------------------------------------
 
-    def _next_member(self) -> TarMember | None:
+    def _next_member(self, block: bytes | None, start: int) -> TarMember | None:
+        """The member whose first header ``block`` (None at EOF) was read at offset ``start``."""
         read_exact = self._input.read_exact
-        start = self.offset
         pending = _NO_META  # replaced on the first meta header (most members have none)
+        offset = start
         while True:
-            offset = self.offset
-            block = read_exact(BLOCK_SIZE, "header")
+            if offset != start:
+                block = read_exact(BLOCK_SIZE, "header")
             if block is None or block == ZERO_BLOCK:
                 if not pending.empty:
                     raise TarFormatError(f"archive ends at offset {offset} right after extended headers")
@@ -568,6 +626,7 @@ class TarScanner:
                 if pending is _NO_META:
                     pending = _Pending(start)
                 self._read_meta(header, pending, offset)
+                offset = self.offset
                 continue
             if pending.empty:
                 return self._plain_member(header, start)

@@ -40,3 +40,14 @@ def test_stop_frees_a_worker_waiting_for_room():
     worker.join(2)
     assert not worker.is_alive()
     assert results == [True, False]
+
+
+def test_offer_queues_only_while_there_is_room_and_never_waits():
+    handoff: Handoff[int] = Handoff(1)
+    assert handoff.offer(1)
+    assert not handoff.offer(2)  # full: dropped at once, the caller keeps it
+    assert handoff.get() == 1
+    assert handoff.offer(3)
+    assert handoff.get() == 3
+    handoff.stop()
+    assert not handoff.offer(4)

@@ -137,6 +137,48 @@ def test_tee_gets_the_stream_and_close_stops_a_worker_nobody_reads_from():
 # --------------------------------------------------------------------------------------------
 
 
+class _EndSeen(io.BytesIO):
+    """A stream read 8 KiB at a time that records when its reader reached the end."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.at_end = threading.Event()
+
+    def read(self, size: int | None = -1) -> bytes:
+        chunk = super().read(8192 if size is None or size < 0 else min(size, 8192))
+        if not chunk:
+            self.at_end.set()
+        return chunk
+
+
+def test_progress_alone_does_not_stop_a_layer_read_ahead(monkeypatch):
+    # Large files, few members: before, every BATCH_BYTES read was a batch that waited for room,
+    # so a layer above the one being applied stopped after `depth` of them (layer 3 of the
+    # benchmark image: 32 MiB of 644) and was inflated only once its turn came.
+    monkeypatch.setattr("qtbuild.convert.layer_scan.BATCH_BYTES", 4096)
+    tar = build_tar([M(f"big{i}", data=os.urandom(20_000)) for i in range(20)])
+    stream = _EndSeen(tar)
+    scan = LayerScan(lambda: stream, limits=TarLimits(), budget=ByteBudget(1 << 30).share(0), depth=2)
+    try:
+        assert stream.at_end.wait(10), "the worker stopped before the end of the layer"
+        batches = list(scan.batches())
+        assert [m.name for members, _ in batches for m in members] == [f"big{i}".encode() for i in range(20)]
+        assert sum(read for _, read in batches) == len(tar)
+    finally:
+        scan.close()
+
+
+def test_a_layer_ahead_still_stops_at_depth_full_batches_of_members():
+    tar = build_tar([M(f"f{i:05d}") for i in range(BATCH_MEMBERS * 3 + 1)])
+    stream = _EndSeen(tar)
+    scan = LayerScan(lambda: stream, limits=TarLimits(), budget=ByteBudget(1 << 30).share(0), depth=1)
+    try:
+        assert not stream.at_end.wait(0.5), "the worker read past its bound of members"
+        assert sum(len(members) for members, _ in scan.batches()) == BATCH_MEMBERS * 3 + 1
+    finally:
+        scan.close()
+
+
 def test_segments_have_their_own_offsets_and_go_with_the_store(tmp_path):
     store = SpillStore(str(tmp_path))
     first, second = store.segment(), store.segment()

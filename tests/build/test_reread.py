@@ -331,3 +331,43 @@ def test_readinto_fills_buffers_of_any_size_across_pieces(tmp_path):
                 out += buffer[:got]
         assert bytes(out) == data[offset:offset + size]
     reader.finish()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_small_files_cut_from_blocks_and_large_ones_read_as_pieces_give_every_byte(tmp_path, seed):
+    """Ranges of every size around SMALL, BLOCK and CHUNK, close together or far apart, starting in
+    the block read ahead or beyond it: each file's bytes, in the pieces the reader expects."""
+    import random
+
+    rng = random.Random(seed)
+    sizes = [1, 511, 4096, reread.SMALL - 1, reread.SMALL, reread.BLOCK - 700, reread.BLOCK + 3, reread.CHUNK + 9]
+    gaps = [0, 512, 1024, reread.BLOCK - 1, reread.BLOCK, reread.BLOCK + 512, reread.CHUNK + 1]
+    files, position = [], rng.choice(gaps)
+    for _ in range(60):
+        size = rng.choice(sizes)
+        files.append((position, size))
+        position += size + rng.choice(gaps)
+    data = os.urandom(position + 1024)
+    source = _Source(data)
+    reader = _reader(source, files, tmp_path, stash_limit=0)
+    pieces: list[int] = []
+    for offset, size in files:
+        with reader.open_range(offset, size) as stream:
+            got = b""
+            while chunk := stream.read(reread.CHUNK):
+                got += chunk
+                pieces.append(len(chunk))
+        assert got == data[offset:offset + size], (offset, size)
+    assert source.opened == 1
+    assert max(pieces) <= reread.CHUNK
+    reader.finish()
+
+
+def test_a_blob_shorter_on_the_second_read_within_a_block_is_an_error(tmp_path):
+    source = _Source(os.urandom(10_000))
+    reader = _reader(source, [(100, 50), (9_000, 500)], tmp_path)
+    source.data = source.data[:9_200]
+    with pytest.raises(ImageError, match="second read of the layer ended at 9200 bytes, before offset 9500"):
+        _read(reader, 100, 50)
+        _read(reader, 9_000, 500)
+    reader.close_cursors()
