@@ -271,14 +271,10 @@ def test_unknown_source_prefix_never_reaches_the_daemon(source, message):
 def test_daemon_errors_carry_no_request_url():
     """The real daemon's 400 for a malformed reference, met without the reference check."""
     from qtbuild.errors import ImageError
-    from qtbuild.sources import daemon_request as daemon
+    from qtbuild.sources.daemon_request import SaveRequest
 
-    client = daemon._connect()
-    try:
-        with pytest.raises(ImageError) as raised:
-            daemon._inspect(client, "oci-archive:/tmp/x.tar")
-    finally:
-        client.close()
+    with pytest.raises(ImageError) as raised:
+        SaveRequest("oci-archive:/tmp/x.tar").inspected()
     assert "invalid reference format" in str(raised.value) and "http" not in str(raised.value)
 
 
