@@ -2,13 +2,13 @@
 
 It records, in seconds since ``$QTBUILD_BENCH_T0`` (the benchmark's ``time.time()`` just before it
 started the process), when the save request was sent (the Docker SDK's ``get_image``, or
-``qtbuild.sources.docker_api.get`` where qtbuild speaks to the socket itself), when the
+``qtbuild.sources.docker_api.send`` where qtbuild speaks to the socket itself), when the
 daemon's save stream delivered its first and its last chunk to qtbuild and when the EIF write
 began and ended, and writes them as JSON to ``$QTBUILD_BENCH_MARKS`` at exit.  It imports nothing
 of qtbuild or the SDK itself: the modules are patched as the process imports them (a
 ``sys.meta_path`` finder), so the process keeps its own import order and timing.  The patched
 names — ``SaveStreamImage(chunks, ...)``, the pipeline's ``write_eif`` and the SDK's
-``ImageApiMixin.get_image`` or ``docker_api.get`` — exist in every qtbuild version the benchmark
+``ImageApiMixin.get_image`` or ``docker_api.send`` — exist in every qtbuild version the benchmark
 compares (whichever the version uses), so the reference interpreter is instrumented alike.
 """
 
@@ -65,14 +65,14 @@ def _patch_pipeline(module) -> None:
 
 
 def _patch_docker_api(module) -> None:
-    get = module.get
+    send = module.send
 
-    def timed_get(address, path, **kwargs):
+    def timed_send(address, path, **kwargs):
         if "/get" in path.partition("?")[0]:
             _MARKS.setdefault("request", _now())  # the save request leaves now (then waits for the export)
-        return get(address, path, **kwargs)
+        return send(address, path, **kwargs)
 
-    module.get = timed_get
+    module.send = timed_send
 
 
 def _patch_docker_images(module) -> None:

@@ -74,17 +74,21 @@ class SaveRequest:
         #: Whether the save names ``platform`` (Engine API >= 1.48): the daemon then picks that platform's image,
         #: which the inspect (of the default platform's) may not describe.
         self.platform_in_save = platform is not None and self._daemon.api_version() >= PLATFORM_SAVE_API
-        threading.Thread(target=self._save, args=(self._daemon,), name="docker-save", daemon=True).start()
+        try:  # sent here where it can be (the worker would wait for the GIL while this thread imports the converter)
+            chunks = self._daemon.save(self._attrs["Id"], ref, platform if self.platform_in_save else None)
+        except ImageError as exc:
+            self._fail(exc)
+            return
+        threading.Thread(target=self._save, args=(chunks,), name="docker-save", daemon=True).start()
 
     def _fail(self, error: ImageError) -> None:
         self._error = error
         self._answered.set()
         self.close()
 
-    def _save(self, daemon: _Daemon) -> None:
-        """On the worker: send the save and wait for its first chunk (the daemon's export time).
-        ``daemon`` is closed by the chunks, also when :meth:`close` came first."""
-        chunks = daemon.save(self._attrs["Id"], self.ref, self.platform if self.platform_in_save else None)
+    def _save(self, chunks: Generator[bytes]) -> None:
+        """On the worker: wait for the save's first chunk (the daemon's export time).  The daemon is closed by
+        the chunks, also when :meth:`close` came first."""
         try:
             first = next(chunks, b"")
         except ImageError as exc:
@@ -168,7 +172,9 @@ class _Daemon(Protocol):
 
     def api_version(self) -> tuple[int, ...]: ...
 
-    def save(self, image_id: str, ref: str, platform: Platform | None) -> Generator[bytes]: ...
+    def save(self, image_id: str, ref: str, platform: Platform | None) -> Generator[bytes]:
+        """The save's chunks (the request is sent now, or when they are first asked for)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -227,21 +233,14 @@ class _SocketDaemon:
         return self._version
 
     def save(self, image_id: str, ref: str, platform: Platform | None) -> Generator[bytes]:
-        """``GET /images/{id}/get`` (with ``platform`` when given: API >= 1.48), its body in CHUNK pieces."""
+        """Send ``GET /images/{id}/get`` (with ``platform`` when given: API >= 1.48) now; its body in CHUNK pieces."""
         query = {"platform": _platform_json(platform)} if platform is not None else None
-
-        def failed(reason: str) -> ImageError:
-            return ImageError(f"Docker daemon failed to save {ref!r}: {reason}")
-
-        response = self._get(docker_api.api_path("/images/{0}/get", image_id, query=query), SAVE_TIMEOUT, failed)
+        path = docker_api.api_path("/images/{0}/get", image_id, query=query)
         try:
-            if response.status != 200:
-                raise failed(response.error_message())
-            yield from response.chunks(CHUNK)
+            sock = docker_api.send(self._address, path, timeout=SAVE_TIMEOUT)
         except (OSError, docker_api.ProtocolError) as exc:
-            raise failed(_reason(exc)) from None
-        finally:
-            response.close()
+            raise _save_failed(ref, _reason(exc)) from None
+        return _saved(sock, ref)
 
     def _get(self, path: str, timeout: float, error) -> docker_api.Response:
         try:
@@ -251,6 +250,26 @@ class _SocketDaemon:
 
     def close(self) -> None:
         """Nothing to drop: every request has its own connection, closed with its answer."""
+
+
+def _saved(sock, ref: str) -> Generator[bytes]:
+    """The answer to the save sent on ``sock``, in CHUNK pieces."""
+    response = None
+    try:
+        response = docker_api.receive(sock)
+        if response.status != 200:
+            raise _save_failed(ref, response.error_message())
+        yield from response.chunks(CHUNK)
+    except (OSError, docker_api.ProtocolError) as exc:
+        raise _save_failed(ref, _reason(exc)) from None
+    finally:
+        if response is not None:
+            response.close()
+        sock.close()
+
+
+def _save_failed(ref: str, reason: str) -> ImageError:
+    return ImageError(f"Docker daemon failed to save {ref!r}: {reason}")
 
 
 def _reason(exc: BaseException) -> str:
@@ -306,7 +325,7 @@ class _SdkDaemon:
                 response = api._get(api._url("/images/{0}/get", image_id), params=params, stream=True)
                 yield from api._stream_raw_result(response, CHUNK, False)
         except (docker.errors.DockerException, requests.RequestException, urllib3.exceptions.HTTPError) as exc:
-            raise ImageError(f"Docker daemon failed to save {ref!r}: {daemon_reason(exc)}") from None
+            raise _save_failed(ref, daemon_reason(exc)) from None
         finally:
             self.close()
 

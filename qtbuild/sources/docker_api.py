@@ -8,7 +8,8 @@ requests this needs are sent here.  Only what a plain socket can reach is handle
 TLS; :func:`socket_address` returns None for anything else (TLS, ``ssh://``), which goes through
 the SDK.
 
-Contract: :func:`get` connects, sends the request and reads the status line and headers (each
+Contract: :func:`get` connects, sends the request (:func:`send`) and reads the status line and
+headers (:func:`receive`; each
 line at most :data:`MAX_HEADER_LINE` bytes, at most :data:`MAX_HEADERS` lines); connection errors
 are ``OSError`` (``FileNotFoundError`` for a missing socket, ``PermissionError``,
 ``ConnectionRefusedError``), a malformed answer is :class:`ProtocolError`.  A
@@ -139,6 +140,12 @@ class Response:
 
 def get(address: SocketAddress, path: str, *, timeout: float | None) -> Response:
     """``GET path`` on a new connection to ``address``; ``timeout`` bounds each receive (None: wait)."""
+    return receive(send(address, path, timeout=timeout))
+
+
+def send(address: SocketAddress, path: str, *, timeout: float | None) -> socket.socket:
+    """Connect to ``address`` and send ``GET path``; :func:`receive` reads the answer (the caller closes the
+    socket if it never does)."""
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     try:
         sock.settimeout(CONNECT_TIMEOUT)
@@ -146,6 +153,15 @@ def get(address: SocketAddress, path: str, *, timeout: float | None) -> Response
         sock.settimeout(timeout)
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: docker\r\nUser-Agent: qtbuild\r\n"
                      "Connection: close\r\n\r\n".encode("ascii"))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def receive(sock: socket.socket) -> Response:
+    """The answer to the request :func:`send` sent on ``sock`` (which it now owns): status and headers."""
+    try:
         reader = sock.makefile("rb", buffering=1 << 20)
         try:
             status, headers = _head(reader)
