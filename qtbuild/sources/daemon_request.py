@@ -38,7 +38,7 @@ from typing import Protocol
 from qtbuild.errors import ImageError
 from qtbuild.formats.bounded_input import load_json
 from qtbuild.sources import docker_api
-from qtbuild.sources.base import KNOWN_PREFIXES, MAX_JSON_DOCUMENT, Platform
+from qtbuild.sources.base import KNOWN_PREFIXES, MAX_JSON_DOCUMENT, Platform, check_digest
 
 CHUNK = 1 << 20
 PLATFORM_SAVE_API = (1, 48)
@@ -75,7 +75,8 @@ class SaveRequest:
         #: which the inspect (of the default platform's) may not describe.
         self.platform_in_save = platform is not None and self._daemon.api_version() >= PLATFORM_SAVE_API
         try:  # sent here where it can be (the worker would wait for the GIL while this thread imports the converter)
-            chunks = self._daemon.save(self._attrs["Id"], ref, platform if self.platform_in_save else None)
+            image_id = check_digest(self._attrs.get("Id"), f"docker://{ref}: image ID")
+            chunks = self._daemon.save(image_id, ref, platform if self.platform_in_save else None)
         except ImageError as exc:
             self._fail(exc)
             return

@@ -158,3 +158,11 @@ def test_only_what_a_plain_socket_reaches_skips_the_sdk(environ, expected):
     else:
         assert address is not None
         assert (expected[0] or address.url, address.family, address.target) == (address.url, *expected[1:])
+
+
+def test_an_inspect_without_an_image_id_is_refused_before_any_save(socket_path):
+    with daemon(socket_path, inspect=answer(200, json.dumps({"Id": "../../containers/x"}).encode())) as fake:
+        request = daemon_request.SaveRequest("app:1")
+        with pytest.raises(ImageError, match="^docker://app:1: image ID"):
+            b"".join(request.chunks())
+    assert fake.requests == ["/images/app:1/json"]
