@@ -109,7 +109,9 @@ def timed_convert(python: str, tag: str, output: str, marks_file: str) -> dict[s
     code = f"exec(open({str(hook)!r}).read()); from qtbuild.cli import main; main()"
     start = time.time()
     environment = {**_environment(), "QTBUILD_BENCH_T0": repr(start), "QTBUILD_BENCH_MARKS": marks_file}
-    result = subprocess.run([python, "-c", code, "convert", "-q", f"docker://{tag}", "-o", output],
+    # -P: the working directory is not put on sys.path, so each interpreter runs its own checkout's qtbuild
+    # (started from a checkout, the reference interpreter imported the checkout's code, not its own)
+    result = subprocess.run([python, "-P", "-c", code, "convert", "-q", f"docker://{tag}", "-o", output],
                             capture_output=True, text=True, env=environment)
     total = time.time() - start
     if result.returncode != 0:
