@@ -8,7 +8,9 @@ a signing key, the boot profile) be done meanwhile.
 
 :class:`SaveRequest` inspects the image on the calling thread, then sends ``GET /images/{id}/get``
 (what ``docker save`` does; by ID, so a tag moved meanwhile cannot swap the image) from a worker
-thread, which waits there for the first chunk.  The daemon is the one ``DOCKER_HOST`` names (the
+thread, which waits there for the first chunk and then receives up to :data:`READ_AHEAD` chunks
+ahead of the reader (the early layer spilled to disk, or the tree built from a live one, is then
+not stalled by every receive).  The daemon is the one ``DOCKER_HOST`` names (the
 docker CLI's default socket when unset); a Unix socket or a plain ``tcp://`` one is spoken to with
 the standard library (:mod:`qtbuild.sources.docker_api`: no SDK import, a tenth to a quarter of a
 second before the request can leave), anything else (TLS, ``ssh://``) through the Docker SDK
@@ -35,6 +37,7 @@ import threading
 from collections.abc import Generator, Iterator
 from typing import Protocol
 
+from qtbuild.convert.handoff import Handoff
 from qtbuild.errors import ImageError
 from qtbuild.formats.bounded_input import load_json
 from qtbuild.sources import docker_api
@@ -47,6 +50,8 @@ INSPECT_TIMEOUT = 60.0
 #: Seconds the save may go without a byte: the daemon exports the whole image before the first one
 #: (about 6 s per GiB measured; Docker 20.10), so this bounds a hung daemon, not a slow one.
 SAVE_TIMEOUT = 600.0
+#: Chunks received ahead of the reader (each CHUNK bytes).
+READ_AHEAD = 8
 
 
 class SaveRequest:
@@ -56,54 +61,42 @@ class SaveRequest:
     def __init__(self, ref: str, platform: Platform | None = None):
         self.ref = ref
         self.platform = platform
-        self._daemon: _Daemon | None = None
         self._attrs: dict = {}
         self._error: ImageError | None = None
         self._closed = False
-        self._answered = threading.Event()
-        self._lock = threading.Lock()
-        self._first: bytes = b""
-        self._rest: Iterator[bytes] = iter(())
+        self._ahead: Handoff[bytes] = Handoff(READ_AHEAD)
         self.platform_in_save = False
+        daemon = None
         try:
-            self._daemon = _daemon()
-            self._attrs = self._daemon.inspect(ref)
-        except ImageError as exc:
-            self._fail(exc)
-            return
-        #: Whether the save names ``platform`` (Engine API >= 1.48): the daemon then picks that platform's image,
-        #: which the inspect (of the default platform's) may not describe.
-        self.platform_in_save = platform is not None and self._daemon.api_version() >= PLATFORM_SAVE_API
-        try:  # sent here where it can be (the worker would wait for the GIL while this thread imports the converter)
+            daemon = _daemon()
+            self._attrs = daemon.inspect(ref)
+            #: Whether the save names ``platform`` (Engine API >= 1.48): the daemon then picks that platform's
+            #: image, which the inspect (of the default platform's) may not describe.
+            self.platform_in_save = platform is not None and daemon.api_version() >= PLATFORM_SAVE_API
+            # sent here where it can be: the worker would wait for the GIL while this thread imports the converter
             image_id = check_digest(self._attrs.get("Id"), f"docker://{ref}: image ID")
-            chunks = self._daemon.save(image_id, ref, platform if self.platform_in_save else None)
+            chunks = daemon.save(image_id, ref, platform if self.platform_in_save else None)
         except ImageError as exc:
-            self._fail(exc)
+            self._error = exc
+            if daemon is not None:
+                daemon.close()
             return
-        threading.Thread(target=self._save, args=(chunks,), name="docker-save", daemon=True).start()
+        threading.Thread(target=self._read_ahead, args=(chunks,), name="docker-save", daemon=True).start()
 
-    def _fail(self, error: ImageError) -> None:
-        self._error = error
-        self._answered.set()
-        self.close()
-
-    def _save(self, chunks: Generator[bytes]) -> None:
-        """On the worker: wait for the save's first chunk (the daemon's export time).  The daemon is closed by
-        the chunks, also when :meth:`close` came first."""
+    def _read_ahead(self, chunks: Generator[bytes]) -> None:
+        """On the worker: the save's chunks (the first after the daemon's export), up to READ_AHEAD ahead of
+        the reader, so receiving overlaps with what the reader does with them.  The chunks close the daemon."""
         try:
-            first = next(chunks, b"")
+            for chunk in chunks:
+                if not self._ahead.put(chunk):
+                    return  # closed by the reader
+            self._ahead.end()
         except ImageError as exc:
-            self._fail(exc)
-            return
+            self._ahead.fail(exc)
         except BaseException as exc:  # never lost on a thread: raised where the chunks are read
-            self._fail(ImageError(f"Docker daemon failed to save {self.ref!r}: {type(exc).__name__}"))
-            return
-        with self._lock:
-            if self._closed:
-                chunks.close()
-            else:
-                self._first, self._rest = first, chunks
-        self._answered.set()
+            self._ahead.fail(ImageError(f"Docker daemon failed to save {self.ref!r}: {type(exc).__name__}"))
+        finally:
+            chunks.close()
 
     def inspected(self) -> dict:
         """The daemon's image inspect (``Id``, ``RootFS``, ``RepoDigests``, ...); ImageError if the daemon
@@ -115,26 +108,17 @@ class SaveRequest:
     def chunks(self) -> Iterator[bytes]:
         """The save stream's chunks as the daemon sends them; a daemon or connection error is an ImageError."""
         try:
-            self._answered.wait()
             if self._error is not None:
                 raise self._error
-            if self._first:
-                yield self._first
-            yield from self._rest
+            while (chunk := self._ahead.get()) is not None:
+                yield chunk
         finally:
             self.close()
 
     def close(self) -> None:
         """Drop the connection (idempotent; a save still being exported is dropped when it answers)."""
-        with self._lock:
-            self._closed = True
-            rest, self._rest = self._rest, iter(())
-            daemon, self._daemon = self._daemon, None
-        close_rest = getattr(rest, "close", None)
-        if close_rest is not None:
-            close_rest()  # the save's generator closes the daemon
-        elif daemon is not None and self._answered.is_set():
-            daemon.close()
+        self._closed = True
+        self._ahead.stop()
 
 
 _EARLY: dict[tuple[str, Platform | None], SaveRequest] = {}
