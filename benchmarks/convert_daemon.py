@@ -146,6 +146,10 @@ def report(rounds: dict[str, list[dict[str, float]]]) -> float:
         if name != "docker save":
             ratio = statistics.median(c["total"] / s["total"] for c, s in zip(runs, saves, strict=True))
             print(f"{name} docker:// = {ratio:.2f} x docker save (target <= 1.15)")
+    if "reference" in rounds:  # the A/B itself: paired within each round, so the save's own noise drops out
+        paired = statistics.median(c["total"] / r["total"] for c, r in zip(rounds["convert"], rounds["reference"],
+                                                                           strict=True))
+        print(f"convert / reference = {paired:.3f} (median of the per-round ratios)")
     save, first, last = (_median(saves, key) for key in ("total", "first byte", "last byte"))
     write = statistics.median(r.get("write end", math.nan) - r.get("write start", math.nan)
                               for r in rounds["convert"])
