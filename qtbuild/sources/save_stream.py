@@ -67,6 +67,8 @@ from qtbuild.sources.select import (
 
 BLOCK = 512
 CHUNK = 1 << 20
+#: Chunks smaller than this are gathered into larger reads (see _ChunkReader.read).
+GATHER = 256 * 1024
 #: Largest save stream read (the flatten step's cap on uncompressed layer bytes).
 MAX_STREAM_BYTES = 64 << 30
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -79,31 +81,46 @@ class _ChunkReader:
     def __init__(self, chunks: Iterator[bytes], what: str):
         self._chunks = chunks
         self._what = what
+        self._chunk = b""  # the chunk _buffer is a view of
         self._buffer = memoryview(b"")
         self.consumed = 0
         self.recording: bytearray | None = bytearray()  # everything read, until the layout is known
 
     def read(self, n: int) -> bytes:
-        """``n`` bytes, fewer only at the end of the stream (the HTTP chunks are small: gathering
-        them makes one copy and saves a hash update and a write call per chunk downstream)."""
-        parts, size = [], 0
-        while size < n:
-            if not self._buffer:
-                chunk = next(self._chunks, b"")
-                if not chunk:
-                    break
-                self._buffer = memoryview(chunk)
-            part = self._buffer[:n - size]
-            self._buffer = self._buffer[len(part):]
-            parts.append(part)
-            size += len(part)
-        data = b"".join(parts)
+        """Up to ``n`` bytes, none only at the end of the stream.  Small chunks (the Docker SDK yields the
+        daemon's 32 KiB HTTP chunks) are gathered up to ``n``: one copy that saves a hash update and a
+        write call per chunk downstream.  From a large chunk (qtbuild's own client regroups them into
+        1 MiB) the read takes only what that chunk holds, and a whole chunk is returned without a copy."""
+        if not self._buffer:
+            self._chunk = next(self._chunks, b"")
+            self._buffer = memoryview(self._chunk)
+        buffer = self._buffer
+        if len(buffer) >= min(n, GATHER):
+            whole = len(buffer) <= n and len(buffer) == len(self._chunk) and isinstance(self._chunk, bytes)
+            data = self._chunk if whole else bytes(buffer[:n])
+            self._buffer = buffer[len(data):]
+        else:
+            data = self._gather(n)
         self.consumed += len(data)
         if self.consumed > MAX_STREAM_BYTES:
             raise ImageError(f"{self._what}: the save stream exceeds {MAX_STREAM_BYTES} bytes")
         if self.recording is not None:
             self.recording += data
         return data
+
+    def _gather(self, n: int) -> bytes:
+        parts, size = [], 0
+        while size < n:
+            if not self._buffer:
+                self._chunk = next(self._chunks, b"")
+                if not self._chunk:
+                    break
+                self._buffer = memoryview(self._chunk)
+            part = self._buffer[:n - size]
+            self._buffer = self._buffer[len(part):]
+            parts.append(part)
+            size += len(part)
+        return b"".join(parts)
 
     def read_exact(self, n: int, what: str) -> bytes:
         parts, missing = [], n
