@@ -109,7 +109,9 @@ def timed_convert(python: str, tag: str, output: str, marks_file: str) -> dict[s
     code = f"exec(open({str(hook)!r}).read()); from qtbuild.cli import main; main()"
     start = time.time()
     environment = {**_environment(), "QTBUILD_BENCH_T0": repr(start), "QTBUILD_BENCH_MARKS": marks_file}
-    result = subprocess.run([python, "-c", code, "convert", "-q", f"docker://{tag}", "-o", output],
+    # -P: the working directory is not put on sys.path, so each interpreter runs its own checkout's qtbuild
+    # (started from a checkout, the reference interpreter imported the checkout's code, not its own)
+    result = subprocess.run([python, "-P", "-c", code, "convert", "-q", f"docker://{tag}", "-o", output],
                             capture_output=True, text=True, env=environment)
     total = time.time() - start
     if result.returncode != 0:
@@ -144,6 +146,10 @@ def report(rounds: dict[str, list[dict[str, float]]]) -> float:
         if name != "docker save":
             ratio = statistics.median(c["total"] / s["total"] for c, s in zip(runs, saves, strict=True))
             print(f"{name} docker:// = {ratio:.2f} x docker save (target <= 1.15)")
+    if "reference" in rounds:  # the A/B itself: paired within each round, so the save's own noise drops out
+        paired = statistics.median(c["total"] / r["total"] for c, r in zip(rounds["convert"], rounds["reference"],
+                                                                           strict=True))
+        print(f"convert / reference = {paired:.3f} (median of the per-round ratios)")
     save, first, last = (_median(saves, key) for key in ("total", "first byte", "last byte"))
     write = statistics.median(r.get("write end", math.nan) - r.get("write start", math.nan)
                               for r in rounds["convert"])

@@ -1,14 +1,15 @@
 """Instrumentation for benchmarks/convert_daemon.py, run (``exec``) at the start of a timed convert process.
 
 It records, in seconds since ``$QTBUILD_BENCH_T0`` (the benchmark's ``time.time()`` just before it
-started the process), when the save request was sent (the Docker SDK's ``get_image``), when the
+started the process), when the save request was sent (the Docker SDK's ``get_image``, or
+``qtbuild.sources.docker_api.send`` where qtbuild speaks to the socket itself), when the
 daemon's save stream delivered its first and its last chunk to qtbuild and when the EIF write
 began and ended, and writes them as JSON to ``$QTBUILD_BENCH_MARKS`` at exit.  It imports nothing
 of qtbuild or the SDK itself: the modules are patched as the process imports them (a
 ``sys.meta_path`` finder), so the process keeps its own import order and timing.  The patched
 names — ``SaveStreamImage(chunks, ...)``, the pipeline's ``write_eif`` and the SDK's
-``ImageApiMixin.get_image`` — exist in every qtbuild version the benchmark compares, so the
-reference interpreter is instrumented alike.
+``ImageApiMixin.get_image`` or ``docker_api.send`` — exist in every qtbuild version the benchmark
+compares (whichever the version uses), so the reference interpreter is instrumented alike.
 """
 
 import atexit
@@ -63,6 +64,17 @@ def _patch_pipeline(module) -> None:
     module.write_eif = timed_write_eif
 
 
+def _patch_docker_api(module) -> None:
+    send = module.send
+
+    def timed_send(address, path, **kwargs):
+        if "/get" in path.partition("?")[0]:
+            _MARKS.setdefault("request", _now())  # the save request leaves now (then waits for the export)
+        return send(address, path, **kwargs)
+
+    module.send = timed_send
+
+
 def _patch_docker_images(module) -> None:
     get_image = module.ImageApiMixin.get_image
 
@@ -74,7 +86,7 @@ def _patch_docker_images(module) -> None:
 
 
 _PATCHES = {"qtbuild.sources.save_stream": _patch_save_stream, "qtbuild.convert.pipeline": _patch_pipeline,
-            "docker.api.image": _patch_docker_images}
+            "docker.api.image": _patch_docker_images, "qtbuild.sources.docker_api": _patch_docker_api}
 
 
 class _Patcher:

@@ -14,6 +14,7 @@ from qtbuild.cli.command import QtbuildCommand
 from qtbuild.cli.errors import EXIT_CHECK_FAILED, InputError
 from qtbuild.cli.output import emit_json, say
 from qtbuild.cli.signing_options import KEY_METAVAR, kms_credentials_option
+from qtbuild.errors import ImageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from qtbuild.convert.pipeline import ConvertOptions
@@ -73,7 +74,7 @@ def _options(params: dict, output: str | None) -> tuple[str, ConvertOptions]:
     if not source:
         raise InputError("no image given: qtbuild convert SOURCE -o app.eif (see --help)")
     if params["docker_dir"]:
-        source = _build_docker_dir(params["docker_dir"], source, params["quiet"])
+        source = _build_docker_dir(params["docker_dir"], source, params["quiet"], params)
     private_key, certificate = params["private_key"], params["signing_certificate"]
     if (private_key is None) != (certificate is None):
         raise InputError("--private-key and --signing-certificate go together: give both to sign, or neither")
@@ -92,8 +93,9 @@ def _options(params: dict, output: str | None) -> tuple[str, ConvertOptions]:
     return with_source_kind(source, params["source_kind"]), options
 
 
-def _build_docker_dir(directory: str, source: str, quiet: bool) -> str:
-    """Build ``directory`` as the image ``source`` names (a daemon reference) and return the source."""
+def _build_docker_dir(directory: str, source: str, quiet: bool, params: dict) -> str:
+    """Build ``directory`` as the image ``source`` names (a daemon reference) and return the source; the
+    built image's save is requested at once (see _save_sent_early)."""
     from qtbuild.sources.docker_build import build_image
     from qtbuild.sources.open import daemon_reference
 
@@ -102,6 +104,10 @@ def _build_docker_dir(directory: str, source: str, quiet: bool) -> str:
         raise InputError(f"--docker-dir builds through the Docker daemon: give --docker-uri a tag such as app:1.0, "
                          f"not {source!r}")
     build_image(directory, tag, log=lambda line: say(line, quiet=quiet))
+    from qtbuild.sources.daemon_request import send_early
+
+    with contextlib.suppress(ImageError):  # a --platform the pipeline refuses: it says why
+        send_early(tag, _early_platform(params))
     return f"docker://{tag}"
 
 
@@ -158,10 +164,10 @@ def convert_command(output, expected, provenance_path, **params) -> None:
 def _save_sent_early(params: dict) -> contextlib.AbstractContextManager:
     """For an image in the Docker daemon: its save requested now, before the convert pipeline is imported
     (the daemon exports the image for seconds before it sends a byte; see qtbuild.sources.daemon_request),
-    and dropped at the end of the block if the convert never got to it.  A null context for other sources,
-    and for --docker-dir and --platform (their request goes out when the image is opened, as before)."""
+    and dropped at the end of the block if the convert never got to it.  With --docker-dir the request
+    leaves once the image is built (_build_docker_dir).  A null context for other sources."""
     source = params["source"] or params["docker_uri"]
-    if not source or params["docker_dir"] or params["platform"] or params["source_kind"] not in (None, "daemon"):
+    if not source or params["source_kind"] not in (None, "daemon"):
         return contextlib.nullcontext()
     from qtbuild.sources.open import daemon_source_reference
 
@@ -170,7 +176,19 @@ def _save_sent_early(params: dict) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
     from qtbuild.sources.daemon_request import sent_early
 
-    return sent_early(ref)
+    try:
+        platform = _early_platform(params)
+    except ImageError:
+        return contextlib.nullcontext()  # the pipeline refuses it, and says why
+    return sent_early(None if params["docker_dir"] else ref, platform)
+
+
+def _early_platform(params: dict):
+    """``--platform`` as the pipeline passes it to the daemon source, so that source takes the request sent
+    early; None without one; ImageError for one the pipeline refuses."""
+    from qtbuild.sources.base import enclave_platform
+
+    return enclave_platform(params["platform"]) if params["platform"] else None
 
 
 def _write_provenance(path: str, eif: str, source: str, options: ConvertOptions, result) -> None:

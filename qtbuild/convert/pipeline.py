@@ -33,7 +33,7 @@ from qtbuild.convert.ramdisk import customer_ramdisk
 from qtbuild.convert.verify_gate import deferred_verification
 from qtbuild.errors import ImageError
 from qtbuild.formats.eif_writer import Signer, WriteResult, write_eif
-from qtbuild.sources.base import Image, Platform
+from qtbuild.sources.base import Image, Platform, enclave_platform
 from qtbuild.sources.open import open_image
 from qtbuild.sources.save_stream import SaveStreamImage
 
@@ -131,14 +131,6 @@ def _spill_dir(image: Image, options: ConvertOptions) -> str | None:
     if options.spill_dir is None and isinstance(image, SaveStreamImage):
         return image.scratch_dir
     return options.spill_dir
-
-
-def enclave_platform(text: str) -> Platform:
-    """``--platform`` as an enclave platform (linux/amd64 or linux/arm64, aliases allowed); else ImageError."""
-    platform = Platform.parse(text)
-    if platform.os != "linux" or platform.architecture not in ("amd64", "arm64") or platform.variant is not None:
-        raise ImageError(f"--platform {text!r} is not an enclave platform: use linux/amd64 or linux/arm64")
-    return platform
 
 
 def _image_arch(config: dict, platform: Platform | None) -> str:

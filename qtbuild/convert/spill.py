@@ -1,11 +1,17 @@
-"""Spill store: an append-only temporary file holding decompressed layer bytes, read back by range.
+"""Spill store: append-only scratch files holding layer bytes, read back by range.
 
 Layers whose blob cannot be read in place (compressed, or not a local file) are copied here while
 their tar stream is scanned; file data is later read from ``(offset, size)`` ranges of this file.
+A ``docker save`` stream (:mod:`qtbuild.sources.save_stream`) keeps the layers that arrive before
+their turn here too, and a whole OCI-layout save in a named file.
 
 Contract:
-- Nothing touches the disk until the first :meth:`SpillStore.append`; then a private directory
-  (mode 0700) is created under ``directory`` (default :func:`tempfile.gettempdir`) holding one file.
+- Nothing touches the disk until a file's first :meth:`SpillFile.append`; then the file is created
+  in ``directory`` (default :func:`tempfile.gettempdir`; the converter passes the output's
+  directory), private (mode 0600, a random name starting ``.qtbuild-spill-``), and unlinked at once:
+  its descriptors keep it alive, so nothing is left behind whatever ends the process.  A *named*
+  file (:meth:`SpillStore.segment` with ``named=True``, for readers that open a path) keeps its
+  name until the store closes; it holds exactly the appended bytes from offset 0.
 - :meth:`append` returns nothing; :attr:`size` is the offset the next byte will have.
 - :meth:`open_range` returns a stream of exactly the bytes ``[offset, offset + size)`` (fewer only
   if the file is shorter, which the cpio writer reports).  Call :meth:`flush` after appending and
@@ -13,16 +19,16 @@ Contract:
   refuse to read after :meth:`close`.
 - :meth:`segment` gives another append-only file in the same directory (same interface, its own
   offsets from 0): flatten spills several layers at once, each on its own thread, into their own
-  segments.  A segment is written by one thread at a time; the store's lock only guards creating
-  the directory.  :attr:`total_size` counts the store's file and every segment.
-- :meth:`close` removes the directory (segments included); it is idempotent.  Memory use is
+  segments.  A segment is written by one thread at a time.  :attr:`total_size` counts the store's
+  file and every segment.
+- :meth:`close` closes every file (and unlinks the named ones); it is idempotent.  Memory use is
   bounded by the write buffers whatever the amount spilled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import tempfile
 import threading
 from collections.abc import Callable
@@ -32,18 +38,21 @@ from typing import BinaryIO
 from qtbuild.errors import naming_path
 from qtbuild.formats.file_window import FileWindow
 
-#: Bytes before offset 0 of a spill file.  Appending 1 MiB chunks at page-aligned offsets makes
+PREFIX = ".qtbuild-spill-"
+#: Bytes before offset 0 of an unnamed spill file.  Appending 1 MiB chunks at page-aligned offsets makes
 #: the page cache take 1 MiB folios, which on the VMs measured (fresh guest memory) cost twice the
 #: system time of the small folios that unaligned appends get (0.45 vs 0.22 s per GiB).
 LEAD = 512
 
 
 class SpillFile:
-    """One append-only file of a spill directory, read back by range through one descriptor."""
+    """One append-only file of a spill store, read back by range through one descriptor."""
 
-    def __init__(self, store: SpillStore, name: str):
+    def __init__(self, store: SpillStore, *, named: bool = False):
         self._store = store
-        self._name = name
+        self._named = named
+        self._lead = 0 if named else LEAD
+        self._path: str | None = None
         self._writer: BinaryIO | None = None
         self._read_fd: int | None = None
         self._size = 0
@@ -64,15 +73,26 @@ class SpillFile:
         self._size += len(chunk)
 
     @property
+    def path(self) -> str | None:
+        """The file's name once created (unlinked at once unless the file is named)."""
+        return self._path
+
+    @property
     def _file(self) -> str:
-        return os.path.join(self._store.path or self._store.parent, self._name)
+        return self._path or self._store.parent
 
     def _open(self) -> BinaryIO:
-        self._store.make_directory()
-        path = self._file
-        self._writer = open(path, "xb", buffering=1 << 20)  # noqa: SIM115 -- the store owns it; close() closes it
-        self._read_fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        self._writer.write(bytes(LEAD))
+        parent = self._store.parent
+        with naming_path(parent):
+            fd, self._path = tempfile.mkstemp(prefix=PREFIX, suffix=".bin", dir=parent)
+        self._writer = open(fd, "wb", buffering=1 << 20)  # noqa: SIM115 -- the store owns it; close() closes it
+        try:
+            self._read_fd = os.open(self._path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        finally:
+            if not self._named:  # nothing to leave behind, whatever ends the process
+                os.unlink(self._path)
+        with naming_path(self._path):
+            self._writer.write(bytes(self._lead))
         return self._writer
 
     def flush(self) -> None:
@@ -85,7 +105,7 @@ class SpillFile:
         """A stream of ``size`` bytes starting at ``offset``."""
         if offset < 0 or size < 0 or offset + size > self._size:
             raise ValueError(f"range {offset}+{size} outside the spill store of {self._size} bytes")
-        return FileWindow.buffered(self, LEAD + offset, size)
+        return FileWindow.buffered(self, self._lead + offset, size)
 
     def opener(self, offset: int, size: int) -> Callable[[], BinaryIO]:
         """A callable opening :meth:`open_range` ``(offset, size)`` (for ``CpioEntry.data``)."""
@@ -98,7 +118,7 @@ class SpillFile:
         return self._read_fd
 
     def close(self) -> None:
-        """Close the file (idempotent); the store removes it with its directory."""
+        """Close the file, unlinking it if it is named (idempotent)."""
         self.closed = True
         writer, self._writer = self._writer, None
         fd, self._read_fd = self._read_fd, None
@@ -110,6 +130,9 @@ class SpillFile:
         finally:
             if fd is not None:
                 os.close(fd)
+            if self._named and self._path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._path)
 
 
 class SpillStore(SpillFile):
@@ -117,36 +140,22 @@ class SpillStore(SpillFile):
 
     def __init__(self, directory: str | None = None):
         self._parent = directory
-        self._dir: str | None = None
         self._lock = threading.Lock()
         self._segments: list[SpillFile] = []
-        super().__init__(self, "layers.bin")
-
-    @property
-    def path(self) -> str | None:
-        """The private directory, once something was appended."""
-        return self._dir
+        super().__init__(self)
 
     @property
     def parent(self) -> str:
-        """Where the private directory goes."""
+        """Where the files go."""
         return self._parent or tempfile.gettempdir()
 
-    def make_directory(self) -> None:
-        """Create the private directory unless it exists (any thread)."""
+    def segment(self, *, named: bool = False) -> SpillFile:
+        """A new append-only file beside the store's (created on its first append); ``named``: see the
+        module docstring."""
         with self._lock:
             if self.closed:
                 raise ValueError("spill store is closed")
-            if self._dir is None:
-                with naming_path(self.parent):
-                    self._dir = tempfile.mkdtemp(prefix="qtbuild-spill-", dir=self._parent)
-
-    def segment(self) -> SpillFile:
-        """A new append-only file in the store's directory (created on its first append)."""
-        with self._lock:
-            if self.closed:
-                raise ValueError("spill store is closed")
-            segment = SpillFile(self, f"segment-{len(self._segments)}.bin")
+            segment = SpillFile(self, named=named)
             self._segments.append(segment)
         return segment
 
@@ -156,18 +165,15 @@ class SpillStore(SpillFile):
         return self.size + sum(segment.size for segment in self._segments)
 
     def close(self) -> None:
-        """Close the files and remove the directory (idempotent)."""
+        """Close every file (idempotent)."""
         with self._lock:
             self.closed = True
             segments = list(self._segments)
         try:
             for segment in segments:
                 segment.close()
-            super().close()
         finally:
-            if self._dir is not None:
-                shutil.rmtree(self._dir, ignore_errors=True)
-                self._dir = None
+            super().close()
 
     def __enter__(self) -> SpillStore:
         return self

@@ -87,6 +87,14 @@ class Platform:
         return "/".join(p for p in (self.os, self.architecture, self.variant) if p)
 
 
+def enclave_platform(text: str) -> Platform:
+    """``--platform`` as an enclave platform (linux/amd64 or linux/arm64, aliases allowed); else ImageError."""
+    platform = Platform.parse(text)
+    if platform.os != "linux" or platform.architecture not in ("amd64", "arm64") or platform.variant is not None:
+        raise ImageError(f"--platform {text!r} is not an enclave platform: use linux/amd64 or linux/arm64")
+    return platform
+
+
 class Layer(abc.ABC):
     """One filesystem layer of an image."""
 

@@ -1,4 +1,4 @@
-"""``docker://REF``: an image in a Docker (or podman) daemon, through the Docker SDK.
+"""``docker://REF``: an image in a Docker (or podman) daemon, through its Engine API.
 
 The image is inspected and saved by its ID (:class:`~qtbuild.sources.daemon_request.SaveRequest`:
 ``GET /images/{id}/get``, what ``docker save`` does; never ``docker run``/``export``), possibly
@@ -6,7 +6,7 @@ sent early by the CLI, and the stream is read in 1 MiB chunks as it arrives
 (:class:`~qtbuild.sources.save_stream.SaveStreamImage`).  The inspect's ``RootFS.Layers`` (the
 diff_ids, bottom to top) are known before the save starts, so layers are handed to the converter
 while the daemon is still sending even when the config comes after them; the config, when it
-arrives, must list the same diff_ids.  Only what arrives before its turn goes to a scratch file
+arrives, must list the same diff_ids.  Only what arrives before its turn goes to a spill file
 next to the output.  With Engine API >= 1.48 a requested platform is passed to the save; the
 inspect's and the saved config's platform are checked against it either way.
 """

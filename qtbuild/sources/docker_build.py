@@ -18,12 +18,12 @@ def build_image(directory: str | os.PathLike, tag: str, *, log: Callable[[str], 
     """Build ``directory`` (which holds a Dockerfile) as ``tag`` in the daemon; returns the image ID."""
     import docker
 
-    from qtbuild.sources.daemon_request import _connect, _daemon_reason
+    from qtbuild.sources.daemon_request import daemon_reason, sdk_client
 
     directory = os.fspath(directory)
     if not os.path.isfile(os.path.join(directory, "Dockerfile")):
         raise ImageError(f"--docker-dir {directory}: no Dockerfile in that directory")
-    client = _connect()
+    client = sdk_client()
     try:
         image, output = client.images.build(path=directory, tag=tag, rm=True)
         for line in output:
@@ -34,6 +34,6 @@ def build_image(directory: str | os.PathLike, tag: str, *, log: Callable[[str], 
     except docker.errors.BuildError as exc:
         raise ImageError(f"docker build of {directory} as {tag!r} failed: {exc.msg}") from None
     except docker.errors.DockerException as exc:
-        raise ImageError(f"docker build of {directory} as {tag!r} failed: {_daemon_reason(exc)}") from None
+        raise ImageError(f"docker build of {directory} as {tag!r} failed: {daemon_reason(exc)}") from None
     finally:
         client.close()

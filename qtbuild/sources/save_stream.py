@@ -31,30 +31,28 @@ OCI layout (Docker >= 25: ``blobs/sha256/…``, ``index.json``; recognised by th
 the whole stream is copied to the scratch file, which is then read as a docker-archive (every
 layout that source supports, including containerd's compressed blobs and multi-platform indexes).
 
-The scratch file is created on first use in ``scratch_dir`` (the output's directory, so a large
-image is not duplicated into ``$TMPDIR``), private (mode 0600) and unlinked at once in the fast
-path (its descriptor keeps it alive), else removed by :meth:`close`.  Memory is bounded by one
+The scratch file is a :class:`~qtbuild.convert.spill.SpillStore` created on first use in
+``scratch_dir`` (the output's directory, so a large image is not duplicated into ``$TMPDIR``):
+private, and unlinked at once in the fast path (its descriptors keep it alive); the OCI layout's
+copy keeps its name (the archive reader opens it) until :meth:`close`.  Memory is bounded by one
 chunk plus one JSON document.  Every problem — truncated stream, diff_id mismatch, daemon error
 raised by the chunk iterator as ImageError, malformed tar — is an :class:`ImageError`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-import os
 import re
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, cast
 
+from qtbuild.convert.spill import SpillStore
 from qtbuild.convert.tarscan import parse_pax_records
-from qtbuild.errors import ImageError, naming_path
+from qtbuild.errors import ImageError
 from qtbuild.formats.bounded_input import load_json
-from qtbuild.formats.file_window import FileWindow
 from qtbuild.sources.archive import MAX_HEADER_READ, MAX_IMAGES, MAX_MEMBERS, ArchiveImage, clean_member_path
 from qtbuild.sources.base import MAX_JSON_DOCUMENT, Descriptor, Image, Layer, Platform, check_digest
 from qtbuild.sources.hash_behind import HashBehind
@@ -69,6 +67,8 @@ from qtbuild.sources.select import (
 
 BLOCK = 512
 CHUNK = 1 << 20
+#: Chunks smaller than this are gathered into larger reads (see _ChunkReader.read).
+GATHER = 256 * 1024
 #: Largest save stream read (the flatten step's cap on uncompressed layer bytes).
 MAX_STREAM_BYTES = 64 << 30
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -81,31 +81,46 @@ class _ChunkReader:
     def __init__(self, chunks: Iterator[bytes], what: str):
         self._chunks = chunks
         self._what = what
+        self._chunk = b""  # the chunk _buffer is a view of
         self._buffer = memoryview(b"")
         self.consumed = 0
         self.recording: bytearray | None = bytearray()  # everything read, until the layout is known
 
     def read(self, n: int) -> bytes:
-        """``n`` bytes, fewer only at the end of the stream (the HTTP chunks are small: gathering
-        them makes one copy and saves a hash update and a write call per chunk downstream)."""
-        parts, size = [], 0
-        while size < n:
-            if not self._buffer:
-                chunk = next(self._chunks, b"")
-                if not chunk:
-                    break
-                self._buffer = memoryview(chunk)
-            part = self._buffer[:n - size]
-            self._buffer = self._buffer[len(part):]
-            parts.append(part)
-            size += len(part)
-        data = b"".join(parts)
+        """Up to ``n`` bytes, none only at the end of the stream.  Small chunks (the Docker SDK yields the
+        daemon's 32 KiB HTTP chunks) are gathered up to ``n``: one copy that saves a hash update and a
+        write call per chunk downstream.  From a large chunk (qtbuild's own client regroups them into
+        1 MiB) the read takes only what that chunk holds, and a whole chunk is returned without a copy."""
+        if not self._buffer:
+            self._chunk = next(self._chunks, b"")
+            self._buffer = memoryview(self._chunk)
+        buffer = self._buffer
+        if len(buffer) >= min(n, GATHER):
+            whole = len(buffer) <= n and len(buffer) == len(self._chunk) and isinstance(self._chunk, bytes)
+            data = self._chunk if whole else bytes(buffer[:n])
+            self._buffer = buffer[len(data):]
+        else:
+            data = self._gather(n)
         self.consumed += len(data)
         if self.consumed > MAX_STREAM_BYTES:
             raise ImageError(f"{self._what}: the save stream exceeds {MAX_STREAM_BYTES} bytes")
         if self.recording is not None:
             self.recording += data
         return data
+
+    def _gather(self, n: int) -> bytes:
+        parts, size = [], 0
+        while size < n:
+            if not self._buffer:
+                self._chunk = next(self._chunks, b"")
+                if not self._chunk:
+                    break
+                self._buffer = memoryview(self._chunk)
+            part = self._buffer[:n - size]
+            self._buffer = self._buffer[len(part):]
+            parts.append(part)
+            size += len(part)
+        return b"".join(parts)
 
     def read_exact(self, n: int, what: str) -> bytes:
         parts, missing = [], n
@@ -208,37 +223,6 @@ class _OuterTar:
         return _Member(name, kind, self._left)
 
 
-class _Scratch:
-    """The private scratch file: data appended once, read back by range."""
-
-    def __init__(self, directory: str | None, *, keep_name: bool):
-        parent = directory or tempfile.gettempdir()
-        with naming_path(parent):
-            fd, self.path = tempfile.mkstemp(prefix=".qtbuild-save-", suffix=".tar", dir=parent)
-        self._file = os.fdopen(fd, "w+b", buffering=0)
-        self.size = 0
-        if not keep_name:  # nothing can be left behind, whatever ends the process
-            os.unlink(self.path)
-
-    def fileno(self) -> int:
-        return self._file.fileno()
-
-    def append(self, data: bytes) -> None:
-        with naming_path(self.path):
-            self._file.write(data)
-        self.size += len(data)
-
-    def open_range(self, offset: int, size: int) -> BinaryIO:
-        if offset < 0 or size < 0 or offset + size > self.size:
-            raise ImageError(f"range {offset}+{size} lies outside the scratch data")
-        return FileWindow.buffered(self, offset, size)
-
-    def close(self) -> None:
-        self._file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
-
-
 class SaveStreamImage(Image):
     """An image read from a ``docker save`` stream as it arrives (see the module docstring).
 
@@ -261,7 +245,7 @@ class SaveStreamImage(Image):
         self._repo_digests = list(repo_digests or [])
         self._reader = _ChunkReader(chunks, reference)
         self._tar = _OuterTar(self._reader, reference)
-        self._scratch: _Scratch | None = None
+        self._scratch: SpillStore | None = None
         self._archive: ArchiveImage | None = None
         self._spilled: dict[str, tuple[int, int]] = {}  # sha256 digest → (offset, size) in the scratch file
         self._parents: dict[str, str | None] = {}  # <id>/json: layer directory → its parent's directory
@@ -360,7 +344,8 @@ class SaveStreamImage(Image):
     def _copy_whole(self, platform: Platform | None) -> None:
         """OCI layout: the whole stream into the scratch file, read as a docker-archive."""
         recorded, self._reader.recording = bytes(self._reader.recording or b""), None
-        scratch = self._scratch = _Scratch(self.scratch_dir, keep_name=True)
+        self._scratch = SpillStore(self.scratch_dir)
+        scratch = self._scratch.segment(named=True)
         scratch.append(recorded)
         tail = recorded[-2 * BLOCK:]
         for data in self._reader.rest():
@@ -369,6 +354,8 @@ class SaveStreamImage(Image):
         if tail != bytes(2 * BLOCK):  # a tar stream ends with two zero blocks; a cut one (almost) never does
             raise ImageError(f"{self.reference}: the save stream ended early (after {self._reader.consumed} bytes, "
                              "with no end-of-archive marker); the daemon stopped sending — is it still running?")
+        scratch.flush()
+        assert scratch.path is not None
         self._archive = ArchiveImage(scratch.path, platform=platform, reference=self.reference)
 
     @property
@@ -428,13 +415,14 @@ class SaveStreamImage(Image):
 
     def _spill(self, member: _Member) -> None:
         if self._scratch is None:
-            self._scratch = _Scratch(self.scratch_dir, keep_name=False)
+            self._scratch = SpillStore(self.scratch_dir)
         # hashed on a worker while this thread receives and writes: the spill keeps up with the daemon
         scratch, digest, start = self._scratch, HashBehind("sha256"), self._scratch.size
         try:
             while data := self._tar.read(CHUNK):
                 digest.update(data)
                 scratch.append(data)
+            scratch.flush()
         finally:
             digest.close()
         self._spilled.setdefault("sha256:" + digest.hexdigest(), (start, member.size))

@@ -99,10 +99,9 @@ def test_pcr_shapes(files):
 
 
 def test_docker_dir_builds_through_the_daemon(tmp_path, files):
-    context = tmp_path / "context"
-    context.mkdir()
-    (context / "app").write_text("#!/bin/sh\necho built\n")
-    (context / "Dockerfile").write_text('FROM scratch\nCOPY app /app\nCMD ["/app"]\n')
+    from helpers.docker_context import script_context
+
+    context = script_context(tmp_path)
     tag = f"qtbuild-test/docker-dir:{uuid.uuid4().hex[:12]}"
     try:
         result = invoke("convert", "--docker-dir", str(context), "--docker-uri", tag, "--output-file",

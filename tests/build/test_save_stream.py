@@ -14,7 +14,6 @@ import io
 import os
 import tarfile
 import tempfile
-import threading
 
 import pytest
 
@@ -269,14 +268,13 @@ def test_daemon_error_mid_stream_is_reported_and_leaves_nothing(tmp_path, out):
     assert not os.listdir(out)
 
 
-def test_daemon_errors_while_streaming_become_image_errors():
+def test_sdk_errors_while_streaming_become_image_errors():
+    """The save through the Docker SDK (DOCKER_HOST with TLS or ssh://; the stdlib path is in test_docker_api)."""
     from urllib3.exceptions import ProtocolError
 
-    from qtbuild.sources.daemon_request import _daemon_chunks
+    from qtbuild.sources.daemon_request import _SdkDaemon
 
     class Api:
-        api_version = "1.41"
-
         def get_image(self, image_id, chunk_size):
             yield b"x" * 10
             raise ProtocolError("Connection broken: IncompleteRead(0 bytes read)")
@@ -288,69 +286,13 @@ def test_daemon_errors_while_streaming_become_image_errors():
         def close(self):
             self.closed = True
 
-    client = Client()
-    chunks = _daemon_chunks(client, "sha256:" + "1" * 64, "app:1", None)
+    daemon = _SdkDaemon.__new__(_SdkDaemon)  # without connecting: the client is the stand-in
+    daemon._client = client = Client()
+    chunks = daemon.save("sha256:" + "1" * 64, "app:1", None)
     assert next(chunks) == b"x" * 10
     with pytest.raises(ImageError, match="Docker daemon failed to save 'app:1': ProtocolError"):
         next(chunks)
     assert client.closed
-
-
-class _SlowDaemon:
-    """A Docker client whose save answers (``stream``, or raises ``error``) once ``release`` is set."""
-
-    api_version = "1.41"
-
-    def __init__(self, stream=None, error: Exception | None = None):
-        self.api = self
-        self.release = threading.Event()
-        self.closed = threading.Event()
-        self._stream, self._error = stream, error
-
-    def get_image(self, image_id, chunk_size):
-        assert self.release.wait(10)
-        if self._error is not None:
-            raise self._error
-        return self._stream
-
-    def close(self):
-        self.closed.set()
-
-
-def _send(monkeypatch, daemon: _SlowDaemon):
-    from qtbuild.sources import daemon_request
-
-    monkeypatch.setattr(daemon_request, "_connect", lambda: daemon)
-    monkeypatch.setattr(daemon_request, "_inspect", lambda client, ref: {"Id": "sha256:" + "1" * 64})
-    return daemon_request.SaveRequest("app:1")
-
-
-def test_a_save_failing_on_the_request_thread_is_raised_where_the_chunks_are_read(monkeypatch):
-    import docker
-
-    daemon = _SlowDaemon(error=docker.errors.APIError("500 Server Error", explanation="layer does not exist"))
-    chunks = _send(monkeypatch, daemon).chunks()
-    daemon.release.set()
-    with pytest.raises(ImageError, match="^Docker daemon failed to save 'app:1': layer does not exist$"):
-        next(chunks)
-    assert daemon.closed.is_set()
-
-
-def test_a_save_request_closed_before_the_daemon_answers_drops_the_answer(monkeypatch):
-    dropped = threading.Event()
-
-    def stream():
-        try:
-            yield b"x" * 10
-            yield b"y" * 10
-        finally:
-            dropped.set()
-
-    daemon = _SlowDaemon(stream=stream())
-    request = _send(monkeypatch, daemon)
-    request.close()
-    daemon.release.set()
-    assert dropped.wait(10) and daemon.closed.wait(10)
 
 
 @pytest.mark.parametrize("interrupt_in", ["a spilled layer", "a live layer"])

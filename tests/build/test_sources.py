@@ -6,6 +6,7 @@ the Docker daemon).  Daemon tests skip when no daemon answers, unless CI is set:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -709,27 +710,52 @@ def test_errors_of_a_save_sent_early_are_raised_when_the_image_is_opened(docker_
         DaemonImage("busybox")
 
 
-def test_convert_requests_the_save_before_it_imports_the_pipeline(loaded_image, tmp_path):
-    """The daemon exports the image for seconds before its first byte: the request leaves first."""
+WATCH_SAVE_REQUESTS = """if True:
+    import sys
+    from qtbuild.sources import daemon_request
+    send = daemon_request.SaveRequest.__init__
+    def watched(self, *args, **kwargs):
+        print("save requested; pipeline imported:", "qtbuild.convert.pipeline" in sys.modules, file=sys.stderr)
+        send(self, *args, **kwargs)
+    daemon_request.SaveRequest.__init__ = watched
+    from qtbuild.cli import main
+    main()
+"""
+
+
+@pytest.mark.parametrize("options", [[], ["--platform", "x86_64"]])
+def test_convert_requests_the_save_before_it_imports_the_pipeline(loaded_image, tmp_path, options):
+    """The daemon exports the image for seconds before its first byte: the request leaves first, once, and
+    is the one the convert reads (also with a --platform, spelt as the pipeline would not)."""
     import sys
 
     tag, _ = loaded_image
-    code = """if True:
-        import sys
-        from qtbuild.sources import daemon_request
-        send = daemon_request.SaveRequest.__init__
-        def watched(self, *args, **kwargs):
-            print("save requested; pipeline imported:", "qtbuild.convert.pipeline" in sys.modules, file=sys.stderr)
-            send(self, *args, **kwargs)
-        daemon_request.SaveRequest.__init__ = watched
-        from qtbuild.cli import main
-        main()
-    """
-    result = subprocess.run([sys.executable, "-c", code, "convert", f"docker://{tag}", "-o", str(tmp_path / "a.eif")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", WATCH_SAVE_REQUESTS, "convert", f"docker://{tag}", *options,
+                             "-o", str(tmp_path / "a.eif")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("save requested; pipeline imported: False") == 1, result.stderr
+    assert "save requested; pipeline imported: True" not in result.stderr
     assert os.listdir(tmp_path) == ["a.eif"]
+
+
+def test_docker_dir_requests_the_save_as_soon_as_the_image_is_built(docker_client, tmp_path):
+    import sys
+
+    from helpers.docker_context import script_context
+
+    context = script_context(tmp_path)
+    tag = f"qtbuild-test/{uuid.uuid4().hex[:12]}:built"
+    try:
+        result = subprocess.run([sys.executable, "-c", WATCH_SAVE_REQUESTS, "convert", "--docker-dir", str(context),
+                                 "--docker-uri", tag, "--platform", "linux/amd64", "-q", "-o", str(tmp_path / "a.eif")],
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        import docker
+
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            docker_client.images.remove(tag, force=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "save requested; pipeline imported: False\n"
 
 
 @pytest.mark.parametrize("name", ["../l/layer.tar", "/l/layer.tar", "x/../l/layer.tar"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from qtbuild.convert.spill import SpillStore
@@ -26,3 +28,22 @@ def test_a_range_refuses_to_read_after_the_store_is_closed(tmp_path):
     store.close()
     with pytest.raises(ValueError, match="spill store is closed"):
         stream.read()
+
+
+def test_files_are_created_at_the_first_append_beside_the_output_and_unlinked_at_once(tmp_path):
+    from helpers.open_files import open_files_under
+
+    store = SpillStore(str(tmp_path))
+    segment, named = store.segment(), store.segment(named=True)
+    assert open_files_under(tmp_path) == []  # nothing on disk before the first append
+    store.append(b"a")
+    segment.append(b"b")
+    named.append(b"tar")
+    named.flush()
+    held = set(open_files_under(tmp_path))  # each file: a writer and a reader descriptor
+    assert len(held) == 3 and sum(path.endswith(" (deleted)") for path in held) == 2, held
+    assert os.listdir(tmp_path) == [os.path.basename(named.path)]  # only the named one has a name
+    with open(named.path, "rb") as file:
+        assert file.read() == b"tar"  # no lead: a reader opening the path sees exactly what was appended
+    store.close()
+    assert open_files_under(tmp_path) == [] and os.listdir(tmp_path) == []
