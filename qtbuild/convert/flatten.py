@@ -815,7 +815,7 @@ def flatten(layers: Sequence[Layer], *, spill_dir: str | None = None,
             progress: Callable[[int], object] | None = None, reread: bool = False) -> FlatTree:
     """Apply ``layers`` bottom to top and return the resulting tree (see the module docstring).
 
-    ``spill_dir``: where the spill store's private directory goes (default: the system temp dir).
+    ``spill_dir``: where the spill store's files are made, unlinked at once (default: the system temp dir).
     ``clamp_mtime``: SOURCE_DATE_EPOCH; every mtime becomes ``min(mtime, clamp_mtime)`` and
     synthesised directories get ``clamp_mtime`` (else 0).  ``progress`` is called with the byte
     count of every chunk of uncompressed tar read.  ``reread``: compressed layers whose blob is a
