@@ -16,8 +16,8 @@ interpreter (another checkout's venv), interleaved round by round.
 Reported per round and as medians of the per-round ratios: CPU over the floor's CPU, and with a
 reference, CPU and wall over the reference's.  The last line, ``ratios: {json}``, is what
 tests/test_benchmarks.py reads.  On the issue-16 image:
-``python -P benchmarks/first_pass.py --layout /work/bench/qtbuild-bench-2qw16a4q/layout:bench
---reference-python /work/wt/ref/.venv/bin/python``.
+``python -P benchmarks/first_pass.py --layout BENCH/layout:bench --reference-python OTHER/.venv/bin/python``,
+where BENCH is an image ``benchmarks/convert.py --keep`` generated.
 """
 
 from __future__ import annotations
