@@ -859,7 +859,14 @@ def flatten(layers: Sequence[Layer], *, spill_dir: str | None = None,
         rereaders = _rereaders(builder, layers, reopeners, lengths, spill)
         for index, rereader in rereaders.items():
             openers[index] = rereader.open_range
-        return FlatTree(builder, openers, spill, clamp_mtime, rereaders=list(rereaders.values()))
+        tree = FlatTree(builder, openers, spill, clamp_mtime, rereaders=list(rereaders.values()))
+        try:
+            for rereader in rereaders.values():
+                rereader.start()  # layers needed later inflate while the first ones are written
+        except BaseException:
+            tree.close()
+            raise
+        return tree
     except BaseException:
         spill.close()
         raise

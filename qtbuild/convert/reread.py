@@ -45,15 +45,23 @@ REINFLATE_FACTOR = 4
 REINFLATE_ALLOWANCE = 64 << 20
 CHUNK = 1 << 20
 #: A cursor's worker hands pieces (up to CHUNK bytes) over in batches of at least this many bytes
-#: (or the last ones) ...
-BATCH = 512 << 10
-#: ... and runs at most this many batches ahead of the reader: with the batch being filled and the
-#: one being read, at most about 7 MiB a cursor, 5 MiB when files are large (main's read-ahead: 6).
+#: (or the last ones; so a batch holds less than 2 MiB) ...
+BATCH = 1 << 20
+#: ... and runs at most this many batches ahead of the reader: with the batch being filled, the
+#: one being read and the block read last, at most about 12 MiB a cursor (7 MiB when files are
+#: large; main's read-ahead: 6).
 DEPTH = 3
 #: Files smaller than this are cut out of blocks of BLOCK bytes read at once (their headers and
-#: neighbours with them), not read one by one: one source read for dozens of small files.
-SMALL = 64 << 10
-BLOCK = 256 << 10
+#: neighbours with them), not read one by one: one source read for dozens of small files.  Each
+#: read gives the GIL up while it inflates and waits for it back (up to the 0.5 ms switch interval
+#: while the cpio producer runs Python): reads of 1 MiB, not of 256 KiB or of one 80 KiB file,
+#: keep that wait small next to the work done without the GIL.
+SMALL = 1 << 20
+BLOCK = 1 << 20
+#: A layer's first cursor is started by :meth:`LayerRereader.start` before any of its files is asked
+#: for, so that layers needed later inflate while the earlier ones are written; its worker may run
+#: this many batches ahead instead of :data:`DEPTH` (at most about 22 MiB for each re-read layer).
+AHEAD_DEPTH = 8
 
 class _Stopped(Exception):
     """The cursor was closed: its worker ends."""
@@ -104,13 +112,13 @@ class _Cursor:
     closed early, is queued.
     """
 
-    def __init__(self, source: _TarSource, ranges: Sequence[tuple[int, int]], what: str):
+    def __init__(self, source: _TarSource, ranges: Sequence[tuple[int, int]], what: str, depth: int = DEPTH):
         self._source, self._ranges, self.what = source, ranges, what
         self.next = 0
         self.torn = -1
         self.busy = False
         self.inflated = 0
-        self._handoff: Handoff[list[tuple[int, bytes]]] = Handoff(DEPTH)
+        self._handoff: Handoff[list[tuple[int, bytes]]] = Handoff(depth)
         self._batch: list[tuple[int, bytes]] = []
         self._taken = 0
         self._batch_out: list[tuple[int, bytes]] = []  # the worker's batch being filled, and its bytes
@@ -360,6 +368,19 @@ class LayerRereader:
     def inflated(self) -> int:
         """Bytes of the tar stream decompressed so far by this reader's cursors (workers included)."""
         return self._closed_inflated + sum(cursor.inflated for cursor in self._cursors)
+
+    def start(self) -> None:
+        """Start inflating the layer for its first needed file now (:data:`AHEAD_DEPTH` batches
+        ahead) if its blob is a settled local file and no cursor runs yet.  Optional: without it, the
+        first request starts the cursor; with it, that request is served as any other by that cursor.
+
+        Only a settled blob: its identity proves it unchanged up to :meth:`finish`, however early it
+        was read; an unsettled one is proven by hashing what is read, so reading it early would let a
+        change made after the first pass but before the files are asked for go unnoticed."""
+        blob = self._reopen
+        if (isinstance(blob, LocalBlob) and blob.settled and self._needed and not self._cursors
+                and self._spill_base is None):
+            self._cursors.append(_Cursor(self._source(), self._needed, self._what, AHEAD_DEPTH))
 
     def open_range(self, offset: int, size: int) -> BinaryIO:
         index = self._index_of.get(offset)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import time
 
 import pytest
 
@@ -112,7 +113,9 @@ def test_reread_gives_the_bytes_the_spill_gives(tmp_path, compression):
 def test_a_blob_changed_after_the_first_pass_fails_verify_rereads(tmp_path):
     from helpers.imagefactory import default_config, file, make_tar, write_oci_layout
 
-    layer = make_tar([file("a", os.urandom(100_000)), file("z", os.urandom(100_000))])
+    # files read one by one (not with the blocks read to the stream's end): the changed byte is found
+    # by the digest, not by the inflater
+    layer = make_tar([file("a", os.urandom(reread.SMALL + 100_000)), file("z", os.urandom(reread.SMALL + 100_000))])
     write_oci_layout(tmp_path / "img", [layer], default_config(), compression="gzip")
     with open_image(f"oci:{tmp_path / 'img'}", platform=None) as image:
         [stored] = image.layers()
@@ -371,3 +374,59 @@ def test_a_blob_shorter_on_the_second_read_within_a_block_is_an_error(tmp_path):
         _read(reader, 100, 50)
         _read(reader, 9_000, 500)
     reader.close_cursors()
+
+
+def test_mid_sized_files_are_inflated_in_reads_of_a_block_not_one_read_each(tmp_path):
+    """Files of some tens of KiB (most of the benchmark's middle layer) come from reads of BLOCK
+    bytes: each read waits for the GIL once, so a read per file made the worker wait more than work."""
+
+    class CountingSource(_Source):
+        def __call__(self):
+            self.opened += 1
+            stream = io.BytesIO(self.data)
+            original = stream.read
+
+            def read(n=-1):
+                reads.append(n)
+                return original(n)
+
+            stream.read = read  # type: ignore[method-assign]
+            return stream
+
+    reads: list[int] = []
+    size, step = 80_000, 80_000 + 512
+    data = os.urandom(step * 40)
+    files = [(i * step + 512, size) for i in range(40)]
+    reader = _reader(CountingSource(data), files, tmp_path)
+    for offset, length in files:
+        assert _read(reader, offset, length) == data[offset:offset + length]
+    reader.close_cursors()
+    assert len(reads) <= len(data) // reread.BLOCK + 2, reads
+
+
+def test_a_settled_layer_inflates_before_its_first_file_is_asked_for(tmp_path, settled):
+    """flatten(reread=True) starts every settled layer's worker at once, so a layer whose files come
+    last in the archive inflates while the others are written; what it read ahead is served."""
+    data = {"a": os.urandom(300_000), "b": os.urandom(2_000)}
+    source = _gzip_layout(tmp_path, data.items())
+    with open_image(source, platform=None) as image:
+        [layer] = image.layers()
+        with flatten([layer], reread=True) as tree:
+            [rereader] = tree._rereaders
+            deadline = time.monotonic() + 10
+            while rereader.inflated < 300_000 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert rereader.inflated >= 300_000  # no file asked for yet
+            for name, content in data.items():
+                with tree.get(name.encode()).data() as stream:
+                    assert stream.read(len(content) + 1) == content
+            tree.verify_rereads()
+
+
+def test_an_unsettled_layer_is_not_read_before_its_files_are_asked_for(tmp_path):
+    """Its second read is proven by hashing what it reads: read at once, a change made before the
+    files are asked for would go unnoticed (test_an_unsettled_blob_is_hashed_again_...)."""
+    source = _gzip_layout(tmp_path, [("a", os.urandom(100_000))])
+    with open_image(source, platform=None) as image, flatten(image.layers(), reread=True) as tree:
+        time.sleep(0.1)
+        assert [rereader.inflated for rereader in tree._rereaders] == [0]
