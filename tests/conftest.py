@@ -14,6 +14,7 @@ them (a health check their fixtures trip, a smaller budget for an expensive exam
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,18 @@ settings.register_profile("dev", max_examples=60, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 
 _E2E = Path(__file__).parent / "e2e"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Give SIGINT its default meaning back when the runner inherited it ignored.
+
+    A shell without job control starts a background command (``cmd &``) with SIGINT ignored, and
+    an ignored signal stays ignored across exec: every CLI the tests start would then ignore the
+    Ctrl-C that the interrupt tests send it (exit 0 instead of 130).  A handler, unlike an
+    ignored disposition, is reset by exec, so the children start with SIGINT at its default.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
