@@ -14,7 +14,7 @@ from qtbuild.cli.command import QtbuildCommand
 from qtbuild.cli.errors import CheckFailed, InputError
 from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json, say
-from qtbuild.cli.proxy import _vsock_config as parent_vsock_config
+from qtbuild.cli.parent_vsock import parent_vsock_config
 from qtbuild.formats.bounded_input import load_json_object
 from qtbuild.runtime.files import write_atomically
 from qtbuild.runtime.sdk import vsock
