@@ -1,5 +1,6 @@
-"""The layer and cycle rules (tests/helpers/layers.py) hold for the tree, and the checker catches
-what it is for: a synthetic tree with one bad import or one cycle fails, naming it."""
+"""The layer, cycle and private-name rules (tests/helpers/layers.py) hold for the tree, and the
+checker catches what it is for: a synthetic tree with one bad import, one cycle or one use of
+another module's private name fails, naming it."""
 
 from __future__ import annotations
 
