@@ -14,7 +14,7 @@ from qtbuild.cli.command import QtbuildCommand
 from qtbuild.cli.errors import CheckFailed, InputError
 from qtbuild.cli.inputs import read_bounded
 from qtbuild.cli.output import emit_json, say
-from qtbuild.cli.proxy import _vsock_config as parent_vsock_config
+from qtbuild.cli.parent_vsock import parent_vsock_config
 from qtbuild.formats.bounded_input import load_json_object
 from qtbuild.runtime.files import write_atomically
 from qtbuild.runtime.sdk import vsock
@@ -102,17 +102,17 @@ def _long_lived(job: dict) -> bool:
 
 
 def _trust(pcr0, measurements, root_paths, hardware, allow_debug):
-    from qtbuild.cli.kms import _measured_pcrs, _pcr_hex, _verifier
+    from qtbuild.cli.attestation_options import measured_pcrs, pcr_hex, recipient_verifier
     from qtbuild.runtime.handoff import Trust
 
-    verifier = _verifier(root_paths, (), hardware, False, None, allow_debug)
+    verifier = recipient_verifier(root_paths, hardware=hardware, allow_debug=allow_debug)
     expected: dict[int, bytes] = {}
     if pcr0 and measurements:
         raise InputError("give --pcr0 or --pcr0-from, not both")
     if pcr0:
-        expected[0] = bytes.fromhex(_pcr_hex(pcr0, "--pcr0"))
+        expected[0] = bytes.fromhex(pcr_hex(pcr0, "--pcr0"))
     if measurements:
-        expected.update(_measured_pcrs(measurements))
+        expected.update(measured_pcrs(measurements))
     if not expected:
         say("qtbuild handoff: warning: no --pcr0/--pcr0-from: any enclave the roots vouch for gets the job")
     return Trust(roots=verifier.roots, root_fingerprints=verifier.root_fingerprints, expect_pcrs=expected,

@@ -38,9 +38,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
-from cryptography import x509
 
 from qtbuild.cli.attest import parse_duration
+from qtbuild.cli.attestation_options import measured_pcrs, pcr_hex, recipient_verifier
 from qtbuild.cli.command import QtbuildGroup
 from qtbuild.cli.errors import InputError
 from qtbuild.cli.inputs import read_bounded
@@ -48,7 +48,7 @@ from qtbuild.cli.output import emit_json, say
 from qtbuild.formats.bounded_input import load_json_object
 from qtbuild.runtime.files import write_atomically
 from qtbuild.runtime.kms.audit_log import DEFAULT_KEEP, DEFAULT_MAX_BYTES
-from qtbuild.runtime.kms.recipient import DEFAULT_MAX_AGE, RecipientVerifier
+from qtbuild.runtime.kms.recipient import DEFAULT_MAX_AGE
 from qtbuild.runtime.kms.server import KmsHttpServer, quiet_parser_warnings, serve_until_signalled
 from qtbuild.runtime.kms.service import KmsService
 from qtbuild.runtime.kms.state import (
@@ -63,10 +63,9 @@ from qtbuild.runtime.kms.state import (
 from qtbuild.runtime.kms.state import (
     restore as restore_state,
 )
-from qtbuild.runtime.qtsm.pki import LocalPki, PkiError, default_state_dir
+from qtbuild.runtime.qtsm.pki import PkiError, default_state_dir
 from qtbuild.runtime.qtsm.tls_ca import LocalTlsCa, local_tls_trust
 from qtbuild.runtime.sdk.kms_client import Credentials, KmsClient, tcp_transport
-from qtbuild.runtime.verifier.attestation import KNOWN_ROOTS, normalize_fingerprint
 
 MAX_INPUT = 4096
 MAX_POLICY_FILE = 64 * 1024
@@ -131,8 +130,8 @@ def serve(state_dir, db, listen, root_paths, fingerprints, trust_hardware_roots,
                         format="qtbuild kms: %(levelname)s: %(message)s")
     quiet_parser_warnings(verbose)
     paths = StatePaths.under(state_dir or _default_state_dir(), db)
-    verifier = _verifier(root_paths, fingerprints, trust_hardware_roots, no_local_root,
-                         max_age, allow_debug)
+    verifier = recipient_verifier(root_paths, fingerprints, hardware=trust_hardware_roots, no_local=no_local_root,
+                                  max_age=max_age, allow_debug=allow_debug)
     opened = open_state(paths, audit_max_bytes=audit_max_bytes, audit_keep=audit_keep)
     address = _address(listen)
     tls_files = _server_certificate(paths.directory, [address[0], "localhost", *tls_names]) if tls else None
@@ -221,32 +220,6 @@ def _address(listen: str) -> tuple[str, int]:
     if not separator or not port.isdigit() or int(port) > 65535 or not host:
         raise InputError(f"--listen: expected HOST:PORT, got {listen!r}")
     return host.strip("[]"), int(port)
-
-
-def _verifier(root_paths, fingerprints, hardware, no_local, max_age, allow_debug
-              ) -> RecipientVerifier:
-    roots = [certificate for path in root_paths for certificate in _load_roots(path)]
-    try:
-        pins = [normalize_fingerprint(value) for value in fingerprints]
-    except ValueError as exc:
-        raise InputError(f"--attestation-root-fingerprint: {exc}") from None
-    if hardware:
-        pins.extend(KNOWN_ROOTS.values())
-    if not no_local:
-        try:
-            roots.append(LocalPki.load().root_certificate)
-        except PkiError:
-            say("qtbuild kms: no local attestation PKI (qtbuild pki init): not trusting it")
-    age = parse_duration(max_age) if max_age is not None else DEFAULT_MAX_AGE
-    return RecipientVerifier(tuple(roots), tuple(pins), age, allow_debug)
-
-
-def _load_roots(path: str) -> list[x509.Certificate]:
-    data = Path(path).read_bytes()
-    try:
-        return x509.load_pem_x509_certificates(data)
-    except ValueError:
-        raise InputError(f"{path}: not a PEM certificate") from None
 
 
 # --------------------------------------------------------------------------- admin commands
@@ -476,44 +449,20 @@ def _generated_policy(apis, key_id, pcr0, measurements, pcr8) -> dict:
 
     if not key_id:
         raise InputError("--allow needs --key KEY_ID")
-    values = [_pcr_hex(value, "--pcr0") for value in pcr0]
+    values = [pcr_hex(value, "--pcr0") for value in pcr0]
     if measurements:
         values.append(_measured_pcr0(measurements))
     if not values:
         raise InputError("--allow needs --pcr0 HEX or --pcr0-from measurements.json (an enclave's "
                          "identity; a policy without one lets any enclave decrypt)")
     try:
-        return allow_policy(list(apis), key_id, values, [_pcr_hex(value, "--pcr8") for value in pcr8])
+        return allow_policy(list(apis), key_id, values, [pcr_hex(value, "--pcr8") for value in pcr8])
     except (ValueError, PolicyError) as exc:
         raise InputError(f"--allow: {exc}") from None
 
 
-def _pcr_hex(value: str, option: str) -> str:
-    text = value.strip().lower()
-    if len(text) != 96 or any(char not in "0123456789abcdef" for char in text):
-        raise InputError(f"{option}: expected 96 hex digits (a SHA-384 PCR), got {value[:100]!r}")
-    return text
-
-
 def _measured_pcr0(path: str) -> str:
-    return _measured_pcrs(path)[0].hex()
-
-
-def _measured_pcrs(path: str) -> dict[int, bytes]:
-    """PCR0, and PCR8 when the image is signed, from the measurements JSON ``convert`` printed."""
-    from qtbuild.formats.errors import FormatError
-    from qtbuild.inspect.verify import load_expected
-
-    try:
-        expected = load_expected(path)
-    except FormatError as exc:
-        raise InputError(str(exc)) from None
-    if "PCR0" not in expected:
-        raise InputError(f"{path}: no PCR0 (expected the measurements JSON `qtbuild convert` prints)")
-    pcrs = {0: expected["PCR0"]}
-    if any(expected.get("PCR8", b"")):
-        pcrs[8] = expected["PCR8"]
-    return pcrs
+    return measured_pcrs(path)[0].hex()
 
 
 def _read_policy(path: str) -> dict:
@@ -598,7 +547,7 @@ def _recipient_context(document_path, root_paths, allow_debug) -> tuple[dict, st
         text = base64.b64encode(data).decode()
     if not stripped or not text:
         raise InputError(f"{document_path}: empty: expected an attestation document")
-    verifier = _verifier(root_paths, (), False, False, f"{_AGE_NOT_CHECKED}s", allow_debug)
+    verifier = recipient_verifier(root_paths, max_age=f"{_AGE_NOT_CHECKED}s", allow_debug=allow_debug)
     try:
         recipient = verifier.verify({"attestation_document": text})
     except KmsError as error:

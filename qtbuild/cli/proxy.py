@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 
 import click
 
 from qtbuild.cli.command import QtbuildCommand
-from qtbuild.runtime.enclave.state import RuntimeDir
+from qtbuild.cli.parent_vsock import parent_vsock_config
 from qtbuild.runtime.proxy import (
     InboundAllow,
     InboundRoute,
@@ -65,7 +64,7 @@ def command(vsock_port, host, remote_port, config_path, max_connections, idle_ti
     limits = {"max_connections": max_connections, "idle_timeout": idle_timeout,
               "connect_timeout": connect_timeout, "drain_timeout": drain_timeout}
     config = _proxy_config(config_path, _cli_route(vsock_port, host, remote_port), limits, inbound, allow_inbound)
-    run(config, vsock_config=_vsock_config(transport, vsock_dir))
+    run(config, vsock_config=parent_vsock_config(transport, vsock_dir))
 
 
 def _cli_route(vsock_port, host, remote_port) -> Route | None:
@@ -111,24 +110,3 @@ def _proxy_config(config_path, route: Route | None, limits: dict, inbound: tuple
     if base is None:
         return ProxyConfig(routes, inbound=inbound_routes, inbound_allowlist=allowlist, **overrides)
     return dataclasses.replace(base, routes=routes, inbound=inbound_routes, inbound_allowlist=allowlist, **overrides)
-
-
-def _vsock_config(transport, vsock_dir) -> vsock.VsockConfig:
-    """From the options and environment.  With no vsock directory named: ``emulated`` means the
-    local runtime's root (``<runtime dir>/vsock``, where ``qtbuild run`` puts enclaves; created
-    when missing); no transport either means that root when it exists, so the proxy reaches
-    local enclaves even on a host that also has a real /dev/vsock, else ``auto``."""
-    environ = dict(os.environ)
-    if transport:
-        environ[vsock.ENV_TRANSPORT] = transport
-    if vsock_dir:
-        environ[vsock.ENV_DIR] = vsock_dir
-    if vsock.ENV_DIR not in environ:
-        requested = environ.get(vsock.ENV_TRANSPORT) or vsock.AUTO
-        runtime = RuntimeDir.default()
-        if requested == vsock.EMULATED:
-            runtime.ensure()
-            environ[vsock.ENV_DIR] = str(runtime.vsock_root)
-        elif requested == vsock.AUTO and runtime.vsock_root.is_dir():
-            environ[vsock.ENV_DIR] = str(runtime.vsock_root)
-    return vsock.VsockConfig.from_env(environ)

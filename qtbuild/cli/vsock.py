@@ -15,7 +15,7 @@ import click
 
 from qtbuild.cli.command import QtbuildGroup
 from qtbuild.cli.output import say
-from qtbuild.cli.proxy import _vsock_config as parent_vsock_config
+from qtbuild.cli.parent_vsock import parent_vsock_config
 from qtbuild.runtime.sdk import vsock
 
 CHUNK = 64 * 1024

@@ -55,7 +55,7 @@ import stat
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, cast
+from typing import BinaryIO, NamedTuple, cast
 
 from qtbuild.convert.layer_scan import LayerScan
 from qtbuild.convert.readahead import ReadAhead
@@ -518,6 +518,22 @@ class _TreeBuilder:
         children = self._children
         return sum(map(children.__contains__, children[node].values()))
 
+    def totals(self) -> TreeTotals:
+        """See :meth:`FlatTree.totals`.  The sums over a directory's children are ``map``s in C:
+        one comprehension step a file is the only Python-level work per file."""
+        children, size = self._children, self._size
+        entries = path_bytes = 0
+        data_bytes = sum(map(len, self._targets.values()))
+        stack = [(_ROOT, -1)]  # (directory, its path's length; the root's children have no "/" before them)
+        while stack:
+            directory, length = stack.pop()
+            siblings = children[directory]
+            entries += len(siblings)
+            path_bytes += len(siblings) * (length + 1) + sum(map(len, siblings))
+            data_bytes += sum(map(size.__getitem__, siblings.values()))  # hardlink nodes hold 0
+            stack += [(node, length + 1 + len(name)) for name, node in siblings.items() if node in children]
+        return TreeTotals(entries, path_bytes, data_bytes)
+
     def data_ranges(self, layers: set[int]) -> dict[int, set[tuple[int, int]]]:
         """``(offset, size)`` of the data of every regular file in the tree from ``layers``."""
         ranges: dict[int, set[tuple[int, int]]] = {}
@@ -575,6 +591,16 @@ class _TreeBuilder:
 # --------------------------------------------------------------------------------------------
 
 
+class TreeTotals(NamedTuple):
+    """Sums over a tree's entries (:meth:`FlatTree.totals`)."""
+
+    entries: int
+    #: The length of every entry's path (as :meth:`FlatTree.iter_entries` gives it with no prefix).
+    path_bytes: int
+    #: Regular files' data (a hardlink group's once) plus symlink targets: the archive's data bytes.
+    data_bytes: int
+
+
 class FlatTree:
     """The flattened image: its entries in bytewise path order, warnings, and the spill store.
 
@@ -607,6 +633,15 @@ class FlatTree:
     def top_directories(self) -> int:
         """How many directories the tree's root holds (the root is not an entry, so no entry says)."""
         return self._builder.subdirectory_count(_ROOT)
+
+    def totals(self) -> TreeTotals:
+        """Sums over the entries, cheaply (no entry or path is built; a few ms for 20,000 files).
+
+        ``entries`` and ``path_bytes`` are exact; ``data_bytes`` is but for rare cases: the
+        targets of symlinks a later layer replaced are still counted, while a hardlink group whose
+        first path a later layer replaced, and hardlinks to symlinks, are not.
+        """
+        return self._builder.totals()
 
     def iter_paths(self, prefix: bytes = b"") -> Iterator[bytes]:
         """The paths of :meth:`iter_entries`, in the same order, without building the entries

@@ -31,6 +31,7 @@ from qtbuild.convert.metadata import load_custom_metadata, make_metadata, source
 from qtbuild.convert.provenance import image_dependencies
 from qtbuild.convert.ramdisk import customer_ramdisk
 from qtbuild.convert.verify_gate import deferred_verification
+from qtbuild.convert.write_total import estimated_write_total
 from qtbuild.errors import ImageError
 from qtbuild.formats.eif_writer import Signer, WriteResult, write_eif
 from qtbuild.sources.base import Image, Platform, enclave_platform
@@ -102,6 +103,9 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
         warnings = list(tree.warnings) + credential_warnings(config, paths, read_file)
         ramdisk = customer_ramdisk(tree, launch)  # written in one pass: its size is known at the end
         with _progress("ramdisk", options.quiet) as bar:
+            if not bar.disable:  # the estimate walks the tree: only for a bar someone sees
+                bar.reset(total=estimated_write_total(profile, options.cmdline or profile.cmdline, metadata, tree,
+                                                      launch))
             result = write_eif(
                 options.output,
                 kernel=profile.kernel,

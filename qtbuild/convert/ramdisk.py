@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Iterable, Iterator
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from qtbuild.formats.cpio import CpioArchive, CpioEntry, CpioStream
+from qtbuild.formats.cpio import HEADER_SIZE, CpioArchive, CpioEntry, CpioStream
 from qtbuild.formats.launch_record import Launch
+
+if TYPE_CHECKING:
+    from qtbuild.convert.flatten import FlatTree
 
 ROOTFS = b"rootfs"
 #: Mount points the init expects, with the modes a Linux root uses for them.
@@ -91,3 +94,17 @@ def customer_ramdisk(image: ImageTree | Iterable[CpioEntry], launch: Launch) -> 
     rootfs_nlink = 2 + tree.top_directories() + added
     return CpioStream(lambda: customer_entries(tree.iter_entries(prefix), launch, rootfs_nlink=rootfs_nlink),
                       hardlink_groups=tree.hardlink_groups)
+
+
+def estimated_size(tree: FlatTree, launch: Launch) -> int:
+    """The size of ``customer_ramdisk(tree, launch)`` without writing it (which alone tells it
+    exactly): from :meth:`~qtbuild.convert.flatten.FlatTree.totals`, each image entry's name and
+    data padding counted as their mean (1.5 bytes each), so within 3 bytes an image entry of the
+    truth (beyond the rare cases ``totals`` names); the synthesised entries exactly."""
+    totals = tree.totals()
+    prefix = len(ROOTFS) + 1
+    image = totals.entries * (HEADER_SIZE + prefix + 1 + 3) + totals.path_bytes + totals.data_bytes
+    own_mount_points = {ROOTFS + b"/" + name for name in MOUNT_POINTS if tree.get(name) is not None}
+    synthesised = CpioArchive(entry for entry in customer_entries((), launch) if entry.path not in own_mount_points)
+    assert synthesised.size is not None  # a CpioArchive is sized when made
+    return image + synthesised.size  # the trailer included

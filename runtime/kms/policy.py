@@ -172,7 +172,7 @@ def evaluate(policy: Policy | None, actions: tuple[str, ...], resource: str,
     lowered = {key.lower(): value for key, value in context.items()}
     allowed_by, unmet = None, None
     for index, statement in enumerate(policy.statements):
-        if not _applies(statement, actions, resource):
+        if not statement_applies(statement, actions, resource):
             continue
         failure = _unmet_condition(statement.conditions, lowered)
         if failure is not None:
@@ -186,7 +186,11 @@ def evaluate(policy: Policy | None, actions: tuple[str, ...], resource: str,
     return Decision(False, unmet or f"no statement allows {actions[0]} on {resource}")
 
 
-def _applies(statement: Statement, actions: tuple[str, ...], resource: str) -> bool:
+def statement_applies(statement: Statement, actions: tuple[str, ...], resource: str) -> bool:
+    """Whether ``statement`` covers the request: one of its Action patterns matches one of
+    ``actions`` and its Resource (absent: all) matches ``resource`` (see the module docstring).
+    Its conditions are not looked at (:func:`condition_holds`); :func:`evaluate` and the
+    explanation in ``policy_author`` both decide with it, so they cannot disagree."""
     if not any(_match(pattern, action) for pattern in statement.actions for action in actions):
         return False
     if statement.resources is None:
@@ -198,13 +202,15 @@ def _applies(statement: Statement, actions: tuple[str, ...], resource: str) -> b
 def _unmet_condition(conditions: tuple[Condition, ...], context: dict) -> str | None:
     """A description of the first condition that does not hold, or None if all hold."""
     for condition in conditions:
-        if not _holds(condition, context):
+        if not condition_holds(condition, context):
             present = "absent" if condition.key not in context else "not matched"
             return f"condition {condition.operator} {condition.key} {present}"
     return None
 
 
-def _holds(condition: Condition, context: dict) -> bool:
+def condition_holds(condition: Condition, context: Context) -> bool:
+    """Whether the request context meets ``condition`` (its operator, for any of its values);
+    ``context``'s keys must be lower-cased, as :func:`evaluate` makes them."""
     operator, values = condition.operator, condition.values
     if operator == "Null":
         return (condition.key not in context) in values

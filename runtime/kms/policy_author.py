@@ -15,10 +15,10 @@ from qtbuild.runtime.kms.policy import (
     Decision,
     Policy,
     Statement,
-    _applies,
-    _holds,
+    condition_holds,
     evaluate,
     parse_policy,
+    statement_applies,
 )
 
 # The action names each API answers to (any one of them suffices; see operations.py).
@@ -105,13 +105,13 @@ def explain(policy: Policy | None, actions: tuple[str, ...], resource: str, cont
 
 def _report(index: int, statement: Statement, actions: tuple[str, ...], resource: str,
             context: dict) -> StatementReport:
-    if not _applies(statement, actions, resource):
+    if not statement_applies(statement, actions, resource):
         return StatementReport(index, statement.effect, "not applicable",
                                f"Action {list(statement.actions)} / Resource "
                                f"{list(statement.resources or ['(any)'])} do not cover "
                                f"{' or '.join(actions)} on {resource}")
     for condition in statement.conditions:
-        if not _holds(condition, context):
+        if not condition_holds(condition, context):
             return StatementReport(index, statement.effect, "condition failed",
                                    _failure(condition, context))
     held = len(statement.conditions)

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 from .spec import SandboxError
 
-__all__ = ["Cgroup", "Limits", "create", "detect"]
+__all__ = ["Cgroup", "Limits", "create", "detect", "v1_parent"]
 
 PARENT = "qtbuild"
 _PERIOD_US = 100_000
@@ -184,7 +184,7 @@ def _create_v1(name: str, needed: list[str], hierarchies: dict[str, str]) -> Cgr
     paths: dict[str, str] = {}
     try:
         for controller in needed:
-            parent = os.path.join(hierarchies[controller], _own_cgroup(controller).lstrip("/"), PARENT)
+            parent = v1_parent(hierarchies[controller], controller)
             _mkdir(parent, exist_ok=True, parents=True)
             paths[controller] = os.path.join(parent, name)
             _mkdir(paths[controller], exist_ok=False)
@@ -230,6 +230,12 @@ def _read(path: str) -> str:
             return handle.read().strip()
     except OSError as exc:
         raise SandboxError(f"resource limits: cannot read {path}: {exc.strerror}; {_FIX}") from exc
+
+
+def v1_parent(hierarchy: str, controller: str) -> str:
+    """Where sandboxes' cgroups go in the v1 hierarchy of ``controller`` mounted at
+    ``hierarchy``: ``<hierarchy>/<the caller's cgroup>/qtbuild`` (see the module docstring)."""
+    return os.path.join(hierarchy, _own_cgroup(controller).lstrip("/"), PARENT)
 
 
 def _own_cgroup(controller: str) -> str:

@@ -25,7 +25,7 @@ import platform
 import subprocess
 
 from . import seccomp
-from .cgroups import PARENT, _own_cgroup, detect
+from .cgroups import PARENT, detect, v1_parent
 from .host import command, helper_env
 from .spec import DEFAULT_CGROUP_ROOT, SandboxError
 from .subids import enclave_ids
@@ -79,7 +79,7 @@ def _probe_cgroup(root: str) -> dict:
     if found["version"] == 2:
         parents = [os.path.join(root, PARENT) if os.path.isdir(os.path.join(root, PARENT)) else root]
     else:
-        parents = [_existing(os.path.join(found["hierarchies"][c], _own_cgroup(c).lstrip("/"), PARENT))
+        parents = [_existing(v1_parent(found["hierarchies"][c], c))
                    for c in found["hierarchies"] if c in ("memory", "cpu", "pids")]
     result["writable"] = bool(parents) and all(os.access(p, os.W_OK) for p in parents)
     if missing:

@@ -36,7 +36,6 @@ import hmac
 import json
 import os
 import ssl
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -50,7 +49,6 @@ from .kms_client import (
     KmsClientError,
     KmsProtocolError,
     Transport,
-    _Connection,
     canonical_query,
     tcp_transport,
 )
@@ -121,11 +119,9 @@ class AwsKmsClient(ConnectedClient):
         where = Endpoint.parse(endpoint or REGIONAL_ENDPOINT.format(region=region))
         if where.scheme == "https" and ssl_context is None:
             ssl_context = ssl.create_default_context()
+        super().__init__(where.host_header, transport or tcp_transport(where.hostname, where.port), timeout=timeout,
+                         ssl_context=ssl_context if where.scheme == "https" else None, recipient_key=recipient_key)
         self.credentials, self.region, self.attestor = credentials, region, attestor
-        self._recipient_key = recipient_key
-        self._connection = _Connection(where.host_header, transport or tcp_transport(where.hostname, where.port),
-                                       timeout, ssl_context if where.scheme == "https" else None)
-        self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, *, region: str | None = None, endpoint: str | None = None,

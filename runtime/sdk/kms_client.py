@@ -283,9 +283,13 @@ class ConnectedClient:
     """What the SDK's KMS clients share: one kept-alive connection (``_connection``), a lock,
     and the recipient RSA key, generated on first use unless given (``_recipient_key``)."""
 
-    _connection: _Connection
-    _lock: threading.Lock
-    _recipient_key: RecipientKey | None
+    def __init__(self, host: str, transport: Transport, *, timeout: float, ssl_context: ssl.SSLContext | None,
+                 recipient_key: RecipientKey | None) -> None:
+        """``host`` is the Host header requests carry (and, with ``ssl_context``, the name the
+        server's certificate must have); ``transport`` opens the socket to whatever carries them."""
+        self._recipient_key = recipient_key
+        self._connection = _Connection(host, transport, timeout, ssl_context)
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         self._connection.close()
@@ -313,11 +317,9 @@ class KmsClient(ConnectedClient):
                  ) -> None:
         """``host`` is the Host header (the KMS's name); ``recipient_key`` defaults to a
         fresh RSA-2048 key, generated on the first recipient request."""
+        super().__init__(host, transport, timeout=timeout, ssl_context=ssl_context, recipient_key=recipient_key)
         self.credentials = credentials
         self.attestor = attestor
-        self._recipient_key = recipient_key
-        self._connection = _Connection(host, transport, timeout, ssl_context)
-        self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, credentials: Credentials | None = None, *, endpoint: str | None = None,

@@ -176,3 +176,16 @@ def test_handoff_carries_the_security_token_of_short_lived_credentials(tmp_path)
     with left, right:
         credentials = Job(job, left).credentials
     assert (credentials.access_key, credentials.security_token) == ("AK", "TOKEN")
+
+
+def test_the_parent_reaches_an_existing_local_runtime_root_unless_told_otherwise(tmp_path, monkeypatch):
+    """parent_vsock_config (proxy, vsock, handoff): no option and no variable means the local
+    runtime's socket root once it exists; --vsock-dir wins over it."""
+    from qtbuild.cli.parent_vsock import parent_vsock_config
+
+    for name in (vsock.ENV_TRANSPORT, vsock.ENV_DIR, vsock.ENV_CID):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("QTBUILD_RUNTIME_DIR", str(tmp_path / "run"))
+    (tmp_path / "run" / "vsock").mkdir(parents=True)
+    assert parent_vsock_config(None, None) == vsock.VsockConfig(vsock.EMULATED, 3, str(tmp_path / "run" / "vsock"))
+    assert parent_vsock_config(None, str(tmp_path / "other")).root == str(tmp_path / "other")

@@ -12,6 +12,12 @@ package ``qtbuild/__init__.py`` belongs to none.  :func:`check_tree` reports, on
   exported and imported on its own, inside the enclave);
 * every import cycle between modules (with the modules in import order).
 
+:func:`private_imports` reports, one line each, a module using a private name (one leading
+underscore, not a dunder) of another module of the project: ``from X import _name``,
+``X._name`` on an imported module ``X``, or a private module ``P._mod`` imported from outside
+its package ``P``.  A name other modules need is part of its module's contract: make it public
+(with a docstring saying so) or move it to a helper both can import.
+
 Every import counts: module level, inside functions, under ``if TYPE_CHECKING``, relative ones
 resolved.  Importing ``a.b.c`` is an edge to ``a.b.c`` only (its parent packages' ``__init__``
 run first, but they are not edges: a package that re-exports its submodules is no cycle).
@@ -229,3 +235,85 @@ def sys_path_edits(files: Iterable[Path], root: Path) -> list[str]:
                 problems.append(f"{path.relative_to(root)}:{node.lineno}: edits sys.path "
                                 "(the package is imported from its installed location)")
     return problems
+
+
+def private_imports(root: Path) -> list[str]:
+    """Every use of another project module's private name in the tree at ``root`` (see the
+    module docstring), one line each: ``path:line: module uses the private name target``."""
+    modules = module_names(root)
+    known = set(modules)
+    problems = []
+    for module, path in modules.items():
+        where = path.relative_to(root)
+        for line, target in _private_uses(module, path, known):
+            if _may_use(module, target, known):
+                continue
+            problems.append(f"{where}:{line}: {module} uses the private name {target} (make it public, "
+                            "stating its contract, or move what both need to a shared public helper)")
+    return problems
+
+
+def _private_uses(module: str, path: Path, known: set[str]) -> list[tuple[int, str]]:
+    """(line, absolute dotted name) of every private project name ``path`` imports or reads
+    from an imported project module."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    bound: dict[str, str] = {}  # local name -> project module it is bound to (file-wide)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if layer(alias.name) is None and alias.name != "qtbuild":
+                    continue
+                if any(_private(part) for part in alias.name.split(".")):
+                    found.append((node.lineno, alias.name))
+                local = alias.asname or alias.name.split(".")[0]
+                bound[local] = alias.name if alias.asname else local
+        elif isinstance(node, ast.ImportFrom):
+            base = _absolute(package, node.module, node.level)
+            if layer(base) is None and base != "qtbuild":
+                continue
+            for alias in node.names:
+                target = f"{base}.{alias.name}"
+                if _private(alias.name) or any(_private(part) for part in base.split(".")):
+                    found.append((node.lineno, target))
+                if target in known:
+                    bound[alias.asname or alias.name] = target
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            dotted = _dotted(node.value)
+            if dotted is None or dotted.split(".")[0] not in bound:
+                continue
+            head, _, rest = dotted.partition(".")
+            owner = ".".join(filter(None, (bound[head], rest)))
+            if owner in known:
+                found.append((node.lineno, f"{owner}.{node.attr}"))
+    return sorted(set(found))
+
+
+def _may_use(module: str, target: str, known: set[str]) -> bool:
+    """Whether ``module`` may use ``target``: each private part of it is a private module used
+    inside its package, or a private name used inside its own module."""
+    parts = target.split(".")
+    for index, part in enumerate(parts):
+        if not _private(part):
+            continue
+        scope = ".".join(parts[:index])
+        is_module = ".".join(parts[: index + 1]) in known
+        if not (_within(module, scope) if is_module else module == scope):
+            return False
+    return True
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _dotted(node: ast.expr) -> str | None:
+    """``a.b.c`` for a chain of names and attributes, else None."""
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        inner = _dotted(node.value)
+        return None if inner is None else f"{inner}.{node.attr}"
+    return None

@@ -597,6 +597,18 @@ def test_cgroup_v2_layout_with_a_fake_hierarchy(tmp_path):
         create("enc", Limits(None, None, 10), str(fake))
 
 
+def test_a_v1_parent_nests_under_the_callers_cgroup_of_that_controller():
+    """cgroups.v1_parent (create and probe both place sandboxes with it): v1 sandboxes stay
+    accounted wherever the caller is."""
+    from qtbuild.runtime.sandbox.cgroups import v1_parent
+
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
+    own = {controller: path for _, controllers, path in (line.split(":", 2) for line in lines)
+           for controller in controllers.split(",")}
+    assert v1_parent("/h/memory", "memory") == os.path.normpath(f"/h/memory/{own.get('memory', '/')}/qtbuild")
+    assert v1_parent("/h/none", "no-such-controller") == "/h/none/qtbuild"
+
+
 def test_no_host_path_in_mountinfo_or_the_command_line_of_pid_1(root, tmp_path):
     """Regression (issue 12): inside, /proc/self/mountinfo and /proc/1/cmdline must not name
     host paths (the helper's interpreter and module; with a root and bind sources on
