@@ -90,15 +90,18 @@ def format_json(document: dict, style: str) -> str:
     return json.dumps(document, indent=2)
 
 
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
 def parse_pcr_hex(value: str, name: str = "PCR") -> bytes:
     """Parse a 96-hex-digit PCR value, raising FormatError that names ``name`` when it is not one."""
     text = value.strip().lower()
     if len(text) != 2 * PCR_SIZE:
         raise FormatError(f"{name} must be {2 * PCR_SIZE} hex digits, got {len(text)}")
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        raise FormatError(f"{name} is not hexadecimal: {value!r}") from None
+    # bytes.fromhex alone would skip blanks inside the value and read 96 characters as fewer bytes
+    if not _HEX_DIGITS.issuperset(text):
+        raise FormatError(f"{name} is not hexadecimal: {value[:100]!r}")
+    return bytes.fromhex(text)
 
 
 class PcrHashers:

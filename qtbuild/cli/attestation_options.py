@@ -15,6 +15,8 @@ from cryptography import x509
 from qtbuild.cli.attest import parse_duration
 from qtbuild.cli.errors import InputError
 from qtbuild.cli.output import say
+from qtbuild.formats.errors import FormatError
+from qtbuild.formats.measure import parse_pcr_hex
 from qtbuild.runtime.kms.recipient import DEFAULT_MAX_AGE, RecipientVerifier
 from qtbuild.runtime.qtsm.pki import LocalPki, PkiError
 from qtbuild.runtime.verifier.attestation import KNOWN_ROOTS, normalize_fingerprint
@@ -55,15 +57,14 @@ def _load_roots(path: str) -> list[x509.Certificate]:
 def pcr_hex(value: str, option: str) -> str:
     """``value`` as 96 lower-case hex digits (a SHA-384 PCR), surrounding blanks dropped;
     InputError naming ``option`` otherwise."""
-    text = value.strip().lower()
-    if len(text) != 96 or any(char not in "0123456789abcdef" for char in text):
-        raise InputError(f"{option}: expected 96 hex digits (a SHA-384 PCR), got {value[:100]!r}")
-    return text
+    try:
+        return parse_pcr_hex(value, option).hex()
+    except FormatError:
+        raise InputError(f"{option}: expected 96 hex digits (a SHA-384 PCR), got {value[:100]!r}") from None
 
 
 def measured_pcrs(path: str) -> dict[int, bytes]:
     """PCR0, and PCR8 when the image is signed, from the measurements JSON ``convert`` printed."""
-    from qtbuild.formats.errors import FormatError
     from qtbuild.inspect.verify import load_expected
 
     try:

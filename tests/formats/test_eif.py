@@ -389,3 +389,14 @@ def test_section_digests_with_several_customer_ramdisks(tmp_path):
     assert check.measurements == result.measurements
     assert check.measurements.as_hex() == model_pcrs(data)
     assert check.section_sha384 == [hashlib.sha384(payload).digest() for _, payload in model_parse(data)]
+
+
+def test_a_pcr_value_with_blanks_inside_is_refused_not_read_as_fewer_bytes():
+    # bytes.fromhex skips blanks: 96 characters with 32 of them blanks used to parse as 32 bytes
+    from qtbuild.formats.errors import FormatError
+    from qtbuild.formats.measure import parse_pcr_hex
+
+    assert parse_pcr_hex(" " + "Ab" * 48 + "\n") == b"\xab" * 48
+    for bad in ("ab" * 16 + " " * 32 + "ab" * 16, "ab" * 47 + "\tb", "zz" * 48):
+        with pytest.raises(FormatError, match="--pcr0 is not hexadecimal"):
+            parse_pcr_hex(bad, "--pcr0")
