@@ -41,7 +41,7 @@ def recipient_verifier(root_paths: Iterable[str], fingerprints: Iterable[str] = 
         try:
             roots.append(LocalPki.load().root_certificate)
         except PkiError:
-            say("qtbuild kms: no local attestation PKI (qtbuild pki init): not trusting it")
+            say("note: no local attestation PKI (qtbuild pki init): not trusting it")
     age = parse_duration(max_age) if max_age is not None else DEFAULT_MAX_AGE
     return RecipientVerifier(tuple(roots), tuple(pins), age, allow_debug)
 

@@ -50,3 +50,11 @@ def test_bad_roots_are_input_errors_naming_them(tmp_path):
         recipient_verifier([str(not_pem)], no_local=True)
     with pytest.raises(InputError, match="^--attestation-root-fingerprint: "):
         recipient_verifier([], ["abc"], no_local=True)
+
+
+def test_without_a_local_pki_the_note_names_no_other_command(tmp_path, monkeypatch, capsys):
+    # handoff shares this option handling: its note used to start "qtbuild kms:"
+    monkeypatch.setenv("QTBUILD_STATE_DIR", str(tmp_path / "empty"))
+    verifier = recipient_verifier([], hardware=True)
+    assert verifier.roots == ()
+    assert capsys.readouterr().err.strip() == "note: no local attestation PKI (qtbuild pki init): not trusting it"
