@@ -101,16 +101,6 @@ def _read_exact_or_less(raw: BinaryIO, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _read_into(raw: BinaryIO, view: memoryview) -> int:
-    """``raw.readinto(view)``, or a read copied into ``view`` for streams that only ``read``."""
-    readinto = getattr(raw, "readinto", None)
-    if readinto is not None:
-        return readinto(view) or 0
-    chunk = raw.read(len(view))
-    view[:len(chunk)] = chunk
-    return len(chunk)
-
-
 class VerifyingReader(_Stream):
     """A stored blob checked against its descriptor.
 
@@ -148,29 +138,6 @@ class VerifyingReader(_Stream):
         self.bytes_read += len(chunk)
         return chunk
 
-    def readinto(self, buffer) -> int:
-        """Read straight into ``buffer`` (no intermediate ``bytes``, no copy) and hash those bytes
-        before returning, on this thread: the caller may overwrite ``buffer`` at once.  The read
-        that reaches the declared size is checked (size and digest) before it returns.  How the
-        gzip reader refills its input buffer (see :class:`_CompressedInput`)."""
-        if self._verified:
-            return 0
-        remaining = self.expected_size - self.bytes_read
-        if remaining == 0:
-            self._finish()
-            return 0
-        view = memoryview(buffer).cast("B")[:remaining]
-        size = _read_into(self._raw, view)
-        if not size:
-            raise ImageError(
-                f"{self.what}: truncated, got {self.bytes_read} of {self.expected_size} bytes"
-            )
-        self._hash.update_now(view[:size])
-        self.bytes_read += size
-        if self.bytes_read == self.expected_size:
-            self._finish()  # before the last bytes are used: a tampered blob fails as such, not as what it decodes to
-        return size
-
     def _finish(self) -> None:
         if self._raw.read(1):
             raise ImageError(f"{self.what}: size mismatch, blob is longer than the {self.expected_size} bytes declared")
@@ -191,10 +158,8 @@ class _CompressedInput(io.RawIOBase):
     """The compressed side of a :class:`_Decompressed`: the sniffed head, then ``raw``.
 
     ``bytes_read`` counts what was taken from ``raw`` (for the ratio cap).  ``readinto`` (how
-    the gzip reader refills its own buffer) copies what is left of the head or of the last chunk
-    ``read`` returned, then has ``raw`` read straight into the buffer: a :class:`VerifyingReader`
-    hashes those bytes before its ``readinto`` returns (a copy into the gzip reader's buffer, and a
-    hand-over to a hashing thread, cost more than the hash itself takes on the inflating thread).
+    the gzip reader refills its own buffer) copies from the last chunk read, which stays an
+    immutable ``bytes``: a :class:`VerifyingReader` may still be hashing it on its worker.
     """
 
     def __init__(self, raw: BinaryIO, head: bytes):
@@ -221,10 +186,7 @@ class _CompressedInput(io.RawIOBase):
         return chunk if start == 0 and self._offset == len(chunk) else chunk[start:self._offset]
 
     def readinto(self, buffer) -> int:
-        if self._offset == len(self._chunk):
-            size = _read_into(self._raw, memoryview(buffer).cast("B"))
-            self.bytes_read += size
-            return size
+        self._fetch(CHUNK)
         start = self._offset
         size = min(len(buffer), len(self._chunk) - start)
         buffer[:size] = memoryview(self._chunk)[start:start + size]

@@ -8,11 +8,10 @@ holds up to ``depth`` chunks, so a worker that the scheduler leaves waiting for 
 machine) does not stall the reader at every chunk.
 
 Contract: ``update`` takes immutable ``bytes`` (the worker may still read a chunk after ``update``
-returned); memory is at most ``depth`` chunks.  ``update_now`` hashes any buffer before it
-returns (so the caller may reuse it), after every chunk fed before it.  ``hexdigest`` waits for
-everything fed.  ``close`` stops the worker (idempotent).  The worker starts only when a chunk of
-:data:`THRESHOLD` bytes or more arrives through ``update``, so small documents never start a
-thread; after that every ``update`` goes through the queue, in order.
+returned); memory is at most ``depth`` chunks.  ``hexdigest`` waits for everything fed.
+``close`` stops the worker (idempotent).  The worker starts only when a chunk of
+:data:`THRESHOLD` bytes or more arrives, so small documents never start a thread; after that
+every chunk goes through the queue, in order.
 """
 
 from __future__ import annotations
@@ -44,13 +43,6 @@ class HashBehind:
             self._worker = threading.Thread(target=self._run, name="hash-behind", daemon=True)
             self._worker.start()
         self._queue.put(chunk)
-
-    def update_now(self, data) -> None:
-        """Hash ``data`` (any bytes-like object) on this thread, after the chunks queued before it."""
-        if self._queue is not None:
-            self.close()  # the worker hashes what was queued, then stops; a later update() starts another
-            self._queue = None
-        self._hash.update(data)  # hashlib releases the GIL for large buffers
 
     def _run(self) -> None:
         assert self._queue is not None

@@ -84,45 +84,6 @@ def test_verifying_reader_only_reports_eof_after_the_check():
         reader.read(1)
 
 
-class _ReadOnly:
-    """A raw stream with ``read`` only (as a registry's response body is)."""
-
-    def __init__(self, data: bytes):
-        self._data = io.BytesIO(data)
-
-    def read(self, n: int = -1) -> bytes:
-        return self._data.read(n)
-
-    def close(self) -> None:
-        pass
-
-
-@pytest.mark.parametrize("raw", [io.BytesIO, _ReadOnly], ids=["readinto", "read-only"])
-def test_verifying_reader_readinto_fills_the_buffer_and_checks_the_last_read(raw):
-    """readinto reads into the caller's buffer (which is reused at once) and hashes it before returning;
-    the read that reaches the declared size is verified before its bytes are handed out."""
-    reader = VerifyingReader(raw(DATA), size=len(DATA), digest=sha256_digest(DATA), what="blob X")
-    buffer, out = bytearray(300_000), bytearray()
-    while n := reader.readinto(buffer):
-        out += buffer[:n]
-        buffer[:] = bytes(len(buffer))  # the reader must not look at it again
-    assert out == DATA
-    tampered = VerifyingReader(raw(DATA), size=len(DATA), digest=sha256_digest(b"other"), what="blob X")
-    with pytest.raises(ImageError, match="blob X: digest mismatch"):
-        while tampered.readinto(buffer) == len(buffer):
-            pass
-
-
-def test_verifying_reader_mixes_read_and_readinto_in_stream_order():
-    """Chunks handed to the hashing thread by read() are hashed before the bytes readinto hashes itself."""
-    reader = verifying(DATA)
-    head = reader.read(CHUNK)  # a large chunk: hashed on the worker
-    buffer = bytearray(len(DATA))
-    size = reader.readinto(buffer)
-    assert head + bytes(buffer[:size]) == DATA
-    assert reader.read(1) == b""
-
-
 def test_read_document_refuses_oversized_descriptor_before_reading():
     class Exploding(io.RawIOBase):
         def read(self, n=-1):
