@@ -3,6 +3,8 @@
 
 Usage: python benchmarks/first_pass.py [--layout DIR[:TAG]] [--size-mib 32] [--repeat 3]
                                       [--reference-python OTHER/.venv/bin/python]
+       python benchmarks/first_pass.py --flatten SOURCE [--spill] [--repeat 5]
+                                      [--reference-python OTHER/.venv/bin/python]
 
 Reads every gzip layer of an OCI layout (default: a synthetic one of --size-mib, one layer)
 through ``qtbuild.sources.blobs.open_uncompressed`` exactly as convert's first pass does (a
@@ -18,6 +20,12 @@ reference, CPU and wall over the reference's.  The last line, ``ratios: {json}``
 tests/test_benchmarks.py reads.  On the issue-16 image:
 ``python -P benchmarks/first_pass.py --layout BENCH/layout:bench --reference-python OTHER/.venv/bin/python``,
 where BENCH is an image ``benchmarks/convert.py --keep`` generated.
+
+``--flatten SOURCE`` (``oci:DIR:TAG``, ``docker-archive:FILE``) times the whole first pass instead:
+``flatten()`` as ``qtbuild measure`` runs it (compressed local layers re-read later, nothing
+spilled; ``--spill``: as ``convert`` runs it), under the same GIL switch interval and deferred
+verification.  Per run: its wall time, the CPU time of all threads, and how busy the CPUs were
+(CPU / wall / CPU count); with a reference, the medians of the per-round wall and CPU ratios.
 """
 
 from __future__ import annotations
@@ -85,6 +93,27 @@ print(json.dumps({"cpu": usage.ru_utime + usage.ru_stime - cpu0, "wall": time.pe
 """
 
 
+#: One child: flatten SOURCE (argv[1]) as measure (argv[2] == "reread") or convert does; print {"cpu", "wall"}.
+FLATTEN_PASS = r"""
+import json, resource, sys, time
+from qtbuild.convert.flatten import flatten
+from qtbuild.convert.gil import short_gil_switches
+from qtbuild.convert.verify_gate import deferred_verification
+from qtbuild.sources.open import open_image
+
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+with open_image(sys.argv[1], platform=None) as image, short_gil_switches(), deferred_verification():
+    cpu0, wall0 = cpu(), time.perf_counter()
+    tree = flatten(image.layers(), reread=sys.argv[2] == "reread")
+    wall, used = time.perf_counter() - wall0, cpu() - cpu0
+    tree.close()
+print(json.dumps({"cpu": used, "wall": wall}))
+"""
+
+
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -126,8 +155,9 @@ def synthetic_layer(workdir: str, size: int) -> list[tuple[str, int, str, str]]:
     return [(path, len(blob), _sha256(path), "sha256:" + hashlib.sha256(data).hexdigest())]
 
 
-def run(python: str, code: str, layers) -> dict:
-    out = subprocess.run([python, "-P", "-c", code, json.dumps(layers)], capture_output=True, text=True, check=False)
+def run(python: str, code: str, *args) -> dict:
+    argv = [arg if isinstance(arg, str) else json.dumps(arg) for arg in args]
+    out = subprocess.run([python, "-P", "-c", code, *argv], capture_output=True, text=True, check=False)
     if out.returncode:
         raise SystemExit(f"{python}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -139,7 +169,14 @@ def main() -> None:
     parser.add_argument("--size-mib", type=int, default=32, help="size of the synthetic layer")
     parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--reference-python", help="also run the qtbuild pass with this interpreter")
+    parser.add_argument("--flatten", metavar="SOURCE", help="time flatten() over this image instead (oci:DIR:TAG, "
+                        "docker-archive:FILE)")
+    parser.add_argument("--spill", action="store_true", help="with --flatten: spill compressed layers, as convert "
+                        "does (default: re-read them later, as measure does)")
     args = parser.parse_args()
+    if args.flatten:
+        flatten_rounds(args.flatten, "spill" if args.spill else "reread", args.repeat, args.reference_python)
+        return
     with tempfile.TemporaryDirectory(prefix="qtbuild-first-pass-") as workdir:
         layers = layers_of(args.layout) if args.layout else synthetic_layer(workdir, args.size_mib << 20)
         print(f"{len(layers)} gzip layers, {sum(layer[1] for layer in layers) / 1e6:.0f} MB compressed; "
@@ -165,6 +202,42 @@ def main() -> None:
         print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print("medians of the per-round ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
         print("ratios: " + json.dumps({k: round(v, 4) for k, v in ratios.items()}))
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def flatten_rounds(source: str, mode: str, repeat: int, reference: str | None) -> None:
+    """``--flatten``: interleaved rounds of flatten() over ``source``; wall, CPU and busy CPUs of each."""
+    cpus = os.cpu_count() or 1
+    print(f"flatten {source} ({'as convert: spilled' if mode == 'spill' else 'as measure: re-read'}); "
+          f"load average {_load()}", flush=True)
+    walls, over_ref_wall, over_ref_cpu = [], [], []
+    for round_ in range(repeat):
+        runs = [("qtbuild", sys.executable)] + ([("reference", reference)] if reference else [])
+        if round_ % 2:
+            runs.reverse()  # neither side always runs first
+        results = {}
+        for name, python in runs:
+            results[name] = result = run(python, FLATTEN_PASS, source, mode)
+            result["busy"] = result["cpu"] / result["wall"] / cpus
+        ours = results["qtbuild"]
+        walls.append(ours["wall"])
+        line = f"round {round_ + 1}: " + "; ".join(
+            f"{name} {r['wall']:.3f} s, {r['cpu']:.3f} CPU-s, CPUs {r['busy']:.0%} busy" for name, r in results.items())
+        if reference:
+            over_ref_wall.append(ours["wall"] / results["reference"]["wall"])
+            over_ref_cpu.append(ours["cpu"] / results["reference"]["cpu"])
+        print(line + f"; load {_load()}", flush=True)
+    ratios = {}
+    if reference:
+        ratios = {"flatten_time_over_reference": statistics.median(over_ref_wall),
+                  "flatten_cpu_time_over_reference": statistics.median(over_ref_cpu)}
+    print(f"median flatten wall {statistics.median(walls):.3f} s; load average {_load()}")
+    if ratios:
+        print("medians of the per-round ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    print("ratios: " + json.dumps({k: round(v, 4) for k, v in ratios.items()}))
 
 
 if __name__ == "__main__":

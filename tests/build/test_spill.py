@@ -47,3 +47,18 @@ def test_files_are_created_at_the_first_append_beside_the_output_and_unlinked_at
         assert file.read() == b"tar"  # no lead: a reader opening the path sees exactly what was appended
     store.close()
     assert open_files_under(tmp_path) == [] and os.listdir(tmp_path) == []
+
+
+def test_layer_sized_appends_go_to_the_file_without_waiting_in_the_write_buffer(tmp_path):
+    """A 1 MiB chunk (what the tar scan tees) is written from the caller's buffer, not copied into the
+    writer's first: it is in the file before any flush.  Small appends around it keep their order."""
+    chunk = os.urandom(1 << 20)
+    with SpillStore(str(tmp_path)) as store:
+        store.append(b"head")
+        store.append(chunk)
+        assert os.pread(store.fileno(), 16, os.fstat(store.fileno()).st_size - 16) == chunk[-16:]
+        store.append(b"tail")
+        store.flush()
+        assert store.open_range(0, 4).read() == b"head"
+        assert store.open_range(4, len(chunk)).read() == chunk
+        assert store.open_range(4 + len(chunk), 4).read() == b"tail"
