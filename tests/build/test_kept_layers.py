@@ -133,3 +133,11 @@ def test_a_kept_layer_over_its_limit_keeps_nothing_but_counts_the_stream():
     assert not kept.whole and kept.length == 1210 and kept._chunks == []
     with pytest.raises(ImageError):
         kept.open_range(0, 10)
+
+
+def test_the_budget_is_a_share_of_the_machine_memory_at_most(monkeypatch):
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert kept_layers.keep_budget() == min(kept_layers.KEEP_BUDGET, physical // kept_layers.KEEP_SHARE)
+    monkeypatch.setattr(kept_layers, "KEEP_SHARE", physical)  # a machine of 1 byte per 16 ...
+    assert kept_layers.keep_budget() == 1
+    assert plan_kept({0: object()}) == {}  # ... and a layer whose blob is no local file is never kept
