@@ -1,4 +1,4 @@
-"""Small compressed layers kept in memory from the first pass, so ``measure`` need not inflate them again.
+"""Compressed layers kept in memory from the first pass, so ``measure`` need not inflate them again.
 
 ``qtbuild measure`` re-inflates a local compressed layer to read its file data
 (:mod:`qtbuild.convert.reread`) instead of spilling it to disk.  For a layer of many small files
@@ -8,15 +8,15 @@ once, so holding on to them costs no CPU at all.  A :class:`KeptLayer` is the fi
 ``tee``: it keeps references to the chunks (immutable ``bytes``, no copy) and then serves
 ``open_range(offset, size)`` from them.
 
-Bounded: the layers kept share :func:`keep_budget` bytes (512 MiB, or a sixteenth of the
-machine's memory if that is less; the benchmark image's bottom two layers of 21,000 files, 444 MB of
-its 1.09 GB, fit; its top layer of six large files does not).  :func:`plan_kept` gives each re-read
-layer, bottom first, a reservation of its gzip trailer's size (``ISIZE``, the tar stream's length
-modulo 2**32) while the sum fits the budget; a layer whose hint is missing (not gzip) or too large
-is not kept.  The hint is untrusted: a layer whose stream outgrows its reservation drops what it
-kept and is re-read as before, so memory never exceeds the budget whatever the image claims.  What
-is kept comes from the first pass's verified stream (its digests are checked when its scan ends),
-so a kept layer needs no second proof.
+Bounded: the layers kept share :func:`keep_budget` bytes (512 MiB, or a sixteenth of the machine's
+memory or of the process's cgroup memory limit if that is less; the benchmark image's bottom two
+layers, 444 MB of its 1.09 GB and all but six of its files, fit; its top layer does not).
+:func:`plan_kept` gives each re-read layer, bottom first, a reservation of its gzip trailer's size
+(``ISIZE``, the tar stream's length modulo 2**32) while the sum fits the budget; a layer whose hint
+is missing (not gzip) or too large is not kept. The hint is untrusted: a layer whose stream
+outgrows its reservation drops what it kept and is re-read as before, so memory never exceeds the
+budget whatever the image claims. What is kept comes from the first pass's verified stream (its
+digests are checked when its scan ends), so a kept layer needs no second proof.
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ from qtbuild.sources.local_blob import LocalBlob
 
 #: Bytes of tar stream kept in memory for all the layers of one image together, at most ...
 KEEP_BUDGET = 512 << 20
-#: ... this fraction of the machine's physical memory (a 2 GiB machine keeps at most 128 MiB).
+#: ... this fraction of the memory the process may use: the machine's, or its cgroup's limit if
+#: lower (a 2 GiB machine or container keeps at most 128 MiB).
 KEEP_SHARE = 16
+_PROC_CGROUP = "/proc/self/cgroup"
+_CGROUP_ROOT = "/sys/fs/cgroup"
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
@@ -58,12 +61,40 @@ def gzip_size_hint(blob: LocalBlob) -> int | None:
 
 
 def keep_budget() -> int:
-    """:data:`KEEP_BUDGET`, or 1/:data:`KEEP_SHARE` of the physical memory if that is less."""
+    """:data:`KEEP_BUDGET`, or 1/:data:`KEEP_SHARE` of the memory available if that is less: the
+    physical memory or the process's cgroup limit, whichever is lower (128 MiB if neither is known)."""
     try:
         physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         physical = 0
-    return min(KEEP_BUDGET, physical // KEEP_SHARE) if physical > 0 else min(KEEP_BUDGET, 128 << 20)
+    limits = [limit for limit in (physical, cgroup_memory_limit()) if limit and limit > 0]
+    return min(KEEP_BUDGET, min(limits) // KEEP_SHARE) if limits else min(KEEP_BUDGET, 128 << 20)
+
+
+def cgroup_memory_limit() -> int | None:
+    """The memory limit of the process's own cgroup (v1 or v2), None when it has none or it cannot be read."""
+    try:
+        with open(_PROC_CGROUP) as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _hierarchy, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "-", "")
+        if controllers == "":
+            name = f"{_CGROUP_ROOT}{path.rstrip('/')}/memory.max"
+        elif "memory" in controllers.split(","):
+            name = f"{_CGROUP_ROOT}/memory{path.rstrip('/')}/memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            with open(name) as handle:
+                text = handle.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limits.append(int(text))
+    return min(limits) if limits else None
 
 
 def plan_kept(reopeners: Mapping[int, object], budget: int | None = None) -> dict[int, KeptLayer]:

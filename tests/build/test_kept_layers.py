@@ -137,7 +137,28 @@ def test_a_kept_layer_over_its_limit_keeps_nothing_but_counts_the_stream():
 
 def test_the_budget_is_a_share_of_the_machine_memory_at_most(monkeypatch):
     physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(kept_layers, "cgroup_memory_limit", lambda: None)
     assert kept_layers.keep_budget() == min(kept_layers.KEEP_BUDGET, physical // kept_layers.KEEP_SHARE)
     monkeypatch.setattr(kept_layers, "KEEP_SHARE", physical)  # a machine of 1 byte per 16 ...
     assert kept_layers.keep_budget() == 1
     assert plan_kept({0: object()}) == {}  # ... and a layer whose blob is no local file is never kept
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_the_budget_is_a_share_of_the_cgroup_memory_limit_at_most(tmp_path, monkeypatch, version):
+    """In a container limited to 1 GiB on a large machine, 64 MiB are kept at most, not 512."""
+    proc = tmp_path / "cgroup"
+    if version == 1:
+        proc.write_text("5:devices:/\n4:memory:/box/one\n1:cpu:/\n")
+        limit = tmp_path / "memory" / "box" / "one" / "memory.limit_in_bytes"
+    else:
+        proc.write_text("0::/box/one\n")
+        limit = tmp_path / "box" / "one" / "memory.max"
+    limit.parent.mkdir(parents=True)
+    limit.write_text(f"{1 << 30}\n")
+    monkeypatch.setattr(kept_layers, "_PROC_CGROUP", str(proc))
+    monkeypatch.setattr(kept_layers, "_CGROUP_ROOT", str(tmp_path))
+    assert kept_layers.cgroup_memory_limit() == 1 << 30
+    assert kept_layers.keep_budget() == min(kept_layers.KEEP_BUDGET, (1 << 30) // 16)
+    limit.write_text("max\n")  # no limit: the machine's memory decides
+    assert kept_layers.cgroup_memory_limit() is None
