@@ -95,6 +95,10 @@ MAX_PATH_BYTES = PATH_MAX - 1
 MAX_LINK_TARGET_BYTES = PATH_MAX - 1
 U32_MAX = 0xFFFFFFFF
 CHUNK_SIZE = 1 << 20
+#: A file at least this large is yielded by :meth:`CpioStream.ring_chunks` as the pieces its stream
+#: reads (immutable ``bytes``), not copied into the ring: a second copy of every large file's data
+#: was most of the writer's own CPU time besides Python.
+PASS_THROUGH = 256 << 10
 
 _FIELDS = (
     "c_ino", "c_mode", "c_uid", "c_gid", "c_nlink", "c_mtime", "c_filesize",
@@ -535,14 +539,17 @@ class CpioStream:
         return next(entry.path for entry in self._entries() if entry.hardlink_key == key)
 
     def ring_chunks(self, buffers: int, chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
-        """Yield the archive as views of ``chunk_size`` bytes (the last may be shorter, none is
-        empty) into a ring of ``buffers`` buffers taken in turn.
+        """Yield the archive as views of at most ``chunk_size`` bytes (none is empty): views into a
+        ring of ``buffers`` buffers taken in turn, and views of immutable ``bytes``.
 
-        A view stays unchanged until ``buffers - 1`` more views have been requested; then its
-        buffer is refilled (the contract of :class:`~qtbuild.formats.eif_writer.RingSource`).
-        Headers and file data are written straight into the buffers — file data with the
-        stream's ``readinto`` — so every byte is copied once, and a consumer on other threads
-        gets few, large chunks whatever the file sizes.  Memory: ``buffers * chunk_size``.
+        A view into the ring stays unchanged until ``buffers - 1`` more views into the ring have
+        been requested; then its buffer is refilled (the contract of
+        :class:`~qtbuild.formats.eif_writer.RingSource`).  Headers and the data of files under
+        :data:`PASS_THROUGH` bytes are written straight into the buffers — file data with the
+        stream's ``readinto`` — so every byte is copied once, and a consumer on other threads gets
+        few, large chunks whatever the file sizes; a buffer is full (``chunk_size`` bytes) when
+        yielded, except before a larger file.  That file's data is yielded as the ``bytes`` its
+        stream's ``read(chunk_size)`` returns, not copied at all.  Memory: ``buffers * chunk_size``.
         """
         if chunk_size <= 0 or buffers < 1:
             raise ValueError("chunk_size and buffers must be positive")
@@ -556,6 +563,8 @@ class CpioStream:
             if filesize:
                 if entry.link_target is not None:
                     yield from ring.put(entry.link_target)
+                elif filesize >= PASS_THROUGH and chunk_size >= PASS_THROUGH:
+                    yield from ring.pass_through(entry, filesize)
                 else:
                     yield from ring.read_from(entry, filesize)
                 yield from ring.put(_DATA_PADS[filesize % 4])
@@ -621,6 +630,32 @@ class _Ring:
             done += step
             if self.pos == self.size:
                 yield self.take()
+
+    def pass_through(self, entry: CpioEntry, filesize: int) -> Iterator[memoryview]:
+        """Yield what is filled of the current buffer, then ``entry``'s data as views of the
+        ``bytes`` its stream's ``read`` returns (at most ``size`` bytes each; a stream whose
+        ``read`` gives anything else has it copied), checking it yields exactly ``filesize`` bytes."""
+        if self.pos:
+            yield self.take()
+        stream = _open_data(entry)
+        try:
+            remaining = filesize
+            while remaining:
+                piece = stream.read(min(remaining, self.size))
+                if not piece:
+                    raise _refuse(entry.path, f"data stream ended after {filesize - remaining} bytes, "
+                                              f"size is {filesize}")
+                if len(piece) > remaining:
+                    raise _refuse(entry.path, f"data stream yielded more than size {filesize} bytes")
+                if type(piece) is not bytes:
+                    piece = bytes(piece)
+                remaining -= len(piece)
+                self.written += len(piece)
+                yield memoryview(piece)
+            if stream.read(1):
+                raise _refuse(entry.path, f"data stream yielded more than size {filesize} bytes")
+        finally:
+            stream.close()
 
     def read_from(self, entry: CpioEntry, filesize: int) -> Iterator[memoryview]:
         """Read ``entry``'s data straight in, checking its stream yields exactly ``filesize`` bytes."""

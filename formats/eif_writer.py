@@ -68,8 +68,9 @@ class RingSource(SectionSource, Protocol):
     it runs further ahead of the hashing threads (:class:`~qtbuild.formats.cpio.CpioStream`).
 
     ``ring_chunks(buffers)`` yields exactly ``size`` bytes as views into ``buffers`` buffers taken
-    in turn: a view must stay unchanged until ``buffers - 1`` more views have been requested.
-    The writer prefers it to ``chunks()``.
+    in turn, or views of immutable ``bytes``: a view into a buffer must stay unchanged until
+    ``buffers - 1`` more views into the buffers have been requested.  The writer prefers it to
+    ``chunks()``.
     """
 
     def ring_chunks(self, buffers: int) -> Iterator[memoryview]: ...

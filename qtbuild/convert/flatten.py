@@ -36,10 +36,12 @@ Semantics (docs/images.md, "Applying layers" and "Hostile input")
   is brought into 0..2**32-1, then clamped to ``clamp_mtime``.  xattrs cannot travel in newc:
   surviving entries with ``security.capability`` get one warning each, other xattrs one warning
   per name (warnings are capped at :data:`MAX_WARNINGS` lines).
-* File data is never held in memory: it is read in place from the blob when
+* File data is not held in memory (but for ``reread``'s kept layers): it is read in place from the blob when
   ``layer.range_opener()`` is available (the blob is then verified on a worker thread,
   :mod:`qtbuild.convert.verify_ahead`), with ``reread`` from a fresh decompression of a local
-  blob (:mod:`qtbuild.convert.reread`), else from the spill store (:mod:`qtbuild.convert.spill`),
+  blob (:mod:`qtbuild.convert.reread`) or, for small gzip layers, from the chunks the first pass
+  read, kept in memory within a bound (:mod:`qtbuild.convert.kept_layers`), else from the spill
+  store (:mod:`qtbuild.convert.spill`),
   to which the whole decompressed tar stream of such layers is copied while it is scanned.
 * Caps (:class:`FlattenLimits`): members + synthesised directories across all layers, total
   uncompressed tar bytes read, PAX and GNU long-name header sizes, and the path components walked
@@ -57,6 +59,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple, cast
 
+from qtbuild.convert.kept_layers import KeptLayer, plan_kept
 from qtbuild.convert.layer_scan import LayerScan
 from qtbuild.convert.readahead import ReadAhead
 from qtbuild.convert.reread import LayerRereader, Stash
@@ -789,14 +792,14 @@ LOOKAHEAD = 3
 
 
 def _start_scan(index: int, layer: Layer, opener, spill: SpillStore, verifier: VerifyAhead,
-                limits: FlattenLimits, budget: ByteBudget) -> tuple[LayerScan, object]:
+                limits: FlattenLimits, budget: ByteBudget, kept: KeptLayer | None = None) -> tuple[LayerScan, object]:
     """Start scanning layer ``index`` on a worker thread; return the scan and the layer's data
     opener once scanned (the spill segment's for a spilled layer, else ``opener``).
 
     A layer with a range ``opener`` is scanned straight from its blob while ``verifier`` checks
     it on another thread; any other layer is read through its verifying stream, and spilled into
     a segment of its own unless it has an ``opener`` (:data:`_REREAD`: its data will be re-read
-    from the blob).
+    from the blob, or served from ``kept`` if the stream fits there).
     """
     tar_limits = TarLimits(max_long_name=limits.max_long_name, max_pax_header=limits.max_pax_header)
     name = f"scan-layer-{index + 1}"
@@ -811,8 +814,9 @@ def _start_scan(index: int, layer: Layer, opener, spill: SpillStore, verifier: V
     def open_stream() -> BinaryIO:
         return cast(BinaryIO, ReadAhead(layer.open_uncompressed()))  # a RawIOBase: it reads as BinaryIO
 
+    tee = segment.append if segment is not None else kept.append if kept is not None else None
     return LayerScan(open_stream, limits=tar_limits, budget=budget.share(index), name=name,
-                     tee=None if segment is None else segment.append), segment or opener
+                     tee=tee), segment or opener
 
 
 def _apply_layer(builder: _TreeBuilder, index: int, layer: Layer, scan: LayerScan, verifier: VerifyAhead,
@@ -872,6 +876,7 @@ def flatten(layers: Sequence[Layer], *, spill_dir: str | None = None,
         reopeners = {index: layer.reread_opener() for index, layer in enumerate(layers)
                      if reread and openers[index] is None and not layer.in_stream_order}
         reopeners = {index: reopen for index, reopen in reopeners.items() if reopen is not None}
+        kept = plan_kept(reopeners)  # small layers served from memory, not inflated again
         lengths: dict[int, int] = {}
         with VerifyAhead(in_place) as verifier, _Scans() as scans:
             for index, layer in enumerate(layers):
@@ -881,10 +886,15 @@ def flatten(layers: Sequence[Layer], *, spill_dir: str | None = None,
                     # A layer read in stream order may only be opened once the layers below it were read.
                     if ahead not in scans and (ahead == index or not layers[ahead].in_stream_order):
                         opener = _REREAD if ahead in reopeners else openers[ahead]
-                        scans[ahead] = _start_scan(ahead, layers[ahead], opener, spill, verifier, limits, budget)
+                        scans[ahead] = _start_scan(ahead, layers[ahead], opener, spill, verifier, limits, budget,
+                                                   kept.get(ahead))
                 scan, data_opener = scans[index]
                 _apply_layer(builder, index, layer, scan, verifier, progress)
-                lengths[index] = scan.length
+                keeper = kept.get(index)
+                lengths[index] = scan.length if keeper is None else keeper.length
+                if keeper is not None and keeper.whole:
+                    openers[index] = keeper.open_range
+                    del reopeners[index]
                 if isinstance(data_opener, SpillFile):
                     data_opener.flush()
                     openers[index] = data_opener.open_range

@@ -8,13 +8,19 @@ import time
 
 import pytest
 
-from qtbuild.convert import reread
+from qtbuild.convert import kept_layers, reread
 from qtbuild.convert.flatten import flatten
 from qtbuild.convert.reread import LayerRereader, Stash
 from qtbuild.convert.spill import SpillStore
 from qtbuild.errors import ImageError
 from qtbuild.formats.cpio import CpioStream
 from qtbuild.sources.open import open_image
+
+
+@pytest.fixture(autouse=True)
+def _no_kept_layers(monkeypatch):
+    """These tests are about re-reading: no layer is kept from the first pass (tests/build/test_kept_layers.py)."""
+    monkeypatch.setattr(kept_layers, "KEEP_BUDGET", 0)
 
 
 class _Source:

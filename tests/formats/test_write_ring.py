@@ -244,3 +244,56 @@ def test_an_eif_from_entries_that_changed_is_not_written(tmp_path):
         write_eif(tmp_path / "x.eif", kernel=b"k", cmdline="c", ramdisks=[b"b", _changing_stream()],
                   metadata=b"{}")
     assert list(tmp_path.iterdir()) == []
+
+
+class _Pieces(io.RawIOBase):
+    """A data stream whose ``read`` returns pieces of at most ``piece`` bytes, each kept for the test."""
+
+    def __init__(self, data: bytes, piece: int, given: list[bytes]):
+        self._data, self._at, self._piece, self._given = data, 0, piece, given
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n=-1):
+        piece = self._data[self._at:self._at + min(n, self._piece)]
+        self._at += len(piece)
+        if piece:
+            self._given.append(piece)
+        return piece
+
+
+def test_large_files_pass_through_the_ring_as_their_streams_pieces():
+    """A file of PASS_THROUGH bytes or more is yielded as the stream's own bytes (no copy into the
+    ring); the ring's views around it stay valid for the ring, and the archive is unchanged."""
+    from qtbuild.formats.cpio import PASS_THROUGH
+
+    rng = random.Random(3)
+    big = rng.randbytes(3 * PASS_THROUGH + 123)
+    small = rng.randbytes(1000)
+    given: list[bytes] = []
+    entries = [CpioEntry(b"a", REG | 0o644, size=len(small), data=small),
+               CpioEntry(b"b", REG | 0o644, size=len(big), data=lambda: _Pieces(big, PASS_THROUGH, given)),
+               CpioEntry(b"c", REG | 0o644, size=len(small), data=small)]
+    expected = b"".join(CpioArchive([entry._replace(data=big) if entry.path == b"b" else entry
+                                     for entry in entries]).chunks(chunk_size=4096))
+    archive = CpioArchive(entries)
+    views = list(archive.ring_chunks(2, 1 << 20))
+    passed = [view for view in views if isinstance(view.obj, bytes)]
+    assert len(passed) == len(given) and all(view.obj is piece for view, piece in zip(passed, given, strict=True))
+    assert b"".join(given) == big
+    ring = [view for view in views if not isinstance(view.obj, bytes)]
+    assert len(ring) == 2  # the headers before the big file, and everything after it
+    assert b"".join(bytes(view) for view in views) == expected
+    assert all(0 < len(view) <= 1 << 20 for view in views)
+
+
+@pytest.mark.parametrize("actual_size", [-1, +1])
+def test_a_passed_through_stream_of_the_wrong_length_is_refused(actual_size):
+    from qtbuild.formats.cpio import PASS_THROUGH
+
+    data = bytes(PASS_THROUGH + 10 + actual_size)
+    archive = CpioArchive([CpioEntry(b"f", REG | 0o644, size=PASS_THROUGH + 10,
+                                     data=lambda: _Pieces(data, 4096, []))])
+    with pytest.raises(CpioFormatError, match="b'f'.*data stream"):
+        list(archive.ring_chunks(4, 1 << 20))
