@@ -146,7 +146,7 @@ def test_the_budget_is_a_share_of_the_machine_memory_at_most(monkeypatch):
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_the_budget_is_a_share_of_the_cgroup_memory_limit_at_most(tmp_path, monkeypatch, version):
-    """In a container limited to 1 GiB on a large machine, 64 MiB are kept at most, not 512."""
+    """In a container limited to 1 GiB on a large machine, 64 MiB are kept at most, not 128."""
     proc = tmp_path / "cgroup"
     if version == 1:
         proc.write_text("5:devices:/\n4:memory:/box/one\n1:cpu:/\n")
