@@ -10,7 +10,8 @@ ahead of the lanes, so on two cores both stay busy with hashing the whole time.
 
 Chunk lifetime (the contract of :class:`~qtbuild.formats.eif_writer.SectionSource`): a chunk in
 a reused buffer (anything but ``bytes``) must stay unchanged until ``buffers - 1`` more chunks
-have been passed in, ``buffers`` being the number of buffers the section's source takes in turn
+in reused buffers have been passed in (``bytes`` chunks between them take no buffer's turn),
+``buffers`` being the number of buffers the section's source takes in turn
 (:meth:`SectionStreamDigest.begin_section`; 2 by default, a ring of more lets the source run
 further ahead); immutable ``bytes`` chunks are queued up to :data:`DEPTH` deep.  :meth:`update`
 may return before the lanes processed the chunk.
@@ -142,7 +143,9 @@ class SectionStreamDigest:
             return
         reused = not isinstance(view.obj, bytes)
         if reused and len(view) < COPY_BELOW:
-            view, reused = memoryview(bytes(view)), False
+            # The copy may be queued like bytes, but it still took its buffer's turn: the source
+            # refills the buffer ``buffers - 1`` chunks back counting it, so it keeps counting here.
+            view = memoryview(bytes(view))
         while len(self._inflight) >= DEPTH:
             self._wait_oldest()
         first, second, others = self._targets[:1], self._targets[1:2], self._targets[2:]

@@ -297,3 +297,63 @@ def test_a_passed_through_stream_of_the_wrong_length_is_refused(actual_size):
                                      data=lambda: _Pieces(data, 4096, []))])
     with pytest.raises(CpioFormatError, match="b'f'.*data stream"):
         list(archive.ring_chunks(4, 1 << 20))
+
+
+def test_a_small_chunk_the_digest_copies_still_takes_its_buffers_turn(monkeypatch):
+    """A ring view under COPY_BELOW is copied before it is queued, but the source counts it among
+    the ``buffers - 1`` views after which it refills a buffer.  The digest once stopped counting
+    it, so a large view two buffers back was overwritten while a lane still had it: a ring that
+    yielded a partly filled buffer before a passed-through file gave EIFs with a wrong CRC."""
+    from qtbuild.formats import eif_stream
+
+    original_lane_a = eif_stream.SectionStreamDigest._lane_a
+
+    def slow_lane_a(self, hashers, view):
+        time.sleep(0.2)  # the source refills the buffer meanwhile unless the digest waits for this lane
+        original_lane_a(self, hashers, view)
+
+    monkeypatch.setattr(eif_stream.SectionStreamDigest, "_lane_a", slow_lane_a)
+    large, small = b"L" * eif_stream.COPY_BELOW, b"s" * 100
+    buffers = [bytearray(large), bytearray(small)]
+    with SectionStreamDigest() as digest:
+        digest.begin_section(SectionType.RAMDISK.label, SectionType.RAMDISK, len(large) + len(small) + 3, buffers=2)
+        digest.update(memoryview(buffers[0]))
+        digest.update(memoryview(buffers[1]))  # the copy: one more view, so buffer 0 is the source's again
+        buffers[0][:] = b"X" * len(large)
+        digest.update(b"end")
+        pcrs, crc = digest.measurements(), digest.crc
+    with SectionStreamDigest() as digest:
+        digest.begin_section(SectionType.RAMDISK.label, SectionType.RAMDISK, len(large) + len(small) + 3)
+        digest.update(large + small + b"end")
+        assert (pcrs, crc) == (digest.measurements(), digest.crc)
+
+
+def test_an_eif_with_a_passed_through_file_after_a_partly_filled_buffer_has_the_right_crc(tmp_path, monkeypatch):
+    """The composition that failed in CI: full ring buffers of small files, a partly filled one
+    before a large (passed-through) file, then full ones again, with lanes slower than the
+    producer.  The file must equal the one written from the archive's bytes."""
+    from qtbuild.formats import eif_stream
+
+    rng = random.Random(11)
+    entries = [CpioEntry(b"d", DIR | 0o755, nlink=2)]
+    for index in range(1500):
+        name = b"d/%s%04d" % (b"a" if index < 300 else b"c", index)
+        data = rng.randbytes(4096)
+        entries.append(CpioEntry(name, REG | 0o644, size=len(data), data=data))
+        if index == 299:
+            big = rng.randbytes(300 << 10)
+            entries.append(CpioEntry(b"d/b", REG | 0o644, size=len(big), data=lambda big=big: io.BytesIO(big)))
+    expected_bytes = b"".join(CpioArchive(list(entries)).chunks())
+    reference = write_eif(tmp_path / "bytes.eif", kernel=b"k", cmdline="c", ramdisks=[b"b", expected_bytes],
+                          metadata=b"{}")
+    original_lane_a = eif_stream.SectionStreamDigest._lane_a
+
+    def slow_lane_a(self, hashers, view):
+        time.sleep(0.01)
+        original_lane_a(self, hashers, view)
+
+    monkeypatch.setattr(eif_stream.SectionStreamDigest, "_lane_a", slow_lane_a)
+    result = write_eif(tmp_path / "ring.eif", kernel=b"k", cmdline="c", ramdisks=[b"b", CpioStream(lambda: entries)],
+                       metadata=b"{}")
+    assert (tmp_path / "ring.eif").read_bytes() == (tmp_path / "bytes.eif").read_bytes()
+    assert result == reference
