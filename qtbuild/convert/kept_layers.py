@@ -36,7 +36,6 @@ KEEP_BUDGET = 128 << 20
 #: ... this fraction of the memory the process may use: the machine's, or its cgroup's limit if
 #: lower (a 1 GiB machine or container keeps at most 64 MiB).
 KEEP_SHARE = 16
-_PROC_CGROUP = "/proc/self/cgroup"
 _CGROUP_ROOT = "/sys/fs/cgroup"
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -63,31 +62,26 @@ def gzip_size_hint(blob: LocalBlob) -> int | None:
 
 def keep_budget() -> int:
     """:data:`KEEP_BUDGET`, or 1/:data:`KEEP_SHARE` of the memory available if that is less: the
-    physical memory or the process's cgroup limit, whichever is lower (128 MiB if neither is known)."""
+    physical memory or the process's cgroup limit, whichever is lower (:data:`KEEP_BUDGET` if neither is known)."""
     try:
         physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         physical = 0
     limits = [limit for limit in (physical, cgroup_memory_limit()) if limit and limit > 0]
-    return min(KEEP_BUDGET, min(limits) // KEEP_SHARE) if limits else min(KEEP_BUDGET, 128 << 20)
+    return min(KEEP_BUDGET, min(limits) // KEEP_SHARE) if limits else KEEP_BUDGET
 
 
 def cgroup_memory_limit() -> int | None:
     """The memory limit of the process's own cgroup (v1 or v2), None when it has none or it cannot be read."""
+    from qtbuild.runtime.sandbox.cgroups import own_cgroup  # only measure asks: not on convert's import path
+
     try:
-        with open(_PROC_CGROUP) as handle:
-            lines = handle.read().splitlines()
-    except OSError:
+        names = (f"{_CGROUP_ROOT}{own_cgroup('').rstrip('/')}/memory.max",
+                 f"{_CGROUP_ROOT}/memory{own_cgroup('memory').rstrip('/')}/memory.limit_in_bytes")
+    except (OSError, ValueError):
         return None
     limits = []
-    for line in lines:
-        _hierarchy, controllers, path = line.split(":", 2) if line.count(":") >= 2 else ("", "-", "")
-        if controllers == "":
-            name = f"{_CGROUP_ROOT}{path.rstrip('/')}/memory.max"
-        elif "memory" in controllers.split(","):
-            name = f"{_CGROUP_ROOT}/memory{path.rstrip('/')}/memory.limit_in_bytes"
-        else:
-            continue
+    for name in names:  # a hierarchy not mounted there (v1 on a v2 host, or the reverse) names no file
         try:
             with open(name) as handle:
                 text = handle.read().strip()

@@ -34,7 +34,10 @@ from dataclasses import dataclass
 
 from .spec import SandboxError
 
-__all__ = ["Cgroup", "Limits", "create", "detect", "v1_parent"]
+__all__ = ["PROC_SELF_CGROUP", "Cgroup", "Limits", "create", "detect", "own_cgroup", "v1_parent"]
+
+#: Where the kernel lists the calling process's cgroups, a line per hierarchy.
+PROC_SELF_CGROUP = "/proc/self/cgroup"
 
 PARENT = "qtbuild"
 _PERIOD_US = 100_000
@@ -235,12 +238,14 @@ def _read(path: str) -> str:
 def v1_parent(hierarchy: str, controller: str) -> str:
     """Where sandboxes' cgroups go in the v1 hierarchy of ``controller`` mounted at
     ``hierarchy``: ``<hierarchy>/<the caller's cgroup>/qtbuild`` (see the module docstring)."""
-    return os.path.join(hierarchy, _own_cgroup(controller).lstrip("/"), PARENT)
+    return os.path.join(hierarchy, own_cgroup(controller).lstrip("/"), PARENT)
 
 
-def _own_cgroup(controller: str) -> str:
-    """The caller's cgroup path in the v1 hierarchy of ``controller`` (``/`` if not listed)."""
-    with open("/proc/self/cgroup") as handle:
+def own_cgroup(controller: str) -> str:
+    """The caller's cgroup path in the v1 hierarchy of ``controller``, or with ``controller`` ``""``
+    in the v2 (unified) hierarchy; ``/`` if that hierarchy is not listed.  OSError if
+    :data:`PROC_SELF_CGROUP` cannot be read."""
+    with open(PROC_SELF_CGROUP) as handle:
         for line in handle:
             _, controllers, path = line.rstrip("\n").split(":", 2)
             if controller in controllers.split(","):

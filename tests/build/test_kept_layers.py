@@ -12,6 +12,7 @@ from qtbuild.convert.flatten import flatten
 from qtbuild.convert.kept_layers import KeptLayer, gzip_size_hint, plan_kept
 from qtbuild.errors import ImageError
 from qtbuild.formats.cpio import CpioStream
+from qtbuild.runtime.sandbox import cgroups
 from qtbuild.sources.open import open_image
 
 
@@ -156,7 +157,7 @@ def test_the_budget_is_a_share_of_the_cgroup_memory_limit_at_most(tmp_path, monk
         limit = tmp_path / "box" / "one" / "memory.max"
     limit.parent.mkdir(parents=True)
     limit.write_text(f"{1 << 30}\n")
-    monkeypatch.setattr(kept_layers, "_PROC_CGROUP", str(proc))
+    monkeypatch.setattr(cgroups, "PROC_SELF_CGROUP", str(proc))
     monkeypatch.setattr(kept_layers, "_CGROUP_ROOT", str(tmp_path))
     assert kept_layers.cgroup_memory_limit() == 1 << 30
     assert kept_layers.keep_budget() == min(kept_layers.KEEP_BUDGET, (1 << 30) // 16)
