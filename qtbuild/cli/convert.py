@@ -136,16 +136,8 @@ def convert_command(output, expected, provenance_path, **params) -> None:
     if provenance_path and not output:
         raise InputError("--provenance describes the written EIF: add -o app.eif")
     with _save_sent_early(params):
-        # deferred: inspect.check pulls in cryptography.x509, a tenth of a second of every convert
-        from qtbuild.inspect.check import check_rebuild, is_same_file, validate_reference
-
-        if provenance_path and any(is_same_file(provenance_path, other) for other in (output, expected) if other):
-            raise InputError(f"--provenance {provenance_path} would overwrite the EIF or the --check reference")
-        if expected:
-            if output and is_same_file(output, expected):
-                raise InputError(f"-o {output} is the --check reference {expected}: writing it would destroy the "
-                                 "reference; write the rebuild elsewhere (or omit -o)")
-            validate_reference(expected)
+        if provenance_path or expected:
+            _refuse_overwrites(output, expected, provenance_path)
         # a directory in $TMPDIR only for a --check rebuild with no -o: a convert to -o writes nothing there
         with contextlib.nullcontext(None) if output else tempfile.TemporaryDirectory(prefix="qtbuild-check-") as tmp:
             target = output or os.path.join(str(tmp), "rebuilt.eif")
@@ -157,8 +149,31 @@ def convert_command(output, expected, provenance_path, **params) -> None:
                 _write_provenance(provenance_path, target, source, options, result)
                 say(f"wrote provenance {provenance_path}" + (" (DSSE, signed)" if options.signer else ""),
                     quiet=params["quiet"])
-            if expected and not check_rebuild(target, expected):
+            if expected and not _rebuild_matches(target, expected):
                 sys.exit(EXIT_CHECK_FAILED)
+
+
+def _refuse_overwrites(output: str | None, expected: str | None, provenance_path: str | None) -> None:
+    """Refuse, before any work, an output that would overwrite the ``--check`` reference or another output,
+    and a reference that cannot be read."""
+    # deferred, and only with --check or --provenance: inspect.check pulls in cryptography.x509, a tenth of a
+    # second that a plain convert never needs
+    from qtbuild.inspect.check import is_same_file, validate_reference
+
+    if provenance_path and any(is_same_file(provenance_path, other) for other in (output, expected) if other):
+        raise InputError(f"--provenance {provenance_path} would overwrite the EIF or the --check reference")
+    if expected:
+        if output and is_same_file(output, expected):
+            raise InputError(f"-o {output} is the --check reference {expected}: writing it would destroy the "
+                             "reference; write the rebuild elsewhere (or omit -o)")
+        validate_reference(expected)
+
+
+def _rebuild_matches(rebuilt: str, expected: str) -> bool:
+    """Whether the rebuilt EIF has the reference's PCRs (the differences are printed when not)."""
+    from qtbuild.inspect.check import check_rebuild
+
+    return check_rebuild(rebuilt, expected)
 
 
 def _save_sent_early(params: dict) -> contextlib.AbstractContextManager:

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-
-from tqdm import tqdm
 
 from qtbuild.convert.boot_profiles import load_profile, normalise_arch
 from qtbuild.convert.credential_scan import credential_warnings
@@ -28,6 +25,7 @@ from qtbuild.convert.flatten import FlatTree, flatten
 from qtbuild.convert.gil import short_gil_switches
 from qtbuild.convert.launch_config import Launch, resolve_launch, tree_file_reader
 from qtbuild.convert.metadata import load_custom_metadata, make_metadata, source_date_epoch
+from qtbuild.convert.progress_bar import progress_bar
 from qtbuild.convert.provenance import image_dependencies
 from qtbuild.convert.ramdisk import customer_ramdisk
 from qtbuild.convert.verify_gate import deferred_verification
@@ -102,7 +100,7 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
         paths = (path.decode("utf-8", "replace") for path in tree.iter_paths())
         warnings = list(tree.warnings) + credential_warnings(config, paths, read_file)
         ramdisk = customer_ramdisk(tree, launch)  # written in one pass: its size is known at the end
-        with _progress("ramdisk", options.quiet) as bar:
+        with contextlib.closing(progress_bar("ramdisk", options.quiet)) as bar:
             if not bar.disable:  # the estimate walks the tree: only for a bar someone sees
                 bar.reset(total=estimated_write_total(profile, options.cmdline or profile.cmdline, metadata, tree,
                                                       launch))
@@ -122,7 +120,7 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
 
 
 def _flatten(image: Image, options: ConvertOptions, clamp: datetime | None) -> FlatTree:
-    with _progress("layers", options.quiet) as bar:
+    with contextlib.closing(progress_bar("layers", options.quiet)) as bar:
         clamp_mtime = int(clamp.timestamp()) if clamp else None
         # measure keeps nothing: compressed local layers are inflated again rather than spilled
         return flatten(image.layers(), spill_dir=_spill_dir(image, options), clamp_mtime=clamp_mtime,
@@ -181,9 +179,3 @@ def _created(config: dict) -> datetime | None:
     except OverflowError:
         raise ImageError(f"image config: created time {created[:64]!r} is outside the dates UTC can represent; "
                          f"fix it or set SOURCE_DATE_EPOCH") from None
-
-
-def _progress(what: str, quiet: bool, total: int | None = None) -> tqdm:
-    """A byte progress bar on stderr, hidden when quiet or when stderr is not a terminal."""
-    return tqdm(total=total, desc=what, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                disable=quiet or not sys.stderr.isatty(), leave=False)

@@ -24,7 +24,6 @@ import json
 import os
 
 from qtbuild import __version__
-from qtbuild.formats.dsse import sign_envelope
 from qtbuild.formats.launch_record import LAUNCH_LAYOUT_VERSION
 from qtbuild.runtime.files import write_atomically
 from qtbuild.sources.base import Image
@@ -96,5 +95,8 @@ def write_provenance(path: str | os.PathLike, statement: dict, private_key=None)
     """Write the statement (in a DSSE envelope when ``private_key`` is given) atomically to ``path``."""
     data = statement_bytes(statement)
     if private_key is not None:
+        # Imported here: dsse loads `cryptography` (20 ms), which measure and an unsigned convert never use.
+        from qtbuild.formats.dsse import sign_envelope
+
         data = sign_envelope(data, private_key).to_json()
     write_atomically(path, data, 0o644)
