@@ -111,7 +111,11 @@ class FlattenLimits:
 
 
 class _Refusal(Exception):
-    """A member cannot be applied; flatten() adds the layer and member to the message."""
+    """A member cannot be applied; flatten() adds the layer and member to the message.
+
+    :meth:`_TreeBuilder.apply_all` sets ``member``: the member refused."""
+
+    member: TarMember | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,6 +177,7 @@ class _TreeBuilder:
         self._inode_of = array("I")
         self._links = 0  # hardlink nodes created
         self._last_parents: list[bytes] | None = None  # _walk_parents' shortcut
+        self._last_parent_name: bytes | None = None  # the name's bytes before its last "/" (apply_all's shortcut)
         self._last_walk = (_ROOT, 0)
         self._last_steps = 0
         self._new_dir(stat.S_IFDIR | 0o755, 0, 0, implicit_mtime, ())
@@ -312,9 +317,66 @@ class _TreeBuilder:
                     raise _Refusal(f"path component of {len(component)} bytes exceeds {MAX_COMPONENT}")
         inode = self._hardlink_target(member) if member.kind == HARDLINK else None
         parent, parent_length = self._walk_parents(parents)
+        parent_name, _, last = name.rpartition(b"/")
+        self._last_parent_name = parent_name if last == base else None
         if parent_length + len(base) > MAX_PATH:
             raise _Refusal(f"resolved path exceeds {MAX_PATH} bytes")
         self._place(parent, base, member, inode)
+
+    def apply_all(self, members: list[TarMember]) -> None:
+        """:meth:`apply` each of ``members`` in order; a refusal carries the member refused.
+
+        A regular file new to the directory of the member before it (a layer lists a directory's
+        files one after another) takes a shortcut with :meth:`apply`'s outcome: its parent path
+        is the same bytes as that member's, so it splits into the same components, passed the same
+        checks and resolves to the same directory (the walk :meth:`_walk_parents` keeps, charged
+        the same steps), and only its last component is checked here.  Anything else, and a name
+        already present (a replacement), takes :meth:`apply`.
+        """
+        member = None
+        try:
+            apply, limits, layer = self.apply, self._limits, self._layer
+            max_entries, max_steps = limits.max_entries, limits.max_path_steps
+            children, data_base, xattrs_of = self._children, self._data_base, self._xattrs
+            columns = (self._mode.append, self._uid.append, self._gid.append, self._mtime.append, self._size.append,
+                       self._offset.append, self._layer_of.append, self._placed.append, self._inode_of.append)
+            add_mode, add_uid, add_gid, add_mtime, add_size, add_offset, add_layer, add_placed, add_inode = columns
+            for member in members:
+                name, kind, mode, uid, gid, mtime, size, _link, _major, _minor, xattrs, _h, data_offset = member
+                parent_name, _, base = name.rpartition(b"/")
+                if (kind is not REGULAR or parent_name != self._last_parent_name or len(base) > MAX_COMPONENT
+                        or base.startswith(b".") and (base in (b".", b"..") or base.startswith(WHITEOUT_PREFIX))
+                        or not base):
+                    apply(member)
+                    continue
+                directory, parent_length = self._last_walk
+                siblings = children[directory]
+                if base in siblings or parent_length + len(base) > MAX_PATH:
+                    apply(member)  # a replacement, or the refusal with its message
+                    continue
+                self._entries += 1
+                self._steps += self._last_steps
+                if self._entries > max_entries or self._steps > max_steps:
+                    self._entries -= 1
+                    self._steps -= self._last_steps
+                    apply(member)  # the refusal with its message
+                    continue
+                node = len(self._mode)
+                add_mode(stat.S_IFREG | mode)
+                add_uid(uid)
+                add_gid(gid)
+                add_mtime(mtime if 0 <= mtime <= U32_MAX else _mtime(mtime))
+                add_size(size)
+                add_offset(data_base + data_offset)
+                add_layer(layer)
+                add_placed(layer)
+                add_inode(node)
+                if xattrs:
+                    xattrs_of[node] = xattrs
+                siblings[base] = node
+        except _Refusal as exc:
+            exc.member = member
+            raise
 
     def _walk_parents(self, parents: list[bytes]) -> tuple[int, int]:
         """:meth:`_walk` (creating) for a member's parent ``parents``: the directory and the length
@@ -338,7 +400,7 @@ class _TreeBuilder:
 
     def _forget_walk(self) -> None:
         """An entry was replaced or removed: the last walk may have gone through it."""
-        self._last_parents = None
+        self._last_parents = self._last_parent_name = None
 
     def _place(self, parent: int, base: bytes, member: TarMember, inode: int | None) -> None:
         siblings = self._children[parent]
@@ -826,12 +888,12 @@ def _apply_layer(builder: _TreeBuilder, index: int, layer: Layer, scan: LayerSca
     builder.begin_layer(index, 0)
     try:
         for members, read in scan.batches():
-            for member in members:
-                try:
-                    builder.apply(member)
-                except _Refusal as exc:
-                    name = member.name[:200].decode("utf-8", "backslashreplace")
-                    raise ImageError(f"{label}: member {name!r}: {exc}") from None
+            try:
+                builder.apply_all(members)
+            except _Refusal as exc:
+                assert exc.member is not None
+                name = exc.member.name[:200].decode("utf-8", "backslashreplace")
+                raise ImageError(f"{label}: member {name!r}: {exc}") from None
             if progress is not None and read:
                 progress(read)
     except ImageError as exc:

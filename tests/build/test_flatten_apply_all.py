@@ -1,0 +1,126 @@
+"""The tree builder's batch apply (``_TreeBuilder.apply_all``) gives exactly what applying each
+member on its own gives: the same tree, the same counts, the same refusal for the same member
+(issue 16, the first pass's per-member cost).
+
+Differential: random layers of members whose names repeat a few directories (so the shortcut for
+a file next to the member before it is taken often) mixed with every kind of name the general path
+treats specially (``.``, ``..``, empty components, whiteouts, opaque markers, long components,
+replacements, symlinked parents, hardlinks), applied once through ``apply_all`` in batches and once
+member by member through ``apply``.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from qtbuild.convert import flatten as flatten_module
+from qtbuild.convert.flatten import FlattenLimits
+from qtbuild.convert.tarscan import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TarMember
+
+DIRECTORIES = [b"", b"a", b"a/b", b"./a/b", b"a//b", b"c", b"a/b/c", b"link", b"link/x", b"file", b"a/.wh..wh.plnk"]
+BASES = [b"f", b"g", b"h", b".hidden", b"b", b"c", b"link", b"file"]
+SYMLINK_TARGETS = (b"a", b"../c", b"/a/b", b"link", b"a/b", b"c", b"a/b/c/..", b"c/../a")
+#: Names the general path treats specially (some of them refused): one member in ten.
+SPECIAL_BASES = [b"", b".", b"..", b".wh.f", b".wh.g", b".wh..wh..opq", b".wh.", b".wh.b", b"x" * 256]
+
+
+def _member(rng: random.Random, offset: int) -> TarMember:
+    directory, base = rng.choice(DIRECTORIES), rng.choice(SPECIAL_BASES if rng.random() < 0.1 else BASES)
+    name = base if not directory else directory + b"/" + base
+    roll = rng.random()
+    kind, size, linkname = REGULAR, rng.choice((0, 5, 700)), b""
+    if roll < 0.1:
+        kind, size = DIRECTORY, 0
+        name += rng.choice((b"", b"/"))
+    elif roll < 0.15:
+        kind, size, linkname = SYMLINK, 0, rng.choice(SYMLINK_TARGETS)
+    elif roll < 0.2:
+        kind, size, linkname = HARDLINK, 0, rng.choice((b"a/b/f", b"c/g", b"f", b"missing"))
+    if rng.random() < 0.003:
+        name = b"/" + name
+    mtime = rng.choice((0, 1_700_000_000, -5, 1 << 33))
+    xattrs = ("user.x",) if rng.random() < 0.05 else ()
+    return TarMember(name, kind, rng.choice((0o644, 0o755)), rng.choice((0, 1000)), 0, mtime, size, linkname, 0, 0,
+                     xattrs, offset, offset + 512)
+
+
+def _snapshot(builder) -> tuple:
+    """Everything the output depends on, node by node in path order, and the counters."""
+    rows = []
+    for path, node in builder.walk_sorted():
+        inode = builder.inode(node)
+        rows.append((path, inode == node, builder._mode[inode], builder._uid[inode], builder._gid[inode],
+                     builder._mtime[inode], builder._size[inode], builder._offset[inode], builder._layer_of[inode],
+                     builder._placed[node], builder._targets.get(inode), builder.xattrs(node)))
+    return rows, builder._entries, builder._steps, len(builder._mode)
+
+
+def _build(layers: list[list[TarMember]], limits: FlattenLimits, batched: bool) -> tuple:
+    builder = flatten_module._TreeBuilder(limits, 0)
+    try:
+        for index, members in enumerate(layers):
+            builder.begin_layer(index, 1000 * index)
+            if batched:
+                for start in range(0, len(members), 7):
+                    builder.apply_all(members[start:start + 7])
+            else:
+                for member in members:
+                    try:
+                        builder.apply(member)
+                    except flatten_module._Refusal as exc:
+                        exc.member = member
+                        raise
+    except flatten_module._Refusal as exc:
+        return "refused", index, exc.member, str(exc), _snapshot(builder)
+    return "built", _snapshot(builder)
+
+
+@pytest.mark.parametrize("limits", [FlattenLimits(), FlattenLimits(max_entries=40), FlattenLimits(max_path_steps=90)],
+                         ids=["default", "max_entries", "max_path_steps"])
+def test_apply_all_builds_what_apply_builds(limits):
+    rng = random.Random(16)
+    refused = built = 0
+    for _ in range(300):
+        offset = 0
+        layers = []
+        for _layer in range(rng.choice((1, 2, 3))):
+            members = []
+            for _ in range(rng.randrange(1, 40)):
+                members.append(_member(rng, offset))
+                offset += 1024
+            layers.append(members)
+        batched, single = _build(layers, limits, True), _build(layers, limits, False)
+        assert batched == single, layers
+        refused += batched[0] == "refused"
+        built += batched[0] == "built"
+    assert refused > 20 and built > 20  # both outcomes were compared
+
+
+def test_the_shortcut_is_taken_for_files_next_to_each_other(monkeypatch):
+    calls = []
+    real = flatten_module._TreeBuilder.apply
+    monkeypatch.setattr(flatten_module._TreeBuilder, "apply", lambda self, member: calls.append(member) or
+                        real(self, member))
+    builder = flatten_module._TreeBuilder(FlattenLimits(), 0)
+    builder.begin_layer(0, 0)
+    members = [TarMember(b"usr/share/f%d" % i, REGULAR, 0o644, 0, 0, 0, 10, b"", 0, 0, (), 1024 * i, 1024 * i + 512)
+               for i in range(100)]
+    builder.apply_all(members)
+    assert calls == members[:1]  # the first resolves the directory; the others reuse it
+    assert [path for path, _node in builder.walk_sorted()][-1] == b"usr/share/f99"
+
+
+def test_a_file_replacing_a_directory_the_last_walk_went_through_is_seen():
+    """``link -> a/b/c/..`` resolves through ``a/b/c``: once ``link/c`` replaces that directory with
+    a file, ``link/g`` must be refused, not placed in the directory the walk before found."""
+    def file(name: bytes) -> TarMember:
+        return TarMember(name, REGULAR, 0o644, 0, 0, 0, 1, b"", 0, 0, (), 0, 512)
+
+    members = [TarMember(b"a/b/c/", DIRECTORY, 0o755, 0, 0, 0, 0, b"", 0, 0, (), 0, 512),
+               TarMember(b"link", SYMLINK, 0o777, 0, 0, 0, 0, b"a/b/c/..", 0, 0, (), 0, 512),
+               file(b"link/f"), file(b"link/c"), file(b"link/g")]
+    batched, single = _build([members], FlattenLimits(), True), _build([members], FlattenLimits(), False)
+    assert batched == single
+    assert batched[:4] == ("refused", 0, members[-1], "parent 'a/b/c' is not a directory")
