@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from tqdm import tqdm
 
 from qtbuild.convert.boot_profiles import load_profile, normalise_arch
-from qtbuild.convert.credential_scan import credential_warnings
+from qtbuild.convert.credential_scan import CANDIDATE_DIRECTORIES, CANDIDATE_NAMES, credential_warnings
 from qtbuild.convert.flatten import FlatTree, flatten
 from qtbuild.convert.gil import short_gil_switches
 from qtbuild.convert.launch_config import Launch, resolve_launch, tree_file_reader
@@ -99,7 +99,8 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
             tree = owned.enter_context(_flatten(image, options, clamp))
         read_file = tree_file_reader(tree)
         launch = resolve_launch(config, read_file, semantics=options.cmd_semantics)
-        paths = (path.decode("utf-8", "replace") for path in tree.iter_paths())
+        # Only the paths the scan could warn about: a pass over every path held the hashing lanes back.
+        paths = (path.decode("utf-8", "replace") for path in tree.find_paths(CANDIDATE_NAMES, CANDIDATE_DIRECTORIES))
         warnings = list(tree.warnings) + credential_warnings(config, paths, read_file)
         ramdisk = customer_ramdisk(tree, launch)  # written in one pass: its size is known at the end
         with _progress("ramdisk", options.quiet) as bar:

@@ -1,6 +1,9 @@
-"""The tree builder's batch apply (``_TreeBuilder.apply_all``) gives exactly what applying each
-member on its own gives: the same tree, the same counts, the same refusal for the same member
-(issue 16, the first pass's per-member cost).
+"""The tree builder's shortcuts give exactly what the plain code gives (issue 16, the first pass's
+per-member cost and the hand-over to the write).
+
+The batch apply (``_TreeBuilder.apply_all``) gives what applying each member on its own gives:
+the same tree, the same counts, the same refusal for the same member.  ``data_ranges`` and
+``find_paths`` (gathered in C between flatten and the write) give what a walk over every path gives.
 
 Differential: random layers of members whose names repeat a few directories (so the shortcut for
 a file next to the member before it is taken often) mixed with every kind of name the general path
@@ -12,10 +15,12 @@ member by member through ``apply``.
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 
 from qtbuild.convert import flatten as flatten_module
+from qtbuild.convert.credential_scan import _CREDENTIAL_FILES, CANDIDATE_DIRECTORIES, CANDIDATE_NAMES
 from qtbuild.convert.flatten import FlattenLimits
 from qtbuild.convert.tarscan import DIRECTORY, HARDLINK, REGULAR, SYMLINK, TarMember
 
@@ -124,3 +129,65 @@ def test_a_file_replacing_a_directory_the_last_walk_went_through_is_seen():
     batched, single = _build([members], FlattenLimits(), True), _build([members], FlattenLimits(), False)
     assert batched == single
     assert batched[:4] == ("refused", 0, members[-1], "parent 'a/b/c' is not a directory")
+
+
+def _random_layers(rng: random.Random) -> list[list[TarMember]]:
+    offset, layers = 0, []
+    for _layer in range(rng.choice((1, 2, 3))):
+        members = []
+        for _ in range(rng.randrange(1, 40)):
+            members.append(_member(rng, offset))
+            offset += 1024
+        layers.append(members)
+    return layers
+
+
+def _built(layers: list[list[TarMember]]):
+    """The builder after ``layers`` (or after the members before the first refusal)."""
+    builder = flatten_module._TreeBuilder(FlattenLimits(), 0)
+    for index, members in enumerate(layers):
+        builder.begin_layer(index, 0)
+        for member in members:
+            try:
+                builder.apply(member)
+            except flatten_module._Refusal:
+                return builder
+    return builder
+
+
+def test_data_ranges_are_every_surviving_file_of_the_layers_in_offset_order():
+    rng = random.Random(17)
+    compared = 0
+    for _ in range(300):
+        builder = _built(_random_layers(rng))
+        expected: dict[int, set[tuple[int, int]]] = {}
+        for _path, node in builder.walk_sorted():
+            inode = builder.inode(node)
+            if builder._layer_of[inode] >= 0 and builder._size[inode]:
+                expected.setdefault(builder._layer_of[inode], set()).add((builder._offset[inode], builder._size[inode]))
+        for layers in ({0}, {1, 2}, {0, 1, 2}, {5}):
+            ranges = builder.data_ranges(layers)
+            assert ranges == {layer: sorted(found) for layer, found in expected.items() if layer in layers}
+            compared += sum(map(len, ranges.values()))
+    assert compared > 1000
+
+
+def test_find_paths_gives_every_path_the_credential_scan_looks_at():
+    rng = random.Random(18)
+    names = [b"credentials", b".env", b"id_rsa", b"k.pem", b"x.key", b"a.p12", b"b.pfx", b".pem", b"f", b"env",
+             b"credentials.json", b"id", b".env\n", b"tls.pem\n", b"\xff.key", b"credentials.jsonx", b"x.pems"]
+    dirs = [b"", b"root/.aws", b"root/.ssh", b".huaweicloud", b"home/u/.hcloud", b"app", b"a/.aws/b", b".hcloud/x"]
+    for _ in range(100):
+        members, offset = [], 0
+        for _ in range(rng.randrange(1, 60)):
+            directory, name = rng.choice(dirs), rng.choice(names)
+            path = name if not directory else directory + b"/" + name
+            members.append(TarMember(path, REGULAR, 0o644, 0, 0, 0, 1, b"", 0, 0, (), offset, offset + 512))
+            offset += 1024
+        builder = _built([members])
+        every = [path for path, _node in builder.walk_sorted()]
+        matched = [path for path in every if _CREDENTIAL_FILES.search(path.decode("utf-8", "replace"))]
+        found = builder.find_paths(CANDIDATE_NAMES, CANDIDATE_DIRECTORIES)
+        assert [path for path in found if _CREDENTIAL_FILES.search(path.decode("utf-8", "replace"))] == matched
+        assert found == [path for path in every if path in set(found)]  # the tree's (bytewise) order
+        assert builder.find_paths(re.compile(b"."), ()) == every
