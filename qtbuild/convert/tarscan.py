@@ -581,8 +581,10 @@ def _quick_member(block: bytes, offset: int, max_name: int, max_file_size: int, 
     except ValueError:  # an empty field, or padding inside one
         return None
     mode, uid, gid = mode_uid_gid
-    # The sum of every byte, the chksum field counted as spaces (its own byte sum: Adler-32's low half - 1).
-    if stored != _byte_sum(block) - (adler32(block[148:156]) & 0xFFFF) + 1 + 8 * 32:
+    # The sum of every byte, the chksum field counted as spaces: _byte_sum(block) - its own byte sum
+    # (Adler-32's low half - 1) + 8 * 32, inline.
+    total = (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - (adler32(block[148:156]) & 0xFFFF)
+    if stored != total + 255:
         return None
     name = name.partition(b"\0")[0]
     if magic == _MAGIC_POSIX:
@@ -661,7 +663,11 @@ class TarScanner:
             yield member
             size = member.size
             if size:
-                skip_data(size + (-size % BLOCK_SIZE), member.header_offset)
+                end = source._pos + size + (-size % BLOCK_SIZE)
+                if end <= len(source._buf):
+                    source._pos = end
+                else:
+                    skip_data(size + (-size % BLOCK_SIZE), member.header_offset)
 
     def drain(self) -> None:
         """Read whatever follows the end of the archive to EOF (not tee-d)."""
