@@ -610,7 +610,8 @@ class _TreeBuilder:
         Only regular files have a layer (``_layer_of``, -1 for any other node), and a layer's
         files were numbered in stream order, so their node order is their data's order.
         """
-        inodes = list(map(self._inode_of.__getitem__, self._nodes()))
+        nodes = self._nodes()  # references to the ids the directories hold: 8 bytes a node
+        inodes = list(map(self._inode_of.__getitem__, nodes)) if self._links else nodes
         layer_of = list(map(self._layer_of.__getitem__, inodes))
         ranges: dict[int, list[tuple[int, int]]] = {}
         for layer in sorted(layers):
