@@ -2,8 +2,9 @@
 per-member cost and the hand-over to the write).
 
 The batch apply (``_TreeBuilder.apply_all``) gives what applying each member on its own gives:
-the same tree, the same counts, the same refusal for the same member.  ``data_ranges`` and
-``find_paths`` (gathered in C between flatten and the write) give what a walk over every path gives.
+the same tree, the same counts, the same refusal for the same member.  ``data_ranges``,
+``find_paths`` and ``with_xattrs`` (gathered in C between flatten and the write) give what a walk
+over every path gives.
 
 Differential: random layers of members whose names repeat a few directories (so the shortcut for
 a file next to the member before it is taken often) mixed with every kind of name the general path
@@ -191,3 +192,17 @@ def test_find_paths_gives_every_path_the_credential_scan_looks_at():
         assert [path for path in found if _CREDENTIAL_FILES.search(path.decode("utf-8", "replace"))] == matched
         assert found == [path for path in every if path in set(found)]  # the tree's (bytewise) order
         assert builder.find_paths(re.compile(b"."), ()) == every
+
+
+def test_with_xattrs_gives_the_entries_with_xattrs_in_path_order():
+    rng = random.Random(19)
+    found = 0
+    for _ in range(300):
+        builder = _built(_random_layers(rng))
+        expected = [(path, node) for path, node in builder.walk_sorted() if builder.xattrs(node)]
+        assert builder.with_xattrs() == expected
+        found += len(expected)
+    assert found > 50
+    linked = _built([[TarMember(b"bin/ping", REGULAR, 0o755, 0, 0, 0, 1, b"", 0, 0, ("security.capability",), 0, 512),
+                      TarMember(b"sbin/ping", HARDLINK, 0o755, 0, 0, 0, 0, b"bin/ping", 0, 0, (), 1024, 1536)]])
+    assert [path for path, _node in linked.with_xattrs()] == [b"bin/ping", b"sbin/ping"]  # the link has its xattrs
