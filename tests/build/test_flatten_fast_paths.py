@@ -52,6 +52,17 @@ def _member(rng: random.Random, offset: int) -> TarMember:
                      xattrs, offset, offset + 512)
 
 
+def _random_layers(rng: random.Random) -> list[list[TarMember]]:
+    offset, layers = 0, []
+    for _layer in range(rng.choice((1, 2, 3))):
+        members = []
+        for _ in range(rng.randrange(1, 40)):
+            members.append(_member(rng, offset))
+            offset += 1024
+        layers.append(members)
+    return layers
+
+
 def _snapshot(builder) -> tuple:
     """Everything the output depends on, node by node in path order, and the counters."""
     rows = []
@@ -89,14 +100,7 @@ def test_apply_all_builds_what_apply_builds(limits):
     rng = random.Random(16)
     refused = built = 0
     for _ in range(300):
-        offset = 0
-        layers = []
-        for _layer in range(rng.choice((1, 2, 3))):
-            members = []
-            for _ in range(rng.randrange(1, 40)):
-                members.append(_member(rng, offset))
-                offset += 1024
-            layers.append(members)
+        layers = _random_layers(rng)
         batched, single = _build(layers, limits, True), _build(layers, limits, False)
         assert batched == single, layers
         refused += batched[0] == "refused"
@@ -130,17 +134,6 @@ def test_a_file_replacing_a_directory_the_last_walk_went_through_is_seen():
     batched, single = _build([members], FlattenLimits(), True), _build([members], FlattenLimits(), False)
     assert batched == single
     assert batched[:4] == ("refused", 0, members[-1], "parent 'a/b/c' is not a directory")
-
-
-def _random_layers(rng: random.Random) -> list[list[TarMember]]:
-    offset, layers = 0, []
-    for _layer in range(rng.choice((1, 2, 3))):
-        members = []
-        for _ in range(rng.randrange(1, 40)):
-            members.append(_member(rng, offset))
-            offset += 1024
-        layers.append(members)
-    return layers
 
 
 def _built(layers: list[list[TarMember]]):
