@@ -59,6 +59,7 @@ from array import array
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import compress
+from operator import ne
 from typing import BinaryIO, NamedTuple, cast
 
 from qtbuild.convert.kept_layers import KeptLayer, plan_kept
@@ -556,7 +557,7 @@ class _TreeBuilder:
             return numbers, 0
         reached = bytearray(len(self._mode))  # per inode: reached under 0, 1, or 2 paths or more
         inode_of = self._inode_of
-        for _name, node in self._walk_unsorted():
+        for node in self._linked_nodes():
             inode = inode_of[node]
             if reached[inode] < 2:
                 reached[inode] += 1
@@ -574,11 +575,28 @@ class _TreeBuilder:
         counts = array("I", [0]) * groups
         if groups:
             inode_of = self._inode_of
-            for _name, node in self._walk_unsorted():
+            for node in self._linked_nodes():
                 group = group_of[inode_of[node]]
                 if group >= 0:
                     counts[group] += 1
         return counts
+
+    def _linked_nodes(self) -> list[int]:
+        """The nodes in the tree that are hardlinks or the inodes hardlinks share: the only ones an
+        inode reached under two paths can be reached through.  Picked a directory at a time in C
+        (``compress`` over a byte a node), so the other nodes cost no Python step."""
+        inode_of = self._inode_of
+        linked = bytearray(len(inode_of))
+        for node in compress(range(len(inode_of)), map(ne, inode_of, range(len(inode_of)))):  # the links
+            linked[node] = linked[inode_of[node]] = 1
+        children, flagged = self._children, linked.__getitem__
+        found: list[int] = []
+        directories = [_ROOT]
+        while directories:
+            siblings = children[directories.pop()].values()
+            found += compress(siblings, map(flagged, siblings))
+            directories += filter(children.__contains__, siblings)
+        return found
 
     def subdirectory_count(self, node: int) -> int:
         """How many of directory ``node``'s children are directories (its nlink is 2 more)."""
@@ -667,15 +685,6 @@ class _TreeBuilder:
                       for name in compress(siblings, map(children.__contains__, siblings.values()))]
         found.sort()
         return found
-
-    def _walk_unsorted(self) -> Iterator[tuple[bytes, int]]:
-        children = self._children
-        stack = [_ROOT]
-        while stack:
-            for name, node in children[stack.pop()].items():
-                yield name, node
-                if node in children:
-                    stack.append(node)
 
     def entry(self, path: bytes, node: int, clamp_mtime: int | None, openers: list, group_of: array,
               link_counts: array) -> CpioEntry:

@@ -3,8 +3,8 @@ per-member cost and the hand-over to the write).
 
 The batch apply (``_TreeBuilder.apply_all``) gives what applying each member on its own gives:
 the same tree, the same counts, the same refusal for the same member.  ``data_ranges``,
-``find_paths`` and ``with_xattrs`` (gathered in C between flatten and the write) give what a walk
-over every path gives.
+``find_paths``, ``with_xattrs`` and the hardlink groups (gathered in C between flatten and the
+write) give what a walk over every path gives.
 
 Differential: random layers of members whose names repeat a few directories (so the shortcut for
 a file next to the member before it is taken often) mixed with every kind of name the general path
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import random
 import re
+import stat
+from collections import Counter
 
 import pytest
 
@@ -199,3 +201,45 @@ def test_with_xattrs_gives_the_entries_with_xattrs_in_path_order():
     linked = _built([[TarMember(b"bin/ping", REGULAR, 0o755, 0, 0, 0, 1, b"", 0, 0, ("security.capability",), 0, 512),
                       TarMember(b"sbin/ping", HARDLINK, 0o755, 0, 0, 0, 0, b"bin/ping", 0, 0, (), 1024, 1536)]])
     assert [path for path, _node in linked.with_xattrs()] == [b"bin/ping", b"sbin/ping"]  # the link has its xattrs
+
+
+def _linked_layers(rng: random.Random) -> list[list[TarMember]]:
+    """Files and hardlinks to them (and to other links); above, replaced targets, whiteouts, more links."""
+    def member(name: bytes, kind: str = REGULAR, target: bytes = b"") -> TarMember:
+        return TarMember(name, kind, 0o644, 0, 0, 0, 0 if target else 1, target, 0, 0, (), 0, 512)
+
+    layers = []
+    for _layer in range(rng.choice((1, 2))):
+        members, made = [], []
+        for _ in range(rng.randrange(2, 20)):
+            roll = rng.random()
+            if made and roll < 0.4:
+                name = b"h%d/l%d" % (rng.randrange(3), rng.randrange(30))
+                members.append(member(name, HARDLINK, rng.choice(made)))
+            elif layers and roll < 0.5:
+                members.append(member(b"d%d/.wh.f%d" % (rng.randrange(3), rng.randrange(5))))
+                continue
+            else:
+                name = b"d%d/f%d" % (rng.randrange(3), rng.randrange(5))
+                kind = SYMLINK if rng.random() < 0.2 else REGULAR
+                members.append(member(name, kind, b"x" if kind is SYMLINK else b""))
+            made.append(name)
+        layers.append(members)
+    return layers
+
+
+def test_hardlink_groups_and_their_counts_are_those_of_every_path():
+    rng = random.Random(20)
+    groups_seen = 0
+    for _ in range(400):
+        builder = _built(_linked_layers(rng))
+        reached = Counter(builder.inode(node) for _path, node in builder.walk_sorted())
+        groups = sorted(inode for inode, paths in reached.items() if paths > 1 and stat.S_ISREG(builder._mode[inode]))
+        group_of, count = builder.hardlink_groups()
+        assert count == len(groups)
+        if builder._links:
+            assert [group for group in group_of if group >= 0] == list(range(count))
+            assert [inode for inode, group in enumerate(group_of) if group >= 0] == groups
+        assert list(builder.link_counts(group_of, count)) == [reached[inode] for inode in groups]
+        groups_seen += count
+    assert groups_seen > 200
