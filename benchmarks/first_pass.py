@@ -3,6 +3,8 @@
 
 Usage: python benchmarks/first_pass.py [--layout DIR[:TAG]] [--size-mib 32] [--repeat 3]
                                       [--reference-python OTHER/.venv/bin/python]
+       python benchmarks/first_pass.py --layout DIR[:TAG] --per-member [--repeat 3]
+                                      [--reference-python OTHER/.venv/bin/python]
        python benchmarks/first_pass.py --flatten SOURCE [--spill] [--repeat 5]
                                       [--reference-python OTHER/.venv/bin/python]
 
@@ -20,6 +22,13 @@ reference, CPU and wall over the reference's.  The last line, ``ratios: {json}``
 tests/test_benchmarks.py reads.  On the issue-16 image:
 ``python -P benchmarks/first_pass.py --layout BENCH/layout:bench --reference-python OTHER/.venv/bin/python``,
 where BENCH is an image ``benchmarks/convert.py --keep`` generated.
+
+``--per-member`` (with ``--layout``) times the per-member Python alone: the image's bottom gzip
+layer is inflated into memory first (not timed), then scanned on a worker thread (``LayerScan``,
+``TarScanner``) and applied to a tree (flatten's ``_apply_layer``) as the first pass does, from
+1 MiB chunks that cost no copy.  Per round, the best of 5 runs in one child: the CPU time of both
+threads per member; with a reference, the median of the per-round ratios.  On the issue-16 image:
+``python -P benchmarks/first_pass.py --layout BENCH/layout:bench --per-member --reference-python OTHER``.
 
 ``--flatten SOURCE`` (``oci:DIR:TAG``, ``docker-archive:FILE``) times the whole first pass instead:
 ``flatten()`` as ``qtbuild measure`` runs it (compressed local layers re-read later, nothing
@@ -114,6 +123,45 @@ print(json.dumps({"cpu": used, "wall": wall}))
 """
 
 
+#: One child: the per-member path over the inflated layer argv[1]; print {"cpu", "members"} (best of 5).
+PER_MEMBER = r"""
+import json, resource, sys
+from isal.igzip import IGzipFile
+from qtbuild.convert import flatten as flatten_module
+from qtbuild.convert.layer_scan import LayerScan
+from qtbuild.convert.tarscan import ByteBudget, TarLimits
+
+with IGzipFile(sys.argv[1], "rb") as file:
+    data = file.read()
+chunks = [data[start:start + (1 << 20)] for start in range(0, len(data), 1 << 20)]
+
+class Chunks:
+    def __init__(self):
+        self._chunks = iter(chunks)
+    def read(self, size):
+        return next(self._chunks, b"")
+    def close(self):
+        pass
+
+class Bottom:
+    diff_id = "sha256:bottom"
+
+def cpu():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+best = None
+for _ in range(5):
+    builder = flatten_module._TreeBuilder(flatten_module.FlattenLimits(), 0)
+    start = cpu()
+    scan = LayerScan(Chunks, limits=TarLimits(), budget=ByteBudget(1 << 40).share(0), tee=lambda chunk: None)
+    flatten_module._apply_layer(builder, 0, Bottom(), scan, {}, None)
+    used = cpu() - start
+    best = used if best is None else min(best, used)
+print(json.dumps({"cpu": best, "members": builder._entries}))
+"""
+
+
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -173,7 +221,14 @@ def main() -> None:
                         "docker-archive:FILE)")
     parser.add_argument("--spill", action="store_true", help="with --flatten: spill compressed layers, as convert "
                         "does (default: re-read them later, as measure does)")
+    parser.add_argument("--per-member", action="store_true", help="with --layout: time the per-member Python (tar "
+                        "scan and tree) over the image's bottom layer, inflated into memory first")
     args = parser.parse_args()
+    if args.per_member:
+        if not args.layout:
+            parser.error("--per-member needs --layout")
+        per_member_rounds(layers_of(args.layout)[0][0], args.repeat, args.reference_python)
+        return
     if args.flatten:
         flatten_rounds(args.flatten, "spill" if args.spill else "reread", args.repeat, args.reference_python)
         return
@@ -206,6 +261,27 @@ def main() -> None:
 
 def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def per_member_rounds(blob: str, repeat: int, reference: str | None) -> None:
+    """``--per-member``: interleaved rounds of :data:`PER_MEMBER` over the gzip layer ``blob``."""
+    print(f"per-member path over {os.path.basename(blob)[:12]}; load average {_load()}", flush=True)
+    over_ref = []
+    for round_ in range(repeat):
+        runs = [("qtbuild", sys.executable)] + ([("reference", reference)] if reference else [])
+        if round_ % 2:
+            runs.reverse()
+        results = {name: run(python, PER_MEMBER, blob) for name, python in runs}
+        line = f"round {round_ + 1}: " + "; ".join(
+            f"{name} {r['cpu'] * 1e3:.1f} ms CPU for {r['members']} members, "
+            f"{r['cpu'] / r['members'] * 1e6:.2f} us each" for name, r in results.items())
+        if reference:
+            over_ref.append(results["qtbuild"]["cpu"] / results["reference"]["cpu"])
+        print(line + f"; load {_load()}", flush=True)
+    ratios = {"per_member_cpu_time_over_reference": statistics.median(over_ref)} if reference else {}
+    if ratios:
+        print("medians of the per-round ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
+    print("ratios: " + json.dumps({k: round(v, 4) for k, v in ratios.items()}))
 
 
 def flatten_rounds(source: str, mode: str, repeat: int, reference: str | None) -> None:

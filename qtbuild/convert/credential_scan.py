@@ -30,6 +30,11 @@ _PRIVATE_KEY = re.compile(rb"-----BEGIN ([A-Z ]+ )?PRIVATE KEY-----")
 _CREDENTIAL_FILES = re.compile(
     r"(^|/)(\.aws/credentials|\.huaweicloud/[^/]+|\.hcloud/[^/]+|\.ssh/id_[a-z0-9]+|\.env|"
     r"credentials\.json|[^/]*\.(pem|key|p12|pfx))$")
+#: Every path _CREDENTIAL_FILES matches has a last component this finds, or a parent directory
+#: named in CANDIDATE_DIRECTORIES: the tree offers the scan only those paths
+#: (:meth:`~qtbuild.convert.flatten.FlatTree.find_paths`), not every path of the image.
+CANDIDATE_NAMES = re.compile(rb"credentials|\.env|id_|\.(?:pem|key|p12|pfx)")
+CANDIDATE_DIRECTORIES = frozenset({b".huaweicloud", b".hcloud"})
 _ASSIGNED_SECRET = re.compile(r"^--?[a-z0-9_-]*(secret|password|token|access-?key|sk)[a-z0-9_-]*=.",
                               re.IGNORECASE)
 

@@ -53,10 +53,13 @@ Semantics (docs/images.md, "Applying layers" and "Hostile input")
 
 from __future__ import annotations
 
+import re
 import stat
 from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import compress
+from operator import ne
 from typing import BinaryIO, NamedTuple, cast
 
 from qtbuild.convert.kept_layers import KeptLayer, plan_kept
@@ -111,7 +114,11 @@ class FlattenLimits:
 
 
 class _Refusal(Exception):
-    """A member cannot be applied; flatten() adds the layer and member to the message."""
+    """A member cannot be applied; flatten() adds the layer and member to the message.
+
+    :meth:`_TreeBuilder.apply_all` sets ``member``: the member refused."""
+
+    member: TarMember | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,6 +180,7 @@ class _TreeBuilder:
         self._inode_of = array("I")
         self._links = 0  # hardlink nodes created
         self._last_parents: list[bytes] | None = None  # _walk_parents' shortcut
+        self._last_parent_name: bytes | None = None  # the name's bytes before its last "/" (apply_all's shortcut)
         self._last_walk = (_ROOT, 0)
         self._last_steps = 0
         self._new_dir(stat.S_IFDIR | 0o755, 0, 0, implicit_mtime, ())
@@ -312,9 +320,66 @@ class _TreeBuilder:
                     raise _Refusal(f"path component of {len(component)} bytes exceeds {MAX_COMPONENT}")
         inode = self._hardlink_target(member) if member.kind == HARDLINK else None
         parent, parent_length = self._walk_parents(parents)
+        parent_name, _, last = name.rpartition(b"/")
+        self._last_parent_name = parent_name if last == base else None
         if parent_length + len(base) > MAX_PATH:
             raise _Refusal(f"resolved path exceeds {MAX_PATH} bytes")
         self._place(parent, base, member, inode)
+
+    def apply_all(self, members: list[TarMember]) -> None:
+        """:meth:`apply` each of ``members`` in order; a refusal carries the member refused.
+
+        A regular file new to the directory of the member before it (a layer lists a directory's
+        files one after another) takes a shortcut with :meth:`apply`'s outcome: its parent path
+        is the same bytes as that member's, so it splits into the same components, passed the same
+        checks and resolves to the same directory (the walk :meth:`_walk_parents` keeps, charged
+        the same steps), and only its last component is checked here.  Anything else, and a name
+        already present (a replacement), takes :meth:`apply`.
+        """
+        member = None
+        try:
+            apply, limits, layer = self.apply, self._limits, self._layer
+            max_entries, max_steps = limits.max_entries, limits.max_path_steps
+            children, data_base, xattrs_of = self._children, self._data_base, self._xattrs
+            columns = (self._mode.append, self._uid.append, self._gid.append, self._mtime.append, self._size.append,
+                       self._offset.append, self._layer_of.append, self._placed.append, self._inode_of.append)
+            add_mode, add_uid, add_gid, add_mtime, add_size, add_offset, add_layer, add_placed, add_inode = columns
+            for member in members:
+                name, kind, mode, uid, gid, mtime, size, _link, _major, _minor, xattrs, _h, data_offset = member
+                parent_name, _, base = name.rpartition(b"/")
+                if (kind is not REGULAR or parent_name != self._last_parent_name or len(base) > MAX_COMPONENT
+                        or base.startswith(b".") and (base in (b".", b"..") or base.startswith(WHITEOUT_PREFIX))
+                        or not base):
+                    apply(member)
+                    continue
+                directory, parent_length = self._last_walk
+                siblings = children[directory]
+                if base in siblings or parent_length + len(base) > MAX_PATH:
+                    apply(member)  # a replacement, or the refusal with its message
+                    continue
+                self._entries += 1
+                self._steps += self._last_steps
+                if self._entries > max_entries or self._steps > max_steps:
+                    self._entries -= 1
+                    self._steps -= self._last_steps
+                    apply(member)  # the refusal with its message
+                    continue
+                node = len(self._mode)
+                add_mode(stat.S_IFREG | mode)
+                add_uid(uid)
+                add_gid(gid)
+                add_mtime(mtime if 0 <= mtime <= U32_MAX else _mtime(mtime))
+                add_size(size)
+                add_offset(data_base + data_offset)
+                add_layer(layer)
+                add_placed(layer)
+                add_inode(node)
+                if xattrs:
+                    xattrs_of[node] = xattrs
+                siblings[base] = node
+        except _Refusal as exc:
+            exc.member = member
+            raise
 
     def _walk_parents(self, parents: list[bytes]) -> tuple[int, int]:
         """:meth:`_walk` (creating) for a member's parent ``parents``: the directory and the length
@@ -338,7 +403,7 @@ class _TreeBuilder:
 
     def _forget_walk(self) -> None:
         """An entry was replaced or removed: the last walk may have gone through it."""
-        self._last_parents = None
+        self._last_parents = self._last_parent_name = None
 
     def _place(self, parent: int, base: bytes, member: TarMember, inode: int | None) -> None:
         siblings = self._children[parent]
@@ -492,7 +557,7 @@ class _TreeBuilder:
             return numbers, 0
         reached = bytearray(len(self._mode))  # per inode: reached under 0, 1, or 2 paths or more
         inode_of = self._inode_of
-        for _name, node in self._walk_unsorted():
+        for node in self._linked_nodes():
             inode = inode_of[node]
             if reached[inode] < 2:
                 reached[inode] += 1
@@ -510,11 +575,28 @@ class _TreeBuilder:
         counts = array("I", [0]) * groups
         if groups:
             inode_of = self._inode_of
-            for _name, node in self._walk_unsorted():
+            for node in self._linked_nodes():
                 group = group_of[inode_of[node]]
                 if group >= 0:
                     counts[group] += 1
         return counts
+
+    def _linked_nodes(self) -> list[int]:
+        """The nodes in the tree that are hardlinks or the inodes hardlinks share: the only ones an
+        inode reached under two paths can be reached through.  Picked a directory at a time in C
+        (``compress`` over a byte a node), so the other nodes cost no Python step."""
+        inode_of = self._inode_of
+        linked = bytearray(len(inode_of))
+        for node in compress(range(len(inode_of)), map(ne, inode_of, range(len(inode_of)))):  # the links
+            linked[node] = linked[inode_of[node]] = 1
+        children, flagged = self._children, linked.__getitem__
+        found: list[int] = []
+        directories = [_ROOT]
+        while directories:
+            siblings = children[directories.pop()].values()
+            found += compress(siblings, map(flagged, siblings))
+            directories += filter(children.__contains__, siblings)
+        return found
 
     def subdirectory_count(self, node: int) -> int:
         """How many of directory ``node``'s children are directories (its nlink is 2 more)."""
@@ -537,24 +619,72 @@ class _TreeBuilder:
             stack += [(node, length + 1 + len(name)) for name, node in siblings.items() if node in children]
         return TreeTotals(entries, path_bytes, data_bytes)
 
-    def data_ranges(self, layers: set[int]) -> dict[int, set[tuple[int, int]]]:
-        """``(offset, size)`` of the data of every regular file in the tree from ``layers``."""
-        ranges: dict[int, set[tuple[int, int]]] = {}
-        for _name, node in self._walk_unsorted():
-            inode = self._inode(node)
-            layer = self._layer_of[inode]
-            if layer in layers and self._size[inode] and stat.S_ISREG(self._mode[inode]):
-                ranges.setdefault(layer, set()).add((self._offset[inode], self._size[inode]))
+    def data_ranges(self, layers: set[int]) -> dict[int, list[tuple[int, int]]]:
+        """``(offset, size)`` of the data of every regular file in the tree from ``layers``, per
+        layer in offset order, each once.
+
+        Run between flatten and the first byte written, on one thread: the nodes are gathered a
+        directory at a time and filtered with ``map``/``compress`` in C, not one Python step each.
+        Only regular files have a layer (``_layer_of``, -1 for any other node), and a layer's
+        files were numbered in stream order, so their node order is their data's order.
+        """
+        nodes = self._nodes()  # references to the ids the directories hold: 8 bytes a node
+        inodes = list(map(self._inode_of.__getitem__, nodes)) if self._links else nodes
+        layer_of = list(map(self._layer_of.__getitem__, inodes))
+        ranges: dict[int, list[tuple[int, int]]] = {}
+        for layer in sorted(layers):
+            mine = sorted(set(compress(inodes, map(layer.__eq__, layer_of))))  # hardlinks share an inode
+            sizes = list(map(self._size.__getitem__, mine))
+            found = list(compress(zip(map(self._offset.__getitem__, mine), sizes, strict=True), sizes))
+            if found:
+                ranges[layer] = found
         return ranges
 
-    def _walk_unsorted(self) -> Iterator[tuple[bytes, int]]:
+    def _nodes(self) -> list[int]:
+        """Every node in the tree (the root excepted), in no particular order."""
         children = self._children
-        stack = [_ROOT]
+        nodes: list[int] = []
+        directories = [_ROOT]
+        while directories:
+            siblings = children[directories.pop()].values()
+            nodes += siblings
+            directories += filter(children.__contains__, siblings)
+        return nodes
+
+    def with_xattrs(self) -> list[tuple[bytes, int]]:
+        """``(path, node)`` of the entries with xattrs, in :meth:`walk_sorted`'s order: which ones
+        is asked a directory at a time in C (``compress``), so only they cost a Python step."""
+        children, xattrs, inode_of, links = self._children, self._xattrs, self._inode_of, self._links
+        found: list[tuple[bytes, int]] = []
+        stack: list[tuple[bytes, int]] = [(b"", _ROOT)]  # (path up to "/", directory)
         while stack:
-            for name, node in children[stack.pop()].items():
-                yield name, node
-                if node in children:
-                    stack.append(node)
+            prefix, directory = stack.pop()
+            siblings = children[directory]
+            inodes = map(inode_of.__getitem__, siblings.values()) if links else siblings.values()
+            found += [(prefix + name, siblings[name]) for name in compress(siblings, map(xattrs.__contains__, inodes))]
+            stack += [(prefix + name + b"/", siblings[name])
+                      for name in compress(siblings, map(children.__contains__, siblings.values()))]
+        found.sort()
+        return found
+
+    def find_paths(self, names: re.Pattern[bytes], directories: Collection[bytes] = ()) -> list[bytes]:
+        """See :meth:`FlatTree.find_paths`.  A directory none of whose names ``names`` finds (one
+        search over its names joined by ``/``: a match across two names only costs a closer look)
+        is passed over without a Python step per entry; subdirectories are picked out in C."""
+        children = self._children
+        found: list[bytes] = []
+        stack: list[tuple[bytes, bytes, int]] = [(b"", b"", _ROOT)]  # (path up to "/", name, directory)
+        while stack:
+            prefix, own_name, directory = stack.pop()
+            siblings = children[directory]
+            if own_name in directories:
+                found += [prefix + name for name in siblings]
+            elif names.search(b"/".join(siblings)):
+                found += [prefix + name for name in siblings if names.search(name)]
+            stack += [(prefix + name + b"/", name, siblings[name])
+                      for name in compress(siblings, map(children.__contains__, siblings.values()))]
+        found.sort()
+        return found
 
     def entry(self, path: bytes, node: int, clamp_mtime: int | None, openers: list, group_of: array,
               link_counts: array) -> CpioEntry:
@@ -646,6 +776,12 @@ class FlatTree:
         """
         return self._builder.totals()
 
+    def find_paths(self, names: re.Pattern[bytes], directories: Collection[bytes] = ()) -> list[bytes]:
+        """The paths of :meth:`iter_paths`, in the same order, of the entries whose name (last
+        component) ``names`` finds (``search``) or whose parent directory's name is in
+        ``directories``: much cheaper than a pass over every path when few entries match."""
+        return self._builder.find_paths(names, directories)
+
     def iter_paths(self, prefix: bytes = b"") -> Iterator[bytes]:
         """The paths of :meth:`iter_entries`, in the same order, without building the entries
         (a pass that needs only the paths costs a third as much)."""
@@ -669,7 +805,7 @@ class FlatTree:
         if not self._builder.has_xattrs():
             return warnings.lines()
         warned_links: set[int] = set()
-        for path, node in self._builder.walk_sorted():
+        for path, node in self._builder.with_xattrs():
             names = self._builder.xattrs(node)
             inode = self._builder.inode(node)
             if names and inode not in warned_links:
@@ -770,7 +906,7 @@ def _rereaders(builder: _TreeBuilder, layers: Sequence[Layer], reopeners: dict, 
         return {}
     needed = builder.data_ranges(set(reopeners))
     stash = Stash()
-    return {index: LayerRereader(reopen, lengths[index], sorted(needed.get(index, ())), stash, spill,
+    return {index: LayerRereader(reopen, lengths[index], needed.get(index, []), stash, spill,
                                  _layer_label(index, layers[index]))
             for index, reopen in reopeners.items()}
 
@@ -826,12 +962,12 @@ def _apply_layer(builder: _TreeBuilder, index: int, layer: Layer, scan: LayerSca
     builder.begin_layer(index, 0)
     try:
         for members, read in scan.batches():
-            for member in members:
-                try:
-                    builder.apply(member)
-                except _Refusal as exc:
-                    name = member.name[:200].decode("utf-8", "backslashreplace")
-                    raise ImageError(f"{label}: member {name!r}: {exc}") from None
+            try:
+                builder.apply_all(members)
+            except _Refusal as exc:
+                assert exc.member is not None
+                name = exc.member.name[:200].decode("utf-8", "backslashreplace")
+                raise ImageError(f"{label}: member {name!r}: {exc}") from None
             if progress is not None and read:
                 progress(read)
     except ImageError as exc:

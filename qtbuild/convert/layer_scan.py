@@ -21,8 +21,9 @@ Contract
   (inflated, hashed) to its end meanwhile, not stopped by its own progress reports.
 * ``length``: for a scan without ``tee`` nor ``seek_over_data``, the tar stream's length up to its
   end marker, valid once :meth:`batches` is done (else 0).
-* :meth:`close` stops the worker (between members, or while it waits to hand a batch over),
-  waits for it and closes its stream; it is idempotent and safe from any state.
+* :meth:`close` stops the worker (at its next read of the stream or batch handed over, or while
+  it waits to hand a batch over), waits for it and closes its stream; it is idempotent and safe
+  from any state.
 """
 
 from __future__ import annotations
@@ -100,16 +101,19 @@ class LayerScan:
                              seek_over_data=self._seek_over_data)
         handoff = self._handoff
         batch = self._batch
+        # Per member only the append: whether the consumer stopped is checked at every chunk read
+        # (_progress) and every hand-over.
         for member in scanner:
             batch.append(member)
             if len(batch) >= BATCH_MEMBERS:
                 self._hand_over()
                 batch = self._batch
-            elif self._read >= BATCH_BYTES and handoff.offer((batch, self._read)):
-                batch = self._batch = []
-                self._read = 0
-            if handoff.stopped:
-                raise _Stopped
+            elif self._read >= BATCH_BYTES:
+                if handoff.offer((batch, self._read)):
+                    batch = self._batch = []
+                    self._read = 0
+                elif handoff.stopped:
+                    raise _Stopped
         scanner.drain()
         self._budget.finish(read=True)  # before the last batch: the layer may still be refused
         self._hand_over()
@@ -119,6 +123,8 @@ class LayerScan:
 
     def _progress(self, n: int) -> None:
         self._read += n
+        if self._handoff.stopped:
+            raise _Stopped
 
     def _hand_over(self) -> None:
         batch, self._batch = self._batch, []

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from qtbuild.convert.boot_profiles import load_profile, normalise_arch
-from qtbuild.convert.credential_scan import credential_warnings
+from qtbuild.convert.credential_scan import CANDIDATE_DIRECTORIES, CANDIDATE_NAMES, credential_warnings
 from qtbuild.convert.flatten import FlatTree, flatten
 from qtbuild.convert.gil import short_gil_switches
 from qtbuild.convert.launch_config import Launch, resolve_launch, tree_file_reader
@@ -97,7 +97,8 @@ def convert(source: str, options: ConvertOptions) -> ConvertResult:
             tree = owned.enter_context(_flatten(image, options, clamp))
         read_file = tree_file_reader(tree)
         launch = resolve_launch(config, read_file, semantics=options.cmd_semantics)
-        paths = (path.decode("utf-8", "replace") for path in tree.iter_paths())
+        # Only the paths the scan could warn about: a pass over every path held the hashing lanes back.
+        paths = (path.decode("utf-8", "replace") for path in tree.find_paths(CANDIDATE_NAMES, CANDIDATE_DIRECTORIES))
         warnings = list(tree.warnings) + credential_warnings(config, paths, read_file)
         ramdisk = customer_ramdisk(tree, launch)  # written in one pass: its size is known at the end
         with contextlib.closing(progress_bar("ramdisk", options.quiet)) as bar:
@@ -124,7 +125,7 @@ def _flatten(image: Image, options: ConvertOptions, clamp: datetime | None) -> F
         clamp_mtime = int(clamp.timestamp()) if clamp else None
         # measure keeps nothing: compressed local layers are inflated again rather than spilled
         return flatten(image.layers(), spill_dir=_spill_dir(image, options), clamp_mtime=clamp_mtime,
-                       progress=bar.update, reread=options.output is None)
+                       progress=None if bar.disable else bar.update, reread=options.output is None)
 
 
 def _spill_dir(image: Image, options: ConvertOptions) -> str | None:

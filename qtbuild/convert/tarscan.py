@@ -257,14 +257,20 @@ class _Input:
     def offset(self) -> int:
         return self._base + self._pos
 
+    def _read_chunk(self) -> bytes:
+        """The next chunk of the stream, accounted for and passed to ``tee``; empty at EOF."""
+        chunk = self._stream.read(self._chunk)
+        if chunk:
+            self._account(len(chunk))
+            if self.tee is not None:
+                self.tee(chunk)
+        return chunk
+
     def _fill(self) -> bool:
         """Append one chunk from the stream to the unread buffer; False at EOF."""
-        chunk = self._stream.read(self._chunk)
+        chunk = self._read_chunk()
         if not chunk:
             return False
-        self._account(len(chunk))
-        if self.tee is not None:
-            self.tee(chunk)
         rest = self._buf[self._pos:]
         self._base += self._pos
         self._buf = rest + chunk if rest else chunk
@@ -273,17 +279,37 @@ class _Input:
 
     def read_exact(self, n: int, what: str) -> bytes | None:
         """The next ``n`` bytes; None at EOF exactly here; truncation error on a partial read."""
-        end = self._pos + n
-        while len(self._buf) < end:
-            if not self._fill():
-                if self._pos == len(self._buf):
+        pos = self._pos
+        end = pos + n
+        if end <= len(self._buf):
+            self._pos = end
+            return self._buf[pos:end]
+        return self._read_across(n, what)
+
+    def _read_across(self, n: int, what: str) -> bytes | None:
+        """:meth:`read_exact` for bytes that run past the buffer.  They are joined from the
+        buffer's rest and the chunks read, and the last chunk becomes the buffer as it is: a
+        header across a chunk boundary (one per chunk in a layer of small files) costs a copy of
+        itself, not of the 1 MiB chunk after it."""
+        start = self.offset
+        parts = [self._buf[self._pos:]]
+        missing = n - len(parts[0])
+        self._base += len(self._buf)
+        self._buf, self._pos = b"", 0
+        while True:
+            chunk = self._read_chunk()
+            if not chunk:
+                if missing == n:
                     return None
-                raise TarFormatError(f"truncated archive: {what} at offset {self.offset} "
+                raise TarFormatError(f"truncated archive: {what} at offset {start} "
                                      f"needs {n} bytes, the stream ends first")
-            end = self._pos + n
-        data = self._buf[self._pos:end]
-        self._pos = end
-        return data
+            if len(chunk) >= missing:
+                parts.append(chunk[:missing])
+                self._buf, self._pos = chunk, missing
+                return b"".join(parts)
+            parts.append(chunk)
+            missing -= len(chunk)
+            self._base += len(chunk)
 
     def require(self, n: int, what: str) -> bytes:
         data = self.read_exact(n, what)
@@ -501,47 +527,73 @@ _NUL_TO_SPACE = bytes.maketrans(b"\0", b" ")
 #: Typeflags :func:`_quick_member` takes (``\0`` and ``7`` go the general way: V7 directories, rarity).
 _QUICK_KINDS = {b"0": REGULAR, b"5": DIRECTORY, b"2": SYMLINK, b"1": HARDLINK}
 _new_member = tuple.__new__
+#: Distinct mode/uid/gid and mtime fields :func:`_quick_member` keeps parsed, per scanner.
+_KNOWN_FIELDS = 256
 _EMPTY_FIELD = b" " * 8  # devmajor or devminor left empty (NULs), as many writers do for non-devices
+#: devmajor and devminor as writers leave them for anything but devices (both 0, or both empty).
+_NO_DEVICE_NUMBERS = frozenset({bytes(16), b"0000000\x000000000\x00", b"0000000 0000000 "})
+#: What :func:`_quick_member` reads: name, the six numbers (mode uid gid size mtime chksum),
+#: typeflag, linkname, magic + version, (uname, gname skipped), devmajor + devminor, prefix.
+_QUICK_LAYOUT = struct.Struct("100s56sc100s8s64x16s155s12x")
 
 
-def _quick_member(block: bytes, offset: int, max_name: int, max_file_size: int) -> TarMember | None:
+def _quick_member(block: bytes, offset: int, max_name: int, max_file_size: int, known: dict) -> TarMember | None:
     """The member of a plain ustar or GNU header at ``offset``, if it is one that every rule of
     :class:`TarScanner` plainly accepts; else None, and the general path parses ``block`` again
     (and names the problem, if there is one).
 
-    The common case in one call, on one thread per layer for every member: the fields are sliced
-    out (no :class:`_Header`), NULs become spaces so that ``int()`` takes the octal fields as they
-    are (it strips spaces; anything but digits and padding was refused first, so it cannot
-    accept a sign or ``_``; padding inside a field makes it fail: the general path).  The
-    caller still checks the byte budget.
+    The common case in one call, on one thread per layer for every member: the fields are
+    unpacked at once (no :class:`_Header`), NULs become spaces so that ``int()`` takes the octal
+    fields as they are (it strips spaces; anything but digits and padding was refused first, so it
+    cannot accept a sign or ``_``; padding inside a field makes it fail: the general path).  Device
+    numbers left as zeros or NULs (every member but devices) are not parsed.  ``known``: the
+    scanner's cache of the mode/uid/gid and mtime fields it parsed (most members of a layer repeat
+    them; a field's bytes decide its value), bounded here.  The caller still checks the byte budget.
     """
-    kind = _QUICK_KINDS.get(block[156:157])
-    magic = block[257:265]
+    name, numbers, flag, linkname, magic, devices, prefix = _QUICK_LAYOUT.unpack(block)
+    kind = _QUICK_KINDS.get(flag)
     if kind is None or (magic != _MAGIC_POSIX and magic != _MAGIC_GNU):
         return None
-    numbers = block[100:156].translate(_NUL_TO_SPACE)  # mode uid gid size mtime chksum
-    devices = block[329:345].translate(_NUL_TO_SPACE)
-    if numbers.translate(None, b"01234567 ") or devices.translate(None, b"01234567 "):
+    numbers = numbers.translate(_NUL_TO_SPACE)  # mode uid gid size mtime chksum
+    if numbers.translate(None, b"01234567 "):
         return None
+    major = minor = 0
+    if devices not in _NO_DEVICE_NUMBERS:
+        devices = devices.translate(_NUL_TO_SPACE)
+        if devices.translate(None, b"01234567 "):
+            return None
+        try:
+            major = int(devices[:8], 8) if devices[:8] != _EMPTY_FIELD else 0
+            minor = int(devices[8:], 8) if devices[8:] != _EMPTY_FIELD else 0
+        except ValueError:  # padding inside a field
+            return None
     try:
         size = int(numbers[24:36], 8)
         stored = int(numbers[48:56], 8)
-        uid, gid, mtime = int(numbers[8:16], 8), int(numbers[16:24], 8), int(numbers[36:48], 8)
-        major = int(devices[:8], 8) if devices[:8] != _EMPTY_FIELD else 0
-        minor = int(devices[8:], 8) if devices[8:] != _EMPTY_FIELD else 0
-        mode = int(numbers[:8], 8) & 0o7777
+        owner, stamp = numbers[:24], numbers[36:48]
+        mode_uid_gid, mtime = known.get(owner), known.get(stamp)
+        if mode_uid_gid is None or mtime is None:
+            mode_uid_gid = (int(owner[:8], 8) & 0o7777, int(owner[8:16], 8), int(owner[16:], 8))
+            mtime = int(stamp, 8)
+            if len(known) >= _KNOWN_FIELDS:
+                known.clear()
+            known[owner], known[stamp] = mode_uid_gid, mtime
     except ValueError:  # an empty field, or padding inside one
         return None
-    if stored != _byte_sum(block) - sum(block[148:156]) + 8 * 32:
+    mode, uid, gid = mode_uid_gid
+    # The sum of every byte, the chksum field counted as spaces: _byte_sum(block) - its own byte sum
+    # (Adler-32's low half - 1) + 8 * 32, inline.
+    total = (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - (adler32(block[148:156]) & 0xFFFF)
+    if stored != total + 255:
         return None
-    name = block[:100].partition(b"\0")[0]
+    name = name.partition(b"\0")[0]
     if magic == _MAGIC_POSIX:
-        prefix = block[345:500].partition(b"\0")[0]
+        prefix = prefix.partition(b"\0")[0]
         if prefix:
             name = prefix + b"/" + name
-    linkname = block[157:257].partition(b"\0")[0]
-    if ((size and kind is not REGULAR) or size > max_file_size or len(name) > max_name
-            or len(linkname) > max_name or max(uid, gid, major, minor) > U32_MAX):
+    linkname = linkname.partition(b"\0")[0]
+    # uid, gid and device numbers of 8 octal digits at most stay below 2**24: no 32-bit check.
+    if (size and kind is not REGULAR) or size > max_file_size or len(name) > max_name or len(linkname) > max_name:
         return None
     return _new_member(TarMember, (name, kind, mode, uid, gid, mtime, size, linkname, major, minor, (),
                                    offset, offset + BLOCK_SIZE))
@@ -587,19 +639,35 @@ class TarScanner:
         return self._input.offset
 
     def __iter__(self) -> Iterator[TarMember]:
-        read_exact, skip_data = self._input.read_exact, self._input.skip_data
+        # Per member, on one thread per layer: the input's buffer is read here directly while a
+        # header and the data after it are in it (most members of a layer of small files), and
+        # through its methods otherwise.
+        source = self._input
+        read_exact, skip_data = source.read_exact, source.skip_data
         limits, budget = self._limits, self._budget
         max_name, max_file_size = limits.max_name, limits.max_file_size
+        known: dict[bytes, object] = {}
         while True:
-            offset = self._input.offset
-            block = read_exact(BLOCK_SIZE, "header")
-            member = None if block is None else _quick_member(block, offset, max_name, max_file_size)
+            buffer, pos = source._buf, source._pos
+            offset = source._base + pos
+            if pos + BLOCK_SIZE <= len(buffer):
+                block: bytes | None = buffer[pos:pos + BLOCK_SIZE]
+                source._pos = pos + BLOCK_SIZE
+            else:
+                block = read_exact(BLOCK_SIZE, "header")
+            member = None if block is None else _quick_member(block, offset, max_name, max_file_size, known)
             if member is None or (budget is not None and member.size and not budget.fits(member.size)):
                 member = self._next_member(block, offset)
                 if member is None:
                     return
             yield member
-            skip_data(member.size + _padding(member.size), member.header_offset)
+            size = member.size
+            if size:
+                end = source._pos + size + (-size % BLOCK_SIZE)
+                if end <= len(source._buf):
+                    source._pos = end
+                else:
+                    skip_data(size + (-size % BLOCK_SIZE), member.header_offset)
 
     def drain(self) -> None:
         """Read whatever follows the end of the archive to EOF (not tee-d)."""

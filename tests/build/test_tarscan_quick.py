@@ -120,3 +120,47 @@ def test_the_budget_refuses_alike(monkeypatch):
                 except TarFormatError as exc:
                     results.append(str(exc))
         assert results[0] == results[1]
+
+
+def test_one_stream_of_mutated_headers_scans_alike(monkeypatch):
+    """The quick path keeps the mode/uid/gid and mtime fields it parsed for the members after: a
+    stream of many headers, some fields repeated and some mutated (more distinct fields than the
+    cache holds), gives the same members as the general path, and the same first refusal."""
+    rng = random.Random(6)
+    fields = [(100, 108), (108, 116), (116, 124), (136, 148), (329, 337), (337, 345)]
+    for _ in range(8):
+        blocks = []
+        for index in range(2 * tarscan._KNOWN_FIELDS):
+            block = bytearray(header(b"f%d" % index, size=index % 3))
+            if rng.random() < 0.5:
+                start, end = rng.choice(fields)
+                block[rng.randrange(start, end)] = rng.choice(b"01234567 \0" if rng.random() < 0.97 else BYTES)
+            blocks.append(_with_checksum(block) + bytes(-(index % 3) % 512 + index % 3))
+        quick, general = _both(b"".join(blocks) + END, monkeypatch)
+        assert quick == general
+
+
+def test_a_header_across_a_chunk_boundary_is_read_whole():
+    """Headers cut by the stream's chunks (any split, tiny chunks included) give the same members."""
+    stream = b"".join(header(b"f%d" % i, size=i * 100) + bytes(i * 100 + -(i * 100) % 512) for i in range(40)) + END
+    expected = list(TarScanner(io.BytesIO(stream)))
+
+    class Pieces(io.RawIOBase):
+        def __init__(self, data: bytes, sizes: list[int]):
+            self._data, self._sizes = data, sizes
+
+        def readable(self) -> bool:
+            return True
+
+        def read(self, n: int = -1) -> bytes:
+            piece, self._data = self._data[:self._sizes[0]], self._data[self._sizes[0]:]
+            self._sizes = self._sizes[1:] + self._sizes[:1]
+            return piece
+
+    for sizes in ([1], [7, 500], [511, 513, 1], [100, 3000]):
+        seen = []
+        assert list(TarScanner(Pieces(stream, sizes), tee=seen.append)) == expected
+        assert b"".join(seen) == stream
+    truncated = stream[:512 * 3 + 100]
+    with pytest.raises(TarFormatError, match=r"truncated archive: header at offset 1536 needs 512 bytes"):
+        list(TarScanner(Pieces(truncated, [7, 500])))
