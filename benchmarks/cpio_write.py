@@ -46,10 +46,12 @@ from qtbuild.convert.flatten import flatten
 from qtbuild.formats.cpio import CpioStream
 from qtbuild.formats.eif import SectionType
 from qtbuild.formats.eif_stream import SectionStreamDigest
+from qtbuild.formats import eif_writer
 from qtbuild.formats.eif_writer import RING_BUFFERS
 from qtbuild.sources.open import open_image
 
 source, repeat = sys.argv[1], int(sys.argv[2])
+RING_CHUNK = getattr(eif_writer, "RING_CHUNK", 1 << 20)  # the EIF writer's buffer size (1 MiB before it was named)
 sys.setswitchinterval(0.0005)  # as convert and measure run (qtbuild/convert/gil.py)
 with open_image(source, platform=None) as image, flatten(image.layers()[:1], reread=True) as tree:
     assert tree.spill_bytes == 0
@@ -62,13 +64,13 @@ with open_image(source, platform=None) as image, flatten(image.layers()[:1], rer
             pass
 
     def write():
-        for _ in stream.ring_chunks(RING_BUFFERS):
+        for _ in stream.ring_chunks(RING_BUFFERS, RING_CHUNK):
             pass
 
     def hashed():
         with SectionStreamDigest() as digest:
             digest.begin_section(SectionType.RAMDISK.label, SectionType.RAMDISK, 0, buffers=RING_BUFFERS)
-            for chunk in stream.ring_chunks(RING_BUFFERS):
+            for chunk in stream.ring_chunks(RING_BUFFERS, RING_CHUNK):
                 digest.update(chunk)
             pcr0 = digest.measurements().pcr0
         return pcr0

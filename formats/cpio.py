@@ -671,8 +671,6 @@ class _Ring:
     Its generator methods yield each buffer (as a view of its filled bytes) the moment it is full.
     """
 
-    __slots__ = ("_views", "_turn", "view", "size", "pos", "written")
-
     def __init__(self, buffers: int, size: int):
         self._views = [memoryview(bytearray(size)) for _ in range(buffers)]
         self._turn = 0
