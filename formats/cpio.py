@@ -490,7 +490,7 @@ class CpioStream:
             # The common case in a few C-level operations: a plain regular file in the directory
             # entered last.  Its parent is a directory entry already checked, so of its path only
             # the last component and the length need checking; what passes here is exactly what
-            # _check_entry and the checks below accept (tests/formats/test_write_ring.py).
+            # _check_entry and the checks below accept (tests/formats/test_writer_fast_path.py).
             if type(entry) is CpioEntry:
                 path, mode, uid, gid, mtime, size, target, rdev, data, key, nlink = entry
                 if (type(path) is bytes and type(mode) is int and mode & 0o170000 == _S_IFREG
@@ -588,7 +588,7 @@ class CpioStream:
         been requested; then its buffer is refilled (the contract of
         :class:`~qtbuild.formats.eif_writer.RingSource`).  Headers and the data of files under
         :data:`PASS_THROUGH` bytes are written straight into the buffers — file data with the
-        stream's ``readinto`` — so every byte is copied once, and a consumer on other threads gets
+        stream's ``readinto`` (or ``read_view``) — so every byte is copied once, and a consumer on other threads gets
         few, large chunks whatever the file sizes; a buffer is full (``chunk_size`` bytes) when
         yielded, except before a larger file.  That file's data is yielded as the ``bytes`` its
         stream's ``read(chunk_size)`` returns, not copied at all.  Memory: ``buffers * chunk_size``.
@@ -610,8 +610,8 @@ class CpioStream:
                 if mode != same[0] or uid != same[1] or gid != same[2] or nlink != same[3] or mtime != same[4]:
                     same = (mode, uid, gid, nlink, mtime, b"%08X%08X%08X%08X%08X" % (mode, uid, gid, nlink, mtime))
                 head = _PLAIN_HEAD % (ino, same[5], filesize, namesize, path, _NULS[1 + (-namesize - HEADER_SIZE) % 4])
-            # The usual member, a small one, fits in the buffer before it is full: copied in with no
-            # generator, the data in one step where it is in memory already.
+            # The usual member, a small one, fits in the buffer without filling it (padding
+            # included): copied in with no generator, its data in one step where it is in memory.
             pos = ring.pos
             start = pos + len(head)
             end = start + filesize
@@ -764,6 +764,8 @@ class _Ring:
 
 #: Where :func:`_fill` reads past a file's size, to see that its stream ends there (never read).
 _PROBE = memoryview(bytearray(1))
+#: A stream type :func:`_fill` has not met yet.
+_UNSEEN = object()
 
 
 def _fill(stream: BinaryIO, target: memoryview, path: bytes, view_readers: dict[type, Callable | None]) -> None:
@@ -775,8 +777,8 @@ def _fill(stream: BinaryIO, target: memoryview, path: bytes, view_readers: dict[
     remembers per stream type which it is."""
     try:
         kind = type(stream)
-        read_view = view_readers.get(kind, _fill)
-        if read_view is _fill:
+        read_view = view_readers.get(kind, _UNSEEN)
+        if read_view is _UNSEEN:
             read_view = view_readers[kind] = getattr(kind, "read_view", None)
         filesize = len(target)
         if read_view is not None:
