@@ -764,8 +764,6 @@ class _Ring:
 
 #: Where :func:`_fill` reads past a file's size, to see that its stream ends there (never read).
 _PROBE = memoryview(bytearray(1))
-#: A stream type :func:`_fill` has not met yet.
-_UNSEEN = object()
 
 
 def _fill(stream: BinaryIO, target: memoryview, path: bytes, view_readers: dict[type, Callable | None]) -> None:
@@ -777,8 +775,9 @@ def _fill(stream: BinaryIO, target: memoryview, path: bytes, view_readers: dict[
     remembers per stream type which it is."""
     try:
         kind = type(stream)
-        read_view = view_readers.get(kind, _UNSEEN)
-        if read_view is _UNSEEN:
+        if kind in view_readers:
+            read_view = view_readers[kind]
+        else:
             read_view = view_readers[kind] = getattr(kind, "read_view", None)
         filesize = len(target)
         if read_view is not None:
