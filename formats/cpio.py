@@ -489,8 +489,9 @@ class CpioStream:
         for entry in self._entries():
             # The common case in a few C-level operations: a plain regular file in the directory
             # entered last.  Its parent is a directory entry already checked, so of its path only
-            # the last component and the length need checking; what passes here is exactly what
-            # _check_entry and the checks below accept (tests/formats/test_writer_fast_path.py).
+            # the last component and the length need checking.  An entry passes here only if
+            # _check_entry and the checks below would accept it, with the same inode and size;
+            # any other takes them (tests/formats/test_writer_fast_path.py).
             if type(entry) is CpioEntry:
                 path, mode, uid, gid, mtime, size, target, rdev, data, key, nlink = entry
                 if (type(path) is bytes and type(mode) is int and mode & 0o170000 == _S_IFREG
