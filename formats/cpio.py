@@ -105,6 +105,7 @@ _FIELDS = (
     "c_devmajor", "c_devminor", "c_rdevmajor", "c_rdevminor", "c_namesize", "c_check",
 )
 _HEX8 = re.compile(rb"[0-9A-Fa-f]{8}")
+_S_IFREG = stat.S_IFREG
 _FILE_TYPES = frozenset(
     {stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK}
 )
@@ -136,6 +137,10 @@ def path_problem(path: bytes) -> str | None:
 #: A member's header, name, NUL and padding in one format operation: the 13 fields, the name,
 #: then the NUL and padding as one of :data:`_NULS` (the writer formats one per member).
 _MEMBER_HEAD = MAGIC_NEWC + b"%08X" * len(_FIELDS) + b"%s%s"
+#: :data:`_MEMBER_HEAD` for the usual member, whose dev and rdev numbers are 0 (fewer numbers to
+#: format): c_ino, c_mode to c_mtime already formatted, c_filesize, c_namesize, the name, then the
+#: NUL and padding.
+_PLAIN_HEAD = MAGIC_NEWC + b"%08X%s%08X" + b"0" * 32 + b"%08X" + b"0" * 8 + b"%s%s"
 #: 1 to 4 NULs: a name's terminating NUL plus the padding that aligns header + name to 4 bytes.
 _NULS = (b"", b"\0", b"\0\0", b"\0\0\0", b"\0\0\0\0")
 #: NUL padding that aligns data of length n to 4 bytes, indexed by n % 4.
@@ -168,6 +173,11 @@ class CpioEntry(NamedTuple):
     links in its group.  :class:`CpioStream` needs it on every directory and hardlink;
     :class:`CpioArchive` counts it when it is None.  Other entries have None (or 1).  A declared
     count is checked against the archive as it is written.
+
+    ``data``: ``bytes``, or a callable opening a binary stream of the file's data, read with
+    ``readinto`` (or ``read``) and then closed.  A stream whose data is in memory already may offer
+    ``read_view()``: everything it has left as one ``bytes`` or byte ``memoryview``, without a copy
+    (:mod:`qtbuild.convert.kept_layers` does); the writer then copies it in one step.
     """
 
     path: bytes
@@ -280,6 +290,12 @@ def _plainly_valid(entry: CpioEntry) -> bool:
     if file_type == stat.S_IFLNK:
         return type(target) is bytes and 0 < len(target) <= MAX_LINK_TARGET_BYTES and b"\0" not in target
     return target is None and file_type in _FILE_TYPES
+
+
+def _plain_rdev(rdev: object) -> bool:
+    """Whether ``rdev`` is a (major, minor) pair the checks accept."""
+    return (type(rdev) is tuple and len(rdev) == 2 and type(rdev[0]) is int and type(rdev[1]) is int
+            and not (rdev[0] | rdev[1]) >> 32)
 
 
 def _check_entry(entry: CpioEntry) -> None:
@@ -465,10 +481,35 @@ class CpioStream:
         # [path, nlink, subdirectories seen] of each directory whose subtree may still come: all
         # prefixes of the previous path, each followed there by "/" or a byte below it.
         open_directories: list[list] = []
+        top: bytes | None = None  # the path of open_directories[-1]
         previous: bytes | None = None
         last_parent, parent_record = b"", None
         next_ino = self._inode_start
+        plain_rdev: object = (0, 0)  # the last rdev that passed the checks (most entries share one tuple)
         for entry in self._entries():
+            # The common case in a few C-level operations: a plain regular file in the directory
+            # entered last.  Its parent is a directory entry already checked, so of its path only
+            # the last component and the length need checking.  An entry passes here only if
+            # _check_entry and the checks below would accept it, with the same inode and size;
+            # any other takes them (tests/formats/test_writer_fast_path.py).
+            if type(entry) is CpioEntry:
+                path, mode, uid, gid, mtime, size, target, rdev, data, key, nlink = entry
+                if (type(path) is bytes and type(mode) is int and mode & 0o170000 == _S_IFREG
+                        and type(uid) is int and type(gid) is int and type(mtime) is int and type(size) is int
+                        and not (mode >> 16 | (uid | gid | mtime | size) >> 32)
+                        and target is None and key is None and (nlink is None or nlink == 1 and type(nlink) is int)
+                        and (data is None and not size or type(data) is bytes and len(data) == size
+                             or data is not None and type(data) is not bytes and callable(data))
+                        and (rdev is plain_rdev or _plain_rdev(rdev))
+                        and len(path) <= MAX_PATH_BYTES and next_ino <= U32_MAX):
+                    parent, _slash, name = path.rpartition(b"/")
+                    if (parent == top and path > previous  # type: ignore[operator]
+                            and name and len(name) <= NAME_MAX and name != b"." and name != b".."
+                            and b"\0" not in name):
+                        plain_rdev, previous = rdev, path
+                        ino, next_ino = next_ino, next_ino + 1
+                        yield entry, ino, 1, size
+                        continue
             if not checked:
                 _check_entry(entry)
             path = entry.path
@@ -481,6 +522,7 @@ class CpioStream:
                 if path.startswith(top) and path[len(top)] <= 0x2F:  # top/... may still follow
                     break
                 _close_directory(open_directories.pop())
+                top = open_directories[-1][0] if open_directories else None
             parent = path.rpartition(b"/")[0]
             if parent and parent != last_parent:  # siblings come in a row: find their parent once
                 parent_record = _find_directory(open_directories, parent)
@@ -502,6 +544,7 @@ class CpioStream:
                 if parent:
                     parent_record[2] += 1  # type: ignore[index]
                 open_directories.append([path, nlink, 0])
+                top = path
                 yield entry, ino, nlink, 0
                 continue
             nlink = entry.nlink
@@ -546,7 +589,7 @@ class CpioStream:
         been requested; then its buffer is refilled (the contract of
         :class:`~qtbuild.formats.eif_writer.RingSource`).  Headers and the data of files under
         :data:`PASS_THROUGH` bytes are written straight into the buffers — file data with the
-        stream's ``readinto`` — so every byte is copied once, and a consumer on other threads gets
+        stream's ``readinto`` (or ``read_view``) — so every byte is copied once, and a consumer on other threads gets
         few, large chunks whatever the file sizes; a buffer is full (``chunk_size`` bytes) when
         yielded, except before a larger file.  That file's data is yielded as the ``bytes`` its
         stream's ``read(chunk_size)`` returns, not copied at all.  Memory: ``buffers * chunk_size``.
@@ -554,11 +597,41 @@ class CpioStream:
         if chunk_size <= 0 or buffers < 1:
             raise ValueError("chunk_size and buffers must be positive")
         ring = _Ring(buffers, chunk_size)
+        pass_through = PASS_THROUGH if chunk_size >= PASS_THROUGH else U32_MAX + 1
+        view_readers: dict[type, Callable | None] = {}  # per stream type: its read_view, if it has one
+        same: tuple = (-1, -1, -1, -1, -1, b"")
         for entry, ino, nlink, filesize in self._members():
-            path = entry.path
-            rdev = entry.rdev
-            head = _MEMBER_HEAD % (ino, entry.mode, entry.uid, entry.gid, nlink, entry.mtime, filesize, 0, 0,
-                                   rdev[0], rdev[1], len(path) + 1, 0, path, _NULS[1 + (-len(path) - 111) % 4])
+            path, mode, uid, gid, mtime, _size, target, rdev, data, _key, _nlink = entry
+            namesize = len(path) + 1
+            if rdev[0] or rdev[1]:
+                head = _MEMBER_HEAD % (ino, mode, uid, gid, nlink, mtime, filesize, 0, 0, rdev[0], rdev[1],
+                                       namesize, 0, path, _NULS[1 + (-namesize - HEADER_SIZE) % 4])
+            else:
+                # Neighbours mostly share mode, uid, gid, nlink and mtime: their digits are reused.
+                if mode != same[0] or uid != same[1] or gid != same[2] or nlink != same[3] or mtime != same[4]:
+                    same = (mode, uid, gid, nlink, mtime, b"%08X%08X%08X%08X%08X" % (mode, uid, gid, nlink, mtime))
+                head = _PLAIN_HEAD % (ino, same[5], filesize, namesize, path, _NULS[1 + (-namesize - HEADER_SIZE) % 4])
+            # The usual member, a small one, fits in the buffer without filling it (padding
+            # included): copied in with no generator, its data in one step where it is in memory.
+            pos = ring.pos
+            start = pos + len(head)
+            end = start + filesize
+            if end + 3 < chunk_size and filesize < pass_through:
+                view = ring.view
+                view[pos:start] = head
+                if filesize:
+                    if target is not None:
+                        view[start:end] = target
+                    elif type(data) is bytes:  # immutable: its length was checked
+                        view[start:end] = data
+                    else:
+                        _fill(data() if callable(data) else _open_data(entry), view[start:end], path, view_readers)
+                    padded = end + (-filesize & 3)
+                    view[end:padded] = _DATA_PADS[filesize & 3]
+                    ring.pos = padded
+                else:
+                    ring.pos = start
+                continue
             yield from ring.put(head)
             if filesize:
                 if entry.link_target is not None:
@@ -658,9 +731,17 @@ class _Ring:
             stream.close()
 
     def read_from(self, entry: CpioEntry, filesize: int) -> Iterator[memoryview]:
-        """Read ``entry``'s data straight in, checking its stream yields exactly ``filesize`` bytes."""
+        """Read ``entry``'s data straight in, checking its stream yields exactly ``filesize`` bytes
+        (a stream with ``read_view`` gives it in one call, see :func:`_fill`)."""
         stream = _open_data(entry)
         try:
+            read_view = getattr(type(stream), "read_view", None)
+            if read_view is not None:
+                piece = read_view(stream)
+                if len(piece) != filesize:
+                    raise _wrong_length(entry.path, filesize, len(piece))
+                yield from self.put(piece)
+                return
             readinto = getattr(stream, "readinto", None) or functools.partial(_read_into, stream)
             remaining = filesize
             while remaining:
@@ -680,6 +761,52 @@ class _Ring:
                 raise _refuse(entry.path, f"data stream yielded more than size {filesize} bytes")
         finally:
             stream.close()
+
+
+#: Where :func:`_fill` reads past a file's size, to see that its stream ends there (never read).
+_PROBE = memoryview(bytearray(1))
+
+
+def _fill(stream: BinaryIO, target: memoryview, path: bytes, view_readers: dict[type, Callable | None]) -> None:
+    """Fill ``target`` with the data of ``path`` from ``stream`` (just opened; closed here), checking
+    that the stream holds exactly ``len(target)`` bytes.
+
+    A stream whose type has ``read_view`` gives its data in one call, without a copy (see
+    :class:`CpioEntry`); any other is read with ``readinto`` (or ``read``).  ``view_readers``
+    remembers per stream type which it is."""
+    try:
+        kind = type(stream)
+        if kind in view_readers:
+            read_view = view_readers[kind]
+        else:
+            read_view = view_readers[kind] = getattr(kind, "read_view", None)
+        filesize = len(target)
+        if read_view is not None:
+            piece = read_view(stream)
+            if len(piece) != filesize:
+                raise _wrong_length(path, filesize, len(piece))
+            target[:] = piece
+            return
+        readinto = getattr(stream, "readinto", None) or functools.partial(_read_into, stream)
+        filled = 0
+        while filled < filesize:
+            got = readinto(target[filled:])
+            if not got:
+                raise _wrong_length(path, filesize, filled)
+            if got > filesize - filled:
+                raise _wrong_length(path, filesize, filesize + 1)
+            filled += got
+        if readinto(_PROBE):  # one byte more than the size is too many
+            raise _wrong_length(path, filesize, filesize + 1)
+    finally:
+        stream.close()
+
+
+def _wrong_length(path: bytes, filesize: int, got: int) -> CpioFormatError:
+    """The refusal of a data stream that gave ``got`` bytes (more than ``filesize``: too many)."""
+    if got > filesize:
+        return _refuse(path, f"data stream yielded more than size {filesize} bytes")
+    return _refuse(path, f"data stream ended after {got} bytes, size is {filesize}")
 
 
 def _read_into(stream: BinaryIO, target: memoryview) -> int:

@@ -704,9 +704,9 @@ class _TreeBuilder:
         size = self._size[inode]
         data = _DataRef(openers[self._layer_of[inode]], self._offset[inode], size) if size else None
         group = group_of[inode] if group_of else -1
-        return CpioEntry(path, mode, self._uid[inode], self._gid[inode], mtime, size=size,
-                         link_target=self._targets.get(inode), rdev=self._rdev.get(inode, _NO_RDEV), data=data,
-                         hardlink_key=group if group >= 0 else None, nlink=link_counts[group] if group >= 0 else None)
+        return CpioEntry(path, mode, self._uid[inode], self._gid[inode], mtime, size,  # positional: half the cost
+                         self._targets.get(inode), self._rdev.get(inode, _NO_RDEV), data,
+                         group if group >= 0 else None, link_counts[group] if group >= 0 else None)
 
     def xattrs(self, node: int) -> tuple[str, ...]:
         return self._xattrs.get(self._inode(node), ())

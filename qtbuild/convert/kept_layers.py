@@ -115,7 +115,7 @@ class KeptLayer:
 
     def __init__(self, limit: int):
         self._limit = limit
-        self._chunks: list[bytes] = []
+        self._chunks: list[memoryview] = []  # views of the chunks (immutable bytes): sliced per file
         self._starts: list[int] = []
         self.length = 0
         self.whole = True
@@ -128,25 +128,25 @@ class KeptLayer:
                 self._chunks, self._starts = [], []
             else:
                 self._starts.append(self.length)
-                self._chunks.append(chunk if type(chunk) is bytes else bytes(chunk))
+                self._chunks.append(memoryview(chunk if type(chunk) is bytes else bytes(chunk)))
         self.length += size
 
     def open_range(self, offset: int, size: int) -> BinaryIO:
         """A stream of bytes ``[offset, offset + size)`` of the layer's tar stream."""
-        if offset < 0 or size < 0 or offset + size > self.length or not self.whole:
+        end = offset + size
+        if offset < 0 or size < 0 or end > self.length or not self.whole:
             raise ImageError(f"range {offset}+{size} outside the {self.length} bytes kept of a layer")
         if not size:
             return cast(BinaryIO, _ViewStream(memoryview(b"")))
         index = bisect_right(self._starts, offset) - 1
         start, chunk = self._starts[index], self._chunks[index]
-        end = offset + size
-        if end <= start + len(chunk):
-            return cast(BinaryIO, _ViewStream(memoryview(chunk)[offset - start:end - start]))
-        parts = [memoryview(chunk)[offset - start:]]
+        if end - start <= len(chunk):  # the usual case: one file per call, so no cast() call either
+            return _ViewStream(chunk[offset - start:end - start])  # type: ignore[return-value]
+        parts = [chunk[offset - start:]]
         while (start := start + len(chunk)) < end:
             index += 1
             chunk = self._chunks[index]
-            parts.append(memoryview(chunk)[:end - start])
+            parts.append(chunk[:end - start])
         return cast(BinaryIO, _ViewStream(memoryview(b"".join(parts))))
 
 
@@ -173,6 +173,14 @@ class _ViewStream:
         end = len(self._view) if size is None or size < 0 else min(at + size, len(self._view))
         self._at = end
         return bytes(self._view[at:end])
+
+    def read_view(self) -> memoryview:
+        """What is left to read, as a view of the kept chunk (no copy); the stream is then at its
+        end (the archive writer's one-step read, see :class:`~qtbuild.formats.cpio.CpioEntry`)."""
+        if self.closed:
+            raise ValueError("read of a closed file")
+        at, self._at = self._at, len(self._view)
+        return self._view[at:]
 
     def readinto(self, buffer) -> int:
         if self.closed:

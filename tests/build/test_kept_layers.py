@@ -122,8 +122,30 @@ def test_a_kept_layer_serves_ranges_across_its_chunks():
             while got := stream.readinto(memoryview(buffer)[filled:filled + 300]):
                 filled += got
         assert bytes(buffer[:filled]) == data[offset:offset + size]
+        with kept.open_range(offset, size) as stream:  # the writer's one-step read: the rest, no copy
+            assert stream.read(3) == data[offset:offset + min(size, 3)]
+            rest = stream.read_view()
+            assert isinstance(rest, memoryview) and rest == data[offset + 3:offset + size]
+            assert stream.read() == b"" and stream.read_view() == b""
+        with pytest.raises(ValueError, match="closed"):
+            stream.read_view()
     with pytest.raises(ImageError, match="outside"):
         kept.open_range(9000, 1001)
+
+
+def test_a_kept_layers_files_are_written_from_views_of_its_chunks(tmp_path, monkeypatch):
+    """measure's small files reach the archive in one read_view each, never through readinto."""
+    from qtbuild.convert.kept_layers import _ViewStream
+
+    source = _two_layers(tmp_path)
+    expected = _spilled_ramdisk(source, tmp_path)
+    views = []
+    read_view = _ViewStream.read_view
+    monkeypatch.setattr(_ViewStream, "read_view", lambda stream: views.append(1) or read_view(stream))
+    monkeypatch.setattr(_ViewStream, "readinto", None)
+    with open_image(source, platform=None) as image, flatten(image.layers(), reread=True) as tree:
+        assert _ramdisk(tree) == expected
+    assert len(views) > 200
 
 
 def test_a_kept_layer_over_its_limit_keeps_nothing_but_counts_the_stream():
