@@ -549,7 +549,8 @@ class CpioStream:
         stream's ``readinto`` — so every byte is copied once, and a consumer on other threads gets
         few, large chunks whatever the file sizes; a buffer is full (``chunk_size`` bytes) when
         yielded, except before a larger file.  That file's data is yielded as the ``bytes`` its
-        stream's ``read(chunk_size)`` returns, not copied at all.  Memory: ``buffers * chunk_size``.
+        stream's ``read(min(chunk_size, CHUNK_SIZE))`` returns, not copied at all.  Memory:
+        ``buffers * chunk_size``.
         """
         if chunk_size <= 0 or buffers < 1:
             raise ValueError("chunk_size and buffers must be positive")
@@ -604,6 +605,9 @@ class _Ring:
         self._turn = 0
         self.view = self._views[0]
         self.size = size
+        #: a passed-through file is read in pieces of at most this: never more than its stream hands over
+        #: at once (a re-read layer's pieces are 1 MiB), so a larger buffer does not make it join pieces
+        self.piece = min(size, CHUNK_SIZE)
         self.pos = 0
         self.written = 0  # bytes of the buffers yielded so far
 
@@ -633,7 +637,7 @@ class _Ring:
 
     def pass_through(self, entry: CpioEntry, filesize: int) -> Iterator[memoryview]:
         """Yield what is filled of the current buffer, then ``entry``'s data as views of the
-        ``bytes`` its stream's ``read`` returns (at most ``size`` bytes each; a stream whose
+        ``bytes`` its stream's ``read`` returns (at most ``piece`` bytes each; a stream whose
         ``read`` gives anything else has it copied), checking it yields exactly ``filesize`` bytes."""
         if self.pos:
             yield self.take()
@@ -641,7 +645,7 @@ class _Ring:
         try:
             remaining = filesize
             while remaining:
-                piece = stream.read(min(remaining, self.size))
+                piece = stream.read(min(remaining, self.piece))
                 if not piece:
                     raise _refuse(entry.path, f"data stream ended after {filesize - remaining} bytes, "
                                               f"size is {filesize}")

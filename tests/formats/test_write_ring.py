@@ -107,7 +107,8 @@ class _RingOfMarkedChunks:
     def chunks(self):
         raise AssertionError("the writer must prefer ring_chunks")
 
-    def ring_chunks(self, buffers: int):
+    def ring_chunks(self, buffers: int, chunk_size: int):
+        assert chunk_size >= self._chunk
         ring = [bytearray(self._chunk) for _ in range(buffers)]
         for index in range(self._count):
             buffer = ring[index % buffers]
@@ -127,7 +128,7 @@ def test_the_digest_keeps_ring_chunks_until_both_lanes_are_done():
 
     with SectionStreamDigest(sink=slow_sink) as digest:
         digest.begin_section(SectionType.RAMDISK.label, SectionType.RAMDISK, source.size, buffers=4)
-        for chunk in source.ring_chunks(4):
+        for chunk in source.ring_chunks(4, 4096):
             digest.update(chunk)
         ring_pcrs = digest.measurements()
     with SectionStreamDigest() as digest:
