@@ -571,7 +571,7 @@ class CpioStream:
                 yield from ring.put(_DATA_PADS[filesize % 4])
         yield from ring.put(_member_bytes((0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, len(TRAILER_NAME) + 1, 0), TRAILER_NAME))
         if ring.pos:
-            yield ring.take()
+            yield ring.last()
         if self.size is None:
             self.size = ring.written
         elif ring.written != self.size:
@@ -598,10 +598,12 @@ class _Ring:
     """The writer's buffers, filled in turn: ``pos`` bytes of ``view`` are filled so far.
 
     Its generator methods yield each buffer (as a view of its filled bytes) the moment it is full.
+    A buffer is allocated when its first turn comes, so a small archive costs one buffer's memory.
     """
 
     def __init__(self, buffers: int, size: int):
-        self._views = [memoryview(bytearray(size)) for _ in range(buffers)]
+        self._views = [memoryview(bytearray(size))]
+        self._buffers = buffers
         self._turn = 0
         self.view = self._views[0]
         self.size = size
@@ -615,9 +617,16 @@ class _Ring:
         """The filled part of the current buffer; the next buffer becomes current."""
         filled = self.view[:self.pos]
         self.written += self.pos
-        self._turn = (self._turn + 1) % len(self._views)
+        self._turn = (self._turn + 1) % self._buffers
+        if self._turn == len(self._views):
+            self._views.append(memoryview(bytearray(self.size)))
         self.view, self.pos = self._views[self._turn], 0
         return filled
+
+    def last(self) -> memoryview:
+        """The filled part of the current buffer, when nothing follows (no next buffer is made)."""
+        self.written += self.pos
+        return self.view[:self.pos]
 
     def put(self, data: bytes) -> Iterator[memoryview]:
         """Copy ``data`` in."""

@@ -365,3 +365,19 @@ def test_an_eif_with_a_passed_through_file_after_a_partly_filled_buffer_has_the_
                        metadata=b"{}")
     assert (tmp_path / "ring.eif").read_bytes() == (tmp_path / "bytes.eif").read_bytes()
     assert result == reference
+
+
+def test_a_small_archive_costs_one_ring_buffer():
+    """The ring allocates a buffer when its first turn comes: an archive smaller than one buffer
+    (most enclave images' launch files, the samples) does not pay for four."""
+    import tracemalloc
+
+    archive = CpioArchive([CpioEntry(b"f", REG | 0o644, size=5000, data=bytes(5000))])
+    tracemalloc.start()
+    try:
+        views = [bytes(view) for view in archive.ring_chunks(4, 4 << 20)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert b"".join(views) == b"".join(archive.chunks())
+    assert 4 << 20 <= peak < 5 << 20
