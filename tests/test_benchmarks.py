@@ -43,6 +43,7 @@ SMALL = [
     pytest.param("convert_daemon.py", ["--size-mib", "24", "--files", "400", "--repeat", "3"], "x docker save",
                  id="convert_daemon"),
     pytest.param("first_pass.py", ["--size-mib", "32", "--repeat", "3"], "CPU-s", id="first_pass"),
+    pytest.param("second_pass.py", ["--size-mib", "32", "--repeat", "3"], "SHA-384 floor", id="second_pass"),
     pytest.param("scale.py", ["--small"], "time per 100k files", id="scale"),
     pytest.param("run_start.py", ["--size-mib", "2", "--repeat", "3"], "cli   median", id="run_start",
                  marks=pytest.mark.root),
