@@ -107,6 +107,32 @@ print(json.dumps({"wall": wall, "cpu": sum(roles.values()), "roles": roles, "has
 """
 
 
+class _Layout:
+    """An OCI layout being written under ``into``: blobs by content, then its index (one image)."""
+
+    def __init__(self, into: str):
+        self.into, self.blobs = into, os.path.join(into, "blobs", "sha256")
+        os.makedirs(self.blobs)
+
+    def put(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(self.blobs, digest), "wb") as handle:
+            handle.write(data)
+        return "sha256:" + digest
+
+    def finish(self, manifest: dict, tag: str) -> str:
+        """Write ``manifest`` and the index naming it ``tag``; returns the image's source string."""
+        data = json.dumps(manifest).encode()
+        index = {"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                                                    "digest": self.put(data), "size": len(data),
+                                                    "annotations": {"org.opencontainers.image.ref.name": tag}}]}
+        with open(os.path.join(self.into, "index.json"), "w") as handle:
+            json.dump(index, handle)
+        with open(os.path.join(self.into, "oci-layout"), "w") as handle:
+            handle.write('{"imageLayoutVersion": "1.0.0"}')
+        return f"oci:{self.into}:{tag}"
+
+
 def one_layer_layout(source: str, layer: int, into: str) -> str:
     """An OCI layout of layer ``layer`` of the OCI layout ``source`` alone; returns its source string."""
     if not source.startswith("oci:"):
@@ -127,29 +153,13 @@ def one_layer_layout(source: str, layer: int, into: str) -> str:
     chosen = manifest["layers"][layer]
     config["rootfs"]["diff_ids"] = [config["rootfs"]["diff_ids"][layer]]
     config.setdefault("config", {})["Cmd"] = ["/bin/sh"]
-    out = os.path.join(into, "blobs", "sha256")
-    os.makedirs(out)
-
-    def put(data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        with open(os.path.join(out, digest), "wb") as handle:
-            handle.write(data)
-        return "sha256:" + digest
-
+    out = _Layout(into)
     config_bytes = json.dumps(config).encode()
-    manifest["config"] = {**manifest["config"], "digest": put(config_bytes), "size": len(config_bytes)}
+    manifest["config"] = {**manifest["config"], "digest": out.put(config_bytes), "size": len(config_bytes)}
     manifest["layers"] = [chosen]
     name = chosen["digest"].split(":", 1)[1]
-    os.link(os.path.join(blobs, name), os.path.join(out, name))
-    manifest_bytes = json.dumps(manifest).encode()
-    new_index = {"schemaVersion": 2, "manifests": [{"mediaType": descriptor["mediaType"], "digest": put(manifest_bytes),
-                                                    "size": len(manifest_bytes),
-                                                    "annotations": {"org.opencontainers.image.ref.name": "layer"}}]}
-    with open(os.path.join(into, "index.json"), "w") as handle:
-        json.dump(new_index, handle)
-    with open(os.path.join(into, "oci-layout"), "w") as handle:
-        handle.write('{"imageLayoutVersion": "1.0.0"}')
-    return f"oci:{into}:layer"
+    os.link(os.path.join(blobs, name), os.path.join(out.blobs, name))  # the blob itself is not copied
+    return out.finish(manifest, "layer")
 
 
 def small_layout(size_mib: int, into: str) -> str:
@@ -168,31 +178,16 @@ def small_layout(size_mib: int, into: str) -> str:
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
     layer = gzip.compress(raw.getvalue(), compresslevel=1, mtime=0)
-    out = os.path.join(into, "blobs", "sha256")
-    os.makedirs(out)
-
-    def put(data: bytes) -> str:
-        digest = hashlib.sha256(data).hexdigest()
-        with open(os.path.join(out, digest), "wb") as handle:
-            handle.write(data)
-        return "sha256:" + digest
-
+    out = _Layout(into)
     diff_id = "sha256:" + hashlib.sha256(raw.getvalue()).hexdigest()
     config = json.dumps({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["/bin/sh"]},
-                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}})
-    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                                      "digest": put(config.encode()), "size": len(config)},
-                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-                                       "digest": put(layer), "size": len(layer)}]}).encode()
-    index = {"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-                                                "digest": put(manifest), "size": len(manifest),
-                                                "annotations": {"org.opencontainers.image.ref.name": "small"}}]}
-    with open(os.path.join(into, "index.json"), "w") as handle:
-        json.dump(index, handle)
-    with open(os.path.join(into, "oci-layout"), "w") as handle:
-        handle.write('{"imageLayoutVersion": "1.0.0"}')
-    return f"oci:{into}:small"
+                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": out.put(config), "size": len(config)},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                            "digest": out.put(layer), "size": len(layer)}]}
+    return out.finish(manifest, "small")
 
 
 def sha384_seconds_per_byte() -> float:
@@ -206,8 +201,7 @@ def sha384_seconds_per_byte() -> float:
 
 def run(python: str, source: str, reread: bool) -> dict:
     done = subprocess.run([python, "-P", "-c", CHILD, source, "re-read" if reread else "as-is"],
-                          capture_output=True, text=True,
-                          cwd=tempfile.gettempdir())
+                          capture_output=True, text=True, cwd=tempfile.gettempdir())
     if done.returncode:
         raise SystemExit(f"{python}: measure failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
