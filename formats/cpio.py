@@ -592,7 +592,8 @@ class CpioStream:
         stream's ``readinto`` (or ``read_view``) — so every byte is copied once, and a consumer on other threads gets
         few, large chunks whatever the file sizes; a buffer is full (``chunk_size`` bytes) when
         yielded, except before a larger file.  That file's data is yielded as the ``bytes`` its
-        stream's ``read(chunk_size)`` returns, not copied at all.  Memory: ``buffers * chunk_size``.
+        stream's ``read(min(chunk_size, CHUNK_SIZE))`` returns, not copied at all.  Memory:
+        ``buffers * chunk_size``.
         """
         if chunk_size <= 0 or buffers < 1:
             raise ValueError("chunk_size and buffers must be positive")
@@ -643,7 +644,7 @@ class CpioStream:
                 yield from ring.put(_DATA_PADS[filesize % 4])
         yield from ring.put(_member_bytes((0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, len(TRAILER_NAME) + 1, 0), TRAILER_NAME))
         if ring.pos:
-            yield ring.take()
+            yield ring.last()
         if self.size is None:
             self.size = ring.written
         elif ring.written != self.size:
@@ -670,13 +671,18 @@ class _Ring:
     """The writer's buffers, filled in turn: ``pos`` bytes of ``view`` are filled so far.
 
     Its generator methods yield each buffer (as a view of its filled bytes) the moment it is full.
+    A buffer is allocated when its first turn comes, so a small archive costs one buffer's memory.
     """
 
     def __init__(self, buffers: int, size: int):
-        self._views = [memoryview(bytearray(size)) for _ in range(buffers)]
+        self._views = [memoryview(bytearray(size))]
+        self._buffers = buffers
         self._turn = 0
         self.view = self._views[0]
         self.size = size
+        #: a passed-through file is read in pieces of at most this: never more than its stream hands over
+        #: at once (a re-read layer's pieces are 1 MiB), so a larger buffer does not make it join pieces
+        self.piece = min(size, CHUNK_SIZE)
         self.pos = 0
         self.written = 0  # bytes of the buffers yielded so far
 
@@ -684,9 +690,16 @@ class _Ring:
         """The filled part of the current buffer; the next buffer becomes current."""
         filled = self.view[:self.pos]
         self.written += self.pos
-        self._turn = (self._turn + 1) % len(self._views)
+        self._turn = (self._turn + 1) % self._buffers
+        if self._turn == len(self._views):
+            self._views.append(memoryview(bytearray(self.size)))
         self.view, self.pos = self._views[self._turn], 0
         return filled
+
+    def last(self) -> memoryview:
+        """The filled part of the current buffer, when nothing follows (no next buffer is made)."""
+        self.written += self.pos
+        return self.view[:self.pos]
 
     def put(self, data: bytes) -> Iterator[memoryview]:
         """Copy ``data`` in."""
@@ -706,7 +719,7 @@ class _Ring:
 
     def pass_through(self, entry: CpioEntry, filesize: int) -> Iterator[memoryview]:
         """Yield what is filled of the current buffer, then ``entry``'s data as views of the
-        ``bytes`` its stream's ``read`` returns (at most ``size`` bytes each; a stream whose
+        ``bytes`` its stream's ``read`` returns (at most ``piece`` bytes each; a stream whose
         ``read`` gives anything else has it copied), checking it yields exactly ``filesize`` bytes."""
         if self.pos:
             yield self.take()
@@ -714,7 +727,7 @@ class _Ring:
         try:
             remaining = filesize
             while remaining:
-                piece = stream.read(min(remaining, self.size))
+                piece = stream.read(min(remaining, self.piece))
                 if not piece:
                     raise _refuse(entry.path, f"data stream ended after {filesize - remaining} bytes, "
                                               f"size is {filesize}")

@@ -67,18 +67,22 @@ class RingSource(SectionSource, Protocol):
     """A section source that can also yield its data from a ring of more than two buffers, so
     it runs further ahead of the hashing threads (:class:`~qtbuild.formats.cpio.CpioStream`).
 
-    ``ring_chunks(buffers)`` yields exactly ``size`` bytes as views into ``buffers`` buffers taken
-    in turn, or views of immutable ``bytes``: a view into a buffer must stay unchanged until
-    ``buffers - 1`` more views into the buffers have been requested.  The writer prefers it to
-    ``chunks()``.
+    ``ring_chunks(buffers, chunk_size)`` yields exactly ``size`` bytes as views of at most
+    ``chunk_size`` bytes into ``buffers`` buffers taken in turn, or views of immutable ``bytes``: a
+    view into a buffer must stay unchanged until ``buffers - 1`` more views into the buffers have
+    been requested.  The writer prefers it to ``chunks()``.
     """
 
-    def ring_chunks(self, buffers: int) -> Iterator[memoryview]: ...
+    def ring_chunks(self, buffers: int, chunk_size: int) -> Iterator[memoryview]: ...
 
 
-#: Buffers a :class:`RingSource` is asked to take in turn (each holds one 1 MiB chunk): up to
-#: three chunks are then in the hashing lanes while the fourth is filled.
+#: Buffers a :class:`RingSource` is asked to take in turn: up to three chunks are then in the
+#: hashing lanes while the fourth is filled.
 RING_BUFFERS = 4
+#: The size of each of those buffers.  Every chunk costs each hashing lane a wait for the GIL
+#: after its hash (up to the switch interval while the producer or a re-read worker runs Python),
+#: so the lanes hash 4 MiB per wait, not 1 MiB; 16 MiB of buffers in all.
+RING_CHUNK = 4 << 20
 
 
 class BytesSource:
@@ -298,7 +302,7 @@ def _stream_section(digest: SectionStreamDigest, section_type: SectionType,
     ring_chunks = getattr(source, "ring_chunks", None)
     if ring_chunks is not None:
         header = digest.begin_section(section_type.label, section_type, declared or 0, buffers=RING_BUFFERS)
-        chunks = ring_chunks(RING_BUFFERS)
+        chunks = ring_chunks(RING_BUFFERS, RING_CHUNK)
     else:
         header = digest.begin_section(section_type.label, section_type, declared or 0)
         chunks = source.chunks()

@@ -44,6 +44,7 @@ SMALL = [
                  id="convert_daemon"),
     pytest.param("first_pass.py", ["--size-mib", "32", "--repeat", "3"], "CPU-s", id="first_pass"),
     pytest.param("cpio_write.py", ["--rounds", "1", "--repeat", "3"], "us/entry", id="cpio_write"),
+    pytest.param("second_pass.py", ["--size-mib", "32", "--repeat", "3"], "SHA-384 floor", id="second_pass"),
     pytest.param("scale.py", ["--small"], "time per 100k files", id="scale"),
     pytest.param("run_start.py", ["--size-mib", "2", "--repeat", "3"], "cli   median", id="run_start",
                  marks=pytest.mark.root),

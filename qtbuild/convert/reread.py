@@ -44,6 +44,8 @@ MAX_CURSORS = 3
 REINFLATE_FACTOR = 4
 REINFLATE_ALLOWANCE = 64 << 20
 CHUNK = 1 << 20
+#: A piece of a file's data as a cursor hands it over: ``bytes``, or a view of a block read with it.
+Piece = bytes | memoryview
 #: A cursor's worker hands pieces (up to CHUNK bytes) over in batches of at least this many bytes
 #: (or the last ones; so a batch holds less than 2 MiB) ...
 BATCH = 1 << 20
@@ -105,8 +107,11 @@ class _Cursor:
     ``(range index, piece)`` pairs, in batches: a range comes in pieces of exactly
     ``min(CHUNK, rest of the range)`` bytes, each a ``bytes`` object read as such (no copy), but
     a range smaller than :data:`SMALL` (or inside the block read with one) is cut out of a block
-    of :data:`BLOCK` bytes read with its neighbours, and a large range starting in such a block
-    has its first piece joined; everything else is dropped.  After the last range it runs
+    of :data:`BLOCK` bytes read with its neighbours — as a ``memoryview`` of the block, not a
+    copy (the reader copies it once, into the cpio writer's ring; a batch counts each block its
+    views hold, so it holds no more memory than a batch of copies), unless it spans two blocks
+    (then joined) — and a large range starting in such a block has its first piece joined;
+    everything else is dropped.  After the last range it runs
     ``source.finish()``; its error, like any other, reaches the reader where it is.  ``next`` is
     the index of the range the reader takes next; ``torn``: a range whose rest, left by a stream
     closed early, is queued.
@@ -118,12 +123,13 @@ class _Cursor:
         self.torn = -1
         self.busy = False
         self.inflated = 0
-        self._handoff: Handoff[list[tuple[int, bytes]]] = Handoff(depth)
-        self._batch: list[tuple[int, bytes]] = []
+        self._handoff: Handoff[list[tuple[int, Piece]]] = Handoff(depth)
+        self._batch: list[tuple[int, Piece]] = []
         self._taken = 0
-        self._batch_out: list[tuple[int, bytes]] = []  # the worker's batch being filled, and its bytes
+        self._batch_out: list[tuple[int, Piece]] = []  # the worker's batch being filled, and its bytes
         self._batched = 0
-        self._block, self._block_start = b"", 0
+        self._held: object = None  # the block the newest view in the batch being filled holds
+        self._block, self._block_start = memoryview(b""), 0
         self._worker = threading.Thread(target=self._run, name="reread", daemon=True)
         self._worker.start()
 
@@ -140,7 +146,7 @@ class _Cursor:
 
     def _produce(self) -> None:
         position = 0  # stream offset of the next byte the source gives
-        block, start = b"", 0  # bytes read ahead, from stream offset start (up to position)
+        block, start = memoryview(b""), 0  # bytes read ahead, from stream offset start (up to position)
         queue = self._queue
         for index, (offset, size) in enumerate(self._ranges):
             end = offset + size
@@ -152,32 +158,40 @@ class _Cursor:
                 position = start + len(block)
             else:
                 self._large_range(index, offset, end, block, start, position)
-                block, start, position = b"", end, end
+                block, start, position = memoryview(b""), end, end
         if self._batch_out:
             self._handoff.put(self._batch_out)
 
-    def _queue(self, index: int, piece: bytes) -> None:
-        """Add a piece to the batch being filled; hand the batch over once it holds :data:`BATCH` bytes."""
+    def _queue(self, index: int, piece: Piece) -> None:
+        """Add a piece to the batch being filled; hand the batch over once it holds :data:`BATCH` bytes
+        (for views, the bytes of the blocks they keep alive)."""
         self._batch_out.append((index, piece))
-        self._batched += len(piece)
+        if type(piece) is memoryview:
+            held = piece.obj
+            if held is not self._held:
+                self._held = held
+                self._batched += memoryview(held).nbytes
+        else:
+            self._batched += len(piece)
         if self._batched >= BATCH:
             self._handoff.put(self._batch_out)
-            self._batch_out, self._batched = [], 0
+            self._batch_out, self._batched, self._held = [], 0, None
 
-    def _small_range(self, offset: int, end: int, block: bytes, start: int, position: int) -> bytes:
+    def _small_range(self, offset: int, end: int, block: memoryview, start: int, position: int) -> Piece:
         """The bytes of a small range ending beyond ``position``, read with the next block (kept in
-        ``self._block``, from ``self._block_start``); the part in ``block`` (from ``start``) is joined to it."""
+        ``self._block``, from ``self._block_start``): a view of it, or, when the range starts in
+        ``block`` (from ``start``), that part joined to the rest."""
         if offset - position >= BLOCK:
             position = self._skip(position, offset)
         self._block_start = position
-        self._block = ahead = self._read(max(BLOCK, end - position), position, end)
+        self._block = ahead = memoryview(self._read(max(BLOCK, end - position), position, end))
         if position + len(ahead) < end:
             self._ended(position + len(ahead), end)
         if offset < position:  # it starts in the block before
-            return block[offset - start:] + ahead[:end - position]
+            return b"".join((block[offset - start:], ahead[:end - position]))
         return ahead[offset - position:end - position]
 
-    def _large_range(self, index: int, offset: int, end: int, block: bytes, start: int, position: int) -> None:
+    def _large_range(self, index: int, offset: int, end: int, block: memoryview, start: int, position: int) -> None:
         """Queue the pieces of a large range ending beyond ``position``, each read as such (the first
         one completed from the source when the range starts in ``block``, from ``start``)."""
         if offset < position:
@@ -186,7 +200,7 @@ class _Cursor:
             piece = self._read(rest, position, end)
             if len(piece) < rest:
                 self._ended(position + len(piece), end)
-            self._queue(index, head + piece)
+            self._queue(index, b"".join((head, piece)))
             position += rest
         else:
             position = self._skip(position, offset)
@@ -230,7 +244,7 @@ class _Cursor:
                 return len(self._ranges)
         return self._batch[self._taken][0]
 
-    def take(self) -> bytes:
+    def take(self) -> Piece:
         """The next piece (after :meth:`peek` said which range it belongs to)."""
         piece = self._batch[self._taken][1]
         self._taken += 1
@@ -259,7 +273,8 @@ class _RangeStream:
 
     def __init__(self, cursor: _Cursor, index: int, size: int, on_close: Callable[[], None] | None = None):
         self._cursor, self._index, self._left = cursor, index, size
-        self._piece, self._at = b"", 0  # the piece being read, and how far
+        self._piece: Piece = b""  # the piece being read, and how far
+        self._at = 0
         self._on_close = on_close
         self.closed = False
         cursor.busy = True
@@ -289,10 +304,10 @@ class _RangeStream:
         self._left -= size
         if at == 0 and size == len(piece):  # the usual case: asked for pieces as the worker cut them
             self._at = size
-            return piece
+            return piece if type(piece) is bytes else bytes(piece)
         if size <= len(piece) - at:
             self._at = at + size
-            return piece[at:at + size]
+            return bytes(piece[at:at + size])
         parts, wanted = [piece[at:]], size - (len(piece) - at)
         while wanted:
             self._next_piece()

@@ -104,8 +104,8 @@ class _Gated:
 class _GatedRing(_Gated):
     """:class:`_Gated` for a source that writes into a ring of buffers (``ring_chunks``)."""
 
-    def ring_chunks(self, buffers: int) -> Iterator[memoryview]:
-        return self._through(self._source.ring_chunks(buffers))  # type: ignore[attr-defined]
+    def ring_chunks(self, buffers: int, chunk_size: int) -> Iterator[memoryview]:
+        return self._through(self._source.ring_chunks(buffers, chunk_size))  # type: ignore[attr-defined]
 
 
 _CURRENT: ContextVar[Deferral | None] = ContextVar("qtbuild_verify_deferral", default=None)

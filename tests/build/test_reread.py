@@ -436,3 +436,49 @@ def test_an_unsettled_layer_is_not_read_before_its_files_are_asked_for(tmp_path)
     with open_image(source, platform=None) as image, flatten(image.layers(), reread=True) as tree:
         time.sleep(0.1)
         assert [rereader.inflated for rereader in tree._rereaders] == [0]
+
+
+def test_small_files_are_handed_over_as_views_of_their_block_and_read_as_bytes(tmp_path):
+    """The worker cuts files under SMALL out of its blocks without copying them (the cpio writer
+    copies each once, into its ring); ``read`` still returns ``bytes``, ``readinto`` fills from the view."""
+    data = os.urandom(3 << 20)
+    files = [(512 + i * 80_384, 79_872) for i in range(30)]
+    reader = _reader(_Source(data), files, tmp_path)
+    with reader.open_range(*files[0]) as stream:
+        cursor = reader._cursors[0]
+        assert cursor.peek() == 0
+        assert type(cursor._batch[cursor._taken][1]) is memoryview
+        assert type(stream.read()) is bytes
+    buffer = bytearray(files[1][1])
+    with reader.open_range(*files[1]) as stream:
+        assert stream.readinto(buffer) == len(buffer)
+    assert bytes(buffer) == data[files[1][0]:files[1][0] + files[1][1]]
+    for offset, size in files[2:]:
+        assert _read(reader, offset, size) == data[offset:offset + size]
+    reader.finish()
+
+
+def test_views_count_the_blocks_they_keep_so_sparse_small_files_stay_bounded(tmp_path):
+    """One tiny file in each block read: a batch of views holds a whole block per file, so it is
+    handed over (and the worker stops DEPTH batches ahead) by the blocks held, not the files' bytes."""
+    step = reread.BLOCK + 4096
+    data = os.urandom(48 * step)
+    files = [(i * step, 100) for i in range(48)]
+    reader = _reader(_Source(data), files, tmp_path, stash_limit=0)
+    with reader.open_range(*files[0]) as stream:
+        assert stream.read(10) == data[:10]
+        time.sleep(0.3)
+        assert reader.inflated <= (reread.DEPTH + 3) * step
+    reader.close_cursors()
+
+
+def test_stashed_files_do_not_keep_their_blocks(tmp_path):
+    data = os.urandom(2 << 20)
+    files = [(1000, 5000), (9000, 7000), (20_000, 3000)]
+    stash = Stash()
+    reader = LayerRereader(_Source(data), len(data), files, stash, SpillStore(str(tmp_path)), "layer 1")
+    assert _read(reader, *files[2]) == data[20_000:23_000]  # the two before are stashed on the way
+    assert [type(kept) for kept in stash._data.values()] == [bytes, bytes]
+    for offset, size in files[:2]:
+        assert _read(reader, offset, size) == data[offset:offset + size]
+    reader.finish()

@@ -108,7 +108,8 @@ class _RingOfMarkedChunks:
     def chunks(self):
         raise AssertionError("the writer must prefer ring_chunks")
 
-    def ring_chunks(self, buffers: int):
+    def ring_chunks(self, buffers: int, chunk_size: int):
+        assert chunk_size >= self._chunk
         ring = [bytearray(self._chunk) for _ in range(buffers)]
         for index in range(self._count):
             buffer = ring[index % buffers]
@@ -128,7 +129,7 @@ def test_the_digest_keeps_ring_chunks_until_both_lanes_are_done():
 
     with SectionStreamDigest(sink=slow_sink) as digest:
         digest.begin_section(SectionType.RAMDISK.label, SectionType.RAMDISK, source.size, buffers=4)
-        for chunk in source.ring_chunks(4):
+        for chunk in source.ring_chunks(4, 4096):
             digest.update(chunk)
         ring_pcrs = digest.measurements()
     with SectionStreamDigest() as digest:
@@ -329,19 +330,26 @@ def test_a_small_chunk_the_digest_copies_still_takes_its_buffers_turn(monkeypatc
         assert (pcrs, crc) == (digest.measurements(), digest.crc)
 
 
-def test_an_eif_with_a_passed_through_file_after_a_partly_filled_buffer_has_the_right_crc(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ring_chunk", [1 << 20, None])
+def test_an_eif_with_a_passed_through_file_after_a_partly_filled_buffer_has_the_right_crc(tmp_path, monkeypatch,
+                                                                                           ring_chunk):
     """The composition that failed in CI: full ring buffers of small files, a partly filled one
-    before a large (passed-through) file, then full ones again, with lanes slower than the
-    producer.  The file must equal the one written from the archive's bytes."""
-    from qtbuild.formats import eif_stream
+    (under COPY_BELOW: the digest copies it) before a large (passed-through) file, then full ones
+    again, with lanes slower than the producer.  The file must equal the one written from the
+    archive's bytes.  With the writer's ring buffers of 1 MiB (where it failed) and of today's size."""
+    from qtbuild.formats import eif_stream, eif_writer
 
+    if ring_chunk is not None:
+        monkeypatch.setattr(eif_writer, "RING_CHUNK", ring_chunk)
+    member = 120 + 4096  # a member's header (path d/a0000) and data
+    before = (2 * eif_writer.RING_CHUNK + eif_stream.COPY_BELOW // 2) // member  # two full buffers and a bit
     rng = random.Random(11)
     entries = [CpioEntry(b"d", DIR | 0o755, nlink=2)]
-    for index in range(1500):
-        name = b"d/%s%04d" % (b"a" if index < 300 else b"c", index)
+    for index in range(before + 3 * eif_writer.RING_CHUNK // member):
+        name = b"d/%s%05d" % (b"a" if index < before else b"c", index)
         data = rng.randbytes(4096)
         entries.append(CpioEntry(name, REG | 0o644, size=len(data), data=data))
-        if index == 299:
+        if index == before - 1:
             big = rng.randbytes(300 << 10)
             entries.append(CpioEntry(b"d/b", REG | 0o644, size=len(big), data=lambda big=big: io.BytesIO(big)))
     expected_bytes = b"".join(CpioArchive(list(entries)).chunks())
@@ -358,3 +366,19 @@ def test_an_eif_with_a_passed_through_file_after_a_partly_filled_buffer_has_the_
                        metadata=b"{}")
     assert (tmp_path / "ring.eif").read_bytes() == (tmp_path / "bytes.eif").read_bytes()
     assert result == reference
+
+
+def test_a_small_archive_costs_one_ring_buffer():
+    """The ring allocates a buffer when its first turn comes: an archive smaller than one buffer
+    (most enclave images' launch files, the samples) does not pay for four."""
+    import tracemalloc
+
+    archive = CpioArchive([CpioEntry(b"f", REG | 0o644, size=5000, data=bytes(5000))])
+    tracemalloc.start()
+    try:
+        views = [bytes(view) for view in archive.ring_chunks(4, 4 << 20)]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert b"".join(views) == b"".join(archive.chunks())
+    assert 4 << 20 <= peak < 5 << 20
