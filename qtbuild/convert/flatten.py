@@ -56,7 +56,7 @@ from __future__ import annotations
 import re
 import stat
 from array import array
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence, ValuesView
 from dataclasses import dataclass
 from itertools import compress
 from operator import ne
@@ -589,13 +589,10 @@ class _TreeBuilder:
         linked = bytearray(len(inode_of))
         for node in compress(range(len(inode_of)), map(ne, inode_of, range(len(inode_of)))):  # the links
             linked[node] = linked[inode_of[node]] = 1
-        children, flagged = self._children, linked.__getitem__
+        flagged = linked.__getitem__
         found: list[int] = []
-        directories = [_ROOT]
-        while directories:
-            siblings = children[directories.pop()].values()
+        for siblings in self._directory_contents():
             found += compress(siblings, map(flagged, siblings))
-            directories += filter(children.__contains__, siblings)
         return found
 
     def subdirectory_count(self, node: int) -> int:
@@ -642,14 +639,20 @@ class _TreeBuilder:
 
     def _nodes(self) -> list[int]:
         """Every node in the tree (the root excepted), in no particular order."""
-        children = self._children
         nodes: list[int] = []
+        for siblings in self._directory_contents():
+            nodes += siblings
+        return nodes
+
+    def _directory_contents(self) -> Iterator[ValuesView[int]]:
+        """Each directory's child nodes, a directory at a time, in no particular order; which
+        children are directories is picked out in C, so a node costs no Python step."""
+        children = self._children
         directories = [_ROOT]
         while directories:
             siblings = children[directories.pop()].values()
-            nodes += siblings
+            yield siblings
             directories += filter(children.__contains__, siblings)
-        return nodes
 
     def with_xattrs(self) -> list[tuple[bytes, int]]:
         """``(path, node)`` of the entries with xattrs, in :meth:`walk_sorted`'s order: which ones
