@@ -599,7 +599,6 @@ class CpioStream:
             raise ValueError("chunk_size and buffers must be positive")
         ring = _Ring(buffers, chunk_size)
         pass_through = PASS_THROUGH if chunk_size >= PASS_THROUGH else U32_MAX + 1
-        view_readers: dict[type, Callable | None] = {}  # per stream type: its read_view, if it has one
         same: tuple = (-1, -1, -1, -1, -1, b"")
         for entry, ino, nlink, filesize in self._members():
             path, mode, uid, gid, mtime, _size, target, rdev, data, _key, _nlink = entry
@@ -626,7 +625,7 @@ class CpioStream:
                     elif type(data) is bytes:  # immutable: its length was checked
                         view[start:end] = data
                     else:
-                        _fill(data() if callable(data) else _open_data(entry), view[start:end], path, view_readers)
+                        _fill(data() if callable(data) else _open_data(entry), view[start:end], path)
                     padded = end + (-filesize & 3)
                     view[end:padded] = _DATA_PADS[filesize & 3]
                     ring.pos = padded
@@ -701,7 +700,7 @@ class _Ring:
         self.written += self.pos
         return self.view[:self.pos]
 
-    def put(self, data: bytes) -> Iterator[memoryview]:
+    def put(self, data: bytes | memoryview) -> Iterator[memoryview]:
         """Copy ``data`` in."""
         pos, end = self.pos, self.pos + len(data)
         if end < self.size:
@@ -748,14 +747,11 @@ class _Ring:
         (a stream with ``read_view`` gives it in one call, see :func:`_fill`)."""
         stream = _open_data(entry)
         try:
-            read_view = getattr(type(stream), "read_view", None)
-            if read_view is not None:
-                piece = read_view(stream)
-                if len(piece) != filesize:
-                    raise _wrong_length(entry.path, filesize, len(piece))
-                yield from self.put(piece)
+            whole = _whole_view(stream, entry.path, filesize)
+            if whole is not None:
+                yield from self.put(whole)
                 return
-            readinto = getattr(stream, "readinto", None) or functools.partial(_read_into, stream)
+            readinto = _readinto_of(stream)
             remaining = filesize
             while remaining:
                 pos = self.pos
@@ -780,27 +776,17 @@ class _Ring:
 _PROBE = memoryview(bytearray(1))
 
 
-def _fill(stream: BinaryIO, target: memoryview, path: bytes, view_readers: dict[type, Callable | None]) -> None:
+def _fill(stream: BinaryIO, target: memoryview, path: bytes) -> None:
     """Fill ``target`` with the data of ``path`` from ``stream`` (just opened; closed here), checking
-    that the stream holds exactly ``len(target)`` bytes.
-
-    A stream whose type has ``read_view`` gives its data in one call, without a copy (see
-    :class:`CpioEntry`); any other is read with ``readinto`` (or ``read``).  ``view_readers``
-    remembers per stream type which it is."""
+    that the stream holds exactly ``len(target)`` bytes: in one step from a stream with
+    ``read_view`` (:func:`_whole_view`), else with ``readinto`` (or ``read``)."""
     try:
-        kind = type(stream)
-        if kind in view_readers:
-            read_view = view_readers[kind]
-        else:
-            read_view = view_readers[kind] = getattr(kind, "read_view", None)
         filesize = len(target)
-        if read_view is not None:
-            piece = read_view(stream)
-            if len(piece) != filesize:
-                raise _wrong_length(path, filesize, len(piece))
-            target[:] = piece
+        whole = _whole_view(stream, path, filesize)
+        if whole is not None:
+            target[:] = whole
             return
-        readinto = getattr(stream, "readinto", None) or functools.partial(_read_into, stream)
+        readinto = _readinto_of(stream)
         filled = 0
         while filled < filesize:
             got = readinto(target[filled:])
@@ -813,6 +799,23 @@ def _fill(stream: BinaryIO, target: memoryview, path: bytes, view_readers: dict[
             raise _wrong_length(path, filesize, filesize + 1)
     finally:
         stream.close()
+
+
+def _whole_view(stream: BinaryIO, path: bytes, filesize: int) -> bytes | memoryview | None:
+    """Everything ``stream`` has left, in one call without a copy, when its type offers
+    ``read_view`` (see :class:`CpioEntry`), checked to be ``filesize`` bytes; else None."""
+    read_view = getattr(type(stream), "read_view", None)
+    if read_view is None:
+        return None
+    whole = read_view(stream)
+    if len(whole) != filesize:
+        raise _wrong_length(path, filesize, len(whole))
+    return whole
+
+
+def _readinto_of(stream: BinaryIO) -> Callable[[memoryview], int]:
+    """``stream``'s ``readinto``, or one made of its ``read`` (:func:`_read_into`)."""
+    return getattr(stream, "readinto", None) or functools.partial(_read_into, stream)
 
 
 def _wrong_length(path: bytes, filesize: int, got: int) -> CpioFormatError:
